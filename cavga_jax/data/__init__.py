@@ -1,0 +1,121 @@
+"""Datasets for cavga_jax: MVTec AD folders, the generated default, batching.
+
+`get_datasets(config, workdir)` is the entry point used by training and
+evaluation; it returns the (train, test) splits as in-memory
+`AnomalyDataset`s.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+
+import ml_collections
+
+from cavga_jax.data.folder import AnomalyDataset
+from cavga_jax.data.folder import IMAGE_EXTENSIONS
+from cavga_jax.data.folder import load_split
+from cavga_jax.data.generated import anomalous_image
+from cavga_jax.data.generated import DEFECT_TYPES
+from cavga_jax.data.generated import generate_dataset
+from cavga_jax.data.generated import normal_image
+from cavga_jax.data.pipeline import epoch_permutation_indices
+from cavga_jax.data.pipeline import eval_batches
+from cavga_jax.data.pipeline import TrainBatches
+from cavga_jax.errors import DataError
+
+__all__ = [
+    'AnomalyDataset',
+    'DEFECT_TYPES',
+    'IMAGE_EXTENSIONS',
+    'KNOWN_DATASETS',
+    'TrainBatches',
+    'anomalous_image',
+    'epoch_permutation_indices',
+    'eval_batches',
+    'generate_dataset',
+    'get_datasets',
+    'load_split',
+    'normal_image',
+]
+
+KNOWN_DATASETS = ('generated', 'mvtec')
+
+_log = logging.getLogger(__name__)
+
+
+def _summary(dataset: AnomalyDataset) -> str:
+  counts = collections.Counter(dataset.defect_types)
+  return ', '.join(f'{name}={count}' for name, count in sorted(counts.items()))
+
+
+def get_datasets(config: ml_collections.ConfigDict,
+                 workdir: str) -> tuple[AnomalyDataset, AnomalyDataset]:
+  """Loads (or generates, then loads) the train and test splits.
+
+  Config fields read (under `config.data`): `name` ('generated' or 'mvtec'),
+  `root`, `category`, `image_size`, `channels` and optionally `num_workers`;
+  for 'generated' also `generated_seed` (default `config.seed`),
+  `num_train`, `num_test_good`, `num_test_per_defect`.
+
+  Args:
+    config: the run configuration.
+    workdir: run folder; the generated dataset goes to `<workdir>/data` when
+      `config.data.root` is unset.
+
+  Returns:
+    (train, test): images (N, S, S, C) uint8 with S = config.data.image_size
+    and C = config.data.channels.
+
+  Raises:
+    DataError: unknown dataset name, unset root for 'mvtec', or any problem
+      with the files.
+  """
+  data = config.data
+  name = data.get('name', 'generated')
+  root = data.get('root', None)
+  image_size = int(data.image_size)
+  channels = int(data.get('channels', 3))
+  num_workers = int(data.get('num_workers', 8))
+
+  if name == 'generated':
+    root = root or os.path.join(workdir, 'data')
+    category = data.get('category', None) or 'textures'
+    seed = data.get('generated_seed', None)
+    if seed is None:
+      seed = config.seed
+    start = time.perf_counter()
+    generate_dataset(
+        root,
+        seed=int(seed),
+        image_size=image_size,
+        category=category,
+        num_train=int(data.get('num_train', 200)),
+        num_test_good=int(data.get('num_test_good', 30)),
+        num_test_per_defect=int(data.get('num_test_per_defect', 20)))
+    _log.info('Generated dataset ready at %s (%.2f s)',
+              os.path.join(root, category), time.perf_counter() - start)
+  elif name == 'mvtec':
+    if not root:
+      raise DataError(
+          f'config.data.root is not set: set --config.data.root to the folder '
+          f'that holds the MVTec AD category folders (got {root!r})')
+    category = data.get('category', None)
+    if not category:
+      raise DataError(f'{root}: config.data.category is not set')
+  else:
+    raise DataError(f'config.data.name: unknown dataset {name!r} (known: '
+                    f'{", ".join(KNOWN_DATASETS)})')
+
+  splits = []
+  for split in ('train', 'test'):
+    start = time.perf_counter()
+    dataset = load_split(root, category, split, image_size, channels,
+                         num_workers=num_workers)
+    _log.info('Loaded %s split of %s: %d images (%s) in %.2f s', split,
+              os.path.join(root, category), dataset.num_examples,
+              _summary(dataset), time.perf_counter() - start)
+    splits.append(dataset)
+  return splits[0], splits[1]

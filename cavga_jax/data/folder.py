@@ -1,0 +1,327 @@
+"""Loads datasets stored in the MVTec AD folder layout.
+
+Layout::
+
+  <root>/<category>/train/good/*.png
+  <root>/<category>/test/<defect>/*.png            # defect 'good' = normal
+  <root>/<category>/ground_truth/<defect>/<stem>_mask.png
+
+Every problem with the input raises `cavga_jax.errors.DataError` whose message
+is one line naming the offending path and the problem; PIL and OS errors never
+escape.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+from cavga_jax.errors import DataError
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+NORMAL_DEFECT = 'good'
+SPLITS = ('train', 'test')
+MASK_SUFFIX = '_mask'
+
+# Modes that hold more than 8 bits per sample in a single band. PIL's own
+# conversion of these to 'L' clips at 255 instead of rescaling.
+_WIDE_INT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AnomalyDataset:
+  """An in-memory anomaly-detection split.
+
+  Attributes:
+    images: (N, H, W, C) uint8 images.
+    masks: (N, H, W) bool ground-truth defect masks; all False for normal
+      images.
+    labels: (N,) int32, 0 for normal and 1 for anomalous images.
+    defect_types: N strings, 'good' or the defect folder name.
+    paths: N image file paths.
+  """
+  images: np.ndarray
+  masks: np.ndarray
+  labels: np.ndarray
+  defect_types: tuple[str, ...]
+  paths: tuple[str, ...]
+
+  def __post_init__(self):
+    n = self.images.shape[0]
+    # A mismatch here is a programming error in whoever built the dataset, so
+    # fail at construction rather than deep inside training or evaluation.
+    if (self.images.ndim != 4 or self.masks.shape != self.images.shape[:3]
+        or self.labels.shape != (n,) or len(self.defect_types) != n
+        or len(self.paths) != n):
+      raise ValueError(
+          'AnomalyDataset: inconsistent shapes: images '
+          f'{self.images.shape}, masks {self.masks.shape}, labels '
+          f'{self.labels.shape}, {len(self.defect_types)} defect types, '
+          f'{len(self.paths)} paths')
+
+  @property
+  def num_examples(self) -> int:
+    """Number of images N."""
+    return int(self.images.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Item:
+  """One image to decode (and its mask for anomalous test images)."""
+  path: pathlib.Path
+  defect: str
+  mask_path: pathlib.Path | None
+
+
+def _one_line(exc: BaseException) -> str:
+  text = f'{type(exc).__name__}: {exc}'
+  return ' '.join(text.split())
+
+
+def _is_image_file(path: pathlib.Path) -> bool:
+  # Hidden files (e.g. macOS '._000.png' resource forks) carry image
+  # extensions but are not images.
+  return (path.is_file() and not path.name.startswith('.')
+          and path.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _list_images(folder: pathlib.Path) -> list[pathlib.Path]:
+  try:
+    entries = list(folder.iterdir())
+  except OSError as e:
+    raise DataError(f'{folder}: cannot list folder ({_one_line(e)})') from None
+  return sorted((p for p in entries if _is_image_file(p)), key=lambda p: p.name)
+
+
+def _list_subfolders(folder: pathlib.Path) -> list[pathlib.Path]:
+  try:
+    entries = list(folder.iterdir())
+  except OSError as e:
+    raise DataError(f'{folder}: cannot list folder ({_one_line(e)})') from None
+  folders = (p for p in entries
+             if p.is_dir() and not p.name.startswith('.'))
+  return sorted(folders, key=lambda p: p.name)
+
+
+def _to_8bit(image: Image.Image, channels: int) -> Image.Image:
+  """Converts a loaded PIL image of any mode to 'L' (channels 1) or 'RGB'."""
+  mode = image.mode
+  if mode in _WIDE_INT_MODES:
+    # 16-bit data: rescale the full range to 8 bits (65535 -> 255) instead of
+    # letting PIL clip everything above 255 to white.
+    wide = np.asarray(image).astype(np.int64)
+    image = Image.fromarray(
+        np.clip((wide + 128) // 257, 0, 255).astype(np.uint8))
+  elif mode == 'F':
+    raise ValueError('32-bit float images are not supported')
+  if channels == 1:
+    return image.convert('L')
+  if mode in ('P', 'PA') and 'transparency' in image.info:
+    # Going through RGBA applies the palette's transparency entry the way PIL
+    # expects; the alpha band is then dropped like for RGBA images.
+    image = image.convert('RGBA')
+  return image.convert('RGB')
+
+
+def _open_image(path: pathlib.Path, what: str) -> Image.Image:
+  """Opens and fully decodes an image, raising DataError on any problem."""
+  try:
+    size = path.stat().st_size
+  except OSError as e:
+    raise DataError(f'{path}: cannot read {what} ({_one_line(e)})') from None
+  if size == 0:
+    raise DataError(f'{path}: {what} file is empty (0 bytes)')
+  try:
+    with Image.open(path) as image:
+      # Truncated files often open fine and only fail while decoding pixels,
+      # so force the decode here where errors can be attributed to the file.
+      image.load()
+      return image.copy()
+  except Exception as e:  # pylint: disable=broad-except
+    # PIL raises a zoo of types for corrupt files (OSError, SyntaxError,
+    # ValueError, struct.error, EOFError, ...).
+    raise DataError(
+        f'{path}: cannot decode {what}, the file is truncated or not an image '
+        f'({_one_line(e)})') from None
+
+
+def _decode_item(item: _Item, image_size: int, channels: int,
+                 image_out: np.ndarray, mask_out: np.ndarray) -> None:
+  """Decodes one image (and mask) into the preallocated output rows."""
+  image = _open_image(item.path, 'image')
+  size = (image_size, image_size)
+  try:
+    converted = _to_8bit(image, channels)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f'{item.path}: cannot convert image of mode {image.mode} '
+                    f'({_one_line(e)})') from None
+  if converted.size != size:
+    converted = converted.resize(size, Image.BILINEAR)
+  image_out[...] = np.asarray(converted, np.uint8).reshape(image_out.shape)
+
+  if item.mask_path is None:
+    mask_out[...] = False
+    return
+  mask = _open_image(item.mask_path, 'mask')
+  if mask.size != image.size:
+    raise DataError(
+        f'{item.mask_path}: mask size {mask.size[0]}x{mask.size[1]} differs '
+        f'from image size {image.size[0]}x{image.size[1]} of {item.path}')
+  try:
+    gray = _to_8bit(mask, 1)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f'{item.mask_path}: cannot convert mask of mode '
+                    f'{mask.mode} ({_one_line(e)})') from None
+  if gray.size != size:
+    # NEAREST keeps the mask binary and aligned with the bilinear image.
+    gray = gray.resize(size, Image.NEAREST)
+  mask_out[...] = np.asarray(gray) > 127
+
+
+def _category_dir(root: str, category: str) -> pathlib.Path:
+  root_path = pathlib.Path(root)
+  if not root_path.is_dir():
+    raise DataError(f'{root_path}: dataset root folder does not exist')
+  category_path = root_path / category
+  if not category or not category_path.is_dir():
+    found = [p.name for p in _list_subfolders(root_path)]
+    raise DataError(
+        f'{category_path}: category folder does not exist (categories found '
+        f'under {root_path}: {", ".join(found) if found else "none"})')
+  return category_path
+
+
+def _train_items(category_path: pathlib.Path) -> list[_Item]:
+  good = category_path / 'train' / NORMAL_DEFECT
+  if not good.is_dir():
+    raise DataError(f'{good}: train folder of normal images does not exist')
+  return [_Item(p, NORMAL_DEFECT, None) for p in _list_images(good)]
+
+
+def _mask_stem(mask_path: pathlib.Path) -> str | None:
+  stem = mask_path.stem
+  if not stem.endswith(MASK_SUFFIX) or len(stem) == len(MASK_SUFFIX):
+    return None
+  return stem[:-len(MASK_SUFFIX)]
+
+
+def _test_items(category_path: pathlib.Path) -> list[_Item]:
+  test_path = category_path / 'test'
+  truth_path = category_path / 'ground_truth'
+  items = []
+  image_stems: dict[str, set[str]] = {}
+  for defect_path in _list_subfolders(test_path):
+    defect = defect_path.name
+    images = _list_images(defect_path)
+    image_stems[defect] = {p.stem for p in images}
+    if defect == NORMAL_DEFECT:
+      items.extend(_Item(p, defect, None) for p in images)
+      continue
+    masks = {}
+    mask_folder = truth_path / defect
+    if mask_folder.is_dir():
+      for mask_path in _list_images(mask_folder):
+        stem = _mask_stem(mask_path)
+        if stem is not None:
+          masks.setdefault(stem, mask_path)
+    for p in images:
+      if p.stem not in masks:
+        raise DataError(f'{mask_folder / (p.stem + MASK_SUFFIX + ".png")}: '
+                        f'mask is missing for test image {p}')
+      items.append(_Item(p, defect, masks[p.stem]))
+
+  # Masks without an image usually mean a renamed or deleted test image; the
+  # layout is then not what the user thinks it is, so refuse to guess.
+  if truth_path.is_dir():
+    for mask_folder in _list_subfolders(truth_path):
+      defect = mask_folder.name
+      stems = image_stems.get(defect, set())
+      for mask_path in _list_images(mask_folder):
+        stem = _mask_stem(mask_path)
+        if stem is None:
+          raise DataError(f'{mask_path}: mask file name is not '
+                          f'<image stem>{MASK_SUFFIX}<ext>')
+        if stem not in stems:
+          raise DataError(f'{mask_path}: mask has no test image '
+                          f'(no {test_path / defect / stem}.* exists)')
+  return items
+
+
+def load_split(root: str, category: str, split: str, image_size: int,
+               channels: int, num_workers: int = 8) -> AnomalyDataset:
+  """Loads one split of a category in the MVTec AD layout.
+
+  Images are converted to `channels` channels (3: RGB, grayscale expanded;
+  1: PIL 'L'; 16-bit images are rescaled to 8 bits) and resized to
+  `image_size` x `image_size` with PIL's bilinear filter (antialiased when
+  downscaling). Masks are resized with nearest neighbour and binarised
+  (> 127 after conversion to 8-bit grayscale). Files are sorted by name.
+
+  Args:
+    root: folder holding the category folders.
+    category: category folder name, e.g. 'bottle'.
+    split: 'train' (loads train/good only) or 'test' (every defect folder).
+    image_size: output height and width in pixels.
+    channels: 1 or 3.
+    num_workers: decoding threads (PIL releases the GIL while decoding);
+      values <= 1 decode in the calling thread.
+
+  Returns:
+    The split; images (N, image_size, image_size, channels) uint8, masks
+    (N, image_size, image_size) bool, labels (N,) int32.
+
+  Raises:
+    DataError: a folder is missing or empty, an image or mask cannot be
+      decoded, a mask is missing, has the wrong size or has no image.
+  """
+  if split not in SPLITS:
+    raise DataError(f'{root}: unknown split {split!r} (expected one of '
+                    f'{", ".join(SPLITS)})')
+  if channels not in (1, 3):
+    raise DataError(f'{root}: channels must be 1 or 3, got {channels}')
+  if int(image_size) < 1:
+    raise DataError(f'{root}: image_size must be positive, got {image_size}')
+  image_size = int(image_size)
+
+  category_path = _category_dir(root, category)
+  split_path = category_path / split
+  if not split_path.is_dir():
+    raise DataError(f'{split_path}: split folder does not exist')
+  items = (_train_items(category_path) if split == 'train'
+           else _test_items(category_path))
+  if not items:
+    empty = split_path / NORMAL_DEFECT if split == 'train' else split_path
+    raise DataError(f'{empty}: split has no images (extensions '
+                    f'{", ".join(IMAGE_EXTENSIONS)})')
+
+  n = len(items)
+  images = np.empty((n, image_size, image_size, channels), np.uint8)
+  masks = np.empty((n, image_size, image_size), bool)
+
+  def decode(i: int) -> None:
+    _decode_item(items[i], image_size, channels, images[i], masks[i])
+
+  if num_workers <= 1:
+    for i in range(n):
+      decode(i)
+  else:
+    with concurrent.futures.ThreadPoolExecutor(
+        max_workers=min(num_workers, n)) as pool:
+      # Consuming the results in order re-raises the error of the first bad
+      # file in sorted order, so the reported file does not depend on timing.
+      for _ in pool.map(decode, range(n)):
+        pass
+
+  defect_types = tuple(item.defect for item in items)
+  labels = np.array([d != NORMAL_DEFECT for d in defect_types], np.int32)
+  return AnomalyDataset(
+      images=images,
+      masks=masks,
+      labels=labels,
+      defect_types=defect_types,
+      paths=tuple(os.fspath(item.path) for item in items))

@@ -1,0 +1,155 @@
+"""Convolutions with PyTorch semantics and fast gradients on every backend.
+
+XLA:CPU has no fast kernel for *input-dilated* convolutions, which are what
+the input gradient of a strided conv and both gradients of a transposed conv
+lower to (5-20x slower than the forward pass in our measurements, see
+docs/benchmarks.md). Both layers here rewrite those as stride-1 convolutions
+over the four output phases plus a depth-to-space shuffle: exact, the same
+parameters (HWIO kernels, PyTorch's weights transposed), and no slower on
+GPU/TPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+_DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _depth_to_space(y: Array, features: int) -> Array:
+  """(B, H, W, 4F) with channels (row phase, col phase, F) -> (B, 2H, 2W, F)."""
+  b, h, w, _ = y.shape
+  y = y.reshape(b, h, w, 2, 2, features).transpose(0, 1, 3, 2, 4, 5)
+  return y.reshape(b, 2 * h, 2 * w, features)
+
+
+def _phase_kernels(kernel: Array) -> Array:
+  """Stride-2 transposed-conv phases of a (k, k, F, C) kernel.
+
+  Phase r of output row 2q + r collects ``kernel[2j + r]`` applied to input
+  row ``q - j``, i.e. a correlation with the flipped sub-kernel
+  ``kernel[r::2][::-1]``. Sub-kernels are zero-padded to ceil(k/2) taps.
+  Returns (L, L, F, 4C), output channel = (row phase, col phase, C).
+  """
+  k = kernel.shape[0]
+  taps = (k + 1) // 2
+  phases = []
+  for r in range(2):
+    for s in range(2):
+      sub = kernel[r::2, s::2]
+      sub = jnp.pad(sub, ((0, taps - sub.shape[0]), (0, taps - sub.shape[1]),
+                          (0, 0), (0, 0)))
+      phases.append(sub[::-1, ::-1])
+  return jnp.stack(phases, axis=-2).reshape(
+      taps, taps, kernel.shape[2], 4 * kernel.shape[3])
+
+
+def conv_transpose_stride2(y: Array, kernel: Array, padding: int,
+                           out_size: tuple[int, int]) -> Array:
+  """Adjoint of ``conv(x, kernel, stride 2, padding)`` applied to ``y``.
+
+  Args:
+    y: (B, Ho, Wo, F).
+    kernel: (k, k, C, F), the forward conv's HWIO kernel.
+    padding: the forward conv's symmetric padding.
+    out_size: (H, W) of the forward conv's input.
+
+  Returns:
+    (B, H, W, C): ``x`` with ``<conv(x), y> = <x, result>`` for all ``x``.
+  """
+  k = kernel.shape[0]
+  taps = (k + 1) // 2
+  h, w = out_size
+  # Input position i + padding = 2q + r; q runs over ceil((H + p) / 2) rows.
+  qh, qw = -(-(h + padding) // 2), -(-(w + padding) // 2)
+  pad = lambda n, q: (taps - 1, max(q - n, 0))
+  y = jnp.pad(y, ((0, 0), pad(y.shape[1], qh), pad(y.shape[2], qw), (0, 0)))
+  phases = jax.lax.conv_general_dilated(
+      y, _phase_kernels(jnp.swapaxes(kernel, 2, 3)).astype(y.dtype), (1, 1),
+      'VALID', dimension_numbers=_DIMS)[:, :qh, :qw]
+  full = _depth_to_space(phases, kernel.shape[2])
+  return full[:, padding:padding + h, padding:padding + w]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_stride2(x: Array, kernel: Array, padding: int) -> Array:
+  """PyTorch ``conv2d(x, kernel, stride=2, padding)`` in NHWC/HWIO."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, (2, 2), ((padding, padding),) * 2, dimension_numbers=_DIMS)
+
+
+def _conv_stride2_fwd(x, kernel, padding):
+  return conv_stride2(x, kernel, padding), (x, kernel)
+
+
+def _conv_stride2_bwd(padding, residuals, g):
+  x, kernel = residuals
+  # The kernel gradient of a strided conv is a fast (non-dilated) conv.
+  _, kernel_vjp = jax.vjp(
+      lambda k: jax.lax.conv_general_dilated(
+          x, k, (2, 2), ((padding, padding),) * 2, dimension_numbers=_DIMS),
+      kernel)
+  dx = conv_transpose_stride2(g, kernel, padding, x.shape[1:3])
+  return dx.astype(x.dtype), kernel_vjp(g)[0]
+
+
+conv_stride2.defvjp(_conv_stride2_fwd, _conv_stride2_bwd)
+
+
+class Conv(nn.Module):
+  """PyTorch-style ``Conv2d`` (square kernel, symmetric padding, stride 1 or 2).
+
+  Parameters are named like ``flax.linen.Conv`` ('kernel' HWIO, 'bias').
+  """
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: int = 0
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k = self.kernel_size
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (k, k, x.shape[-1], self.features), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.strides == 2:
+      y = conv_stride2(x, kernel, self.padding)
+    elif self.strides == 1:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, (1, 1), ((self.padding, self.padding),) * 2,
+          dimension_numbers=_DIMS)
+    else:
+      raise ValueError(f'strides must be 1 or 2, got {self.strides}')
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros, (self.features,),
+                        jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class ConvTranspose4x4(nn.Module):
+  """PyTorch ``ConvTranspose2d(k=4, stride=2, padding=1, bias=False)``.
+
+  (B, H, W, C) -> (B, 2H, 2W, F). The parameter 'kernel' is (4, 4, C, F):
+  PyTorch's ``weight`` (C, F, 4, 4) transposed to (2, 3, 0, 1). The layer is
+  the adjoint of a stride-2 conv with that kernel seen as (4, 4, F, C).
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (4, 4, x.shape[-1], self.features), jnp.float32)
+    h, w = x.shape[1:3]
+    return conv_transpose_stride2(
+        x.astype(self.dtype), jnp.swapaxes(kernel, 2, 3).astype(self.dtype),
+        1, (2 * h, 2 * w))

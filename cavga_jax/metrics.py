@@ -1,0 +1,543 @@
+"""Anomaly detection and localization metrics for CAVGA's evaluation protocol.
+
+Everything here runs on the host with numpy, scipy and scikit-learn and knows
+nothing about the model: callers pass numpy arrays (or anything `np.asarray`
+accepts, e.g. JAX arrays, which are copied to the host).
+
+Conventions shared by all functions:
+
+* ``anomaly_maps`` has shape ``(N, H, W)``; higher means more anomalous.
+* ``masks`` has shape ``(N, H, W)``; a nonzero pixel is anomalous (ground
+  truth), so bool, 0/1 and 0/255 masks all work.
+* ``labels`` has shape ``(N,)`` with values in {0, 1}; 1 is anomalous.
+* ``scores`` has shape ``(N,)``; higher means more anomalous.
+
+Metrics that are undefined for the data given (e.g. an AUROC when only one
+class is present) raise `UndefinedMetricError`, a `ValueError`. The gatherers
+`localization_metrics` and `detection_metrics` turn those into ``nan`` and log
+why, so that one normal-only category does not abort a whole evaluation run.
+"""
+
+from collections.abc import Callable, Sequence
+import logging
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from sklearn import metrics as sk_metrics
+
+# MVTec AD's official evaluation code labels ground-truth regions with a 3x3
+# all-ones structure, i.e. 8-connectivity; AUPRO numbers are only comparable
+# with published ones if regions are defined the same way.
+_REGION_STRUCTURE = np.ones((3, 3), dtype=int)
+
+
+class UndefinedMetricError(ValueError):
+  """A metric is undefined for the data given (e.g. only one class present)."""
+
+
+# ---------------------------------------------------------------------------
+# Input validation.
+# ---------------------------------------------------------------------------
+
+
+def _maps_and_masks(anomaly_maps: Any,
+                    masks: Any) -> tuple[np.ndarray, np.ndarray]:
+  """Validates and converts maps and masks.
+
+  Args:
+    anomaly_maps: (N, H, W) real-valued anomaly maps.
+    masks: (N, H, W) ground-truth masks; nonzero means anomalous.
+
+  Returns:
+    maps: (N, H, W) float64.
+    gt: (N, H, W) bool.
+
+  Raises:
+    ValueError: on a shape mismatch or non-finite map values.
+  """
+  maps = np.asarray(anomaly_maps, dtype=np.float64)
+  gt = np.asarray(masks)
+  if maps.ndim != 3:
+    raise ValueError(
+        f'anomaly_maps must have shape (N, H, W), got shape {maps.shape}.')
+  if gt.shape != maps.shape:
+    raise ValueError(
+        f'masks must have the same shape as anomaly_maps {maps.shape}, got '
+        f'shape {gt.shape}.')
+  if maps.size == 0:
+    raise ValueError('anomaly_maps is empty.')
+  if not np.all(np.isfinite(maps)):
+    raise ValueError('anomaly_maps contain NaN or infinite values.')
+  return maps, gt > 0
+
+
+def _binary_labels(labels: Any, num_items: int, name: str = 'labels'
+                  ) -> np.ndarray:
+  """Validates (N,) labels in {0, 1} and returns them as an (N,) bool array."""
+  labels = np.asarray(labels)
+  if labels.shape != (num_items,):
+    raise ValueError(
+        f'{name} must have shape ({num_items},), got shape {labels.shape}.')
+  if not np.all((labels == 0) | (labels == 1)):
+    raise ValueError(
+        f'{name} must contain only 0 (normal) and 1 (anomalous), got values '
+        f'{np.unique(labels)[:10]}.')
+  return labels == 1
+
+
+def _scores_and_labels(scores: Any,
+                       labels: Any) -> tuple[np.ndarray, np.ndarray]:
+  """Validates image scores and labels.
+
+  Args:
+    scores: (N,) real-valued image anomaly scores.
+    labels: (N,) labels in {0, 1}.
+
+  Returns:
+    scores: (N,) float64.
+    labels: (N,) bool.
+
+  Raises:
+    ValueError: on bad shapes, values or an empty input.
+  """
+  scores = np.asarray(scores, dtype=np.float64)
+  if scores.ndim != 1:
+    raise ValueError(f'scores must have shape (N,), got shape {scores.shape}.')
+  if scores.size == 0:
+    raise ValueError('scores is empty.')
+  if not np.all(np.isfinite(scores)):
+    raise ValueError('scores contain NaN or infinite values.')
+  return scores, _binary_labels(labels, scores.shape[0])
+
+
+def _require_both_classes(targets: np.ndarray, what: str) -> None:
+  """Raises UndefinedMetricError unless bool `targets` holds both classes."""
+  num_positive = int(np.count_nonzero(targets))
+  if num_positive == 0 or num_positive == targets.size:
+    only = 'anomalous' if num_positive else 'normal'
+    raise UndefinedMetricError(
+        f'{what} contain only {only} entries ({targets.size} in total); the '
+        'metric needs both normal and anomalous ones.')
+
+
+# ---------------------------------------------------------------------------
+# Pixel-level (localization) metrics.
+# ---------------------------------------------------------------------------
+
+
+def pixel_auroc(anomaly_maps: Any, masks: Any) -> float:
+  """Area under the ROC curve over all pixels of all images.
+
+  Args:
+    anomaly_maps: (N, H, W) anomaly maps.
+    masks: (N, H, W) ground-truth masks; nonzero means anomalous.
+
+  Returns:
+    The pixel-level AUROC in [0, 1].
+
+  Raises:
+    UndefinedMetricError: if the masks contain only one class.
+    ValueError: on malformed inputs.
+  """
+  maps, gt = _maps_and_masks(anomaly_maps, masks)
+  targets = gt.ravel()
+  _require_both_classes(targets, 'masks (pixels)')
+  return float(sk_metrics.roc_auc_score(targets, maps.ravel()))
+
+
+def iou_at_threshold(anomaly_maps: Any,
+                     masks: Any,
+                     labels: Any,
+                     threshold: float = 0.5) -> float:
+  """Mean IoU between thresholded maps and masks over the anomalous images.
+
+  For each image with label 1, P = map > threshold and G = mask != 0, and its
+  IoU is |P & G| / |P | G|. If both P and G are empty (an anomalous image
+  without a ground-truth region, which should not happen with MVTec-style
+  data) its IoU is defined as 0, so that such an image lowers the mean rather
+  than being silently skipped. Normal images (label 0) are ignored, as in the
+  CAVGA paper.
+
+  Args:
+    anomaly_maps: (N, H, W) anomaly maps, usually normalised to [0, 1].
+    masks: (N, H, W) ground-truth masks; nonzero means anomalous.
+    labels: (N,) image labels in {0, 1}.
+    threshold: a pixel is predicted anomalous if its map value is strictly
+      greater than this.
+
+  Returns:
+    The mean IoU over anomalous images, or nan if there are none.
+
+  Raises:
+    ValueError: on malformed inputs.
+  """
+  maps, gt = _maps_and_masks(anomaly_maps, masks)
+  anomalous = _binary_labels(labels, maps.shape[0])
+  if not anomalous.any():
+    return float('nan')
+  pred = maps[anomalous] > threshold
+  gt = gt[anomalous]
+  intersection = np.count_nonzero(pred & gt, axis=(1, 2))
+  union = np.count_nonzero(pred | gt, axis=(1, 2))
+  ious = np.where(union > 0, intersection / np.maximum(union, 1), 0.0)
+  return float(np.mean(ious))
+
+
+def _mean_iou_curve(maps: np.ndarray, gt: np.ndarray, anomalous: np.ndarray,
+                    thresholds: np.ndarray) -> np.ndarray:
+  """Mean IoU over anomalous images for many thresholds at once.
+
+  Thresholding each image once per threshold would cost O(T * N * H * W);
+  sorting each image's scores once lets every threshold's |P| and |P & G| be
+  read off with a binary search instead.
+
+  Args:
+    maps: (N, H, W) float64 anomaly maps.
+    gt: (N, H, W) bool ground-truth masks.
+    anomalous: (N,) bool image labels; at least one must be True.
+    thresholds: (T,) float64 thresholds.
+
+  Returns:
+    (T,) float64 mean IoU over anomalous images, with the same conventions as
+    `iou_at_threshold`.
+  """
+  indices = np.flatnonzero(anomalous)
+  ious = np.empty((indices.size, thresholds.size), dtype=np.float64)
+  for row, index in enumerate(indices):
+    scores = maps[index].ravel()
+    in_gt = gt[index].ravel()
+    all_sorted = np.sort(scores)
+    gt_sorted = np.sort(scores[in_gt])
+    # side='right' counts scores <= t, so the rest are the scores > t.
+    num_pred = all_sorted.size - np.searchsorted(all_sorted, thresholds,
+                                                 side='right')
+    intersection = gt_sorted.size - np.searchsorted(gt_sorted, thresholds,
+                                                    side='right')
+    union = num_pred + gt_sorted.size - intersection
+    ious[row] = np.where(union > 0, intersection / np.maximum(union, 1), 0.0)
+  return np.mean(ious, axis=0)
+
+
+def best_iou(anomaly_maps: Any,
+             masks: Any,
+             labels: Any,
+             num_thresholds: int = 200,
+             extra_thresholds: Sequence[float] = (0.5,)
+             ) -> tuple[float, float]:
+  """The best mean IoU (see `iou_at_threshold`) over a grid of thresholds.
+
+  This is an oracle number: the threshold is tuned on the test set itself, so
+  it is an upper bound on what a fixed threshold achieves. It is reported in
+  addition to the paper's IoU at 0.5, not in place of it.
+
+  The grid is `num_thresholds` evenly spaced values from the minimum to the
+  maximum of all maps (normal images included), plus those of
+  `extra_thresholds` that fall inside that range. Including the paper's 0.5
+  by default guarantees best IoU >= IoU@0.5 whenever 0.5 is within the range of
+  the maps.
+
+  Args:
+    anomaly_maps: (N, H, W) anomaly maps.
+    masks: (N, H, W) ground-truth masks; nonzero means anomalous.
+    labels: (N,) image labels in {0, 1}.
+    num_thresholds: number of evenly spaced thresholds, at least 2.
+    extra_thresholds: further thresholds to try if inside the grid's range.
+
+  Returns:
+    (iou, threshold): the best mean IoU and the (lowest) threshold reaching it;
+    (nan, nan) if there are no anomalous images.
+
+  Raises:
+    ValueError: on malformed inputs.
+  """
+  if num_thresholds < 2:
+    raise ValueError(f'num_thresholds must be at least 2, got {num_thresholds}.')
+  maps, gt = _maps_and_masks(anomaly_maps, masks)
+  anomalous = _binary_labels(labels, maps.shape[0])
+  if not anomalous.any():
+    return float('nan'), float('nan')
+  low, high = float(maps.min()), float(maps.max())
+  extras = np.asarray(extra_thresholds, dtype=np.float64).ravel()
+  extras = extras[(extras >= low) & (extras <= high)]
+  thresholds = np.unique(
+      np.concatenate([np.linspace(low, high, num_thresholds), extras]))
+  curve = _mean_iou_curve(maps, gt, anomalous, thresholds)
+  best = int(np.argmax(curve))
+  return float(curve[best]), float(thresholds[best])
+
+
+def pixel_f1_max(anomaly_maps: Any, masks: Any) -> float:
+  """Maximum pixel-level F1 score over all thresholds.
+
+  Args:
+    anomaly_maps: (N, H, W) anomaly maps.
+    masks: (N, H, W) ground-truth masks; nonzero means anomalous.
+
+  Returns:
+    max over thresholds t of F1 of (map >= t) against the masks, in [0, 1].
+
+  Raises:
+    UndefinedMetricError: if no pixel is anomalous (recall is undefined).
+    ValueError: on malformed inputs.
+  """
+  maps, gt = _maps_and_masks(anomaly_maps, masks)
+  targets = gt.ravel()
+  if not targets.any():
+    raise UndefinedMetricError(
+        'masks contain no anomalous pixel, so the pixel F1 score is undefined.')
+  precision, recall, _ = sk_metrics.precision_recall_curve(
+      targets, maps.ravel())
+  denominator = precision + recall
+  # The curve's final point (precision 1, recall 0) and any point without a
+  # true positive have F1 0; avoid dividing 0 by 0 there.
+  f1 = np.divide(2.0 * precision * recall, denominator,
+                 out=np.zeros_like(denominator), where=denominator > 0)
+  return float(np.max(f1))
+
+
+def _pro_curve(maps: np.ndarray,
+               gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The per-region-overlap curve as in MVTec AD's evaluation code.
+
+  Args:
+    maps: (N, H, W) float64 anomaly maps.
+    gt: (N, H, W) bool ground-truth masks.
+
+  Returns:
+    fpr: (K + 1,) nondecreasing false positive rates, starting at 0.
+    pro: (K + 1,) the matching PRO values, starting at 0. Entry k > 0 is the
+      operating point of the k-th largest distinct score used as threshold
+      (pixels with map >= threshold are predicted anomalous).
+
+  Raises:
+    UndefinedMetricError: if there is no ground-truth region or no normal
+      pixel.
+  """
+  # Give every region a unique id across images so that one bincount yields
+  # all region sizes.
+  region_ids = np.zeros(gt.shape, dtype=np.int64)
+  num_regions = 0
+  for index in range(gt.shape[0]):
+    labeled, count = ndimage.label(gt[index], structure=_REGION_STRUCTURE)
+    region_ids[index] = np.where(labeled > 0, labeled + num_regions, 0)
+    num_regions += count
+  if num_regions == 0:
+    raise UndefinedMetricError(
+        'masks contain no anomalous region, so the PRO curve is undefined.')
+  is_normal = ~gt
+  num_normal = int(np.count_nonzero(is_normal))
+  if num_normal == 0:
+    raise UndefinedMetricError(
+        'masks contain no normal pixel, so the false positive rate is '
+        'undefined.')
+
+  region_sizes = np.bincount(region_ids.ravel(), minlength=num_regions + 1)
+  # Each region pixel moves the PRO by 1 / (num_regions * |region|) once the
+  # threshold passes it; id 0 (normal pixels) contributes nothing.
+  region_weights = np.zeros(num_regions + 1, dtype=np.float64)
+  region_weights[1:] = 1.0 / (num_regions * region_sizes[1:])
+
+  order = np.argsort(-maps.ravel())
+  sorted_scores = maps.ravel()[order]
+  # Integer counts keep the FPR exact; it ends at exactly 1.
+  fpr = np.cumsum(is_normal.ravel()[order], dtype=np.int64) / num_normal
+  pro = np.cumsum(region_weights[region_ids.ravel()[order]])
+  # A threshold includes every pixel with an equal score, so only the last
+  # pixel of each run of tied scores is an operating point.
+  keep = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
+  fpr = np.minimum(fpr[keep], 1.0)
+  pro = np.minimum(pro[keep], 1.0)
+  return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], pro])
+
+
+def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+  """Trapezoid-rule area under a curve from x[0] to x_max.
+
+  Matches MVTec AD's `trapezoid`: points with x <= x_max are integrated, and
+  y at x_max is linearly interpolated between the last point below x_max and
+  the first point above it.
+
+  Args:
+    x: (K,) nondecreasing, with x[0] <= x_max <= x[-1].
+    y: (K,) curve values.
+    x_max: upper integration limit.
+
+  Returns:
+    The area.
+  """
+  # Number of points with x <= x_max; >= 1 because x[0] <= x_max.
+  count = int(np.searchsorted(x, x_max, side='right'))
+  x_in, y_in = x[:count], y[:count]
+  area = float(np.sum(0.5 * (y_in[1:] + y_in[:-1]) * np.diff(x_in)))
+  if x_in[-1] < x_max:
+    # x[-1] >= x_max, so x[count] exists and lies strictly above x_max.
+    x0, x1, y0, y1 = x[count - 1], x[count], y[count - 1], y[count]
+    y_at_max = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
+    area += float(0.5 * (y0 + y_at_max) * (x_max - x0))
+  return area
+
+
+def aupro(anomaly_maps: Any, masks: Any, max_fpr: float = 0.3) -> float:
+  """Normalised area under the PRO curve up to a false positive rate.
+
+  Defined as in MVTec AD's evaluation code. The regions are the connected
+  components (8-connectivity) of each image's ground-truth mask. For a
+  threshold t, PRO(t) is the mean over all regions of all images of
+  |region & (map >= t)| / |region|, and FPR(t) is the fraction of normal pixels
+  (mask == 0, over all images) with map >= t. The curve runs over every
+  distinct map value as threshold, starting from (0, 0); its area from FPR 0 to
+  `max_fpr` (trapezoid rule, PRO interpolated at `max_fpr`) is divided by
+  `max_fpr`, so a perfect map scores 1 and a constant map scores max_fpr / 2.
+
+  Normal images (empty masks) contribute only normal pixels. The cost is one
+  sort of all pixels: 100 x 256 x 256 maps take 1 to 2 seconds on a CPU.
+
+  Args:
+    anomaly_maps: (N, H, W) anomaly maps.
+    masks: (N, H, W) ground-truth masks; nonzero means anomalous.
+    max_fpr: integration limit on the false positive rate, in (0, 1].
+
+  Returns:
+    The normalised AUPRO in [0, 1].
+
+  Raises:
+    UndefinedMetricError: if there is no ground-truth region or no normal
+      pixel.
+    ValueError: on malformed inputs or `max_fpr` outside (0, 1].
+  """
+  if not 0.0 < max_fpr <= 1.0:
+    raise ValueError(f'max_fpr must be in (0, 1], got {max_fpr}.')
+  maps, gt = _maps_and_masks(anomaly_maps, masks)
+  fpr, pro = _pro_curve(maps, gt)
+  return float(_area_up_to(fpr, pro, max_fpr) / max_fpr)
+
+
+# ---------------------------------------------------------------------------
+# Image-level (detection) metrics.
+# ---------------------------------------------------------------------------
+
+
+def image_auroc(scores: Any, labels: Any) -> float:
+  """Area under the ROC curve of image anomaly scores.
+
+  Args:
+    scores: (N,) image anomaly scores.
+    labels: (N,) image labels in {0, 1}.
+
+  Returns:
+    The image-level AUROC in [0, 1].
+
+  Raises:
+    UndefinedMetricError: if the labels contain only one class.
+    ValueError: on malformed inputs.
+  """
+  scores, labels = _scores_and_labels(scores, labels)
+  _require_both_classes(labels, 'labels')
+  return float(sk_metrics.roc_auc_score(labels, scores))
+
+
+def detection_accuracy(scores: Any, labels: Any,
+                       threshold: float = 0.5) -> float:
+  """The CAVGA paper's detection accuracy.
+
+  Scores are min-max normalised over the given (test) set, and an image is
+  predicted anomalous if its normalised score is strictly greater than
+  `threshold`. If all scores are equal, all normalised scores are 0.
+
+  Args:
+    scores: (N,) image anomaly scores.
+    labels: (N,) image labels in {0, 1}.
+    threshold: decision threshold on the normalised scores.
+
+  Returns:
+    The fraction of images classified correctly, in [0, 1].
+
+  Raises:
+    ValueError: on malformed inputs.
+  """
+  scores, labels = _scores_and_labels(scores, labels)
+  low, high = scores.min(), scores.max()
+  if high > low:
+    normalised = (scores - low) / (high - low)
+  else:
+    normalised = np.zeros_like(scores)
+  predictions = normalised > threshold
+  return float(np.mean(predictions == labels))
+
+
+# ---------------------------------------------------------------------------
+# Gatherers.
+# ---------------------------------------------------------------------------
+
+
+def _or_nan(name: str, metric_fn: Callable[..., Any], *args: Any) -> Any:
+  """Calls metric_fn(*args); on UndefinedMetricError logs and returns nan."""
+  try:
+    return metric_fn(*args)
+  except UndefinedMetricError as e:
+    logging.warning('Metric %s is undefined, reporting nan: %s', name, e)
+    return float('nan')
+
+
+def localization_metrics(anomaly_maps: Any, masks: Any,
+                         labels: Any) -> dict[str, float]:
+  """All localization metrics in one flat dict.
+
+  Metrics undefined for the data (e.g. no anomalous pixel) are reported as
+  nan, with the reason logged as a warning.
+
+  Args:
+    anomaly_maps: (N, H, W) anomaly maps.
+    masks: (N, H, W) ground-truth masks; nonzero means anomalous.
+    labels: (N,) image labels in {0, 1}.
+
+  Returns:
+    A dict with float values under the keys 'pixel_auroc', 'iou' (IoU at
+    threshold 0.5), 'iou_best', 'iou_best_threshold' (see `best_iou`),
+    'pixel_f1_max' and 'aupro' (max FPR 0.3).
+
+  Raises:
+    ValueError: on malformed inputs (shapes, label values, non-finite maps).
+  """
+  # Validate and convert once: malformed inputs must raise here rather than
+  # come out as nan, and the metrics below then skip the float64 copy.
+  maps, gt = _maps_and_masks(anomaly_maps, masks)
+  anomalous = _binary_labels(labels, maps.shape[0])
+  if not anomalous.any():
+    logging.warning(
+        'Metrics iou, iou_best and iou_best_threshold are undefined, reporting '
+        'nan: no image has label 1 (anomalous) among %d.', maps.shape[0])
+  iou_best, iou_best_threshold = best_iou(maps, gt, anomalous)
+  return {
+      'pixel_auroc': _or_nan('pixel_auroc', pixel_auroc, maps, gt),
+      'iou': iou_at_threshold(maps, gt, anomalous, 0.5),
+      'iou_best': iou_best,
+      'iou_best_threshold': iou_best_threshold,
+      'pixel_f1_max': _or_nan('pixel_f1_max', pixel_f1_max, maps, gt),
+      'aupro': _or_nan('aupro', aupro, maps, gt),
+  }
+
+
+def detection_metrics(scores: Any, labels: Any) -> dict[str, float]:
+  """All image-level detection metrics in one flat dict.
+
+  Metrics undefined for the data (e.g. only one class) are reported as nan,
+  with the reason logged as a warning.
+
+  Args:
+    scores: (N,) image anomaly scores.
+    labels: (N,) image labels in {0, 1}.
+
+  Returns:
+    A dict with float values under the keys 'image_auroc' and
+    'detection_accuracy' (see `detection_accuracy`).
+
+  Raises:
+    ValueError: on malformed inputs.
+  """
+  scores, labels = _scores_and_labels(scores, labels)
+  return {
+      'image_auroc': _or_nan('image_auroc', image_auroc, scores, labels),
+      'detection_accuracy': detection_accuracy(scores, labels),
+  }

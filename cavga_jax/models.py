@@ -1,0 +1,356 @@
+"""CAVGA networks (SPEC section 1): encoders, latent heads, decoders, discriminator.
+
+All modules are Flax linen modules on NHWC images in [-1, 1]. BatchNorm
+statistics live in the ``batch_stats`` collection; ``train=True`` normalises
+with batch statistics and updates the running averages (pass
+``mutable=['batch_stats']``), ``train=False`` uses the running averages.
+BatchNorm uses PyTorch's defaults (momentum 0.1, i.e. Flax ``momentum=0.9``,
+``epsilon=1e-5``) so converted torchvision weights behave identically.
+
+The generator is split in the places where CAVGA needs to reach inside it:
+``encode`` gives the last encoder feature map ``F``, ``latent`` maps ``F`` to
+``(mu, logvar)`` (the function Grad-CAM differentiates), ``decode`` maps a
+latent sample to an image and ``classify`` gives CAVGA_w's two logits.
+
+Decisions shared with the PyTorch peer (``../shared/peer``), which make both
+the same network (G 16,854,723 / D 2,765,568 parameters for CAVGA-R at 256 px,
+latent 128; G 6,236,032 for CAVGA-D):
+* CAVGA-R decoder: five BigGAN up-blocks (nearest x2) with output widths
+  ``decoder_widths`` (512-256-128-64-32) starting from ``z``, then
+  BN-ReLU-conv3x3 to the image channels and tanh.
+* CAVGA-D encoder: the DCGAN discriminator trunk (H/16); its decoder starts
+  with a stride-1 3x3 transposed conv from the latent to 512 channels, then the
+  four stride-2 DCGAN layers and tanh.
+* Discriminator: DCGAN trunk plus a 4x4 valid conv head (kernel shrunk to the
+  feature size when that is smaller, e.g. 2x2 at 32 px); the patch logits are
+  averaged by the loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cavga_jax import layers
+from cavga_jax.errors import CavgaError
+
+Array = jax.Array
+
+# PyTorch BatchNorm2d defaults.
+_BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+
+class BasicBlock(nn.Module):
+  """ResNet BasicBlock: conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU."""
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    conv = functools.partial(layers.Conv, self.features, use_bias=False,
+                             dtype=self.dtype)
+    norm = functools.partial(_BatchNorm, use_running_average=not train,
+                             dtype=self.dtype)
+    y = conv(3, self.strides, 1, name='conv1')(x)
+    y = nn.relu(norm(name='bn1')(y))
+    y = conv(3, 1, 1, name='conv2')(y)
+    y = norm(name='bn2')(y)
+    if self.strides != 1 or x.shape[-1] != self.features:
+      x = conv(1, self.strides, 0, name='downsample_conv')(x)
+      x = norm(name='downsample_bn')(x)
+    return nn.relu(x + y)
+
+
+class ResNet18Encoder(nn.Module):
+  """ResNet-18 without avgpool/fc: (B, H, W, C) -> F (B, H/32, W/32, 512).
+
+  Padding is explicit (PyTorch style) so torchvision ImageNet weights
+  (``scripts/convert_torchvision_resnet18.py``) give the same features.
+  """
+  widths: Sequence[int] = (64, 128, 256, 512)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    x = layers.Conv(self.widths[0], 7, 2, 3, use_bias=False, dtype=self.dtype,
+                    name='conv1')(x)
+    x = _BatchNorm(use_running_average=not train, dtype=self.dtype,
+                   name='bn1')(x)
+    x = nn.relu(x)
+    x = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    for stage, width in enumerate(self.widths):
+      for block in range(2):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(width, strides, self.dtype,
+                       name=f'layer{stage + 1}_{block}')(x, train)
+    return x
+
+
+class DCGANEncoder(nn.Module):
+  """DCGAN discriminator trunk: (B, H, W, C) -> F (B, H/16, W/16, widths[-1]).
+
+  4x4 stride-2 convs (padding 1, no bias), BatchNorm on all but the first,
+  LeakyReLU 0.2.
+  """
+  widths: Sequence[int] = (64, 128, 256, 512)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    for i, width in enumerate(self.widths):
+      x = layers.Conv(width, 4, 2, 1, use_bias=False, dtype=self.dtype,
+                      name=f'conv{i}')(x)
+      if i > 0:
+        x = _BatchNorm(use_running_average=not train, dtype=self.dtype,
+                       name=f'bn{i}')(x)
+      x = nn.leaky_relu(x, 0.2)
+    return x
+
+
+class UpBlock(nn.Module):
+  """BigGAN-style residual up-block (x2 spatial).
+
+  BN-ReLU-upsample-conv3x3-BN-ReLU-conv3x3, plus a 1x1 conv shortcut on the
+  upsampled input.
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    norm = functools.partial(_BatchNorm, use_running_average=not train,
+                             dtype=self.dtype)
+    conv = functools.partial(layers.Conv, self.features, dtype=self.dtype)
+    up = lambda t: jnp.repeat(jnp.repeat(t, 2, axis=1), 2, axis=2)  # nearest
+    y = up(nn.relu(norm(name='bn1')(x)))
+    y = conv(3, padding=1, name='conv1')(y)
+    y = nn.relu(norm(name='bn2')(y))
+    y = conv(3, padding=1, name='conv2')(y)
+    return y + conv(1, name='shortcut')(up(x))
+
+
+class ResidualDecoder(nn.Module):
+  """CAVGA-R decoder: z (B, h, w, c) -> image (B, h*2^n, w*2^n, channels), tanh."""
+  widths: Sequence[int] = (512, 256, 128, 64, 32)
+  out_channels: int = 3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: Array, train: bool) -> Array:
+    x = z
+    for i, width in enumerate(self.widths):
+      x = UpBlock(width, self.dtype, name=f'block{i}')(x, train)
+    x = _BatchNorm(use_running_average=not train, dtype=self.dtype,
+                   name='bn_out')(x)
+    x = layers.Conv(self.out_channels, 3, padding=1, dtype=self.dtype,
+                    name='conv_out')(nn.relu(x))
+    return jnp.tanh(x)
+
+
+class DCGANDecoder(nn.Module):
+  """CAVGA-D decoder: z (B, h, w, c) -> image (B, 16h, 16w, channels), tanh.
+
+  A stride-1 3x3 transposed conv to ``widths[0]`` keeps the spatial size, then
+  4x4 stride-2 transposed convs (PyTorch padding 1) with BN and ReLU through
+  ``widths[1:]`` and a last one to the image channels.
+  """
+  widths: Sequence[int] = (512, 256, 128, 64)
+  out_channels: int = 3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: Array, train: bool) -> Array:
+    # A stride-1 transposed conv with padding 1 is a 3x3 conv (flipped
+    # kernel, which only matters when loading PyTorch weights).
+    x = layers.Conv(self.widths[0], 3, padding=1, use_bias=False,
+                    dtype=self.dtype, name='convt0')(z)
+    x = nn.relu(_BatchNorm(use_running_average=not train, dtype=self.dtype,
+                           name='bn0')(x))
+    for i, width in enumerate(list(self.widths[1:]) + [self.out_channels]):
+      x = layers.ConvTranspose4x4(width, self.dtype, name=f'convt{i + 1}')(x)
+      if i < len(self.widths) - 1:
+        x = nn.relu(_BatchNorm(use_running_average=not train,
+                               dtype=self.dtype, name=f'bn{i + 1}')(x))
+    return jnp.tanh(x)
+
+
+class Discriminator(nn.Module):
+  """DCGAN discriminator: (B, H, W, C) -> patch logits (B, h', w').
+
+  The head is DCGAN's 4x4 valid conv; on feature maps smaller than 4x4 its
+  kernel shrinks to the feature size (2x2 at 32 px input).
+  """
+  widths: Sequence[int] = (64, 128, 256, 512)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    f = DCGANEncoder(self.widths, self.dtype, name='trunk')(x, train)
+    k = min(4, f.shape[1], f.shape[2])
+    logits = layers.Conv(1, k, use_bias=False, dtype=self.dtype,
+                         name='head')(f)
+    return logits[..., 0].astype(jnp.float32)
+
+
+class CAVGAGenerator(nn.Module):
+  """Encoder + latent heads + decoder (+ classifier for CAVGA_w).
+
+  Attributes:
+    variant: 'R' (ResNet-18 encoder, residual decoder) or 'D' (DCGAN).
+    image_size: input height = width (a multiple of 32 for R, 16 for D).
+    latent: 'conv' (1x1 conv heads, latent h x w x latent_channels) or 'flat'
+      (dense heads on the flattened F, latent vector of latent_dim; the
+      paper's ablation ``*``).
+    latent_channels: channels of the convolutional latent.
+    latent_dim: size of the flattened latent.
+    image_channels: channels of the reconstructed image.
+    encoder_widths / decoder_widths: stage widths (defaults = the paper's).
+    with_classifier: adds CAVGA_w's dense layer from flattened z to 2 logits
+      (normal, anomalous).
+    dtype: compute dtype (parameters stay float32).
+  """
+  variant: str = 'R'
+  image_size: int = 256
+  latent: str = 'conv'
+  latent_channels: int = 128
+  latent_dim: int = 512
+  image_channels: int = 3
+  encoder_widths: Sequence[int] = (64, 128, 256, 512)
+  decoder_widths: Sequence[int] = (512, 256, 128, 64, 32)
+  with_classifier: bool = False
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.variant == 'R':
+      self.encoder = ResNet18Encoder(self.encoder_widths, self.dtype)
+      self.decoder = ResidualDecoder(self.decoder_widths, self.image_channels,
+                                     self.dtype)
+    elif self.variant == 'D':
+      self.encoder = DCGANEncoder(self.encoder_widths, self.dtype)
+      self.decoder = DCGANDecoder(self.decoder_widths, self.image_channels,
+                                  self.dtype)
+    else:
+      raise ValueError(f"model.variant must be 'R' or 'D', got {self.variant!r}")
+    if self.latent == 'conv':
+      self.mu_head = nn.Conv(self.latent_channels, (1, 1), name='mu')
+      self.logvar_head = nn.Conv(self.latent_channels, (1, 1), name='logvar')
+    elif self.latent == 'flat':
+      self.mu_head = nn.Dense(self.latent_dim, name='mu')
+      self.logvar_head = nn.Dense(self.latent_dim, name='logvar')
+      self.flat_to_map = nn.Dense(math.prod(self.feature_shape),
+                                  name='flat_to_map')
+    else:
+      raise ValueError(f"model.latent must be 'conv' or 'flat', got {self.latent!r}")
+    if self.with_classifier:
+      self.classifier = nn.Dense(2, name='classifier')
+
+  def encode(self, x: Array, train: bool) -> Array:
+    """Images (B, H, W, C) in [-1, 1] -> last encoder feature map F (B, h, w, k)."""
+    return self.encoder(x.astype(self.dtype), train)
+
+  def latent_params(self, features: Array) -> tuple[Array, Array]:
+    """F (B, h, w, k) -> (mu, logvar), each (B, h, w, c) or (B, latent_dim).
+
+    Each image's output depends only on that image's features, which makes
+    the batched Grad-CAM of ``attention.grad_cam`` exact.
+    """
+    f = features.astype(jnp.float32)
+    if self.latent == 'flat':
+      f = f.reshape(f.shape[0], -1)
+    return self.mu_head(f), self.logvar_head(f)
+
+  @property
+  def feature_shape(self) -> tuple[int, int, int]:
+    """(h, w, k) of F for ``image_size`` input."""
+    h = self.image_size // (32 if self.variant == 'R' else 16)
+    return (h, h, self.encoder_widths[-1])
+
+  def decode(self, z: Array, train: bool) -> Array:
+    """Latent (B, h, w, c) or (B, latent_dim) -> image (B, H, W, image_channels).
+
+    The flat latent's decoder starts with a dense layer back to F's shape.
+    """
+    if self.latent == 'flat':
+      z = self.flat_to_map(z).reshape(-1, *self.feature_shape)
+    return self.decoder(z.astype(self.dtype), train).astype(jnp.float32)
+
+  def classify(self, z: Array) -> Array:
+    """Latent -> (B, 2) logits (normal, anomalous); CAVGA_w only."""
+    return self.classifier(z.reshape(z.shape[0], -1))
+
+  def __call__(self, x: Array, rng: Array | None, train: bool) -> dict[str, Array]:
+    """Full pass; samples z when ``rng`` is given, else decodes ``mu``.
+
+    Returns a dict with 'features', 'mu', 'logvar', 'z', 'reconstruction'
+    (and 'logits' with the classifier).
+    """
+    features = self.encode(x, train)
+    mu, logvar = self.latent_params(features)
+    z = mu if rng is None else reparameterize(rng, mu, logvar)
+    out = dict(features=features, mu=mu, logvar=logvar, z=z,
+               reconstruction=self.decode(z, train))
+    if self.with_classifier:
+      out['logits'] = self.classify(z)
+    return out
+
+
+def reparameterize(rng: Array, mu: Array, logvar: Array) -> Array:
+  """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I); any shape."""
+  return mu + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mu.shape, mu.dtype)
+
+
+def build_models(config) -> tuple[CAVGAGenerator, Discriminator]:
+  """Generator and discriminator from a full config (``model`` and ``data``).
+
+  Empty width tuples in ``config.model`` select the paper's widths for the
+  variant (``PAPER_WIDTHS``).
+  """
+  model_config = config.model
+  variant = model_config.variant
+  if variant not in PAPER_WIDTHS:
+    raise CavgaError(f"config.model.variant must be 'R' or 'D', got {variant!r}")
+  widths = {name: tuple(model_config.get(name) or default)
+            for name, default in PAPER_WIDTHS[variant].items()}
+  expected = dict(encoder_widths=4, decoder_widths=len(
+      PAPER_WIDTHS[variant]['decoder_widths']), discriminator_widths=4)
+  for name, length in expected.items():
+    if len(widths[name]) != length:
+      raise CavgaError(
+          f'config.model.{name}={widths[name]} needs {length} entries for '
+          f'CAVGA-{variant} (or () for the paper\'s {PAPER_WIDTHS[variant][name]})')
+  size = config.data.image_size
+  stride = 32 if variant == 'R' else 16
+  if size % stride:
+    raise CavgaError(f'config.data.image_size={size} must be a multiple of '
+                     f'{stride} for CAVGA-{variant}')
+  dtype = jnp.dtype(model_config.get('compute_dtype', 'float32'))
+  generator = CAVGAGenerator(
+      variant=variant,
+      image_size=size,
+      latent=model_config.latent,
+      latent_channels=model_config.latent_channels,
+      latent_dim=model_config.get('latent_dim', 512),
+      image_channels=config.data.channels,
+      encoder_widths=widths['encoder_widths'],
+      decoder_widths=widths['decoder_widths'],
+      with_classifier=model_config.get('supervision', 'unsupervised') == 'weak',
+      dtype=dtype)
+  discriminator = Discriminator(widths['discriminator_widths'], dtype)
+  return generator, discriminator
+
+
+# The paper's layer widths (SPEC section 1).
+PAPER_WIDTHS = {
+    'R': dict(encoder_widths=(64, 128, 256, 512),
+              decoder_widths=(512, 256, 128, 64, 32),
+              discriminator_widths=(64, 128, 256, 512)),
+    'D': dict(encoder_widths=(64, 128, 256, 512),
+              decoder_widths=(512, 256, 128, 64),
+              discriminator_widths=(64, 128, 256, 512)),
+}

@@ -1,0 +1,20 @@
+"""Process-level JAX settings shared by the programs and the tests."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+DEFAULT_CACHE_DIR = os.path.join('~', '.cache', 'cavga_jax', 'xla')
+
+
+def enable_compilation_cache(cache_dir: str = DEFAULT_CACHE_DIR) -> None:
+  """Persists compiled XLA programs in ``cache_dir`` (reused by later runs).
+
+  Every program is cached, however quick it was to compile: on small CPUs
+  even the initialiser of a small model takes seconds to compile.
+  """
+  jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache_dir))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

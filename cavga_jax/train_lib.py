@@ -1,0 +1,294 @@
+"""Train state, the jitted CAVGA train step and the training loop.
+
+One step (SPEC section 3) runs, inside a single jitted and donated program:
+
+1. the generator forward pass with Grad-CAM attention (``jax.vjp`` over the
+   generator parameters, so it is computed once and reused for the update);
+2. the discriminator update on real ``x`` vs the (stopped) reconstruction;
+3. the generator update through the *updated* discriminator: the gradient of
+   the weighted loss with respect to the forward outputs is pulled back
+   through the generator VJP of step 1.
+
+The discriminator's BatchNorm statistics are updated by its own step only;
+the forward pass of ``D`` inside the generator loss uses batch statistics
+but its running-average update is discarded.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from cavga_jax import attention
+from cavga_jax import checkpointing
+from cavga_jax import data
+from cavga_jax import losses
+from cavga_jax import models
+from cavga_jax import sharding
+from cavga_jax.errors import TrainingError
+
+Array = jax.Array
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs; ``step`` counts completed updates."""
+  step: Array
+  gen_params: PyTree
+  gen_batch_stats: PyTree
+  gen_opt_state: PyTree
+  disc_params: PyTree
+  disc_batch_stats: PyTree
+  disc_opt_state: PyTree
+  gen_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  disc_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+def make_optimizer(opt_config: ml_collections.ConfigDict,
+                   num_steps: int) -> optax.GradientTransformation:
+  """Adam (lr 2e-4, b1 0.5 by default) with optional warmup/cosine decay and clipping."""
+  lr = opt_config.learning_rate
+  warmup = opt_config.get('warmup_steps', 0)
+  if opt_config.get('schedule', 'constant') == 'cosine':
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, max(num_steps, warmup + 1))
+  elif warmup:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
+        [warmup])
+  else:
+    schedule = lr
+  adam = optax.adam(schedule, b1=opt_config.b1, b2=opt_config.b2)
+  clip = opt_config.get('grad_clip_norm', 0.0)
+  return optax.chain(optax.clip_by_global_norm(clip), adam) if clip else adam
+
+
+def create_train_state(config: ml_collections.ConfigDict,
+                       generator: models.CAVGAGenerator,
+                       discriminator: models.Discriminator,
+                       rng: Array) -> TrainState:
+  """Initial state: fresh parameters (ImageNet encoder if configured)."""
+  size, channels = config.data.image_size, config.data.channels
+  dummy = jnp.zeros((1, size, size, channels), jnp.float32)
+  gen_key, sample_key, disc_key = jax.random.split(rng, 3)
+  gen_vars = generator.init({'params': gen_key}, dummy, sample_key, train=False)
+  if config.model.get('pretrained'):
+    from cavga_jax import pretrained  # pylint: disable=g-import-not-at-top
+    gen_vars = pretrained.load_pretrained_encoder(gen_vars,
+                                                  config.model.pretrained)
+  disc_vars = discriminator.init(disc_key, dummy, train=False)
+  gen_tx = make_optimizer(config.optimizer, config.train.num_steps)
+  disc_tx = make_optimizer(config.optimizer, config.train.num_steps)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      gen_params=gen_vars['params'],
+      gen_batch_stats=gen_vars['batch_stats'],
+      gen_opt_state=gen_tx.init(gen_vars['params']),
+      disc_params=disc_vars['params'],
+      disc_batch_stats=disc_vars['batch_stats'],
+      disc_opt_state=disc_tx.init(disc_vars['params']),
+      gen_tx=gen_tx, disc_tx=disc_tx)
+
+
+def images_to_float(images: Array) -> Array:
+  """uint8 (B, H, W, C) -> float32 in [-1, 1]."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def generator_loss_terms(outputs: dict[str, Array], images: Array,
+                         fake_logits: Array) -> dict[str, Array]:
+  """CAVGA_u loss terms: rec, kl, adv, ae (weights in ``config.loss_weights``)."""
+  return dict(
+      rec=losses.reconstruction_loss(images, outputs['reconstruction']),
+      kl=losses.kl_loss(outputs['mu'], outputs['logvar']),
+      adv=losses.generator_adversarial_loss(fake_logits),
+      ae=losses.attention_expansion_loss(outputs['attention']))
+
+
+def make_train_step(generator: models.CAVGAGenerator,
+                    discriminator: models.Discriminator,
+                    loss_weights: dict[str, float]
+                    ) -> Callable[[TrainState, Array, Array],
+                                  tuple[TrainState, dict[str, Array]]]:
+  """Returns ``train_step(state, images, rng) -> (state, metrics)``.
+
+  ``images`` is a uint8 batch (B, H, W, C); ``rng`` is the run's base key,
+  folded with ``state.step`` so a resumed run draws the same noise.
+  ``metrics`` holds every weighted loss term, the generator total ``g_loss``
+  and the discriminator loss ``d_loss`` (float32 scalars).
+  """
+
+  def train_step(state: TrainState, images: Array, rng: Array):
+    rng = jax.random.fold_in(rng, state.step)
+    x = images_to_float(images)
+
+    def gen_forward(params):
+      return attention.forward_with_attention(
+          generator, params, state.gen_batch_stats, x, rng, train=True)
+
+    outputs, gen_vjp, gen_batch_stats = jax.vjp(
+        gen_forward, state.gen_params, has_aux=True)
+
+    def disc_apply(params, batch_stats, inputs):
+      logits, updates = discriminator.apply(
+          {'params': params, 'batch_stats': batch_stats}, inputs, True,
+          mutable=['batch_stats'])
+      return logits, updates['batch_stats']
+
+    fake = jax.lax.stop_gradient(outputs['reconstruction'])
+
+    def disc_loss_fn(params):
+      real_logits, batch_stats = disc_apply(params, state.disc_batch_stats, x)
+      fake_logits, batch_stats = disc_apply(params, batch_stats, fake)
+      return losses.discriminator_loss(real_logits, fake_logits), batch_stats
+
+    (d_loss, disc_batch_stats), d_grads = jax.value_and_grad(
+        disc_loss_fn, has_aux=True)(state.disc_params)
+    d_updates, disc_opt_state = state.disc_tx.update(
+        d_grads, state.disc_opt_state, state.disc_params)
+    disc_params = optax.apply_updates(state.disc_params, d_updates)
+
+    def gen_loss_fn(outs):
+      fake_logits, _ = disc_apply(disc_params, disc_batch_stats,
+                                  outs['reconstruction'])
+      terms = generator_loss_terms(outs, x, fake_logits)
+      return losses.weighted_total(terms, loss_weights), terms
+
+    (g_loss, terms), output_grads = jax.value_and_grad(
+        gen_loss_fn, has_aux=True)(outputs)
+    (g_grads,) = gen_vjp(output_grads)
+    g_updates, gen_opt_state = state.gen_tx.update(
+        g_grads, state.gen_opt_state, state.gen_params)
+    new_state = state.replace(
+        step=state.step + 1,
+        gen_params=optax.apply_updates(state.gen_params, g_updates),
+        gen_batch_stats=gen_batch_stats,
+        gen_opt_state=gen_opt_state,
+        disc_params=disc_params,
+        disc_batch_stats=disc_batch_stats,
+        disc_opt_state=disc_opt_state)
+    return new_state, dict(terms, g_loss=g_loss, d_loss=d_loss)
+
+  return train_step
+
+
+def _all_finite(tree: PyTree) -> bool:
+  return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(tree))
+
+
+def _log_line(step: int, num_steps: int, metrics: dict[str, float],
+              images_per_s: float) -> str:
+  terms = ' '.join(f'{k} {v:.4f}' for k, v in metrics.items())
+  return f'step {step}/{num_steps} | {terms} | {images_per_s:.1f} img/s'
+
+
+def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """Models, the jitted state initialiser, and the replicated state sharding."""
+  generator, discriminator = models.build_models(config)
+  init_fn = functools.partial(create_train_state, config, generator,
+                              discriminator)
+  state_sharding = sharding.replicated(mesh)
+  init_fn = jax.jit(init_fn, out_shardings=state_sharding)
+  return generator, discriminator, init_fn, state_sharding
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains CAVGA as configured, resuming from ``<workdir>/checkpoints``.
+
+  Logs step, losses and images/s every ``config.train.log_every`` steps and
+  appends them to ``<workdir>/train_metrics.jsonl``. Stops with
+  ``TrainingError`` on a non-finite loss, keeping the last good checkpoint.
+
+  Returns:
+    The final train state.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh()
+  batch_size = config.train.batch_size
+  sharding.check_batch_size(batch_size, mesh, 'config.train.batch_size')
+  train_ds, _ = data.get_datasets(config, workdir)
+
+  generator, discriminator, init_fn, state_sharding = setup(config, mesh)
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  state = init_fn(init_rng)
+  manager = checkpointing.make_manager(
+      workdir, config.train.get('keep_checkpoints', 3))
+  restored = checkpointing.restore_latest(manager, state)
+  if restored is not None:
+    state = restored
+    logging.info('resumed from %s at step %d',
+                 checkpointing.checkpoint_dir(workdir), int(state.step))
+  start_step, num_steps = int(state.step), config.train.num_steps
+  if start_step >= num_steps:
+    logging.info('already trained for %d steps (config.train.num_steps=%d)',
+                 start_step, num_steps)
+    return state
+
+  train_step = jax.jit(
+      make_train_step(generator, discriminator, dict(config.loss_weights)),
+      donate_argnums=0,
+      out_shardings=(state_sharding, sharding.replicated(mesh)))
+
+  # Every host draws the global batch (cheap: images are in memory) and
+  # keeps its own contiguous slice.
+  per_host = batch_size // jax.process_count()
+  host_slice = slice(jax.process_index() * per_host,
+                     (jax.process_index() + 1) * per_host)
+  batches = data.TrainBatches(
+      train_ds.images, batch_size, seed=config.seed, start_step=start_step,
+      prefetch=config.train.get('prefetch', 2),
+      put_fn=lambda b: sharding.shard_batch(b[host_slice], mesh))
+  log_every = config.train.log_every
+  ckpt_every = config.train.checkpoint_every
+  metrics_path = os.path.join(workdir, 'train_metrics.jsonl')
+  logging.info('training %s-%s (%s latent) for %d steps, batch %d on %d '
+               'device(s), %d training images', config.model.variant,
+               config.model.supervision, config.model.latent, num_steps,
+               batch_size, mesh.size, train_ds.num_examples)
+  with batches, open(metrics_path, 'a') as metrics_file:
+    tic, tic_step = time.perf_counter(), start_step
+    for step in range(start_step, num_steps):
+      state, metrics = train_step(state, next(batches), step_rng)
+      done = step + 1
+      if done == start_step + 1:
+        jax.block_until_ready(metrics)
+        logging.info('first step (including compilation) took %.1f s',
+                     time.perf_counter() - tic)
+        tic, tic_step = time.perf_counter(), done
+      if done % log_every == 0 or done == num_steps:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - tic
+        speed = (done - tic_step) * batch_size / elapsed if elapsed else 0.0
+        tic, tic_step = time.perf_counter(), done
+        if not np.isfinite(metrics['g_loss'] + metrics['d_loss']):
+          raise TrainingError(
+              f'non-finite loss at step {done} ({metrics}); training stopped, '
+              f'the last good checkpoint (step {manager.latest_step()}) in '
+              f'{checkpointing.checkpoint_dir(workdir)} is kept')
+        logging.info(_log_line(done, num_steps, metrics, speed))
+        metrics_file.write(json.dumps(
+            dict(step=done, images_per_s=speed, **metrics)) + '\n')
+        metrics_file.flush()
+      if done % ckpt_every == 0 or done == num_steps:
+        if not _all_finite((state.gen_params, state.disc_params)):
+          raise TrainingError(
+              f'non-finite parameters at step {done}; not saved, the last '
+              f'good checkpoint (step {manager.latest_step()}) in '
+              f'{checkpointing.checkpoint_dir(workdir)} is kept')
+        checkpointing.save(manager, done, state)
+        logging.info('saved checkpoint %d', done)
+  return state

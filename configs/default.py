@@ -1,0 +1,63 @@
+"""Default: CAVGA-D_u on the embedded generated dataset (64 px), a few CPU minutes.
+
+  python train.py --config=configs/default.py --workdir=/tmp/cavga
+  python evaluate.py --config=configs/default.py --workdir=/tmp/cavga
+
+Narrower layers than the paper (``encoder_widths`` etc.) keep it fast on a
+2-core CPU; ``configs/mvtec.py`` has the paper's settings.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'generated'  # 'generated' | 'mvtec' (any MVTec-layout folder)
+  config.data.root = ''  # generated: '' -> <workdir>/data; mvtec: the dataset root
+  config.data.category = 'textures'
+  config.data.image_size = 64
+  config.data.channels = 3
+  config.data.num_train = 200  # generated dataset only
+  config.data.num_test_good = 30
+  config.data.num_test_per_defect = 20
+
+  config.model = ml_collections.ConfigDict()
+  config.model.variant = 'D'  # 'R' (ResNet-18 + residual decoder) | 'D' (DCGAN)
+  config.model.latent = 'conv'  # 'conv' | 'flat' (the paper's * ablation)
+  config.model.supervision = 'unsupervised'  # 'unsupervised' | 'weak'
+  config.model.latent_channels = 64
+  config.model.latent_dim = 512  # flat latent only
+  config.model.encoder_widths = (32, 64, 128, 256)
+  config.model.decoder_widths = (256, 128, 64, 32)
+  config.model.discriminator_widths = (32, 64, 128, 256)
+  config.model.pretrained = ''  # .npz from scripts/convert_torchvision_resnet18.py (R)
+  config.model.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay float32)
+
+  # Generator objective: rec*L_rec + kl*L_kl + adv*L_adv + ae*L_ae. The
+  # paper's w_r multiplies the whole VAE loss L = rec + kl, so rec = kl = w_r.
+  config.loss_weights = ml_collections.ConfigDict(
+      dict(rec=1.0, kl=1.0, adv=1.0, ae=0.01))
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 2e-4
+  config.optimizer.b1 = 0.5
+  config.optimizer.b2 = 0.999
+  config.optimizer.schedule = 'constant'  # 'constant' | 'cosine'
+  config.optimizer.warmup_steps = 0
+  config.optimizer.grad_clip_norm = 0.0  # 0 disables clipping
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 1500
+  config.train.batch_size = 32
+  config.train.log_every = 100
+  config.train.checkpoint_every = 500
+  config.train.keep_checkpoints = 3
+  config.train.prefetch = 2
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 32
+  config.eval.num_panels = 8
+  return config

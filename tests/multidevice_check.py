@@ -1,0 +1,86 @@
+"""Run by test_sharding.py in a subprocess with 8 forced CPU devices.
+
+Trains the tiny config for a few steps on a mesh of 1 device and on a mesh of
+8 devices (same global batches), evaluates the 1-device parameters on both
+meshes, and prints the largest differences as JSON.
+"""
+
+import json
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                           + ' --xla_force_host_platform_device_count=8')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from configs import tiny  # pylint: disable=wrong-import-position
+from cavga_jax import data  # pylint: disable=wrong-import-position
+from cavga_jax import eval_lib  # pylint: disable=wrong-import-position
+from cavga_jax import sharding  # pylint: disable=wrong-import-position
+from cavga_jax import train_lib  # pylint: disable=wrong-import-position
+
+
+def run(config, workdir, devices, num_steps=3):
+  mesh = sharding.make_mesh(devices)
+  train_ds, test_ds = data.get_datasets(config, workdir)
+  generator, discriminator, init_fn, state_sharding = train_lib.setup(
+      config, mesh)
+  state = init_fn(jax.random.key(config.seed))
+  step = jax.jit(train_lib.make_train_step(generator, discriminator,
+                                           dict(config.loss_weights)),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)))
+  losses = []
+  for i in range(num_steps):
+    idx = data.epoch_permutation_indices(train_ds.num_examples,
+                                         config.train.batch_size, i,
+                                         config.seed)
+    batch = sharding.shard_batch(train_ds.images[idx], mesh)
+    state, metrics = step(state, batch, jax.random.key(1))
+    losses.append({k: float(v) for k, v in metrics.items()})
+  return jax.device_get(state), losses
+
+
+def evaluate(config, workdir, devices, state):
+  mesh = sharding.make_mesh(devices)
+  _, test_ds = data.get_datasets(config, workdir)
+  generator, _, _, _ = train_lib.setup(config, mesh)
+  params, batch_stats = sharding.replicate(
+      (state.gen_params, state.gen_batch_stats), mesh)
+  predictions = eval_lib.predict(jax.jit(eval_lib.make_eval_step(generator)),
+                                 params, batch_stats, test_ds,
+                                 config.eval.batch_size, mesh)
+  return predictions, eval_lib.compute_metrics(predictions, test_ds)
+
+
+def max_abs_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x, np.float64)
+                                 - np.asarray(y, np.float64))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def main(workdir):
+  assert jax.device_count() == 8, jax.devices()
+  config = tiny.get_config()
+  one = run(config, workdir, jax.devices()[:1])
+  eight = run(config, workdir, jax.devices())
+  # Evaluation of the same parameters on 1 and on 8 devices.
+  one += evaluate(config, workdir, jax.devices()[:1], one[0])
+  eight += evaluate(config, workdir, jax.devices(), one[0])
+  print(json.dumps(dict(
+      num_devices=[1, 8],
+      params=max_abs_diff(one[0].gen_params, eight[0].gen_params),
+      disc_params=max_abs_diff(one[0].disc_params, eight[0].disc_params),
+      batch_stats=max_abs_diff(one[0].gen_batch_stats,
+                               eight[0].gen_batch_stats),
+      losses=max(abs(a[k] - b[k]) for a, b in zip(one[1], eight[1])
+                 for k in a),
+      anomaly_map=max_abs_diff(one[2]['anomaly_map'],
+                               eight[2]['anomaly_map']),
+      metrics={k: [one[3][k], eight[3][k]] for k in one[3]})))
+
+
+if __name__ == '__main__':
+  main(sys.argv[1])
