@@ -34,6 +34,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  runtime.quiet_dependency_logs()
   if _CACHE.value:
     runtime.enable_compilation_cache(_CACHE.value)
   if _MULTIHOST.value:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
+from absl import logging as absl_logging
 import jax
 
 DEFAULT_CACHE_DIR = os.path.join('~', '.cache', 'cavga_jax', 'xla')
@@ -18,3 +20,20 @@ def enable_compilation_cache(cache_dir: str = DEFAULT_CACHE_DIR) -> None:
   jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache_dir))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+class _DropInfoFrom(logging.Filter):
+  """Drops INFO-and-below records logged from files under given packages."""
+
+  def __init__(self, *packages: str):
+    super().__init__()
+    self._parts = tuple(f'{os.sep}{p}{os.sep}' for p in packages)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return (record.levelno > logging.INFO
+            or not any(p in record.pathname for p in self._parts))
+
+
+def quiet_dependency_logs() -> None:
+  """Keeps Orbax's per-save INFO lines out of the training log."""
+  absl_logging.get_absl_logger().addFilter(_DropInfoFrom('orbax'))

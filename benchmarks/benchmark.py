@@ -1,0 +1,125 @@
+"""Images/s of the CAVGA train step and evaluation step, as one JSON line.
+
+  python benchmarks/benchmark.py --variant R --image-size 256 --batch 8 --mode train
+
+Same measurement as the PyTorch peer (../shared/peer/cavga_torch.py): random
+initialisation, synthetic inputs uniform in [-1, 1] (as uint8 here, the
+input format of our step), paper widths, latent 128, median step time over
+``--steps`` timed steps after ``--warmup`` untimed ones. ``train`` is the full
+jitted step (G forward with Grad-CAM, D update, G update through the updated
+D with the second-order L_ae gradient); ``eval`` is forward from ``mu`` +
+Grad-CAM + ``1 - A`` resized to image size + per-image score.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from cavga_jax import eval_lib  # pylint: disable=wrong-import-position
+from cavga_jax import sharding  # pylint: disable=wrong-import-position
+from cavga_jax import train_lib  # pylint: disable=wrong-import-position
+from configs import default  # pylint: disable=wrong-import-position
+
+
+def _config(args) -> ml_collections.ConfigDict:
+  config = default.get_config()
+  config.data.image_size = args.image_size
+  config.data.channels = args.channels
+  config.model.variant = args.variant
+  config.model.latent_channels = args.latent_channels
+  config.model.encoder_widths = ()
+  config.model.decoder_widths = ()
+  config.model.discriminator_widths = ()
+  config.model.compute_dtype = args.dtype
+  config.train.batch_size = args.batch
+  return config
+
+
+def _time(fn, steps, warmup):
+  compile_tic = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - compile_tic
+  for _ in range(warmup - 1):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    tic = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - tic)
+  return first, times
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--variant', default='R', choices=['R', 'D'])
+  parser.add_argument('--image-size', type=int, default=256)
+  parser.add_argument('--channels', type=int, default=3)
+  parser.add_argument('--latent-channels', type=int, default=128)
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--mode', default='train', choices=['train', 'eval'])
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--dtype', default='float32',
+                      choices=['float32', 'bfloat16'])
+  args = parser.parse_args()
+
+  config = _config(args)
+  mesh = sharding.make_mesh()
+  generator, discriminator, init_fn, state_sharding = train_lib.setup(
+      config, mesh)
+  state = init_fn(jax.random.key(0))
+  images = np.random.default_rng(0).integers(
+      0, 256, (args.batch, args.image_size, args.image_size, args.channels),
+      dtype=np.uint8)
+  images = sharding.shard_batch(images, mesh)
+  if args.mode == 'train':
+    step = jax.jit(
+        train_lib.make_train_step(generator, discriminator,
+                                  dict(config.loss_weights)),
+        donate_argnums=0,
+        out_shardings=(state_sharding, sharding.replicated(mesh)))
+    rng = jax.random.key(1)
+    holder = [state]
+
+    def run():
+      holder[0], metrics = step(holder[0], images, rng)
+      return holder[0].gen_params, metrics
+  else:
+    step = jax.jit(eval_lib.make_eval_step(generator))
+
+    def run():
+      return step(state.gen_params, state.gen_batch_stats, images)
+
+  first, times = _time(run, args.steps, args.warmup)
+  median = statistics.median(times)
+  device = jax.devices()[0]
+  memory = {}
+  if device.platform != 'cpu' and device.memory_stats():
+    memory['peak_device_bytes'] = device.memory_stats().get(
+        'peak_bytes_in_use')
+  memory['max_rss_bytes'] = resource.getrusage(
+      resource.RUSAGE_SELF).ru_maxrss * 1024
+  print(json.dumps(dict(
+      framework='jax', variant=args.variant, mode=args.mode,
+      image_size=args.image_size, batch=args.batch, dtype=args.dtype,
+      images_per_s=args.batch / median, step_ms_median=1000 * median,
+      step_ms_all=[round(1000 * t, 1) for t in times],
+      first_call_s=first, devices=jax.device_count(),
+      device_kind=device.device_kind, platform=device.platform,
+      cpu_threads=len(os.sched_getaffinity(0)), jax=jax.__version__,
+      python=platform.python_version(), **memory)))
+
+
+if __name__ == '__main__':
+  main()
