@@ -6,16 +6,13 @@ Writes <workdir>/eval/metrics.json, scores.csv and panels/*.png.
 """
 
 import json
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from cavga_jax import eval_lib
 from cavga_jax import runtime
-from cavga_jax.errors import CavgaError
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'The configuration the model was trained with.',
@@ -30,14 +27,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  runtime.quiet_dependency_logs()
-  if _CACHE.value:
-    runtime.enable_compilation_cache(_CACHE.value)
-  try:
-    result = eval_lib.evaluate(_CONFIG.value, _WORKDIR.value)
-  except CavgaError as e:
-    logging.error('%s', e)
-    sys.exit(f'error: {e}')
+  result = runtime.run_program(eval_lib.evaluate, _CONFIG.value,
+                               _WORKDIR.value, _CACHE.value)
   print(json.dumps(result, indent=2, sort_keys=True))
 
 

@@ -6,17 +6,13 @@
 Checkpoints go to <workdir>/checkpoints; a rerun resumes from the newest one.
 """
 
-import sys
-
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 
-from cavga_jax import train_lib
 from cavga_jax import runtime
-from cavga_jax.errors import CavgaError
+from cavga_jax import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training configuration file.', lock_config=True)
@@ -34,17 +30,10 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  runtime.quiet_dependency_logs()
-  if _CACHE.value:
-    runtime.enable_compilation_cache(_CACHE.value)
   if _MULTIHOST.value:
     jax.distributed.initialize()
-  logging.info('JAX devices: %s', jax.devices())
-  try:
-    train_lib.train(_CONFIG.value, _WORKDIR.value)
-  except CavgaError as e:
-    logging.error('%s', e)
-    sys.exit(f'error: {e}')
+  runtime.run_program(train_lib.train, _CONFIG.value, _WORKDIR.value,
+                      _CACHE.value)
 
 
 if __name__ == '__main__':

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from typing import Any, Callable
 
 from absl import logging as absl_logging
 import jax
+
+from cavga_jax.errors import CavgaError
 
 DEFAULT_CACHE_DIR = os.path.join('~', '.cache', 'cavga_jax', 'xla')
 
@@ -37,3 +41,22 @@ class _DropInfoFrom(logging.Filter):
 def quiet_dependency_logs() -> None:
   """Keeps Orbax's per-save INFO lines out of the training log."""
   absl_logging.get_absl_logger().addFilter(_DropInfoFrom('orbax'))
+
+
+def run_program(program: Callable[[Any, str], Any], config: Any, workdir: str,
+                compilation_cache: str) -> Any:
+  """Runs ``program(config, workdir)`` for a command-line entry point.
+
+  Sets up logging and the compilation cache; a ``CavgaError`` (bad input,
+  bad config, failed run) ends the process with its one-line message and
+  exit status 1 instead of a traceback.
+  """
+  quiet_dependency_logs()
+  if compilation_cache:
+    enable_compilation_cache(compilation_cache)
+  absl_logging.info('JAX devices: %s', jax.devices())
+  try:
+    return program(config, workdir)
+  except CavgaError as e:
+    absl_logging.error('%s', e)
+    sys.exit(f'error: {e}')
