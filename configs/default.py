@@ -38,8 +38,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Generator objective: rec*L_rec + kl*L_kl + adv*L_adv + ae*L_ae. The
   # paper's w_r multiplies the whole VAE loss L = rec + kl, so rec = kl = w_r.
+  # The paper's w_ae is 0.01 (configs/mvtec.py); in this short CPU run that
+  # leaves the attention unexpanded and 1 - A anti-correlated with the
+  # defects (pixel AUROC 0.37 vs 0.80 with ae=1.0, docs/results.md).
   config.loss_weights = ml_collections.ConfigDict(
-      dict(rec=1.0, kl=1.0, adv=1.0, ae=0.01))
+      dict(rec=1.0, kl=1.0, adv=1.0, ae=1.0))
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 2e-4
@@ -50,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip_norm = 0.0  # 0 disables clipping
 
   config.train = ml_collections.ConfigDict()
-  config.train.num_steps = 1500
+  config.train.num_steps = 1200
   config.train.batch_size = 32
   config.train.log_every = 100
   config.train.checkpoint_every = 500

@@ -18,6 +18,7 @@ def get_config():
   config.data.category = 'bottle'
   config.data.image_size = 256
   config.model.variant = 'R'
+  config.loss_weights.ae = 0.01  # the paper's weight
   config.model.latent_channels = 128
   # () = the paper's widths for the chosen variant (models.PAPER_WIDTHS).
   config.model.encoder_widths = ()
