@@ -41,6 +41,12 @@ from cavga_jax.errors import CavgaError
 
 Array = jax.Array
 
+# Class indices of CAVGA_w's classifier logits; equal to the dataset labels
+# (0 normal, 1 anomalous) so logits and labels index the same way.
+NORMAL = 0
+ANOMALOUS = 1
+SUPERVISIONS = ('unsupervised', 'weak')
+
 # PyTorch BatchNorm2d defaults.
 _BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
@@ -281,7 +287,12 @@ class CAVGAGenerator(nn.Module):
     return self.decoder(z.astype(self.dtype), train).astype(jnp.float32)
 
   def classify(self, z: Array) -> Array:
-    """Latent -> (B, 2) logits (normal, anomalous); CAVGA_w only."""
+    """Latent (B, h, w, c) or (B, d) -> (B, 2) logits; CAVGA_w only.
+
+    Column ``NORMAL`` (0) is the normal class, ``ANOMALOUS`` (1) the
+    anomalous one. The dense layer sees the flattened latent, so each image's
+    logits depend only on that image's latent.
+    """
     return self.classifier(z.reshape(z.shape[0], -1))
 
   def __call__(self, x: Array, rng: Array | None, train: bool) -> dict[str, Array]:
@@ -309,7 +320,8 @@ def build_models(config) -> tuple[CAVGAGenerator, Discriminator]:
   """Generator and discriminator from a full config (``model`` and ``data``).
 
   Empty width tuples in ``config.model`` select the paper's widths for the
-  variant (``PAPER_WIDTHS``).
+  variant (``PAPER_WIDTHS``). ``config.model.supervision == 'weak'`` adds the
+  CAVGA_w classifier to the generator.
   """
   model_config = config.model
   variant = model_config.variant
@@ -324,6 +336,10 @@ def build_models(config) -> tuple[CAVGAGenerator, Discriminator]:
       raise CavgaError(
           f'config.model.{name}={widths[name]} needs {length} entries for '
           f'CAVGA-{variant} (or () for the paper\'s {PAPER_WIDTHS[variant][name]})')
+  supervision = model_config.get('supervision', 'unsupervised')
+  if supervision not in SUPERVISIONS:
+    raise CavgaError(f"config.model.supervision must be 'unsupervised' or "
+                     f"'weak', got {supervision!r}")
   size = config.data.image_size
   stride = 32 if variant == 'R' else 16
   if size % stride:
@@ -339,7 +355,7 @@ def build_models(config) -> tuple[CAVGAGenerator, Discriminator]:
       image_channels=config.data.channels,
       encoder_widths=widths['encoder_widths'],
       decoder_widths=widths['decoder_widths'],
-      with_classifier=model_config.get('supervision', 'unsupervised') == 'weak',
+      with_classifier=supervision == 'weak',
       dtype=dtype)
   discriminator = Discriminator(widths['discriminator_widths'], dtype)
   return generator, discriminator

@@ -12,6 +12,12 @@ One step (SPEC section 3) runs, inside a single jitted and donated program:
 The discriminator's BatchNorm statistics are updated by its own step only;
 the forward pass of ``D`` inside the generator loss uses batch statistics
 but its running-average update is discarded.
+
+CAVGA_w (``config.model.supervision == 'weak'``; the generator has the
+classifier) uses the same step with labelled batches ``(images, labels)`` and
+the objective ``rec + kl + adv + bce + cga`` (``weak_generator_loss_terms``);
+its training set is the normal images plus the few labelled anomalies of
+``cavga_jax.data.weak``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from cavga_jax import data
 from cavga_jax import losses
 from cavga_jax import models
 from cavga_jax import sharding
+from cavga_jax.errors import CavgaError
 from cavga_jax.errors import TrainingError
 
 Array = jax.Array
@@ -117,20 +124,75 @@ def generator_loss_terms(outputs: dict[str, Array], images: Array,
       ae=losses.attention_expansion_loss(outputs['attention']))
 
 
+def weak_generator_loss_terms(outputs: dict[str, Array], images: Array,
+                              fake_logits: Array, labels: Array,
+                              include_ae: bool = False) -> dict[str, Array]:
+  """CAVGA_w loss terms: rec, kl, adv, bce, cga (and ae when ``include_ae``).
+
+  The paper's CAVGA_w objective has no L_ae; ``include_ae`` adds it as an
+  ablation (the train step sets it when ``loss_weights['ae']`` is nonzero).
+
+  Args:
+    outputs: ``attention.forward_with_attention`` outputs of a generator with
+      a classifier ('logits' (B, 2), 'class_attention' (B, 2, h, w), ...).
+    images: (B, H, W, C) float in [-1, 1].
+    fake_logits: discriminator logits of the reconstructions.
+    labels: (B,) int, 0 normal, 1 anomalous.
+    include_ae: also return L_ae of CAVGA_u's map.
+  """
+  class_attention = outputs['class_attention']
+  terms = dict(
+      rec=losses.reconstruction_loss(images, outputs['reconstruction']),
+      kl=losses.kl_loss(outputs['mu'], outputs['logvar']),
+      adv=losses.generator_adversarial_loss(fake_logits),
+      bce=losses.binary_cross_entropy_loss(outputs['logits'], labels),
+      cga=losses.complementary_guided_attention_loss(
+          class_attention[:, models.NORMAL],
+          class_attention[:, models.ANOMALOUS], outputs['logits'], labels))
+  if include_ae:
+    terms['ae'] = losses.attention_expansion_loss(outputs['attention'])
+  return terms
+
+
+WEAK_LOSS_TERMS = ('rec', 'kl', 'adv', 'bce', 'cga')
+
+
+def check_loss_weights(loss_weights: dict[str, float],
+                       supervision: str) -> None:
+  """Raises CavgaError when a loss term of the objective has no weight."""
+  needed = WEAK_LOSS_TERMS if supervision == 'weak' else (
+      'rec', 'kl', 'adv', 'ae')
+  missing = [name for name in needed if name not in loss_weights]
+  if missing:
+    hint = (' (start from configs/mvtec_weak.py or configs/tiny_weak.py)'
+            if supervision == 'weak' else '')
+    raise CavgaError(
+        f'config.loss_weights has no {", ".join(missing)} for '
+        f"config.model.supervision='{supervision}'{hint}")
+
+
 def make_train_step(generator: models.CAVGAGenerator,
                     discriminator: models.Discriminator,
                     loss_weights: dict[str, float]
-                    ) -> Callable[[TrainState, Array, Array],
-                                  tuple[TrainState, dict[str, Array]]]:
-  """Returns ``train_step(state, images, rng) -> (state, metrics)``.
+                    ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+  """Returns the pure, jittable CAVGA train step.
 
+  ``train_step(state, images, rng, labels=None) -> (state, metrics)``:
   ``images`` is a uint8 batch (B, H, W, C); ``rng`` is the run's base key,
   folded with ``state.step`` so a resumed run draws the same noise.
-  ``metrics`` holds every weighted loss term, the generator total ``g_loss``
-  and the discriminator loss ``d_loss`` (float32 scalars).
+  ``labels`` (B,) int (0 normal, 1 anomalous) is required when the generator
+  has the CAVGA_w classifier and ignored otherwise. ``metrics`` holds every
+  loss term (unweighted), the generator total ``g_loss`` and the
+  discriminator loss ``d_loss``; CAVGA_w adds ``cls_accuracy``, the
+  classifier's batch accuracy (float32 scalars).
   """
+  weak = generator.with_classifier
+  include_ae = bool(loss_weights.get('ae', 0.0))
 
-  def train_step(state: TrainState, images: Array, rng: Array):
+  def train_step(state: TrainState, images: Array, rng: Array,
+                 labels: Array | None = None):
+    if weak and labels is None:
+      raise ValueError('CAVGA_w train step needs the batch labels')
     rng = jax.random.fold_in(rng, state.step)
     x = images_to_float(images)
 
@@ -163,7 +225,11 @@ def make_train_step(generator: models.CAVGAGenerator,
     def gen_loss_fn(outs):
       fake_logits, _ = disc_apply(disc_params, disc_batch_stats,
                                   outs['reconstruction'])
-      terms = generator_loss_terms(outs, x, fake_logits)
+      if weak:
+        terms = weak_generator_loss_terms(outs, x, fake_logits, labels,
+                                          include_ae)
+      else:
+        terms = generator_loss_terms(outs, x, fake_logits)
       return losses.weighted_total(terms, loss_weights), terms
 
     (g_loss, terms), output_grads = jax.value_and_grad(
@@ -179,7 +245,12 @@ def make_train_step(generator: models.CAVGAGenerator,
         disc_params=disc_params,
         disc_batch_stats=disc_batch_stats,
         disc_opt_state=disc_opt_state)
-    return new_state, dict(terms, g_loss=g_loss, d_loss=d_loss)
+    metrics = dict(terms, g_loss=g_loss, d_loss=d_loss)
+    if weak:
+      predictions = jnp.argmax(outputs['logits'], axis=-1)
+      metrics['cls_accuracy'] = jnp.mean(
+          (predictions == labels).astype(jnp.float32))
+    return new_state, metrics
 
   return train_step
 
@@ -220,6 +291,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   mesh = sharding.make_mesh()
   batch_size = config.train.batch_size
   sharding.check_batch_size(batch_size, mesh, 'config.train.batch_size')
+  supervision = config.model.get('supervision', 'unsupervised')
+  check_loss_weights(dict(config.loss_weights), supervision)
   train_ds, _ = data.get_datasets(config, workdir)
 
   generator, discriminator, init_fn, state_sharding = setup(config, mesh)
@@ -248,21 +321,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   per_host = batch_size // jax.process_count()
   host_slice = slice(jax.process_index() * per_host,
                      (jax.process_index() + 1) * per_host)
+  # Batches of example indices, a function of (seed, step); put_fn gathers
+  # the images and labels (CAVGA_w needs them; CAVGA_u's step ignores them).
+  images, labels = train_ds.images, train_ds.labels
   batches = data.TrainBatches(
-      train_ds.images, batch_size, seed=config.seed, start_step=start_step,
-      prefetch=config.train.get('prefetch', 2),
-      put_fn=lambda b: sharding.shard_batch(b[host_slice], mesh))
+      np.arange(train_ds.num_examples), batch_size, seed=config.seed,
+      start_step=start_step, prefetch=config.train.get('prefetch', 2),
+      put_fn=lambda idx: (
+          sharding.shard_batch(images[idx[host_slice]], mesh),
+          sharding.shard_batch(labels[idx[host_slice]], mesh)))
   log_every = config.train.log_every
   ckpt_every = config.train.checkpoint_every
   metrics_path = os.path.join(workdir, 'train_metrics.jsonl')
   logging.info('training %s-%s (%s latent) for %d steps, batch %d on %d '
-               'device(s), %d training images', config.model.variant,
-               config.model.supervision, config.model.latent, num_steps,
-               batch_size, mesh.size, train_ds.num_examples)
+               'device(s), %d training images (%d anomalous)',
+               config.model.variant, supervision, config.model.latent,
+               num_steps, batch_size, mesh.size, train_ds.num_examples,
+               int(train_ds.labels.sum()))
   with batches, open(metrics_path, 'a') as metrics_file:
     tic, tic_step = time.perf_counter(), start_step
     for step in range(start_step, num_steps):
-      state, metrics = train_step(state, next(batches), step_rng)
+      batch_images, batch_labels = next(batches)
+      state, metrics = train_step(state, batch_images, step_rng, batch_labels)
       done = step + 1
       if done == start_step + 1:
         jax.block_until_ready(metrics)

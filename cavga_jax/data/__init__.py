@@ -14,6 +14,7 @@ import time
 
 import ml_collections
 
+from cavga_jax.data import tfds_data
 from cavga_jax.data.folder import AnomalyDataset
 from cavga_jax.data.folder import IMAGE_EXTENSIONS
 from cavga_jax.data.folder import load_split
@@ -24,6 +25,7 @@ from cavga_jax.data.generated import normal_image
 from cavga_jax.data.pipeline import epoch_permutation_indices
 from cavga_jax.data.pipeline import eval_batches
 from cavga_jax.data.pipeline import TrainBatches
+from cavga_jax.data.weak import apply_weak_split
 from cavga_jax.errors import DataError
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     'KNOWN_DATASETS',
     'TrainBatches',
     'anomalous_image',
+    'apply_weak_split',
     'epoch_permutation_indices',
     'eval_batches',
     'generate_dataset',
@@ -41,7 +44,7 @@ __all__ = [
     'normal_image',
 ]
 
-KNOWN_DATASETS = ('generated', 'mvtec')
+KNOWN_DATASETS = ('generated', 'mvtec') + tfds_data.ONE_CLASS_DATASETS
 
 _log = logging.getLogger(__name__)
 
@@ -55,10 +58,14 @@ def get_datasets(config: ml_collections.ConfigDict,
                  workdir: str) -> tuple[AnomalyDataset, AnomalyDataset]:
   """Loads (or generates, then loads) the train and test splits.
 
-  Config fields read (under `config.data`): `name` ('generated' or 'mvtec'),
+  Config fields read (under `config.data`): `name` ('generated', 'mvtec' or
+  a one-class TFDS name, see `tfds_data.one_class_datasets`),
   `root`, `category`, `image_size`, `channels` and optionally `num_workers`;
   for 'generated' also `generated_seed` (default `config.seed`),
-  `num_train`, `num_test_good`, `num_test_per_defect`.
+  `num_train`, `num_test_good`, `num_test_per_defect`. With
+  `config.model.supervision == 'weak'` a few labelled test anomalies move to
+  the train split (`cavga_jax.data.weak`; reads `weak_fraction`,
+  `weak_min_per_defect`, `weak_seed` and writes `<workdir>/weak_split.json`).
 
   Args:
     config: the run configuration.
@@ -80,6 +87,18 @@ def get_datasets(config: ml_collections.ConfigDict,
   channels = int(data.get('channels', 3))
   num_workers = int(data.get('num_workers', 8))
 
+  if name in tfds_data.ONE_CLASS_DATASETS:
+    if (config.get('model') or {}).get('supervision') == 'weak':
+      # One-class benchmarks have no labelled anomalies to move into training.
+      raise DataError(f'config.data.name={name!r}: one-class TFDS datasets '
+                      "support only config.model.supervision='unsupervised'")
+    start = time.perf_counter()
+    splits = tfds_data.one_class_datasets(config)
+    _log.info('Loaded one-class %s (normal class %s): train %d, test %d (%s) '
+              'in %.2f s', name, data.get('normal_class', 0),
+              splits[0].num_examples, splits[1].num_examples,
+              _summary(splits[1]), time.perf_counter() - start)
+    return splits
   if name == 'generated':
     root = root or os.path.join(workdir, 'data')
     category = data.get('category', None) or 'textures'
@@ -118,4 +137,9 @@ def get_datasets(config: ml_collections.ConfigDict,
               os.path.join(root, category), dataset.num_examples,
               _summary(dataset), time.perf_counter() - start)
     splits.append(dataset)
+  model = config.get('model', None)
+  if model is not None and model.get('supervision', None) == 'weak':
+    # CAVGA_w: a few labelled test anomalies move to training (audited in
+    # <workdir>/weak_split.json).
+    return apply_weak_split(config, workdir, splits[0], splits[1])
   return splits[0], splits[1]

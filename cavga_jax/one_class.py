@@ -1,0 +1,100 @@
+"""One-class detection runs (SPEC section 4): every class of a dataset in turn.
+
+For each class c: train with `config.data.normal_class = c` in
+`<workdir>/class_<c>` (resuming if a checkpoint is there), evaluate, and
+collect the image AUROC. The table `<workdir>/one_class.md` and
+`<workdir>/one_class.json` are rewritten after every class, so an
+interrupted sweep keeps the finished rows; rerunning it resumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+from cavga_jax import eval_lib
+from cavga_jax import train_lib
+from cavga_jax.data import tfds_data
+from cavga_jax.errors import DataError
+
+
+def _mean(values: Sequence[float]) -> float:
+  finite = [v for v in values if math.isfinite(v)]
+  return sum(finite) / len(finite) if finite else float('nan')
+
+
+def format_table(result: dict[str, Any]) -> str:
+  """The Markdown table of a `run_one_class` result."""
+  lines = [f'# One-class detection: {result["dataset"]}', '',
+           '| normal class | name | image AUROC | detection accuracy | '
+           'test images |', '|---|---|---|---|---|']
+  for row in result['classes']:
+    lines.append(f'| {row["class"]} | {row["name"]} | '
+                 f'{row["image_auroc"]:.4f} | '
+                 f'{row["detection_accuracy"]:.4f} | '
+                 f'{row["num_test_images"]} |')
+  lines.append(f'| mean | | {result["mean_image_auroc"]:.4f} | '
+               f'{result["mean_detection_accuracy"]:.4f} | |')
+  return '\n'.join(lines) + '\n'
+
+
+def _write(workdir: str, result: dict[str, Any]) -> None:
+  with open(os.path.join(workdir, 'one_class.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  with open(os.path.join(workdir, 'one_class.md'), 'w') as f:
+    f.write(format_table(result))
+
+
+def run_one_class(config: ml_collections.ConfigDict, workdir: str,
+                  classes: Sequence[int] | None = None) -> dict[str, Any]:
+  """Trains and evaluates one model per normal class; writes the table.
+
+  Args:
+    config: a one-class config (`config.data.name` in
+      `tfds_data.ONE_CLASS_DATASETS`); `normal_class` is set per run.
+    workdir: sweep folder; class c runs in `<workdir>/class_<c>`.
+    classes: the normal classes to run, default all 10.
+
+  Returns:
+    {'dataset', 'classes': [{'class', 'name', 'image_auroc',
+    'detection_accuracy', 'num_test_images', 'workdir'}, ...],
+    'mean_image_auroc', 'mean_detection_accuracy'}; the means skip NaN.
+  """
+  name = config.data.name
+  if name not in tfds_data.ONE_CLASS_DATASETS:
+    raise DataError(
+        f'config.data.name: one-class runs need one of '
+        f'{", ".join(tfds_data.ONE_CLASS_DATASETS)}, got {name!r}')
+  classes = list(range(tfds_data.NUM_CLASSES) if classes is None else classes)
+  names = tfds_data.class_names(name, config.data.get('root', None) or None,
+                                bool(config.data.get('download', True)))
+  os.makedirs(workdir, exist_ok=True)
+  rows = []
+  for c in classes:
+    run_config = config.copy_and_resolve_references()
+    run_config.data.normal_class = c
+    run_dir = os.path.join(workdir, f'class_{c}')
+    logging.info('one-class %s: normal class %d (%s) in %s', name, c,
+                 names[c], run_dir)
+    train_lib.train(run_config, run_dir)
+    metrics = eval_lib.evaluate(run_config, run_dir)
+    rows.append({'class': c, 'name': names[c],
+                 'image_auroc': float(metrics['image_auroc']),
+                 'detection_accuracy': float(metrics['detection_accuracy']),
+                 'num_test_images': int(metrics['num_test_images']),
+                 'workdir': run_dir})
+    result = {
+        'dataset': name,
+        'classes': rows,
+        'mean_image_auroc': _mean([r['image_auroc'] for r in rows]),
+        'mean_detection_accuracy': _mean(
+            [r['detection_accuracy'] for r in rows]),
+    }
+    _write(workdir, result)
+  return result

@@ -1,0 +1,41 @@
+"""CAVGA-R_w (weak supervision) on one MVTec AD category at 256 px, the paper's settings.
+
+  python train.py --config=configs/mvtec_weak.py --workdir=runs/bottle_w \
+      --config.data.root=/data/mvtec_anomaly_detection --config.data.category=bottle
+  python evaluate.py --config=configs/mvtec_weak.py --workdir=runs/bottle_w \
+      --config.data.root=/data/mvtec_anomaly_detection --config.data.category=bottle
+
+Trains on all normal training images plus ``weak_fraction`` of each defect
+type's test images (at least ``weak_min_per_defect``), which are removed from
+the test set (``<workdir>/weak_split.json`` lists them). Objective
+``rec + kl + adv + 0.001 bce + 0.01 cga`` (the paper's CAVGA_w; no L_ae).
+``--config.model.variant=D`` gives CAVGA-D_w.
+"""
+
+import ml_collections
+
+from configs import mvtec
+
+
+def weak_settings(
+    config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Turns a CAVGA_u config into CAVGA_w (shared with configs/tiny_weak.py)."""
+  config.model.supervision = 'weak'
+  # The paper's CAVGA_w weights; ae = 0 drops L_ae (not part of CAVGA_w), a
+  # nonzero ae adds it back as an ablation.
+  config.loss_weights = ml_collections.ConfigDict(
+      dict(rec=1.0, kl=1.0, adv=1.0, ae=0.0, bce=0.001, cga=0.01))
+  # Labelled anomalies per defect type: max(min, round(fraction * n_d)),
+  # leaving at least one per type in the test set; chosen from weak_seed
+  # (independent of config.seed, so all training seeds share one test set).
+  config.data.weak_fraction = 0.01
+  config.data.weak_min_per_defect = 1
+  config.data.weak_seed = 0
+  # Localization map: 'anomalous' (A^ca) | 'not_normal' (1 - A^cn) |
+  # 'complementary' ((1 - A^cn + A^ca) / 2) | 'latent' (1 - A of sum(mu)).
+  config.eval.weak_map = 'anomalous'
+  return config
+
+
+def get_config():
+  return weak_settings(mvtec.get_config())

@@ -1,0 +1,291 @@
+"""CAVGA_w: L_bce, L_cga, class Grad-CAM, the weak split, train + evaluate."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from cavga_jax import attention
+from cavga_jax import checkpointing
+from cavga_jax import data
+from cavga_jax import eval_lib
+from cavga_jax import losses
+from cavga_jax import sharding
+from cavga_jax import train_lib
+from cavga_jax.data import weak
+from cavga_jax.errors import CavgaError
+from cavga_jax.errors import DataError
+from configs import tiny_weak
+
+NORMAL_LOGITS, ANOMALOUS_LOGITS = [2.0, 0.0], [0.0, 2.0]
+
+
+def test_bce_loss_hand_case():
+  logits = jnp.array([[0.0, 0.0], [math.log(3.0), 0.0]])
+  labels = jnp.array([1, 0])
+  # p(anomalous) = 1/2 for image 0; p(normal) = 3/4 for image 1.
+  expected = (-math.log(0.5) - math.log(0.75)) / 2
+  assert losses.binary_cross_entropy_loss(logits, labels) == pytest.approx(
+      expected, rel=1e-6)
+
+
+def test_cga_loss_hand_case():
+  ones, zeros = jnp.ones((2, 2)), jnp.zeros((2, 2))
+  a_cn = jnp.stack([ones, jnp.array([[0.5, 1.0], [1.0, 1.0]]), zeros, zeros])
+  a_ca = jnp.stack([zeros, jnp.array([[0.0, 0.5], [0.0, 0.0]]), ones, ones])
+  logits = jnp.array([NORMAL_LOGITS, NORMAL_LOGITS, NORMAL_LOGITS,
+                      ANOMALOUS_LOGITS])
+  # Image 0: perfect maps (0); image 1: mean([.5+0, 0+.5, 0, 0]) = 0.25;
+  # image 2 is anomalous and image 3 is predicted anomalous: excluded.
+  labels = jnp.array([0, 0, 1, 0])
+  value = losses.complementary_guided_attention_loss(a_cn, a_ca, logits,
+                                                     labels)
+  assert value == pytest.approx((0.0 + 0.25) / 4)  # divided by the batch size
+
+
+def test_cga_loss_is_zero_without_correct_normal_predictions():
+  a = jax.random.uniform(jax.random.key(0), (3, 2, 2))
+  logits = jnp.array([ANOMALOUS_LOGITS, NORMAL_LOGITS, ANOMALOUS_LOGITS])
+  labels = jnp.array([0, 1, 1])
+
+  def loss(a_cn, a_ca):
+    return losses.complementary_guided_attention_loss(a_cn, a_ca, logits,
+                                                      labels)
+
+  assert float(loss(a, a)) == 0.0
+  grads = jax.grad(loss, argnums=(0, 1))(a, a)
+  assert all(bool(jnp.all(g == 0.0)) for g in grads)
+
+
+def test_class_grad_cam_on_a_linear_classifier():
+  # logits_bc = sum_ijk W_cijk F_bijk + b_c: d logit_c / dF = W_c, so
+  # alpha_ck = mean_ij W_cijk and A_c = ReLU(F . alpha_c) / max.
+  features = jax.random.normal(jax.random.key(0), (3, 4, 5, 6))
+  weights = np.asarray(jax.random.normal(jax.random.key(1), (2, 4, 5, 6)))
+  bias = jnp.array([0.3, -0.2])
+  logit_fn = lambda f: jnp.einsum('bhwk,chwk->bc', f, weights) + bias
+  maps, logits = attention.class_grad_cam(logit_fn, features)
+  assert maps.shape == (3, 2, 4, 5)
+  np.testing.assert_allclose(logits, logit_fn(features), rtol=1e-6)
+  for c in range(2):
+    alpha = weights[c].mean(axis=(0, 1))
+    cam = np.maximum(np.einsum('bhwk,k->bhw', np.asarray(features), alpha), 0)
+    expected = cam / (cam.max(axis=(1, 2), keepdims=True) + 1e-8)
+    np.testing.assert_allclose(maps[:, c], expected, rtol=1e-5, atol=1e-6)
+    # The same map as single-score Grad-CAM of logit c.
+    np.testing.assert_allclose(
+        maps[:, c], attention.grad_cam(lambda f: logit_fn(f)[:, c], features),
+        rtol=1e-5, atol=1e-6)
+
+
+def test_class_grad_cam_second_order_matches_finite_differences():
+  with jax.enable_x64(True):
+    features = jax.random.normal(jax.random.key(0), (2, 3, 3, 4), jnp.float64)
+    params = jax.random.normal(jax.random.key(1), (4, 2), jnp.float64)
+    labels = jnp.array([0, 0])
+
+    def loss(p):
+      logit_fn = lambda f: jnp.sum(jnp.tanh(f @ p), axis=(1, 2))
+      maps, logits = attention.class_grad_cam(logit_fn, features)
+      return losses.complementary_guided_attention_loss(
+          maps[:, 0], maps[:, 1], jnp.zeros_like(logits), labels)
+
+    grad = np.asarray(jax.grad(loss)(params))
+    assert np.abs(grad).max() > 0
+    eps = 1e-6
+    for index in [(0, 0), (3, 1)]:
+      delta = np.zeros(params.shape)
+      delta[index] = eps
+      fd = (loss(params + delta) - loss(params - delta)) / (2 * eps)
+      assert grad[index] == pytest.approx(float(fd), rel=1e-5, abs=1e-9)
+
+
+def _weak_generator():
+  # The tiny CAVGA_w models and state initialiser of train_lib.train, so the
+  # compiled initialiser is shared (compilation cache) with the training test.
+  config = tiny_weak.get_config()
+  generator, _, init_fn, _ = train_lib.setup(config, sharding.make_mesh())
+  state = init_fn(jax.random.key(1))
+  variables = {'params': state.gen_params, 'batch_stats': state.gen_batch_stats}
+  x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3), minval=-1,
+                         maxval=1)
+  return generator, variables, x
+
+
+def test_forward_with_attention_gives_the_class_maps_of_the_logits():
+  generator, variables, x = _weak_generator()
+  params = variables['params']
+  forward = jax.jit(
+      lambda rng: attention.forward_with_attention(
+          generator, params, variables['batch_stats'], x, rng, train=False)[0])
+  for rng in (None, jax.random.key(2)):
+    outputs = forward(rng)
+    assert outputs['class_attention'].shape == (3, 2, 2, 2)
+    # The logits are the classifier's on the z that is decoded.
+    np.testing.assert_allclose(
+        outputs['logits'],
+        generator.apply({'params': params}, outputs['z'], method='classify'),
+        rtol=1e-5, atol=1e-6)
+    if rng is None:
+      np.testing.assert_array_equal(outputs['z'], outputs['mu'])
+
+      def logit_fn(f):
+        mu, _ = generator.apply({'params': params}, f,
+                                method='latent_params')
+        return generator.apply({'params': params}, mu, method='classify')
+
+      direct, _ = attention.class_grad_cam(logit_fn, outputs['features'])
+      np.testing.assert_allclose(outputs['class_attention'], direct,
+                                 rtol=1e-5, atol=1e-6)
+      # CAVGA_u's map is still there, unchanged.
+      sum_mu = attention.grad_cam(
+          lambda f: generator.apply({'params': params}, f,
+                                    method='latent_params')[0].sum((1, 2, 3)),
+          outputs['features'])
+      np.testing.assert_allclose(outputs['attention'], sum_mu, rtol=1e-5,
+                                 atol=1e-6)
+
+
+def test_weak_localization_maps():
+  class_attention = jnp.array([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # (1, 2, 1, 2)
+  outputs = dict(class_attention=class_attention,
+                 attention=jnp.array([[[0.25, 0.75]]]))
+  expected = {'anomalous': [0.0, 1.0], 'not_normal': [0.0, 1.0],
+              'complementary': [0.0, 1.0], 'latent': [0.75, 0.25]}
+  for name in attention.WEAK_MAPS:
+    m = attention.weak_localization_map(outputs, 2, name)
+    assert m.shape == (1, 2, 2)
+    np.testing.assert_allclose(m[0, 0], expected[name], atol=1e-6)
+  with pytest.raises(ValueError, match='weak_map'):
+    attention.weak_localization_map(outputs, 2, 'nope')
+
+
+def _test_split(counts):
+  """An in-memory test split: 'good' plus defect types with given counts."""
+  defects = ['good'] * 5 + [d for d, n in counts.items() for _ in range(n)]
+  names = [f'/data/cat/test/{d}/{i:03d}.png' for i, d in enumerate(defects)]
+  n = len(defects)
+  images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones(
+      (1, 2, 2, 1), np.uint8)
+  return data.AnomalyDataset(
+      images=images, masks=np.zeros((n, 2, 2), bool),
+      labels=np.array([d != 'good' for d in defects], np.int32),
+      defect_types=tuple(defects), paths=tuple(names))
+
+
+def _train_split():
+  return data.AnomalyDataset(
+      images=np.full((4, 2, 2, 1), 200, np.uint8),
+      masks=np.zeros((4, 2, 2), bool), labels=np.zeros(4, np.int32),
+      defect_types=('good',) * 4,
+      paths=tuple(f'/data/cat/train/good/{i}.png' for i in range(4)))
+
+
+def test_weak_split_moves_a_few_anomalies_without_leaking():
+  test = _test_split({'crack': 250, 'hole': 20, 'scratch': 1})
+  result = weak.split(_train_split(), test, fraction=0.01, min_per_defect=1,
+                      seed=0)
+  moved_paths = set(result.train.paths[4:])
+  # crack: round(2.5) = 3 (halves round up); hole: max(1, round(0.2)) = 1;
+  # scratch: its only image stays in the test set.
+  per_defect = result.record['per_defect']
+  assert {d: c['moved'] for d, c in per_defect.items()} == {
+      'crack': 3, 'hole': 1, 'scratch': 0}
+  assert len(moved_paths) == 4
+  assert np.all(result.train.labels[4:] == 1)
+  assert np.all(result.train.labels[:4] == 0)
+  # No training anomaly is in the test set; nothing else was lost.
+  assert moved_paths.isdisjoint(result.test.paths)
+  assert sorted(result.test.paths + tuple(moved_paths)) == sorted(test.paths)
+  # Images follow their paths.
+  for path, image in zip(result.train.paths[4:], result.train.images[4:]):
+    assert int(image[0, 0, 0]) == test.paths.index(path) % 256
+  # Deterministic, and a function of the seed.
+  again = weak.split(_train_split(), test, fraction=0.01, min_per_defect=1,
+                     seed=0)
+  np.testing.assert_array_equal(result.moved, again.moved)
+  other = weak.split(_train_split(), test, fraction=0.01, min_per_defect=1,
+                     seed=1)
+  assert not np.array_equal(result.moved, other.moved)
+
+
+def test_weak_split_file_is_written_and_checked(tmp_path):
+  test = _test_split({'crack': 6, 'hole': 3})
+  config = ml_collections.ConfigDict(dict(data=dict(
+      weak_fraction=0.01, weak_min_per_defect=2, weak_seed=3)))
+  train_w, test_w = weak.apply_weak_split(config, str(tmp_path),
+                                          _train_split(), test)
+  with open(tmp_path / weak.SPLIT_FILE) as f:
+    record = json.load(f)
+  assert [m['path'] for m in record['moved']] == list(train_w.paths[4:])
+  assert record['num_test_after'] == test_w.num_examples == 5 + 9 - 4
+  assert record['seed'] == 3
+  # The same config reproduces the file; another selection is refused.
+  weak.apply_weak_split(config, str(tmp_path), _train_split(), test)
+  config.data.weak_seed = 4
+  with pytest.raises(DataError, match='differs from the one this workdir'):
+    weak.apply_weak_split(config, str(tmp_path), _train_split(), test)
+
+
+def test_weak_split_needs_anomalies():
+  test = _test_split({})
+  with pytest.raises(DataError, match='has none'):
+    weak.split(_train_split(), test)
+
+
+def test_weak_config_without_weak_loss_weights_is_a_clear_error(tmp_path):
+  config = tiny_weak.get_config()
+  del config.loss_weights['cga']
+  with pytest.raises(CavgaError, match='cga'):
+    train_lib.train(config, str(tmp_path))
+
+
+def _tree_equal(a, b):
+  return all(jax.tree.leaves(jax.tree.map(
+      lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
+
+
+def test_tiny_weak_train_resume_and_evaluate(tmp_path):
+  config = tiny_weak.get_config()
+  full = train_lib.train(config, str(tmp_path / 'full'))
+  # Resume determinism: 2 steps, then the rest, equals 4 steps in one go.
+  interrupted = config.copy_and_resolve_references()
+  interrupted.train.num_steps = 2
+  train_lib.train(interrupted, str(tmp_path / 'resumed'))
+  resumed = train_lib.train(config, str(tmp_path / 'resumed'))
+  assert _tree_equal((full.gen_params, full.gen_batch_stats, full.disc_params),
+                     (resumed.gen_params, resumed.gen_batch_stats,
+                      resumed.disc_params))
+  assert 'classifier' in full.gen_params
+
+  workdir = tmp_path / 'full'
+  with open(workdir / 'train_metrics.jsonl') as f:
+    logged = [json.loads(line) for line in f]
+  assert {'rec', 'kl', 'adv', 'bce', 'cga', 'g_loss', 'd_loss',
+          'cls_accuracy'} <= set(logged[0])
+  assert 'ae' not in logged[0]  # not part of CAVGA_w's objective
+  assert all(np.isfinite(v) for line in logged for v in line.values())
+
+  with open(workdir / 'weak_split.json') as f:
+    split = json.load(f)
+  assert split['num_train_anomalous'] == 3  # one per defect type
+
+  result = eval_lib.evaluate(config, str(workdir))
+  with open(workdir / 'eval' / 'metrics.json') as f:
+    saved = json.load(f)
+  # 4 good + 3 defect types x (3 - 1 moved to training).
+  assert saved['num_test_images'] == result['num_test_images'] == 10
+  assert saved['num_anomalous_images'] == 6
+  for key in ('pixel_auroc', 'iou', 'image_auroc', 'detection_accuracy',
+              'aupro', 'image_auroc_classifier', 'classifier_accuracy'):
+    assert 0.0 <= saved[key] <= 1.0, key
+  with open(workdir / 'eval' / 'scores.csv') as f:
+    lines = f.read().splitlines()
+  assert lines[0].endswith(',p_anomalous') and len(lines) == 11
+  moved = {m['path'] for m in split['moved']}
+  assert moved.isdisjoint(line.split(',')[0] for line in lines[1:])
+  assert checkpointing.make_manager(str(workdir)).latest_step() == 4
