@@ -18,9 +18,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'The configuration the model was trained with.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The training workdir.')
-_CACHE = flags.DEFINE_string(
-    'compilation_cache', runtime.DEFAULT_CACHE_DIR,
-    'Persistent XLA compilation cache directory (empty: off).')
+_CACHE = runtime.define_compilation_cache_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 

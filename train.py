@@ -21,9 +21,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, '
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call '
                                'jax.distributed.initialize() first (multi-host '
                                'GPU clusters and TPU pod slices).')
-_CACHE = flags.DEFINE_string(
-    'compilation_cache', runtime.DEFAULT_CACHE_DIR,
-    'Persistent XLA compilation cache directory (empty: off).')
+_CACHE = runtime.define_compilation_cache_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 

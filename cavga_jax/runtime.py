@@ -7,12 +7,20 @@ import os
 import sys
 from typing import Any, Callable
 
+from absl import flags
 from absl import logging as absl_logging
 import jax
 
 from cavga_jax.errors import CavgaError
 
 DEFAULT_CACHE_DIR = os.path.join('~', '.cache', 'cavga_jax', 'xla')
+
+
+def define_compilation_cache_flag() -> flags.FlagHolder:
+  """The ``--compilation_cache`` flag shared by the command-line programs."""
+  return flags.DEFINE_string(
+      'compilation_cache', DEFAULT_CACHE_DIR,
+      'Persistent XLA compilation cache directory (empty: off).')
 
 
 def enable_compilation_cache(cache_dir: str = DEFAULT_CACHE_DIR) -> None:

@@ -28,9 +28,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep folder; class c runs '
                                'in <workdir>/class_<c>.')
 _CLASSES = flags.DEFINE_list('classes', None, 'Normal classes to run '
                              '(default: all 10).')
-_CACHE = flags.DEFINE_string(
-    'compilation_cache', runtime.DEFAULT_CACHE_DIR,
-    'Persistent XLA compilation cache directory (empty: off).')
+_CACHE = runtime.define_compilation_cache_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 

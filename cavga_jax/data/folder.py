@@ -252,6 +252,14 @@ def _test_items(category_path: pathlib.Path) -> list[_Item]:
   return items
 
 
+def check_image_format(source: str, image_size: int, channels: int) -> None:
+  """Raises DataError (naming ``source``) for unusable size or channels."""
+  if channels not in (1, 3):
+    raise DataError(f'{source}: channels must be 1 or 3, got {channels}')
+  if int(image_size) < 1:
+    raise DataError(f'{source}: image_size must be positive, got {image_size}')
+
+
 def load_split(root: str, category: str, split: str, image_size: int,
                channels: int, num_workers: int = 8) -> AnomalyDataset:
   """Loads one split of a category in the MVTec AD layout.
@@ -282,10 +290,7 @@ def load_split(root: str, category: str, split: str, image_size: int,
   if split not in SPLITS:
     raise DataError(f'{root}: unknown split {split!r} (expected one of '
                     f'{", ".join(SPLITS)})')
-  if channels not in (1, 3):
-    raise DataError(f'{root}: channels must be 1 or 3, got {channels}')
-  if int(image_size) < 1:
-    raise DataError(f'{root}: image_size must be positive, got {image_size}')
+  check_image_format(root, image_size, channels)
   image_size = int(image_size)
 
   category_path = _category_dir(root, category)

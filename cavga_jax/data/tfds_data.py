@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from cavga_jax.data.folder import AnomalyDataset
+from cavga_jax.data.folder import check_image_format
 from cavga_jax.data.folder import NORMAL_DEFECT
 from cavga_jax.errors import DataError
 
@@ -234,10 +235,7 @@ def load_one_class(name: str, normal_class: int, image_size: int,
       normal_class, (int, np.integer)) or not 0 <= normal_class < NUM_CLASSES:
     raise DataError(f'config.data.normal_class must be an integer in '
                     f'[0, {NUM_CLASSES}), got {normal_class!r}')
-  if channels not in (1, 3):
-    raise DataError(f'{name}: channels must be 1 or 3, got {channels}')
-  if int(image_size) < 1:
-    raise DataError(f'{name}: image_size must be positive, got {image_size}')
+  check_image_format(name, image_size, channels)
   normal_class, image_size = int(normal_class), int(image_size)
   builder = _builder(name, data_dir or None, download)
   names = tuple(builder.info.features['label'].names)
