@@ -41,10 +41,7 @@ def main():
     config.data.image_size, config.model.variant = args.image_size, variant
     _, test = data.get_datasets(config, workdir)
     generator, _, init_fn, _ = train_lib.setup(config, mesh)
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                       sharding=sharding.replicated(mesh)),
-        jax.eval_shape(init_fn, jax.random.key(0)))
+    target = train_lib.abstract_state(init_fn, mesh)
     state, _ = checkpointing.restore_for_eval(workdir, target)
     maps = eval_lib.predict(jax.jit(eval_lib.make_eval_step(generator)),
                             state.gen_params, state.gen_batch_stats, test,

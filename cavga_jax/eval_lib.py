@@ -174,11 +174,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   mesh = sharding.make_mesh()
   _, test_ds = data.get_datasets(config, workdir)
   generator, _, init_fn, _ = train_lib.setup(config, mesh)
-  target = jax.eval_shape(init_fn, jax.random.key(0))
-  target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                     sharding=sharding.replicated(mesh)),
-      target)
+  target = train_lib.abstract_state(init_fn, mesh)
   state, step = checkpointing.restore_for_eval(workdir, target)
   logging.info('evaluating checkpoint %d on %d test images', step,
                test_ds.num_examples)

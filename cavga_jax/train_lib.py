@@ -114,14 +114,20 @@ def images_to_float(images: Array) -> Array:
   return images.astype(jnp.float32) / 127.5 - 1.0
 
 
-def generator_loss_terms(outputs: dict[str, Array], images: Array,
-                         fake_logits: Array) -> dict[str, Array]:
-  """CAVGA_u loss terms: rec, kl, adv, ae (weights in ``config.loss_weights``)."""
+def _vae_gan_terms(outputs: dict[str, Array], images: Array,
+                   fake_logits: Array) -> dict[str, Array]:
+  """rec, kl and adv: the terms CAVGA_u and CAVGA_w share."""
   return dict(
       rec=losses.reconstruction_loss(images, outputs['reconstruction']),
       kl=losses.kl_loss(outputs['mu'], outputs['logvar']),
-      adv=losses.generator_adversarial_loss(fake_logits),
-      ae=losses.attention_expansion_loss(outputs['attention']))
+      adv=losses.generator_adversarial_loss(fake_logits))
+
+
+def generator_loss_terms(outputs: dict[str, Array], images: Array,
+                         fake_logits: Array) -> dict[str, Array]:
+  """CAVGA_u loss terms: rec, kl, adv, ae (weights in ``config.loss_weights``)."""
+  return dict(_vae_gan_terms(outputs, images, fake_logits),
+              ae=losses.attention_expansion_loss(outputs['attention']))
 
 
 def weak_generator_loss_terms(outputs: dict[str, Array], images: Array,
@@ -142,9 +148,7 @@ def weak_generator_loss_terms(outputs: dict[str, Array], images: Array,
   """
   class_attention = outputs['class_attention']
   terms = dict(
-      rec=losses.reconstruction_loss(images, outputs['reconstruction']),
-      kl=losses.kl_loss(outputs['mu'], outputs['logvar']),
-      adv=losses.generator_adversarial_loss(fake_logits),
+      _vae_gan_terms(outputs, images, fake_logits),
       bce=losses.binary_cross_entropy_loss(outputs['logits'], labels),
       cga=losses.complementary_guided_attention_loss(
           class_attention[:, models.NORMAL],
@@ -273,6 +277,18 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   state_sharding = sharding.replicated(mesh)
   init_fn = jax.jit(init_fn, out_shardings=state_sharding)
   return generator, discriminator, init_fn, state_sharding
+
+
+def abstract_state(init_fn: Callable[[Array], TrainState],
+                   mesh: jax.sharding.Mesh) -> TrainState:
+  """Shapes, dtypes and replicated shardings of ``init_fn``'s state.
+
+  A restore target for ``checkpointing`` that allocates nothing.
+  """
+  replicated = sharding.replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(init_fn, jax.random.key(0)))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
