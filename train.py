@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from cavga_jax import runtime
 from cavga_jax import train_lib
+from cavga_jax import vae_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training configuration file.', lock_config=True)
@@ -21,16 +22,31 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, '
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call '
                                'jax.distributed.initialize() first (multi-host '
                                'GPU clusters and TPU pod slices).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'With --multihost on GPU hosts outside Slurm '
+    'or Open MPI: host:port of process 0 (TPU, Slurm, Open MPI: auto).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'With --coordinator_address.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'With --coordinator_address.')
 _CACHE = runtime.define_compilation_cache_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
+
+# config.task -> program: CAVGA, or the Liu et al. VAE experiments.
+_PROGRAMS = {'cavga': train_lib.train, 'vae': vae_lib.train}
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if _MULTIHOST.value:
-    jax.distributed.initialize()
-  runtime.run_program(train_lib.train, _CONFIG.value, _WORKDIR.value,
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
+  task = _CONFIG.value.get('task', 'cavga')
+  if task not in _PROGRAMS:
+    raise app.UsageError(f'config.task must be one of {sorted(_PROGRAMS)}, '
+                         f'got {task!r}')
+  runtime.run_program(_PROGRAMS[task], _CONFIG.value, _WORKDIR.value,
                       _CACHE.value)
 
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from cavga_jax import models
 
 Array = jax.Array
-_EPS = 1e-8
+EPS = 1e-8
 
 
 def grad_cam(score_fn: Callable[[Array], Any], features: Array,
@@ -99,7 +99,7 @@ def cam_from_gradients(features: Array, grads: Array) -> Array:
   features = features.astype(dtype)
   alpha = jnp.mean(grads.astype(dtype), axis=(1, 2))
   cam = jax.nn.relu(jnp.einsum('bhwk,bk->bhw', features, alpha))
-  return cam / (jnp.max(cam, axis=(1, 2), keepdims=True) + _EPS)
+  return cam / (jnp.max(cam, axis=(1, 2), keepdims=True) + EPS)
 
 
 def resize_map(anomaly_map: Array, image_size: int) -> Array:

@@ -1,7 +1,11 @@
 """Orbax checkpoints of the train state in ``<workdir>/checkpoints``.
 
-Saves are atomic (orbax writes to a temporary folder and renames), so a run
-killed during a save resumes from the last complete checkpoint. The train
+Saves are atomic: orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it
+to ``<step>`` once complete, and only complete ``<step>`` folders count as
+checkpoints. A run killed during a save (even by SIGKILL) therefore resumes
+from the last complete checkpoint; the training manager
+(``make_manager(..., cleanup_tmp=True)``) deletes the temporary folders such
+a run left behind. The newest ``max_to_keep`` checkpoints are kept. The train
 state carries the step; the data order and PRNG keys are functions of
 ``(seed, step)``, so resuming reproduces an uninterrupted run exactly.
 """
@@ -21,9 +25,20 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
-  """A manager keeping the ``max_to_keep`` newest checkpoints."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+def make_manager(workdir: str, max_to_keep: int = 3,
+                 cleanup_tmp: bool = False) -> ocp.CheckpointManager:
+  """A manager keeping the ``max_to_keep`` newest checkpoints.
+
+  Args:
+    workdir: the run folder; checkpoints go to ``<workdir>/checkpoints``.
+    max_to_keep: retention: older checkpoints are deleted after a save.
+    cleanup_tmp: delete unfinished saves (``*.orbax-checkpoint-tmp``) of a
+      killed run now. Only the process that writes checkpoints may do this,
+      not a reader such as ``evaluate.py`` running beside training.
+  """
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True,
+      cleanup_tmp_directories=cleanup_tmp)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
@@ -31,6 +46,15 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
   """Writes ``state`` (a pytree) as checkpoint ``step`` and waits for it."""
   manager.save(step, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
+
+
+def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
+  """Checkpoint ``step`` restored into ``target``'s structure and shardings.
+
+  ``target`` may hold arrays or ``jax.ShapeDtypeStruct``s.
+  """
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
 def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Any | None:
@@ -41,8 +65,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Any | None:
   step = manager.latest_step()
   if step is None:
     return None
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  return restore(manager, step, target)
 
 
 def restore_for_eval(workdir: str, target: Any) -> tuple[Any, int]:

@@ -99,3 +99,50 @@ def weighted_total(losses: Mapping[str, Array],
   if missing:
     raise KeyError(f'no weight in config.loss_weights for loss terms {missing}')
   return sum(weights[name] * value for name, value in losses.items())
+
+
+# Liu et al.'s beta-VAE objective on binary images (dSprites, MNIST):
+# ``bernoulli_reconstruction_loss + beta * kl_divergence + w_ad * L_AD``.
+# Unlike CAVGA's per-element means above, these are sums per image (averaged
+# over the batch), the beta-VAE convention that makes beta comparable with
+# the literature (Higgins et al. 2017, Burgess et al. 2018).
+
+
+def bernoulli_reconstruction_loss(images: Array, logits: Array) -> Array:
+  """Per-image sum of pixel cross entropies, mean over the batch.
+
+  Args:
+    images: (B, H, W, C) targets in [0, 1].
+    logits: (B, H, W, C) decoder logits.
+  """
+  per_pixel = optax.sigmoid_binary_cross_entropy(
+      logits.astype(jnp.float32), images.astype(jnp.float32))
+  return jnp.mean(jnp.sum(per_pixel.reshape(per_pixel.shape[0], -1), axis=1))
+
+
+def kl_divergence(mu: Array, logvar: Array) -> Array:
+  """Per-image sum over latent units of KL(N(mu, exp(logvar)) || N(0, I)), mean over the batch."""
+  per_unit = -0.5 * (1.0 + logvar - jnp.square(mu) - jnp.exp(logvar))
+  return jnp.mean(jnp.sum(per_unit.reshape(per_unit.shape[0], -1), axis=1))
+
+
+def attention_disentanglement_loss(unit_maps: Array, eps: float = 1e-8
+                                   ) -> Array:
+  """Liu et al.'s L_AD, mean over the batch (SPEC section 3).
+
+  Per image: ``sum_{i<j} 2 * sum(min(A_i, A_j)) / sum(A_i + A_j)``, a soft
+  IoU of every pair of unit maps: 1 for identical maps, 0 for disjoint
+  ones; ``eps`` makes a pair of all-zero maps count 0.
+
+  Args:
+    unit_maps: (B, U, h, w) non-negative maps, e.g. ``explain.unit_attention``'s
+      ``units``.
+  """
+  batch, units = unit_maps.shape[:2]
+  maps = unit_maps.reshape(batch, units, -1).astype(
+      jnp.promote_types(unit_maps.dtype, jnp.float32))
+  overlap = jnp.sum(jnp.minimum(maps[:, :, None], maps[:, None]), axis=-1)
+  mass = jnp.sum(maps, axis=-1)
+  pair_iou = 2.0 * overlap / (mass[:, :, None] + mass[:, None] + eps)
+  upper = jnp.triu(jnp.ones((units, units), bool), k=1)
+  return jnp.mean(jnp.sum(jnp.where(upper, pair_iou, 0.0), axis=(1, 2)))

@@ -10,10 +10,50 @@ from typing import Any, Callable
 from absl import flags
 from absl import logging as absl_logging
 import jax
+from ml_collections import config_flags
 
+from cavga_jax import config_checks
 from cavga_jax.errors import CavgaError
 
 DEFAULT_CACHE_DIR = os.path.join('~', '.cache', 'cavga_jax', 'xla')
+
+
+def define_config_flag(help_string: str,
+                       flag_values: flags.FlagValues = flags.FLAGS,
+                       sys_argv: list[str] | None = None
+                       ) -> flags.FlagHolder:
+  """The locked ``--config`` file flag, with one-line errors for bad fields.
+
+  ``ml_collections`` rejects an override of an unknown field
+  (``--config.train.num_stepz=3``) with an ``AttributeError`` that absl
+  prints as a long traceback; this flag turns it into absl's one-line
+  ``FATAL Flags parsing error``, like a value of the wrong type.
+
+  Args:
+    help_string: the flag's help.
+    flag_values: where to define the flag (tests use their own).
+    sys_argv: the command line to read overrides from (default sys.argv).
+  """
+  holder = config_flags.DEFINE_config_file(
+      'config', None, help_string, flag_values=flag_values,
+      lock_config=True, sys_argv=sys_argv)
+  flag = flag_values[holder.name]
+  parse = flag._parse  # pylint: disable=protected-access
+
+  def parse_with_one_line_errors(argument):
+    try:
+      return parse(argument)
+    except (AttributeError, KeyError) as e:
+      # ml_collections wraps a KeyError("'field'\nDid you mean ...").
+      while e.args and isinstance(e.args[0], BaseException):
+        e = e.args[0]
+      text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+      raise flags.IllegalFlagValueError(
+          f'{argument}: unknown config field {" ".join(text.split())}'
+      ) from None
+
+  flag._parse = parse_with_one_line_errors  # pylint: disable=protected-access
+  return holder
 
 
 def define_compilation_cache_flag() -> flags.FlagHolder:
@@ -55,15 +95,17 @@ def run_program(program: Callable[[Any, str], Any], config: Any, workdir: str,
                 compilation_cache: str) -> Any:
   """Runs ``program(config, workdir)`` for a command-line entry point.
 
-  Sets up logging and the compilation cache; a ``CavgaError`` (bad input,
-  bad config, failed run) ends the process with its one-line message and
-  exit status 1 instead of a traceback.
+  Sets up logging and the compilation cache and checks the config
+  (``config_checks.check_config``) before anything else; a ``CavgaError``
+  (bad input, bad config, failed run) ends the process with its one-line
+  message and exit status 1 instead of a traceback.
   """
   quiet_dependency_logs()
   if compilation_cache:
     enable_compilation_cache(compilation_cache)
-  absl_logging.info('JAX devices: %s', jax.devices())
   try:
+    config_checks.check_config(config)
+    absl_logging.info('JAX devices: %s', jax.devices())
     return program(config, workdir)
   except CavgaError as e:
     absl_logging.error('%s', e)

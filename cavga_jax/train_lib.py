@@ -18,10 +18,22 @@ classifier) uses the same step with labelled batches ``(images, labels)`` and
 the objective ``rec + kl + adv + bce + cga`` (``weak_generator_loss_terms``);
 its training set is the normal images plus the few labelled anomalies of
 ``cavga_jax.data.weak``.
+
+Non-finite losses or gradients (``config.train.nonfinite``): every step
+reports a ``nonfinite`` flag. ``'stop'`` (default) ends the run with
+``TrainingError`` at the first flagged step, before any later checkpoint is
+written, so the last good checkpoint is kept. ``'skip'`` makes the jitted step
+itself keep the previous parameters, batch statistics and optimizer states
+(only the step counter advances, so the next step draws the next batch);
+``config.train.max_consecutive_skips`` skipped steps in a row end the run.
+The host reads the flags without waiting for the device (it polls finished
+steps and drains the rest at log and checkpoint steps), so there is no
+per-step synchronisation.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -38,6 +50,7 @@ import optax
 
 from cavga_jax import attention
 from cavga_jax import checkpointing
+from cavga_jax import config_checks
 from cavga_jax import data
 from cavga_jax import losses
 from cavga_jax import models
@@ -175,9 +188,16 @@ def check_loss_weights(loss_weights: dict[str, float],
         f"config.model.supervision='{supervision}'{hint}")
 
 
+def _tree_all_finite(tree: PyTree) -> Array:
+  """A scalar bool: every element of every leaf of ``tree`` is finite."""
+  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def make_train_step(generator: models.CAVGAGenerator,
                     discriminator: models.Discriminator,
-                    loss_weights: dict[str, float]
+                    loss_weights: dict[str, float],
+                    nonfinite: str = 'stop',
                     ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
   """Returns the pure, jittable CAVGA train step.
 
@@ -187,9 +207,16 @@ def make_train_step(generator: models.CAVGAGenerator,
   ``labels`` (B,) int (0 normal, 1 anomalous) is required when the generator
   has the CAVGA_w classifier and ignored otherwise. ``metrics`` holds every
   loss term (unweighted), the generator total ``g_loss`` and the
-  discriminator loss ``d_loss``; CAVGA_w adds ``cls_accuracy``, the
-  classifier's batch accuracy (float32 scalars).
+  discriminator loss ``d_loss``, and ``nonfinite``, 1.0 when a loss or a
+  gradient of the step is NaN or infinite (else 0.0); CAVGA_w adds
+  ``cls_accuracy``, the classifier's batch accuracy (float32 scalars).
+
+  With ``nonfinite='skip'`` a flagged step returns the input state with only
+  ``step`` incremented (selected with ``jnp.where`` inside the program);
+  with ``'stop'`` the update is applied as computed and the caller stops.
   """
+  if nonfinite not in config_checks.NONFINITE_MODES:
+    raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
   weak = generator.with_classifier
   include_ae = bool(loss_weights.get('ae', 0.0))
 
@@ -249,7 +276,13 @@ def make_train_step(generator: models.CAVGAGenerator,
         disc_params=disc_params,
         disc_batch_stats=disc_batch_stats,
         disc_opt_state=disc_opt_state)
-    metrics = dict(terms, g_loss=g_loss, d_loss=d_loss)
+    finite = _tree_all_finite((g_loss, d_loss, g_grads, d_grads))
+    if nonfinite == 'skip':
+      new_state = jax.tree.map(
+          lambda new, old: jnp.where(finite, new, old), new_state,
+          state).replace(step=state.step + 1)
+    metrics = dict(terms, g_loss=g_loss, d_loss=d_loss,
+                   nonfinite=1.0 - finite.astype(jnp.float32))
     if weak:
       predictions = jnp.argmax(outputs['logits'], axis=-1)
       metrics['cls_accuracy'] = jnp.mean(
@@ -265,7 +298,8 @@ def _all_finite(tree: PyTree) -> bool:
 
 def _log_line(step: int, num_steps: int, metrics: dict[str, float],
               images_per_s: float) -> str:
-  terms = ' '.join(f'{k} {v:.4f}' for k, v in metrics.items())
+  terms = ' '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
+                   for k, v in metrics.items())
   return f'step {step}/{num_steps} | {terms} | {images_per_s:.1f} img/s'
 
 
@@ -291,16 +325,104 @@ def abstract_state(init_fn: Callable[[Array], TrainState],
       jax.eval_shape(init_fn, jax.random.key(0)))
 
 
+class _NonFiniteGuard:
+  """Acts on the steps' ``nonfinite`` flags without a per-step host sync.
+
+  ``add`` queues a step's flag and losses (device scalars) and processes the
+  queued steps that have already finished; ``drain`` waits for and processes
+  all of them. Processing is in step order, so the step a run stops at does
+  not depend on timing.
+  """
+
+  def __init__(self, mode: str, max_consecutive_skips: int,
+               describe_checkpoint: Callable[[], str]):
+    self._mode = mode
+    self._max_skips = max_consecutive_skips
+    self._describe_checkpoint = describe_checkpoint
+    self._pending: collections.deque = collections.deque()
+    self.consecutive = 0
+    self.skipped = 0  # Since the last ``take_skipped``.
+    self.skipped_total = 0
+
+  def add(self, step: int, metrics: dict[str, Array]) -> None:
+    self._pending.append((step, {k: metrics[k] for k in (
+        'nonfinite', 'g_loss', 'd_loss')}))
+    while self._pending and self._pending[0][1]['nonfinite'].is_ready():
+      self._process(*self._pending.popleft())
+
+  def drain(self) -> None:
+    while self._pending:
+      self._process(*self._pending.popleft())
+
+  def take_skipped(self) -> int:
+    skipped, self.skipped = self.skipped, 0
+    return skipped
+
+  def _process(self, step: int, flags: dict[str, Array]) -> None:
+    if not float(flags['nonfinite']):
+      self.consecutive = 0
+      return
+    losses_text = (f'g_loss {float(flags["g_loss"]):.4g}, '
+                   f'd_loss {float(flags["d_loss"]):.4g}')
+    if self._mode == 'stop':
+      raise TrainingError(
+          f'non-finite loss or gradients at step {step} ({losses_text}); '
+          f'training stopped, {self._describe_checkpoint()}; lower '
+          'optimizer.learning_rate, set optimizer.grad_clip_norm, or set '
+          "train.nonfinite='skip' to skip such steps")
+    self.consecutive += 1
+    self.skipped += 1
+    self.skipped_total += 1
+    logging.warning('step %d: non-finite loss or gradients (%s), update '
+                    'skipped (%d in a row)', step, losses_text,
+                    self.consecutive)
+    if self.consecutive >= self._max_skips:
+      raise TrainingError(
+          f'{self.consecutive} consecutive steps up to step {step} had '
+          'non-finite losses or gradients and were skipped '
+          f'(train.max_consecutive_skips={self._max_skips}); training '
+          f'stopped, {self._describe_checkpoint()}')
+
+
+def _truncate_metrics_log(path: str, last_step: int) -> None:
+  """Keeps the metrics lines of steps <= ``last_step`` (the resumed step).
+
+  A run killed after logging a step but before checkpointing it logs that
+  step again when resumed; a line torn by the kill is dropped as well.
+  """
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)['step'] <= last_step:
+          kept.append(line if line.endswith('\n') else line + '\n')
+      except (ValueError, KeyError, TypeError):
+        continue
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains CAVGA as configured, resuming from ``<workdir>/checkpoints``.
 
   Logs step, losses and images/s every ``config.train.log_every`` steps and
-  appends them to ``<workdir>/train_metrics.jsonl``. Stops with
-  ``TrainingError`` on a non-finite loss, keeping the last good checkpoint.
+  appends them to ``<workdir>/train_metrics.jsonl`` (on resume, lines after
+  the restored step are dropped first). Non-finite losses or gradients stop
+  the run with ``TrainingError``, keeping the last good checkpoint, or skip
+  the update (``config.train.nonfinite``; see the module docstring).
 
   Returns:
     The final train state.
+
+  Raises:
+    CavgaError: an invalid config (``config_checks.check_config``) or
+      dataset; ``TrainingError`` for non-finite losses.
   """
+  config_checks.check_config(config)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -314,21 +436,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   generator, discriminator, init_fn, state_sharding = setup(config, mesh)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   state = init_fn(init_rng)
+  # Only training removes the temporary folders of saves that a killed run
+  # left behind (evaluate.py may run beside a training run).
   manager = checkpointing.make_manager(
-      workdir, config.train.get('keep_checkpoints', 3))
+      workdir, config.train.get('keep_checkpoints', 3), cleanup_tmp=True)
   restored = checkpointing.restore_latest(manager, state)
   if restored is not None:
     state = restored
     logging.info('resumed from %s at step %d',
                  checkpointing.checkpoint_dir(workdir), int(state.step))
   start_step, num_steps = int(state.step), config.train.num_steps
+  metrics_path = os.path.join(workdir, 'train_metrics.jsonl')
+  _truncate_metrics_log(metrics_path, start_step)
   if start_step >= num_steps:
     logging.info('already trained for %d steps (config.train.num_steps=%d)',
                  start_step, num_steps)
     return state
 
+  nonfinite = config.train.get('nonfinite', 'stop')
   train_step = jax.jit(
-      make_train_step(generator, discriminator, dict(config.loss_weights)),
+      make_train_step(generator, discriminator, dict(config.loss_weights),
+                      nonfinite),
       donate_argnums=0,
       out_shardings=(state_sharding, sharding.replicated(mesh)))
 
@@ -348,7 +476,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
           sharding.shard_batch(labels[idx[host_slice]], mesh)))
   log_every = config.train.log_every
   ckpt_every = config.train.checkpoint_every
-  metrics_path = os.path.join(workdir, 'train_metrics.jsonl')
+  guard = _NonFiniteGuard(
+      nonfinite, config.train.get('max_consecutive_skips', 10),
+      lambda: (f'the last good checkpoint (step {manager.latest_step()}) in '
+               f'{checkpointing.checkpoint_dir(workdir)} is kept'))
   logging.info('training %s-%s (%s latent) for %d steps, batch %d on %d '
                'device(s), %d training images (%d anomalous)',
                config.model.variant, supervision, config.model.latent,
@@ -360,26 +491,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       batch_images, batch_labels = next(batches)
       state, metrics = train_step(state, batch_images, step_rng, batch_labels)
       done = step + 1
+      guard.add(done, metrics)
       if done == start_step + 1:
         jax.block_until_ready(metrics)
         logging.info('first step (including compilation) took %.1f s',
                      time.perf_counter() - tic)
         tic, tic_step = time.perf_counter(), done
       if done % log_every == 0 or done == num_steps:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        guard.drain()
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()
+                   if k != 'nonfinite'}
+        if nonfinite == 'skip':
+          metrics['skipped'] = guard.take_skipped()
         elapsed = time.perf_counter() - tic
         speed = (done - tic_step) * batch_size / elapsed if elapsed else 0.0
         tic, tic_step = time.perf_counter(), done
-        if not np.isfinite(metrics['g_loss'] + metrics['d_loss']):
-          raise TrainingError(
-              f'non-finite loss at step {done} ({metrics}); training stopped, '
-              f'the last good checkpoint (step {manager.latest_step()}) in '
-              f'{checkpointing.checkpoint_dir(workdir)} is kept')
         logging.info(_log_line(done, num_steps, metrics, speed))
         metrics_file.write(json.dumps(
             dict(step=done, images_per_s=speed, **metrics)) + '\n')
         metrics_file.flush()
       if done % ckpt_every == 0 or done == num_steps:
+        guard.drain()
         if not _all_finite((state.gen_params, state.disc_params)):
           raise TrainingError(
               f'non-finite parameters at step {done}; not saved, the last '
@@ -387,4 +519,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
               f'{checkpointing.checkpoint_dir(workdir)} is kept')
         checkpointing.save(manager, done, state)
         logging.info('saved checkpoint %d', done)
+  if guard.skipped_total:
+    logging.warning('%d of %d steps were skipped for non-finite losses or '
+                    'gradients', guard.skipped_total, num_steps - start_step)
   return state

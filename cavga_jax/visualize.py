@@ -1,4 +1,5 @@
-"""PNG panels: image | reconstruction | heatmap overlay | ground-truth mask."""
+"""PNG panels: image | reconstruction | heatmap overlay | ground-truth mask,
+and the per-latent-unit attention rows of the VAE explanations."""
 
 from __future__ import annotations
 
@@ -44,3 +45,30 @@ def panel(image: np.ndarray, reconstruction: np.ndarray,
 def save_panel(path: str, *args, **kwargs) -> None:
   """Writes ``panel(*args, **kwargs)`` as a PNG at ``path``."""
   Image.fromarray(panel(*args, **kwargs)).save(path)
+
+
+def unit_panel(image: np.ndarray, reconstruction: np.ndarray,
+               unit_maps: np.ndarray, min_tile: int = 64) -> np.ndarray:
+  """Image, reconstruction and one heatmap per latent unit in a row.
+
+  Args:
+    image, reconstruction: (S, S, C) uint8.
+    unit_maps: (U, h, w) floats in [0, 1] (``explain.UnitAttention.units``);
+      each is enlarged (nearest) to S x S.
+    min_tile: tiles smaller than this are enlarged (nearest) to be visible.
+
+  Returns:
+    (S', (U + 2) * S', 3) uint8.
+  """
+  size = image.shape[0]
+  scale_map = size // unit_maps.shape[1]
+  maps = np.repeat(np.repeat(unit_maps, scale_map, axis=1), scale_map, axis=2)
+  tiles = [_rgb(image), _rgb(reconstruction)] + [jet(m) for m in maps]
+  row = np.concatenate(tiles, axis=1)
+  scale = max(1, -(-min_tile // size))
+  return np.repeat(np.repeat(row, scale, axis=0), scale, axis=1)
+
+
+def save_unit_panel(path: str, *args, **kwargs) -> None:
+  """Writes ``unit_panel(*args, **kwargs)`` as a PNG at ``path``."""
+  Image.fromarray(unit_panel(*args, **kwargs)).save(path)

@@ -60,6 +60,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 500
   config.train.keep_checkpoints = 3
   config.train.prefetch = 2
+  # Non-finite loss or gradients: 'stop' (keep the last good checkpoint) or
+  # 'skip' (keep the previous state for that step; stop after
+  # max_consecutive_skips skipped steps in a row).
+  config.train.nonfinite = 'stop'
+  config.train.max_consecutive_skips = 10
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 32

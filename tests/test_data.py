@@ -348,6 +348,12 @@ def _case_split_missing(root):
   return dict(split='test'), root / 'widget' / 'test', 'split folder'
 
 
+def _case_train_split_missing(root):
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(root / 'widget' / 'train')
+  return {}, root / 'widget' / 'train', 'split folder does not exist'
+
+
 def _case_train_good_missing(root):
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.rmtree(root / 'widget' / 'train' / 'good')
@@ -360,6 +366,14 @@ def _case_no_images(root):
     p.unlink()
   (root / 'widget' / 'train' / 'good' / 'readme.txt').write_text('x')
   return {}, root / 'widget' / 'train' / 'good', 'no images'
+
+
+def _case_empty_test_split(root):
+  import shutil  # pylint: disable=g-import-not-at-top
+  for path in (root / 'widget' / 'test').rglob('*.png'):
+    path.unlink()
+  shutil.rmtree(root / 'widget' / 'ground_truth')
+  return dict(split='test'), root / 'widget' / 'test', 'split has no images'
 
 
 def _case_zero_byte(root):
@@ -410,6 +424,22 @@ def _case_mask_wrong_size(root):
   return dict(split='test'), path, 'differs from image size'
 
 
+def _case_mask_zero_one(root):
+  # A 0/1 label mask: thresholding would silently give an empty mask.
+  path = _save(_mask(16) // 255,
+               root / 'widget' / 'ground_truth' / 'crack' / '001_mask.png')
+  return dict(split='test'), path, 'mask is not binary: values are 0..1'
+
+
+def _case_mask_gray(root):
+  # A heat map (or a photo) instead of a 0/255 mask.
+  ramp = np.tile(np.linspace(0, 255, 16).astype(np.uint8), (16, 1))
+  path = _save(ramp,
+               root / 'widget' / 'ground_truth' / 'crack' / '001_mask.png')
+  return (dict(split='test'), path,
+          'mask is not binary: 75% of its pixels are gray')
+
+
 def _case_mask_truncated(root):
   path = _save(np.random.default_rng(1).integers(
       0, 256, (16, 16), dtype=np.uint8),
@@ -443,15 +473,23 @@ def _case_bad_channels(root):
   return dict(channels=2), root, 'channels'
 
 
-@pytest.mark.parametrize('case', [
+# The bad-input table: each case breaks a valid tiny category (built by
+# `_make_category`) and returns (load_split overrides, the path the error
+# must name, a phrase the error must contain).
+_BAD_INPUT_CASES = [
     _case_root_missing, _case_category_missing, _case_split_missing,
-    _case_train_good_missing, _case_no_images, _case_zero_byte,
-    _case_not_an_image, _case_truncated_png, _case_truncated_jpeg,
-    _case_mask_missing, _case_mask_folder_missing, _case_mask_wrong_size,
-    _case_mask_truncated, _case_mask_without_image,
+    _case_train_split_missing, _case_train_good_missing, _case_no_images,
+    _case_empty_test_split, _case_zero_byte, _case_not_an_image,
+    _case_truncated_png, _case_truncated_jpeg, _case_mask_missing,
+    _case_mask_folder_missing, _case_mask_wrong_size, _case_mask_zero_one,
+    _case_mask_gray, _case_mask_truncated, _case_mask_without_image,
     _case_mask_for_unknown_defect, _case_mask_badly_named, _case_bad_split,
     _case_bad_channels,
-], ids=lambda f: f.__name__[len('_case_'):])
+]
+
+
+@pytest.mark.parametrize('case', _BAD_INPUT_CASES,
+                         ids=lambda f: f.__name__[len('_case_'):])
 @pytest.mark.parametrize('num_workers', [1, 4])
 def test_load_split_errors(tmp_path, case, num_workers):
   _make_category(tmp_path)
@@ -469,6 +507,62 @@ def test_load_split_errors(tmp_path, case, num_workers):
   error = info.value
   assert error.__cause__ is None
   assert error.__context__ is None or error.__suppress_context__
+
+
+def _mask_variants(size: int) -> dict[str, tuple[Image.Image, np.ndarray]]:
+  """Masks in other modes or with edge noise, and the defect pixels expected."""
+  binary = _mask(size) > 0
+  antialiased = _mask(size)
+  antialiased[1, 3:7] = 100  # Edge pixels below the threshold...
+  antialiased[5, 3:7] = 180  # ...and above it.
+  palette = Image.fromarray(binary.astype(np.uint8), 'P')
+  palette.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+  rgba = np.zeros((size, size, 4), np.uint8)
+  rgba[binary] = 255
+  rgba[..., 3] = 255
+  return {
+      '16bit': (Image.fromarray(binary.astype(np.uint16) * 65535),
+                binary),
+      'palette': (palette, binary),
+      'rgb': (Image.fromarray(np.stack([_mask(size)] * 3, -1)), binary),
+      'rgba': (Image.fromarray(rgba), binary),
+      'bilevel': (Image.fromarray(binary), binary),
+      'antialiased': (Image.fromarray(antialiased),
+                      binary | (antialiased >= 128)),
+  }
+
+
+@pytest.mark.parametrize('variant', sorted(_mask_variants(16)))
+def test_load_split_converts_masks_to_binary(tmp_path, variant):
+  cat = _make_category(tmp_path)
+  mask, expected = _mask_variants(16)[variant]
+  path = cat / 'ground_truth' / 'crack' / '001_mask.png'
+  mask.save(path)
+  if variant == '16bit':
+    with Image.open(path) as im:
+      assert im.mode.startswith('I')  # Really a 16-bit file.
+  test = folder.load_split(str(tmp_path), 'widget', 'test', 16, 3)
+  assert test.masks.dtype == bool and test.masks.shape == (4, 16, 16)
+  assert test.paths[1].endswith('crack/001.png')
+  np.testing.assert_array_equal(test.masks[1], expected)
+  # Resized to another size, masks stay binary and follow nearest neighbour.
+  bigger = folder.load_split(str(tmp_path), 'widget', 'test', 32, 1)
+  np.testing.assert_array_equal(bigger.masks[1],
+                                expected.repeat(2, 0).repeat(2, 1))
+
+
+def test_load_split_accepts_jpeg_masks(tmp_path):
+  # JPEG ringing around the defect stays far from the threshold.
+  cat = _make_category(tmp_path, size=32)
+  mask = np.zeros((32, 32), np.uint8)
+  mask[8:20, 10:24] = 255
+  path = cat / 'ground_truth' / 'crack' / '001_mask.jpg'
+  (cat / 'ground_truth' / 'crack' / '001_mask.png').unlink()
+  _save(mask, path, format='JPEG', quality=75)
+  with Image.open(path) as im:
+    assert set(np.unique(np.asarray(im))) - {0, 255}  # Not exactly binary.
+  test = folder.load_split(str(tmp_path), 'widget', 'test', 32, 3)
+  np.testing.assert_array_equal(test.masks[1], mask > 0)
 
 
 def test_load_split_reports_first_bad_file_in_order(tmp_path):

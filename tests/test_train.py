@@ -1,6 +1,8 @@
 """The train step, checkpoints, resume and non-finite losses (tiny config)."""
 
+import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +43,10 @@ def test_train_step_lowers_the_loss(tiny_config):
   assert int(state.step) == 40
   assert history[-1]['rec'] < 0.7 * history[0]['rec']
   assert history[-1]['kl'] < history[0]['kl']
-  assert set(history[0]) == {'rec', 'kl', 'adv', 'ae', 'g_loss', 'd_loss'}
+  assert set(history[0]) == {'rec', 'kl', 'adv', 'ae', 'g_loss', 'd_loss',
+                              'nonfinite'}
   assert all(np.isfinite(v) for m in history for v in m.values())
+  assert not any(m['nonfinite'] for m in history)
 
 
 def test_resume_after_interrupt_equals_uninterrupted_run(tiny_config,
@@ -71,19 +75,94 @@ def test_checkpoint_roundtrip(tiny_config, tmp_path):
   assert restored.gen_tx is state.gen_tx  # static fields survive
 
 
+def _inject_nan(monkeypatch, bad_step):
+  """Makes the loss NaN in the steps where ``bad_step(state.step)`` holds.
+
+  Wraps ``train_lib.make_train_step`` so that ``train_lib.train`` jits a
+  step whose ``rec`` weight is NaN exactly in those steps (the config
+  checks reject a NaN weight in the config itself).
+  """
+  original = train_lib.make_train_step
+
+  def make_train_step(generator, discriminator, loss_weights,
+                      nonfinite='stop'):
+    def train_step(state, images, rng, labels=None):
+      weights = dict(loss_weights)
+      weights['rec'] = jnp.where(bad_step(state.step), jnp.nan,
+                                 loss_weights['rec'])
+      return original(generator, discriminator, weights, nonfinite)(
+          state, images, rng, labels)
+    return train_step
+
+  monkeypatch.setattr(train_lib, 'make_train_step', make_train_step)
+
+
+def _logged(workdir):
+  with open(os.path.join(workdir, 'train_metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def two_good_steps(tmp_path_factory):
+  """A tiny run stopped after 2 good steps (stop mode): (workdir, state)."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.train.num_steps = 2
+  workdir = tmp_path_factory.mktemp('two_good_steps')
+  return workdir, train_lib.train(config, str(workdir))
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
-    tiny_config, tmp_path):
-  good = tiny_config.copy_and_resolve_references()
-  good.train.num_steps = 2
-  state = train_lib.train(good, str(tmp_path))
-  broken = tiny_config.copy_and_resolve_references()
-  broken.loss_weights.rec = float('nan')
-  with pytest.raises(TrainingError, match='non-finite loss at step 4'):
-    train_lib.train(broken, str(tmp_path))
+    two_good_steps, tiny_config, tmp_path, monkeypatch):
+  good_dir, good_state = two_good_steps
+  shutil.copytree(good_dir, tmp_path, dirs_exist_ok=True)
+  # The resumed run's first step (step 3) has a NaN loss.
+  _inject_nan(monkeypatch, lambda step: step >= 2)
+  with pytest.raises(TrainingError) as info:
+    train_lib.train(tiny_config, str(tmp_path))
+  message = str(info.value)
+  assert message.startswith('non-finite loss or gradients at step 3 '
+                            '(g_loss nan')
+  assert 'last good checkpoint (step 2)' in message and '\n' not in message
   manager = checkpointing.make_manager(str(tmp_path))
-  assert manager.latest_step() == 2
-  assert _tree_equal(state.gen_params,
-                     checkpointing.restore_latest(manager, state).gen_params)
+  assert manager.all_steps() == [2]
+  assert _tree_equal(good_state,
+                     checkpointing.restore_latest(manager, good_state))
+  assert [line['step'] for line in _logged(tmp_path)] == [2]
+
+
+def test_skip_mode_skips_non_finite_steps_and_stops_after_too_many(
+    two_good_steps, tiny_config, tmp_path, monkeypatch):
+  tiny_config.train.nonfinite = 'skip'
+  tiny_config.train.max_consecutive_skips = 2
+  tiny_config.train.num_steps = 6
+  tiny_config.train.checkpoint_every = 1
+  tiny_config.train.keep_checkpoints = 10
+  # Updates 3, 5 and 6 (0-based steps 2, 4, 5) have a NaN loss.
+  _inject_nan(monkeypatch, lambda step: jnp.isin(step, jnp.array([2, 4, 5])))
+  with pytest.raises(TrainingError, match=(
+      r'^2 consecutive steps up to step 6 had non-finite losses or gradients '
+      r'and were skipped \(train.max_consecutive_skips=2\); training stopped, '
+      r'the last good checkpoint \(step 5\)')):
+    train_lib.train(tiny_config, str(tmp_path))
+
+  _, good_state = two_good_steps
+  manager = checkpointing.make_manager(str(tmp_path))
+  assert manager.all_steps() == [1, 2, 3, 4, 5]
+  after = {s: checkpointing.restore(manager, s, good_state)
+           for s in (2, 3, 4, 5)}
+  # Finite steps are those of 'stop' mode (up to rounding: the program
+  # differs, so XLA may fuse the batch-norm reductions differently).
+  for x, y in zip(jax.tree.leaves(after[2]), jax.tree.leaves(good_state)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  # A skipped step leaves everything but the step counter unchanged.
+  assert int(after[3].step) == 3
+  assert _tree_equal(after[3].replace(step=after[2].step), after[2])
+  assert not _tree_equal(after[4].gen_params, after[3].gen_params)
+  assert _tree_equal(after[5].replace(step=after[4].step), after[4])
+  assert train_lib._all_finite(after[5])  # pylint: disable=protected-access
+  assert [(line['step'], line['skipped']) for line in _logged(tmp_path)] == [
+      (2, 0), (4, 1)]
 
 
 def test_writes_config_and_metrics(tiny_config, tmp_path):

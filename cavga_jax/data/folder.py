@@ -9,6 +9,23 @@ Layout::
 Every problem with the input raises `cavga_jax.errors.DataError` whose message
 is one line naming the offending path and the problem; PIL and OS errors never
 escape.
+
+Images of any PIL mode are converted, not rejected: grayscale is expanded to
+RGB (or kept for ``channels=1``), palette images go through their palette,
+alpha is dropped, 16-bit images are rescaled to 8 bits (65535 -> 255).
+
+Masks are converted to 8-bit grayscale the same way and a pixel is a defect
+pixel when its value is >= 128 (MVTec AD masks are 0 and 255). The threshold
+tolerates anti-aliased edges and JPEG noise, but a mask that is clearly not a
+0/255 mask is rejected rather than silently binarised:
+
+* it has nonzero values yet none >= 128 (e.g. a 0/1 or class-index label
+  mask, which thresholding would turn into an empty mask);
+* more than `MAX_GRAY_MASK_FRACTION` of its pixels are gray, i.e. in
+  `GRAY_MASK_VALUES` (a heat map, an attention map or a photo).
+
+Masks must have the size of their image; they are resized with the image
+after thresholding (nearest neighbour), so they stay binary.
 """
 
 from __future__ import annotations
@@ -27,6 +44,13 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 NORMAL_DEFECT = 'good'
 SPLITS = ('train', 'test')
 MASK_SUFFIX = '_mask'
+
+# Mask pixels >= this value (after conversion to 8-bit gray) are defects.
+MASK_THRESHOLD = 128
+# Values that are neither clearly background nor clearly defect, and the
+# fraction of such pixels above which a mask is rejected as not binary.
+GRAY_MASK_VALUES = (32, 223)
+MAX_GRAY_MASK_FRACTION = 0.05
 
 # Modes that hold more than 8 bits per sample in a single band. PIL's own
 # conversion of these to 'L' clips at 255 instead of rescaling.
@@ -177,10 +201,30 @@ def _decode_item(item: _Item, image_size: int, channels: int,
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f'{item.mask_path}: cannot convert mask of mode '
                     f'{mask.mode} ({_one_line(e)})') from None
+  binary = _binarize_mask(np.asarray(gray), item.mask_path)
   if gray.size != size:
     # NEAREST keeps the mask binary and aligned with the bilinear image.
-    gray = gray.resize(size, Image.NEAREST)
-  mask_out[...] = np.asarray(gray) > 127
+    binary = np.asarray(Image.fromarray(binary).resize(size, Image.NEAREST))
+  mask_out[...] = binary
+
+
+def _binarize_mask(values: np.ndarray, path: pathlib.Path) -> np.ndarray:
+  """Thresholds an 8-bit mask at MASK_THRESHOLD; rejects non-binary masks."""
+  defect = values >= MASK_THRESHOLD
+  top = int(values.max()) if values.size else 0
+  if 0 < top < MASK_THRESHOLD:
+    raise DataError(
+        f'{path}: mask is not binary: values are 0..{top} and none is >= '
+        f'{MASK_THRESHOLD}, so it would mark no defect pixel; defect pixels '
+        'must be 255 (a 0/1 mask must be multiplied by 255)')
+  low, high = GRAY_MASK_VALUES
+  gray = np.count_nonzero((values >= low) & (values <= high))
+  if gray > MAX_GRAY_MASK_FRACTION * values.size:
+    raise DataError(
+        f'{path}: mask is not binary: {100 * gray / values.size:.0f}% of its '
+        f'pixels are gray ({low}..{high}); masks must be 0 (normal) and 255 '
+        '(defect), binarise it first')
+  return defect
 
 
 def _category_dir(root: str, category: str) -> pathlib.Path:
@@ -267,8 +311,9 @@ def load_split(root: str, category: str, split: str, image_size: int,
   Images are converted to `channels` channels (3: RGB, grayscale expanded;
   1: PIL 'L'; 16-bit images are rescaled to 8 bits) and resized to
   `image_size` x `image_size` with PIL's bilinear filter (antialiased when
-  downscaling). Masks are resized with nearest neighbour and binarised
-  (> 127 after conversion to 8-bit grayscale). Files are sorted by name.
+  downscaling). Masks are binarised (>= 128 after conversion to 8-bit
+  grayscale; clearly non-binary masks are rejected, see the module
+  docstring), then resized with nearest neighbour. Files are sorted by name.
 
   Args:
     root: folder holding the category folders.
@@ -285,7 +330,8 @@ def load_split(root: str, category: str, split: str, image_size: int,
 
   Raises:
     DataError: a folder is missing or empty, an image or mask cannot be
-      decoded, a mask is missing, has the wrong size or has no image.
+      decoded, a mask is missing, has the wrong size, is not binary or has
+      no image.
   """
   if split not in SPLITS:
     raise DataError(f'{root}: unknown split {split!r} (expected one of '

@@ -55,16 +55,26 @@ def _tfds():
   return tfds
 
 
-def _builder(name: str, data_dir: str | None, download: bool) -> Any:
+def _builder(name: str, data_dir: str | None, download: bool,
+             known: tuple[str, ...] = ONE_CLASS_DATASETS,
+             kind: str = 'one-class') -> Any:
   """The TFDS builder of `name`, prepared in array_record format.
+
+  Args:
+    name: the TFDS name.
+    data_dir: TFDS data_dir; None uses TFDS's default.
+    download: prepare the dataset if it is not prepared yet.
+    known: the names this caller accepts (default: the one-class datasets;
+      `cavga_jax.data.sprites` passes its own).
+    kind: what `known` holds, for the error message ('one-class').
 
   Raises:
     DataError: unknown name, data not prepared and not allowed or not able
       to prepare it (TensorFlow missing), or the preparation failed.
   """
-  if name not in ONE_CLASS_DATASETS:
-    raise DataError(f'config.data.name: {name!r} is not a one-class TFDS '
-                    f'dataset (known: {", ".join(ONE_CLASS_DATASETS)})')
+  if name not in known:
+    raise DataError(f'config.data.name: {name!r} is not a {kind} TFDS '
+                    f'dataset (known: {", ".join(known)})')
   tfds = _tfds()
   try:
     builder = tfds.builder(name, data_dir=data_dir,

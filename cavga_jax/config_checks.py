@@ -1,0 +1,144 @@
+"""Validation of a run configuration before anything expensive happens.
+
+``check_config(config)`` is called by ``train_lib.train`` and by the
+command-line programs (``runtime.run_program``) before data is loaded or a
+program is compiled. Each problem raises ``CavgaError`` with one line naming
+the field, its value and what is expected, instead of a ``ZeroDivisionError``
+or an XLA error many seconds later.
+
+Unknown fields and values of the wrong type given on the command line are
+already rejected by ``ml_collections`` (configs are locked and typed); this
+module checks values and ranges, and types for configs built in Python.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import ml_collections
+
+from cavga_jax import attention
+from cavga_jax import data
+from cavga_jax import models
+from cavga_jax.errors import CavgaError
+
+VARIANTS = ('R', 'D')
+LATENTS = ('conv', 'flat')
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+SCHEDULES = ('constant', 'cosine')
+NONFINITE_MODES = ('stop', 'skip')
+
+_MISSING = object()
+
+
+def _get(config: ml_collections.ConfigDict, field: str,
+         default: Any = _MISSING) -> Any:
+  node = config
+  for part in field.split('.'):
+    try:
+      node = node[part]
+    except (KeyError, AttributeError, TypeError):
+      if default is _MISSING:
+        raise CavgaError(f'config.{field} is missing') from None
+      return default
+  return node
+
+
+def _check_int(config, field: str, minimum: int, default: Any = _MISSING
+               ) -> None:
+  value = _get(config, field, default)
+  if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+      or value < minimum):
+    raise CavgaError(f'config.{field}={value!r} must be an integer >= '
+                     f'{minimum}')
+
+
+def _check_number(config, field: str, minimum: float = 0.0,
+                  below: float | None = None, default: Any = _MISSING
+                  ) -> None:
+  value = _get(config, field, default)
+  valid = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+           and math.isfinite(value) and value >= minimum
+           and (below is None or value < below))
+  if not valid:
+    upper = f' and < {below}' if below is not None else ''
+    raise CavgaError(f'config.{field}={value!r} must be a finite number >= '
+                     f'{minimum}{upper}')
+
+
+def _check_choice(config, field: str, choices: tuple[str, ...],
+                  default: Any = _MISSING) -> None:
+  value = _get(config, field, default)
+  if value not in choices:
+    raise CavgaError(f'config.{field}={value!r} must be one of '
+                     f'{", ".join(repr(c) for c in choices)}')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises CavgaError (one line) for the first invalid field of ``config``.
+
+  Checks the fields of ``configs/default.py`` that training and evaluation
+  read: dataset name, image size and channels; model variant, latent,
+  supervision, widths and dtype; loss weights; optimizer settings; train
+  and eval sizes and intervals; the non-finite loss policy. Optional fields
+  are checked only when present.
+
+  Configs of another task (``config.task`` other than ``'cavga'``, e.g. the
+  VAE experiments of ``vae_lib``) are left to their own programs.
+
+  Args:
+    config: a full run configuration.
+
+  Raises:
+    CavgaError: naming the field, its value and the expected values.
+  """
+  if config.get('task', 'cavga') != 'cavga':
+    return
+  _check_int(config, 'seed', 0)
+  _check_choice(config, 'data.name', data.KNOWN_DATASETS, 'generated')
+  _check_int(config, 'data.image_size', 1)
+  _check_choice(config, 'data.channels', (1, 3), 3)
+  _check_int(config, 'data.num_workers', 0, 0)
+
+  _check_choice(config, 'model.variant', VARIANTS)
+  _check_choice(config, 'model.latent', LATENTS)
+  _check_choice(config, 'model.supervision', models.SUPERVISIONS,
+                'unsupervised')
+  _check_choice(config, 'model.compute_dtype', COMPUTE_DTYPES, 'float32')
+  _check_int(config, 'model.latent_channels', 1)
+  _check_int(config, 'model.latent_dim', 1, 1)
+  for name in ('encoder_widths', 'decoder_widths', 'discriminator_widths'):
+    widths = _get(config, f'model.{name}', ())
+    if not isinstance(widths, (tuple, list)) or not all(
+        isinstance(w, numbers.Integral) and not isinstance(w, bool) and w > 0
+        for w in widths):
+      raise CavgaError(f'config.model.{name}={widths!r} must be a tuple of '
+                       'positive integers (or () for the paper\'s widths)')
+
+  for name in _get(config, 'loss_weights').keys():
+    _check_number(config, f'loss_weights.{name}', 0.0)
+
+  _check_number(config, 'optimizer.learning_rate', 0.0)
+  _check_number(config, 'optimizer.b1', 0.0, below=1.0)
+  _check_number(config, 'optimizer.b2', 0.0, below=1.0)
+  _check_choice(config, 'optimizer.schedule', SCHEDULES, 'constant')
+  _check_int(config, 'optimizer.warmup_steps', 0, 0)
+  _check_number(config, 'optimizer.grad_clip_norm', 0.0, default=0.0)
+
+  _check_int(config, 'train.num_steps', 0)
+  _check_int(config, 'train.batch_size', 1)
+  _check_int(config, 'train.log_every', 1)
+  _check_int(config, 'train.checkpoint_every', 1)
+  _check_int(config, 'train.keep_checkpoints', 1, 3)
+  _check_int(config, 'train.prefetch', 1, 2)
+  _check_choice(config, 'train.nonfinite', NONFINITE_MODES, 'stop')
+  _check_int(config, 'train.max_consecutive_skips', 1, 10)
+
+  _check_int(config, 'eval.batch_size', 1)
+  _check_int(config, 'eval.num_panels', 0)
+  _check_choice(config, 'eval.weak_map', attention.WEAK_MAPS, 'anomalous')
+
+  # Widths per variant and the image size stride (cheap: no parameters).
+  models.build_models(config)

@@ -1,0 +1,462 @@
+"""Training and evaluation of the Liu et al. VAE experiments (``config.task='vae'``).
+
+Two uses of the per-unit attention maps of ``cavga_jax.explain``:
+
+* **Disentanglement** (``config.data.name`` 'rendered_sprites' or
+  'dsprites'): a beta-VAE, optionally with the attention disentanglement
+  loss, ``L = rec + beta * kl + w_ad * L_AD`` (``config.loss_weights.beta``,
+  ``.ad``), scored by the FactorVAE metric and MIG on the ground-truth
+  factors (``cavga_jax.disentanglement``).
+* **One-class localization** ('mnist', 'fashion_mnist'): a VAE trained on
+  the images of ``config.data.normal_class``; evaluation explains the test
+  images of ``config.eval.explain_class`` (Liu et al.: train on 1, explain
+  7s). The anomaly map is the attention map itself (``config.eval.map``:
+  'mean' of the unit maps, Liu et al.'s, or 'sum', the map of sum(mu)),
+  where CAVGA uses ``1 - A``. There are no defect masks, so we score the maps
+  against a *pseudo-mask* of our own: the strokes of the test digit (pixel
+  >= 0.5) that lie where the normal class's mean training image is below
+  ``config.eval.pseudo_mask_support`` (0.05), i.e. strokes the normal class
+  never draws (the bar of a 7 for normal 1s). Image scores are the negative
+  ELBO (Bernoulli rec + KL) of ``z = mu``.
+* **Localization on MVTec-layout folders** ('generated', 'mvtec'): the same
+  VAE trained on the normal training images, its attention map scored
+  against the real defect masks with SPEC section 4's protocol, which puts
+  Liu et al.'s method next to CAVGA on the same data. Colour images are
+  Bernoulli "likelihood" targets in [0, 1] too (the cross entropy of
+  continuous targets, as common VAE code does).
+
+The train step is one jitted, donated program (like ``train_lib``'s); the
+data order and the noise are functions of ``(seed, step)``, so an
+interrupted run resumes to the same parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from cavga_jax import attention
+from cavga_jax import checkpointing
+from cavga_jax import data
+from cavga_jax import disentanglement
+from cavga_jax import eval_lib
+from cavga_jax import explain
+from cavga_jax import losses
+from cavga_jax import metrics
+from cavga_jax import models
+from cavga_jax import sharding
+from cavga_jax import train_lib
+from cavga_jax import visualize
+from cavga_jax import vae
+from cavga_jax.data import sprites
+from cavga_jax.data import tfds_data
+from cavga_jax.errors import CavgaError
+from cavga_jax.errors import TrainingError
+
+Array = jax.Array
+PyTree = Any
+
+ONE_CLASS_DATASETS = ('mnist', 'fashion_mnist')
+# MVTec-layout folders (incl. the embedded generated textures): localization
+# against the real defect masks.
+FOLDER_DATASETS = ('generated', 'mvtec')
+ATTENTION_MAPS = ('mean', 'sum')
+
+
+@flax.struct.dataclass
+class VAEState:
+  """A resumable VAE run; ``step`` counts completed updates."""
+  step: Array
+  params: PyTree
+  opt_state: PyTree
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+def create_state(config: ml_collections.ConfigDict, model: vae.ConvVAE,
+                 rng: Array) -> VAEState:
+  size, channels = config.data.image_size, config.data.channels
+  params = model.init(rng, jnp.zeros((1, size, size, channels)))['params']
+  tx = train_lib.make_optimizer(config.optimizer, config.train.num_steps)
+  return VAEState(step=jnp.zeros((), jnp.int32), params=params,
+                  opt_state=tx.init(params), tx=tx)
+
+
+def images_to_unit(images: Array) -> Array:
+  """uint8 (B, H, W, C) -> float32 in [0, 1] (Bernoulli targets)."""
+  return images.astype(jnp.float32) / 255.0
+
+
+def loss_terms(model: vae.ConvVAE, params: PyTree, x: Array, rng: Array | None,
+               with_attention_grad: bool) -> tuple[dict[str, Array], dict]:
+  """rec, kl and ad of one batch, and the model outputs.
+
+  Args:
+    model: the VAE.
+    params: its parameters.
+    x: (B, S, S, C) in [0, 1].
+    rng: key for sampling z; None decodes mu.
+    with_attention_grad: whether L_AD is differentiated (it is always
+      computed, for logging; without its weight the second-order pass is
+      skipped).
+
+  Returns:
+    (terms, outputs): per-batch scalars 'rec', 'kl', 'ad'; outputs has
+    'logits', 'mu', 'logvar' and 'maps' (``explain.UnitAttention``).
+  """
+  variables = {'params': params}
+  features = model.apply(variables, x, method='encode')
+  latent_fn = lambda f: model.apply(variables, f, method='latent_params')
+  maps, mu, logvar = explain.unit_attention(latent_fn, features, has_aux=True)
+  if not with_attention_grad:
+    maps = jax.lax.stop_gradient(maps)
+  z = mu if rng is None else models.reparameterize(rng, mu, logvar)
+  logits = model.apply(variables, z, method='decode')
+  terms = dict(rec=losses.bernoulli_reconstruction_loss(x, logits),
+               kl=losses.kl_divergence(mu, logvar),
+               ad=losses.attention_disentanglement_loss(maps.units))
+  return terms, dict(logits=logits, mu=mu, logvar=logvar, maps=maps)
+
+
+def make_train_step(model: vae.ConvVAE, beta: float, ad_weight: float
+                    ) -> Callable[[VAEState, Array, Array],
+                                  tuple[VAEState, dict[str, Array]]]:
+  """``train_step(state, images, rng) -> (state, metrics)``.
+
+  ``images`` uint8 (B, S, S, C); ``rng`` is the run's key, folded with the
+  step. Minimises ``rec + beta * kl + ad_weight * L_AD``; metrics hold the
+  three terms (unweighted) and the total 'loss'.
+  """
+
+  def train_step(state: VAEState, images: Array, rng: Array):
+    rng = jax.random.fold_in(rng, state.step)
+    x = images_to_unit(images)
+
+    def loss_fn(params):
+      terms, _ = loss_terms(model, params, x, rng, bool(ad_weight))
+      total = terms['rec'] + beta * terms['kl'] + ad_weight * terms['ad']
+      return total, terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    return new_state, dict(terms, loss=loss)
+
+  return train_step
+
+
+class _TrainingData:
+  """What training and evaluation read: an image getter and its size."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    name = config.data.name
+    self.factors: sprites.FactorDataset | None = None
+    self.test: data.AnomalyDataset | None = None
+    if name in sprites.SPRITES_DATASETS:
+      if config.data.image_size != sprites.IMAGE_SIZE:
+        raise CavgaError(f'config.data.image_size must be '
+                         f'{sprites.IMAGE_SIZE} for {name}, got '
+                         f'{config.data.image_size}')
+      self.factors = sprites.load_sprites(
+          name, config.data.root or None, config.data.get('download', True),
+          scales=config.data.get('scales', 6),
+          orientations=config.data.get('orientations', 40),
+          positions=config.data.get('positions', 32))
+      self.num_examples = self.factors.num_examples
+      self.images = self.factors.images
+    elif name in ONE_CLASS_DATASETS + FOLDER_DATASETS:
+      train_ds, self.test = data.get_datasets(config, workdir)
+      self.num_examples = train_ds.num_examples
+      self.images = lambda idx: train_ds.images[idx]
+      self.normal_mean = train_ds.images.mean(axis=(0, 3)) / 255.0
+    else:
+      raise CavgaError(
+          f"config.data.name={name!r} is not a dataset of config.task='vae' "
+          f'(known: {", ".join(sprites.SPRITES_DATASETS + ONE_CLASS_DATASETS + FOLDER_DATASETS)})')
+
+
+def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """The VAE, the jitted state initialiser and the replicated sharding."""
+  model = vae.build_vae(config)
+  state_sharding = sharding.replicated(mesh)
+  init_fn = jax.jit(functools.partial(create_state, config, model),
+                    out_shardings=state_sharding)
+  return model, init_fn, state_sharding
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> VAEState:
+  """Trains the VAE as configured, resuming from ``<workdir>/checkpoints``.
+
+  Logs and appends to ``<workdir>/train_metrics.jsonl`` every
+  ``config.train.log_every`` steps; stops with ``TrainingError`` on a
+  non-finite loss, keeping the last good checkpoint.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh()
+  batch_size = config.train.batch_size
+  sharding.check_batch_size(batch_size, mesh, 'config.train.batch_size')
+  training_data = _TrainingData(config, workdir)
+  model, init_fn, state_sharding = setup(config, mesh)
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  state = init_fn(init_rng)
+  manager = checkpointing.make_manager(
+      workdir, config.train.get('keep_checkpoints', 3))
+  restored = checkpointing.restore_latest(manager, state)
+  if restored is not None:
+    state = restored
+    logging.info('resumed from %s at step %d',
+                 checkpointing.checkpoint_dir(workdir), int(state.step))
+  start_step, num_steps = int(state.step), config.train.num_steps
+  if start_step >= num_steps:
+    logging.info('already trained for %d steps', start_step)
+    return state
+
+  weights = config.loss_weights
+  train_step = jax.jit(
+      make_train_step(model, weights.beta, weights.ad), donate_argnums=0,
+      out_shardings=(state_sharding, sharding.replicated(mesh)))
+  per_host = batch_size // jax.process_count()
+  host_slice = slice(jax.process_index() * per_host,
+                     (jax.process_index() + 1) * per_host)
+  batches = data.TrainBatches(
+      np.arange(training_data.num_examples), batch_size, seed=config.seed,
+      start_step=start_step, prefetch=config.train.get('prefetch', 2),
+      put_fn=lambda idx: sharding.shard_batch(
+          training_data.images(idx[host_slice]), mesh))
+  logging.info('training a beta-VAE (beta %g, L_AD weight %g, latent %d) on '
+               '%s for %d steps, batch %d on %d device(s)', weights.beta,
+               weights.ad, config.model.latent_dim, config.data.name,
+               num_steps, batch_size, mesh.size)
+  log_every, ckpt_every = config.train.log_every, config.train.checkpoint_every
+  with batches, open(os.path.join(workdir, 'train_metrics.jsonl'),
+                     'a') as metrics_file:
+    tic, tic_step = time.perf_counter(), start_step
+    for step in range(start_step, num_steps):
+      state, step_metrics = train_step(state, next(batches), step_rng)
+      done = step + 1
+      if done % log_every == 0 or done == num_steps:
+        step_metrics = {k: float(v) for k, v in
+                        jax.device_get(step_metrics).items()}
+        elapsed = time.perf_counter() - tic
+        speed = (done - tic_step) * batch_size / max(elapsed, 1e-9)
+        tic, tic_step = time.perf_counter(), done
+        if not np.isfinite(step_metrics['loss']):
+          raise TrainingError(
+              f'non-finite loss at step {done} ({step_metrics}); training '
+              f'stopped, the last good checkpoint (step '
+              f'{manager.latest_step()}) in '
+              f'{checkpointing.checkpoint_dir(workdir)} is kept')
+        logging.info(train_lib._log_line(done, num_steps, step_metrics, speed))
+        metrics_file.write(json.dumps(
+            dict(step=done, images_per_s=speed, **step_metrics)) + '\n')
+        metrics_file.flush()
+      if done % ckpt_every == 0 or done == num_steps:
+        checkpointing.save(manager, done, state)
+  return state
+
+
+def make_explain_step(model: vae.ConvVAE, attention_map: str = 'mean'
+                      ) -> Callable[[PyTree, Array], dict[str, Array]]:
+  """``explain_step(params, images) -> outputs`` for evaluation.
+
+  ``images`` uint8 (B, S, S, C). Outputs: 'reconstruction' uint8
+  (B, S, S, C) (Bernoulli means of ``z = mu``), 'mu' (B, D), 'units'
+  (B, D, h, w), 'anomaly_map' (B, S, S) (the ``attention_map`` of
+  ``ATTENTION_MAPS`` resized bilinearly), 'score' (B,) the per-image
+  negative ELBO and 'ad' (B,) the per-image L_AD.
+  """
+  if attention_map not in ATTENTION_MAPS:
+    raise CavgaError(f'config.eval.map must be one of {ATTENTION_MAPS}, got '
+                     f'{attention_map!r}')
+
+  def explain_step(params, images):
+    x = images_to_unit(images)
+    maps, outputs = explain.explain(model, {'params': params}, x)
+    logits = model.apply({'params': params}, outputs['mu'], method='decode')
+    rec = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x), (1, 2, 3))
+    kl = jnp.sum(-0.5 * (1 + outputs['logvar'] - outputs['mu'] ** 2
+                         - jnp.exp(outputs['logvar'])), axis=1)
+    return dict(
+        reconstruction=jnp.round(jax.nn.sigmoid(logits) * 255).astype(
+            jnp.uint8),
+        mu=outputs['mu'], units=maps.units,
+        anomaly_map=attention.resize_map(getattr(maps, attention_map),
+                                         images.shape[1]),
+        score=rec + kl,
+        ad=jax.vmap(lambda u: losses.attention_disentanglement_loss(
+            u[None]))(maps.units))
+
+  return explain_step
+
+
+def _predict(explain_step, params, images: np.ndarray, batch_size: int,
+             mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
+  out: dict[str, list[np.ndarray]] = {}
+  for batch, num_valid in data.eval_batches(images, batch_size):
+    result = jax.device_get(explain_step(params,
+                                         sharding.shard_batch(batch, mesh)))
+    for key, value in result.items():
+      out.setdefault(key, []).append(value[:num_valid])
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _disentanglement_metrics(config, model, explain_step, params, factors,
+                             mesh, out_dir: str) -> dict[str, float]:
+  eval_config = config.eval
+
+  @jax.jit
+  def encode_mu(images):
+    variables = {'params': params}
+    features = model.apply(variables, images_to_unit(images), method='encode')
+    return model.apply(variables, features, method='latent_params')[0]
+
+  def representation_fn(images: np.ndarray) -> np.ndarray:
+    return np.asarray(encode_mu(images))
+
+  seed = eval_config.get('metric_seed', 0)
+  result = {}
+  factor_vae = disentanglement.factor_vae_score(
+      representation_fn, factors, np.random.default_rng(seed),
+      num_train=eval_config.factor_vae_num_train,
+      num_eval=eval_config.factor_vae_num_eval,
+      num_variance_estimate=eval_config.factor_vae_num_variance)
+  result.update({f'factor_vae_{k}': v for k, v in factor_vae.items()})
+  mig = disentanglement.mig_score(
+      representation_fn, factors, np.random.default_rng(seed + 1),
+      num_samples=eval_config.mig_num_samples)
+  result['mig'] = mig['mig']
+  result.update({f'mig_{name}': gap
+                 for name, gap in mig['mig_per_factor'].items()})
+  result['mig_skipped_factors'] = mig['skipped_factors']
+  # (latent unit, factor) mutual information in nats: which unit codes what.
+  result['mutual_info'] = np.round(mig['mutual_info'], 4).tolist()
+  # Losses and panels on a fixed sample.
+  rng = np.random.default_rng(seed + 2)
+  indices = factors.sample_indices(eval_config.num_loss_samples, rng)
+  images = factors.images(indices)
+  predictions = _predict(explain_step, params, images, eval_config.batch_size,
+                         mesh)
+  result['mean_negative_elbo'] = float(predictions['score'].mean())
+  result['attention_disentanglement_loss'] = float(predictions['ad'].mean())
+  # L_AD is also 0 when unit maps are all zero (cam <= 0 everywhere): the
+  # fraction of (image, unit) maps that are not tells the two apart.
+  result['nonzero_unit_maps'] = float(
+      (predictions['units'].max(axis=(2, 3)) > 0).mean())
+  _write_unit_panels(out_dir, images, predictions, eval_config.num_panels)
+  return result
+
+
+def _write_unit_panels(out_dir: str, images: np.ndarray,
+                       predictions: dict[str, np.ndarray],
+                       num_panels: int) -> None:
+  panel_dir = os.path.join(out_dir, 'panels')
+  os.makedirs(panel_dir, exist_ok=True)
+  for i in range(min(num_panels, len(images))):
+    visualize.save_unit_panel(
+        os.path.join(panel_dir, f'{i:04d}_units.png'), images[i],
+        predictions['reconstruction'][i], predictions['units'][i])
+
+
+def pseudo_masks(images: np.ndarray, normal_mean: np.ndarray,
+                 support: float) -> np.ndarray:
+  """Strokes outside the normal class's support: (N, S, S) bool.
+
+  Args:
+    images: (N, S, S, C) uint8 test images.
+    normal_mean: (S, S) mean normal training image in [0, 1].
+    support: pixels where ``normal_mean < support`` are outside the normal
+      class's support.
+  """
+  strokes = images.mean(axis=-1) >= 127.5
+  return strokes & (normal_mean < support)[None]
+
+
+def _explain_class_split(config, test: data.AnomalyDataset,
+                         normal_mean: np.ndarray
+                         ) -> tuple[data.AnomalyDataset, dict[str, Any]]:
+  """The normal test images and those of ``config.eval.explain_class``.
+
+  Their masks are the ``pseudo_masks`` (all False for normal images).
+  """
+  explain_class = config.eval.explain_class
+  names = tfds_data.class_names(config.data.name, config.data.root or None,
+                                config.data.get('download', True))
+  if not 0 <= explain_class < len(names) or (
+      explain_class == config.data.normal_class):
+    raise CavgaError(f'config.eval.explain_class={explain_class} must be a '
+                     f'class in [0, {len(names)}) other than '
+                     f'config.data.normal_class={config.data.normal_class}')
+  target = names[explain_class]
+  keep = np.flatnonzero([d in (data.folder.NORMAL_DEFECT, target)
+                         for d in test.defect_types])
+  if not test.labels[keep].any():
+    raise CavgaError(f'config.eval.explain_class={explain_class}: no test '
+                     f'image of class {target!r}')
+  images, labels = test.images[keep], test.labels[keep]
+  masks = pseudo_masks(images, normal_mean, config.eval.pseudo_mask_support)
+  masks[labels == 0] = False
+  subset = data.AnomalyDataset(
+      images=images, masks=masks, labels=labels,
+      defect_types=tuple(test.defect_types[i] for i in keep),
+      paths=tuple(test.paths[i] for i in keep))
+  return subset, dict(explain_class=explain_class, explain_class_name=target)
+
+
+def _localization_metrics(config, explain_step, params, training_data, mesh,
+                          out_dir: str, step: int) -> dict[str, Any]:
+  """SPEC section 4's metrics with the attention map as the anomaly map."""
+  test, result = training_data.test, dict(checkpoint_step=step)
+  if config.data.name in ONE_CLASS_DATASETS:
+    test, info = _explain_class_split(config, test, training_data.normal_mean)
+    result.update(info)
+  predictions = _predict(explain_step, params, test.images,
+                         config.eval.batch_size, mesh)
+  result.update(num_test_images=test.num_examples,
+                num_anomalous_images=int(test.labels.sum()))
+  result.update(metrics.localization_metrics(predictions['anomaly_map'],
+                                             test.masks, test.labels))
+  result.update(metrics.detection_metrics(predictions['score'], test.labels))
+  eval_lib.write_outputs(out_dir, result, predictions, test,
+                         config.eval.num_panels)
+  return result
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str
+             ) -> dict[str, Any]:
+  """Restores the newest checkpoint and writes ``<workdir>/eval/metrics.json``."""
+  mesh = sharding.make_mesh()
+  training_data = _TrainingData(config, workdir)
+  model, init_fn, _ = setup(config, mesh)
+  state, step = checkpointing.restore_for_eval(
+      workdir, train_lib.abstract_state(init_fn, mesh))
+  explain_step = jax.jit(make_explain_step(model, config.eval.map))
+  out_dir = os.path.join(workdir, 'eval')
+  os.makedirs(out_dir, exist_ok=True)
+  start = time.perf_counter()
+  if training_data.factors is not None:
+    result = _disentanglement_metrics(config, model, explain_step, state.params,
+                                      training_data.factors, mesh, out_dir)
+    result['checkpoint_step'] = step
+    with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
+      json.dump(result, f, indent=2, sort_keys=True)
+  else:
+    result = _localization_metrics(config, explain_step, state.params,
+                                   training_data, mesh, out_dir, step)
+  logging.info('evaluated checkpoint %d in %.1f s: %s', step,
+               time.perf_counter() - start, json.dumps(result, sort_keys=True))
+  return result
