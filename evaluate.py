@@ -9,31 +9,26 @@ import json
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from cavga_jax import eval_lib
 from cavga_jax import runtime
 from cavga_jax import vae_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'The configuration the model was trained with.',
-    lock_config=True)
+_CONFIG = runtime.define_config_flag(
+    'The configuration the model was trained with.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The training workdir.')
 _CACHE = runtime.define_compilation_cache_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # config.task -> program: CAVGA, or the Liu et al. VAE experiments.
-_PROGRAMS = {'cavga': eval_lib.evaluate, 'vae': vae_lib.evaluate}
+_PROGRAM = runtime.task_program({'cavga': eval_lib.evaluate,
+                                 'vae': vae_lib.evaluate})
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  task = _CONFIG.value.get('task', 'cavga')
-  if task not in _PROGRAMS:
-    raise app.UsageError(f'config.task must be one of {sorted(_PROGRAMS)}, '
-                         f'got {task!r}')
-  result = runtime.run_program(_PROGRAMS[task], _CONFIG.value,
+  result = runtime.run_program(_PROGRAM, _CONFIG.value,
                                _WORKDIR.value, _CACHE.value)
   print(json.dumps(result, indent=2, sort_keys=True))
 

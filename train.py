@@ -1,4 +1,4 @@
-"""Trains CAVGA.
+"""Trains CAVGA, or the Liu et al. VAEs of the configs with task='vae'.
 
   python train.py --config=configs/default.py --workdir=/tmp/cavga \
       [--config.train.num_steps=2000 ...]
@@ -9,14 +9,12 @@ Checkpoints go to <workdir>/checkpoints; a rerun resumes from the newest one.
 from absl import app
 from absl import flags
 import jax
-from ml_collections import config_flags
 
 from cavga_jax import runtime
 from cavga_jax import train_lib
 from cavga_jax import vae_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Training configuration file.', lock_config=True)
+_CONFIG = runtime.define_config_flag('Training configuration file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, '
                                'logs and the generated dataset.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call '
@@ -33,7 +31,8 @@ _CACHE = runtime.define_compilation_cache_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # config.task -> program: CAVGA, or the Liu et al. VAE experiments.
-_PROGRAMS = {'cavga': train_lib.train, 'vae': vae_lib.train}
+_PROGRAM = runtime.task_program({'cavga': train_lib.train,
+                                 'vae': vae_lib.train})
 
 
 def main(argv):
@@ -42,11 +41,7 @@ def main(argv):
   if _MULTIHOST.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)
-  task = _CONFIG.value.get('task', 'cavga')
-  if task not in _PROGRAMS:
-    raise app.UsageError(f'config.task must be one of {sorted(_PROGRAMS)}, '
-                         f'got {task!r}')
-  runtime.run_program(_PROGRAMS[task], _CONFIG.value, _WORKDIR.value,
+  runtime.run_program(_PROGRAM, _CONFIG.value, _WORKDIR.value,
                       _CACHE.value)
 
 

@@ -6,7 +6,8 @@ program is compiled. Each problem raises ``CavgaError`` with one line naming
 the field, its value and what is expected, instead of a ``ZeroDivisionError``
 or an XLA error many seconds later.
 
-Unknown fields and values of the wrong type given on the command line are
+The VAE experiments (``config.task='vae'``) are checked against their own
+fields. Unknown fields and values of the wrong type given on the command line are
 already rejected by ``ml_collections`` (configs are locked and typed); this
 module checks values and ranges, and types for configs built in Python.
 """
@@ -22,6 +23,7 @@ import ml_collections
 from cavga_jax import attention
 from cavga_jax import data
 from cavga_jax import models
+from cavga_jax import vae
 from cavga_jax.errors import CavgaError
 
 VARIANTS = ('R', 'D')
@@ -29,6 +31,7 @@ LATENTS = ('conv', 'flat')
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 SCHEDULES = ('constant', 'cosine')
 NONFINITE_MODES = ('stop', 'skip')
+TASKS = ('cavga', 'vae')
 
 _MISSING = object()
 
@@ -79,14 +82,13 @@ def _check_choice(config, field: str, choices: tuple[str, ...],
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises CavgaError (one line) for the first invalid field of ``config``.
 
-  Checks the fields of ``configs/default.py`` that training and evaluation
-  read: dataset name, image size and channels; model variant, latent,
-  supervision, widths and dtype; loss weights; optimizer settings; train
-  and eval sizes and intervals; the non-finite loss policy. Optional fields
-  are checked only when present.
-
-  Configs of another task (``config.task`` other than ``'cavga'``, e.g. the
-  VAE experiments of ``vae_lib``) are left to their own programs.
+  Checks the fields that training and evaluation read. Both tasks: seed,
+  loss weights, optimizer settings, train and eval sizes and intervals, the
+  non-finite loss policy. ``config.task='cavga'`` (default,
+  ``configs/default.py``): dataset name, image size and channels; model
+  variant, latent, supervision, widths and dtype. ``'vae'`` (the Liu et al.
+  experiments of ``vae_lib``): dataset, VAE widths and sizes, attention map,
+  metric sample sizes. Optional fields are checked only when present.
 
   Args:
     config: a full run configuration.
@@ -94,29 +96,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   Raises:
     CavgaError: naming the field, its value and the expected values.
   """
-  if config.get('task', 'cavga') != 'cavga':
-    return
+  _check_choice(config, 'task', TASKS, 'cavga')
   _check_int(config, 'seed', 0)
-  _check_choice(config, 'data.name', data.KNOWN_DATASETS, 'generated')
-  _check_int(config, 'data.image_size', 1)
-  _check_choice(config, 'data.channels', (1, 3), 3)
-  _check_int(config, 'data.num_workers', 0, 0)
-
-  _check_choice(config, 'model.variant', VARIANTS)
-  _check_choice(config, 'model.latent', LATENTS)
-  _check_choice(config, 'model.supervision', models.SUPERVISIONS,
-                'unsupervised')
-  _check_choice(config, 'model.compute_dtype', COMPUTE_DTYPES, 'float32')
-  _check_int(config, 'model.latent_channels', 1)
-  _check_int(config, 'model.latent_dim', 1, 1)
-  for name in ('encoder_widths', 'decoder_widths', 'discriminator_widths'):
-    widths = _get(config, f'model.{name}', ())
-    if not isinstance(widths, (tuple, list)) or not all(
-        isinstance(w, numbers.Integral) and not isinstance(w, bool) and w > 0
-        for w in widths):
-      raise CavgaError(f'config.model.{name}={widths!r} must be a tuple of '
-                       'positive integers (or () for the paper\'s widths)')
-
   for name in _get(config, 'loss_weights').keys():
     _check_number(config, f'loss_weights.{name}', 0.0)
 
@@ -138,7 +119,53 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
   _check_int(config, 'eval.batch_size', 1)
   _check_int(config, 'eval.num_panels', 0)
-  _check_choice(config, 'eval.weak_map', attention.WEAK_MAPS, 'anomalous')
+  _check_int(config, 'data.image_size', 1)
+  _check_choice(config, 'data.channels', (1, 3), 3)
+  _check_int(config, 'data.num_workers', 0, 0)
+  if config.get('task', 'cavga') == 'vae':
+    _check_vae_config(config)
+  else:
+    _check_cavga_config(config)
 
+
+def _check_widths(config, field: str) -> None:
+  widths = _get(config, field, ())
+  if not isinstance(widths, (tuple, list)) or not all(
+      isinstance(w, numbers.Integral) and not isinstance(w, bool) and w > 0
+      for w in widths):
+    raise CavgaError(f'config.{field}={widths!r} must be a tuple of '
+                     'positive integers (or () for the paper\'s widths)')
+
+
+def _check_cavga_config(config: ml_collections.ConfigDict) -> None:
+  _check_choice(config, 'data.name', data.KNOWN_DATASETS, 'generated')
+  _check_choice(config, 'model.variant', VARIANTS)
+  _check_choice(config, 'model.latent', LATENTS)
+  _check_choice(config, 'model.supervision', models.SUPERVISIONS,
+                'unsupervised')
+  _check_choice(config, 'model.compute_dtype', COMPUTE_DTYPES, 'float32')
+  _check_int(config, 'model.latent_channels', 1)
+  _check_int(config, 'model.latent_dim', 1, 1)
+  for name in ('encoder_widths', 'decoder_widths', 'discriminator_widths'):
+    _check_widths(config, f'model.{name}')
+  _check_choice(config, 'eval.weak_map', attention.WEAK_MAPS, 'anomalous')
   # Widths per variant and the image size stride (cheap: no parameters).
   models.build_models(config)
+
+
+def _check_vae_config(config: ml_collections.ConfigDict) -> None:
+  # vae_lib imports train_lib, which imports this module.
+  from cavga_jax import vae_lib  # pylint: disable=g-import-not-at-top
+  _check_choice(config, 'data.name', vae_lib.DATASETS)
+  _check_widths(config, 'model.encoder_widths')
+  _check_int(config, 'model.hidden', 1)
+  _check_int(config, 'model.latent_dim', 1)
+  for name in ('beta', 'ad'):
+    _check_number(config, f'loss_weights.{name}', 0.0)
+  _check_choice(config, 'eval.map', vae_lib.ATTENTION_MAPS, 'mean')
+  for name in ('factor_vae_num_train', 'factor_vae_num_eval',
+               'num_loss_samples'):
+    _check_int(config, f'eval.{name}', 1, 1)
+  for name in ('factor_vae_num_variance', 'mig_num_samples'):
+    _check_int(config, f'eval.{name}', 2, 2)
+  vae.build_vae(config)

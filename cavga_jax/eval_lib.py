@@ -31,6 +31,7 @@ import numpy as np
 
 from cavga_jax import attention
 from cavga_jax import checkpointing
+from cavga_jax import config_checks
 from cavga_jax import data
 from cavga_jax import metrics
 from cavga_jax import models
@@ -171,6 +172,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   Returns:
     The metrics dict (also logged).
   """
+  config_checks.check_config(config)
   mesh = sharding.make_mesh()
   _, test_ds = data.get_datasets(config, workdir)
   generator, _, init_fn, _ = train_lib.setup(config, mesh)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from absl import flags
 from absl import logging as absl_logging
@@ -89,6 +89,17 @@ class _DropInfoFrom(logging.Filter):
 def quiet_dependency_logs() -> None:
   """Keeps Orbax's per-save INFO lines out of the training log."""
   absl_logging.get_absl_logger().addFilter(_DropInfoFrom('orbax'))
+
+
+def task_program(programs: Mapping[str, Callable[[Any, str], Any]]
+                 ) -> Callable[[Any, str], Any]:
+  """``(config, workdir) -> programs[config.task](config, workdir)``.
+
+  ``config.task`` defaults to 'cavga'; ``run_program`` has checked it
+  (``config_checks.TASKS``) before the program runs.
+  """
+  return lambda config, workdir: programs[config.get('task', 'cavga')](
+      config, workdir)
 
 
 def run_program(program: Callable[[Any, str], Any], config: Any, workdir: str,

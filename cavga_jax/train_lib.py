@@ -188,10 +188,22 @@ def check_loss_weights(loss_weights: dict[str, float],
         f"config.model.supervision='{supervision}'{hint}")
 
 
-def _tree_all_finite(tree: PyTree) -> Array:
+def tree_all_finite(tree: PyTree) -> Array:
   """A scalar bool: every element of every leaf of ``tree`` is finite."""
   leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def keep_state_unless_finite(finite: Array, new_state: Any, state: Any) -> Any:
+  """``new_state`` if ``finite``, else ``state`` with only ``step`` advanced.
+
+  The selection happens inside the jitted step (``nonfinite='skip'``), so a
+  skipped step costs no host synchronisation; advancing ``step`` makes the
+  next step draw the next batch and noise.
+  """
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                      new_state, state)
+  return kept.replace(step=state.step + 1)
 
 
 def make_train_step(generator: models.CAVGAGenerator,
@@ -276,11 +288,9 @@ def make_train_step(generator: models.CAVGAGenerator,
         disc_params=disc_params,
         disc_batch_stats=disc_batch_stats,
         disc_opt_state=disc_opt_state)
-    finite = _tree_all_finite((g_loss, d_loss, g_grads, d_grads))
+    finite = tree_all_finite((g_loss, d_loss, g_grads, d_grads))
     if nonfinite == 'skip':
-      new_state = jax.tree.map(
-          lambda new, old: jnp.where(finite, new, old), new_state,
-          state).replace(step=state.step + 1)
+      new_state = keep_state_unless_finite(finite, new_state, state)
     metrics = dict(terms, g_loss=g_loss, d_loss=d_loss,
                    nonfinite=1.0 - finite.astype(jnp.float32))
     if weak:
@@ -290,10 +300,6 @@ def make_train_step(generator: models.CAVGAGenerator,
     return new_state, metrics
 
   return train_step
-
-
-def _all_finite(tree: PyTree) -> bool:
-  return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(tree))
 
 
 def _log_line(step: int, num_steps: int, metrics: dict[str, float],
@@ -335,8 +341,10 @@ class _NonFiniteGuard:
   """
 
   def __init__(self, mode: str, max_consecutive_skips: int,
-               describe_checkpoint: Callable[[], str]):
+               describe_checkpoint: Callable[[], str],
+               loss_keys: tuple[str, ...]):
     self._mode = mode
+    self._loss_keys = loss_keys
     self._max_skips = max_consecutive_skips
     self._describe_checkpoint = describe_checkpoint
     self._pending: collections.deque = collections.deque()
@@ -346,7 +354,7 @@ class _NonFiniteGuard:
 
   def add(self, step: int, metrics: dict[str, Array]) -> None:
     self._pending.append((step, {k: metrics[k] for k in (
-        'nonfinite', 'g_loss', 'd_loss')}))
+        'nonfinite',) + self._loss_keys}))
     while self._pending and self._pending[0][1]['nonfinite'].is_ready():
       self._process(*self._pending.popleft())
 
@@ -362,8 +370,8 @@ class _NonFiniteGuard:
     if not float(flags['nonfinite']):
       self.consecutive = 0
       return
-    losses_text = (f'g_loss {float(flags["g_loss"]):.4g}, '
-                   f'd_loss {float(flags["d_loss"]):.4g}')
+    losses_text = ', '.join(f'{k} {float(flags[k]):.4g}'
+                            for k in self._loss_keys)
     if self._mode == 'stop':
       raise TrainingError(
           f'non-finite loss or gradients at step {step} ({losses_text}); '
@@ -406,6 +414,120 @@ def _truncate_metrics_log(path: str, last_step: int) -> None:
   os.replace(tmp, path)
 
 
+def host_batch_slice(batch_size: int) -> slice:
+  """This host's contiguous slice of a global batch (all of it on one host).
+
+  Every host draws the same global batch indices (a function of
+  ``(seed, step)``; cheap, the images are in memory) and loads its slice.
+  """
+  per_host = batch_size // jax.process_count()
+  return slice(jax.process_index() * per_host,
+               (jax.process_index() + 1) * per_host)
+
+
+def training_loop(config: ml_collections.ConfigDict, workdir: str,
+                  state: Any, train_step: Callable[[Any, Any, Array], Any],
+                  num_examples: int, put_fn: Callable[[np.ndarray], Any],
+                  step_rng: Array, loss_keys: tuple[str, ...],
+                  description: str) -> Any:
+  """Resumes, runs, logs and checkpoints a training run (CAVGA and the VAEs).
+
+  Args:
+    config: reads ``config.seed`` and ``config.train`` (num_steps,
+      batch_size, log_every, checkpoint_every, keep_checkpoints, prefetch,
+      nonfinite, max_consecutive_skips).
+    workdir: checkpoints go to ``<workdir>/checkpoints``, metrics to
+      ``<workdir>/train_metrics.jsonl``.
+    state: the freshly initialised state (a flax struct with ``step``); the
+      newest checkpoint, if any, replaces it.
+    train_step: the jitted ``(state, batch, rng) -> (state, metrics)``;
+      metrics hold float scalars incl. ``nonfinite`` and ``loss_keys``.
+    num_examples: size of the training set; batches are
+      ``put_fn(global_batch_indices)``, a function of ``(seed, step)``.
+    put_fn: (batch_size,) example indices -> the step's (sharded) batch.
+    step_rng: the run's key (the step folds in ``state.step``).
+    loss_keys: metrics named in a non-finite error message.
+    description: what is trained, for the log.
+
+  Returns:
+    The final state.
+
+  Raises:
+    TrainingError: non-finite losses or gradients (``config.train.nonfinite``;
+      see the module docstring) or parameters; the last good checkpoint is
+      kept.
+  """
+  # Only training removes the temporary folders of saves that a killed run
+  # left behind (evaluate.py may run beside a training run).
+  manager = checkpointing.make_manager(
+      workdir, config.train.get('keep_checkpoints', 3), cleanup_tmp=True)
+  restored = checkpointing.restore_latest(manager, state)
+  if restored is not None:
+    state = restored
+    logging.info('resumed from %s at step %d',
+                 checkpointing.checkpoint_dir(workdir), int(state.step))
+  start_step, num_steps = int(state.step), config.train.num_steps
+  metrics_path = os.path.join(workdir, 'train_metrics.jsonl')
+  _truncate_metrics_log(metrics_path, start_step)
+  if start_step >= num_steps:
+    logging.info('already trained for %d steps (config.train.num_steps=%d)',
+                 start_step, num_steps)
+    return state
+
+  batch_size = config.train.batch_size
+  batches = data.TrainBatches(
+      np.arange(num_examples), batch_size, seed=config.seed,
+      start_step=start_step, prefetch=config.train.get('prefetch', 2),
+      put_fn=put_fn)
+  log_every = config.train.log_every
+  ckpt_every = config.train.checkpoint_every
+  nonfinite = config.train.get('nonfinite', 'stop')
+  guard = _NonFiniteGuard(
+      nonfinite, config.train.get('max_consecutive_skips', 10),
+      lambda: (f'the last good checkpoint (step {manager.latest_step()}) in '
+               f'{checkpointing.checkpoint_dir(workdir)} is kept'),
+      loss_keys)
+  logging.info('training %s for %d steps, batch %d on %d device(s)',
+               description, num_steps, batch_size, jax.device_count())
+  with batches, open(metrics_path, 'a') as metrics_file:
+    tic, tic_step = time.perf_counter(), start_step
+    for step in range(start_step, num_steps):
+      state, metrics = train_step(state, next(batches), step_rng)
+      done = step + 1
+      guard.add(done, metrics)
+      if done == start_step + 1:
+        jax.block_until_ready(metrics)
+        logging.info('first step (including compilation) took %.1f s',
+                     time.perf_counter() - tic)
+        tic, tic_step = time.perf_counter(), done
+      if done % log_every == 0 or done == num_steps:
+        guard.drain()
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()
+                   if k != 'nonfinite'}
+        if nonfinite == 'skip':
+          metrics['skipped'] = guard.take_skipped()
+        elapsed = time.perf_counter() - tic
+        speed = (done - tic_step) * batch_size / elapsed if elapsed else 0.0
+        tic, tic_step = time.perf_counter(), done
+        logging.info(_log_line(done, num_steps, metrics, speed))
+        metrics_file.write(json.dumps(
+            dict(step=done, images_per_s=speed, **metrics)) + '\n')
+        metrics_file.flush()
+      if done % ckpt_every == 0 or done == num_steps:
+        guard.drain()
+        if not bool(tree_all_finite(state)):
+          raise TrainingError(
+              f'non-finite parameters at step {done}; not saved, the last '
+              f'good checkpoint (step {manager.latest_step()}) in '
+              f'{checkpointing.checkpoint_dir(workdir)} is kept')
+        checkpointing.save(manager, done, state)
+        logging.info('saved checkpoint %d', done)
+  if guard.skipped_total:
+    logging.warning('%d of %d steps were skipped for non-finite losses or '
+                    'gradients', guard.skipped_total, num_steps - start_step)
+  return state
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains CAVGA as configured, resuming from ``<workdir>/checkpoints``.
 
@@ -435,91 +557,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
   generator, discriminator, init_fn, state_sharding = setup(config, mesh)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  state = init_fn(init_rng)
-  # Only training removes the temporary folders of saves that a killed run
-  # left behind (evaluate.py may run beside a training run).
-  manager = checkpointing.make_manager(
-      workdir, config.train.get('keep_checkpoints', 3), cleanup_tmp=True)
-  restored = checkpointing.restore_latest(manager, state)
-  if restored is not None:
-    state = restored
-    logging.info('resumed from %s at step %d',
-                 checkpointing.checkpoint_dir(workdir), int(state.step))
-  start_step, num_steps = int(state.step), config.train.num_steps
-  metrics_path = os.path.join(workdir, 'train_metrics.jsonl')
-  _truncate_metrics_log(metrics_path, start_step)
-  if start_step >= num_steps:
-    logging.info('already trained for %d steps (config.train.num_steps=%d)',
-                 start_step, num_steps)
-    return state
-
-  nonfinite = config.train.get('nonfinite', 'stop')
-  train_step = jax.jit(
+  jitted_step = jax.jit(
       make_train_step(generator, discriminator, dict(config.loss_weights),
-                      nonfinite),
+                      config.train.get('nonfinite', 'stop')),
       donate_argnums=0,
       out_shardings=(state_sharding, sharding.replicated(mesh)))
 
-  # Every host draws the global batch (cheap: images are in memory) and
-  # keeps its own contiguous slice.
-  per_host = batch_size // jax.process_count()
-  host_slice = slice(jax.process_index() * per_host,
-                     (jax.process_index() + 1) * per_host)
-  # Batches of example indices, a function of (seed, step); put_fn gathers
-  # the images and labels (CAVGA_w needs them; CAVGA_u's step ignores them).
+  def train_step(state, batch, rng):
+    images, labels = batch  # CAVGA_u's step ignores the labels.
+    return jitted_step(state, images, rng, labels)
+
+  host_slice = host_batch_slice(batch_size)
   images, labels = train_ds.images, train_ds.labels
-  batches = data.TrainBatches(
-      np.arange(train_ds.num_examples), batch_size, seed=config.seed,
-      start_step=start_step, prefetch=config.train.get('prefetch', 2),
-      put_fn=lambda idx: (
-          sharding.shard_batch(images[idx[host_slice]], mesh),
-          sharding.shard_batch(labels[idx[host_slice]], mesh)))
-  log_every = config.train.log_every
-  ckpt_every = config.train.checkpoint_every
-  guard = _NonFiniteGuard(
-      nonfinite, config.train.get('max_consecutive_skips', 10),
-      lambda: (f'the last good checkpoint (step {manager.latest_step()}) in '
-               f'{checkpointing.checkpoint_dir(workdir)} is kept'))
-  logging.info('training %s-%s (%s latent) for %d steps, batch %d on %d '
-               'device(s), %d training images (%d anomalous)',
-               config.model.variant, supervision, config.model.latent,
-               num_steps, batch_size, mesh.size, train_ds.num_examples,
-               int(train_ds.labels.sum()))
-  with batches, open(metrics_path, 'a') as metrics_file:
-    tic, tic_step = time.perf_counter(), start_step
-    for step in range(start_step, num_steps):
-      batch_images, batch_labels = next(batches)
-      state, metrics = train_step(state, batch_images, step_rng, batch_labels)
-      done = step + 1
-      guard.add(done, metrics)
-      if done == start_step + 1:
-        jax.block_until_ready(metrics)
-        logging.info('first step (including compilation) took %.1f s',
-                     time.perf_counter() - tic)
-        tic, tic_step = time.perf_counter(), done
-      if done % log_every == 0 or done == num_steps:
-        guard.drain()
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()
-                   if k != 'nonfinite'}
-        if nonfinite == 'skip':
-          metrics['skipped'] = guard.take_skipped()
-        elapsed = time.perf_counter() - tic
-        speed = (done - tic_step) * batch_size / elapsed if elapsed else 0.0
-        tic, tic_step = time.perf_counter(), done
-        logging.info(_log_line(done, num_steps, metrics, speed))
-        metrics_file.write(json.dumps(
-            dict(step=done, images_per_s=speed, **metrics)) + '\n')
-        metrics_file.flush()
-      if done % ckpt_every == 0 or done == num_steps:
-        guard.drain()
-        if not _all_finite((state.gen_params, state.disc_params)):
-          raise TrainingError(
-              f'non-finite parameters at step {done}; not saved, the last '
-              f'good checkpoint (step {manager.latest_step()}) in '
-              f'{checkpointing.checkpoint_dir(workdir)} is kept')
-        checkpointing.save(manager, done, state)
-        logging.info('saved checkpoint %d', done)
-  if guard.skipped_total:
-    logging.warning('%d of %d steps were skipped for non-finite losses or '
-                    'gradients', guard.skipped_total, num_steps - start_step)
-  return state
+  description = (f'CAVGA-{config.model.variant}_{supervision} '
+                 f'({config.model.latent} latent) on {train_ds.num_examples} '
+                 f'images ({int(labels.sum())} anomalous)')
+  return training_loop(
+      config, workdir, init_fn(init_rng), train_step, train_ds.num_examples,
+      lambda idx: (sharding.shard_batch(images[idx[host_slice]], mesh),
+                   sharding.shard_batch(labels[idx[host_slice]], mesh)),
+      step_rng, ('g_loss', 'd_loss'), description)

@@ -48,6 +48,7 @@ import optax
 
 from cavga_jax import attention
 from cavga_jax import checkpointing
+from cavga_jax import config_checks
 from cavga_jax import data
 from cavga_jax import disentanglement
 from cavga_jax import eval_lib
@@ -62,7 +63,6 @@ from cavga_jax import vae
 from cavga_jax.data import sprites
 from cavga_jax.data import tfds_data
 from cavga_jax.errors import CavgaError
-from cavga_jax.errors import TrainingError
 
 Array = jax.Array
 PyTree = Any
@@ -71,6 +71,7 @@ ONE_CLASS_DATASETS = ('mnist', 'fashion_mnist')
 # MVTec-layout folders (incl. the embedded generated textures): localization
 # against the real defect masks.
 FOLDER_DATASETS = ('generated', 'mvtec')
+DATASETS = sprites.SPRITES_DATASETS + ONE_CLASS_DATASETS + FOLDER_DATASETS
 ATTENTION_MAPS = ('mean', 'sum')
 
 
@@ -128,14 +129,17 @@ def loss_terms(model: vae.ConvVAE, params: PyTree, x: Array, rng: Array | None,
   return terms, dict(logits=logits, mu=mu, logvar=logvar, maps=maps)
 
 
-def make_train_step(model: vae.ConvVAE, beta: float, ad_weight: float
+def make_train_step(model: vae.ConvVAE, beta: float, ad_weight: float,
+                    nonfinite: str = 'stop'
                     ) -> Callable[[VAEState, Array, Array],
                                   tuple[VAEState, dict[str, Array]]]:
   """``train_step(state, images, rng) -> (state, metrics)``.
 
   ``images`` uint8 (B, S, S, C); ``rng`` is the run's key, folded with the
   step. Minimises ``rec + beta * kl + ad_weight * L_AD``; metrics hold the
-  three terms (unweighted) and the total 'loss'.
+  three terms (unweighted), the total 'loss' and 'nonfinite' (1.0 when the
+  loss or a gradient is NaN or infinite). With ``nonfinite='skip'`` such a
+  step keeps the state (``train_lib.keep_state_unless_finite``).
   """
 
   def train_step(state: VAEState, images: Array, rng: Array):
@@ -153,7 +157,11 @@ def make_train_step(model: vae.ConvVAE, beta: float, ad_weight: float
     new_state = state.replace(step=state.step + 1,
                               params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
-    return new_state, dict(terms, loss=loss)
+    finite = train_lib.tree_all_finite((loss, grads))
+    if nonfinite == 'skip':
+      new_state = train_lib.keep_state_unless_finite(finite, new_state, state)
+    return new_state, dict(terms, loss=loss,
+                           nonfinite=1.0 - finite.astype(jnp.float32))
 
   return train_step
 
@@ -185,7 +193,7 @@ class _TrainingData:
     else:
       raise CavgaError(
           f"config.data.name={name!r} is not a dataset of config.task='vae' "
-          f'(known: {", ".join(sprites.SPRITES_DATASETS + ONE_CLASS_DATASETS + FOLDER_DATASETS)})')
+          f'(known: {", ".join(DATASETS)})')
 
 
 def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
@@ -200,10 +208,11 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
 def train(config: ml_collections.ConfigDict, workdir: str) -> VAEState:
   """Trains the VAE as configured, resuming from ``<workdir>/checkpoints``.
 
-  Logs and appends to ``<workdir>/train_metrics.jsonl`` every
-  ``config.train.log_every`` steps; stops with ``TrainingError`` on a
-  non-finite loss, keeping the last good checkpoint.
+  The loop is ``train_lib.training_loop``'s: JSONL metrics in
+  ``<workdir>/train_metrics.jsonl``, Orbax checkpoints with retention, the
+  non-finite policy of ``config.train.nonfinite``.
   """
+  config_checks.check_config(config)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -213,61 +222,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> VAEState:
   training_data = _TrainingData(config, workdir)
   model, init_fn, state_sharding = setup(config, mesh)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  state = init_fn(init_rng)
-  manager = checkpointing.make_manager(
-      workdir, config.train.get('keep_checkpoints', 3))
-  restored = checkpointing.restore_latest(manager, state)
-  if restored is not None:
-    state = restored
-    logging.info('resumed from %s at step %d',
-                 checkpointing.checkpoint_dir(workdir), int(state.step))
-  start_step, num_steps = int(state.step), config.train.num_steps
-  if start_step >= num_steps:
-    logging.info('already trained for %d steps', start_step)
-    return state
-
   weights = config.loss_weights
   train_step = jax.jit(
-      make_train_step(model, weights.beta, weights.ad), donate_argnums=0,
+      make_train_step(model, weights.beta, weights.ad,
+                      config.train.get('nonfinite', 'stop')),
+      donate_argnums=0,
       out_shardings=(state_sharding, sharding.replicated(mesh)))
-  per_host = batch_size // jax.process_count()
-  host_slice = slice(jax.process_index() * per_host,
-                     (jax.process_index() + 1) * per_host)
-  batches = data.TrainBatches(
-      np.arange(training_data.num_examples), batch_size, seed=config.seed,
-      start_step=start_step, prefetch=config.train.get('prefetch', 2),
-      put_fn=lambda idx: sharding.shard_batch(
-          training_data.images(idx[host_slice]), mesh))
-  logging.info('training a beta-VAE (beta %g, L_AD weight %g, latent %d) on '
-               '%s for %d steps, batch %d on %d device(s)', weights.beta,
-               weights.ad, config.model.latent_dim, config.data.name,
-               num_steps, batch_size, mesh.size)
-  log_every, ckpt_every = config.train.log_every, config.train.checkpoint_every
-  with batches, open(os.path.join(workdir, 'train_metrics.jsonl'),
-                     'a') as metrics_file:
-    tic, tic_step = time.perf_counter(), start_step
-    for step in range(start_step, num_steps):
-      state, step_metrics = train_step(state, next(batches), step_rng)
-      done = step + 1
-      if done % log_every == 0 or done == num_steps:
-        step_metrics = {k: float(v) for k, v in
-                        jax.device_get(step_metrics).items()}
-        elapsed = time.perf_counter() - tic
-        speed = (done - tic_step) * batch_size / max(elapsed, 1e-9)
-        tic, tic_step = time.perf_counter(), done
-        if not np.isfinite(step_metrics['loss']):
-          raise TrainingError(
-              f'non-finite loss at step {done} ({step_metrics}); training '
-              f'stopped, the last good checkpoint (step '
-              f'{manager.latest_step()}) in '
-              f'{checkpointing.checkpoint_dir(workdir)} is kept')
-        logging.info(train_lib._log_line(done, num_steps, step_metrics, speed))
-        metrics_file.write(json.dumps(
-            dict(step=done, images_per_s=speed, **step_metrics)) + '\n')
-        metrics_file.flush()
-      if done % ckpt_every == 0 or done == num_steps:
-        checkpointing.save(manager, done, state)
-  return state
+  host_slice = train_lib.host_batch_slice(batch_size)
+  description = (f'a beta-VAE (beta {weights.beta:g}, L_AD weight '
+                 f'{weights.ad:g}, latent {config.model.latent_dim}) on '
+                 f'{config.data.name} ({training_data.num_examples} images)')
+  return train_lib.training_loop(
+      config, workdir, init_fn(init_rng), train_step,
+      training_data.num_examples,
+      lambda idx: sharding.shard_batch(training_data.images(idx[host_slice]),
+                                       mesh),
+      step_rng, ('loss',), description)
 
 
 def make_explain_step(model: vae.ConvVAE, attention_map: str = 'mean'
@@ -439,6 +409,7 @@ def _localization_metrics(config, explain_step, params, training_data, mesh,
 def evaluate(config: ml_collections.ConfigDict, workdir: str
              ) -> dict[str, Any]:
   """Restores the newest checkpoint and writes ``<workdir>/eval/metrics.json``."""
+  config_checks.check_config(config)
   mesh = sharding.make_mesh()
   training_data = _TrainingData(config, workdir)
   model, init_fn, _ = setup(config, mesh)

@@ -12,6 +12,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
+  config.task = 'cavga'  # 'vae': the Liu et al. experiments (configs/dsprites.py)
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()

@@ -14,16 +14,14 @@ import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cavga_jax import one_class  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cavga_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'One-class configuration (configs/mnist.py, ...).',
-    lock_config=True)
+_CONFIG = runtime.define_config_flag(
+    'One-class configuration (configs/mnist.py, ...).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep folder; class c runs '
                                'in <workdir>/class_<c>.')
 _CLASSES = flags.DEFINE_list('classes', None, 'Normal classes to run '

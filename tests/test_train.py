@@ -160,7 +160,7 @@ def test_skip_mode_skips_non_finite_steps_and_stops_after_too_many(
   assert _tree_equal(after[3].replace(step=after[2].step), after[2])
   assert not _tree_equal(after[4].gen_params, after[3].gen_params)
   assert _tree_equal(after[5].replace(step=after[4].step), after[4])
-  assert train_lib._all_finite(after[5])  # pylint: disable=protected-access
+  assert bool(train_lib.tree_all_finite(after[5]))
   assert [(line['step'], line['skipped']) for line in _logged(tmp_path)] == [
       (2, 0), (4, 1)]
 
