@@ -19,6 +19,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,20 +61,13 @@ def _time(fn, steps, warmup):
   return first, times
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--variant', default='R', choices=['R', 'D'])
-  parser.add_argument('--image-size', type=int, default=256)
-  parser.add_argument('--channels', type=int, default=3)
-  parser.add_argument('--latent-channels', type=int, default=128)
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--mode', default='train', choices=['train', 'eval'])
-  parser.add_argument('--steps', type=int, default=10)
-  parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--dtype', default='float32',
-                      choices=['float32', 'bfloat16'])
-  args = parser.parse_args()
+def build_step(args) -> Callable[[], Any]:
+  """``run()`` performs one jitted step of ``args.mode`` on a fixed batch.
 
+  Args:
+    args: variant, image_size, channels, latent_channels, batch, mode
+      ('train' or 'eval') and dtype, as the command-line flags.
+  """
   config = _config(args)
   mesh = sharding.make_mesh()
   generator, discriminator, init_fn, state_sharding = train_lib.setup(
@@ -101,6 +95,24 @@ def main():
     def run():
       return step(state.gen_params, state.gen_batch_stats, images)
 
+  return run
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--variant', default='R', choices=['R', 'D'])
+  parser.add_argument('--image-size', type=int, default=256)
+  parser.add_argument('--channels', type=int, default=3)
+  parser.add_argument('--latent-channels', type=int, default=128)
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--mode', default='train', choices=['train', 'eval'])
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--dtype', default='float32',
+                      choices=['float32', 'bfloat16'])
+  args = parser.parse_args()
+
+  run = build_step(args)
   first, times = _time(run, args.steps, args.warmup)
   median = statistics.median(times)
   device = jax.devices()[0]

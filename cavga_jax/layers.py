@@ -153,3 +153,97 @@ class ConvTranspose4x4(nn.Module):
     return conv_transpose_stride2(
         x.astype(self.dtype), jnp.swapaxes(kernel, 2, 3).astype(self.dtype),
         1, (2 * h, 2 * w))
+
+
+def _conv2x2_direct(x: Array, kernel: Array) -> Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=_DIMS)
+
+
+@jax.custom_vjp
+def _conv2x2_pad1(x: Array, kernel: Array) -> Array:
+  """2x2 conv, padding 1: (B, H, W, C) x (2, 2, C, F) -> (B, H+1, W+1, F).
+
+  Its kernel gradient is four GEMMs over shifted inputs (XLA:CPU's own
+  lowering of that gradient is ~40x slower than the forward pass) and its
+  input gradient a valid conv with the flipped kernel.
+  """
+  return _conv2x2_direct(x, kernel)
+
+
+def _conv2x2_pad1_fwd(x, kernel):
+  return _conv2x2_direct(x, kernel), (x, kernel)
+
+
+def _conv2x2_pad1_bwd(residuals, g):
+  x, kernel = residuals
+  # The input gradient is the valid correlation of g with the flipped,
+  # in/out-swapped kernel.
+  dx = jax.lax.conv_general_dilated(
+      g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3), (1, 1), ((0, 0), (0, 0)),
+      dimension_numbers=_DIMS)
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  h, w = g.shape[1:3]
+  dk = jnp.stack([
+      jnp.stack([jnp.einsum('bhwc,bhwf->cf', xp[:, r:r + h, c:c + w], g)
+                 for c in range(2)]) for r in range(2)])
+  return dx, dk.astype(kernel.dtype)
+
+
+_conv2x2_pad1.defvjp(_conv2x2_pad1_fwd, _conv2x2_pad1_bwd)
+
+
+def upsample_conv3x3(x: Array, kernel: Array) -> Array:
+  """``conv3x3(nearest_upsample_x2(x))`` (padding 1) computed at input resolution.
+
+  Output pixel (2i + a, 2j + b) sees input rows i - 1 + a + {0, 1} only (the
+  upsampled rows repeat), so output phase a of the 3 kernel rows is a 2-tap
+  kernel: a = 0 -> [k0, k1 + k2], a = 1 -> [k0 + k1, k2] (the same for
+  columns). All four phases are one 2x2 conv over the once-padded input with
+  4x the output channels, then a depth-to-space shuffle: 16 instead of 36
+  multiply-adds per input pixel and channel pair, and the gradients shrink
+  the same way. Equal to the direct form up to float rounding.
+
+  Args:
+    x: (B, H, W, C).
+    kernel: (3, 3, C, F) HWIO.
+
+  Returns:
+    (B, 2H, 2W, F).
+  """
+  taps = lambda k, a, axis: jnp.stack(  # pylint: disable=g-long-lambda
+      [jnp.take(k, 0, axis), jnp.take(k, 1, axis) + jnp.take(k, 2, axis)]
+      if a == 0 else
+      [jnp.take(k, 0, axis) + jnp.take(k, 1, axis), jnp.take(k, 2, axis)],
+      axis)
+  phases = [taps(taps(kernel, a, 0), b, 1) for a in range(2) for b in range(2)]
+  features = kernel.shape[-1]
+  stacked = jnp.stack(phases, axis=-2).reshape(2, 2, kernel.shape[2],
+                                               4 * features)
+  y = _conv2x2_pad1(x, stacked)
+  h, w = x.shape[1:3]
+  # Phase (a, b) reads the window starting at (a, b) of the (H+1, W+1) output.
+  y = y.reshape(*y.shape[:3], 4, features)
+  y = jnp.concatenate([y[:, a:a + h, b:b + w, 2 * a + b]
+                       for a in range(2) for b in range(2)], axis=-1)
+  return _depth_to_space(y, features)
+
+
+class UpsampleConv3x3(nn.Module):
+  """Nearest x2 upsampling then a 3x3 conv (padding 1, bias), fused.
+
+  Parameters are exactly ``Conv(features, 3, padding=1)``'s ('kernel' HWIO,
+  'bias'), so checkpoints and converted weights do not change; the compute
+  is ``upsample_conv3x3``'s.
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (3, 3, x.shape[-1], self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,),
+                      jnp.float32)
+    y = upsample_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)

@@ -528,6 +528,23 @@ def training_loop(config: ml_collections.ConfigDict, workdir: str,
   return state
 
 
+def prepare_run(config: ml_collections.ConfigDict, workdir: str
+                ) -> jax.sharding.Mesh:
+  """Checks the config, writes ``<workdir>/config.json``, returns the mesh.
+
+  Raises:
+    CavgaError: an invalid config or a batch size the devices cannot split.
+  """
+  config_checks.check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.train.batch_size, mesh,
+                            'config.train.batch_size')
+  return mesh
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains CAVGA as configured, resuming from ``<workdir>/checkpoints``.
 
@@ -544,13 +561,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     CavgaError: an invalid config (``config_checks.check_config``) or
       dataset; ``TrainingError`` for non-finite losses.
   """
-  config_checks.check_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  mesh = sharding.make_mesh()
+  mesh = prepare_run(config, workdir)
   batch_size = config.train.batch_size
-  sharding.check_batch_size(batch_size, mesh, 'config.train.batch_size')
   supervision = config.model.get('supervision', 'unsupervised')
   check_loss_weights(dict(config.loss_weights), supervision)
   train_ds, _ = data.get_datasets(config, workdir)

@@ -212,13 +212,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> VAEState:
   ``<workdir>/train_metrics.jsonl``, Orbax checkpoints with retention, the
   non-finite policy of ``config.train.nonfinite``.
   """
-  config_checks.check_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  mesh = sharding.make_mesh()
+  mesh = train_lib.prepare_run(config, workdir)
   batch_size = config.train.batch_size
-  sharding.check_batch_size(batch_size, mesh, 'config.train.batch_size')
   training_data = _TrainingData(config, workdir)
   model, init_fn, state_sharding = setup(config, mesh)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))

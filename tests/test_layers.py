@@ -75,3 +75,20 @@ def test_conv_layer_second_order_gradient():
     actual = jax.grad(lambda k: loss(
         lambda a, b: layers.conv_stride2(a, b, 1), k))(kernel)
   np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('size', [(1, 1), (5, 6), (8, 8)])
+def test_upsample_conv3x3_equals_conv_of_upsampled(size):
+  rng = np.random.default_rng(size[0])
+  x = jnp.asarray(rng.normal(size=(2, *size, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+  up = lambda t: jnp.repeat(jnp.repeat(t, 2, axis=1), 2, axis=2)
+  with jax.default_matmul_precision('highest'):
+    expected, expected_vjp = jax.vjp(
+        lambda a, b: _direct_conv(up(a), b, 1, 1), x, kernel)
+    actual, actual_vjp = jax.vjp(layers.upsample_conv3x3, x, kernel)
+    cotangent = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
+    for e, a in zip(expected_vjp(cotangent), actual_vjp(cotangent)):
+      np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-4)
+  assert actual.shape == (2, 2 * size[0], 2 * size[1], 4)
+  np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-4)
