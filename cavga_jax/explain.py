@@ -106,10 +106,7 @@ def explain(model: Any, variables: dict[str, Any], images: Array
     ``(UnitAttention, outputs)``; outputs has 'features', 'mu', 'logvar'.
   """
   features = model.apply(variables, images, False, method='encode')
-
-  def latent_fn(f):
-    mu, logvar = model.apply(variables, f, method='latent_params')
-    return mu, logvar
-
-  maps, mu, logvar = unit_attention(latent_fn, features, has_aux=True)
+  maps, mu, logvar = unit_attention(
+      lambda f: model.apply(variables, f, method='latent_params'), features,
+      has_aux=True)
   return maps, dict(features=features, mu=mu, logvar=logvar)

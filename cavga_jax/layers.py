@@ -193,6 +193,12 @@ def _conv2x2_pad1_bwd(residuals, g):
 _conv2x2_pad1.defvjp(_conv2x2_pad1_fwd, _conv2x2_pad1_bwd)
 
 
+def _merge_taps(kernel: Array, phase: int, axis: int) -> Array:
+  """The 2 taps that output ``phase`` of a 3-tap ``axis`` sees after x2 nearest up-sampling."""
+  k0, k1, k2 = (jnp.take(kernel, i, axis) for i in range(3))
+  return jnp.stack([k0, k1 + k2] if phase == 0 else [k0 + k1, k2], axis)
+
+
 def upsample_conv3x3(x: Array, kernel: Array) -> Array:
   """``conv3x3(nearest_upsample_x2(x))`` (padding 1) computed at input resolution.
 
@@ -211,12 +217,8 @@ def upsample_conv3x3(x: Array, kernel: Array) -> Array:
   Returns:
     (B, 2H, 2W, F).
   """
-  taps = lambda k, a, axis: jnp.stack(  # pylint: disable=g-long-lambda
-      [jnp.take(k, 0, axis), jnp.take(k, 1, axis) + jnp.take(k, 2, axis)]
-      if a == 0 else
-      [jnp.take(k, 0, axis) + jnp.take(k, 1, axis), jnp.take(k, 2, axis)],
-      axis)
-  phases = [taps(taps(kernel, a, 0), b, 1) for a in range(2) for b in range(2)]
+  phases = [_merge_taps(_merge_taps(kernel, a, 0), b, 1)
+            for a in range(2) for b in range(2)]
   features = kernel.shape[-1]
   stacked = jnp.stack(phases, axis=-2).reshape(2, 2, kernel.shape[2],
                                                4 * features)

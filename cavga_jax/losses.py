@@ -108,8 +108,8 @@ def weighted_total(losses: Mapping[str, Array],
 # the literature (Higgins et al. 2017, Burgess et al. 2018).
 
 
-def bernoulli_reconstruction_loss(images: Array, logits: Array) -> Array:
-  """Per-image sum of pixel cross entropies, mean over the batch.
+def bernoulli_reconstruction_per_image(images: Array, logits: Array) -> Array:
+  """Sum of pixel cross entropies per image: (B, H, W, C) x2 -> (B,).
 
   Args:
     images: (B, H, W, C) targets in [0, 1].
@@ -117,18 +117,28 @@ def bernoulli_reconstruction_loss(images: Array, logits: Array) -> Array:
   """
   per_pixel = optax.sigmoid_binary_cross_entropy(
       logits.astype(jnp.float32), images.astype(jnp.float32))
-  return jnp.mean(jnp.sum(per_pixel.reshape(per_pixel.shape[0], -1), axis=1))
+  return jnp.sum(per_pixel.reshape(per_pixel.shape[0], -1), axis=1)
+
+
+def bernoulli_reconstruction_loss(images: Array, logits: Array) -> Array:
+  """``bernoulli_reconstruction_per_image`` averaged over the batch."""
+  return jnp.mean(bernoulli_reconstruction_per_image(images, logits))
+
+
+def kl_divergence_per_image(mu: Array, logvar: Array) -> Array:
+  """Sum over latent units of KL(N(mu, exp(logvar)) || N(0, I)): (B, ...) -> (B,)."""
+  per_unit = -0.5 * (1.0 + logvar - jnp.square(mu) - jnp.exp(logvar))
+  return jnp.sum(per_unit.reshape(per_unit.shape[0], -1), axis=1)
 
 
 def kl_divergence(mu: Array, logvar: Array) -> Array:
-  """Per-image sum over latent units of KL(N(mu, exp(logvar)) || N(0, I)), mean over the batch."""
-  per_unit = -0.5 * (1.0 + logvar - jnp.square(mu) - jnp.exp(logvar))
-  return jnp.mean(jnp.sum(per_unit.reshape(per_unit.shape[0], -1), axis=1))
+  """``kl_divergence_per_image`` averaged over the batch."""
+  return jnp.mean(kl_divergence_per_image(mu, logvar))
 
 
-def attention_disentanglement_loss(unit_maps: Array, eps: float = 1e-8
-                                   ) -> Array:
-  """Liu et al.'s L_AD, mean over the batch (SPEC section 3).
+def attention_disentanglement_per_image(unit_maps: Array, eps: float = 1e-8
+                                        ) -> Array:
+  """Liu et al.'s L_AD of each image (SPEC section 3): (B, U, h, w) -> (B,).
 
   Per image: ``sum_{i<j} 2 * sum(min(A_i, A_j)) / sum(A_i + A_j)``, a soft
   IoU of every pair of unit maps: 1 for identical maps, 0 for disjoint
@@ -145,4 +155,10 @@ def attention_disentanglement_loss(unit_maps: Array, eps: float = 1e-8
   mass = jnp.sum(maps, axis=-1)
   pair_iou = 2.0 * overlap / (mass[:, :, None] + mass[:, None] + eps)
   upper = jnp.triu(jnp.ones((units, units), bool), k=1)
-  return jnp.mean(jnp.sum(jnp.where(upper, pair_iou, 0.0), axis=(1, 2)))
+  return jnp.sum(jnp.where(upper, pair_iou, 0.0), axis=(1, 2))
+
+
+def attention_disentanglement_loss(unit_maps: Array, eps: float = 1e-8
+                                   ) -> Array:
+  """``attention_disentanglement_per_image`` averaged over the batch: L_AD."""
+  return jnp.mean(attention_disentanglement_per_image(unit_maps, eps))

@@ -98,35 +98,29 @@ def images_to_unit(images: Array) -> Array:
   return images.astype(jnp.float32) / 255.0
 
 
-def loss_terms(model: vae.ConvVAE, params: PyTree, x: Array, rng: Array | None,
-               with_attention_grad: bool) -> tuple[dict[str, Array], dict]:
-  """rec, kl and ad of one batch, and the model outputs.
+def loss_terms(model: vae.ConvVAE, params: PyTree, x: Array, rng: Array,
+               with_attention_grad: bool) -> dict[str, Array]:
+  """rec, kl and ad (L_AD) of one batch, per-batch scalars.
 
   Args:
     model: the VAE.
     params: its parameters.
     x: (B, S, S, C) in [0, 1].
-    rng: key for sampling z; None decodes mu.
+    rng: key for sampling z.
     with_attention_grad: whether L_AD is differentiated (it is always
       computed, for logging; without its weight the second-order pass is
       skipped).
-
-  Returns:
-    (terms, outputs): per-batch scalars 'rec', 'kl', 'ad'; outputs has
-    'logits', 'mu', 'logvar' and 'maps' (``explain.UnitAttention``).
   """
   variables = {'params': params}
-  features = model.apply(variables, x, method='encode')
-  latent_fn = lambda f: model.apply(variables, f, method='latent_params')
-  maps, mu, logvar = explain.unit_attention(latent_fn, features, has_aux=True)
+  maps, outputs = explain.explain(model, variables, x)
   if not with_attention_grad:
     maps = jax.lax.stop_gradient(maps)
-  z = mu if rng is None else models.reparameterize(rng, mu, logvar)
-  logits = model.apply(variables, z, method='decode')
-  terms = dict(rec=losses.bernoulli_reconstruction_loss(x, logits),
-               kl=losses.kl_divergence(mu, logvar),
-               ad=losses.attention_disentanglement_loss(maps.units))
-  return terms, dict(logits=logits, mu=mu, logvar=logvar, maps=maps)
+  mu, logvar = outputs['mu'], outputs['logvar']
+  logits = model.apply(variables, models.reparameterize(rng, mu, logvar),
+                       method='decode')
+  return dict(rec=losses.bernoulli_reconstruction_loss(x, logits),
+              kl=losses.kl_divergence(mu, logvar),
+              ad=losses.attention_disentanglement_loss(maps.units))
 
 
 def make_train_step(model: vae.ConvVAE, beta: float, ad_weight: float,
@@ -147,7 +141,7 @@ def make_train_step(model: vae.ConvVAE, beta: float, ad_weight: float,
     x = images_to_unit(images)
 
     def loss_fn(params):
-      terms, _ = loss_terms(model, params, x, rng, bool(ad_weight))
+      terms = loss_terms(model, params, x, rng, bool(ad_weight))
       total = terms['rec'] + beta * terms['kl'] + ad_weight * terms['ad']
       return total, terms
 
@@ -253,18 +247,16 @@ def make_explain_step(model: vae.ConvVAE, attention_map: str = 'mean'
     x = images_to_unit(images)
     maps, outputs = explain.explain(model, {'params': params}, x)
     logits = model.apply({'params': params}, outputs['mu'], method='decode')
-    rec = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x), (1, 2, 3))
-    kl = jnp.sum(-0.5 * (1 + outputs['logvar'] - outputs['mu'] ** 2
-                         - jnp.exp(outputs['logvar'])), axis=1)
     return dict(
         reconstruction=jnp.round(jax.nn.sigmoid(logits) * 255).astype(
             jnp.uint8),
         mu=outputs['mu'], units=maps.units,
         anomaly_map=attention.resize_map(getattr(maps, attention_map),
                                          images.shape[1]),
-        score=rec + kl,
-        ad=jax.vmap(lambda u: losses.attention_disentanglement_loss(
-            u[None]))(maps.units))
+        score=(losses.bernoulli_reconstruction_per_image(x, logits)
+               + losses.kl_divergence_per_image(outputs['mu'],
+                                                outputs['logvar'])),
+        ad=losses.attention_disentanglement_per_image(maps.units))
 
   return explain_step
 
