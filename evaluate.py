@@ -3,6 +3,9 @@
   python evaluate.py --config=configs/default.py --workdir=/tmp/cavga
 
 Writes <workdir>/eval/metrics.json, scores.csv and panels/*.png.
+--all_checkpoints instead scores every retained checkpoint with all maps and
+writes the learning curve <workdir>/eval_curve.jsonl and eval_curve.png (for
+runs trained without --config.train.eval_every).
 """
 
 import json
@@ -17,6 +20,9 @@ from cavga_jax import vae_lib
 _CONFIG = runtime.define_config_flag(
     'The configuration the model was trained with.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The training workdir.')
+_ALL_CHECKPOINTS = flags.DEFINE_bool(
+    'all_checkpoints', False, 'Score every retained checkpoint (CAVGA) and '
+    'write the learning curve instead of evaluating the newest one.')
 _CACHE = runtime.define_compilation_cache_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -28,8 +34,13 @@ _PROGRAM = runtime.task_program({'cavga': eval_lib.evaluate,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  result = runtime.run_program(_PROGRAM, _CONFIG.value,
-                               _WORKDIR.value, _CACHE.value)
+  program = _PROGRAM
+  if _ALL_CHECKPOINTS.value:
+    if _CONFIG.value.get('task', 'cavga') != 'cavga':
+      raise app.UsageError('--all_checkpoints is for CAVGA configs')
+    program = eval_lib.evaluate_checkpoints
+  result = runtime.run_program(program, _CONFIG.value, _WORKDIR.value,
+                               _CACHE.value)
   print(json.dumps(result, indent=2, sort_keys=True))
 
 

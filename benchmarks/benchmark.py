@@ -30,6 +30,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 from cavga_jax import eval_lib  # pylint: disable=wrong-import-position
 from cavga_jax import sharding  # pylint: disable=wrong-import-position
 from cavga_jax import train_lib  # pylint: disable=wrong-import-position
+from cavga_jax import train_state  # pylint: disable=wrong-import-position
 from configs import default  # pylint: disable=wrong-import-position
 
 
@@ -70,7 +71,7 @@ def build_step(args) -> Callable[[], Any]:
   """
   config = _config(args)
   mesh = sharding.make_mesh()
-  generator, discriminator, init_fn, state_sharding = train_lib.setup(
+  generator, discriminator, init_fn, state_sharding = train_state.setup(
       config, mesh)
   state = init_fn(jax.random.key(0))
   images = np.random.default_rng(0).integers(

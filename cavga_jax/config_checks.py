@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from cavga_jax import attention
+from cavga_jax import anomaly_maps
 from cavga_jax import data
 from cavga_jax import models
 from cavga_jax import vae
@@ -86,9 +86,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   loss weights, optimizer settings, train and eval sizes and intervals, the
   non-finite loss policy. ``config.task='cavga'`` (default,
   ``configs/default.py``): dataset name, image size and channels; model
-  variant, latent, supervision, widths and dtype. ``'vae'`` (the Liu et al.
-  experiments of ``vae_lib``): dataset, VAE widths and sizes, attention map,
-  metric sample sizes. Optional fields are checked only when present.
+  variant, latent, supervision, widths, dtype and input normalisation (the
+  ``pretrained`` file is not read: evaluation never needs it). ``'vae'``
+  (the Liu et al. experiments of ``vae_lib``): dataset, VAE widths and
+  sizes, attention map, metric sample sizes. Optional fields are checked only
+  when present.
 
   Args:
     config: a full run configuration.
@@ -144,25 +146,69 @@ def _check_cavga_config(config: ml_collections.ConfigDict) -> None:
   _check_choice(config, 'model.supervision', models.SUPERVISIONS,
                 'unsupervised')
   _check_choice(config, 'model.compute_dtype', COMPUTE_DTYPES, 'float32')
+  _check_choice(config, 'model.input_norm', models.INPUT_NORMS, 'none')
   _check_int(config, 'model.latent_channels', 1)
   _check_int(config, 'model.latent_dim', 1, 1)
   for name in ('encoder_widths', 'decoder_widths', 'discriminator_widths'):
     _check_widths(config, f'model.{name}')
-  _check_choice(config, 'eval.weak_map', attention.WEAK_MAPS, 'anomalous')
+  _check_choice(config, 'model.attention_score', models.ATTENTION_SCORES,
+                'sum')
+  _check_int(config, 'model.attention_stage', 1, models.NUM_ENCODER_STAGES)
+  stage = _get(config, 'model.attention_stage', models.NUM_ENCODER_STAGES)
+  if stage > models.NUM_ENCODER_STAGES:
+    raise CavgaError(f'config.model.attention_stage={stage!r} must be an '
+                     f'encoder stage in 1..{models.NUM_ENCODER_STAGES} '
+                     f'({models.NUM_ENCODER_STAGES} = the last feature map)')
+  _check_choice(config, 'model.attention_norm', models.ATTENTION_NORMS,
+                'max')
+  _check_eval_maps(config)
+  _check_weak_quota(config)
   # Widths per variant and the image size stride (cheap: no parameters).
   models.build_models(config)
 
 
+def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
+  """The headline map and the map settings of ``anomaly_maps``."""
+  _check_choice(config, 'eval.map', anomaly_maps.MAP_NAMES, 'attention')
+  headline = _get(config, 'eval.map', 'attention')
+  supervision = _get(config, 'model.supervision', 'unsupervised')
+  if headline in anomaly_maps.WEAK_MAPS and supervision != 'weak':
+    raise CavgaError(f'config.eval.map={headline!r} needs '
+                     "config.model.supervision='weak' (a class map of the "
+                     f'CAVGA_w classifier), got {supervision!r}')
+  _check_number(config, 'eval.residual_sigma', 0.0, default=4.0)
+  _check_int(config, 'eval.ssim_window', 3, 11)
+  window = _get(config, 'eval.ssim_window', 11)
+  if window % 2 == 0:
+    raise CavgaError(f'config.eval.ssim_window={window!r} must be odd')
+  _check_int(config, 'train.eval_every', 0, 0)
+
+
+def _check_weak_quota(config: ml_collections.ConfigDict) -> None:
+  """CAVGA_w's labelled anomalies per batch (``data.quota_batch_indices``)."""
+  field = 'data.weak_anomalies_per_batch'
+  _check_int(config, field, 0, 0)
+  quota = _get(config, field, 0)
+  batch_size = _get(config, 'train.batch_size')
+  if quota >= batch_size:
+    raise CavgaError(f'config.{field}={quota!r} must be < '
+                     f'config.train.batch_size={batch_size!r} (the rest of '
+                     'each batch are normal images)')
+  supervision = _get(config, 'model.supervision', 'unsupervised')
+  if quota and supervision != 'weak':
+    raise CavgaError(f'config.{field}={quota!r} needs '
+                     "config.model.supervision='weak' (only CAVGA_w has "
+                     f'labelled anomalies), got {supervision!r}; set it to 0')
+
+
 def _check_vae_config(config: ml_collections.ConfigDict) -> None:
-  # vae_lib imports train_lib, which imports this module.
-  from cavga_jax import vae_lib  # pylint: disable=g-import-not-at-top
-  _check_choice(config, 'data.name', vae_lib.DATASETS)
+  _check_choice(config, 'data.name', vae.DATASETS)
   _check_widths(config, 'model.encoder_widths')
   _check_int(config, 'model.hidden', 1)
   _check_int(config, 'model.latent_dim', 1)
   for name in ('beta', 'ad'):
     _check_number(config, f'loss_weights.{name}', 0.0)
-  _check_choice(config, 'eval.map', vae_lib.ATTENTION_MAPS, 'mean')
+  _check_choice(config, 'eval.map', vae.ATTENTION_MAPS, 'mean')
   for name in ('factor_vae_num_train', 'factor_vae_num_eval',
                'num_loss_samples'):
     _check_int(config, f'eval.{name}', 1, 1)

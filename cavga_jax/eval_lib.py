@@ -1,16 +1,29 @@
 """Evaluation protocol (SPEC section 4), written once for every model.
 
 For every test image: the reconstruction from ``mu`` (no sampling), the
-attention ``A`` and the localization map ``M = 1 - A`` at image size; the image
-score ``s_a`` is the mean squared reconstruction error. Metrics come from
-``cavga_jax.metrics`` (model-agnostic numpy code).
+attention ``A`` and every anomaly map of ``cavga_jax.anomaly_maps`` (the
+paper's ``1 - A``, Liu et al.'s mean of the per-unit maps, the smoothed
+residual, ``1 - SSIM``, their product, CAVGA_w's class maps) from one
+forward pass in one jitted step, plus ``prior``, the test-set mean of the
+headline map (the same map for every image). The image score ``s_a`` is the
+mean squared reconstruction error. Metrics come from ``cavga_jax.metrics``
+(model-agnostic numpy code).
+
+``metrics.json`` keeps SPEC section 4's flat keys for the headline map
+``config.eval.map`` (default ``'attention'``, the paper's ``M = 1 - A``) and
+``s_a``, and adds ``maps.<name>.<metric>`` for every map: the pixel metrics,
+and ``image_auroc`` / ``detection_accuracy`` of the map's own image score
+(the mean of its top 1 % pixels, ``anomaly_maps.image_score``). Maps not
+in [0, 1] by construction (``anomaly_maps.UNBOUNDED``) are min-max
+normalised over the test set first, so IoU at the paper's threshold 0.5
+means something for them; the other metrics do not change.
 
 CAVGA_w (a generator with the classifier) plugs into the same protocol: its
-map ``M`` is chosen by ``config.eval.weak_map`` (``attention.WEAK_MAPS``;
-default ``'anomalous'``, ``M = A^ca``, the Grad-CAM of the anomalous logit,
-which the paper uses to localize anomalies and which ``L_cga`` pushes
-towards 0 on normal images), and the classifier's probability of
-'anomalous' gives the extra detection metrics ``image_auroc_classifier`` and
+class maps are ``weak_<name>`` (``weak_anomalous`` = ``A^ca``, the Grad-CAM
+of the anomalous logit, which the paper uses to localize anomalies and which
+``L_cga`` pushes towards 0 on normal images; configs/mvtec_weak.py makes it
+the headline map), and the classifier's probability of 'anomalous' gives the
+extra detection metrics ``image_auroc_classifier`` and
 ``classifier_accuracy`` (argmax of the logits), computed from ``z = mu``.
 The test set is the one left after ``cavga_jax.data.weak`` moved the
 labelled anomalies to training.
@@ -29,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cavga_jax import anomaly_maps
 from cavga_jax import attention
 from cavga_jax import checkpointing
 from cavga_jax import config_checks
@@ -36,51 +50,57 @@ from cavga_jax import data
 from cavga_jax import metrics
 from cavga_jax import models
 from cavga_jax import sharding
-from cavga_jax import train_lib
+from cavga_jax import train_state
 from cavga_jax import visualize
 from cavga_jax.errors import CavgaError
 
 Array = jax.Array
 
 
+def map_settings(eval_config: ml_collections.ConfigDict
+                 ) -> anomaly_maps.MapSettings:
+  """``anomaly_maps.MapSettings`` from ``config.eval``."""
+  defaults = anomaly_maps.MapSettings()
+  return anomaly_maps.MapSettings(
+      residual_sigma=float(eval_config.get('residual_sigma',
+                                           defaults.residual_sigma)),
+      ssim_window=int(eval_config.get('ssim_window', defaults.ssim_window)))
+
+
 def make_eval_step(generator: models.CAVGAGenerator,
-                   weak_map: str = 'anomalous'
-                   ) -> Callable[[Any, Any, Array], dict[str, Array]]:
+                   settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings()
+                   ) -> Callable[[Any, Any, Array], dict[str, Any]]:
   """Returns ``eval_step(params, batch_stats, images) -> outputs``.
 
   ``images`` is uint8 (B, S, S, C). Outputs: 'reconstruction' uint8
-  (B, S, S, C), 'anomaly_map' float32 (B, S, S) in [0, 1], 'attention'
-  (B, h, w) and 'score' (B,) (mean squared error in [-1, 1] units). With the
-  CAVGA_w classifier also 'class_attention' (B, 2, h, w) and 'p_anomalous'
-  (B,), and 'anomaly_map' is the ``weak_map`` of
-  ``attention.weak_localization_map``.
-
-  Raises:
-    CavgaError: unknown ``weak_map`` for a generator with a classifier.
+  (B, S, S, C), 'attention' (B, h, w), 'score' (B,) (mean squared error in
+  [-1, 1] units), 'maps' {name: (B, S, S) float32} for every map of
+  ``anomaly_maps.map_functions`` and 'map_scores' {name: (B,)} (their image
+  scores). With the CAVGA_w classifier also 'class_attention'
+  (B, 2, h, w) and 'p_anomalous' (B,).
   """
-  if generator.with_classifier and weak_map not in attention.WEAK_MAPS:
-    raise CavgaError(f'config.eval.weak_map must be one of '
-                     f'{", ".join(attention.WEAK_MAPS)}, got {weak_map!r}')
+  functions = anomaly_maps.map_functions(generator.with_classifier)
 
   def eval_step(params, batch_stats, images):
-    x = train_lib.images_to_float(images)
+    x = train_state.images_to_float(images)
     outputs, _ = attention.forward_with_attention(
-        generator, params, batch_stats, x, rng=None, train=False)
+        generator, params, batch_stats, x, rng=None, train=False,
+        unit_maps=True)
     reconstruction = outputs['reconstruction']
+    maps = anomaly_maps.compute_maps(dict(outputs, images=x), functions,
+                                     settings)
     result = dict(
         reconstruction=jnp.round((reconstruction + 1.0) * 127.5).clip(
             0, 255).astype(jnp.uint8),
         attention=outputs['attention'],
-        score=jnp.mean(jnp.square(x - reconstruction), axis=(1, 2, 3)))
+        score=jnp.mean(jnp.square(x - reconstruction), axis=(1, 2, 3)),
+        maps=maps,
+        map_scores={name: anomaly_maps.image_score(m)
+                    for name, m in maps.items()})
     if generator.with_classifier:
       result.update(
-          anomaly_map=attention.weak_localization_map(
-              outputs, images.shape[1], weak_map),
           class_attention=outputs['class_attention'],
           p_anomalous=jax.nn.softmax(outputs['logits'])[:, models.ANOMALOUS])
-    else:
-      result['anomaly_map'] = attention.localization_map(
-          outputs['attention'], images.shape[1])
     return result
 
   return eval_step
@@ -88,38 +108,85 @@ def make_eval_step(generator: models.CAVGAGenerator,
 
 def predict(eval_step: Callable, params: Any, batch_stats: Any,
             dataset: data.AnomalyDataset, batch_size: int,
-            mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
-  """Runs ``eval_step`` over a dataset; returns host arrays with N rows each."""
+            mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """Runs ``eval_step`` over a dataset; returns host arrays with N rows each.
+
+  The result has the structure of ``eval_step``'s outputs (nested dicts).
+  """
   sharding.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
-  results: dict[str, list[np.ndarray]] = {}
+  batches = []
   tic, done = time.perf_counter(), 0
   for images, num_valid in data.eval_batches(dataset, batch_size):
     out = jax.device_get(eval_step(params, batch_stats,
                                    sharding.shard_batch(images, mesh)))
-    for key, value in out.items():
-      results.setdefault(key, []).append(value[:num_valid])
+    batches.append(jax.tree.map(lambda v, n=num_valid: v[:n], out))
     done += num_valid
   elapsed = time.perf_counter() - tic
   logging.info('evaluated %d images in %.1f s (%.1f img/s, incl. compilation)',
                done, elapsed, done / max(elapsed, 1e-9))
-  return {k: np.concatenate(v) for k, v in results.items()}
+  return jax.tree.map(lambda *values: np.concatenate(values), *batches)
 
 
-def compute_metrics(predictions: dict[str, np.ndarray],
-                    dataset: data.AnomalyDataset) -> dict[str, float]:
-  """The flat metrics dict of SPEC section 4 for one test set.
+def add_prior(predictions: dict[str, Any], headline: str) -> None:
+  """Adds the ``prior`` map: the test-set mean of ``headline`` for every image.
 
+  Its image score is constant (image AUROC 0.5): the prior only asks
+  whether a map knows more than where defects tend to be.
+  """
+  maps = predictions['maps'][headline]
+  predictions['maps'][anomaly_maps.PRIOR] = np.broadcast_to(
+      maps.mean(axis=0, dtype=np.float64).astype(np.float32), maps.shape)
+  predictions['map_scores'][anomaly_maps.PRIOR] = np.zeros(len(maps),
+                                                           np.float32)
+
+
+def map_metrics(anomaly_map: np.ndarray, image_scores: np.ndarray,
+                dataset: data.AnomalyDataset, unbounded: bool
+                ) -> dict[str, float]:
+  """Pixel metrics of one map and the detection metrics of its image score.
+
+  ``unbounded`` maps are min-max normalised over the test set first (only
+  IoU at 0.5 and the best-IoU threshold change).
+  """
+  if unbounded:
+    low, high = float(anomaly_map.min()), float(anomaly_map.max())
+    anomaly_map = (anomaly_map - low) / max(high - low, 1e-12)
+  result = metrics.localization_metrics(anomaly_map, dataset.masks,
+                                        dataset.labels)
+  result.update(metrics.detection_metrics(image_scores, dataset.labels))
+  return result
+
+
+def compute_metrics(predictions: dict[str, Any],
+                    dataset: data.AnomalyDataset,
+                    headline: str = 'attention') -> dict[str, Any]:
+  """The metrics dict of SPEC section 4 plus ``maps`` for one test set.
+
+  Adds the ``prior`` map to ``predictions`` (``add_prior``) and the headline
+  map as ``predictions['anomaly_map']``. The flat SPEC keys are those of the
+  ``headline`` map and of ``s_a``; ``maps[name]`` has every map's metrics.
   With CAVGA_w predictions ('p_anomalous') also 'image_auroc_classifier'
   (ROC AUC of the classifier's probability of 'anomalous') and
   'classifier_accuracy' (anomalous iff that probability > 0.5).
   """
+  add_prior(predictions, headline)
+  per_map = {
+      name: map_metrics(predictions['maps'][name],
+                        predictions['map_scores'][name], dataset,
+                        name in anomaly_maps.UNBOUNDED
+                        or (name == anomaly_maps.PRIOR
+                            and headline in anomaly_maps.UNBOUNDED))
+      for name in predictions['maps']}
+  predictions['anomaly_map'] = predictions['maps'][headline]
   result = dict(
       num_test_images=dataset.num_examples,
-      num_anomalous_images=int(dataset.labels.sum()))
-  result.update(metrics.localization_metrics(
-      predictions['anomaly_map'], dataset.masks, dataset.labels))
+      num_anomalous_images=int(dataset.labels.sum()),
+      map=headline)
+  result.update({k: v for k, v in per_map[headline].items()
+                 if k not in ('image_auroc', 'detection_accuracy')})
   result.update(metrics.detection_metrics(predictions['score'],
                                           dataset.labels))
+  result['maps'] = per_map
   if 'p_anomalous' in predictions:
     # CAVGA_w: detection by the classifier instead of the reconstruction.
     p_anomalous = predictions['p_anomalous']
@@ -137,37 +204,154 @@ def panel_indices(num_examples: int, num_panels: int) -> np.ndarray:
                    .astype(int)) if num_panels else np.zeros(0, int)
 
 
-def write_outputs(out_dir: str, result: dict[str, float],
-                  predictions: dict[str, np.ndarray],
+def display_maps(predictions: dict[str, Any]) -> dict[str, np.ndarray]:
+  """The maps to draw, each in [0, 1].
+
+  Unbounded maps are scaled from their test-set minimum to their 99.9th
+  percentile (clipped above), so a few extreme pixels do not darken every
+  panel. VAE predictions without 'maps' show their 'anomaly_map' alone.
+  """
+  if 'maps' not in predictions:
+    return {'anomaly_map': predictions['anomaly_map']}
+  shown = {}
+  for name, values in predictions['maps'].items():
+    if name in anomaly_maps.UNBOUNDED:
+      low, high = float(values.min()), float(np.percentile(values, 99.9))
+      values = np.clip((values - low) / max(high - low, 1e-12), 0.0, 1.0)
+    shown[name] = values
+  return shown
+
+
+def write_outputs(out_dir: str, result: dict[str, Any],
+                  predictions: dict[str, Any],
                   dataset: data.AnomalyDataset, num_panels: int) -> None:
-  """metrics.json, per-image scores.csv and the PNG panels under ``out_dir``."""
+  """metrics.json, per-image scores.csv and the PNG panels under ``out_dir``.
+
+  scores.csv has ``s_a`` ('score'), each map's image score
+  ('score_<map>') and, for CAVGA_w, 'p_anomalous'; a panel row shows the
+  image, the reconstruction, every map over the image and the mask.
+  """
   panel_dir = os.path.join(out_dir, 'panels')
   os.makedirs(panel_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
     json.dump(result, f, indent=2, sort_keys=True)
+  columns = {'score': predictions['score']}
+  columns.update({f'score_{name}': values for name, values in
+                  predictions.get('map_scores', {}).items()})
+  if 'p_anomalous' in predictions:
+    columns['p_anomalous'] = predictions['p_anomalous']
   with open(os.path.join(out_dir, 'scores.csv'), 'w') as f:
-    # CAVGA_w adds the classifier's probability of 'anomalous'.
-    p_anomalous = predictions.get('p_anomalous')
-    f.write('path,label,defect_type,score'
-            + (',p_anomalous' if p_anomalous is not None else '') + '\n')
-    for i, (path, label, defect, score) in enumerate(zip(
-        dataset.paths, dataset.labels, dataset.defect_types,
-        predictions['score'])):
-      extra = f',{p_anomalous[i]:.6g}' if p_anomalous is not None else ''
-      f.write(f'{path},{label},{defect},{score:.6g}{extra}\n')
+    f.write(','.join(['path', 'label', 'defect_type', *columns]) + '\n')
+    for i, (path, label, defect) in enumerate(zip(
+        dataset.paths, dataset.labels, dataset.defect_types)):
+      values = ','.join(f'{v[i]:.6g}' for v in columns.values())
+      f.write(f'{path},{label},{defect},{values}\n')
+  shown = display_maps(predictions)
   for i in panel_indices(dataset.num_examples, num_panels):
     stem = os.path.splitext(os.path.basename(dataset.paths[i]))[0]
     visualize.save_panel(
         os.path.join(panel_dir, f'{i:04d}_{dataset.defect_types[i]}_{stem}.png'),
         dataset.images[i], predictions['reconstruction'][i],
-        predictions['anomaly_map'][i], dataset.masks[i])
+        {name: values[i] for name, values in shown.items()},
+        dataset.masks[i])
+
+
+def make_evaluator(generator: models.CAVGAGenerator,
+                   dataset: data.AnomalyDataset,
+                   eval_config: ml_collections.ConfigDict,
+                   mesh: jax.sharding.Mesh
+                   ) -> Callable[[Any, Any], tuple[dict[str, Any],
+                                                   dict[str, Any]]]:
+  """``evaluator(params, batch_stats) -> (metrics, predictions)`` on ``dataset``.
+
+  One jitted step (compiled once, reused by every call: the final
+  evaluation and the learning-curve points during training).
+
+  Args:
+    generator: the generator module.
+    dataset: the test set.
+    eval_config: ``config.eval`` (batch_size, map, residual_sigma,
+      ssim_window).
+    mesh: the device mesh the batches are sharded over.
+  """
+  eval_step = jax.jit(make_eval_step(generator, map_settings(eval_config)))
+  headline = eval_config.get('map', 'attention')
+
+  def evaluator(params, batch_stats):
+    predictions = predict(eval_step, params, batch_stats, dataset,
+                          eval_config.batch_size, mesh)
+    tic = time.perf_counter()
+    result = compute_metrics(predictions, dataset, headline)
+    logging.info('metrics of %d maps in %.1f s', len(result['maps']),
+                 time.perf_counter() - tic)
+    return result, predictions
+
+  return evaluator
+
+
+def curve_record(step: int, result: dict[str, Any]) -> dict[str, Any]:
+  """One line of ``eval_curve.jsonl``: the step and every map's metrics."""
+  return dict(step=step, image_auroc_mse=result['image_auroc'],
+              maps=result['maps'])
+
+
+CURVE_FILE = 'eval_curve.jsonl'
+
+
+def append_curve_point(path: str, record: dict[str, Any]) -> None:
+  """Appends a ``curve_record`` to ``path`` and replots ``<path stem>.png``."""
+  with open(path, 'a') as f:
+    f.write(json.dumps(record) + '\n')
+  with open(path) as f:
+    records = [json.loads(line) for line in f]
+  visualize.plot_curves(os.path.splitext(path)[0] + '.png', records)
+  summary = ', '.join(f'{name} {values["pixel_auroc"]:.3f}/{values["aupro"]:.3f}'
+                      for name, values in record['maps'].items())
+  logging.info('eval at step %d (pixel AUROC / AU-PRO): %s', record['step'],
+               summary)
+
+
+def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str
+                         ) -> list[dict[str, Any]]:
+  """The learning curve after the fact: every retained checkpoint, all maps.
+
+  For runs trained without ``config.train.eval_every`` (keep checkpoints
+  with ``config.train.keep_checkpoints``). Replaces
+  ``<workdir>/eval_curve.jsonl`` and ``eval_curve.png``.
+
+  Returns:
+    The curve records, in step order.
+  """
+  config_checks.check_config(config)
+  mesh = sharding.make_mesh()
+  _, test_ds = data.get_datasets(config, workdir)
+  generator, _, init_fn, _ = train_state.setup(config, mesh)
+  target = train_state.abstract_state(init_fn, mesh)
+  manager = checkpointing.make_manager(workdir)
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise CavgaError(f'{checkpointing.checkpoint_dir(workdir)}: no checkpoint '
+                     'found; run train.py with this --workdir first')
+  evaluator = make_evaluator(generator, test_ds, config.eval, mesh)
+  path = os.path.join(workdir, CURVE_FILE)
+  if os.path.exists(path):
+    os.remove(path)
+  records = []
+  for step in steps:
+    state = checkpointing.restore(manager, step, target)
+    result, _ = evaluator(state.gen_params, state.gen_batch_stats)
+    records.append(curve_record(step, result))
+    append_curve_point(path, records[-1])
+  return records
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str
-             ) -> dict[str, float]:
+             ) -> dict[str, Any]:
   """Restores the latest checkpoint of ``workdir`` and evaluates it.
 
   Writes ``<workdir>/eval/metrics.json``, ``scores.csv`` and ``panels/``.
+  Always the final checkpoint: the learning curve of ``config.train.eval_every``
+  never selects one.
 
   Returns:
     The metrics dict (also logged).
@@ -175,16 +359,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   config_checks.check_config(config)
   mesh = sharding.make_mesh()
   _, test_ds = data.get_datasets(config, workdir)
-  generator, _, init_fn, _ = train_lib.setup(config, mesh)
-  target = train_lib.abstract_state(init_fn, mesh)
+  generator, _, init_fn, _ = train_state.setup(config, mesh)
+  target = train_state.abstract_state(init_fn, mesh)
   state, step = checkpointing.restore_for_eval(workdir, target)
   logging.info('evaluating checkpoint %d on %d test images', step,
                test_ds.num_examples)
-  eval_step = jax.jit(make_eval_step(
-      generator, config.eval.get('weak_map', 'anomalous')))
-  predictions = predict(eval_step, state.gen_params, state.gen_batch_stats,
-                        test_ds, config.eval.batch_size, mesh)
-  result = compute_metrics(predictions, test_ds)
+  evaluator = make_evaluator(generator, test_ds, config.eval, mesh)
+  result, predictions = evaluator(state.gen_params, state.gen_batch_stats)
   result['checkpoint_step'] = step
   write_outputs(os.path.join(workdir, 'eval'), result, predictions, test_ds,
                 config.eval.num_panels)

@@ -50,11 +50,6 @@ class UnitAttention(NamedTuple):
   mean: Array
 
 
-def unit_scores(mu: Array) -> Array:
-  """The per-unit scores: (B, U) from ``mu`` (B, U) or (B, h', w', U)."""
-  return mu if mu.ndim == 2 else jnp.sum(mu, axis=tuple(range(1, mu.ndim - 1)))
-
-
 def unit_attention(latent_fn: Callable[[Array], Any], features: Array,
                    has_aux: bool = False):
   """Grad-CAM maps of every latent unit, their sum and their mean.
@@ -75,7 +70,7 @@ def unit_attention(latent_fn: Callable[[Array], Any], features: Array,
   def scores_fn(f):
     out = latent_fn(f)
     mu, aux = out if has_aux else (out, None)
-    scores = unit_scores(mu)
+    scores = attention.unit_scores(mu)
     # The last score is sum_k mu_k: its map comes from the same VJP.
     return jnp.concatenate([scores, jnp.sum(scores, 1, keepdims=True)],
                            axis=1), (mu, aux)
@@ -83,9 +78,8 @@ def unit_attention(latent_fn: Callable[[Array], Any], features: Array,
   maps, _, (mu, aux) = attention.class_grad_cam(scores_fn, features,
                                                 has_aux=True)
   units = maps[:, :-1]
-  mean = jnp.mean(units, axis=1)
-  mean = mean / (jnp.max(mean, axis=(1, 2), keepdims=True) + attention.EPS)
-  result = UnitAttention(units=units, sum=maps[:, -1], mean=mean)
+  result = UnitAttention(units=units, sum=maps[:, -1],
+                         mean=attention.unit_mean(units))
   return (result, mu, aux) if has_aux else (result, mu)
 
 

@@ -46,6 +46,17 @@ Array = jax.Array
 NORMAL = 0
 ANOMALOUS = 1
 SUPERVISIONS = ('unsupervised', 'weak')
+# Encoder input normalisations (CAVGAGenerator.input_norm): 'none' feeds the
+# [-1, 1] images as they are; 'imagenet' feeds what torchvision's ImageNet
+# weights were trained on, (u - mean) / std with u = (x + 1) / 2 in [0, 1].
+INPUT_NORMS = ('none', 'imagenet')
+# CAVGAGenerator.attention_score / attention_norm (see there); the first
+# entries are the paper's choices.
+ATTENTION_SCORES = ('sum', 'unit_mean')
+ATTENTION_NORMS = ('max', 'minmax')
+NUM_ENCODER_STAGES = 4
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # PyTorch BatchNorm2d defaults.
 _BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
@@ -83,14 +94,24 @@ class ResNet18Encoder(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
-    x = layers.Conv(self.widths[0], 7, 2, 3, use_bias=False, dtype=self.dtype,
-                    name='conv1')(x)
-    x = _BatchNorm(use_running_average=not train, dtype=self.dtype,
-                   name='bn1')(x)
-    x = nn.relu(x)
-    x = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+  def __call__(self, x: Array, train: bool, start: int = 0,
+               stop: int | None = None) -> Array:
+    """Runs stages ``start`` .. ``stop - 1`` (stage 0 includes the stem).
+
+    ``stop=s`` returns the output of ``layer<s>`` (H/2^(s+1)); ``start=s``
+    continues from it. The defaults run the whole encoder.
+    """
+    stop = len(self.widths) if stop is None else stop
+    if start == 0:
+      x = layers.Conv(self.widths[0], 7, 2, 3, use_bias=False,
+                      dtype=self.dtype, name='conv1')(x)
+      x = _BatchNorm(use_running_average=not train, dtype=self.dtype,
+                     name='bn1')(x)
+      x = nn.relu(x)
+      x = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     for stage, width in enumerate(self.widths):
+      if not start <= stage < stop:
+        continue
       for block in range(2):
         strides = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(width, strides, self.dtype,
@@ -108,8 +129,13 @@ class DCGANEncoder(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
+  def __call__(self, x: Array, train: bool, start: int = 0,
+               stop: int | None = None) -> Array:
+    """Runs stages ``start`` .. ``stop - 1``; stage i is ``conv<i>`` (H/2^(i+1))."""
+    stop = len(self.widths) if stop is None else stop
     for i, width in enumerate(self.widths):
+      if not start <= i < stop:
+        continue
       x = layers.Conv(width, 4, 2, 1, use_bias=False, dtype=self.dtype,
                       name=f'conv{i}')(x)
       if i > 0:
@@ -221,6 +247,18 @@ class CAVGAGenerator(nn.Module):
     encoder_widths / decoder_widths: stage widths (defaults = the paper's).
     with_classifier: adds CAVGA_w's dense layer from flattened z to 2 logits
       (normal, anomalous).
+    input_norm: what the encoder sees (``INPUT_NORMS``): 'none' the [-1, 1]
+      images, 'imagenet' torchvision's ImageNet normalisation of them (see
+      ``normalize_input``). Only the encoder input changes; reconstructions
+      and their targets stay in [-1, 1].
+    attention_score, attention_stage, attention_norm: how CAVGA's Grad-CAM
+      attention ``A`` is formed (``attention.forward_with_attention``; no
+      parameters): the score (``ATTENTION_SCORES``: 'sum' = ``s = sum(mu)``,
+      the paper; 'unit_mean' = Liu et al.'s mean of the per-unit maps), the
+      encoder stage whose output it is taken at (4 = the last, ``F``; 2 =
+      ResNet ``layer2``), and the per-image normalisation
+      (``ATTENTION_NORMS``: 'max' = ``ReLU(cam) / max``, the paper;
+      'minmax' = ``(cam - min) / (max - min)``).
     dtype: compute dtype (parameters stay float32).
   """
   variant: str = 'R'
@@ -232,6 +270,10 @@ class CAVGAGenerator(nn.Module):
   encoder_widths: Sequence[int] = (64, 128, 256, 512)
   decoder_widths: Sequence[int] = (512, 256, 128, 64, 32)
   with_classifier: bool = False
+  input_norm: str = 'none'
+  attention_score: str = 'sum'
+  attention_stage: int = 4
+  attention_norm: str = 'max'
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -258,9 +300,19 @@ class CAVGAGenerator(nn.Module):
     if self.with_classifier:
       self.classifier = nn.Dense(2, name='classifier')
 
-  def encode(self, x: Array, train: bool) -> Array:
-    """Images (B, H, W, C) in [-1, 1] -> last encoder feature map F (B, h, w, k)."""
-    return self.encoder(x.astype(self.dtype), train)
+  def encode(self, x: Array, train: bool, stop: int | None = None) -> Array:
+    """Images (B, H, W, C) in [-1, 1] -> last encoder feature map F (B, h, w, k).
+
+    The images are normalised by ``input_norm`` first. ``stop=s`` (1..4)
+    returns the output of encoder stage s instead (ResNet ``layer<s>``,
+    H/2^(s+1); DCGAN ``conv<s-1>``, H/2^s), which ``encode_from`` continues.
+    """
+    x = normalize_input(x, self.input_norm)
+    return self.encoder(x.astype(self.dtype), train, stop=stop)
+
+  def encode_from(self, features: Array, start: int, train: bool) -> Array:
+    """The output of encoder stage ``start`` -> last feature map F."""
+    return self.encoder(features, train, start=start)
 
   def latent_params(self, features: Array) -> tuple[Array, Array]:
     """F (B, h, w, k) -> (mu, logvar), each (B, h, w, c) or (B, latent_dim).
@@ -313,6 +365,32 @@ class CAVGAGenerator(nn.Module):
     return out
 
 
+def normalize_input(x: Array, input_norm: str) -> Array:
+  """The encoder input for images ``x`` (B, H, W, C) in [-1, 1], same shape.
+
+  Args:
+    x: images in [-1, 1], C = 3 or 1.
+    input_norm: 'none' returns ``x``; 'imagenet' returns
+      ``((x + 1) / 2 - mean) / std`` per channel with torchvision's
+      ``IMAGENET_MEAN`` / ``IMAGENET_STD`` (for C = 1 their averages, 0.449
+      and 0.226, matching the RGB conv1 kernel summed for grayscale by
+      ``pretrained``), computed in float32.
+
+  Raises:
+    ValueError: unknown ``input_norm`` (configs are checked earlier by
+      ``config_checks``).
+  """
+  if input_norm == 'none':
+    return x
+  if input_norm != 'imagenet':
+    raise ValueError(f'model.input_norm must be one of {INPUT_NORMS}, got '
+                     f'{input_norm!r}')
+  mean, std = jnp.asarray(IMAGENET_MEAN), jnp.asarray(IMAGENET_STD)
+  if x.shape[-1] == 1:
+    mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
+  return ((x.astype(jnp.float32) + 1.0) / 2.0 - mean) / std
+
+
 def reparameterize(rng: Array, mu: Array, logvar: Array) -> Array:
   """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I); any shape."""
   return mu + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mu.shape, mu.dtype)
@@ -358,6 +436,11 @@ def build_models(config) -> tuple[CAVGAGenerator, Discriminator]:
       encoder_widths=widths['encoder_widths'],
       decoder_widths=widths['decoder_widths'],
       with_classifier=supervision == 'weak',
+      input_norm=model_config.get('input_norm', 'none'),
+      attention_score=model_config.get('attention_score', 'sum'),
+      attention_stage=model_config.get('attention_stage',
+                                       NUM_ENCODER_STAGES),
+      attention_norm=model_config.get('attention_norm', 'max'),
       dtype=dtype)
   discriminator = Discriminator(widths['discriminator_widths'], dtype)
   return generator, discriminator

@@ -10,7 +10,10 @@ Two steps, so that training never needs PyTorch:
    ``CAVGAGenerator``, e.g. ``params/encoder/layer2_0/downsample_conv/kernel``
    or ``batch_stats/encoder/bn1/mean``, all float32.
 2. ``load_pretrained_encoder`` puts those arrays into a generator's
-   variables (``config.model.pretrained``).
+   variables (``config.model.pretrained``). Training does this eagerly on the
+   initialised state of a fresh run (``train_state.with_pretrained_encoder``),
+   not inside the jitted initialiser, so that a resumed run and evaluation
+   restore their checkpoint without the file.
 
 Name and layout mapping (torch -> Flax, under ``encoder``):
 
@@ -26,19 +29,19 @@ Name and layout mapping (torch -> Flax, under ``encoder``):
 * ``num_batches_tracked`` (only used by momentum=None BN) and the ImageNet
   classifier ``fc.*`` have no counterpart and are dropped.
 
-Input normalisation (a deliberate decision): torchvision weights were
-trained on ImageNet-normalised inputs ``(u - mean) / std`` with ``u`` in
-[0, 1], mean ~0.45 and std ~0.226, while CAVGA feeds images in [-1, 1]
-(``2u - 1``). We load the weights unchanged and do not renormalise inputs:
-the two differ by a per-channel affine map (scale ~2.2, nearly equal across
-RGB), and in training mode ``bn1`` normalises conv1's output with batch
-statistics, which removes that scale and offset almost entirely. What is
-left (slightly unequal channel scales, the zero-padded border, eval-mode
-running statistics until they follow the new data, a few dozen steps at
-momentum 0.1) is absorbed by fine-tuning the whole encoder, as the paper
-does. Folding the normalisation into ``conv1``/``bn1`` was rejected: it is
-not exact at the border either, and it would make the ``.npz`` differ from
-the published weights.
+Input normalisation: torchvision weights were trained on ImageNet-normalised
+inputs ``(u - mean) / std`` with ``u`` in [0, 1], mean ~0.45 and std ~0.226,
+while CAVGA feeds images in [-1, 1] (``2u - 1``). The weights are loaded
+unchanged; ``config.model.input_norm='imagenet'`` (recommended with them;
+``models.normalize_input``) makes the encoder, and only the encoder, see
+exactly torchvision's inputs, while reconstructions and their targets stay
+in [-1, 1]. With the default ``'none'`` the two inputs differ by a
+per-channel affine map (scale ~2.2, nearly equal across RGB) that
+training-mode ``bn1`` largely removes and fine-tuning absorbs, but the
+zero-padded border and the eval-mode running statistics see the difference.
+Folding the normalisation into ``conv1``/``bn1`` was rejected: it is not
+exact at the border, and it would make the ``.npz`` differ from the
+published weights.
 """
 
 from __future__ import annotations
@@ -356,6 +359,9 @@ def _like(value: np.ndarray, leaf: Any) -> Any:
 def load_pretrained_encoder(variables: Mapping[str, Any], path: str) -> Any:
   """A copy of generator variables with the encoder from a converted .npz.
 
+  Runs eagerly (it reads a file and places arrays), not under ``jax.jit`` or
+  ``jax.eval_shape``, whose tracers have no ``sharding``.
+
   Args:
     variables: ``CAVGAGenerator(variant='R')`` variables, e.g. from
       ``init``: ``{'params': {...}, 'batch_stats': {...}}``, nested dicts or a
@@ -372,9 +378,9 @@ def load_pretrained_encoder(variables: Mapping[str, Any], path: str) -> Any:
 
     For a model with 1 image channel, conv1's RGB kernel (7, 7, 3, 64) is
     summed over its input channels to (7, 7, 1, 64) (see _fit_to_model).
-    Inputs are not renormalised to ImageNet statistics: our images stay in
-    [-1, 1] and fine-tuning absorbs the difference (see the module
-    docstring).
+    The weights are not changed for CAVGA's [-1, 1] inputs; the generator's
+    ``input_norm='imagenet'`` gives the encoder ImageNet-normalised inputs
+    instead (see the module docstring).
 
   Raises:
     errors.DataError: one line starting with ``path``: the file is missing or

@@ -41,7 +41,6 @@ import os
 import time
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -52,9 +51,11 @@ from cavga_jax import attention
 from cavga_jax import checkpointing
 from cavga_jax import config_checks
 from cavga_jax import data
+from cavga_jax import eval_lib
 from cavga_jax import losses
 from cavga_jax import models
 from cavga_jax import sharding
+from cavga_jax import train_state
 from cavga_jax.errors import CavgaError
 from cavga_jax.errors import TrainingError
 
@@ -62,69 +63,13 @@ Array = jax.Array
 PyTree = Any
 
 
-@flax.struct.dataclass
-class TrainState:
-  """Everything a resumed run needs; ``step`` counts completed updates."""
-  step: Array
-  gen_params: PyTree
-  gen_batch_stats: PyTree
-  gen_opt_state: PyTree
-  disc_params: PyTree
-  disc_batch_stats: PyTree
-  disc_opt_state: PyTree
-  gen_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-  disc_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-
-
-def make_optimizer(opt_config: ml_collections.ConfigDict,
-                   num_steps: int) -> optax.GradientTransformation:
-  """Adam (lr 2e-4, b1 0.5 by default) with optional warmup/cosine decay and clipping."""
-  lr = opt_config.learning_rate
-  warmup = opt_config.get('warmup_steps', 0)
-  if opt_config.get('schedule', 'constant') == 'cosine':
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup, max(num_steps, warmup + 1))
-  elif warmup:
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
-        [warmup])
-  else:
-    schedule = lr
-  adam = optax.adam(schedule, b1=opt_config.b1, b2=opt_config.b2)
-  clip = opt_config.get('grad_clip_norm', 0.0)
-  return optax.chain(optax.clip_by_global_norm(clip), adam) if clip else adam
-
-
-def create_train_state(config: ml_collections.ConfigDict,
-                       generator: models.CAVGAGenerator,
-                       discriminator: models.Discriminator,
-                       rng: Array) -> TrainState:
-  """Initial state: fresh parameters (ImageNet encoder if configured)."""
-  size, channels = config.data.image_size, config.data.channels
-  dummy = jnp.zeros((1, size, size, channels), jnp.float32)
-  gen_key, sample_key, disc_key = jax.random.split(rng, 3)
-  gen_vars = generator.init({'params': gen_key}, dummy, sample_key, train=False)
-  if config.model.get('pretrained'):
-    from cavga_jax import pretrained  # pylint: disable=g-import-not-at-top
-    gen_vars = pretrained.load_pretrained_encoder(gen_vars,
-                                                  config.model.pretrained)
-  disc_vars = discriminator.init(disc_key, dummy, train=False)
-  gen_tx = make_optimizer(config.optimizer, config.train.num_steps)
-  disc_tx = make_optimizer(config.optimizer, config.train.num_steps)
-  return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      gen_params=gen_vars['params'],
-      gen_batch_stats=gen_vars['batch_stats'],
-      gen_opt_state=gen_tx.init(gen_vars['params']),
-      disc_params=disc_vars['params'],
-      disc_batch_stats=disc_vars['batch_stats'],
-      disc_opt_state=disc_tx.init(disc_vars['params']),
-      gen_tx=gen_tx, disc_tx=disc_tx)
-
-
-def images_to_float(images: Array) -> Array:
-  """uint8 (B, H, W, C) -> float32 in [-1, 1]."""
-  return images.astype(jnp.float32) / 127.5 - 1.0
+def _has_checkpoint(workdir: str) -> bool:
+  """Whether ``<workdir>/checkpoints`` holds a complete checkpoint."""
+  manager = checkpointing.make_manager(workdir)
+  try:
+    return manager.latest_step() is not None
+  finally:
+    manager.close()
 
 
 def _vae_gan_terms(outputs: dict[str, Array], images: Array,
@@ -210,7 +155,7 @@ def make_train_step(generator: models.CAVGAGenerator,
                     discriminator: models.Discriminator,
                     loss_weights: dict[str, float],
                     nonfinite: str = 'stop',
-                    ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+                    ) -> Callable[..., tuple[train_state.TrainState, dict[str, Array]]]:
   """Returns the pure, jittable CAVGA train step.
 
   ``train_step(state, images, rng, labels=None) -> (state, metrics)``:
@@ -221,7 +166,9 @@ def make_train_step(generator: models.CAVGAGenerator,
   loss term (unweighted), the generator total ``g_loss`` and the
   discriminator loss ``d_loss``, and ``nonfinite``, 1.0 when a loss or a
   gradient of the step is NaN or infinite (else 0.0); CAVGA_w adds
-  ``cls_accuracy``, the classifier's batch accuracy (float32 scalars).
+  ``cls_accuracy``, the classifier's batch accuracy, and
+  ``anomalous_fraction``, the batch's fraction of labelled anomalies
+  (float32 scalars).
 
   With ``nonfinite='skip'`` a flagged step returns the input state with only
   ``step`` incremented (selected with ``jnp.where`` inside the program);
@@ -232,12 +179,12 @@ def make_train_step(generator: models.CAVGAGenerator,
   weak = generator.with_classifier
   include_ae = bool(loss_weights.get('ae', 0.0))
 
-  def train_step(state: TrainState, images: Array, rng: Array,
+  def train_step(state: train_state.TrainState, images: Array, rng: Array,
                  labels: Array | None = None):
     if weak and labels is None:
       raise ValueError('CAVGA_w train step needs the batch labels')
     rng = jax.random.fold_in(rng, state.step)
-    x = images_to_float(images)
+    x = train_state.images_to_float(images)
 
     def gen_forward(params):
       return attention.forward_with_attention(
@@ -297,6 +244,9 @@ def make_train_step(generator: models.CAVGAGenerator,
       predictions = jnp.argmax(outputs['logits'], axis=-1)
       metrics['cls_accuracy'] = jnp.mean(
           (predictions == labels).astype(jnp.float32))
+      # What cls_accuracy is measured on: an all-normal classifier scores
+      # exactly 1 - anomalous_fraction.
+      metrics['anomalous_fraction'] = jnp.mean(labels.astype(jnp.float32))
     return new_state, metrics
 
   return train_step
@@ -307,28 +257,6 @@ def _log_line(step: int, num_steps: int, metrics: dict[str, float],
   terms = ' '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                    for k, v in metrics.items())
   return f'step {step}/{num_steps} | {terms} | {images_per_s:.1f} img/s'
-
-
-def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-  """Models, the jitted state initialiser, and the replicated state sharding."""
-  generator, discriminator = models.build_models(config)
-  init_fn = functools.partial(create_train_state, config, generator,
-                              discriminator)
-  state_sharding = sharding.replicated(mesh)
-  init_fn = jax.jit(init_fn, out_shardings=state_sharding)
-  return generator, discriminator, init_fn, state_sharding
-
-
-def abstract_state(init_fn: Callable[[Array], TrainState],
-                   mesh: jax.sharding.Mesh) -> TrainState:
-  """Shapes, dtypes and replicated shardings of ``init_fn``'s state.
-
-  A restore target for ``checkpointing`` that allocates nothing.
-  """
-  replicated = sharding.replicated(mesh)
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      jax.eval_shape(init_fn, jax.random.key(0)))
 
 
 class _NonFiniteGuard:
@@ -429,7 +357,10 @@ def training_loop(config: ml_collections.ConfigDict, workdir: str,
                   state: Any, train_step: Callable[[Any, Any, Array], Any],
                   num_examples: int, put_fn: Callable[[np.ndarray], Any],
                   step_rng: Array, loss_keys: tuple[str, ...],
-                  description: str) -> Any:
+                  description: str,
+                  index_fn: Callable[[int], np.ndarray] | None = None,
+                  eval_fn: Callable[[Any, int], dict[str, Any]] | None = None
+                  ) -> Any:
   """Resumes, runs, logs and checkpoints a training run (CAVGA and the VAEs).
 
   Args:
@@ -448,6 +379,14 @@ def training_loop(config: ml_collections.ConfigDict, workdir: str,
     step_rng: the run's key (the step folds in ``state.step``).
     loss_keys: metrics named in a non-finite error message.
     description: what is trained, for the log.
+    index_fn: step -> the step's (batch_size,) global batch indices, a pure
+      function of the step (CAVGA_w's ``data.quota_batch_indices``); None:
+      ``data.epoch_permutation_indices`` of ``config.seed``.
+    eval_fn: ``(state, step) -> record`` (a JSON-able dict with 'step' and
+      'maps'), called every ``config.train.eval_every`` steps and at the
+      last step; the records go to ``<workdir>/eval_curve.jsonl`` (truncated
+      to the resumed step like the metrics log) and are plotted to
+      ``eval_curve.png``. It only observes: no checkpoint is selected.
 
   Returns:
     The final state.
@@ -469,6 +408,9 @@ def training_loop(config: ml_collections.ConfigDict, workdir: str,
   start_step, num_steps = int(state.step), config.train.num_steps
   metrics_path = os.path.join(workdir, 'train_metrics.jsonl')
   _truncate_metrics_log(metrics_path, start_step)
+  curve_path = os.path.join(workdir, eval_lib.CURVE_FILE)
+  _truncate_metrics_log(curve_path, start_step)
+  eval_every = config.train.get('eval_every', 0) if eval_fn else 0
   if start_step >= num_steps:
     logging.info('already trained for %d steps (config.train.num_steps=%d)',
                  start_step, num_steps)
@@ -478,7 +420,7 @@ def training_loop(config: ml_collections.ConfigDict, workdir: str,
   batches = data.TrainBatches(
       np.arange(num_examples), batch_size, seed=config.seed,
       start_step=start_step, prefetch=config.train.get('prefetch', 2),
-      put_fn=put_fn)
+      put_fn=put_fn, index_fn=index_fn)
   log_every = config.train.log_every
   ckpt_every = config.train.checkpoint_every
   nonfinite = config.train.get('nonfinite', 'stop')
@@ -522,6 +464,10 @@ def training_loop(config: ml_collections.ConfigDict, workdir: str,
               f'{checkpointing.checkpoint_dir(workdir)} is kept')
         checkpointing.save(manager, done, state)
         logging.info('saved checkpoint %d', done)
+      if eval_every and (done % eval_every == 0 or done == num_steps):
+        record = eval_fn(state, done)  # Every process computes its part.
+        if jax.process_index() == 0:
+          eval_lib.append_curve_point(curve_path, record)
   if guard.skipped_total:
     logging.warning('%d of %d steps were skipped for non-finite losses or '
                     'gradients', guard.skipped_total, num_steps - start_step)
@@ -545,7 +491,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str
   return mesh
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
   """Trains CAVGA as configured, resuming from ``<workdir>/checkpoints``.
 
   Logs step, losses and images/s every ``config.train.log_every`` steps and
@@ -554,20 +500,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   the run with ``TrainingError``, keeping the last good checkpoint, or skip
   the update (``config.train.nonfinite``; see the module docstring).
 
+  ``config.model.pretrained`` (an .npz of ImageNet weights) replaces the
+  initial encoder of a fresh run only: a resumed run restores everything from
+  its checkpoint and does not read the file.
+
   Returns:
     The final train state.
 
   Raises:
     CavgaError: an invalid config (``config_checks.check_config``) or
-      dataset; ``TrainingError`` for non-finite losses.
+      dataset, an unusable pretrained file (``DataError``);
+      ``TrainingError`` for non-finite losses.
   """
   mesh = prepare_run(config, workdir)
   batch_size = config.train.batch_size
   supervision = config.model.get('supervision', 'unsupervised')
   check_loss_weights(dict(config.loss_weights), supervision)
-  train_ds, _ = data.get_datasets(config, workdir)
+  train_ds, test_ds = data.get_datasets(config, workdir)
 
-  generator, discriminator, init_fn, state_sharding = setup(config, mesh)
+  generator, discriminator, init_fn, state_sharding = train_state.setup(
+      config, mesh)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   jitted_step = jax.jit(
       make_train_step(generator, discriminator, dict(config.loss_weights),
@@ -584,8 +536,39 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   description = (f'CAVGA-{config.model.variant}_{supervision} '
                  f'({config.model.latent} latent) on {train_ds.num_examples} '
                  f'images ({int(labels.sum())} anomalous)')
+  quota = config.data.get('weak_anomalies_per_batch', 0)
+  index_fn = None
+  if quota:
+    # CAVGA_w: uniform batches would almost never hold one of the few
+    # labelled anomalies, leaving the classifier nothing to learn from.
+    index_fn = functools.partial(data.quota_batch_indices, labels, batch_size,
+                                 quota, seed=config.seed)
+    description += f', {quota} anomalous per batch'
+  state = init_fn(init_rng)
+  pretrained_path = config.model.get('pretrained')
+  # A resumed run's checkpoint replaces the whole state in training_loop.
+  if pretrained_path and not _has_checkpoint(workdir):
+    state = train_state.with_pretrained_encoder(state, pretrained_path, state_sharding)
+    logging.info('encoder initialised from %s', pretrained_path)
   return training_loop(
-      config, workdir, init_fn(init_rng), train_step, train_ds.num_examples,
+      config, workdir, state, train_step, train_ds.num_examples,
       lambda idx: (sharding.shard_batch(images[idx[host_slice]], mesh),
                    sharding.shard_batch(labels[idx[host_slice]], mesh)),
-      step_rng, ('g_loss', 'd_loss'), description)
+      step_rng, ('g_loss', 'd_loss'), description, index_fn=index_fn,
+      eval_fn=_curve_fn(config, generator, test_ds, mesh))
+
+
+def _curve_fn(config: ml_collections.ConfigDict,
+              generator: models.CAVGAGenerator,
+              test_ds: data.AnomalyDataset, mesh: jax.sharding.Mesh
+              ) -> Callable[[Any, int], dict[str, Any]] | None:
+  """The learning-curve evaluation of ``config.train.eval_every`` (or None)."""
+  if not config.train.get('eval_every', 0):
+    return None
+  evaluator = eval_lib.make_evaluator(generator, test_ds, config.eval, mesh)
+
+  def eval_fn(state, step):
+    result, _ = evaluator(state.gen_params, state.gen_batch_stats)
+    return eval_lib.curve_record(step, result)
+
+  return eval_fn

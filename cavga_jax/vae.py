@@ -30,7 +30,16 @@ import ml_collections
 
 from cavga_jax import layers
 from cavga_jax import models
+from cavga_jax.data import sprites
 from cavga_jax.errors import CavgaError
+
+# The datasets and anomaly maps of the VAE experiments (``vae_lib``):
+ONE_CLASS_DATASETS = ('mnist', 'fashion_mnist')
+# MVTec-layout folders (incl. the embedded generated textures): localization
+# against the real defect masks.
+FOLDER_DATASETS = ('generated', 'mvtec')
+DATASETS = sprites.SPRITES_DATASETS + ONE_CLASS_DATASETS + FOLDER_DATASETS
+ATTENTION_MAPS = ('mean', 'sum')
 
 Array = jax.Array
 

@@ -58,6 +58,7 @@ from cavga_jax import metrics
 from cavga_jax import models
 from cavga_jax import sharding
 from cavga_jax import train_lib
+from cavga_jax import train_state
 from cavga_jax import visualize
 from cavga_jax import vae
 from cavga_jax.data import sprites
@@ -67,12 +68,6 @@ from cavga_jax.errors import CavgaError
 Array = jax.Array
 PyTree = Any
 
-ONE_CLASS_DATASETS = ('mnist', 'fashion_mnist')
-# MVTec-layout folders (incl. the embedded generated textures): localization
-# against the real defect masks.
-FOLDER_DATASETS = ('generated', 'mvtec')
-DATASETS = sprites.SPRITES_DATASETS + ONE_CLASS_DATASETS + FOLDER_DATASETS
-ATTENTION_MAPS = ('mean', 'sum')
 
 
 @flax.struct.dataclass
@@ -88,7 +83,7 @@ def create_state(config: ml_collections.ConfigDict, model: vae.ConvVAE,
                  rng: Array) -> VAEState:
   size, channels = config.data.image_size, config.data.channels
   params = model.init(rng, jnp.zeros((1, size, size, channels)))['params']
-  tx = train_lib.make_optimizer(config.optimizer, config.train.num_steps)
+  tx = train_state.make_optimizer(config.optimizer, config.train.num_steps)
   return VAEState(step=jnp.zeros((), jnp.int32), params=params,
                   opt_state=tx.init(params), tx=tx)
 
@@ -179,7 +174,7 @@ class _TrainingData:
           positions=config.data.get('positions', 32))
       self.num_examples = self.factors.num_examples
       self.images = self.factors.images
-    elif name in ONE_CLASS_DATASETS + FOLDER_DATASETS:
+    elif name in vae.ONE_CLASS_DATASETS + vae.FOLDER_DATASETS:
       train_ds, self.test = data.get_datasets(config, workdir)
       self.num_examples = train_ds.num_examples
       self.images = lambda idx: train_ds.images[idx]
@@ -187,7 +182,7 @@ class _TrainingData:
     else:
       raise CavgaError(
           f"config.data.name={name!r} is not a dataset of config.task='vae' "
-          f'(known: {", ".join(DATASETS)})')
+          f'(known: {", ".join(vae.DATASETS)})')
 
 
 def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
@@ -236,12 +231,12 @@ def make_explain_step(model: vae.ConvVAE, attention_map: str = 'mean'
   ``images`` uint8 (B, S, S, C). Outputs: 'reconstruction' uint8
   (B, S, S, C) (Bernoulli means of ``z = mu``), 'mu' (B, D), 'units'
   (B, D, h, w), 'anomaly_map' (B, S, S) (the ``attention_map`` of
-  ``ATTENTION_MAPS`` resized bilinearly), 'score' (B,) the per-image
+  ``vae.ATTENTION_MAPS`` resized bilinearly), 'score' (B,) the per-image
   negative ELBO and 'ad' (B,) the per-image L_AD.
   """
-  if attention_map not in ATTENTION_MAPS:
-    raise CavgaError(f'config.eval.map must be one of {ATTENTION_MAPS}, got '
-                     f'{attention_map!r}')
+  if attention_map not in vae.ATTENTION_MAPS:
+    raise CavgaError(f'config.eval.map must be one of {vae.ATTENTION_MAPS}, '
+                     f'got {attention_map!r}')
 
   def explain_step(params, images):
     x = images_to_unit(images)
@@ -378,7 +373,7 @@ def _localization_metrics(config, explain_step, params, training_data, mesh,
                           out_dir: str, step: int) -> dict[str, Any]:
   """SPEC section 4's metrics with the attention map as the anomaly map."""
   test, result = training_data.test, dict(checkpoint_step=step)
-  if config.data.name in ONE_CLASS_DATASETS:
+  if config.data.name in vae.ONE_CLASS_DATASETS:
     test, info = _explain_class_split(config, test, training_data.normal_mean)
     result.update(info)
   predictions = _predict(explain_step, params, test.images,
@@ -401,7 +396,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   training_data = _TrainingData(config, workdir)
   model, init_fn, _ = setup(config, mesh)
   state, step = checkpointing.restore_for_eval(
-      workdir, train_lib.abstract_state(init_fn, mesh))
+      workdir, train_state.abstract_state(init_fn, mesh))
   explain_step = jax.jit(make_explain_step(model, config.eval.map))
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)

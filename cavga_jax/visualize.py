@@ -1,10 +1,17 @@
-"""PNG panels: image | reconstruction | heatmap overlay | ground-truth mask,
-and the per-latent-unit attention rows of the VAE explanations."""
+"""PNG panels: image | reconstruction | heatmap overlays | ground-truth mask,
+the per-latent-unit attention rows of the VAE explanations, and the plot of
+the learning curves."""
 
 from __future__ import annotations
 
+from typing import Any, Mapping, Sequence
+
+from matplotlib import figure
 import numpy as np
 from PIL import Image
+from PIL import ImageDraw
+
+_LABEL_HEIGHT = 12
 
 
 def jet(values: np.ndarray) -> np.ndarray:
@@ -22,24 +29,37 @@ def _rgb(image: np.ndarray) -> np.ndarray:
 
 
 def panel(image: np.ndarray, reconstruction: np.ndarray,
-          anomaly_map: np.ndarray, mask: np.ndarray,
+          anomaly_maps: Mapping[str, np.ndarray], mask: np.ndarray,
           min_tile: int = 128, alpha: float = 0.5) -> np.ndarray:
-  """One row of four tiles, (S', 4*S', 3) uint8.
+  """One labelled row: image | reconstruction | each map over the image | mask.
 
   Args:
     image, reconstruction: (S, S, C) uint8.
-    anomaly_map: (S, S) float in [0, 1] (the localization map 1 - A).
+    anomaly_maps: name -> (S, S) float map in [0, 1] (e.g. ``1 - A``); one
+      overlay tile each, in this order.
     mask: (S, S) bool ground truth.
     min_tile: tiles smaller than this are enlarged (nearest) to be visible.
     alpha: heatmap opacity over the image.
+
+  Returns:
+    (12 + S', (3 + len(anomaly_maps)) * S', 3) uint8: a strip with the tile
+    names above the tiles.
   """
   image = _rgb(image)
-  overlay = ((1 - alpha) * image + alpha * jet(anomaly_map)).round()
-  tiles = [image, _rgb(reconstruction), overlay.astype(np.uint8),
-           _rgb(mask.astype(np.uint8) * 255)]
+  overlays = [((1 - alpha) * image + alpha * jet(m)).round().astype(np.uint8)
+              for m in anomaly_maps.values()]
+  tiles = ([image, _rgb(reconstruction)] + overlays
+           + [_rgb(mask.astype(np.uint8) * 255)])
+  names = ['image', 'reconstruction', *anomaly_maps, 'mask']
   row = np.concatenate(tiles, axis=1)
   scale = max(1, -(-min_tile // image.shape[0]))
-  return np.repeat(np.repeat(row, scale, axis=0), scale, axis=1)
+  row = np.repeat(np.repeat(row, scale, axis=0), scale, axis=1)
+  tile = image.shape[1] * scale
+  strip = Image.new('RGB', (row.shape[1], _LABEL_HEIGHT), 'white')
+  draw = ImageDraw.Draw(strip)
+  for i, name in enumerate(names):
+    draw.text((i * tile + 2, 0), name, fill='black')
+  return np.concatenate([np.asarray(strip), row], axis=0)
 
 
 def save_panel(path: str, *args, **kwargs) -> None:
@@ -72,3 +92,36 @@ def unit_panel(image: np.ndarray, reconstruction: np.ndarray,
 def save_unit_panel(path: str, *args, **kwargs) -> None:
   """Writes ``unit_panel(*args, **kwargs)`` as a PNG at ``path``."""
   Image.fromarray(unit_panel(*args, **kwargs)).save(path)
+
+
+CURVE_METRICS = ('pixel_auroc', 'aupro', 'iou', 'image_auroc')
+
+
+def plot_curves(path: str, records: Sequence[Mapping[str, Any]],
+                metric_names: Sequence[str] = CURVE_METRICS) -> None:
+  """Writes the learning curves of every map as a PNG (one panel per metric).
+
+  Args:
+    path: the PNG to write.
+    records: ``eval_curve.jsonl`` lines, ``{'step': int, 'maps': {name:
+      {metric: value}}}``, in step order.
+    metric_names: the metrics to plot, one subplot each.
+  """
+  steps = [r['step'] for r in records]
+  names = list(records[-1]['maps']) if records else []
+  # A Figure without pyplot: no global backend state for library users.
+  fig = figure.Figure(figsize=(4 * len(metric_names), 3.4))
+  axes = fig.subplots(1, len(metric_names), squeeze=False)
+  for ax, metric in zip(axes[0], metric_names):
+    for name in names:
+      values = [r['maps'].get(name, {}).get(metric, float('nan'))
+                for r in records]
+      ax.plot(steps, values, marker='.', label=name,
+              linestyle='--' if name == 'prior' else '-')
+    ax.set_title(metric)
+    ax.set_xlabel('training step')
+    ax.grid(alpha=0.3)
+  if names:
+    axes[0][-1].legend(fontsize=7, loc='best')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)

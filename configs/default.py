@@ -35,7 +35,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.decoder_widths = (256, 128, 64, 32)
   config.model.discriminator_widths = (32, 64, 128, 256)
   config.model.pretrained = ''  # .npz from scripts/convert_torchvision_resnet18.py (R)
+  # Encoder input: 'none' (images in [-1, 1]) or 'imagenet' (torchvision's
+  # mean/std normalisation, for ImageNet weights; README).
+  config.model.input_norm = 'none'
   config.model.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay float32)
+  # How the Grad-CAM attention A is formed, in training (L_ae) and
+  # evaluation; the defaults are the paper's (attention.forward_with_attention):
+  # score 'sum' (s = sum(mu)) | 'unit_mean' (Liu et al.'s mean of per-unit
+  # maps); stage 4 = the last encoder feature map, 1-3 earlier ones (ResNet
+  # layer<s>); norm 'max' (ReLU(cam) / max) | 'minmax'.
+  config.model.attention_score = 'sum'
+  config.model.attention_stage = 4
+  config.model.attention_norm = 'max'
 
   # Generator objective: rec*L_rec + kl*L_kl + adv*L_adv + ae*L_ae. The
   # paper's w_r multiplies the whole VAE loss L = rec + kl, so rec = kl = w_r.
@@ -66,8 +77,19 @@ def get_config() -> ml_collections.ConfigDict:
   # max_consecutive_skips skipped steps in a row).
   config.train.nonfinite = 'stop'
   config.train.max_consecutive_skips = 10
+  # Evaluate every N steps on the test set with all maps, appended to
+  # <workdir>/eval_curve.jsonl and plotted to eval_curve.png (0 = off). It
+  # never selects a checkpoint: evaluate.py scores the final one.
+  config.train.eval_every = 0
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 32
   config.eval.num_panels = 8
+  # The headline map written under SPEC section 4's keys (pixel_auroc, iou,
+  # aupro, ...); every map's metrics are in metrics.json's 'maps'
+  # (cavga_jax.anomaly_maps: attention = the paper's 1 - A, attention_liu,
+  # residual, residual_ssim, attention_x_residual, weak_* for CAVGA_w).
+  config.eval.map = 'attention'
+  config.eval.residual_sigma = 4.0  # Gaussian sigma (px) of the residual map
+  config.eval.ssim_window = 11  # SSIM window (px) of the residual_ssim map
   return config

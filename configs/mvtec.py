@@ -3,8 +3,9 @@
   python train.py --config=configs/mvtec.py --workdir=runs/bottle \
       --config.data.root=/data/mvtec_anomaly_detection --config.data.category=bottle
 
-Add ``--config.model.pretrained=resnet18_imagenet.npz`` for the ImageNet
-encoder the paper fine-tunes (see README), ``--config.model.variant=D`` for
+Add ``--config.model.pretrained=resnet18_imagenet.npz
+--config.model.input_norm=imagenet`` for the ImageNet encoder the paper
+fine-tunes (see README), ``--config.model.variant=D`` for
 CAVGA-D_u.
 """
 

@@ -21,12 +21,13 @@ from cavga_jax import data  # pylint: disable=wrong-import-position
 from cavga_jax import eval_lib  # pylint: disable=wrong-import-position
 from cavga_jax import sharding  # pylint: disable=wrong-import-position
 from cavga_jax import train_lib  # pylint: disable=wrong-import-position
+from cavga_jax import train_state  # pylint: disable=wrong-import-position
 
 
 def run(config, workdir, devices, num_steps=3):
   mesh = sharding.make_mesh(devices)
   train_ds, test_ds = data.get_datasets(config, workdir)
-  generator, discriminator, init_fn, state_sharding = train_lib.setup(
+  generator, discriminator, init_fn, state_sharding = train_state.setup(
       config, mesh)
   state = init_fn(jax.random.key(config.seed))
   step = jax.jit(train_lib.make_train_step(generator, discriminator,
@@ -46,7 +47,7 @@ def run(config, workdir, devices, num_steps=3):
 def evaluate(config, workdir, devices, state):
   mesh = sharding.make_mesh(devices)
   _, test_ds = data.get_datasets(config, workdir)
-  generator, _, _, _ = train_lib.setup(config, mesh)
+  generator, _, _, _ = train_state.setup(config, mesh)
   params, batch_stats = sharding.replicate(
       (state.gen_params, state.gen_batch_stats), mesh)
   predictions = eval_lib.predict(jax.jit(eval_lib.make_eval_step(generator)),
@@ -77,9 +78,17 @@ def main(workdir):
                                eight[0].gen_batch_stats),
       losses=max(abs(a[k] - b[k]) for a, b in zip(one[1], eight[1])
                  for k in a),
-      anomaly_map=max_abs_diff(one[2]['anomaly_map'],
-                               eight[2]['anomaly_map']),
-      metrics={k: [one[3][k], eight[3][k]] for k in one[3]})))
+      anomaly_map=max_abs_diff(one[2]['maps'], eight[2]['maps']),
+      metrics={k: [v, flat_metrics(eight[3])[k]]
+               for k, v in flat_metrics(one[3]).items()})))
+
+
+def flat_metrics(result):
+  """The numeric metrics, every map's as 'maps.<name>.<metric>'."""
+  flat = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+  for name, values in result['maps'].items():
+    flat.update({f'maps.{name}.{k}': v for k, v in values.items()})
+  return flat
 
 
 if __name__ == '__main__':

@@ -40,11 +40,11 @@ def _separate_unit_maps(model, variables, images):
   def unit_score(k):
     def score(f):
       mu, _ = model.apply(variables, f, method='latent_params')
-      return explain.unit_scores(mu)[:, k]
+      return attention.unit_scores(mu)[:, k]
     return score
 
   mu, _ = model.apply(variables, features, method='latent_params')
-  num_units = explain.unit_scores(mu).shape[1]
+  num_units = attention.unit_scores(mu).shape[1]
   units = np.stack([attention.grad_cam(unit_score(k), features)
                     for k in range(num_units)], axis=1)
 
@@ -75,9 +75,9 @@ def test_unit_maps_equal_separate_grad_cam(make):
 
 def test_unit_scores_sum_conv_latent_over_positions():
   mu = jnp.arange(2 * 3 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 3, 4)
-  np.testing.assert_allclose(explain.unit_scores(mu), mu.sum(axis=(1, 2)))
+  np.testing.assert_allclose(attention.unit_scores(mu), mu.sum(axis=(1, 2)))
   flat = jnp.ones((2, 7))
-  assert explain.unit_scores(flat) is flat
+  assert attention.unit_scores(flat) is flat
 
 
 def test_attention_disentanglement_loss_hand_computed():

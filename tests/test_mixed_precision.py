@@ -6,6 +6,7 @@ import numpy as np
 
 from cavga_jax import sharding
 from cavga_jax import train_lib
+from cavga_jax import train_state
 from configs import tiny
 
 
@@ -13,7 +14,7 @@ def _one_step(compute_dtype):
   config = tiny.get_config()
   config.model.compute_dtype = compute_dtype
   mesh = sharding.make_mesh()
-  generator, discriminator, init_fn, _ = train_lib.setup(config, mesh)
+  generator, discriminator, init_fn, _ = train_state.setup(config, mesh)
   state = init_fn(jax.random.key(0))
   step = jax.jit(train_lib.make_train_step(generator, discriminator,
                                            dict(config.loss_weights)))

@@ -431,3 +431,154 @@ def test_load_rejects_missing_or_unreadable_file(tmp_path, variables):
   garbage.write_bytes(b'\x00' * 10)
   with pytest.raises(errors.DataError, match='cannot read'):
     pretrained.load_pretrained_encoder(variables, str(garbage))
+
+
+# ----------------------------------------------------------------------------
+# Training and evaluation with config.model.pretrained.
+# ----------------------------------------------------------------------------
+
+
+def _pretrained_tiny_config(config, npz_path: pathlib.Path):
+  """configs/tiny.py as CAVGA-R with the ImageNet encoder widths, 32 px."""
+  config.model.variant = 'R'
+  config.model.encoder_widths = pretrained.RESNET18_WIDTHS
+  config.model.decoder_widths = (16, 16, 8, 8, 8)
+  config.model.pretrained = str(npz_path)
+  config.model.input_norm = 'imagenet'
+  config.data.num_train = 4
+  config.train.batch_size = 2
+  config.train.log_every = 1
+  config.train.checkpoint_every = 1
+  # Adam's update is lr * m / (sqrt(v) + eps): exactly 0, so a trained step
+  # keeps the loaded parameters bit for bit.
+  config.optimizer.learning_rate = 0.0
+  config.eval.batch_size = 4
+  config.eval.num_panels = 1
+  return config
+
+
+def test_train_loads_encoder_and_evaluate_needs_no_file(
+    tmp_path, tiny_config, converted_npz):
+  # Imported here: eval_lib and train_lib are not needed by the tests above.
+  from cavga_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from cavga_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  from cavga_jax import sharding  # pylint: disable=g-import-not-at-top
+  from cavga_jax import train_lib  # pylint: disable=g-import-not-at-top
+
+  arrays = converted_npz[1]
+  npz_path = tmp_path / 'resnet18_imagenet.npz'
+  pretrained.write_npz(arrays, str(npz_path))
+  workdir = str(tmp_path / 'run')
+  config = _pretrained_tiny_config(tiny_config, npz_path)
+
+  def encoder_of(state, collections=('params', 'batch_stats')):
+    variables = {'params': state.gen_params,
+                 'batch_stats': state.gen_batch_stats}
+    return {k: np.asarray(v) for k, v in _flat(variables).items()
+            if k.split('/')[:2] in [[c, 'encoder'] for c in collections]}
+
+  # num_steps=0: the state train returns is the initial one, encoder and BN
+  # statistics exactly the file's, replicated like the rest of the state.
+  config.train.num_steps = 0
+  state = train_lib.train(config, workdir)
+  initial = encoder_of(state)
+  assert initial.keys() == arrays.keys()
+  for key, value in arrays.items():
+    np.testing.assert_array_equal(initial[key], value, err_msg=key)
+  replicated = sharding.replicated(sharding.make_mesh())
+  for leaf in jax.tree.leaves(state):
+    assert leaf.sharding.is_equivalent_to(replicated, leaf.ndim)
+  # The generator's Adam state belongs to the loaded parameters: zeros.
+  assert all(not np.any(np.asarray(leaf))
+             for leaf in jax.tree.leaves(state.gen_opt_state))
+  assert (jax.tree.structure(state.gen_opt_state) ==
+          jax.tree.structure(state.gen_tx.init(state.gen_params)))
+
+  # One real step (lr 0) through the jitted train step and a checkpoint.
+  config.train.num_steps = 1
+  state = train_lib.train(config, workdir)
+  assert int(state.step) == 1
+  trained = encoder_of(state, ('params',))
+  for key, value in trained.items():
+    np.testing.assert_array_equal(value, arrays[key], err_msg=key)
+
+  # Without the file: resuming restores the checkpoint, evaluation too.
+  npz_path.unlink()
+  resumed = train_lib.train(config, workdir)
+  assert int(resumed.step) == 1
+  for key, value in encoder_of(resumed).items():
+    np.testing.assert_array_equal(value, encoder_of(state)[key], err_msg=key)
+  result = eval_lib.evaluate(config, workdir)
+  assert result['checkpoint_step'] == 1
+  assert np.isfinite(result['image_auroc'])
+  assert checkpointing.make_manager(workdir).latest_step() == 1
+
+
+def test_train_reports_missing_pretrained_file(tmp_path, tiny_config):
+  from cavga_jax import train_lib  # pylint: disable=g-import-not-at-top
+  missing = tmp_path / 'missing.npz'
+  config = _pretrained_tiny_config(tiny_config, missing)
+  config.train.num_steps = 0
+  with pytest.raises(errors.DataError, match='not found'):
+    train_lib.train(config, str(tmp_path / 'run'))
+
+
+# ----------------------------------------------------------------------------
+# Input normalisation (config.model.input_norm).
+# ----------------------------------------------------------------------------
+
+
+def test_imagenet_input_norm_by_hand():
+  x = np.zeros((1, 2, 2, 3), np.float32)
+  x[..., 0], x[..., 1], x[..., 2] = 1.0, 0.0, -1.0  # u = 1, 0.5, 0 in [0, 1]
+  out = np.asarray(models.normalize_input(jnp.asarray(x), 'imagenet'))
+  # (u - mean) / std: (1 - 0.485) / 0.229, (0.5 - 0.456) / 0.224,
+  # (0 - 0.406) / 0.225.
+  np.testing.assert_allclose(out[0, 0, 0], [2.2489083, 0.19642857, -1.8044444],
+                             rtol=1e-6)
+  assert out.shape == x.shape and out.dtype == np.float32
+  # 1 channel: mean 0.449 and std 0.226 of the RGB values; u = 0.5 and 1.
+  gray = np.array([0.0, 1.0], np.float32).reshape(1, 1, 2, 1)
+  np.testing.assert_allclose(
+      np.asarray(models.normalize_input(jnp.asarray(gray), 'imagenet')
+                 ).ravel(), [0.22566372, 2.4380531], rtol=1e-6)
+  assert models.normalize_input(x, 'none') is x
+  with pytest.raises(ValueError, match='input_norm'):
+    models.normalize_input(x, 'imagnet')
+
+
+def test_input_norm_applies_to_the_encoder_input_only():
+  kwargs = dict(variant='D', image_size=16, encoder_widths=(4, 4, 4, 4),
+                decoder_widths=(4, 4, 4, 4), latent_channels=2)
+  plain = models.CAVGAGenerator(**kwargs)
+  imagenet = models.CAVGAGenerator(input_norm='imagenet', **kwargs)
+  x = jnp.asarray(np.random.default_rng(3).uniform(
+      -1, 1, (2, 16, 16, 3)).astype(np.float32))
+  # The normalisation has no parameters: both share these variables.
+  variables = jax.jit(lambda k: plain.init(k, x, None, False))(
+      jax.random.key(0))
+  normalized = models.normalize_input(x, 'imagenet')
+  out = imagenet.apply(variables, x, None, False)
+  expected = plain.apply(variables, normalized, None, False)
+  # The encoder sees exactly the normalised images ...
+  np.testing.assert_allclose(out['features'], expected['features'],
+                             rtol=1e-6, atol=1e-6)
+  assert not np.allclose(out['features'],
+                         plain.apply(variables, x, False, method='encode'))
+  # ... and the decoder is unchanged: its output is still a tanh in [-1, 1].
+  np.testing.assert_allclose(out['reconstruction'],
+                             expected['reconstruction'], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(
+      imagenet.apply(variables, out['z'], False, method='decode'),
+      plain.apply(variables, out['z'], False, method='decode'))
+
+
+def test_config_input_norm(tiny_config):
+  from cavga_jax import config_checks  # pylint: disable=g-import-not-at-top
+  tiny_config.model.input_norm = 'imagenet'
+  config_checks.check_config(tiny_config)
+  assert models.build_models(tiny_config)[0].input_norm == 'imagenet'
+  tiny_config.model.input_norm = 'imagenet_rgb'
+  with pytest.raises(errors.CavgaError,
+                     match=r"config.model.input_norm='imagenet_rgb'"):
+    config_checks.check_config(tiny_config)

@@ -11,6 +11,8 @@ from conftest import REPO_ROOT
 
 METRIC_KEYS = ('pixel_auroc', 'iou', 'image_auroc', 'detection_accuracy',
                'aupro', 'pixel_f1_max')
+MAPS = ('attention', 'attention_liu', 'residual', 'residual_ssim',
+        'attention_x_residual', 'prior')
 
 
 def _run(script, *args, cache_dir):
@@ -26,7 +28,7 @@ def trained_workdir(tmp_path_factory):
   cache = tmp_path_factory.mktemp('cli_cache')
   args = ('--config=configs/tiny.py', f'--workdir={workdir}')
   train = _run('train.py', *args, '--config.train.num_steps=2',
-               cache_dir=cache)
+               '--config.train.eval_every=1', cache_dir=cache)
   assert train.returncode == 0, train.stderr[-3000:]
   evaluate = _run('evaluate.py', *args, cache_dir=cache)
   assert evaluate.returncode == 0, evaluate.stderr[-3000:]
@@ -47,7 +49,27 @@ def test_train_then_evaluate_writes_metrics_and_panels(trained_workdir):
   panels = os.listdir(workdir / 'eval' / 'panels')
   assert len(panels) == 2 and all(p.endswith('.png') for p in panels)
   with open(workdir / 'eval' / 'scores.csv') as f:
-    assert len(f.readlines()) == 1 + 10
+    lines = f.readlines()
+  assert len(lines) == 1 + 10
+  assert all(f'score_{name}' in lines[0] for name in MAPS)
+  # Every map with every metric; the headline map is the paper's 1 - A.
+  assert result['map'] == 'attention'
+  assert set(MAPS) <= set(result['maps'])
+  for name in MAPS:
+    for key in METRIC_KEYS:
+      assert 0.0 <= result['maps'][name][key] <= 1.0, (name, key)
+  assert result['maps']['attention']['aupro'] == result['aupro']
+  assert result['maps']['prior']['image_auroc'] == 0.5
+
+
+def test_learning_curve_has_every_map_at_every_eval_step(trained_workdir):
+  workdir, train, _ = trained_workdir
+  with open(workdir / 'eval_curve.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  assert [r['step'] for r in records] == [1, 2]
+  assert all(set(MAPS) <= set(r['maps']) for r in records)
+  assert os.path.getsize(workdir / 'eval_curve.png') > 0
+  assert 'eval at step 2' in train.stderr
 
 
 def test_evaluate_without_checkpoint_is_one_clear_line(tmp_path):

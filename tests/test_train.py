@@ -12,6 +12,7 @@ import pytest
 from cavga_jax import checkpointing
 from cavga_jax import sharding
 from cavga_jax import train_lib
+from cavga_jax import train_state
 from cavga_jax.errors import TrainingError
 
 
@@ -26,7 +27,7 @@ def test_train_step_lowers_the_loss(tiny_config):
   tiny_config.loss_weights.adv = 0.0
   tiny_config.optimizer.learning_rate = 1e-3
   mesh = sharding.make_mesh()
-  generator, discriminator, init_fn, _ = train_lib.setup(tiny_config, mesh)
+  generator, discriminator, init_fn, _ = train_state.setup(tiny_config, mesh)
   state = init_fn(jax.random.key(0))
   step = jax.jit(train_lib.make_train_step(
       generator, discriminator, dict(tiny_config.loss_weights)),

@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from cavga_jax import checkpointing
 from cavga_jax import sharding
-from cavga_jax import train_lib
+from cavga_jax import train_state
 from cavga_jax import vae_lib
 from cavga_jax.errors import CavgaError
 from configs import tiny_dsprites
@@ -22,7 +22,7 @@ def _params(workdir, config):
   mesh = sharding.make_mesh()
   _, init_fn, _ = vae_lib.setup(config, mesh)
   state, _ = checkpointing.restore_for_eval(
-      str(workdir), train_lib.abstract_state(init_fn, mesh))
+      str(workdir), train_state.abstract_state(init_fn, mesh))
   return jax.device_get(state.params)
 
 

@@ -11,11 +11,13 @@ import pytest
 
 from cavga_jax import attention
 from cavga_jax import checkpointing
+from cavga_jax import config_checks
 from cavga_jax import data
 from cavga_jax import eval_lib
 from cavga_jax import losses
 from cavga_jax import sharding
 from cavga_jax import train_lib
+from cavga_jax import train_state
 from cavga_jax.data import weak
 from cavga_jax.errors import CavgaError
 from cavga_jax.errors import DataError
@@ -108,7 +110,7 @@ def _weak_generator():
   # The tiny CAVGA_w models and state initialiser of train_lib.train, so the
   # compiled initialiser is shared (compilation cache) with the training test.
   config = tiny_weak.get_config()
-  generator, _, init_fn, _ = train_lib.setup(config, sharding.make_mesh())
+  generator, _, init_fn, _ = train_state.setup(config, sharding.make_mesh())
   state = init_fn(jax.random.key(1))
   variables = {'params': state.gen_params, 'batch_stats': state.gen_batch_stats}
   x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3), minval=-1,
@@ -237,6 +239,96 @@ def test_weak_split_needs_anomalies():
     weak.split(_train_split(), test)
 
 
+def _weak_labels(num_normal=20, num_anomalous=3):
+  # As weak.split lays the train split out: the normal images, then the
+  # moved anomalies.
+  return np.array([0] * num_normal + [1] * num_anomalous, np.int32)
+
+
+@pytest.mark.parametrize('num_anomalous', [1, 3, 7])
+def test_quota_batch_indices_holds_the_quota_and_covers_the_normals(
+    num_anomalous):
+  labels = _weak_labels(20, num_anomalous)
+  batch_size, quota, seed = 8, 3, 5
+  steps = 40
+  batches = [data.quota_batch_indices(labels, batch_size, quota, step, seed)
+             for step in range(steps)]
+  for step, idx in enumerate(batches):
+    assert idx.shape == (batch_size,) and idx.dtype == np.int64
+    assert np.all((idx >= 0) & (idx < labels.size))
+    assert int(labels[idx].sum()) == quota
+    # A pure function of (seed, step): a resumed run draws the same batch.
+    np.testing.assert_array_equal(
+        idx, data.quota_batch_indices(labels, batch_size, quota, step, seed))
+  normal_draws = np.concatenate([idx[labels[idx] == 0] for idx in batches])
+  anomalous_draws = np.concatenate([idx[labels[idx] == 1] for idx in batches])
+  # The normal stream is an epoch permutation of the 20 normal images at 5
+  # per step: each pass of 4 steps visits every normal image once.
+  for start in range(0, steps, 4):
+    window = normal_draws[start * 5:(start + 4) * 5]
+    assert sorted(window) == list(range(20))
+  # Anomalies cycle too: every one is drawn equally often (120 = 40 * 3
+  # draws), repeating within a batch when there are fewer than the quota.
+  counts = np.bincount(anomalous_draws - 20, minlength=num_anomalous)
+  assert counts.max() - counts.min() <= 1 and counts.sum() == steps * quota
+  # The anomalies are not always in the same rows (or on the same host).
+  rows = np.array([labels[idx] for idx in batches])
+  assert len({tuple(r) for r in rows}) > 1
+  # Another seed, another order.
+  assert not np.array_equal(
+      batches[0], data.quota_batch_indices(labels, batch_size, quota, 0, 6))
+
+
+def test_quota_batch_indices_zero_is_uniform_sampling_and_errors():
+  labels = _weak_labels(20, 3)
+  for step in range(5):
+    np.testing.assert_array_equal(
+        data.quota_batch_indices(labels, 8, 0, step, 2),
+        data.epoch_permutation_indices(23, 8, step, 2))
+  with pytest.raises(DataError, match='0 anomalous'):
+    data.quota_batch_indices(_weak_labels(20, 0), 8, 2, 0, 0)
+  with pytest.raises(DataError, match='must be < batch_size=8'):
+    data.quota_batch_indices(labels, 8, 8, 0, 0)
+
+
+def test_train_batches_draws_the_index_fn_batches_when_resumed():
+  labels = _weak_labels(20, 3)
+  images = np.arange(labels.size, dtype=np.uint8)[:, None]
+
+  def index_fn(step):
+    return data.quota_batch_indices(labels, 8, 2, step, 1)
+
+  with data.TrainBatches(images, 8, seed=1, start_step=3,
+                         index_fn=index_fn) as batches:
+    for step in range(3, 7):
+      np.testing.assert_array_equal(next(batches)[:, 0], index_fn(step))
+  with data.TrainBatches(images, 8, seed=1,
+                         index_fn=lambda step: np.arange(4)) as batches:
+    with pytest.raises(DataError, match=r'shape \(4,\), expected \(8,\)'):
+      next(batches)
+
+
+@pytest.mark.parametrize('quota, supervision, expected', [
+    (8, 'weak', 'config.data.weak_anomalies_per_batch=8 must be < '
+     'config.train.batch_size=8'),
+    (-1, 'weak', 'config.data.weak_anomalies_per_batch=-1 must be an integer '
+     '>= 0'),
+    (2, 'unsupervised', "config.data.weak_anomalies_per_batch=2 needs "
+     "config.model.supervision='weak'"),
+])
+def test_check_config_rejects_bad_anomaly_quotas(quota, supervision,
+                                                 expected):
+  config = tiny_weak.get_config()
+  config.data.weak_anomalies_per_batch = quota
+  config.model.supervision = supervision
+  config.eval.map = 'attention'  # A map every supervision has.
+  with pytest.raises(CavgaError) as info:
+    config_checks.check_config(config)
+  assert expected in str(info.value) and '\n' not in str(info.value)
+  config.data.weak_anomalies_per_batch = 0  # Uniform sampling: always valid.
+  config_checks.check_config(config)
+
+
 def test_weak_config_without_weak_loss_weights_is_a_clear_error(tmp_path):
   config = tiny_weak.get_config()
   del config.loss_weights['cga']
@@ -269,6 +361,21 @@ def test_tiny_weak_train_resume_and_evaluate(tmp_path):
           'cls_accuracy'} <= set(logged[0])
   assert 'ae' not in logged[0]  # not part of CAVGA_w's objective
   assert all(np.isfinite(v) for line in logged for v in line.values())
+  # cls_accuracy is measured on batches holding the configured quota of
+  # labelled anomalies (2 of 8), not on all-normal batches.
+  quota = config.data.weak_anomalies_per_batch
+  assert quota == 2
+  batch_size = config.train.batch_size
+  assert [line['step'] for line in logged] == [2, 4]
+  for line in logged:
+    assert line['anomalous_fraction'] == quota / batch_size
+    assert line['cls_accuracy'] * batch_size == pytest.approx(
+        round(line['cls_accuracy'] * batch_size))
+  with open(tmp_path / 'resumed' / 'train_metrics.jsonl') as f:
+    resumed_logged = [json.loads(line) for line in f]
+  drop_speed = lambda lines: [{k: v for k, v in line.items()
+                               if k != 'images_per_s'} for line in lines]
+  assert drop_speed(resumed_logged) == drop_speed(logged)
 
   with open(workdir / 'weak_split.json') as f:
     split = json.load(f)

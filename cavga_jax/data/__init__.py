@@ -24,6 +24,7 @@ from cavga_jax.data.generated import generate_dataset
 from cavga_jax.data.generated import normal_image
 from cavga_jax.data.pipeline import epoch_permutation_indices
 from cavga_jax.data.pipeline import eval_batches
+from cavga_jax.data.pipeline import quota_batch_indices
 from cavga_jax.data.pipeline import TrainBatches
 from cavga_jax.data.weak import apply_weak_split
 from cavga_jax.errors import DataError
@@ -42,6 +43,7 @@ __all__ = [
     'get_datasets',
     'load_split',
     'normal_image',
+    'quota_batch_indices',
 ]
 
 KNOWN_DATASETS = ('generated', 'mvtec') + tfds_data.ONE_CLASS_DATASETS

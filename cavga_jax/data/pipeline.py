@@ -70,12 +70,88 @@ def epoch_permutation_indices(num_examples: int, batch_size: int, step: int,
                   lambda e: _epoch_permutation(num_examples, seed, e))
 
 
+# Tags of quota_batch_indices' generators: the normal and anomalous streams
+# and the in-batch order are independent of each other and of the uniform
+# sampler's default_rng([seed, epoch]).
+_NORMAL_STREAM, _ANOMALOUS_STREAM, _ORDER_STREAM = 1, 2, 3
+
+
+def quota_batch_indices(labels: np.ndarray, batch_size: int, quota: int,
+                        step: int, seed: int) -> np.ndarray:
+  """Example indices of training step `step` with `quota` labelled anomalies.
+
+  CAVGA_w's few labelled anomalies (a handful among hundreds of normal
+  images) would almost never be drawn by `epoch_permutation_indices`, so its
+  classifier would only see normal images. Here every batch holds exactly
+  `quota` anomalies and `batch_size - quota` normal images:
+
+  * the normal images follow `epoch_permutation_indices`' scheme over the
+    normal set with batch size `batch_size - quota` (epoch permutations from
+    `default_rng([seed, epoch, 1])`), so every normal image is visited once
+    per pass of `num_normal / (batch_size - quota)` steps;
+  * the anomalies likewise cycle through the anomalous set in epochs of
+    random order (`default_rng([seed, epoch, 2])`); with fewer anomalies
+    than `quota` a batch spans several epochs, so images repeat within the
+    batch but every anomaly is drawn equally often;
+  * the batch is shuffled with `default_rng([seed, step, 3])`, so the
+    anomalies do not always sit in the first rows (or on the first host).
+
+  A pure function of its arguments, so a resumed run draws the same batches
+  and every host draws the same global indices. `quota = 0` is exactly
+  `epoch_permutation_indices(len(labels), batch_size, step, seed)`.
+
+  Args:
+    labels: (N,) int training labels, 0 normal, 1 anomalous.
+    batch_size: batch size B >= 1.
+    quota: anomalies per batch, 0 <= quota < B.
+    step: training step >= 0.
+    seed: non-negative seed.
+
+  Returns:
+    (batch_size,) int64 indices into `labels`, `quota` of them anomalous.
+
+  Raises:
+    DataError: bad arguments, no normal images, or `quota > 0` without
+      anomalies.
+  """
+  labels = np.asarray(labels)
+  batch_size = _check_int('batch_size', batch_size, 1)
+  quota = _check_int('quota', quota, 0)
+  step = _check_int('step', step, 0)
+  seed = _check_int('seed', seed, 0)
+  if quota == 0:
+    return epoch_permutation_indices(labels.shape[0], batch_size, step, seed)
+  if quota >= batch_size:
+    raise DataError(f'quota={quota} anomalies per batch must be < '
+                    f'batch_size={batch_size}')
+  normal, anomalous = np.flatnonzero(labels == 0), np.flatnonzero(labels != 0)
+  if normal.size == 0 or anomalous.size == 0:
+    raise DataError(
+        f'{quota} labelled anomalies per batch need normal and anomalous '
+        f'training images; the training set has {normal.size} normal and '
+        f'{anomalous.size} anomalous (config.data.weak_anomalies_per_batch; '
+        '0 draws batches uniformly)')
+
+  def stream(indices: np.ndarray, size: int, tag: int) -> np.ndarray:
+    n = indices.size
+    return indices[_indices(
+        n, size, step,
+        lambda e: np.random.default_rng([seed, e, tag]).permutation(n))]
+
+  batch = np.concatenate([stream(anomalous, quota, _ANOMALOUS_STREAM),
+                          stream(normal, batch_size - quota, _NORMAL_STREAM)])
+  order = np.random.default_rng([seed, step, _ORDER_STREAM]).permutation(
+      batch_size)
+  return batch[order].astype(np.int64)
+
+
 # Queue items from the producer thread.
 _BATCH, _ERROR = 'batch', 'error'
 
 
 def _produce(images: np.ndarray, batch_size: int, seed: int, start_step: int,
              put_fn: Callable[[np.ndarray], Any] | None,
+             index_fn: Callable[[int], np.ndarray] | None,
              out: queue.Queue, stop: threading.Event) -> None:
   """Producer thread body; holds no reference to the TrainBatches object."""
   num_examples = images.shape[0]
@@ -101,7 +177,13 @@ def _produce(images: np.ndarray, batch_size: int, seed: int, start_step: int,
   step = start_step
   try:
     while not stop.is_set():
-      idx = _indices(num_examples, batch_size, step, permutation)
+      if index_fn is None:
+        idx = _indices(num_examples, batch_size, step, permutation)
+      else:
+        idx = np.asarray(index_fn(step))
+        if idx.shape != (batch_size,):
+          raise DataError(f'TrainBatches: index_fn({step}) returned shape '
+                          f'{idx.shape}, expected ({batch_size},)')
       batch = np.take(images, idx, axis=0)
       if put_fn is not None:
         batch = put_fn(batch)
@@ -117,7 +199,8 @@ class TrainBatches:
   """Infinite iterator over training batches, prefetched in a thread.
 
   Batch k (k = 0, 1, ...) is `put_fn(images[epoch_permutation_indices(N,
-  batch_size, start_step + k, seed)])`. A background thread gathers the
+  batch_size, start_step + k, seed)])`, or `put_fn(images[index_fn(
+  start_step + k)])` when `index_fn` is given. A background thread gathers the
   images and calls `put_fn` (e.g. `jax.device_put` with a sharding) ahead of
   time, so the host work and the host-to-device copy overlap with the
   computation; at most `prefetch` finished batches wait in the queue (plus
@@ -129,7 +212,8 @@ class TrainBatches:
 
   def __init__(self, images: np.ndarray, batch_size: int, seed: int,
                start_step: int = 0, prefetch: int = 2,
-               put_fn: Callable[[np.ndarray], Any] | None = None):
+               put_fn: Callable[[np.ndarray], Any] | None = None,
+               index_fn: Callable[[int], np.ndarray] | None = None):
     """Starts the producer thread.
 
     Args:
@@ -140,6 +224,10 @@ class TrainBatches:
       prefetch: queue size, >= 1.
       put_fn: applied to each (batch_size, H, W, C) uint8 batch in the
         thread; None yields the numpy batches.
+      index_fn: step -> (batch_size,) int indices into `images`, called in
+        the thread; it must be a pure function of the step (e.g.
+        `quota_batch_indices`) for resumed runs to be exact. None: the
+        `epoch_permutation_indices` of `seed`.
     """
     images = np.asarray(images)
     if images.ndim < 1 or images.shape[0] < 1:
@@ -156,8 +244,8 @@ class TrainBatches:
     self._closed = False
     self._thread = threading.Thread(
         target=_produce,
-        args=(images, batch_size, seed, start_step, put_fn, self._queue,
-              self._stop),
+        args=(images, batch_size, seed, start_step, put_fn, index_fn,
+              self._queue, self._stop),
         name='TrainBatches',
         daemon=True)
     self._thread.start()

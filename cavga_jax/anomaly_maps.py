@@ -1,0 +1,170 @@
+"""Anomaly maps: pure functions of one evaluation batch, scored side by side.
+
+Every map is a function ``(outputs, settings) -> (B, S, S)`` of the
+evaluation outputs of one batch (the images, the reconstruction from ``mu``
+and the Grad-CAM maps of ``attention.forward_with_attention`` with
+``unit_maps=True``), so all of them come from one forward pass inside one
+jitted evaluation step. Adding a map is adding one function to ``MAPS``
+(like big_vision's evaluators).
+
+The maps (higher = more anomalous):
+
+* ``attention``: the paper's ``1 - A`` (SPEC section 2), ``A`` formed as the
+  generator's ``attention_*`` settings say; bilinear to image size.
+* ``attention_liu``: ``1 -`` Liu et al.'s mean of the per-unit maps.
+* ``residual``: the squared reconstruction error, mean over channels,
+  Gaussian-smoothed with ``residual_sigma`` pixels (reflect padding).
+* ``residual_ssim``: ``1 -`` the local SSIM between image and reconstruction
+  (dm-pix, Gaussian window of ``ssim_window`` px, sigma 1.5; images in
+  [0, 1]), mean over channels; in [0, 2].
+* ``attention_x_residual``: ``attention * residual``, the residual weighted
+  by where the attention says the model did not look.
+* CAVGA_w only, ``weak_<name>`` for every ``attention.WEAK_MAPS`` entry
+  (``weak_anomalous`` = ``A^ca``, ...).
+
+``prior`` (the test-set mean of the headline map, the same map for every
+image) needs the whole test set, so ``eval_lib`` adds it after the pass.
+
+Image scores: every map also gives a per-image score, the mean of its top
+``TOP_FRACTION`` (1 %) pixels, a robust maximum: the image mean would drown
+small defects in the normal area, the single maximum is one noisy pixel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import dm_pix
+import jax
+import jax.numpy as jnp
+
+from cavga_jax import attention
+
+Array = jax.Array
+TOP_FRACTION = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class MapSettings:
+  """Settings of the maps (``config.eval``), static under ``jax.jit``.
+
+  Attributes:
+    residual_sigma: Gaussian sigma in pixels at image size (0 = no blur).
+    ssim_window: SSIM window size in pixels (odd).
+  """
+  residual_sigma: float = 4.0
+  ssim_window: int = 11
+
+
+MapFn = Callable[[dict[str, Array], MapSettings], Array]
+
+
+def _image_size(outputs: dict[str, Array]) -> int:
+  return outputs['images'].shape[1]
+
+
+def gaussian_blur(maps: Array, sigma: float) -> Array:
+  """Gaussian blur of (B, S, S) maps, kernel +-3 sigma, reflect padding."""
+  if sigma <= 0:
+    return maps
+  radius = max(1, math.ceil(3 * sigma))
+  padded = jnp.pad(maps, ((0, 0), (radius, radius), (radius, radius)),
+                   mode='reflect')[..., None]
+  blurred = dm_pix.gaussian_blur(padded, sigma, 2 * radius + 1,
+                                 padding='VALID')
+  return blurred[..., 0]
+
+
+def ssim_map(images: Array, reconstructions: Array, window: int = 11
+             ) -> Array:
+  """Local SSIM of (B, S, S, C) images in [-1, 1], mean over C: (B, S, S).
+
+  The images are reflect-padded by half a window so the map has the image
+  size (dm-pix computes 'valid' windows).
+  """
+  half = window // 2
+  pad = ((0, 0), (half, half), (half, half), (0, 0))
+  to_unit = lambda x: (jnp.pad(x, pad, mode='reflect') + 1.0) / 2.0
+  local = dm_pix.ssim(to_unit(images), to_unit(reconstructions),
+                      max_val=1.0, filter_size=window, return_map=True)
+  return jnp.mean(local, axis=-1)
+
+
+def attention_map(outputs: dict[str, Array], settings: MapSettings) -> Array:
+  del settings
+  return attention.localization_map(outputs['attention'],
+                                    _image_size(outputs))
+
+
+def attention_liu_map(outputs: dict[str, Array], settings: MapSettings
+                      ) -> Array:
+  del settings
+  return attention.localization_map(outputs['attention_unit_mean'],
+                                    _image_size(outputs))
+
+
+def residual_map(outputs: dict[str, Array], settings: MapSettings) -> Array:
+  error = jnp.mean(jnp.square(outputs['images'] - outputs['reconstruction']),
+                   axis=-1)
+  return gaussian_blur(error, settings.residual_sigma)
+
+
+def residual_ssim_map(outputs: dict[str, Array], settings: MapSettings
+                      ) -> Array:
+  return 1.0 - ssim_map(outputs['images'], outputs['reconstruction'],
+                        settings.ssim_window)
+
+
+def attention_x_residual_map(outputs: dict[str, Array],
+                             settings: MapSettings) -> Array:
+  return attention_map(outputs, settings) * residual_map(outputs, settings)
+
+
+def _weak_map(name: str) -> MapFn:
+  def weak_map(outputs, settings):
+    del settings
+    return attention.weak_localization_map(outputs, _image_size(outputs),
+                                           name)
+  return weak_map
+
+
+MAPS: dict[str, MapFn] = {
+    'attention': attention_map,
+    'attention_liu': attention_liu_map,
+    'residual': residual_map,
+    'residual_ssim': residual_ssim_map,
+    'attention_x_residual': attention_x_residual_map,
+}
+# CAVGA_w's 'latent' map is ``attention`` itself.
+WEAK_MAPS: dict[str, MapFn] = {
+    f'weak_{name}': _weak_map(name) for name in attention.WEAK_MAPS
+    if name != 'latent'}
+PRIOR = 'prior'
+# Maps whose values are not in [0, 1] by construction: for IoU at the
+# paper's 0.5 threshold they are min-max normalised over the test set
+# (``eval_lib``), as the paper normalises the image score for its detection
+# accuracy. Every other metric is invariant to that rescaling.
+UNBOUNDED = ('residual', 'residual_ssim', 'attention_x_residual')
+# Every name ``config.eval.map`` may choose (the weak maps need CAVGA_w).
+MAP_NAMES = tuple(MAPS) + tuple(WEAK_MAPS)
+
+
+def map_functions(with_classifier: bool) -> dict[str, MapFn]:
+  """The maps a generator supports: all of ``MAPS``, plus CAVGA_w's."""
+  return dict(MAPS, **WEAK_MAPS) if with_classifier else dict(MAPS)
+
+
+def image_score(anomaly_maps: Array) -> Array:
+  """(B, S, S) -> (B,): the mean of each map's top ``TOP_FRACTION`` pixels."""
+  flat = anomaly_maps.reshape(anomaly_maps.shape[0], -1)
+  k = max(1, math.ceil(TOP_FRACTION * flat.shape[1]))
+  return jnp.mean(jax.lax.top_k(flat, k)[0], axis=1)
+
+
+def compute_maps(outputs: dict[str, Array], functions: dict[str, MapFn],
+                 settings: MapSettings) -> dict[str, Array]:
+  """Every map of ``functions``: name -> (B, S, S) float32."""
+  return {name: fn(outputs, settings).astype(jnp.float32)
+          for name, fn in functions.items()}

@@ -1,0 +1,149 @@
+"""The CAVGA train state: parameters, optimizers, initialisation and restore targets.
+
+``TrainState`` holds everything a resumed run needs (generator and
+discriminator parameters, BatchNorm statistics and Optax states); ``setup``
+builds the models and the jitted initialiser from a config, and
+``abstract_state`` gives the allocation-free restore target that training,
+evaluation and the learning curves share.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from cavga_jax import models
+from cavga_jax import sharding
+
+Array = jax.Array
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs; ``step`` counts completed updates."""
+  step: Array
+  gen_params: PyTree
+  gen_batch_stats: PyTree
+  gen_opt_state: PyTree
+  disc_params: PyTree
+  disc_batch_stats: PyTree
+  disc_opt_state: PyTree
+  gen_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  disc_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+def make_optimizer(opt_config: ml_collections.ConfigDict,
+                   num_steps: int) -> optax.GradientTransformation:
+  """Adam (lr 2e-4, b1 0.5 by default) with optional warmup/cosine decay and clipping."""
+  lr = opt_config.learning_rate
+  warmup = opt_config.get('warmup_steps', 0)
+  if opt_config.get('schedule', 'constant') == 'cosine':
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, max(num_steps, warmup + 1))
+  elif warmup:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
+        [warmup])
+  else:
+    schedule = lr
+  adam = optax.adam(schedule, b1=opt_config.b1, b2=opt_config.b2)
+  clip = opt_config.get('grad_clip_norm', 0.0)
+  return optax.chain(optax.clip_by_global_norm(clip), adam) if clip else adam
+
+
+def create_train_state(config: ml_collections.ConfigDict,
+                       generator: models.CAVGAGenerator,
+                       discriminator: models.Discriminator,
+                       rng: Array) -> TrainState:
+  """Initial state: fresh random parameters.
+
+  Pure, so it runs under ``jax.jit`` and ``jax.eval_shape`` (``setup``,
+  ``abstract_state``); ``config.model.pretrained`` is therefore not read
+  here but by ``train`` (``with_pretrained_encoder``) on a fresh run.
+  """
+  size, channels = config.data.image_size, config.data.channels
+  dummy = jnp.zeros((1, size, size, channels), jnp.float32)
+  gen_key, sample_key, disc_key = jax.random.split(rng, 3)
+  gen_vars = generator.init({'params': gen_key}, dummy, sample_key, train=False)
+  disc_vars = discriminator.init(disc_key, dummy, train=False)
+  gen_tx = make_optimizer(config.optimizer, config.train.num_steps)
+  disc_tx = make_optimizer(config.optimizer, config.train.num_steps)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      gen_params=gen_vars['params'],
+      gen_batch_stats=gen_vars['batch_stats'],
+      gen_opt_state=gen_tx.init(gen_vars['params']),
+      disc_params=disc_vars['params'],
+      disc_batch_stats=disc_vars['batch_stats'],
+      disc_opt_state=disc_tx.init(disc_vars['params']),
+      gen_tx=gen_tx, disc_tx=disc_tx)
+
+
+def with_pretrained_encoder(state: TrainState, path: str,
+                            state_sharding: jax.sharding.Sharding
+                            ) -> TrainState:
+  """``state`` with the generator's encoder from a converted ImageNet .npz.
+
+  Runs eagerly on an initialised state (it reads a file, so it cannot run
+  under jit or eval_shape).
+
+  Args:
+    state: a CAVGA-R state from ``setup``'s ``init_fn``.
+    path: ``config.model.pretrained``, written by
+      ``scripts/convert_torchvision_resnet18.py``.
+    state_sharding: the state's sharding (``setup``); the new arrays are
+      placed with it.
+
+  Returns:
+    The state with ``gen_params['encoder']`` and
+    ``gen_batch_stats['encoder']`` from the file and the generator's optimizer
+    state initialised from the new parameters; everything else is ``state``'s.
+
+  Raises:
+    cavga_jax.errors.DataError: the file is missing or does not fit the
+      generator (``pretrained.load_pretrained_encoder``).
+  """
+  from cavga_jax import pretrained  # pylint: disable=g-import-not-at-top
+  gen_vars = pretrained.load_pretrained_encoder(
+      {'params': state.gen_params, 'batch_stats': state.gen_batch_stats}, path)
+  # Adam's zeros do not depend on the parameter values, but an optimizer whose
+  # state does (or a later change of make_optimizer) must see the new ones.
+  gen_opt_state = jax.jit(state.gen_tx.init, out_shardings=state_sharding)(
+      gen_vars['params'])
+  return state.replace(gen_params=gen_vars['params'],
+                       gen_batch_stats=gen_vars['batch_stats'],
+                       gen_opt_state=gen_opt_state)
+
+
+def images_to_float(images: Array) -> Array:
+  """uint8 (B, H, W, C) -> float32 in [-1, 1]."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """Models, the jitted state initialiser, and the replicated state sharding."""
+  generator, discriminator = models.build_models(config)
+  init_fn = functools.partial(create_train_state, config, generator,
+                              discriminator)
+  state_sharding = sharding.replicated(mesh)
+  init_fn = jax.jit(init_fn, out_shardings=state_sharding)
+  return generator, discriminator, init_fn, state_sharding
+
+
+def abstract_state(init_fn: Callable[[Array], TrainState],
+                   mesh: jax.sharding.Mesh) -> TrainState:
+  """Shapes, dtypes and replicated shardings of ``init_fn``'s state.
+
+  A restore target for ``checkpointing`` that allocates nothing.
+  """
+  replicated = sharding.replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(init_fn, jax.random.key(0)))

@@ -1,0 +1,48 @@
+"""Markdown table of every map of one or more evaluated runs.
+
+  python scripts/maps_table.py runs/bottle_D_u runs/kolektor_D_u [--metrics=pixel_auroc,aupro,iou]
+
+Reads ``<workdir>/eval/metrics.json`` (written by evaluate.py) and prints
+one row per run and one column per map, each cell ``metric1 / metric2 /
+...`` (default pixel AUROC / AU-PRO / IoU@0.5), then a second table with
+every map's image AUROC (its top-1 % score) beside the reconstruction
+error's.
+"""
+
+import argparse
+import json
+import os
+
+
+def _load(workdir: str) -> dict:
+  with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
+    return json.load(f)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('workdirs', nargs='+')
+  parser.add_argument('--metrics', default='pixel_auroc,aupro,iou')
+  args = parser.parse_args()
+  names = args.metrics.split(',')
+  results = {w: _load(w) for w in args.workdirs}
+  maps = list(next(iter(results.values()))['maps'])
+  print('| run | step | ' + ' | '.join(maps) + ' |')
+  print('|---|---|' + '---|' * len(maps))
+  for workdir, result in results.items():
+    cells = [' / '.join(f'{result["maps"][m][k]:.3f}' for k in names)
+             if m in result['maps'] else '' for m in maps]
+    print(f'| {os.path.basename(workdir)} | {result.get("checkpoint_step")} | '
+          + ' | '.join(cells) + ' |')
+  print()
+  print('| run | image AUROC: MSE | ' + ' | '.join(maps) + ' |')
+  print('|---|---|' + '---|' * len(maps))
+  for workdir, result in results.items():
+    cells = [f'{result["maps"][m]["image_auroc"]:.3f}'
+             if m in result['maps'] else '' for m in maps]
+    print(f'| {os.path.basename(workdir)} | {result["image_auroc"]:.3f} | '
+          + ' | '.join(cells) + ' |')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,250 @@
+"""Anomaly maps (cavga_jax.anomaly_maps) and the attention variants."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from cavga_jax import anomaly_maps
+from cavga_jax import attention
+from cavga_jax import config_checks
+from cavga_jax import data
+from cavga_jax import eval_lib
+from cavga_jax import explain
+from cavga_jax import metrics
+from cavga_jax import models
+from cavga_jax.errors import CavgaError
+
+SETTINGS = anomaly_maps.MapSettings(residual_sigma=0.0)
+
+
+def _images(shape=(2, 16, 16, 3), seed=0):
+  return jax.random.uniform(jax.random.key(seed), shape, minval=-1, maxval=1)
+
+
+def _masks():
+  masks = np.zeros((2, 16, 16), bool)
+  masks[0, 3:7, 5:11] = True
+  masks[1, 9:14, 2:6] = True
+  return masks
+
+
+def test_residual_error_exactly_on_the_mask_gives_pixel_auroc_1():
+  images = _images()
+  masks = _masks()
+  reconstruction = jnp.where(masks[..., None], -images, images)
+  residual = anomaly_maps.residual_map(
+      dict(images=images, reconstruction=reconstruction), SETTINGS)
+  assert residual.shape == (2, 16, 16)
+  np.testing.assert_allclose(np.asarray(residual)[~masks], 0.0)
+  assert metrics.pixel_auroc(np.asarray(residual), masks) == 1.0
+
+
+def test_constant_map_gives_pixel_auroc_one_half():
+  constant = np.full((2, 16, 16), 0.3, np.float32)
+  assert metrics.pixel_auroc(constant, _masks()) == pytest.approx(0.5)
+
+
+def test_ssim_of_an_image_with_itself_is_one():
+  images = _images()
+  np.testing.assert_allclose(anomaly_maps.ssim_map(images, images), 1.0,
+                             atol=1e-5)
+  outputs = dict(images=images, reconstruction=images)
+  ssim_residual = anomaly_maps.residual_ssim_map(outputs, SETTINGS)
+  assert ssim_residual.shape == (2, 16, 16)
+  np.testing.assert_allclose(ssim_residual, 0.0, atol=1e-5)
+  # A different reconstruction lowers the SSIM where it differs.
+  other = images.at[:, 4:8, 4:8].set(-images[:, 4:8, 4:8])
+  local = np.asarray(anomaly_maps.ssim_map(images, other))
+  assert local[:, 6, 6].max() < 0.5 and local[:, 14, 14].min() > 0.99
+
+
+def test_gaussian_blur_keeps_constants_and_spreads_a_peak():
+  flat = jnp.full((1, 20, 20), 2.0)
+  np.testing.assert_allclose(anomaly_maps.gaussian_blur(flat, 2.0), 2.0,
+                             rtol=1e-5)
+  peak = jnp.zeros((1, 41, 41)).at[0, 20, 20].set(1.0)
+  blurred = np.asarray(anomaly_maps.gaussian_blur(peak, 2.0))[0]
+  assert blurred.sum() == pytest.approx(1.0, rel=1e-4)
+  # A separable Gaussian kernel cut at 3 sigma (radius 6) and normalised.
+  x = np.arange(41) - 20
+  g = np.where(np.abs(x) <= 6, np.exp(-x ** 2 / 8.0), 0.0)
+  expected = np.outer(g, g) / g.sum() ** 2
+  np.testing.assert_allclose(blurred, expected, atol=1e-6)
+
+
+def test_image_score_is_the_mean_of_the_top_percent():
+  maps = np.zeros((2, 20, 20), np.float32)  # 400 pixels: the top 4 count.
+  maps[0].flat[:4] = [4.0, 3.0, 2.0, 1.0]
+  maps[0].flat[4] = 0.5
+  maps[1] = 0.25
+  np.testing.assert_allclose(anomaly_maps.image_score(jnp.asarray(maps)),
+                             [2.5, 0.25])
+
+
+def test_attention_maps_of_outputs():
+  a = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])
+  outputs = dict(images=jnp.zeros((1, 4, 4, 1)),
+                 reconstruction=jnp.zeros((1, 4, 4, 1)), attention=a,
+                 attention_unit_mean=1.0 - a)
+  np.testing.assert_allclose(anomaly_maps.attention_map(outputs, SETTINGS),
+                             attention.localization_map(a, 4))
+  np.testing.assert_allclose(
+      anomaly_maps.attention_liu_map(outputs, SETTINGS),
+      attention.localization_map(1.0 - a, 4))
+  np.testing.assert_allclose(
+      anomaly_maps.attention_x_residual_map(outputs, SETTINGS), 0.0)
+
+
+def test_normalize_variants_by_hand():
+  cam = jnp.array([[[-1.0, 0.0], [1.0, 3.0]]])
+  np.testing.assert_allclose(attention.normalize(cam, 'max'),
+                             [[[0.0, 0.0], [1 / 3, 1.0]]], rtol=1e-6)
+  np.testing.assert_allclose(attention.normalize(cam, 'minmax'),
+                             [[[0.0, 0.25], [0.5, 1.0]]], rtol=1e-6)
+  with pytest.raises(ValueError, match='norm'):
+    attention.normalize(cam, 'softmax')
+
+
+def _generator(**attention_settings):
+  config = ml_collections.ConfigDict(dict(
+      data=dict(image_size=32, channels=3),
+      model=dict(variant='D', latent='conv', latent_channels=4,
+                 encoder_widths=(4, 8, 8, 8), decoder_widths=(8, 8, 4, 4),
+                 discriminator_widths=(4, 4, 4, 4), **attention_settings)))
+  generator, _ = models.build_models(config)
+  x = _images((3, 32, 32, 3), seed=1)
+  variables = generator.init({'params': jax.random.key(2)}, x, None,
+                             train=False)
+  return generator, variables, x
+
+
+def _forward(generator, variables, x):
+  return attention.forward_with_attention(
+      generator, variables['params'], variables['batch_stats'], x, None,
+      train=False, unit_maps=True)[0]
+
+
+def test_unit_mean_score_equals_liu_et_al_mean_map():
+  generator, variables, x = _generator(attention_score='unit_mean')
+  outputs = _forward(generator, variables, x)
+  maps, _ = explain.explain(generator, variables, x)
+  np.testing.assert_allclose(outputs['attention'], maps.mean, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(outputs['attention_sum'], maps.sum, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(outputs['unit_attention'], maps.units,
+                             rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('stage,norm', [(2, 'max'), (3, 'minmax'),
+                                        (4, 'minmax')])
+def test_attention_at_an_earlier_stage_matches_per_image_gradients(stage,
+                                                                   norm):
+  generator, variables, x = _generator(attention_stage=stage,
+                                       attention_norm=norm)
+  outputs = _forward(generator, variables, x)
+  assert outputs['attention'].shape == (3, 32 // 2 ** stage,
+                                        32 // 2 ** stage)
+
+  def stage_features(image):
+    return generator.apply(variables, image[None], False, stage,
+                           method='encode')
+
+  def sum_mu(f):
+    top = generator.apply(variables, f, stage, False, method='encode_from')
+    return generator.apply(variables, top, method='latent_params')[0].sum()
+
+  for b in range(x.shape[0]):
+    # The reference: one image at a time, jax.grad and SPEC section 2's
+    # formula written out in numpy.
+    f = stage_features(x[b])
+    grads = np.asarray(jax.grad(sum_mu)(f))[0]
+    f = np.asarray(f)[0]
+    cam = np.einsum('hwk,k->hw', f, grads.mean(axis=(0, 1)))
+    if norm == 'max':
+      cam = np.maximum(cam, 0) / (np.maximum(cam, 0).max() + 1e-8)
+    else:
+      cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-8)
+    np.testing.assert_allclose(outputs['attention'][b], cam, rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(outputs['attention_sum'][b], cam, rtol=1e-4,
+                               atol=1e-5)
+  # The reconstruction does not depend on where the attention is taken.
+  reference_generator, _, _ = _generator()
+  reference = _forward(reference_generator, variables, x)
+  np.testing.assert_allclose(outputs['reconstruction'],
+                             reference['reconstruction'], rtol=1e-5,
+                             atol=1e-6)
+
+
+def _dataset(maps_shape=(4, 8, 8)):
+  n, size = maps_shape[0], maps_shape[1]
+  masks = np.zeros(maps_shape, bool)
+  masks[2, 1:4, 1:4] = True
+  masks[3, 5:7, 2:6] = True
+  return data.AnomalyDataset(
+      images=np.zeros((n, size, size, 3), np.uint8), masks=masks,
+      labels=np.array([0, 0, 1, 1]),
+      defect_types=('good', 'good', 'crack', 'crack'),
+      paths=tuple(f'/x/{i}.png' for i in range(n)))
+
+
+def test_compute_metrics_scores_every_map_and_the_prior():
+  dataset = _dataset()
+  rng = np.random.default_rng(0)
+  perfect = dataset.masks.astype(np.float32) * 3.0  # unbounded, exact
+  noise = rng.random(dataset.masks.shape).astype(np.float32)
+  predictions = dict(
+      score=np.array([0.1, 0.2, 0.3, 0.4]),
+      maps=dict(attention=noise, residual=perfect),
+      map_scores=dict(attention=np.zeros(4), residual=perfect.max((1, 2))))
+  result = eval_lib.compute_metrics(predictions, dataset, headline='residual')
+  assert set(result['maps']) == {'attention', 'residual', 'prior'}
+  residual = result['maps']['residual']
+  assert residual['pixel_auroc'] == 1.0 and residual['aupro'] == 1.0
+  # Normalised over the test set, the exact map has IoU 1 at 0.5.
+  assert residual['iou'] == 1.0 and residual['image_auroc'] == 1.0
+  # The SPEC keys are the headline map's pixel metrics and s_a's detection.
+  assert result['pixel_auroc'] == 1.0 and result['iou'] == 1.0
+  assert result['image_auroc'] == 1.0  # s_a rises with the label here
+  assert result['map'] == 'residual'
+  prior = predictions['maps']['prior']
+  np.testing.assert_allclose(prior[0], perfect.mean(axis=0))
+  assert result['maps']['prior']['image_auroc'] == 0.5
+  np.testing.assert_array_equal(predictions['anomaly_map'], perfect)
+
+
+def test_conv_latent_attention_is_a_fixed_linear_read_out_of_the_features():
+  # The reason the paper's map cannot follow the input: with mu = W F + b,
+  # the Grad-CAM weights of sum(mu) at F are the row sums of W for every
+  # image, so A = ReLU(F . w) / max (scripts/attention_analysis.py).
+  generator, variables, x = _generator()
+  outputs = _forward(generator, variables, x)
+  w = np.asarray(variables['params']['mu']['kernel']).reshape(
+      -1, generator.latent_channels).sum(axis=1)
+  cam = np.maximum(np.einsum('bhwk,k->bhw', outputs['features'], w), 0)
+  expected = cam / (cam.max(axis=(1, 2), keepdims=True) + 1e-8)
+  np.testing.assert_allclose(outputs['attention'], expected, rtol=1e-5,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize('field, value, expected', [
+    ('eval.map', 'nope', "config.eval.map='nope' must be one of"),
+    ('eval.map', 'weak_anomalous', "needs config.model.supervision='weak'"),
+    ('eval.ssim_window', 10, 'config.eval.ssim_window=10 must be odd'),
+    ('eval.residual_sigma', -1.0, 'config.eval.residual_sigma=-1.0 must be'),
+    ('model.attention_stage', 5, 'must be an encoder stage in 1..4'),
+    ('model.attention_stage', 0, 'config.model.attention_stage=0 must be an'),
+    ('model.attention_score', 'max', "config.model.attention_score='max'"),
+    ('model.attention_norm', 'l2', "config.model.attention_norm='l2'"),
+    ('train.eval_every', -1, 'config.train.eval_every=-1 must be'),
+])
+def test_bad_map_and_attention_settings_are_one_line_errors(tiny_config, field,
+                                                            value, expected):
+  section, name = field.split('.')
+  tiny_config[section][name] = value
+  with pytest.raises(CavgaError) as info:
+    config_checks.check_config(tiny_config)
+  assert expected in str(info.value) and '\n' not in str(info.value)
