@@ -17,6 +17,8 @@ The maps (higher = more anomalous):
 * ``residual_ssim``: ``1 -`` the local SSIM between image and reconstruction
   (dm-pix, Gaussian window of ``ssim_window`` px, sigma 1.5; images in
   [0, 1]), mean over channels; in [0, 2].
+* ``residual_ssim_smooth``: ``residual_ssim`` smoothed like ``residual``
+  (the GAN decoder's speckle makes the raw SSIM map noisy everywhere).
 * ``attention_x_residual``: ``attention * residual``, the residual weighted
   by where the attention says the model did not look.
 * CAVGA_w only, ``weak_<name>`` for every ``attention.WEAK_MAPS`` entry
@@ -117,6 +119,12 @@ def residual_ssim_map(outputs: dict[str, Array], settings: MapSettings
                         settings.ssim_window)
 
 
+def residual_ssim_smooth_map(outputs: dict[str, Array],
+                             settings: MapSettings) -> Array:
+  return gaussian_blur(residual_ssim_map(outputs, settings),
+                       settings.residual_sigma)
+
+
 def attention_x_residual_map(outputs: dict[str, Array],
                              settings: MapSettings) -> Array:
   return attention_map(outputs, settings) * residual_map(outputs, settings)
@@ -135,6 +143,7 @@ MAPS: dict[str, MapFn] = {
     'attention_liu': attention_liu_map,
     'residual': residual_map,
     'residual_ssim': residual_ssim_map,
+    'residual_ssim_smooth': residual_ssim_smooth_map,
     'attention_x_residual': attention_x_residual_map,
 }
 # CAVGA_w's 'latent' map is ``attention`` itself.
@@ -146,7 +155,8 @@ PRIOR = 'prior'
 # paper's 0.5 threshold they are min-max normalised over the test set
 # (``eval_lib``), as the paper normalises the image score for its detection
 # accuracy. Every other metric is invariant to that rescaling.
-UNBOUNDED = ('residual', 'residual_ssim', 'attention_x_residual')
+UNBOUNDED = ('residual', 'residual_ssim', 'residual_ssim_smooth',
+             'attention_x_residual')
 # Every name ``config.eval.map`` may choose (the weak maps need CAVGA_w).
 MAP_NAMES = tuple(MAPS) + tuple(WEAK_MAPS)
 

@@ -298,6 +298,17 @@ def curve_record(step: int, result: dict[str, Any]) -> dict[str, Any]:
 CURVE_FILE = 'eval_curve.jsonl'
 
 
+def _evaluation_setup(config: ml_collections.ConfigDict, workdir: str):
+  """(test set, evaluator, abstract restore target) of a run's config."""
+  config_checks.check_config(config)
+  mesh = sharding.make_mesh()
+  _, test_ds = data.get_datasets(config, workdir)
+  generator, _, init_fn, _ = train_state.setup(config, mesh)
+  target = train_state.abstract_state(init_fn, mesh)
+  return (test_ds, make_evaluator(generator, test_ds, config.eval, mesh),
+          target)
+
+
 def append_curve_point(path: str, record: dict[str, Any]) -> None:
   """Appends a ``curve_record`` to ``path`` and replots ``<path stem>.png``."""
   with open(path, 'a') as f:
@@ -322,17 +333,12 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str
   Returns:
     The curve records, in step order.
   """
-  config_checks.check_config(config)
-  mesh = sharding.make_mesh()
-  _, test_ds = data.get_datasets(config, workdir)
-  generator, _, init_fn, _ = train_state.setup(config, mesh)
-  target = train_state.abstract_state(init_fn, mesh)
+  test_ds, evaluator, target = _evaluation_setup(config, workdir)
   manager = checkpointing.make_manager(workdir)
   steps = sorted(manager.all_steps())
   if not steps:
     raise CavgaError(f'{checkpointing.checkpoint_dir(workdir)}: no checkpoint '
                      'found; run train.py with this --workdir first')
-  evaluator = make_evaluator(generator, test_ds, config.eval, mesh)
   path = os.path.join(workdir, CURVE_FILE)
   if os.path.exists(path):
     os.remove(path)
@@ -356,15 +362,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   Returns:
     The metrics dict (also logged).
   """
-  config_checks.check_config(config)
-  mesh = sharding.make_mesh()
-  _, test_ds = data.get_datasets(config, workdir)
-  generator, _, init_fn, _ = train_state.setup(config, mesh)
-  target = train_state.abstract_state(init_fn, mesh)
+  test_ds, evaluator, target = _evaluation_setup(config, workdir)
   state, step = checkpointing.restore_for_eval(workdir, target)
   logging.info('evaluating checkpoint %d on %d test images', step,
                test_ds.num_examples)
-  evaluator = make_evaluator(generator, test_ds, config.eval, mesh)
   result, predictions = evaluator(state.gen_params, state.gen_batch_stats)
   result['checkpoint_step'] = step
   write_outputs(os.path.join(workdir, 'eval'), result, predictions, test_ds,
