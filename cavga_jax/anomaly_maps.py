@@ -19,6 +19,8 @@ The maps (higher = more anomalous):
   [0, 1]), mean over channels; in [0, 2].
 * ``residual_ssim_smooth``: ``residual_ssim`` smoothed like ``residual``
   (the GAN decoder's speckle makes the raw SSIM map noisy everywhere).
+* ``residual_x_ssim``: ``residual * residual_ssim_smooth``, high where both
+  the intensity and the structure of the reconstruction are wrong.
 * ``attention_x_residual``: ``attention * residual``, the residual weighted
   by where the attention says the model did not look.
 * CAVGA_w only, ``weak_<name>`` for every ``attention.WEAK_MAPS`` entry
@@ -125,6 +127,12 @@ def residual_ssim_smooth_map(outputs: dict[str, Array],
                        settings.residual_sigma)
 
 
+def residual_x_ssim_map(outputs: dict[str, Array], settings: MapSettings
+                       ) -> Array:
+  return (residual_map(outputs, settings)
+          * residual_ssim_smooth_map(outputs, settings))
+
+
 def attention_x_residual_map(outputs: dict[str, Array],
                              settings: MapSettings) -> Array:
   return attention_map(outputs, settings) * residual_map(outputs, settings)
@@ -144,6 +152,7 @@ MAPS: dict[str, MapFn] = {
     'residual': residual_map,
     'residual_ssim': residual_ssim_map,
     'residual_ssim_smooth': residual_ssim_smooth_map,
+    'residual_x_ssim': residual_x_ssim_map,
     'attention_x_residual': attention_x_residual_map,
 }
 # CAVGA_w's 'latent' map is ``attention`` itself.
@@ -156,7 +165,7 @@ PRIOR = 'prior'
 # (``eval_lib``), as the paper normalises the image score for its detection
 # accuracy. Every other metric is invariant to that rescaling.
 UNBOUNDED = ('residual', 'residual_ssim', 'residual_ssim_smooth',
-             'attention_x_residual')
+             'residual_x_ssim', 'attention_x_residual')
 # Every name ``config.eval.map`` may choose (the weak maps need CAVGA_w).
 MAP_NAMES = tuple(MAPS) + tuple(WEAK_MAPS)
 
