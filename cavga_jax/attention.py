@@ -149,9 +149,9 @@ def localization_map(attention: Array, image_size: int) -> Array:
   return resize_map(1.0 - attention, image_size)
 
 
-# CAVGA_w localization maps (``config.eval.weak_map``), from the class maps
-# A^cn = class_attention[:, NORMAL], A^ca = class_attention[:, ANOMALOUS] and
-# CAVGA_u's map A of sum(mu):
+# CAVGA_w localization maps (``anomaly_maps`` scores them as 'weak_<name>'),
+# from the class maps A^cn = class_attention[:, NORMAL],
+# A^ca = class_attention[:, ANOMALOUS] and CAVGA_u's map A of sum(mu):
 #   'anomalous'     M = A^ca, where the anomalous-class evidence lies (default);
 #   'not_normal'    M = 1 - A^cn, what the normal class does not attend to;
 #   'complementary' M = (1 - A^cn + A^ca) / 2, the L_cga integrand rescaled
@@ -184,7 +184,7 @@ def weak_localization_map(outputs: dict[str, Array], image_size: int,
   elif weak_map == 'latent':
     anomaly_map = 1.0 - outputs['attention']
   else:
-    raise ValueError(f'config.eval.weak_map must be one of {WEAK_MAPS}, got '
+    raise ValueError(f'weak_map must be one of {WEAK_MAPS}, got '
                      f'{weak_map!r}')
   return resize_map(anomaly_map, image_size)
 

@@ -10,7 +10,8 @@ mean squared reconstruction error. Metrics come from ``cavga_jax.metrics``
 (model-agnostic numpy code).
 
 ``metrics.json`` keeps SPEC section 4's flat keys for the headline map
-``config.eval.map`` (default ``'attention'``, the paper's ``M = 1 - A``) and
+``config.eval.map`` (``configs/default.py``: ``'residual_x_ssim'``, the
+best of our measurements; ``'attention'`` is the paper's ``M = 1 - A``) and
 ``s_a``, and adds ``maps.<name>.<metric>`` for every map: the pixel metrics,
 and ``image_auroc`` / ``detection_accuracy`` of the map's own image score
 (the mean of its top 1 % pixels, ``anomaly_maps.image_score``). Maps not
