@@ -68,6 +68,15 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Any | None:
   return restore(manager, step, target)
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether ``<workdir>/checkpoints`` holds a complete checkpoint."""
+  manager = make_manager(workdir)
+  try:
+    return manager.latest_step() is not None
+  finally:
+    manager.close()
+
+
 def restore_for_eval(workdir: str, target: Any) -> tuple[Any, int]:
   """Restores the newest checkpoint of ``workdir`` or raises a clear error."""
   manager = make_manager(workdir)

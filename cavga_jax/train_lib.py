@@ -63,15 +63,6 @@ Array = jax.Array
 PyTree = Any
 
 
-def _has_checkpoint(workdir: str) -> bool:
-  """Whether ``<workdir>/checkpoints`` holds a complete checkpoint."""
-  manager = checkpointing.make_manager(workdir)
-  try:
-    return manager.latest_step() is not None
-  finally:
-    manager.close()
-
-
 def _vae_gan_terms(outputs: dict[str, Array], images: Array,
                    fake_logits: Array) -> dict[str, Array]:
   """rec, kl and adv: the terms CAVGA_u and CAVGA_w share."""
@@ -155,7 +146,8 @@ def make_train_step(generator: models.CAVGAGenerator,
                     discriminator: models.Discriminator,
                     loss_weights: dict[str, float],
                     nonfinite: str = 'stop',
-                    ) -> Callable[..., tuple[train_state.TrainState, dict[str, Array]]]:
+                    ) -> Callable[..., tuple[train_state.TrainState,
+                                             dict[str, Array]]]:
   """Returns the pure, jittable CAVGA train step.
 
   ``train_step(state, images, rng, labels=None) -> (state, metrics)``:
@@ -491,7 +483,8 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str
   return mesh
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str
+          ) -> train_state.TrainState:
   """Trains CAVGA as configured, resuming from ``<workdir>/checkpoints``.
 
   Logs step, losses and images/s every ``config.train.log_every`` steps and
@@ -547,8 +540,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainS
   state = init_fn(init_rng)
   pretrained_path = config.model.get('pretrained')
   # A resumed run's checkpoint replaces the whole state in training_loop.
-  if pretrained_path and not _has_checkpoint(workdir):
-    state = train_state.with_pretrained_encoder(state, pretrained_path, state_sharding)
+  if pretrained_path and not checkpointing.has_checkpoint(workdir):
+    state = train_state.with_pretrained_encoder(state, pretrained_path,
+                                                state_sharding)
     logging.info('encoder initialised from %s', pretrained_path)
   return training_loop(
       config, workdir, state, train_step, train_ds.num_examples,

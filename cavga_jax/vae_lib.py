@@ -69,7 +69,6 @@ Array = jax.Array
 PyTree = Any
 
 
-
 @flax.struct.dataclass
 class VAEState:
   """A resumable VAE run; ``step`` counts completed updates."""

@@ -67,10 +67,9 @@ def main(argv):
                 norm=up(jnp.linalg.norm(features, axis=-1)),
                 projection=up(jnp.einsum('bhwk,bk->bhw', features, alpha)))
 
-  parts = [jax.device_get(analyse(images[:n]))
+  parts = [jax.tree.map(lambda v, n=n: v[:n], jax.device_get(analyse(images)))
            for images, n in data.eval_batches(test, config.eval.batch_size)]
-  out = {k: np.concatenate([p[k][:n] for p, (_, n) in zip(
-      parts, data.eval_batches(test, config.eval.batch_size))]) for k in parts[0]}
+  out = jax.tree.map(lambda *values: np.concatenate(values), *parts)
   kernel = np.asarray(params['mu']['kernel']).reshape(
       -1, config.model.latent_channels)
   masks = test.masks
