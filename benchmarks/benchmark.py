@@ -62,6 +62,61 @@ def _time(fn, steps, warmup):
   return first, times
 
 
+def make_step(config: ml_collections.ConfigDict, mode: str
+              ) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+  """The jitted step of ``mode`` and the inputs of one call, on a fixed batch.
+
+  Args:
+    config: a CAVGA config (``_config``); its data.image_size,
+      data.channels and train.batch_size give the batch.
+    mode: 'train' (``step(state, images, rng) -> (state, metrics)``, the
+      state donated) or 'eval' (``step(gen_params, gen_batch_stats, images)
+      -> outputs``).
+
+  Returns:
+    ``(step, inputs)``: ``step(*inputs)`` is one call; ``images`` is uint8
+    (batch, image_size, image_size, channels) on the mesh.
+  """
+  size, channels = config.data.image_size, config.data.channels
+  batch = config.train.batch_size
+  mesh = sharding.make_mesh()
+  generator, discriminator, init_fn, state_sharding = train_state.setup(
+      config, mesh)
+  state = init_fn(jax.random.key(0))
+  images = np.random.default_rng(0).integers(
+      0, 256, (batch, size, size, channels), dtype=np.uint8)
+  images = sharding.shard_batch(images, mesh)
+  if mode == 'train':
+    step = jax.jit(
+        train_lib.make_train_step(generator, discriminator,
+                                  dict(config.loss_weights)),
+        donate_argnums=0,
+        out_shardings=(state_sharding, sharding.replicated(mesh)))
+    return step, (state, images, jax.random.key(1))
+  step = jax.jit(eval_lib.make_eval_step(generator))
+  return step, (state.gen_params, state.gen_batch_stats, images)
+
+
+def make_runner(step: Callable[..., Any], inputs: tuple[Any, ...],
+                mode: str) -> Callable[[], Any]:
+  """``run()`` calls ``step`` (jitted or AOT-compiled) once on ``inputs``.
+
+  In 'train' mode the donated state is threaded from call to call.
+  """
+  if mode == 'train':
+    holder = [inputs[0]]
+
+    def run():
+      holder[0], metrics = step(holder[0], *inputs[1:])
+      return holder[0].gen_params, metrics
+  else:
+
+    def run():
+      return step(*inputs)
+
+  return run
+
+
 def build_step(args) -> Callable[[], Any]:
   """``run()`` performs one jitted step of ``args.mode`` on a fixed batch.
 
@@ -69,34 +124,7 @@ def build_step(args) -> Callable[[], Any]:
     args: variant, image_size, channels, latent_channels, batch, mode
       ('train' or 'eval') and dtype, as the command-line flags.
   """
-  config = _config(args)
-  mesh = sharding.make_mesh()
-  generator, discriminator, init_fn, state_sharding = train_state.setup(
-      config, mesh)
-  state = init_fn(jax.random.key(0))
-  images = np.random.default_rng(0).integers(
-      0, 256, (args.batch, args.image_size, args.image_size, args.channels),
-      dtype=np.uint8)
-  images = sharding.shard_batch(images, mesh)
-  if args.mode == 'train':
-    step = jax.jit(
-        train_lib.make_train_step(generator, discriminator,
-                                  dict(config.loss_weights)),
-        donate_argnums=0,
-        out_shardings=(state_sharding, sharding.replicated(mesh)))
-    rng = jax.random.key(1)
-    holder = [state]
-
-    def run():
-      holder[0], metrics = step(holder[0], images, rng)
-      return holder[0].gen_params, metrics
-  else:
-    step = jax.jit(eval_lib.make_eval_step(generator))
-
-    def run():
-      return step(state.gen_params, state.gen_batch_stats, images)
-
-  return run
+  return make_runner(*make_step(_config(args), args.mode), args.mode)
 
 
 def main():

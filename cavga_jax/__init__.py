@@ -1,3 +1,68 @@
-"""cavga_jax: CAVGA (attention-guided anomaly localization with VAEs) in JAX/Flax."""
+"""cavga_jax: CAVGA (attention-guided anomaly localization with VAEs) in JAX/Flax.
+
+The entry points a researcher needs are attributes of the package; each is
+imported on first use (PEP 562), so ``import cavga_jax`` stays cheap and
+loads no dataset or training code until asked:
+
+  import cavga_jax
+  generator, discriminator = cavga_jax.build_models(config)
+  state = cavga_jax.create_train_state(generator, discriminator, key, 64)
+  step = jax.jit(cavga_jax.make_train_step(generator, discriminator,
+                                           dict(rec=1, kl=1, adv=1, ae=0.01)))
+
+Models: ``CAVGAGenerator``, ``Discriminator``, ``build_models``. Attention:
+``grad_cam``, ``class_grad_cam``, ``forward_with_attention``,
+``unit_attention`` (and the module ``explain``: Liu et al.'s per-unit
+explanations). Objectives and measures: the modules ``losses``,
+``metrics``, ``anomaly_maps``, ``synthesis``. Training and
+evaluation: ``create_train_state``, ``make_train_step``, ``make_eval_step``,
+``train``, ``evaluate``. Errors: ``CavgaError`` and its subclasses.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# Public name -> (module, attribute or None for the module itself).
+_EXPORTS = {
+    'CAVGAGenerator': ('models', 'CAVGAGenerator'),
+    'Discriminator': ('models', 'Discriminator'),
+    'build_models': ('models', 'build_models'),
+    'grad_cam': ('attention', 'grad_cam'),
+    'class_grad_cam': ('attention', 'class_grad_cam'),
+    'forward_with_attention': ('attention', 'forward_with_attention'),
+    'unit_attention': ('explain', 'unit_attention'),
+    'explain': ('explain', None),
+    'losses': ('losses', None),
+    'metrics': ('metrics', None),
+    'anomaly_maps': ('anomaly_maps', None),
+    'synthesis': ('synthesis', None),
+    'TrainState': ('train_state', 'TrainState'),
+    'create_train_state': ('train_state', 'create_train_state'),
+    'make_train_step': ('train_lib', 'make_train_step'),
+    'make_eval_step': ('eval_lib', 'make_eval_step'),
+    'train': ('train_lib', 'train'),
+    'evaluate': ('eval_lib', 'evaluate'),
+    'CavgaError': ('errors', 'CavgaError'),
+    'DataError': ('errors', 'DataError'),
+    'TrainingError': ('errors', 'TrainingError'),
+}
+
+__all__ = ['__version__', *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _EXPORTS:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  module_name, attribute = _EXPORTS[name]
+  module = importlib.import_module(f'{__name__}.{module_name}')
+  value = module if attribute is None else getattr(module, attribute)
+  globals()[name] = value  # Later lookups skip __getattr__.
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_EXPORTS))

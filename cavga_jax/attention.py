@@ -112,17 +112,24 @@ def normalize(cam: Array, norm: str = 'max') -> Array:
   image whose cam is nowhere positive gets ``A = 0`` and no gradient.
   'minmax': ``(cam - min) / (max - min + 1e-8)`` without the ReLU, so
   negative evidence keeps its ranking and a map is never all zero.
+  'none': the raw ``cam`` (for losses that normalise it themselves).
+  The last two axes are the map's; any leading ones are kept.
 
   Raises:
     ValueError: unknown ``norm``.
   """
+  spatial = (-2, -1)
   if norm == 'max':
     cam = jax.nn.relu(cam)
-    return cam / (jnp.max(cam, axis=(1, 2), keepdims=True) + EPS)
+    return cam / (jnp.max(cam, axis=spatial, keepdims=True) + EPS)
   if norm == 'minmax':
-    low = jnp.min(cam, axis=(1, 2), keepdims=True)
-    return (cam - low) / (jnp.max(cam, axis=(1, 2), keepdims=True) - low + EPS)
-  raise ValueError(f"attention norm must be 'max' or 'minmax', got {norm!r}")
+    low = jnp.min(cam, axis=spatial, keepdims=True)
+    return (cam - low) / (jnp.max(cam, axis=spatial, keepdims=True) - low
+                          + EPS)
+  if norm == 'none':
+    return cam
+  raise ValueError(f"attention norm must be 'max', 'minmax' or 'none', got "
+                   f'{norm!r}')
 
 
 def unit_scores(mu: Array) -> Array:

@@ -22,7 +22,10 @@ import ml_collections
 
 from cavga_jax import anomaly_maps
 from cavga_jax import data
+from cavga_jax import layers
+from cavga_jax import losses
 from cavga_jax import models
+from cavga_jax import synthesis
 from cavga_jax import vae
 from cavga_jax.errors import CavgaError
 
@@ -147,6 +150,7 @@ def _check_cavga_config(config: ml_collections.ConfigDict) -> None:
                 'unsupervised')
   _check_choice(config, 'model.compute_dtype', COMPUTE_DTYPES, 'float32')
   _check_choice(config, 'model.input_norm', models.INPUT_NORMS, 'none')
+  _check_choice(config, 'model.conv_impl', layers.CONV_IMPLS, 'auto')
   _check_int(config, 'model.latent_channels', 1)
   _check_int(config, 'model.latent_dim', 1, 1)
   for name in ('encoder_widths', 'decoder_widths', 'discriminator_widths'):
@@ -163,6 +167,7 @@ def _check_cavga_config(config: ml_collections.ConfigDict) -> None:
                 'max')
   _check_eval_maps(config)
   _check_weak_quota(config)
+  _check_synthetic(config)
   # Widths per variant and the image size stride (cheap: no parameters).
   models.build_models(config)
 
@@ -201,14 +206,42 @@ def _check_weak_quota(config: ml_collections.ConfigDict) -> None:
                      f'labelled anomalies), got {supervision!r}; set it to 0')
 
 
+def _check_synthetic(config: ml_collections.ConfigDict) -> None:
+  """Synthetic anomalies (``config.data.synthetic``, CAVGA_w only)."""
+  fields = _get(config, 'data.synthetic', None)
+  if fields is not None and not hasattr(fields, 'items'):
+    raise CavgaError(f'config.data.synthetic={fields!r} must be a ConfigDict')
+  try:
+    settings = synthesis.settings_from_fields(
+        dict(fields.items()) if fields is not None else None)
+  except (ValueError, TypeError) as e:
+    raise CavgaError(f'config.data.synthetic: {e}') from None
+  if settings is None:
+    if fields is not None:
+      _check_number(config, 'data.synthetic.fraction', 0.0, default=0.0)
+    return
+  supervision = _get(config, 'model.supervision', 'unsupervised')
+  if supervision != 'weak':
+    raise CavgaError(
+        f'config.data.synthetic.fraction={settings.fraction!r} needs '
+        "config.model.supervision='weak' (the classifier learns from the "
+        f'synthetic labels), got {supervision!r}; start from '
+        'configs/mvtec_synthetic.py')
+  if 'mask' not in _get(config, 'loss_weights'):
+    raise CavgaError('config.loss_weights has no mask (the weight of the '
+                     'synthetic-mask loss; 0 disables it)')
+
+
 def _check_vae_config(config: ml_collections.ConfigDict) -> None:
   _check_choice(config, 'data.name', vae.DATASETS)
   _check_widths(config, 'model.encoder_widths')
+  _check_choice(config, 'model.conv_impl', layers.CONV_IMPLS, 'auto')
   _check_int(config, 'model.hidden', 1)
   _check_int(config, 'model.latent_dim', 1)
   for name in ('beta', 'ad'):
     _check_number(config, f'loss_weights.{name}', 0.0)
   _check_choice(config, 'eval.map', vae.ATTENTION_MAPS, 'mean')
+  _check_choice(config, 'loss.ad_variant', losses.AD_VARIANTS, 'paper')
   for name in ('factor_vae_num_train', 'factor_vae_num_eval',
                'num_loss_samples'):
     _check_int(config, f'eval.{name}', 1, 1)

@@ -73,7 +73,7 @@ def make_eval_step(generator: models.CAVGAGenerator,
                    ) -> Callable[[Any, Any, Array], dict[str, Any]]:
   """Returns ``eval_step(params, batch_stats, images) -> outputs``.
 
-  ``images`` is uint8 (B, S, S, C). Outputs: 'reconstruction' uint8
+  ``images`` is uint8 (B, S, S, C) or float in [-1, 1]. Outputs: 'reconstruction' uint8
   (B, S, S, C), 'attention' (B, h, w), 'score' (B,) (mean squared error in
   [-1, 1] units), 'maps' {name: (B, S, S) float32} for every map of
   ``anomaly_maps.map_functions`` and 'map_scores' {name: (B,)} (their image
@@ -118,8 +118,8 @@ def predict(eval_step: Callable, params: Any, batch_stats: Any,
   batches = []
   tic, done = time.perf_counter(), 0
   for images, num_valid in data.eval_batches(dataset, batch_size):
-    out = jax.device_get(eval_step(params, batch_stats,
-                                   sharding.shard_batch(images, mesh)))
+    out = sharding.to_host(eval_step(
+        params, batch_stats, sharding.shard_global_batch(images, mesh)))
     batches.append(jax.tree.map(lambda v, n=num_valid: v[:n], out))
     done += num_valid
   elapsed = time.perf_counter() - tic
@@ -230,8 +230,11 @@ def write_outputs(out_dir: str, result: dict[str, Any],
 
   scores.csv has ``s_a`` ('score'), each map's image score
   ('score_<map>') and, for CAVGA_w, 'p_anomalous'; a panel row shows the
-  image, the reconstruction, every map over the image and the mask.
+  image, the reconstruction, every map over the image and the mask. Only
+  process 0 writes (every process holds the same gathered predictions).
   """
+  if not sharding.is_primary_process():
+    return
   panel_dir = os.path.join(out_dir, 'panels')
   os.makedirs(panel_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
@@ -356,7 +359,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
              ) -> dict[str, Any]:
   """Restores the latest checkpoint of ``workdir`` and evaluates it.
 
-  Writes ``<workdir>/eval/metrics.json``, ``scores.csv`` and ``panels/``.
+  Writes ``<workdir>/eval/metrics.json``, ``scores.csv`` and ``panels/``
+  (process 0 only; every process computes).
   Always the final checkpoint: the learning curve of ``config.train.eval_every``
   never selects one.
 

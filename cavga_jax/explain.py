@@ -44,10 +44,13 @@ class UnitAttention(NamedTuple):
     units: (B, U, h, w) in [0, 1], ``units[:, k]`` the map of unit k.
     sum: (B, h, w) in [0, 1], the map of ``s = sum_k mu_k``.
     mean: (B, h, w) in [0, 1], the renormalised mean of ``units`` over U.
+    unit_cams: (B, U, h, w), the unit maps before ReLU and normalisation,
+      ``sum_c alpha^k_c F_c`` (``losses.attention_overlap_per_image``).
   """
   units: Array
   sum: Array
   mean: Array
+  unit_cams: Array
 
 
 def unit_attention(latent_fn: Callable[[Array], Any], features: Array,
@@ -75,11 +78,13 @@ def unit_attention(latent_fn: Callable[[Array], Any], features: Array,
     return jnp.concatenate([scores, jnp.sum(scores, 1, keepdims=True)],
                            axis=1), (mu, aux)
 
-  maps, _, (mu, aux) = attention.class_grad_cam(scores_fn, features,
-                                                has_aux=True)
+  cams, _, (mu, aux) = attention.class_grad_cam(scores_fn, features,
+                                                has_aux=True, norm='none')
+  maps = attention.normalize(cams)
   units = maps[:, :-1]
   result = UnitAttention(units=units, sum=maps[:, -1],
-                         mean=attention.unit_mean(units))
+                         mean=attention.unit_mean(units),
+                         unit_cams=cams[:, :-1])
   return (result, mu, aux) if has_aux else (result, mu)
 
 

@@ -1,12 +1,16 @@
-"""Convolutions with PyTorch semantics and fast gradients on every backend.
+"""Convolutions with PyTorch semantics, with a fast-gradient path for the CPU.
 
 XLA:CPU has no fast kernel for *input-dilated* convolutions, which are what
 the input gradient of a strided conv and both gradients of a transposed conv
 lower to (5-20x slower than the forward pass in our measurements, see
-docs/benchmarks.md). Both layers here rewrite those as stride-1 convolutions
-over the four output phases plus a depth-to-space shuffle: exact, the same
-parameters (HWIO kernels, PyTorch's weights transposed), and no slower on
-GPU/TPU.
+docs/benchmarks.md). The 'phase' implementation rewrites those as stride-1
+convolutions over the four output phases plus a depth-to-space shuffle
+(custom VJPs, so reverse mode only: ``jax.jvp`` / ``jax.jacfwd`` fail on
+it). The 'lax' implementation is XLA's own convolutions (what GPUs and TPUs
+have fast kernels for; forward and reverse mode). Both take the same
+parameters (HWIO kernels, PyTorch's weights transposed) and agree to float
+rounding. ``resolve_conv_impl('auto')`` picks 'phase' on the CPU and 'lax'
+elsewhere (``config.model.conv_impl``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,40 @@ import jax.numpy as jnp
 
 Array = jax.Array
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
+CONV_IMPLS = ('auto', 'phase', 'lax')
+
+
+def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
+  """'auto' -> 'phase' on the CPU, 'lax' on GPU/TPU; others unchanged.
+
+  Raises:
+    ValueError: ``impl`` not in ``CONV_IMPLS``.
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl!r}')
+  if impl != 'auto':
+    return impl
+  return 'phase' if (backend or jax.default_backend()) == 'cpu' else 'lax'
+
+
+def _conv(x: Array, kernel: Array, strides: int, padding: int) -> Array:
+  """XLA's ``conv2d(x, kernel, stride, padding)`` in NHWC/HWIO."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, (strides, strides), ((padding, padding),) * 2,
+      dimension_numbers=_DIMS)
+
+
+def lax_conv_transpose(y: Array, kernel: Array, strides: int, padding: int,
+                       out_size: tuple[int, int]) -> Array:
+  """``conv_transpose_stride2``'s adjoint by XLA's own transposition.
+
+  Args as ``conv_transpose_stride2`` (kernel (k, k, C, F) of the forward
+  conv); any ``strides``.
+  """
+  x = jnp.zeros((y.shape[0], *out_size, kernel.shape[2]), y.dtype)
+  (result,) = jax.linear_transpose(
+      lambda t: _conv(t, kernel, strides, padding), x)(y)
+  return result
 
 
 def _depth_to_space(y: Array, features: int) -> Array:
@@ -113,6 +151,7 @@ class Conv(nn.Module):
   padding: int = 0
   use_bias: bool = True
   dtype: Any = jnp.float32
+  impl: str = 'phase'  # 'phase' | 'lax' (resolve_conv_impl)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -120,14 +159,12 @@ class Conv(nn.Module):
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (k, k, x.shape[-1], self.features), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if self.strides == 2:
-      y = conv_stride2(x, kernel, self.padding)
-    elif self.strides == 1:
-      y = jax.lax.conv_general_dilated(
-          x, kernel, (1, 1), ((self.padding, self.padding),) * 2,
-          dimension_numbers=_DIMS)
-    else:
+    if self.strides not in (1, 2):
       raise ValueError(f'strides must be 1 or 2, got {self.strides}')
+    if self.strides == 2 and self.impl == 'phase':
+      y = conv_stride2(x, kernel, self.padding)
+    else:
+      y = _conv(x, kernel, self.strides, self.padding)
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros, (self.features,),
                         jnp.float32)
@@ -144,15 +181,18 @@ class ConvTranspose4x4(nn.Module):
   """
   features: int
   dtype: Any = jnp.float32
+  impl: str = 'phase'  # 'phase' | 'lax' (resolve_conv_impl)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (4, 4, x.shape[-1], self.features), jnp.float32)
     h, w = x.shape[1:3]
-    return conv_transpose_stride2(
+    adjoint = (conv_transpose_stride2 if self.impl == 'phase' else
+               functools.partial(lax_conv_transpose, strides=2))
+    return adjoint(
         x.astype(self.dtype), jnp.swapaxes(kernel, 2, 3).astype(self.dtype),
-        1, (2 * h, 2 * w))
+        padding=1, out_size=(2 * h, 2 * w))
 
 
 def _conv2x2_direct(x: Array, kernel: Array) -> Array:
@@ -232,14 +272,15 @@ def upsample_conv3x3(x: Array, kernel: Array) -> Array:
 
 
 class UpsampleConv3x3(nn.Module):
-  """Nearest x2 upsampling then a 3x3 conv (padding 1, bias), fused.
+  """Nearest x2 upsampling then a 3x3 conv (padding 1, bias), fused ('phase').
 
   Parameters are exactly ``Conv(features, 3, padding=1)``'s ('kernel' HWIO,
-  'bias'), so checkpoints and converted weights do not change; the compute
-  is ``upsample_conv3x3``'s.
+  'bias'), so checkpoints and converted weights do not change; the 'phase'
+  compute is ``upsample_conv3x3``'s, the 'lax' one the direct form.
   """
   features: int
   dtype: Any = jnp.float32
+  impl: str = 'phase'  # 'phase' | 'lax' (resolve_conv_impl)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -247,5 +288,10 @@ class UpsampleConv3x3(nn.Module):
                         (3, 3, x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (self.features,),
                       jnp.float32)
-    y = upsample_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.impl == 'phase':
+      y = upsample_conv3x3(x, kernel)
+    else:
+      up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+      y = _conv(up, kernel, 1, 1)
     return y + bias.astype(self.dtype)

@@ -67,11 +67,12 @@ class BasicBlock(nn.Module):
   features: int
   strides: int = 1
   dtype: Any = jnp.float32
+  conv_impl: str = 'phase'  # layers.resolve_conv_impl
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     conv = functools.partial(layers.Conv, self.features, use_bias=False,
-                             dtype=self.dtype)
+                             dtype=self.dtype, impl=self.conv_impl)
     norm = functools.partial(_BatchNorm, use_running_average=not train,
                              dtype=self.dtype)
     y = conv(3, self.strides, 1, name='conv1')(x)
@@ -92,6 +93,7 @@ class ResNet18Encoder(nn.Module):
   """
   widths: Sequence[int] = (64, 128, 256, 512)
   dtype: Any = jnp.float32
+  conv_impl: str = 'phase'  # layers.resolve_conv_impl
 
   @nn.compact
   def __call__(self, x: Array, train: bool, start: int = 0,
@@ -104,7 +106,7 @@ class ResNet18Encoder(nn.Module):
     stop = len(self.widths) if stop is None else stop
     if start == 0:
       x = layers.Conv(self.widths[0], 7, 2, 3, use_bias=False,
-                      dtype=self.dtype, name='conv1')(x)
+                      dtype=self.dtype, impl=self.conv_impl, name='conv1')(x)
       x = _BatchNorm(use_running_average=not train, dtype=self.dtype,
                      name='bn1')(x)
       x = nn.relu(x)
@@ -114,7 +116,7 @@ class ResNet18Encoder(nn.Module):
         continue
       for block in range(2):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(width, strides, self.dtype,
+        x = BasicBlock(width, strides, self.dtype, self.conv_impl,
                        name=f'layer{stage + 1}_{block}')(x, train)
     return x
 
@@ -127,6 +129,7 @@ class DCGANEncoder(nn.Module):
   """
   widths: Sequence[int] = (64, 128, 256, 512)
   dtype: Any = jnp.float32
+  conv_impl: str = 'phase'  # layers.resolve_conv_impl
 
   @nn.compact
   def __call__(self, x: Array, train: bool, start: int = 0,
@@ -137,7 +140,7 @@ class DCGANEncoder(nn.Module):
       if not start <= i < stop:
         continue
       x = layers.Conv(width, 4, 2, 1, use_bias=False, dtype=self.dtype,
-                      name=f'conv{i}')(x)
+                      impl=self.conv_impl, name=f'conv{i}')(x)
       if i > 0:
         x = _BatchNorm(use_running_average=not train, dtype=self.dtype,
                        name=f'bn{i}')(x)
@@ -153,16 +156,19 @@ class UpBlock(nn.Module):
   """
   features: int
   dtype: Any = jnp.float32
+  conv_impl: str = 'phase'  # layers.resolve_conv_impl
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     norm = functools.partial(_BatchNorm, use_running_average=not train,
                              dtype=self.dtype)
-    conv = functools.partial(layers.Conv, self.features, dtype=self.dtype)
+    conv = functools.partial(layers.Conv, self.features, dtype=self.dtype,
+                             impl=self.conv_impl)
     up = lambda t: jnp.repeat(jnp.repeat(t, 2, axis=1), 2, axis=2)  # nearest
     # conv3x3(up(.)) and conv1x1(up(.)) run at the input resolution (same
     # parameters and values, 2.25x and 4x fewer FLOPs; layers.py).
-    y = layers.UpsampleConv3x3(self.features, self.dtype, name='conv1')(
+    y = layers.UpsampleConv3x3(self.features, self.dtype, self.conv_impl,
+                               name='conv1')(
         nn.relu(norm(name='bn1')(x)))
     y = nn.relu(norm(name='bn2')(y))
     y = conv(3, padding=1, name='conv2')(y)
@@ -174,16 +180,18 @@ class ResidualDecoder(nn.Module):
   widths: Sequence[int] = (512, 256, 128, 64, 32)
   out_channels: int = 3
   dtype: Any = jnp.float32
+  conv_impl: str = 'phase'  # layers.resolve_conv_impl
 
   @nn.compact
   def __call__(self, z: Array, train: bool) -> Array:
     x = z
     for i, width in enumerate(self.widths):
-      x = UpBlock(width, self.dtype, name=f'block{i}')(x, train)
+      x = UpBlock(width, self.dtype, self.conv_impl, name=f'block{i}')(
+          x, train)
     x = _BatchNorm(use_running_average=not train, dtype=self.dtype,
                    name='bn_out')(x)
     x = layers.Conv(self.out_channels, 3, padding=1, dtype=self.dtype,
-                    name='conv_out')(nn.relu(x))
+                    impl=self.conv_impl, name='conv_out')(nn.relu(x))
     return jnp.tanh(x)
 
 
@@ -197,17 +205,19 @@ class DCGANDecoder(nn.Module):
   widths: Sequence[int] = (512, 256, 128, 64)
   out_channels: int = 3
   dtype: Any = jnp.float32
+  conv_impl: str = 'phase'  # layers.resolve_conv_impl
 
   @nn.compact
   def __call__(self, z: Array, train: bool) -> Array:
     # A stride-1 transposed conv with padding 1 is a 3x3 conv (flipped
     # kernel, which only matters when loading PyTorch weights).
     x = layers.Conv(self.widths[0], 3, padding=1, use_bias=False,
-                    dtype=self.dtype, name='convt0')(z)
+                    dtype=self.dtype, impl=self.conv_impl, name='convt0')(z)
     x = nn.relu(_BatchNorm(use_running_average=not train, dtype=self.dtype,
                            name='bn0')(x))
     for i, width in enumerate(list(self.widths[1:]) + [self.out_channels]):
-      x = layers.ConvTranspose4x4(width, self.dtype, name=f'convt{i + 1}')(x)
+      x = layers.ConvTranspose4x4(width, self.dtype, self.conv_impl,
+                                  name=f'convt{i + 1}')(x)
       if i < len(self.widths) - 1:
         x = nn.relu(_BatchNorm(use_running_average=not train,
                                dtype=self.dtype, name=f'bn{i + 1}')(x))
@@ -222,13 +232,15 @@ class Discriminator(nn.Module):
   """
   widths: Sequence[int] = (64, 128, 256, 512)
   dtype: Any = jnp.float32
+  conv_impl: str = 'phase'  # layers.resolve_conv_impl
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    f = DCGANEncoder(self.widths, self.dtype, name='trunk')(x, train)
+    f = DCGANEncoder(self.widths, self.dtype, self.conv_impl,
+                     name='trunk')(x, train)
     k = min(4, f.shape[1], f.shape[2])
     logits = layers.Conv(1, k, use_bias=False, dtype=self.dtype,
-                         name='head')(f)
+                         impl=self.conv_impl, name='head')(f)
     return logits[..., 0].astype(jnp.float32)
 
 
@@ -260,6 +272,9 @@ class CAVGAGenerator(nn.Module):
       (``ATTENTION_NORMS``: 'max' = ``ReLU(cam) / max``, the paper;
       'minmax' = ``(cam - min) / (max - min)``).
     dtype: compute dtype (parameters stay float32).
+    conv_impl: 'phase' (custom-VJP CPU rewrites, reverse mode only) or 'lax'
+      (XLA's convolutions; forward mode too); ``build_models`` resolves
+      ``config.model.conv_impl`` ('auto' = phase on CPU, lax elsewhere).
   """
   variant: str = 'R'
   image_size: int = 256
@@ -275,16 +290,19 @@ class CAVGAGenerator(nn.Module):
   attention_stage: int = 4
   attention_norm: str = 'max'
   dtype: Any = jnp.float32
+  conv_impl: str = 'phase'  # layers.resolve_conv_impl
 
   def setup(self):
     if self.variant == 'R':
-      self.encoder = ResNet18Encoder(self.encoder_widths, self.dtype)
+      self.encoder = ResNet18Encoder(self.encoder_widths, self.dtype,
+                                     self.conv_impl)
       self.decoder = ResidualDecoder(self.decoder_widths, self.image_channels,
-                                     self.dtype)
+                                     self.dtype, self.conv_impl)
     elif self.variant == 'D':
-      self.encoder = DCGANEncoder(self.encoder_widths, self.dtype)
+      self.encoder = DCGANEncoder(self.encoder_widths, self.dtype,
+                                  self.conv_impl)
       self.decoder = DCGANDecoder(self.decoder_widths, self.image_channels,
-                                  self.dtype)
+                                  self.dtype, self.conv_impl)
     else:
       raise ValueError(f"model.variant must be 'R' or 'D', got {self.variant!r}")
     if self.latent == 'conv':
@@ -426,6 +444,7 @@ def build_models(config) -> tuple[CAVGAGenerator, Discriminator]:
     raise CavgaError(f'config.data.image_size={size} must be a multiple of '
                      f'{stride} for CAVGA-{variant}')
   dtype = jnp.dtype(model_config.get('compute_dtype', 'float32'))
+  conv_impl = layers.resolve_conv_impl(model_config.get('conv_impl', 'auto'))
   generator = CAVGAGenerator(
       variant=variant,
       image_size=size,
@@ -441,8 +460,9 @@ def build_models(config) -> tuple[CAVGAGenerator, Discriminator]:
       attention_stage=model_config.get('attention_stage',
                                        NUM_ENCODER_STAGES),
       attention_norm=model_config.get('attention_norm', 'max'),
-      dtype=dtype)
-  discriminator = Discriminator(widths['discriminator_widths'], dtype)
+      dtype=dtype, conv_impl=conv_impl)
+  discriminator = Discriminator(widths['discriminator_widths'], dtype,
+                                conv_impl)
   return generator, discriminator
 
 

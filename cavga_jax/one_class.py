@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 
 from cavga_jax import eval_lib
+from cavga_jax import sharding
 from cavga_jax import train_lib
 from cavga_jax.data import tfds_data
 from cavga_jax.errors import DataError
@@ -45,6 +46,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _write(workdir: str, result: dict[str, Any]) -> None:
+  if not sharding.is_primary_process():
+    return
   with open(os.path.join(workdir, 'one_class.json'), 'w') as f:
     json.dump(result, f, indent=2)
   with open(os.path.join(workdir, 'one_class.md'), 'w') as f:

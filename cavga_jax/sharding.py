@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cavga_jax.errors import CavgaError
@@ -50,6 +51,45 @@ def shard_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
   """This host's slice of the global batch -> a global array sharded on 'data'."""
   return jax.make_array_from_process_local_data(batch_sharding(mesh),
                                                 local_batch)
+
+
+def host_batch_slice(batch_size: int) -> slice:
+  """This host's contiguous slice of a global batch (all of it on one host).
+
+  Every host draws the same global batch indices (a function of
+  ``(seed, step)``; cheap, the images are in memory) and loads its slice.
+  """
+  per_host = batch_size // jax.process_count()
+  return slice(jax.process_index() * per_host,
+               (jax.process_index() + 1) * per_host)
+
+
+def shard_global_batch(global_batch: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A global batch that every host holds -> the global array (this host's
+  slice of it placed on its devices)."""
+  return shard_batch(global_batch[host_batch_slice(global_batch.shape[0])],
+                     mesh)
+
+
+def to_host(tree: Any) -> Any:
+  """Every (sharded) array of ``tree`` as a whole numpy array, on every host.
+
+  One process: ``jax.device_get``. Several: an all-gather, since a host
+  cannot read the shards on other hosts' devices.
+  """
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def is_primary_process() -> bool:
+  """Whether this process writes the run's shared files (process 0).
+
+  Under multi-host training every process computes, but only one writes the
+  files of a shared workdir (config, logs, splits, evaluation outputs); the
+  checkpoint manager coordinates its own writes.
+  """
+  return jax.process_index() == 0
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -34,6 +34,8 @@ per-step synchronisation.
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -55,21 +57,31 @@ from cavga_jax import eval_lib
 from cavga_jax import losses
 from cavga_jax import models
 from cavga_jax import sharding
+from cavga_jax import synthesis
 from cavga_jax import train_state
+from cavga_jax import visualize
 from cavga_jax.errors import CavgaError
 from cavga_jax.errors import TrainingError
 
 Array = jax.Array
 PyTree = Any
 
+# fold_in tag of the synthetic-anomaly key (the step key itself samples z).
+_SYNTHESIS_STREAM = 1
+
 
 def _vae_gan_terms(outputs: dict[str, Array], images: Array,
-                   fake_logits: Array) -> dict[str, Array]:
-  """rec, kl and adv: the terms CAVGA_u and CAVGA_w share."""
+                   fake_logits: Array, weights: Array | None = None
+                   ) -> dict[str, Array]:
+  """rec, kl and adv: the terms CAVGA_u and CAVGA_w share.
+
+  ``weights`` (B,) weighs each image (None: all count equally).
+  """
   return dict(
-      rec=losses.reconstruction_loss(images, outputs['reconstruction']),
-      kl=losses.kl_loss(outputs['mu'], outputs['logvar']),
-      adv=losses.generator_adversarial_loss(fake_logits))
+      rec=losses.reconstruction_loss(images, outputs['reconstruction'],
+                                     weights),
+      kl=losses.kl_loss(outputs['mu'], outputs['logvar'], weights),
+      adv=losses.generator_adversarial_loss(fake_logits, weights))
 
 
 def generator_loss_terms(outputs: dict[str, Array], images: Array,
@@ -81,11 +93,17 @@ def generator_loss_terms(outputs: dict[str, Array], images: Array,
 
 def weak_generator_loss_terms(outputs: dict[str, Array], images: Array,
                               fake_logits: Array, labels: Array,
-                              include_ae: bool = False) -> dict[str, Array]:
+                              include_ae: bool = False,
+                              masks: Array | None = None,
+                              vae_weights: Array | None = None
+                              ) -> dict[str, Array]:
   """CAVGA_w loss terms: rec, kl, adv, bce, cga (and ae when ``include_ae``).
 
   The paper's CAVGA_w objective has no L_ae; ``include_ae`` adds it as an
   ablation (the train step sets it when ``loss_weights['ae']`` is nonzero).
+  With synthetic anomalies (``masks`` given) the term ``mask`` is the Dice
+  loss of A^ca (resized to image size) against the exact masks of the
+  synthetic images (``labels`` 1 and a non-empty mask).
 
   Args:
     outputs: ``attention.forward_with_attention`` outputs of a generator with
@@ -94,27 +112,36 @@ def weak_generator_loss_terms(outputs: dict[str, Array], images: Array,
     fake_logits: discriminator logits of the reconstructions.
     labels: (B,) int, 0 normal, 1 anomalous.
     include_ae: also return L_ae of CAVGA_u's map.
+    masks: (B, H, W) synthetic-anomaly masks (``synthesis.synthesize``).
+    vae_weights: (B,) weights of rec, kl and adv (None: every image).
   """
   class_attention = outputs['class_attention']
   terms = dict(
-      _vae_gan_terms(outputs, images, fake_logits),
+      _vae_gan_terms(outputs, images, fake_logits, vae_weights),
       bce=losses.binary_cross_entropy_loss(outputs['logits'], labels),
       cga=losses.complementary_guided_attention_loss(
           class_attention[:, models.NORMAL],
           class_attention[:, models.ANOMALOUS], outputs['logits'], labels))
   if include_ae:
     terms['ae'] = losses.attention_expansion_loss(outputs['attention'])
+  if masks is not None:
+    anomalous_map = attention.resize_map(
+        class_attention[:, models.ANOMALOUS], images.shape[1])
+    terms['mask'] = losses.mask_dice_loss(
+        anomalous_map, masks, jnp.any(masks > 0, axis=(1, 2)))
   return terms
 
 
 WEAK_LOSS_TERMS = ('rec', 'kl', 'adv', 'bce', 'cga')
 
 
-def check_loss_weights(loss_weights: dict[str, float],
-                       supervision: str) -> None:
+def check_loss_weights(loss_weights: dict[str, float], supervision: str,
+                       synthetic: bool = False) -> None:
   """Raises CavgaError when a loss term of the objective has no weight."""
   needed = WEAK_LOSS_TERMS if supervision == 'weak' else (
       'rec', 'kl', 'adv', 'ae')
+  if synthetic:
+    needed += ('mask',)
   missing = [name for name in needed if name not in loss_weights]
   if missing:
     hint = (' (start from configs/mvtec_weak.py or configs/tiny_weak.py)'
@@ -146,12 +173,14 @@ def make_train_step(generator: models.CAVGAGenerator,
                     discriminator: models.Discriminator,
                     loss_weights: dict[str, float],
                     nonfinite: str = 'stop',
+                    synthetic: synthesis.SynthesisSettings | None = None,
                     ) -> Callable[..., tuple[train_state.TrainState,
                                              dict[str, Array]]]:
   """Returns the pure, jittable CAVGA train step.
 
   ``train_step(state, images, rng, labels=None) -> (state, metrics)``:
-  ``images`` is a uint8 batch (B, H, W, C); ``rng`` is the run's base key,
+  ``images`` is a uint8 batch (B, H, W, C) (or float in [-1, 1], see
+  ``train_state.images_to_float``); ``rng`` is the run's base key,
   folded with ``state.step`` so a resumed run draws the same noise.
   ``labels`` (B,) int (0 normal, 1 anomalous) is required when the generator
   has the CAVGA_w classifier and ignored otherwise. ``metrics`` holds every
@@ -165,10 +194,20 @@ def make_train_step(generator: models.CAVGAGenerator,
   With ``nonfinite='skip'`` a flagged step returns the input state with only
   ``step`` incremented (selected with ``jnp.where`` inside the program);
   with ``'stop'`` the update is applied as computed and the caller stops.
+
+  ``synthetic`` (CAVGA_w only) makes the first images of every batch
+  synthetic anomalies inside the step (``synthesis.synthesize``, keyed by the
+  step's key, so resuming is bit-identical), labels them anomalous and adds
+  the ``mask`` loss term; the discriminator's real images are the clean
+  ones, and ``synthetic.reconstruction`` says whether the VAE terms target
+  the clean images ('clean') or skip the synthetic ones ('normal_only').
   """
   if nonfinite not in config_checks.NONFINITE_MODES:
     raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
   weak = generator.with_classifier
+  if synthetic is not None and not weak:
+    raise ValueError('synthetic anomalies need the CAVGA_w classifier '
+                     "(model.supervision='weak')")
   include_ae = bool(loss_weights.get('ae', 0.0))
 
   def train_step(state: train_state.TrainState, images: Array, rng: Array,
@@ -176,7 +215,14 @@ def make_train_step(generator: models.CAVGAGenerator,
     if weak and labels is None:
       raise ValueError('CAVGA_w train step needs the batch labels')
     rng = jax.random.fold_in(rng, state.step)
-    x = train_state.images_to_float(images)
+    clean = train_state.images_to_float(images)
+    x, masks, vae_weights = clean, None, None
+    if synthetic is not None:
+      x, masks, is_synthetic = synthesis.synthesize(
+          jax.random.fold_in(rng, _SYNTHESIS_STREAM), clean, synthetic)
+      labels = jnp.where(is_synthetic, models.ANOMALOUS, labels)
+      if synthetic.reconstruction == 'normal_only':
+        vae_weights = 1.0 - is_synthetic.astype(jnp.float32)
 
     def gen_forward(params):
       return attention.forward_with_attention(
@@ -194,9 +240,11 @@ def make_train_step(generator: models.CAVGAGenerator,
     fake = jax.lax.stop_gradient(outputs['reconstruction'])
 
     def disc_loss_fn(params):
-      real_logits, batch_stats = disc_apply(params, state.disc_batch_stats, x)
+      real_logits, batch_stats = disc_apply(params, state.disc_batch_stats,
+                                            clean)
       fake_logits, batch_stats = disc_apply(params, batch_stats, fake)
-      return losses.discriminator_loss(real_logits, fake_logits), batch_stats
+      return losses.discriminator_loss(real_logits, fake_logits,
+                                       vae_weights), batch_stats
 
     (d_loss, disc_batch_stats), d_grads = jax.value_and_grad(
         disc_loss_fn, has_aux=True)(state.disc_params)
@@ -208,10 +256,10 @@ def make_train_step(generator: models.CAVGAGenerator,
       fake_logits, _ = disc_apply(disc_params, disc_batch_stats,
                                   outs['reconstruction'])
       if weak:
-        terms = weak_generator_loss_terms(outs, x, fake_logits, labels,
-                                          include_ae)
+        terms = weak_generator_loss_terms(outs, clean, fake_logits, labels,
+                                          include_ae, masks, vae_weights)
       else:
-        terms = generator_loss_terms(outs, x, fake_logits)
+        terms = generator_loss_terms(outs, clean, fake_logits)
       return losses.weighted_total(terms, loss_weights), terms
 
     (g_loss, terms), output_grads = jax.value_and_grad(
@@ -334,17 +382,6 @@ def _truncate_metrics_log(path: str, last_step: int) -> None:
   os.replace(tmp, path)
 
 
-def host_batch_slice(batch_size: int) -> slice:
-  """This host's contiguous slice of a global batch (all of it on one host).
-
-  Every host draws the same global batch indices (a function of
-  ``(seed, step)``; cheap, the images are in memory) and loads its slice.
-  """
-  per_host = batch_size // jax.process_count()
-  return slice(jax.process_index() * per_host,
-               (jax.process_index() + 1) * per_host)
-
-
 def training_loop(config: ml_collections.ConfigDict, workdir: str,
                   state: Any, train_step: Callable[[Any, Any, Array], Any],
                   num_examples: int, put_fn: Callable[[np.ndarray], Any],
@@ -399,9 +436,11 @@ def training_loop(config: ml_collections.ConfigDict, workdir: str,
                  checkpointing.checkpoint_dir(workdir), int(state.step))
   start_step, num_steps = int(state.step), config.train.num_steps
   metrics_path = os.path.join(workdir, 'train_metrics.jsonl')
-  _truncate_metrics_log(metrics_path, start_step)
   curve_path = os.path.join(workdir, eval_lib.CURVE_FILE)
-  _truncate_metrics_log(curve_path, start_step)
+  primary = sharding.is_primary_process()
+  if primary:
+    _truncate_metrics_log(metrics_path, start_step)
+    _truncate_metrics_log(curve_path, start_step)
   eval_every = config.train.get('eval_every', 0) if eval_fn else 0
   if start_step >= num_steps:
     logging.info('already trained for %d steps (config.train.num_steps=%d)',
@@ -423,7 +462,8 @@ def training_loop(config: ml_collections.ConfigDict, workdir: str,
       loss_keys)
   logging.info('training %s for %d steps, batch %d on %d device(s)',
                description, num_steps, batch_size, jax.device_count())
-  with batches, open(metrics_path, 'a') as metrics_file:
+  with batches, (open(metrics_path, 'a') if primary
+                 else contextlib.nullcontext()) as metrics_file:
     tic, tic_step = time.perf_counter(), start_step
     for step in range(start_step, num_steps):
       state, metrics = train_step(state, next(batches), step_rng)
@@ -444,9 +484,10 @@ def training_loop(config: ml_collections.ConfigDict, workdir: str,
         speed = (done - tic_step) * batch_size / elapsed if elapsed else 0.0
         tic, tic_step = time.perf_counter(), done
         logging.info(_log_line(done, num_steps, metrics, speed))
-        metrics_file.write(json.dumps(
-            dict(step=done, images_per_s=speed, **metrics)) + '\n')
-        metrics_file.flush()
+        if primary:
+          metrics_file.write(json.dumps(
+              dict(step=done, images_per_s=speed, **metrics)) + '\n')
+          metrics_file.flush()
       if done % ckpt_every == 0 or done == num_steps:
         guard.drain()
         if not bool(tree_all_finite(state)):
@@ -458,7 +499,7 @@ def training_loop(config: ml_collections.ConfigDict, workdir: str,
         logging.info('saved checkpoint %d', done)
       if eval_every and (done % eval_every == 0 or done == num_steps):
         record = eval_fn(state, done)  # Every process computes its part.
-        if jax.process_index() == 0:
+        if primary:
           eval_lib.append_curve_point(curve_path, record)
   if guard.skipped_total:
     logging.warning('%d of %d steps were skipped for non-finite losses or '
@@ -475,8 +516,9 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str
   """
   config_checks.check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if sharding.is_primary_process():
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.train.batch_size, mesh,
                             'config.train.batch_size')
@@ -508,7 +550,9 @@ def train(config: ml_collections.ConfigDict, workdir: str
   mesh = prepare_run(config, workdir)
   batch_size = config.train.batch_size
   supervision = config.model.get('supervision', 'unsupervised')
-  check_loss_weights(dict(config.loss_weights), supervision)
+  synthetic = synthesis.settings_from_fields(config.data.get('synthetic'))
+  check_loss_weights(dict(config.loss_weights), supervision,
+                     synthetic is not None)
   train_ds, test_ds = data.get_datasets(config, workdir)
 
   generator, discriminator, init_fn, state_sharding = train_state.setup(
@@ -516,7 +560,7 @@ def train(config: ml_collections.ConfigDict, workdir: str
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   jitted_step = jax.jit(
       make_train_step(generator, discriminator, dict(config.loss_weights),
-                      config.train.get('nonfinite', 'stop')),
+                      config.train.get('nonfinite', 'stop'), synthetic),
       donate_argnums=0,
       out_shardings=(state_sharding, sharding.replicated(mesh)))
 
@@ -524,7 +568,7 @@ def train(config: ml_collections.ConfigDict, workdir: str
     images, labels = batch  # CAVGA_u's step ignores the labels.
     return jitted_step(state, images, rng, labels)
 
-  host_slice = host_batch_slice(batch_size)
+  host_slice = sharding.host_batch_slice(batch_size)
   images, labels = train_ds.images, train_ds.labels
   description = (f'CAVGA-{config.model.variant}_{supervision} '
                  f'({config.model.latent} latent) on {train_ds.num_examples} '
@@ -537,6 +581,13 @@ def train(config: ml_collections.ConfigDict, workdir: str
     index_fn = functools.partial(data.quota_batch_indices, labels, batch_size,
                                  quota, seed=config.seed)
     description += f', {quota} anomalous per batch'
+  if synthetic is not None:
+    description += (f', {synthetic.num_synthetic(batch_size)} synthetic '
+                    'anomalies per batch')
+    if sharding.is_primary_process():
+      _write_synthetic_examples(
+          os.path.join(workdir, SYNTHETIC_EXAMPLES_FILE), images, synthetic,
+          jax.random.fold_in(step_rng, _SYNTHESIS_STREAM))
   state = init_fn(init_rng)
   pretrained_path = config.model.get('pretrained')
   # A resumed run's checkpoint replaces the whole state in training_loop.
@@ -550,6 +601,27 @@ def train(config: ml_collections.ConfigDict, workdir: str
                    sharding.shard_batch(labels[idx[host_slice]], mesh)),
       step_rng, ('g_loss', 'd_loss'), description, index_fn=index_fn,
       eval_fn=_curve_fn(config, generator, test_ds, mesh))
+
+
+SYNTHETIC_EXAMPLES_FILE = 'synthetic_examples.png'
+
+
+def _write_synthetic_examples(path: str, images: np.ndarray,
+                              settings: synthesis.SynthesisSettings,
+                              rng: Array, num: int = 8) -> None:
+  """A panel of synthetic training examples: clean | synthetic | mask rows.
+
+  Drawn from the first ``num`` training images with the run's synthesis
+  settings (the same generator as the train step, another key).
+  """
+  clean = train_state.images_to_float(jnp.asarray(images[:num]))
+  altered, masks, _ = jax.jit(synthesis.synthesize, static_argnums=2)(
+      rng, clean, dataclasses.replace(settings, fraction=1.0))
+  visualize.save_synthetic_panel(
+      path, np.asarray(images[:num]),
+      np.asarray((altered + 1.0) * 127.5).round().clip(0, 255).astype(
+          np.uint8), np.asarray(masks) > 0)
+  logging.info('wrote synthetic training examples to %s', path)
 
 
 def _curve_fn(config: ml_collections.ConfigDict,

@@ -58,23 +58,32 @@ def make_optimizer(opt_config: ml_collections.ConfigDict,
   return optax.chain(optax.clip_by_global_norm(clip), adam) if clip else adam
 
 
-def create_train_state(config: ml_collections.ConfigDict,
-                       generator: models.CAVGAGenerator,
+def create_train_state(generator: models.CAVGAGenerator,
                        discriminator: models.Discriminator,
-                       rng: Array) -> TrainState:
-  """Initial state: fresh random parameters.
+                       rng: Array, image_size: int, channels: int = 3,
+                       gen_tx: optax.GradientTransformation | None = None,
+                       disc_tx: optax.GradientTransformation | None = None
+                       ) -> TrainState:
+  """Initial state: fresh random parameters, from plain arguments.
 
   Pure, so it runs under ``jax.jit`` and ``jax.eval_shape`` (``setup``,
-  ``abstract_state``); ``config.model.pretrained`` is therefore not read
-  here but by ``train`` (``with_pretrained_encoder``) on a fresh run.
+  ``abstract_state``); a pretrained encoder is loaded afterwards
+  (``with_pretrained_encoder``).
+
+  Args:
+    generator, discriminator: the modules (``models.build_models``).
+    rng: initialisation key.
+    image_size, channels: the input images' (S, S, C).
+    gen_tx, disc_tx: their optimizers; None is the paper's Adam
+      (lr 2e-4, b1 0.5, b2 0.999).
   """
-  size, channels = config.data.image_size, config.data.channels
-  dummy = jnp.zeros((1, size, size, channels), jnp.float32)
+  paper_adam = optax.adam(2e-4, b1=0.5, b2=0.999)
+  gen_tx = gen_tx or paper_adam
+  disc_tx = disc_tx or paper_adam
+  dummy = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
   gen_key, sample_key, disc_key = jax.random.split(rng, 3)
   gen_vars = generator.init({'params': gen_key}, dummy, sample_key, train=False)
   disc_vars = discriminator.init(disc_key, dummy, train=False)
-  gen_tx = make_optimizer(config.optimizer, config.train.num_steps)
-  disc_tx = make_optimizer(config.optimizer, config.train.num_steps)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       gen_params=gen_vars['params'],
@@ -123,15 +132,34 @@ def with_pretrained_encoder(state: TrainState, path: str,
 
 
 def images_to_float(images: Array) -> Array:
-  """uint8 (B, H, W, C) -> float32 in [-1, 1]."""
-  return images.astype(jnp.float32) / 127.5 - 1.0
+  """Images (B, H, W, C) -> float32 in [-1, 1], by dtype (at trace time).
+
+  uint8 images (the data pipeline's) are rescaled from [0, 255]; floating
+  images are taken as already in [-1, 1] (the models' input range) and only
+  cast. Any other dtype is ambiguous and raises, instead of a silent misread.
+
+  Raises:
+    TypeError: images neither uint8 nor floating point.
+  """
+  dtype = jnp.dtype(images.dtype)
+  if dtype == jnp.uint8:
+    return images.astype(jnp.float32) / 127.5 - 1.0
+  if jnp.issubdtype(dtype, jnp.floating):
+    return images.astype(jnp.float32)
+  raise TypeError(
+      f'images must be uint8 in [0, 255] or floating point in [-1, 1], got '
+      f'{dtype}')
 
 
 def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """Models, the jitted state initialiser, and the replicated state sharding."""
   generator, discriminator = models.build_models(config)
-  init_fn = functools.partial(create_train_state, config, generator,
-                              discriminator)
+  num_steps = config.train.num_steps
+  init_fn = functools.partial(
+      create_train_state, generator, discriminator,
+      image_size=config.data.image_size, channels=config.data.channels,
+      gen_tx=make_optimizer(config.optimizer, num_steps),
+      disc_tx=make_optimizer(config.optimizer, num_steps))
   state_sharding = sharding.replicated(mesh)
   init_fn = jax.jit(init_fn, out_shardings=state_sharding)
   return generator, discriminator, init_fn, state_sharding

@@ -53,15 +53,18 @@ class ConvVAE(nn.Module):
     encoder_widths: channels of the stride-2 conv layers.
     hidden: width of the dense layers around the latent.
     latent_dim: number of latent units.
+    conv_impl: 'phase' or 'lax' (``layers.resolve_conv_impl``).
   """
   image_size: int = 64
   image_channels: int = 1
   encoder_widths: Sequence[int] = (32, 32, 64, 64)
   hidden: int = 256
   latent_dim: int = 10
+  conv_impl: str = 'phase'
 
   def setup(self):
-    self.convs = [layers.Conv(width, 4, 2, 1, name=f'conv{i}')
+    self.convs = [layers.Conv(width, 4, 2, 1, impl=self.conv_impl,
+                              name=f'conv{i}')
                   for i, width in enumerate(self.encoder_widths)]
     self.encoder_hidden = nn.Dense(self.hidden, name='encoder_hidden')
     self.mu_head = nn.Dense(self.latent_dim, name='mu')
@@ -69,7 +72,8 @@ class ConvVAE(nn.Module):
     self.decoder_hidden = nn.Dense(self.hidden, name='decoder_hidden')
     self.to_map = nn.Dense(math.prod(self.feature_shape), name='to_map')
     widths = list(self.encoder_widths[::-1][1:]) + [self.image_channels]
-    self.deconvs = [layers.ConvTranspose4x4(width, name=f'deconv{i}')
+    self.deconvs = [layers.ConvTranspose4x4(width, impl=self.conv_impl,
+                                            name=f'deconv{i}')
                     for i, width in enumerate(widths)]
 
   @property
@@ -128,4 +132,6 @@ def build_vae(config: ml_collections.ConfigDict) -> ConvVAE:
         f'{2 ** len(widths)} for config.model.encoder_widths={widths}')
   return ConvVAE(image_size=size, image_channels=config.data.channels,
                  encoder_widths=widths, hidden=config.model.hidden,
-                 latent_dim=config.model.latent_dim)
+                 latent_dim=config.model.latent_dim,
+                 conv_impl=layers.resolve_conv_impl(
+                     config.model.get('conv_impl', 'auto')))

@@ -93,8 +93,13 @@ def images_to_unit(images: Array) -> Array:
 
 
 def loss_terms(model: vae.ConvVAE, params: PyTree, x: Array, rng: Array,
-               with_attention_grad: bool) -> dict[str, Array]:
+               with_attention_grad: bool, ad_variant: str = 'paper'
+               ) -> dict[str, Array]:
   """rec, kl and ad (L_AD) of one batch, per-batch scalars.
+
+  Also 'nonzero_unit_maps', the batch's share of live (not all-zero) unit
+  maps, which tells a disentangled batch from one whose maps were switched
+  off (the paper's L_AD is 0 for both).
 
   Args:
     model: the VAE.
@@ -104,6 +109,7 @@ def loss_terms(model: vae.ConvVAE, params: PyTree, x: Array, rng: Array,
     with_attention_grad: whether L_AD is differentiated (it is always
       computed, for logging; without its weight the second-order pass is
       skipped).
+    ad_variant: ``losses.AD_VARIANTS`` ('paper' or 'distribution').
   """
   variables = {'params': params}
   maps, outputs = explain.explain(model, variables, x)
@@ -114,18 +120,20 @@ def loss_terms(model: vae.ConvVAE, params: PyTree, x: Array, rng: Array,
                        method='decode')
   return dict(rec=losses.bernoulli_reconstruction_loss(x, logits),
               kl=losses.kl_divergence(mu, logvar),
-              ad=losses.attention_disentanglement_loss(maps.units))
+              ad=losses.attention_disentanglement_variant(maps, ad_variant),
+              nonzero_unit_maps=losses.live_unit_share(maps.units))
 
 
 def make_train_step(model: vae.ConvVAE, beta: float, ad_weight: float,
-                    nonfinite: str = 'stop'
+                    nonfinite: str = 'stop', ad_variant: str = 'paper'
                     ) -> Callable[[VAEState, Array, Array],
                                   tuple[VAEState, dict[str, Array]]]:
   """``train_step(state, images, rng) -> (state, metrics)``.
 
   ``images`` uint8 (B, S, S, C); ``rng`` is the run's key, folded with the
-  step. Minimises ``rec + beta * kl + ad_weight * L_AD``; metrics hold the
-  three terms (unweighted), the total 'loss' and 'nonfinite' (1.0 when the
+  step. Minimises ``rec + beta * kl + ad_weight * L_AD`` (L_AD of
+  ``ad_variant``); metrics hold the three terms (unweighted), the share of
+  live unit maps 'nonzero_unit_maps', the total 'loss' and 'nonfinite' (1.0 when the
   loss or a gradient is NaN or infinite). With ``nonfinite='skip'`` such a
   step keeps the state (``train_lib.keep_state_unless_finite``).
   """
@@ -135,7 +143,7 @@ def make_train_step(model: vae.ConvVAE, beta: float, ad_weight: float,
     x = images_to_unit(images)
 
     def loss_fn(params):
-      terms = loss_terms(model, params, x, rng, bool(ad_weight))
+      terms = loss_terms(model, params, x, rng, bool(ad_weight), ad_variant)
       total = terms['rec'] + beta * terms['kl'] + ad_weight * terms['ad']
       return total, terms
 
@@ -206,14 +214,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> VAEState:
   model, init_fn, state_sharding = setup(config, mesh)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   weights = config.loss_weights
+  ad_variant = (config.get('loss') or {}).get('ad_variant', 'paper')
   train_step = jax.jit(
       make_train_step(model, weights.beta, weights.ad,
-                      config.train.get('nonfinite', 'stop')),
+                      config.train.get('nonfinite', 'stop'), ad_variant),
       donate_argnums=0,
       out_shardings=(state_sharding, sharding.replicated(mesh)))
-  host_slice = train_lib.host_batch_slice(batch_size)
-  description = (f'a beta-VAE (beta {weights.beta:g}, L_AD weight '
-                 f'{weights.ad:g}, latent {config.model.latent_dim}) on '
+  host_slice = sharding.host_batch_slice(batch_size)
+  description = (f'a beta-VAE (beta {weights.beta:g}, L_AD ({ad_variant}) '
+                 f'weight {weights.ad:g}, latent {config.model.latent_dim}) on '
                  f'{config.data.name} ({training_data.num_examples} images)')
   return train_lib.training_loop(
       config, workdir, init_fn(init_rng), train_step,
@@ -231,7 +240,8 @@ def make_explain_step(model: vae.ConvVAE, attention_map: str = 'mean'
   (B, S, S, C) (Bernoulli means of ``z = mu``), 'mu' (B, D), 'units'
   (B, D, h, w), 'anomaly_map' (B, S, S) (the ``attention_map`` of
   ``vae.ATTENTION_MAPS`` resized bilinearly), 'score' (B,) the per-image
-  negative ELBO and 'ad' (B,) the per-image L_AD.
+  negative ELBO, 'ad' (B,) the per-image L_AD of the paper and
+  'ad_distribution' (B,) that of the 'distribution' variant.
   """
   if attention_map not in vae.ATTENTION_MAPS:
     raise CavgaError(f'config.eval.map must be one of {vae.ATTENTION_MAPS}, '
@@ -250,7 +260,8 @@ def make_explain_step(model: vae.ConvVAE, attention_map: str = 'mean'
         score=(losses.bernoulli_reconstruction_per_image(x, logits)
                + losses.kl_divergence_per_image(outputs['mu'],
                                                 outputs['logvar'])),
-        ad=losses.attention_disentanglement_per_image(maps.units))
+        ad=losses.attention_disentanglement_per_image(maps.units),
+        ad_distribution=losses.attention_overlap_per_image(maps.unit_cams))
 
   return explain_step
 
@@ -259,8 +270,8 @@ def _predict(explain_step, params, images: np.ndarray, batch_size: int,
              mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
   out: dict[str, list[np.ndarray]] = {}
   for batch, num_valid in data.eval_batches(images, batch_size):
-    result = jax.device_get(explain_step(params,
-                                         sharding.shard_batch(batch, mesh)))
+    result = sharding.to_host(explain_step(
+        params, sharding.shard_global_batch(batch, mesh)))
     for key, value in result.items():
       out.setdefault(key, []).append(value[:num_valid])
   return {k: np.concatenate(v) for k, v in out.items()}
@@ -304,10 +315,12 @@ def _disentanglement_metrics(config, model, explain_step, params, factors,
                          mesh)
   result['mean_negative_elbo'] = float(predictions['score'].mean())
   result['attention_disentanglement_loss'] = float(predictions['ad'].mean())
+  result['attention_overlap_loss'] = float(
+      predictions['ad_distribution'].mean())
   # L_AD is also 0 when unit maps are all zero (cam <= 0 everywhere): the
   # fraction of (image, unit) maps that are not tells the two apart.
   result['nonzero_unit_maps'] = float(
-      (predictions['units'].max(axis=(2, 3)) > 0).mean())
+      losses.live_unit_share(predictions['units']))
   _write_unit_panels(out_dir, images, predictions, eval_config.num_panels)
   return result
 
@@ -315,6 +328,8 @@ def _disentanglement_metrics(config, model, explain_step, params, factors,
 def _write_unit_panels(out_dir: str, images: np.ndarray,
                        predictions: dict[str, np.ndarray],
                        num_panels: int) -> None:
+  if not sharding.is_primary_process():
+    return
   panel_dir = os.path.join(out_dir, 'panels')
   os.makedirs(panel_dir, exist_ok=True)
   for i in range(min(num_panels, len(images))):
@@ -404,8 +419,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
     result = _disentanglement_metrics(config, model, explain_step, state.params,
                                       training_data.factors, mesh, out_dir)
     result['checkpoint_step'] = step
-    with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-      json.dump(result, f, indent=2, sort_keys=True)
+    if sharding.is_primary_process():
+      with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
+        json.dump(result, f, indent=2, sort_keys=True)
   else:
     result = _localization_metrics(config, explain_step, state.params,
                                    training_data, mesh, out_dir, step)

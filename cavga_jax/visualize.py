@@ -67,6 +67,30 @@ def save_panel(path: str, *args, **kwargs) -> None:
   Image.fromarray(panel(*args, **kwargs)).save(path)
 
 
+def synthetic_panel(images: np.ndarray, synthetic: np.ndarray,
+                    masks: np.ndarray, min_tile: int = 96) -> np.ndarray:
+  """Rows of clean image | synthetic anomaly | its mask.
+
+  Args:
+    images, synthetic: (N, S, S, C) uint8.
+    masks: (N, S, S) bool.
+    min_tile: tiles smaller than this are enlarged (nearest).
+
+  Returns:
+    (N * S', 3 * S', 3) uint8.
+  """
+  rows = [np.concatenate([_rgb(x), _rgb(y), _rgb(m.astype(np.uint8) * 255)],
+                         axis=1) for x, y, m in zip(images, synthetic, masks)]
+  grid = np.concatenate(rows, axis=0)
+  scale = max(1, -(-min_tile // images.shape[1]))
+  return np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+
+
+def save_synthetic_panel(path: str, *args, **kwargs) -> None:
+  """Writes ``synthetic_panel(*args, **kwargs)`` as a PNG at ``path``."""
+  Image.fromarray(synthetic_panel(*args, **kwargs)).save(path)
+
+
 def unit_panel(image: np.ndarray, reconstruction: np.ndarray,
                unit_maps: np.ndarray, min_tile: int = 64) -> np.ndarray:
   """Image, reconstruction and one heatmap per latent unit in a row.

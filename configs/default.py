@@ -24,6 +24,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_train = 200  # generated dataset only
   config.data.num_test_good = 30
   config.data.num_test_per_defect = 20
+  # Synthetic anomalies for CAVGA_w (cavga_jax.synthesis; fraction 0 = off,
+  # configs/mvtec_synthetic.py turns them on): the share of each batch made
+  # anomalous, mask and fill kinds drawn uniformly, the mask's share of the
+  # image (log-uniform), the blending opacity, and what the VAE losses do
+  # with synthetic images ('clean': reconstruct the clean image;
+  # 'normal_only': skip them).
+  config.data.synthetic = ml_collections.ConfigDict(dict(
+      fraction=0.0, masks=('perlin', 'polygon', 'scratch'),
+      fills=('other_image', 'cutpaste', 'texture', 'shift'),
+      min_area=0.005, max_area=0.1, min_opacity=0.5, max_opacity=1.0,
+      reconstruction='clean'))
 
   config.model = ml_collections.ConfigDict()
   config.model.variant = 'D'  # 'R' (ResNet-18 + residual decoder) | 'D' (DCGAN)
@@ -39,6 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
   # mean/std normalisation, for ImageNet weights; README).
   config.model.input_norm = 'none'
   config.model.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay float32)
+  # Convolutions: 'auto' = 'phase' (custom-VJP rewrites, fast gradients on
+  # XLA:CPU, reverse mode only) on the CPU and 'lax' (XLA's own, forward mode
+  # too) on GPU/TPU; both agree to float rounding (cavga_jax.layers).
+  config.model.conv_impl = 'auto'
   # How the Grad-CAM attention A is formed, in training (L_ae) and
   # evaluation; the defaults are the paper's (attention.forward_with_attention):
   # score 'sum' (s = sum(mu)) | 'unit_mean' (Liu et al.'s mean of per-unit
@@ -53,9 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
   # The paper's w_ae is 0.01 (configs/mvtec.py); in this short CPU run that
   # leaves the attention unexpanded and 1 - A anti-correlated with the
   # defects (pixel AUROC 0.37 vs 0.80 with ae=1.0, docs/results.md).
-  # bce and cga are CAVGA_w's (model.supervision='weak', paper: 0.001, 0.01).
+  # bce and cga are CAVGA_w's (model.supervision='weak', paper: 0.001, 0.01);
+  # mask weighs the Dice loss of A^ca against synthetic-anomaly masks.
   config.loss_weights = ml_collections.ConfigDict(
-      dict(rec=1.0, kl=1.0, adv=1.0, ae=1.0, bce=0.001, cga=0.01))
+      dict(rec=1.0, kl=1.0, adv=1.0, ae=1.0, bce=0.001, cga=0.01, mask=0.0))
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 2e-4

@@ -37,9 +37,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.encoder_widths = (32, 32, 64, 64)
   config.model.hidden = 256
   config.model.latent_dim = 10
+  config.model.conv_impl = 'auto'  # 'phase' on CPU, 'lax' elsewhere (layers)
 
   # rec + beta * kl + ad * L_AD (per-image sums, batch mean).
   config.loss_weights = ml_collections.ConfigDict(dict(beta=4.0, ad=0.0))
+  # Which L_AD (cavga_jax.losses.AD_VARIANTS): 'paper' (SPEC section 3, a
+  # soft IoU of the ReLU'd unit maps; all-zero maps minimise it) or
+  # 'distribution' (overlap of the raw cams as spatial distributions, which
+  # switching a map off cannot lower).
+  config.loss = ml_collections.ConfigDict(dict(ad_variant='paper'))
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 5e-4

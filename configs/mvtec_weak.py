@@ -25,7 +25,7 @@ def weak_settings(
   # The paper's CAVGA_w weights; ae = 0 drops L_ae (not part of CAVGA_w), a
   # nonzero ae adds it back as an ablation.
   config.loss_weights = ml_collections.ConfigDict(
-      dict(rec=1.0, kl=1.0, adv=1.0, ae=0.0, bce=0.001, cga=0.01))
+      dict(rec=1.0, kl=1.0, adv=1.0, ae=0.0, bce=0.001, cga=0.01, mask=0.0))
   # Labelled anomalies per defect type: max(min, round(fraction * n_d)),
   # leaving at least one per type in the test set; chosen from weak_seed
   # (independent of config.seed, so all training seeds share one test set).

@@ -1,7 +1,10 @@
-"""Shared fixtures: the tiny config and the repository root."""
+"""Shared fixtures and helpers: the tiny config, the repository root, script
+loading and bit-exact tree comparison."""
 
+import importlib.util
 import os
 import sys
+from types import ModuleType
 
 import pytest
 
@@ -10,6 +13,29 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 from configs import tiny  # pylint: disable=wrong-import-position
+
+
+def load_script(relative_path: str) -> ModuleType:
+  """Imports a file of the repository that is not in a package (scripts/,
+  benchmarks/, tests/*_check.py) as a module."""
+  path = os.path.join(REPO_ROOT, relative_path)
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def tree_equal(a, b) -> bool:
+  """Same structure and bit-identical leaves (static fields not compared)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a_leaves, a_def = jax.tree.flatten(a)
+  b_leaves, b_def = jax.tree.flatten(b)
+  return (a_def.num_leaves == b_def.num_leaves
+          and all(x.shape == y.shape and x.dtype == y.dtype
+                  and bool(jnp.array_equal(x, y))
+                  for x, y in zip(a_leaves, b_leaves)))
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -15,18 +14,14 @@ from cavga_jax.converters import lag
 from cavga_jax.converters import mstc
 from cavga_jax.data import folder
 from cavga_jax.errors import DataError
-from conftest import REPO_ROOT
+from conftest import load_script
 
 _H, _W = 32, 48  # STC frames are wider than tall, like the real 480x856.
 
 
 def _script(name: str):
   """Imports scripts/<name>.py (not a package) as a module."""
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(REPO_ROOT, 'scripts', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script(f'scripts/{name}.py')
 
 
 def _frame(value: int) -> np.ndarray:

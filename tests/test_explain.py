@@ -130,6 +130,67 @@ def test_l_ad_trains_through_the_maps():
   assert float(jnp.linalg.norm(grads['to_map']['kernel'])) == 0
 
 
+def _softmax(z):
+  e = np.exp(z - np.max(z))
+  return e / e.sum()
+
+
+def test_distribution_variant_hand_cases():
+  # Two positions: a cam peaked at 0, one peaked at 1, a flat (dead) one.
+  peak_a, peak_b, flat = [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]
+  loss = lambda *cams: float(losses.attention_overlap_per_image(
+      jnp.asarray([cams], jnp.float32).reshape(1, len(cams), 1, 2))[0])
+  z = 0.5 / np.sqrt(0.25 + 1e-6)  # standardised peak
+  p_a, p_b = _softmax(np.array([z, -z])), _softmax(np.array([-z, z]))
+  assert loss(peak_a, peak_b) == pytest.approx(np.minimum(p_a, p_b).sum(),
+                                               rel=1e-5)  # ~0.238
+  assert loss(peak_a, peak_a) == pytest.approx(1.0, rel=1e-6)
+  # The flat cam is the uniform distribution: it overlaps the peak by
+  # 0.5 + 0.119, more than the disjoint peak does; switching a map off
+  # does not give the minimum (the paper's L_AD would give 0).
+  assert loss(peak_a, flat) == pytest.approx(
+      np.minimum(p_a, [0.5, 0.5]).sum(), rel=1e-5)
+  assert loss(peak_a, flat) > loss(peak_a, peak_b)
+  relu_maps = jnp.asarray([[[[1.0, 0.0]], [[0.0, 0.0]]]])
+  assert float(losses.attention_disentanglement_loss(relu_maps)) == 0.0
+  # Scale and offset of a cam do not matter; three identical cams: 3 pairs.
+  assert loss([5.0, 3.0], [0.0, 1.0]) == pytest.approx(
+      loss(peak_a, peak_b), rel=1e-5)
+  assert loss(peak_a, peak_a, peak_a) == pytest.approx(3.0, rel=1e-6)
+
+
+def test_distribution_variant_trains_the_mu_head():
+  model, variables, images = _vae_and_images()
+
+  def l_ad(params):
+    maps, _ = explain.explain(model, {'params': params}, images)
+    return losses.attention_disentanglement_variant(maps, 'distribution')
+
+  grads = jax.jit(jax.grad(l_ad))(variables['params'])
+  assert all(np.isfinite(float(jnp.linalg.norm(g)))
+             for g in jax.tree.leaves(grads))
+  assert float(jnp.linalg.norm(grads['mu']['kernel'])) > 0
+  assert float(jnp.linalg.norm(grads['conv0']['kernel'])) > 0
+  with pytest.raises(ValueError, match='ad_variant'):
+    losses.attention_disentanglement_variant(None, 'iou')
+
+
+def test_unit_cams_are_the_maps_before_relu_and_normalisation():
+  model, variables, images = _vae_and_images()
+  maps, _ = explain.explain(model, variables, images)
+  np.testing.assert_allclose(maps.units,
+                             attention.normalize(maps.unit_cams), atol=1e-6)
+
+
+def test_live_unit_share_on_a_hand_made_batch():
+  maps = np.zeros((2, 4, 3, 3))
+  maps[0, 0, 1, 1] = 0.2
+  maps[0, 3] = 1.0
+  maps[1, 2, 0, 0] = 1e-3
+  # 3 of the 8 (image, unit) maps have a positive pixel.
+  assert float(losses.live_unit_share(maps)) == 3 / 8
+
+
 def test_beta_vae_losses_hand_computed():
   rng = np.random.default_rng(2)
   images = rng.uniform(size=(2, 3, 3, 1))

@@ -26,9 +26,8 @@ from safetensors import numpy as safetensors_numpy
 from cavga_jax import errors
 from cavga_jax import models
 from cavga_jax import pretrained
+from conftest import load_script
 
-_SCRIPT = (pathlib.Path(__file__).resolve().parents[1] / 'scripts' /
-           'convert_torchvision_resnet18.py')
 _IMAGE_SIZE = 64
 _BN_EPS = 1e-5
 
@@ -153,11 +152,7 @@ def _assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
 
 
 def _load_script() -> ModuleType:
-  spec = importlib.util.spec_from_file_location('convert_torchvision_resnet18',
-                                                _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script('scripts/convert_torchvision_resnet18.py')
 
 
 @pytest.fixture(scope='module')

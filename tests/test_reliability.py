@@ -20,7 +20,7 @@ from cavga_jax import config_checks
 from cavga_jax import runtime
 from cavga_jax import train_lib
 from cavga_jax.errors import CavgaError
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, tree_equal
 
 _KILL_SCRIPT = os.path.join(REPO_ROOT, 'tests', 'kill_during_save_check.py')
 
@@ -159,15 +159,6 @@ def test_truncate_metrics_log_drops_steps_after_the_checkpoint(tmp_path):
 # SIGKILL during a checkpoint save or a step, then resume.
 
 
-def _tree_equal(a, b) -> bool:
-  """Same structure and bit-identical leaves (static fields not compared)."""
-  a_leaves, a_def = jax.tree.flatten(a)
-  b_leaves, b_def = jax.tree.flatten(b)
-  return (a_def.num_leaves == b_def.num_leaves
-          and all(x.shape == y.shape and x.dtype == y.dtype
-                  and bool(jnp.array_equal(x, y))
-                  for x, y in zip(a_leaves, b_leaves)))
-
 
 def _logged_losses(workdir: pathlib.Path) -> list[dict[str, float]]:
   with open(workdir / 'train_metrics.jsonl') as f:
@@ -235,6 +226,6 @@ def test_sigkill_then_resume_equals_uninterrupted_run(
   step, restored = _final_checkpoint(workdir, resumed)
   ref_step, ref_restored = _final_checkpoint(reference_dir, reference)
   assert step == ref_step == 4
-  assert _tree_equal(restored, ref_restored)
-  assert _tree_equal(resumed, reference)
+  assert tree_equal(restored, ref_restored)
+  assert tree_equal(resumed, reference)
   assert _logged_losses(workdir) == _logged_losses(reference_dir)

@@ -9,16 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import tree_equal
 from cavga_jax import checkpointing
 from cavga_jax import sharding
 from cavga_jax import train_lib
 from cavga_jax import train_state
 from cavga_jax.errors import TrainingError
 
-
-def _tree_equal(a, b):
-  return all(jax.tree.leaves(jax.tree.map(
-      lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
 
 
 def test_train_step_lowers_the_loss(tiny_config):
@@ -58,7 +55,7 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tiny_config,
   train_lib.train(interrupted, str(tmp_path / 'resumed'))
   resumed = train_lib.train(tiny_config, str(tmp_path / 'resumed'))
   assert int(full.step) == int(resumed.step) == tiny_config.train.num_steps
-  assert _tree_equal((full.gen_params, full.gen_batch_stats, full.disc_params,
+  assert tree_equal((full.gen_params, full.gen_batch_stats, full.disc_params,
                       full.gen_opt_state),
                      (resumed.gen_params, resumed.gen_batch_stats,
                       resumed.disc_params, resumed.gen_opt_state))
@@ -72,7 +69,7 @@ def test_checkpoint_roundtrip(tiny_config, tmp_path):
   manager = checkpointing.make_manager(str(tmp_path))
   assert manager.latest_step() == tiny_config.train.num_steps
   restored = checkpointing.restore_latest(manager, state)
-  assert _tree_equal(state, restored)
+  assert tree_equal(state, restored)
   assert restored.gen_tx is state.gen_tx  # static fields survive
 
 
@@ -127,7 +124,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
   assert 'last good checkpoint (step 2)' in message and '\n' not in message
   manager = checkpointing.make_manager(str(tmp_path))
   assert manager.all_steps() == [2]
-  assert _tree_equal(good_state,
+  assert tree_equal(good_state,
                      checkpointing.restore_latest(manager, good_state))
   assert [line['step'] for line in _logged(tmp_path)] == [2]
 
@@ -158,9 +155,9 @@ def test_skip_mode_skips_non_finite_steps_and_stops_after_too_many(
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   # A skipped step leaves everything but the step counter unchanged.
   assert int(after[3].step) == 3
-  assert _tree_equal(after[3].replace(step=after[2].step), after[2])
-  assert not _tree_equal(after[4].gen_params, after[3].gen_params)
-  assert _tree_equal(after[5].replace(step=after[4].step), after[4])
+  assert tree_equal(after[3].replace(step=after[2].step), after[2])
+  assert not tree_equal(after[4].gen_params, after[3].gen_params)
+  assert tree_equal(after[5].replace(step=after[4].step), after[4])
   assert bool(train_lib.tree_all_finite(after[5]))
   assert [(line['step'], line['skipped']) for line in _logged(tmp_path)] == [
       (2, 0), (4, 1)]

@@ -52,6 +52,8 @@ def test_dsprites_train_and_evaluate(dsprites_run):
             open(workdir / 'train_metrics.jsonl')]
   assert [m['step'] for m in logged] == [1, 2, 3]
   assert all(m['ad'] > 0 for m in logged)
+  assert all(0 <= m['nonzero_unit_maps'] <= 1 for m in logged)
+  assert result['attention_overlap_loss'] > 0
 
 
 def test_dsprites_resume_equals_uninterrupted(dsprites_run, tmp_path):
@@ -78,6 +80,20 @@ def test_l_ad_weight_changes_the_update(tmp_path):
   assert not np.allclose(with_ad['mu']['kernel'], without['mu']['kernel'])
   np.testing.assert_array_equal(with_ad['deconv0']['kernel'],
                                 without['deconv0']['kernel'])
+
+
+def test_distribution_variant_trains_and_changes_the_update(tmp_path):
+  config = tiny_dsprites.get_config()
+  config.train.num_steps = 1
+  config.loss.ad_variant = 'distribution'
+  vae_lib.train(config, str(tmp_path / 'distribution'))
+  config.loss.ad_variant = 'paper'
+  vae_lib.train(config, str(tmp_path / 'paper'))
+  assert not np.allclose(_params(tmp_path / 'distribution', config)['mu'][
+      'kernel'], _params(tmp_path / 'paper', config)['mu']['kernel'])
+  config.loss.ad_variant = 'iou'
+  with pytest.raises(CavgaError, match="config.loss.ad_variant='iou'"):
+    vae_lib.train(config, str(tmp_path / 'bad'))
 
 
 def test_pseudo_masks():

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import tree_equal
 from cavga_jax import attention
 from cavga_jax import checkpointing
 from cavga_jax import config_checks
@@ -336,10 +337,6 @@ def test_weak_config_without_weak_loss_weights_is_a_clear_error(tmp_path):
     train_lib.train(config, str(tmp_path))
 
 
-def _tree_equal(a, b):
-  return all(jax.tree.leaves(jax.tree.map(
-      lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
-
 
 def test_tiny_weak_train_resume_and_evaluate(tmp_path):
   config = tiny_weak.get_config()
@@ -349,7 +346,7 @@ def test_tiny_weak_train_resume_and_evaluate(tmp_path):
   interrupted.train.num_steps = 2
   train_lib.train(interrupted, str(tmp_path / 'resumed'))
   resumed = train_lib.train(config, str(tmp_path / 'resumed'))
-  assert _tree_equal((full.gen_params, full.gen_batch_stats, full.disc_params),
+  assert tree_equal((full.gen_params, full.gen_batch_stats, full.disc_params),
                      (resumed.gen_params, resumed.gen_batch_stats,
                       resumed.disc_params))
   assert 'classifier' in full.gen_params

@@ -12,8 +12,11 @@ import logging
 import os
 import time
 
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
 
+from cavga_jax import sharding
 from cavga_jax.data import tfds_data
 from cavga_jax.data.folder import AnomalyDataset
 from cavga_jax.data.folder import IMAGE_EXTENSIONS
@@ -108,14 +111,18 @@ def get_datasets(config: ml_collections.ConfigDict,
     if seed is None:
       seed = config.seed
     start = time.perf_counter()
-    generate_dataset(
-        root,
-        seed=int(seed),
-        image_size=image_size,
-        category=category,
-        num_train=int(data.get('num_train', 200)),
-        num_test_good=int(data.get('num_test_good', 30)),
-        num_test_per_defect=int(data.get('num_test_per_defect', 20)))
+    if sharding.is_primary_process():
+      generate_dataset(
+          root,
+          seed=int(seed),
+          image_size=image_size,
+          category=category,
+          num_train=int(data.get('num_train', 200)),
+          num_test_good=int(data.get('num_test_good', 30)),
+          num_test_per_defect=int(data.get('num_test_per_defect', 20)))
+    if jax.process_count() > 1:
+      # The other processes read the folder once process 0 has written it.
+      multihost_utils.sync_global_devices('cavga_jax generated dataset')
     _log.info('Generated dataset ready at %s (%.2f s)',
               os.path.join(root, category), time.perf_counter() - start)
   elif name == 'mvtec':

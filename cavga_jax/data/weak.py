@@ -34,6 +34,7 @@ import zlib
 import ml_collections
 import numpy as np
 
+from cavga_jax import sharding
 from cavga_jax.data.folder import AnomalyDataset
 from cavga_jax.errors import DataError
 
@@ -203,8 +204,9 @@ def apply_weak_split(config: ml_collections.ConfigDict, workdir: str,
   (default 0.01), ``weak_min_per_defect`` (1), ``weak_seed`` (0; independent
   of ``config.seed`` so runs with several training seeds share one test set).
 
-  Writes the audit file when it is absent; when present (a resumed run,
-  ``evaluate.py``) checks that the recomputed split moves the same images.
+  Writes the audit file when it is absent (process 0 only); when present (a
+  resumed run, ``evaluate.py``) checks that the recomputed split moves the
+  same images.
 
   Returns:
     (train, test) of the weak split.
@@ -222,7 +224,8 @@ def apply_weak_split(config: ml_collections.ConfigDict, workdir: str,
   path = os.path.join(workdir, SPLIT_FILE)
   if os.path.exists(path):
     check_split_file(path, result.record)
-  else:
+  elif sharding.is_primary_process():
+    # The other processes compute the same split from the same config.
     write_split_file(path, result.record)
   _log.info('weak split (%s): %d labelled anomalies moved from test to train '
             '(%s); %d test images remain', path, result.moved.size,

@@ -1,0 +1,75 @@
+"""A real two-process run on localhost equals one process; files written once."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from cavga_jax import train_lib
+from conftest import load_script
+
+_SCRIPT = os.path.join(os.path.dirname(__file__), 'multihost_check.py')
+multihost_check = load_script('tests/multihost_check.py')
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_and_only_process_0_writes(tmp_path):
+  workdir, port = tmp_path / 'shared', _free_port()
+  records = [tmp_path / f'record_{i}.json' for i in range(2)]
+  env = dict(os.environ, XLA_FLAGS='')  # one CPU device per process
+  procs = [subprocess.Popen(
+      [sys.executable, _SCRIPT, str(i), str(port), str(workdir),
+       str(records[i])], env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  primary, other = (json.loads(r.read_text()) for r in records)
+
+  # Process 0 writes every shared file (the generated dataset too), process
+  # 1 none of them.
+  assert other['written'] == []
+  for name in ('config.json', 'train_metrics.jsonl', 'weak_split.json',
+               'eval_curve.jsonl', 'eval/metrics.json', 'eval/scores.csv',
+               'data/'):
+    # weak_split.json and the dataset are written to a temporary name
+    # first and renamed into place.
+    assert any(w.startswith(name) for w in primary['written']), name
+  config = multihost_check.config_for_test()
+  with open(workdir / 'train_metrics.jsonl') as f:
+    steps = [json.loads(line)['step'] for line in f]
+  assert steps == list(range(1, config.train.num_steps + 1))  # no duplicates
+
+  # The same global batch on one process gives the same run: step 1's
+  # losses (before any update) agree to float rounding, so the data, the
+  # host slices and the sharded step are the same; later steps and the
+  # parameters agree to the drift of Adam, which turns rounding differences
+  # of near-zero gradients into up to lr-sized (2e-4) steps.
+  reference = train_lib.train(config, str(tmp_path / 'one'))
+  with open(tmp_path / 'one' / 'train_metrics.jsonl') as f:
+    expected_logs = [json.loads(line) for line in f]
+  with open(workdir / 'train_metrics.jsonl') as f:
+    logs = [json.loads(line) for line in f]
+  for got, want in zip(logs, expected_logs):
+    for key in ('rec', 'kl', 'adv', 'bce', 'cga', 'g_loss', 'd_loss',
+                'cls_accuracy'):
+      rtol = 1e-5 if got['step'] == 1 else 2e-3
+      np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=1e-6,
+                                 err_msg=f'step {got["step"]} {key}')
+  expected = jax.tree.leaves(jax.device_get(reference.gen_params))
+  for process in (primary, other):
+    assert len(process['gen_params']) == len(expected)
+    for got, want in zip(process['gen_params'], expected):
+      np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-4)
+  # Both processes end with the same (replicated) parameters.
+  for a, b in zip(primary['gen_params'], other['gen_params']):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
