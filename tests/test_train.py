@@ -82,13 +82,12 @@ def _inject_nan(monkeypatch, bad_step):
   """
   original = train_lib.make_train_step
 
-  def make_train_step(generator, discriminator, loss_weights,
-                      nonfinite='stop'):
+  def make_train_step(generator, discriminator, loss_weights, *args):
     def train_step(state, images, rng, labels=None):
       weights = dict(loss_weights)
       weights['rec'] = jnp.where(bad_step(state.step), jnp.nan,
                                  loss_weights['rec'])
-      return original(generator, discriminator, weights, nonfinite)(
+      return original(generator, discriminator, weights, *args)(
           state, images, rng, labels)
     return train_step
 
