@@ -38,6 +38,16 @@ def tree_equal(a, b) -> bool:
                   for x, y in zip(a_leaves, b_leaves)))
 
 
+def train_with_interruption(config, workdir: str, first_steps: int = 2):
+  """Trains ``first_steps`` steps, stops, then resumes to
+  ``config.train.num_steps`` in the same workdir; returns the final state."""
+  from cavga_jax import train_lib  # pylint: disable=g-import-not-at-top
+  interrupted = config.copy_and_resolve_references()
+  interrupted.train.num_steps = first_steps
+  train_lib.train(interrupted, workdir)
+  return train_lib.train(config, workdir)
+
+
 @pytest.fixture
 def tiny_config():
   return tiny.get_config()

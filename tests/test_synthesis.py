@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tree_equal
+from conftest import train_with_interruption, tree_equal
 from cavga_jax import config_checks
 from cavga_jax import eval_lib
 from cavga_jax import losses
@@ -157,10 +157,7 @@ def test_normal_only_losses_ignore_the_synthetic_images():
 def test_tiny_synthetic_train_resume_and_evaluate(tmp_path):
   config = tiny_synthetic.get_config()
   full = train_lib.train(config, str(tmp_path / 'full'))
-  interrupted = config.copy_and_resolve_references()
-  interrupted.train.num_steps = 2
-  train_lib.train(interrupted, str(tmp_path / 'resumed'))
-  resumed = train_lib.train(config, str(tmp_path / 'resumed'))
+  resumed = train_with_interruption(config, str(tmp_path / 'resumed'))
   assert tree_equal((full.gen_params, full.gen_batch_stats, full.disc_params,
                       full.gen_opt_state),
                      (resumed.gen_params, resumed.gen_batch_stats,

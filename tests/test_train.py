@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tree_equal
+from conftest import train_with_interruption, tree_equal
 from cavga_jax import checkpointing
 from cavga_jax import sharding
 from cavga_jax import train_lib
@@ -50,10 +50,7 @@ def test_train_step_lowers_the_loss(tiny_config):
 def test_resume_after_interrupt_equals_uninterrupted_run(tiny_config,
                                                          tmp_path):
   full = train_lib.train(tiny_config, str(tmp_path / 'full'))
-  interrupted = tiny_config.copy_and_resolve_references()
-  interrupted.train.num_steps = 2
-  train_lib.train(interrupted, str(tmp_path / 'resumed'))
-  resumed = train_lib.train(tiny_config, str(tmp_path / 'resumed'))
+  resumed = train_with_interruption(tiny_config, str(tmp_path / 'resumed'))
   assert int(full.step) == int(resumed.step) == tiny_config.train.num_steps
   assert tree_equal((full.gen_params, full.gen_batch_stats, full.disc_params,
                       full.gen_opt_state),

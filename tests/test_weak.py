@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import tree_equal
+from conftest import train_with_interruption, tree_equal
 from cavga_jax import attention
 from cavga_jax import checkpointing
 from cavga_jax import config_checks
@@ -342,10 +342,7 @@ def test_tiny_weak_train_resume_and_evaluate(tmp_path):
   config = tiny_weak.get_config()
   full = train_lib.train(config, str(tmp_path / 'full'))
   # Resume determinism: 2 steps, then the rest, equals 4 steps in one go.
-  interrupted = config.copy_and_resolve_references()
-  interrupted.train.num_steps = 2
-  train_lib.train(interrupted, str(tmp_path / 'resumed'))
-  resumed = train_lib.train(config, str(tmp_path / 'resumed'))
+  resumed = train_with_interruption(config, str(tmp_path / 'resumed'))
   assert tree_equal((full.gen_params, full.gen_batch_stats, full.disc_params),
                      (resumed.gen_params, resumed.gen_batch_stats,
                       resumed.disc_params))
