@@ -385,8 +385,7 @@ def measure_jax_step(args, variant: str, mode: str, dtype: str,
   import benchmark  # pylint: disable=g-import-not-at-top
 
   # benchmark.py's own config and timing, so both scripts measure the same.
-  # pylint: disable=protected-access
-  config = benchmark._config(argparse.Namespace(
+  config = benchmark.config_from_args(argparse.Namespace(
       image_size=args.image_size, channels=3, variant=variant,
       latent_channels=args.latent_channels, dtype=dtype, batch=args.batch))
   if args.smoke:
@@ -408,9 +407,8 @@ def measure_jax_step(args, variant: str, mode: str, dtype: str,
                      + memory.output_size_in_bytes
                      + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   # The compiled executable runs the steps: no second compilation.
-  first, times = benchmark._time(
+  first, times = benchmark.time_calls(
       benchmark.make_runner(compiled, inputs, mode), args.steps, args.warmup)
-  # pylint: enable=protected-access
   median = statistics.median(times)
   # The model as written: backend rewrites (e.g. cuDNN custom calls) can
   # hide FLOPs from the compiled program's analysis.

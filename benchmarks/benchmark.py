@@ -34,7 +34,8 @@ from cavga_jax import train_state  # pylint: disable=wrong-import-position
 from configs import default  # pylint: disable=wrong-import-position
 
 
-def _config(args) -> ml_collections.ConfigDict:
+def config_from_args(args) -> ml_collections.ConfigDict:
+  """The benchmarked config: paper widths, the flags' variant, size, dtype."""
   config = default.get_config()
   config.data.image_size = args.image_size
   config.data.channels = args.channels
@@ -48,7 +49,9 @@ def _config(args) -> ml_collections.ConfigDict:
   return config
 
 
-def _time(fn, steps, warmup):
+def time_calls(fn, steps, warmup):
+  """(first call s incl. compilation, [s of each of ``steps`` timed calls])
+  of ``fn``, after ``warmup`` untimed calls (the first included)."""
   compile_tic = time.perf_counter()
   jax.block_until_ready(fn())
   first = time.perf_counter() - compile_tic
@@ -67,7 +70,7 @@ def make_step(config: ml_collections.ConfigDict, mode: str
   """The jitted step of ``mode`` and the inputs of one call, on a fixed batch.
 
   Args:
-    config: a CAVGA config (``_config``); its data.image_size,
+    config: a CAVGA config (``config_from_args``); its data.image_size,
       data.channels and train.batch_size give the batch.
     mode: 'train' (``step(state, images, rng) -> (state, metrics)``, the
       state donated) or 'eval' (``step(gen_params, gen_batch_stats, images)
@@ -124,7 +127,7 @@ def build_step(args) -> Callable[[], Any]:
     args: variant, image_size, channels, latent_channels, batch, mode
       ('train' or 'eval') and dtype, as the command-line flags.
   """
-  return make_runner(*make_step(_config(args), args.mode), args.mode)
+  return make_runner(*make_step(config_from_args(args), args.mode), args.mode)
 
 
 def main():
@@ -142,7 +145,7 @@ def main():
   args = parser.parse_args()
 
   run = build_step(args)
-  first, times = _time(run, args.steps, args.warmup)
+  first, times = time_calls(run, args.steps, args.warmup)
   median = statistics.median(times)
   device = jax.devices()[0]
   memory = {}

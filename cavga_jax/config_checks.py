@@ -217,9 +217,9 @@ def _check_synthetic(config: ml_collections.ConfigDict) -> None:
   except (ValueError, TypeError) as e:
     raise CavgaError(f'config.data.synthetic: {e}') from None
   if settings is None:
-    if fields is not None:
-      _check_number(config, 'data.synthetic.fraction', 0.0, default=0.0)
     return
+  # The 'mask' loss weight is checked with the other loss weights
+  # (train_lib.check_loss_weights).
   supervision = _get(config, 'model.supervision', 'unsupervised')
   if supervision != 'weak':
     raise CavgaError(
@@ -227,9 +227,6 @@ def _check_synthetic(config: ml_collections.ConfigDict) -> None:
         "config.model.supervision='weak' (the classifier learns from the "
         f'synthetic labels), got {supervision!r}; start from '
         'configs/mvtec_synthetic.py')
-  if 'mask' not in _get(config, 'loss_weights'):
-    raise CavgaError('config.loss_weights has no mask (the weight of the '
-                     'synthetic-mask loss; 0 disables it)')
 
 
 def _check_vae_config(config: ml_collections.ConfigDict) -> None:

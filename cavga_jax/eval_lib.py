@@ -73,8 +73,8 @@ def make_eval_step(generator: models.CAVGAGenerator,
                    ) -> Callable[[Any, Any, Array], dict[str, Any]]:
   """Returns ``eval_step(params, batch_stats, images) -> outputs``.
 
-  ``images`` is uint8 (B, S, S, C) or float in [-1, 1]. Outputs: 'reconstruction' uint8
-  (B, S, S, C), 'attention' (B, h, w), 'score' (B,) (mean squared error in
+  ``images`` is uint8 (B, S, S, C) or float in [-1, 1]. Outputs:
+  'reconstruction' uint8 (B, S, S, C), 'attention' (B, h, w), 'score' (B,) (mean squared error in
   [-1, 1] units), 'maps' {name: (B, S, S) float32} for every map of
   ``anomaly_maps.map_functions`` and 'map_scores' {name: (B,)} (their image
   scores). With the CAVGA_w classifier also 'class_attention'

@@ -195,9 +195,15 @@ def attention_disentanglement_per_image(unit_maps: Array, eps: float = 1e-8
       jnp.promote_types(unit_maps.dtype, jnp.float32))
   overlap = jnp.sum(jnp.minimum(maps[:, :, None], maps[:, None]), axis=-1)
   mass = jnp.sum(maps, axis=-1)
-  pair_iou = 2.0 * overlap / (mass[:, :, None] + mass[:, None] + eps)
+  return _sum_over_pairs(
+      2.0 * overlap / (mass[:, :, None] + mass[:, None] + eps))
+
+
+def _sum_over_pairs(pair_values: Array) -> Array:
+  """(B, U, U) values of unit pairs -> (B,) their sum over pairs i < j."""
+  units = pair_values.shape[-1]
   upper = jnp.triu(jnp.ones((units, units), bool), k=1)
-  return jnp.sum(jnp.where(upper, pair_iou, 0.0), axis=(1, 2))
+  return jnp.sum(jnp.where(upper, pair_values, 0.0), axis=(1, 2))
 
 
 def attention_disentanglement_loss(unit_maps: Array, eps: float = 1e-8
@@ -233,9 +239,8 @@ def attention_overlap_per_image(unit_cams: Array, eps: float = 1e-6
   mean = jnp.mean(cams, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(cams - mean), axis=-1, keepdims=True)
   p = jax.nn.softmax((cams - mean) / jnp.sqrt(var + eps), axis=-1)
-  overlap = jnp.sum(jnp.minimum(p[:, :, None], p[:, None]), axis=-1)
-  upper = jnp.triu(jnp.ones((units, units), bool), k=1)
-  return jnp.sum(jnp.where(upper, overlap, 0.0), axis=(1, 2))
+  return _sum_over_pairs(
+      jnp.sum(jnp.minimum(p[:, :, None], p[:, None]), axis=-1))
 
 
 AD_VARIANTS = ('paper', 'distribution')

@@ -133,8 +133,8 @@ def make_train_step(model: vae.ConvVAE, beta: float, ad_weight: float,
   ``images`` uint8 (B, S, S, C); ``rng`` is the run's key, folded with the
   step. Minimises ``rec + beta * kl + ad_weight * L_AD`` (L_AD of
   ``ad_variant``); metrics hold the three terms (unweighted), the share of
-  live unit maps 'nonzero_unit_maps', the total 'loss' and 'nonfinite' (1.0 when the
-  loss or a gradient is NaN or infinite). With ``nonfinite='skip'`` such a
+  live unit maps 'nonzero_unit_maps', the total 'loss' and 'nonfinite'
+  (1.0 when the loss or a gradient is NaN or infinite). With ``nonfinite='skip'`` such a
   step keeps the state (``train_lib.keep_state_unless_finite``).
   """
 
