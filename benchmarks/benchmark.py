@@ -29,7 +29,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from cavga_jax import eval_lib  # pylint: disable=wrong-import-position
 from cavga_jax import sharding  # pylint: disable=wrong-import-position
-from cavga_jax import train_lib  # pylint: disable=wrong-import-position
+from cavga_jax import cavga_step  # pylint: disable=wrong-import-position
 from cavga_jax import train_state  # pylint: disable=wrong-import-position
 from configs import default  # pylint: disable=wrong-import-position
 
@@ -91,7 +91,7 @@ def make_step(config: ml_collections.ConfigDict, mode: str
   images = sharding.shard_batch(images, mesh)
   if mode == 'train':
     step = jax.jit(
-        train_lib.make_train_step(generator, discriminator,
+        cavga_step.make_train_step(generator, discriminator,
                                   dict(config.loss_weights)),
         donate_argnums=0,
         out_shardings=(state_sharding, sharding.replicated(mesh)))

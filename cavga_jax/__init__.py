@@ -42,7 +42,7 @@ _EXPORTS = {
     'synthesis': ('synthesis', None),
     'TrainState': ('train_state', 'TrainState'),
     'create_train_state': ('train_state', 'create_train_state'),
-    'make_train_step': ('train_lib', 'make_train_step'),
+    'make_train_step': ('cavga_step', 'make_train_step'),
     'make_eval_step': ('eval_lib', 'make_eval_step'),
     'train': ('train_lib', 'train'),
     'evaluate': ('eval_lib', 'evaluate'),

@@ -1,10 +1,15 @@
 """Validation of a run configuration before anything expensive happens.
 
-``check_config(config)`` is called by ``train_lib.train`` and by the
-command-line programs (``runtime.run_program``) before data is loaded or a
-program is compiled. Each problem raises ``CavgaError`` with one line naming
-the field, its value and what is expected, instead of a ``ZeroDivisionError``
-or an XLA error many seconds later.
+``check_config(config)`` is called by every training program
+(``runtime.prepare_run``), by the evaluations and by the command-line
+programs (``runtime.run_program``) before data is loaded or a program is
+compiled; it is the one place a config field is validated. It imports only
+the modules that own the constants and builders it checks (models, layers,
+losses, synthesis, anomaly maps, calibration, data, the VAE, the non-finite
+policy), never a training or evaluation module. Each problem raises
+``CavgaError`` with one line naming the field, its value and what is
+expected, instead of a ``ZeroDivisionError`` or an XLA error many seconds
+later.
 
 The VAE experiments (``config.task='vae'``) are checked against their own
 fields. Unknown fields and values of the wrong type given on the command line are
@@ -21,19 +26,17 @@ from typing import Any
 import ml_collections
 
 from cavga_jax import anomaly_maps
+from cavga_jax import calibration
 from cavga_jax import data
 from cavga_jax import layers
 from cavga_jax import losses
 from cavga_jax import models
+from cavga_jax import nonfinite
 from cavga_jax import synthesis
 from cavga_jax import vae
 from cavga_jax.errors import CavgaError
 
-VARIANTS = ('R', 'D')
-LATENTS = ('conv', 'flat')
-COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 SCHEDULES = ('constant', 'cosine')
-NONFINITE_MODES = ('stop', 'skip')
 TASKS = ('cavga', 'vae')
 
 _MISSING = object()
@@ -119,7 +122,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _check_int(config, 'train.checkpoint_every', 1)
   _check_int(config, 'train.keep_checkpoints', 1, 3)
   _check_int(config, 'train.prefetch', 1, 2)
-  _check_choice(config, 'train.nonfinite', NONFINITE_MODES, 'stop')
+  _check_choice(config, 'train.nonfinite', nonfinite.MODES, 'stop')
   _check_int(config, 'train.max_consecutive_skips', 1, 10)
 
   _check_int(config, 'eval.batch_size', 1)
@@ -144,17 +147,15 @@ def _check_widths(config, field: str) -> None:
 
 def _check_cavga_config(config: ml_collections.ConfigDict) -> None:
   _check_choice(config, 'data.name', data.KNOWN_DATASETS, 'generated')
-  _check_choice(config, 'model.variant', VARIANTS)
-  _check_choice(config, 'model.latent', LATENTS)
-  _check_choice(config, 'model.supervision', models.SUPERVISIONS,
-                'unsupervised')
-  _check_choice(config, 'model.compute_dtype', COMPUTE_DTYPES, 'float32')
+  for name in ('encoder_widths', 'decoder_widths', 'discriminator_widths'):
+    _check_widths(config, f'model.{name}')
+  _check_choice(config, 'model.latent', models.LATENTS)
+  _check_choice(config, 'model.compute_dtype', models.COMPUTE_DTYPES,
+                'float32')
   _check_choice(config, 'model.input_norm', models.INPUT_NORMS, 'none')
   _check_choice(config, 'model.conv_impl', layers.CONV_IMPLS, 'auto')
   _check_int(config, 'model.latent_channels', 1)
   _check_int(config, 'model.latent_dim', 1, 1)
-  for name in ('encoder_widths', 'decoder_widths', 'discriminator_widths'):
-    _check_widths(config, f'model.{name}')
   _check_choice(config, 'model.attention_score', models.ATTENTION_SCORES,
                 'sum')
   _check_int(config, 'model.attention_stage', 1, models.NUM_ENCODER_STAGES)
@@ -165,17 +166,28 @@ def _check_cavga_config(config: ml_collections.ConfigDict) -> None:
                      f'({models.NUM_ENCODER_STAGES} = the last feature map)')
   _check_choice(config, 'model.attention_norm', models.ATTENTION_NORMS,
                 'max')
+  # The variant, supervision, the widths' lengths and the image size's
+  # stride are the model builder's to check (cheap: no parameters are made).
+  models.build_models(config)
   _check_eval_maps(config)
   _check_weak_quota(config)
   _check_synthetic(config)
-  # Widths per variant and the image size stride (cheap: no parameters).
-  models.build_models(config)
+  _check_loss_terms(config)
 
 
 def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
   """The headline map and the map settings of ``anomaly_maps``."""
-  _check_choice(config, 'eval.map', anomaly_maps.MAP_NAMES, 'attention')
+  _check_choice(config, 'eval.map',
+                anomaly_maps.MAP_NAMES + calibration.NAMES, 'attention')
   headline = _get(config, 'eval.map', 'attention')
+  calibrate = _get(config, 'eval.calibrate', True)
+  if not isinstance(calibrate, bool):
+    raise CavgaError(f'config.eval.calibrate={calibrate!r} must be True or '
+                     'False')
+  if headline in calibration.NAMES and not calibrate:
+    raise CavgaError(f'config.eval.map={headline!r} needs '
+                     'config.eval.calibrate=True (the statistics of the '
+                     'normal training images)')
   supervision = _get(config, 'model.supervision', 'unsupervised')
   if headline in anomaly_maps.WEAK_MAPS and supervision != 'weak':
     raise CavgaError(f'config.eval.map={headline!r} needs '
@@ -218,8 +230,6 @@ def _check_synthetic(config: ml_collections.ConfigDict) -> None:
     raise CavgaError(f'config.data.synthetic: {e}') from None
   if settings is None:
     return
-  # The 'mask' loss weight is checked with the other loss weights
-  # (train_lib.check_loss_weights).
   supervision = _get(config, 'model.supervision', 'unsupervised')
   if supervision != 'weak':
     raise CavgaError(
@@ -227,6 +237,21 @@ def _check_synthetic(config: ml_collections.ConfigDict) -> None:
         "config.model.supervision='weak' (the classifier learns from the "
         f'synthetic labels), got {supervision!r}; start from '
         'configs/mvtec_synthetic.py')
+
+
+def _check_loss_terms(config: ml_collections.ConfigDict) -> None:
+  """Every term of the configured CAVGA objective has a loss weight."""
+  supervision = _get(config, 'model.supervision', 'unsupervised')
+  synthetic = _get(config, 'data.synthetic.fraction', 0.0) > 0
+  weights = _get(config, 'loss_weights')
+  missing = [name for name in losses.objective_terms(supervision, synthetic)
+             if name not in weights]
+  if missing:
+    hint = (' (start from configs/mvtec_weak.py or configs/tiny_weak.py)'
+            if supervision == 'weak' else '')
+    raise CavgaError(
+        f'config.loss_weights has no {", ".join(missing)} for '
+        f"config.model.supervision='{supervision}'{hint}")
 
 
 def _check_vae_config(config: ml_collections.ConfigDict) -> None:

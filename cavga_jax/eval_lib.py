@@ -45,6 +45,7 @@ import numpy as np
 
 from cavga_jax import anomaly_maps
 from cavga_jax import attention
+from cavga_jax import calibration
 from cavga_jax import checkpointing
 from cavga_jax import config_checks
 from cavga_jax import data
@@ -107,6 +108,22 @@ def make_eval_step(generator: models.CAVGAGenerator,
   return eval_step
 
 
+def _host_outputs(eval_step: Callable, params: Any, batch_stats: Any,
+                  images: data.AnomalyDataset | np.ndarray, batch_size: int,
+                  mesh: jax.sharding.Mesh, what: str):
+  """Yields ``eval_step``'s outputs of each batch on the host, padding cut."""
+  sharding.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
+  tic, done = time.perf_counter(), 0
+  for batch, num_valid in data.eval_batches(images, batch_size):
+    out = sharding.to_host(eval_step(
+        params, batch_stats, sharding.shard_global_batch(batch, mesh)))
+    yield jax.tree.map(lambda v, n=num_valid: v[:n], out)
+    done += num_valid
+  elapsed = time.perf_counter() - tic
+  logging.info('evaluated %d %s in %.1f s (%.1f img/s, incl. compilation)',
+               done, what, elapsed, done / max(elapsed, 1e-9))
+
+
 def predict(eval_step: Callable, params: Any, batch_stats: Any,
             dataset: data.AnomalyDataset, batch_size: int,
             mesh: jax.sharding.Mesh) -> dict[str, Any]:
@@ -114,18 +131,42 @@ def predict(eval_step: Callable, params: Any, batch_stats: Any,
 
   The result has the structure of ``eval_step``'s outputs (nested dicts).
   """
-  sharding.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
-  batches = []
-  tic, done = time.perf_counter(), 0
-  for images, num_valid in data.eval_batches(dataset, batch_size):
-    out = sharding.to_host(eval_step(
-        params, batch_stats, sharding.shard_global_batch(images, mesh)))
-    batches.append(jax.tree.map(lambda v, n=num_valid: v[:n], out))
-    done += num_valid
-  elapsed = time.perf_counter() - tic
-  logging.info('evaluated %d images in %.1f s (%.1f img/s, incl. compilation)',
-               done, elapsed, done / max(elapsed, 1e-9))
+  batches = list(_host_outputs(eval_step, params, batch_stats, dataset,
+                               batch_size, mesh, 'images'))
   return jax.tree.map(lambda *values: np.concatenate(values), *batches)
+
+
+def normal_statistics(eval_step: Callable, params: Any, batch_stats: Any,
+                      normal_images: np.ndarray, batch_size: int,
+                      mesh: jax.sharding.Mesh
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Per-pixel statistics of the ``calibration.BASES`` maps on normal images.
+
+  ``normal_images`` (N, S, S, C) uint8; returns name -> (mean, scale), each
+  (S, S) (``calibration.PixelMoments``); only the moments are kept.
+  """
+  moments = calibration.PixelMoments()
+  for out in _host_outputs(eval_step, params, batch_stats, normal_images,
+                           batch_size, mesh, 'normal training images'):
+    moments.add(out['maps'])
+  return moments.statistics()
+
+
+def add_calibrated(predictions: dict[str, Any],
+                   statistics: dict[str, tuple[np.ndarray, np.ndarray]]
+                   ) -> None:
+  """Adds ``<base>_calibrated`` maps and their image scores (``calibration``)."""
+  for base, (mean, scale) in statistics.items():
+    calibrated = calibration.calibrate(predictions['maps'][base], mean, scale)
+    name = base + calibration.SUFFIX
+    predictions['maps'][name] = calibrated
+    predictions['map_scores'][name] = np.asarray(
+        anomaly_maps.image_score(jnp.asarray(calibrated)))
+
+
+def _unbounded(name: str) -> bool:
+  """Maps that ``map_metrics`` min-max normalises over the test set."""
+  return name in anomaly_maps.UNBOUNDED or name in calibration.NAMES
 
 
 def add_prior(predictions: dict[str, Any], headline: str) -> None:
@@ -174,9 +215,9 @@ def compute_metrics(predictions: dict[str, Any],
   per_map = {
       name: map_metrics(predictions['maps'][name],
                         predictions['map_scores'][name], dataset,
-                        name in anomaly_maps.UNBOUNDED
+                        _unbounded(name)
                         or (name == anomaly_maps.PRIOR
-                            and headline in anomaly_maps.UNBOUNDED))
+                            and _unbounded(headline)))
       for name in predictions['maps']}
   predictions['anomaly_map'] = predictions['maps'][headline]
   result = dict(
@@ -216,7 +257,7 @@ def display_maps(predictions: dict[str, Any]) -> dict[str, np.ndarray]:
     return {'anomaly_map': predictions['anomaly_map']}
   shown = {}
   for name, values in predictions['maps'].items():
-    if name in anomaly_maps.UNBOUNDED:
+    if _unbounded(name):
       low, high = float(values.min()), float(np.percentile(values, 99.9))
       values = np.clip((values - low) / max(high - low, 1e-12), 0.0, 1.0)
     shown[name] = values
@@ -263,7 +304,8 @@ def write_outputs(out_dir: str, result: dict[str, Any],
 def make_evaluator(generator: models.CAVGAGenerator,
                    dataset: data.AnomalyDataset,
                    eval_config: ml_collections.ConfigDict,
-                   mesh: jax.sharding.Mesh
+                   mesh: jax.sharding.Mesh,
+                   normal_images: np.ndarray | None = None
                    ) -> Callable[[Any, Any], tuple[dict[str, Any],
                                                    dict[str, Any]]]:
   """``evaluator(params, batch_stats) -> (metrics, predictions)`` on ``dataset``.
@@ -275,15 +317,24 @@ def make_evaluator(generator: models.CAVGAGenerator,
     generator: the generator module.
     dataset: the test set.
     eval_config: ``config.eval`` (batch_size, map, residual_sigma,
-      ssim_window).
+      ssim_window, calibrate).
     mesh: the device mesh the batches are sharded over.
+    normal_images: (N, S, S, C) uint8 normal training images; with
+      ``eval_config.calibrate`` (default True) each call first measures the
+      ``calibration.BASES`` maps on them and adds the calibrated maps.
   """
   eval_step = jax.jit(make_eval_step(generator, map_settings(eval_config)))
   headline = eval_config.get('map', 'attention')
+  if not eval_config.get('calibrate', True):
+    normal_images = None
 
   def evaluator(params, batch_stats):
     predictions = predict(eval_step, params, batch_stats, dataset,
                           eval_config.batch_size, mesh)
+    if normal_images is not None:
+      add_calibrated(predictions, normal_statistics(
+          eval_step, params, batch_stats, normal_images,
+          eval_config.batch_size, mesh))
     tic = time.perf_counter()
     result = compute_metrics(predictions, dataset, headline)
     logging.info('metrics of %d maps in %.1f s', len(result['maps']),
@@ -306,11 +357,16 @@ def _evaluation_setup(config: ml_collections.ConfigDict, workdir: str):
   """(test set, evaluator, abstract restore target) of a run's config."""
   config_checks.check_config(config)
   mesh = sharding.make_mesh()
-  _, test_ds = data.get_datasets(config, workdir)
+  train_ds, test_ds = data.get_datasets(config, workdir)
   generator, _, init_fn, _ = train_state.setup(config, mesh)
   target = train_state.abstract_state(init_fn, mesh)
-  return (test_ds, make_evaluator(generator, test_ds, config.eval, mesh),
-          target)
+  return (test_ds, make_evaluator(generator, test_ds, config.eval, mesh,
+                                  normal_training_images(train_ds)), target)
+
+
+def normal_training_images(train_ds: data.AnomalyDataset) -> np.ndarray:
+  """The training images that are normal (CAVGA_w's anomalies left out)."""
+  return train_ds.images[train_ds.labels == 0]
 
 
 def append_curve_point(path: str, record: dict[str, Any]) -> None:

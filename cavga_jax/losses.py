@@ -143,6 +143,18 @@ def weighted_total(losses: Mapping[str, Array],
   return sum(weights[name] * value for name, value in losses.items())
 
 
+def objective_terms(supervision: str, synthetic: bool = False
+                    ) -> tuple[str, ...]:
+  """The loss terms of a CAVGA objective, each needing a weight.
+
+  CAVGA_u: rec, kl, adv, ae. CAVGA_w: rec, kl, adv, bce, cga (its L_ae is an
+  optional ablation), plus the Dice term ``mask`` with synthetic anomalies.
+  """
+  terms = (('rec', 'kl', 'adv', 'bce', 'cga') if supervision == 'weak'
+           else ('rec', 'kl', 'adv', 'ae'))
+  return terms + ('mask',) if synthetic else terms
+
+
 # Liu et al.'s beta-VAE objective on binary images (dSprites, MNIST):
 # ``bernoulli_reconstruction_loss + beta * kl_divergence + w_ad * L_AD``.
 # Unlike CAVGA's per-element means above, these are sums per image (averaged

@@ -46,6 +46,9 @@ Array = jax.Array
 NORMAL = 0
 ANOMALOUS = 1
 SUPERVISIONS = ('unsupervised', 'weak')
+VARIANTS = ('R', 'D')  # ResNet-18 or DCGAN networks (SPEC section 1)
+LATENTS = ('conv', 'flat')
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 # Encoder input normalisations (CAVGAGenerator.input_norm): 'none' feeds the
 # [-1, 1] images as they are; 'imagenet' feeds what torchvision's ImageNet
 # weights were trained on, (u - mean) / std with u = (x + 1) / 2 in [0, 1].
@@ -414,17 +417,27 @@ def reparameterize(rng: Array, mu: Array, logvar: Array) -> Array:
   return mu + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mu.shape, mu.dtype)
 
 
+def _check_choice(field: str, value, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise CavgaError(f'config.{field}={value!r} must be one of '
+                     f'{", ".join(repr(c) for c in choices)}')
+
+
 def build_models(config) -> tuple[CAVGAGenerator, Discriminator]:
   """Generator and discriminator from a full config (``model`` and ``data``).
 
   Empty width tuples in ``config.model`` select the paper's widths for the
   variant (``PAPER_WIDTHS``). ``config.model.supervision == 'weak'`` adds the
   CAVGA_w classifier to the generator.
+
+  Raises:
+    CavgaError: an unknown variant or supervision, widths of the wrong
+      length, or an image size the variant's stride does not divide (the
+      config checks of ``config_checks`` rely on these).
   """
   model_config = config.model
   variant = model_config.variant
-  if variant not in PAPER_WIDTHS:
-    raise CavgaError(f"config.model.variant must be 'R' or 'D', got {variant!r}")
+  _check_choice('model.variant', variant, VARIANTS)
   widths = {name: tuple(model_config.get(name) or default)
             for name, default in PAPER_WIDTHS[variant].items()}
   expected = dict(encoder_widths=4, decoder_widths=len(
@@ -435,9 +448,7 @@ def build_models(config) -> tuple[CAVGAGenerator, Discriminator]:
           f'config.model.{name}={widths[name]} needs {length} entries for '
           f'CAVGA-{variant} (or () for the paper\'s {PAPER_WIDTHS[variant][name]})')
   supervision = model_config.get('supervision', 'unsupervised')
-  if supervision not in SUPERVISIONS:
-    raise CavgaError(f"config.model.supervision must be 'unsupervised' or "
-                     f"'weak', got {supervision!r}")
+  _check_choice('model.supervision', supervision, SUPERVISIONS)
   size = config.data.image_size
   stride = 32 if variant == 'R' else 16
   if size % stride:

@@ -1,4 +1,4 @@
-"""Process-level JAX settings shared by the programs and the tests."""
+"""Process-level settings and run setup shared by the programs and the tests."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import jax
 from ml_collections import config_flags
 
 from cavga_jax import config_checks
+from cavga_jax import sharding
 from cavga_jax.errors import CavgaError
 
 DEFAULT_CACHE_DIR = os.path.join('~', '.cache', 'cavga_jax', 'xla')
@@ -121,3 +122,23 @@ def run_program(program: Callable[[Any, str], Any], config: Any, workdir: str,
   except CavgaError as e:
     absl_logging.error('%s', e)
     sys.exit(f'error: {e}')
+
+
+def prepare_run(config: Any, workdir: str) -> jax.sharding.Mesh:
+  """Checks the config, writes ``<workdir>/config.json``, returns the mesh.
+
+  The first thing every training program does (CAVGA and the VAEs); only
+  process 0 writes the file.
+
+  Raises:
+    CavgaError: an invalid config or a batch size the devices cannot split.
+  """
+  config_checks.check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  if sharding.is_primary_process():
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.train.batch_size, mesh,
+                            'config.train.batch_size')
+  return mesh

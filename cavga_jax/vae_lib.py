@@ -25,7 +25,7 @@ Two uses of the per-unit attention maps of ``cavga_jax.explain``:
   Bernoulli "likelihood" targets in [0, 1] too (the cross entropy of
   continuous targets, as common VAE code does).
 
-The train step is one jitted, donated program (like ``train_lib``'s); the
+The train step is one jitted, donated program (like ``cavga_step``'s); the
 data order and the noise are functions of ``(seed, step)``, so an
 interrupted run resumes to the same parameters.
 """
@@ -56,9 +56,11 @@ from cavga_jax import explain
 from cavga_jax import losses
 from cavga_jax import metrics
 from cavga_jax import models
+from cavga_jax import nonfinite
+from cavga_jax import runtime
 from cavga_jax import sharding
-from cavga_jax import train_lib
 from cavga_jax import train_state
+from cavga_jax import training_loop
 from cavga_jax import visualize
 from cavga_jax import vae
 from cavga_jax.data import sprites
@@ -125,7 +127,7 @@ def loss_terms(model: vae.ConvVAE, params: PyTree, x: Array, rng: Array,
 
 
 def make_train_step(model: vae.ConvVAE, beta: float, ad_weight: float,
-                    nonfinite: str = 'stop', ad_variant: str = 'paper'
+                    nonfinite_mode: str = 'stop', ad_variant: str = 'paper'
                     ) -> Callable[[VAEState, Array, Array],
                                   tuple[VAEState, dict[str, Array]]]:
   """``train_step(state, images, rng) -> (state, metrics)``.
@@ -134,9 +136,11 @@ def make_train_step(model: vae.ConvVAE, beta: float, ad_weight: float,
   step. Minimises ``rec + beta * kl + ad_weight * L_AD`` (L_AD of
   ``ad_variant``); metrics hold the three terms (unweighted), the share of
   live unit maps 'nonzero_unit_maps', the total 'loss' and 'nonfinite'
-  (1.0 when the loss or a gradient is NaN or infinite). With ``nonfinite='skip'`` such a
-  step keeps the state (``train_lib.keep_state_unless_finite``).
+  (1.0 when the loss or a gradient is NaN or infinite). With
+  ``nonfinite_mode='skip'`` such a step keeps the state
+  (``nonfinite.keep_state_unless_finite``).
   """
+  nonfinite.check_mode(nonfinite_mode)
 
   def train_step(state: VAEState, images: Array, rng: Array):
     rng = jax.random.fold_in(rng, state.step)
@@ -153,9 +157,9 @@ def make_train_step(model: vae.ConvVAE, beta: float, ad_weight: float,
     new_state = state.replace(step=state.step + 1,
                               params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
-    finite = train_lib.tree_all_finite((loss, grads))
-    if nonfinite == 'skip':
-      new_state = train_lib.keep_state_unless_finite(finite, new_state, state)
+    finite = nonfinite.tree_all_finite((loss, grads))
+    if nonfinite_mode == 'skip':
+      new_state = nonfinite.keep_state_unless_finite(finite, new_state, state)
     return new_state, dict(terms, loss=loss,
                            nonfinite=1.0 - finite.astype(jnp.float32))
 
@@ -204,12 +208,12 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
 def train(config: ml_collections.ConfigDict, workdir: str) -> VAEState:
   """Trains the VAE as configured, resuming from ``<workdir>/checkpoints``.
 
-  The loop is ``train_lib.training_loop``'s: JSONL metrics in
+  The loop is ``training_loop.training_loop``'s: JSONL metrics in
   ``<workdir>/train_metrics.jsonl``, Orbax checkpoints with retention, the
   non-finite policy of ``config.train.nonfinite``.
   """
-  mesh = train_lib.prepare_run(config, workdir)
-  batch_size = config.train.batch_size
+  mesh = runtime.prepare_run(config, workdir)
+  settings = training_loop.LoopSettings.from_config(config)
   training_data = _TrainingData(config, workdir)
   model, init_fn, state_sharding = setup(config, mesh)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
@@ -217,15 +221,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> VAEState:
   ad_variant = (config.get('loss') or {}).get('ad_variant', 'paper')
   train_step = jax.jit(
       make_train_step(model, weights.beta, weights.ad,
-                      config.train.get('nonfinite', 'stop'), ad_variant),
+                      settings.nonfinite, ad_variant),
       donate_argnums=0,
       out_shardings=(state_sharding, sharding.replicated(mesh)))
-  host_slice = sharding.host_batch_slice(batch_size)
+  host_slice = sharding.host_batch_slice(settings.batch_size)
   description = (f'a beta-VAE (beta {weights.beta:g}, L_AD ({ad_variant}) '
                  f'weight {weights.ad:g}, latent {config.model.latent_dim}) on '
                  f'{config.data.name} ({training_data.num_examples} images)')
-  return train_lib.training_loop(
-      config, workdir, init_fn(init_rng), train_step,
+  return training_loop.training_loop(
+      settings, workdir, init_fn(init_rng), train_step,
       training_data.num_examples,
       lambda idx: sharding.shard_batch(training_data.images(idx[host_slice]),
                                        mesh),
@@ -244,7 +248,7 @@ def make_explain_step(model: vae.ConvVAE, attention_map: str = 'mean'
   'ad_distribution' (B,) that of the 'distribution' variant.
   """
   if attention_map not in vae.ATTENTION_MAPS:
-    raise CavgaError(f'config.eval.map must be one of {vae.ATTENTION_MAPS}, '
+    raise ValueError(f'attention_map must be one of {vae.ATTENTION_MAPS}, '
                      f'got {attention_map!r}')
 
   def explain_step(params, images):

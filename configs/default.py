@@ -111,4 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.map = 'residual_x_ssim'
   config.eval.residual_sigma = 4.0  # Gaussian sigma (px) of the residual map
   config.eval.ssim_window = 11  # SSIM window (px) of the residual_ssim map
+  # Add '<map>_calibrated' z-scores of the residual maps against their
+  # per-pixel statistics on the normal training images (cavga_jax.calibration).
+  config.eval.calibrate = True
   return config

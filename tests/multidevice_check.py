@@ -20,7 +20,7 @@ from configs import tiny  # pylint: disable=wrong-import-position
 from cavga_jax import data  # pylint: disable=wrong-import-position
 from cavga_jax import eval_lib  # pylint: disable=wrong-import-position
 from cavga_jax import sharding  # pylint: disable=wrong-import-position
-from cavga_jax import train_lib  # pylint: disable=wrong-import-position
+from cavga_jax import cavga_step  # pylint: disable=wrong-import-position
 from cavga_jax import train_state  # pylint: disable=wrong-import-position
 
 
@@ -30,7 +30,7 @@ def run(config, workdir, devices, num_steps=3):
   generator, discriminator, init_fn, state_sharding = train_state.setup(
       config, mesh)
   state = init_fn(jax.random.key(config.seed))
-  step = jax.jit(train_lib.make_train_step(generator, discriminator,
+  step = jax.jit(cavga_step.make_train_step(generator, discriminator,
                                            dict(config.loss_weights)),
                  out_shardings=(state_sharding, sharding.replicated(mesh)))
   losses = []

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cavga_jax import sharding
-from cavga_jax import train_lib
+from cavga_jax import cavga_step
 from cavga_jax import train_state
 from configs import tiny
 
@@ -16,7 +16,7 @@ def _one_step(compute_dtype):
   mesh = sharding.make_mesh()
   generator, discriminator, init_fn, _ = train_state.setup(config, mesh)
   state = init_fn(jax.random.key(0))
-  step = jax.jit(train_lib.make_train_step(generator, discriminator,
+  step = jax.jit(cavga_step.make_train_step(generator, discriminator,
                                            dict(config.loss_weights)))
   images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), np.uint8)
   new_state, metrics = step(state, images, jax.random.key(1))

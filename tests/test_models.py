@@ -82,7 +82,7 @@ def test_reconstruction_in_tanh_range_and_eval_decodes_mu():
 
 
 @pytest.mark.parametrize('field,value,message', [
-    ('model.variant', 'X', "'R' or 'D'"),
+    ('model.variant', 'X', "config.model.variant='X' must be one of 'R', 'D'"),
     ('data.image_size', 48, 'multiple of 32'),
     ('model.decoder_widths', (8, 8), 'needs 5 entries'),
 ])

@@ -13,7 +13,8 @@ METRIC_KEYS = ('pixel_auroc', 'iou', 'image_auroc', 'detection_accuracy',
                'aupro', 'pixel_f1_max')
 MAPS = ('attention', 'attention_liu', 'residual', 'residual_ssim',
         'residual_ssim_smooth', 'residual_x_ssim', 'attention_x_residual',
-        'prior')
+        'prior', 'residual_calibrated', 'residual_ssim_smooth_calibrated',
+        'residual_x_ssim_calibrated')
 
 
 def _run(script, *args, cache_dir):

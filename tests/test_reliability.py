@@ -19,6 +19,7 @@ from cavga_jax import checkpointing
 from cavga_jax import config_checks
 from cavga_jax import runtime
 from cavga_jax import train_lib
+from cavga_jax import training_loop
 from cavga_jax.errors import CavgaError
 from conftest import REPO_ROOT, tree_equal
 
@@ -102,6 +103,13 @@ def test_check_config_accepts_every_shipped_config():
     config_checks.check_config(module.get_config())
 
 
+def test_check_config_reports_a_loss_term_without_weight(tiny_config):
+  del tiny_config.loss_weights['ae']
+  with pytest.raises(CavgaError, match="config.loss_weights has no ae for "
+                     "config.model.supervision='unsupervised'"):
+    config_checks.check_config(tiny_config)
+
+
 def test_check_config_reports_missing_required_field(tiny_config):
   del tiny_config.train['batch_size']
   with pytest.raises(CavgaError, match='config.train.batch_size is missing'):
@@ -144,7 +152,7 @@ def test_config_flag_applies_overrides():
 
 
 def test_truncate_metrics_log_drops_steps_after_the_checkpoint(tmp_path):
-  truncate = train_lib._truncate_metrics_log  # pylint: disable=protected-access
+  truncate = training_loop.truncate_metrics_log
   path = tmp_path / 'train_metrics.jsonl'
   path.write_text('{"step": 2, "g_loss": 1.0}\n{"step": 4, "g_loss": 2.0}\n'
                   '{"step": 6, "g_lo')  # A line torn by SIGKILL.

@@ -12,6 +12,7 @@ from cavga_jax import config_checks
 from cavga_jax import eval_lib
 from cavga_jax import losses
 from cavga_jax import synthesis
+from cavga_jax import cavga_step
 from cavga_jax import train_lib
 from cavga_jax.errors import CavgaError
 from configs import tiny_synthetic
@@ -138,7 +139,7 @@ def test_normal_only_losses_ignore_the_synthetic_images():
                  class_attention=jnp.zeros((2, 2, 2, 2)),
                  logits=jnp.zeros((2, 2)))
   weights = jnp.array([1.0, 0.0])
-  terms = train_lib.weak_generator_loss_terms(
+  terms = cavga_step.weak_generator_loss_terms(
       outputs, images, fake_logits, jnp.array([0, 1]), vae_weights=weights)
   assert float(terms['rec']) == 0.0 and float(terms['kl']) == 0.0
   assert float(terms['adv']) == pytest.approx(
@@ -148,7 +149,7 @@ def test_normal_only_losses_ignore_the_synthetic_images():
           float(2 * jax.nn.softplus(0.0) / 2 + jax.nn.softplus(0.3)),
           rel=1e-6)
   # Unweighted, the second image counts.
-  plain = train_lib.weak_generator_loss_terms(
+  plain = cavga_step.weak_generator_loss_terms(
       outputs, images, fake_logits, jnp.array([0, 1]))
   assert float(plain['rec']) > 0 and float(plain['kl']) > 0
 

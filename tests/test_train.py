@@ -12,6 +12,8 @@ import pytest
 from conftest import train_with_interruption, tree_equal
 from cavga_jax import checkpointing
 from cavga_jax import sharding
+from cavga_jax import cavga_step
+from cavga_jax import nonfinite
 from cavga_jax import train_lib
 from cavga_jax import train_state
 from cavga_jax.errors import TrainingError
@@ -26,7 +28,7 @@ def test_train_step_lowers_the_loss(tiny_config):
   mesh = sharding.make_mesh()
   generator, discriminator, init_fn, _ = train_state.setup(tiny_config, mesh)
   state = init_fn(jax.random.key(0))
-  step = jax.jit(train_lib.make_train_step(
+  step = jax.jit(cavga_step.make_train_step(
       generator, discriminator, dict(tiny_config.loss_weights)),
                  donate_argnums=0)
   # A fixed batch of smooth images the VAE can learn to reconstruct.
@@ -73,11 +75,11 @@ def test_checkpoint_roundtrip(tiny_config, tmp_path):
 def _inject_nan(monkeypatch, bad_step):
   """Makes the loss NaN in the steps where ``bad_step(state.step)`` holds.
 
-  Wraps ``train_lib.make_train_step`` so that ``train_lib.train`` jits a
+  Wraps ``cavga_step.make_train_step`` so that ``train_lib.train`` jits a
   step whose ``rec`` weight is NaN exactly in those steps (the config
   checks reject a NaN weight in the config itself).
   """
-  original = train_lib.make_train_step
+  original = cavga_step.make_train_step
 
   def make_train_step(generator, discriminator, loss_weights, *args):
     def train_step(state, images, rng, labels=None):
@@ -88,7 +90,7 @@ def _inject_nan(monkeypatch, bad_step):
           state, images, rng, labels)
     return train_step
 
-  monkeypatch.setattr(train_lib, 'make_train_step', make_train_step)
+  monkeypatch.setattr(cavga_step, 'make_train_step', make_train_step)
 
 
 def _logged(workdir):
@@ -154,7 +156,7 @@ def test_skip_mode_skips_non_finite_steps_and_stops_after_too_many(
   assert tree_equal(after[3].replace(step=after[2].step), after[2])
   assert not tree_equal(after[4].gen_params, after[3].gen_params)
   assert tree_equal(after[5].replace(step=after[4].step), after[4])
-  assert bool(train_lib.tree_all_finite(after[5]))
+  assert bool(nonfinite.tree_all_finite(after[5]))
   assert [(line['step'], line['skipped']) for line in _logged(tmp_path)] == [
       (2, 0), (4, 1)]
 

@@ -1,0 +1,82 @@
+"""Normal-calibrated maps: per-pixel moments, z-scores, the evaluator's maps."""
+
+import numpy as np
+import pytest
+
+from cavga_jax import calibration
+from cavga_jax import config_checks
+from cavga_jax import eval_lib
+from cavga_jax.errors import CavgaError
+
+
+def _normal_maps(rng, n=12, size=8):
+  # Residual-like maps: large and variable on the left half ("a rim that is
+  # always hard"), small and steady on the right.
+  maps = rng.normal(0.1, 0.01, (n, size, size))
+  maps[:, :, : size // 2] = rng.normal(1.0, 0.2, (n, size, size // 2))
+  return maps.astype(np.float32)
+
+
+def test_pixel_moments_match_numpy_over_batches_in_any_order():
+  rng = np.random.default_rng(0)
+  maps = _normal_maps(rng)
+  forward, backward = calibration.PixelMoments(('m',)), calibration.PixelMoments(('m',))
+  for batch in np.array_split(maps, 3):
+    forward.add({'m': batch, 'ignored': batch})
+  for batch in np.array_split(maps, 4)[::-1]:
+    backward.add({'m': batch})
+  mean, scale = forward.statistics()['m']
+  np.testing.assert_allclose(mean, maps.mean(0), rtol=1e-5)
+  std = maps.std(0)
+  np.testing.assert_allclose(
+      scale, np.maximum(std, calibration.STD_FLOOR * std.mean()), rtol=1e-4)
+  np.testing.assert_allclose(backward.statistics()['m'][0], mean, rtol=1e-6)
+
+
+def test_std_floor_keeps_constant_pixels_finite():
+  maps = np.ones((5, 4, 4), np.float32)
+  maps[:, 0, 0] = np.arange(5)  # one pixel varies, the rest never do
+  moments = calibration.PixelMoments(('m',))
+  moments.add({'m': maps})
+  mean, scale = moments.statistics()['m']
+  assert np.all(scale > 0) and np.isfinite(scale).all()
+  assert scale[0, 0] == pytest.approx(np.std(np.arange(5)), rel=1e-5)
+  assert scale[1, 1] == pytest.approx(
+      calibration.STD_FLOOR * np.std(np.arange(5)) / 16, rel=1e-4)
+  z = calibration.calibrate(maps, mean, scale)
+  np.testing.assert_allclose(z[:, 1:, 1:], 0.0, atol=1e-6)
+
+
+def test_no_normal_images_is_an_error():
+  with pytest.raises(ValueError, match='no normal images'):
+    calibration.PixelMoments().statistics()
+
+
+def test_calibration_finds_a_defect_that_the_raw_residual_misses():
+  # A small defect on the steady right half raises the residual less than
+  # the left half's normal variation: the raw map ranks it below normal
+  # pixels, the calibrated map above all of them.
+  rng = np.random.default_rng(1)
+  normal = _normal_maps(rng)
+  test = _normal_maps(rng, n=4)
+  masks = np.zeros(test.shape, bool)
+  masks[2:, 2:4, 5:7] = True
+  test[masks] += 0.3
+  moments = calibration.PixelMoments(('residual',))
+  moments.add({'residual': normal})
+  predictions = dict(maps=dict(residual=test), map_scores={})
+  eval_lib.add_calibrated(predictions, moments.statistics())
+  calibrated = predictions['maps']['residual_calibrated']
+  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
+  assert roc_auc_score(masks.ravel(), test.ravel()) < 0.6
+  assert roc_auc_score(masks.ravel(), calibrated.ravel()) == 1.0
+  scores = predictions['map_scores']['residual_calibrated']
+  assert scores.shape == (4,) and scores[2:].min() > scores[:2].max()
+
+
+def test_calibrated_headline_needs_calibration(tiny_config):
+  tiny_config.eval.map = 'residual_calibrated'
+  config_checks.check_config(tiny_config)
+  tiny_config.eval.calibrate = False
+  with pytest.raises(CavgaError, match='needs config.eval.calibrate=True'):
+    config_checks.check_config(tiny_config)

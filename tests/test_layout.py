@@ -1,0 +1,65 @@
+"""The package's import graph: one-way, and config checks a leaf of it."""
+
+import ast
+import pathlib
+
+import cavga_jax
+
+PACKAGE = pathlib.Path(cavga_jax.__file__).parent
+
+# Modules that train or evaluate; the config checks must import none of them.
+PROGRAM_MODULES = {'train_lib', 'eval_lib', 'vae_lib', 'one_class',
+                   'cavga_step', 'training_loop', 'runtime'}
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(PACKAGE).with_suffix('').parts
+  return '.'.join(p for p in parts if p != '__init__')
+
+
+def _imports() -> dict[str, set[str]]:
+  """Module -> the cavga_jax modules it imports at the top level."""
+  graph = {}
+  for path in PACKAGE.rglob('*.py'):
+    name = _module_name(path)
+    targets = set()
+    for node in ast.parse(path.read_text()).body:  # top level only
+      if isinstance(node, ast.ImportFrom) and node.module and (
+          node.module == 'cavga_jax' or node.module.startswith('cavga_jax.')):
+        base = node.module.removeprefix('cavga_jax').removeprefix('.')
+        for alias in node.names:
+          full = f'{base}.{alias.name}' if base else alias.name
+          # 'from cavga_jax.x import Name' imports module x.
+          targets.add(full if (PACKAGE / full.replace('.', '/')).with_suffix(
+              '.py').exists() or (PACKAGE / full.replace('.', '/')).is_dir()
+                      else base)
+    graph[name] = {t for t in targets if t and t != name}
+  return graph
+
+
+def test_package_imports_have_no_cycle():
+  graph = _imports()
+  state = {}
+
+  def visit(node, path):
+    if state.get(node) == 'done':
+      return
+    assert state.get(node) != 'active', f'import cycle: {path + [node]}'
+    state[node] = 'active'
+    for target in sorted(graph.get(node, ())):
+      visit(target, path + [node])
+    state[node] = 'done'
+
+  for module in sorted(graph):
+    visit(module, [])
+
+
+def test_config_checks_imports_no_training_or_evaluation_module():
+  graph = _imports()
+  reachable, todo = set(), ['config_checks']
+  while todo:
+    for target in graph.get(todo.pop(), ()):
+      if target not in reachable:
+        reachable.add(target)
+        todo.append(target)
+  assert not reachable & PROGRAM_MODULES, sorted(reachable & PROGRAM_MODULES)
