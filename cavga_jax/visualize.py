@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import matplotlib
 from matplotlib import figure
 import numpy as np
 from PIL import Image
@@ -136,12 +137,17 @@ def plot_curves(path: str, records: Sequence[Mapping[str, Any]],
   # A Figure without pyplot: no global backend state for library users.
   fig = figure.Figure(figsize=(4 * len(metric_names), 3.4))
   axes = fig.subplots(1, len(metric_names), squeeze=False)
+  # tab20: a distinct colour for each of up to 20 maps (the default cycle
+  # repeats after 10); calibrated maps are dotted, the prior dashed.
+  colours = matplotlib.colormaps['tab20'].colors
   for ax, metric in zip(axes[0], metric_names):
-    for name in names:
+    for i, name in enumerate(names):
       values = [r['maps'].get(name, {}).get(metric, float('nan'))
                 for r in records]
-      ax.plot(steps, values, marker='.', label=name,
-              linestyle='--' if name == 'prior' else '-')
+      style = ('--' if name == 'prior'
+               else ':' if name.endswith('_calibrated') else '-')
+      ax.plot(steps, values, marker='.', label=name, linestyle=style,
+              color=colours[i % len(colours)])
     ax.set_title(metric)
     ax.set_xlabel('training step')
     ax.grid(alpha=0.3)
