@@ -5,9 +5,12 @@
 Writes <workdir>/eval/metrics.json, scores.csv and panels/*.png.
 --all_checkpoints instead scores every retained checkpoint with all maps and
 writes the learning curve <workdir>/eval_curve.jsonl and eval_curve.png (for
-runs trained without --config.train.eval_every).
+runs trained without --config.train.eval_every); --untrained scores the
+freshly initialised networks instead (<workdir>/eval_untrained/), the control
+for what training adds to each map.
 """
 
+import functools
 import json
 
 from absl import app
@@ -23,6 +26,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'The training workdir.')
 _ALL_CHECKPOINTS = flags.DEFINE_bool(
     'all_checkpoints', False, 'Score every retained checkpoint (CAVGA) and '
     'write the learning curve instead of evaluating the newest one.')
+_UNTRAINED = flags.DEFINE_bool(
+    'untrained', False, 'Evaluate the freshly initialised networks of '
+    'config.seed instead of a checkpoint (CAVGA; written to '
+    '<workdir>/eval_untrained): what training adds to each map.')
 _CACHE = runtime.define_compilation_cache_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -39,6 +46,10 @@ def main(argv):
     if _CONFIG.value.get('task', 'cavga') != 'cavga':
       raise app.UsageError('--all_checkpoints is for CAVGA configs')
     program = eval_lib.evaluate_checkpoints
+  elif _UNTRAINED.value:
+    if _CONFIG.value.get('task', 'cavga') != 'cavga':
+      raise app.UsageError('--untrained is for CAVGA configs')
+    program = functools.partial(eval_lib.evaluate, untrained=True)
   result = runtime.run_program(program, _CONFIG.value, _WORKDIR.value,
                                _CACHE.value)
   print(json.dumps(result, indent=2, sort_keys=True))

@@ -27,7 +27,10 @@ The maps (higher = more anomalous):
   (``weak_anomalous`` = ``A^ca``, ...).
 
 ``prior`` (the test-set mean of the headline map, the same map for every
-image) needs the whole test set, so ``eval_lib`` adds it after the pass.
+image) and ``prior_normal`` (its mean over the normal test images only, which
+cannot know where the defects lie) need the whole test set, so ``eval_lib``
+adds them after the pass; likewise the maps measured against the normal
+training images (``calibration``, ``feature_gaussian``).
 
 Image scores: every map also gives a per-image score, the mean of its top
 ``TOP_FRACTION`` (1 %) pixels, a robust maximum: the image mean would drown
@@ -160,6 +163,8 @@ WEAK_MAPS: dict[str, MapFn] = {
     f'weak_{name}': _weak_map(name) for name in attention.WEAK_MAPS
     if name != 'latent'}
 PRIOR = 'prior'
+PRIOR_NORMAL = 'prior_normal'
+PRIORS = (PRIOR, PRIOR_NORMAL)
 # Maps whose values are not in [0, 1] by construction: for IoU at the
 # paper's 0.5 threshold they are min-max normalised over the test set
 # (``eval_lib``), as the paper normalises the image score for its detection

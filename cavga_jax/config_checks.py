@@ -27,6 +27,7 @@ import ml_collections
 
 from cavga_jax import anomaly_maps
 from cavga_jax import calibration
+from cavga_jax import feature_gaussian
 from cavga_jax import data
 from cavga_jax import layers
 from cavga_jax import losses
@@ -178,13 +179,15 @@ def _check_cavga_config(config: ml_collections.ConfigDict) -> None:
 def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
   """The headline map and the map settings of ``anomaly_maps``."""
   _check_choice(config, 'eval.map',
-                anomaly_maps.MAP_NAMES + calibration.NAMES, 'attention')
+                anomaly_maps.MAP_NAMES + calibration.NAMES
+                + (feature_gaussian.NAME,), 'attention')
   headline = _get(config, 'eval.map', 'attention')
   calibrate = _get(config, 'eval.calibrate', True)
   if not isinstance(calibrate, bool):
     raise CavgaError(f'config.eval.calibrate={calibrate!r} must be True or '
                      'False')
-  if headline in calibration.NAMES and not calibrate:
+  if ((headline in calibration.NAMES or headline == feature_gaussian.NAME)
+      and not calibrate):
     raise CavgaError(f'config.eval.map={headline!r} needs '
                      'config.eval.calibrate=True (the statistics of the '
                      'normal training images)')
@@ -198,6 +201,17 @@ def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
   window = _get(config, 'eval.ssim_window', 11)
   if window % 2 == 0:
     raise CavgaError(f'config.eval.ssim_window={window!r} must be odd')
+  defaults = feature_gaussian.FeatureSettings()
+  stages = _get(config, 'eval.feature_stages', defaults.stages)
+  if (not isinstance(stages, (tuple, list)) or not stages
+      or any(isinstance(s, bool) or not isinstance(s, numbers.Integral)
+             for s in stages)
+      or list(stages) != sorted(set(stages))
+      or not 1 <= stages[0] <= stages[-1] <= models.NUM_ENCODER_STAGES):
+    raise CavgaError(f'config.eval.feature_stages={stages!r} must be '
+                     'increasing encoder stages in '
+                     f'1..{models.NUM_ENCODER_STAGES}, e.g. (1, 2)')
+  _check_int(config, 'eval.feature_dims', 1, defaults.dims)
   _check_int(config, 'train.eval_every', 0, 0)
 
 

@@ -51,6 +51,7 @@ from cavga_jax import calibration
 from cavga_jax import checkpointing
 from cavga_jax import config_checks
 from cavga_jax import data
+from cavga_jax import feature_gaussian
 from cavga_jax import metrics
 from cavga_jax import models
 from cavga_jax import sharding
@@ -71,8 +72,25 @@ def map_settings(eval_config: ml_collections.ConfigDict
       ssim_window=int(eval_config.get('ssim_window', defaults.ssim_window)))
 
 
+def feature_settings(eval_config: ml_collections.ConfigDict
+                     ) -> feature_gaussian.FeatureSettings | None:
+  """The feature map's settings, or None without ``eval.calibrate``.
+
+  The feature map needs the pass over the normal training images that
+  ``eval.calibrate`` turns on.
+  """
+  if not eval_config.get('calibrate', True):
+    return None
+  defaults = feature_gaussian.FeatureSettings()
+  return feature_gaussian.FeatureSettings(
+      stages=tuple(int(s) for s in eval_config.get('feature_stages',
+                                                   defaults.stages)),
+      dims=int(eval_config.get('feature_dims', defaults.dims)))
+
+
 def make_eval_step(generator: models.CAVGAGenerator,
-                   settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings()
+                   settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
+                   features: feature_gaussian.FeatureSettings | None = None
                    ) -> Callable[[Any, Any, Array], dict[str, Any]]:
   """Returns ``eval_step(params, batch_stats, images) -> outputs``.
 
@@ -81,9 +99,14 @@ def make_eval_step(generator: models.CAVGAGenerator,
   [-1, 1] units), 'maps' {name: (B, S, S) float32} for every map of
   ``anomaly_maps.map_functions`` and 'map_scores' {name: (B,)} (their image
   scores). With the CAVGA_w classifier also 'class_attention'
-  (B, 2, h, w) and 'p_anomalous' (B,).
+  (B, 2, h, w) and 'p_anomalous' (B,). With ``features`` also 'features'
+  (B, g, g, dims): the encoder features of ``feature_gaussian``.
   """
   functions = anomaly_maps.map_functions(generator.with_classifier)
+  if features is not None:
+    channels = feature_gaussian.select_channels(
+        [generator.encoder_widths[s - 1] for s in features.stages],
+        features.dims)
 
   def eval_step(params, batch_stats, images):
     x = train_state.images_to_float(images)
@@ -105,6 +128,12 @@ def make_eval_step(generator: models.CAVGAGenerator,
       result.update(
           class_attention=outputs['class_attention'],
           p_anomalous=jax.nn.softmax(outputs['logits'])[:, models.ANOMALOUS])
+    if features is not None:
+      stage_outputs = generator.apply(
+          {'params': params, 'batch_stats': batch_stats}, x, False,
+          features.stages, method='encode_stages')
+      result['features'] = feature_gaussian.stack_features(
+          stage_outputs, channels, feature_gaussian.grid_size(x.shape[1]))
     return result
 
   return eval_step
@@ -141,17 +170,25 @@ def predict(eval_step: Callable, params: Any, batch_stats: Any,
 def normal_statistics(eval_step: Callable, params: Any, batch_stats: Any,
                       normal_images: np.ndarray, batch_size: int,
                       mesh: jax.sharding.Mesh
-                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Per-pixel statistics of the ``calibration.BASES`` maps on normal images.
+                      ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
+                                 tuple[np.ndarray, np.ndarray] | None]:
+  """Statistics of the normal images for the calibrated and feature maps.
 
-  ``normal_images`` (N, S, S, C) uint8; returns name -> (mean, scale), each
-  (S, S) (``calibration.PixelMoments``); only the moments are kept.
+  ``normal_images`` (N, S, S, C) uint8. Returns (pixel statistics: name ->
+  (mean, scale), each (S, S), of the ``calibration.BASES`` maps; feature
+  statistics: (mean, precision) of ``feature_gaussian.FeatureMoments``, or
+  None when ``eval_step`` gives no 'features'). Only moments are kept.
   """
-  moments = calibration.PixelMoments()
+  pixel_moments = calibration.PixelMoments()
+  feature_moments = None
   for out in _host_outputs(eval_step, params, batch_stats, normal_images,
                            batch_size, mesh, 'normal training images'):
-    moments.add(out['maps'])
-  return moments.statistics()
+    pixel_moments.add(out['maps'])
+    if 'features' in out:
+      feature_moments = feature_moments or feature_gaussian.FeatureMoments()
+      feature_moments.add(out['features'])
+  return (pixel_moments.statistics(),
+          feature_moments and feature_moments.statistics())
 
 
 def add_calibrated(predictions: dict[str, Any],
@@ -166,22 +203,51 @@ def add_calibrated(predictions: dict[str, Any],
         anomaly_maps.image_score(jnp.asarray(calibrated)))
 
 
+def add_feature_map(predictions: dict[str, Any],
+                    statistics: tuple[np.ndarray, np.ndarray],
+                    settings: anomaly_maps.MapSettings) -> None:
+  """Replaces ``predictions['features']`` by the ``feature_gaussian`` map.
+
+  The per-cell Mahalanobis distances are bilinear to image size and
+  smoothed with ``settings.residual_sigma``, like the residual.
+  """
+  features = predictions.pop('features')
+  distances = feature_gaussian.mahalanobis(jnp.asarray(features),
+                                           *map(jnp.asarray, statistics))
+  size = predictions['reconstruction'].shape[1]
+  feature_map = anomaly_maps.gaussian_blur(
+      jax.image.resize(distances, (len(distances), size, size), 'bilinear'),
+      settings.residual_sigma)
+  predictions['maps'][feature_gaussian.NAME] = np.asarray(feature_map)
+  predictions['map_scores'][feature_gaussian.NAME] = np.asarray(
+      anomaly_maps.image_score(feature_map))
+
+
 def _unbounded(name: str) -> bool:
   """Maps that ``map_metrics`` min-max normalises over the test set."""
-  return name in anomaly_maps.UNBOUNDED or name in calibration.NAMES
+  return (name in anomaly_maps.UNBOUNDED or name in calibration.NAMES
+          or name == feature_gaussian.NAME)
 
 
-def add_prior(predictions: dict[str, Any], headline: str) -> None:
-  """Adds the ``prior`` map: the test-set mean of ``headline`` for every image.
+def add_prior(predictions: dict[str, Any], headline: str,
+              labels: np.ndarray) -> None:
+  """Adds the positional baselines of ``headline``: the same map for every image.
 
-  Its image score is constant (image AUROC 0.5): the prior only asks
-  whether a map knows more than where defects tend to be.
+  ``prior``: the mean of ``headline`` over the whole test set. A map that
+  localizes well leaks where this test set's defects lie into that mean, so
+  ``prior_normal``, its mean over the normal test images only (``labels``
+  0; absent without them), is the baseline that cannot know the defects.
+  Their image scores are constant (image AUROC 0.5).
   """
   maps = predictions['maps'][headline]
-  predictions['maps'][anomaly_maps.PRIOR] = np.broadcast_to(
-      maps.mean(axis=0, dtype=np.float64).astype(np.float32), maps.shape)
-  predictions['map_scores'][anomaly_maps.PRIOR] = np.zeros(len(maps),
-                                                           np.float32)
+  subsets = {anomaly_maps.PRIOR: maps,
+             anomaly_maps.PRIOR_NORMAL: maps[labels == 0]}
+  for name, subset in subsets.items():
+    if not len(subset):
+      continue
+    predictions['maps'][name] = np.broadcast_to(
+        subset.mean(axis=0, dtype=np.float64).astype(np.float32), maps.shape)
+    predictions['map_scores'][name] = np.zeros(len(maps), np.float32)
 
 
 def map_metrics(anomaly_map: np.ndarray, image_scores: np.ndarray,
@@ -213,12 +279,12 @@ def compute_metrics(predictions: dict[str, Any],
   (ROC AUC of the classifier's probability of 'anomalous') and
   'classifier_accuracy' (anomalous iff that probability > 0.5).
   """
-  add_prior(predictions, headline)
+  add_prior(predictions, headline, dataset.labels)
   per_map = {
       name: map_metrics(predictions['maps'][name],
                         predictions['map_scores'][name], dataset,
                         _unbounded(name)
-                        or (name == anomaly_maps.PRIOR
+                        or (name in anomaly_maps.PRIORS
                             and _unbounded(headline)))
       for name in predictions['maps']}
   predictions['anomaly_map'] = predictions['maps'][headline]
@@ -325,7 +391,9 @@ def make_evaluator(generator: models.CAVGAGenerator,
       ``eval_config.calibrate`` (default True) each call first measures the
       ``calibration.BASES`` maps on them and adds the calibrated maps.
   """
-  eval_step = jax.jit(make_eval_step(generator, map_settings(eval_config)))
+  settings = map_settings(eval_config)
+  features = feature_settings(eval_config)
+  eval_step = jax.jit(make_eval_step(generator, settings, features))
   headline = eval_config.get('map', 'attention')
   if not eval_config.get('calibrate', True):
     normal_images = None
@@ -334,9 +402,11 @@ def make_evaluator(generator: models.CAVGAGenerator,
     predictions = predict(eval_step, params, batch_stats, dataset,
                           eval_config.batch_size, mesh)
     if normal_images is not None:
-      add_calibrated(predictions, normal_statistics(
+      pixel_statistics, feature_statistics = normal_statistics(
           eval_step, params, batch_stats, normal_images,
-          eval_config.batch_size, mesh))
+          eval_config.batch_size, mesh)
+      add_calibrated(predictions, pixel_statistics)
+      add_feature_map(predictions, feature_statistics, settings)
     tic = time.perf_counter()
     result = compute_metrics(predictions, dataset, headline)
     logging.info('metrics of %d maps in %.1f s', len(result['maps']),
@@ -356,14 +426,14 @@ CURVE_FILE = 'eval_curve.jsonl'
 
 
 def _evaluation_setup(config: ml_collections.ConfigDict, workdir: str):
-  """(test set, evaluator, abstract restore target) of a run's config."""
+  """(test set, evaluator, state initialiser, mesh) of a run's config."""
   config_checks.check_config(config)
   mesh = sharding.make_mesh()
   train_ds, test_ds = data.get_datasets(config, workdir)
   generator, _, init_fn, _ = train_state.setup(config, mesh)
-  target = train_state.abstract_state(init_fn, mesh)
   return (test_ds, make_evaluator(generator, test_ds, config.eval, mesh,
-                                  normal_training_images(train_ds)), target)
+                                  normal_training_images(train_ds)),
+          init_fn, mesh)
 
 
 def normal_training_images(train_ds: data.AnomalyDataset) -> np.ndarray:
@@ -395,7 +465,8 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str
   Returns:
     The curve records, in step order.
   """
-  test_ds, evaluator, target = _evaluation_setup(config, workdir)
+  test_ds, evaluator, init_fn, mesh = _evaluation_setup(config, workdir)
+  target = train_state.abstract_state(init_fn, mesh)
   manager = checkpointing.make_manager(workdir)
   steps = sorted(manager.all_steps())
   if not steps:
@@ -413,8 +484,11 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str
   return records
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str
-             ) -> dict[str, Any]:
+UNTRAINED_DIR = 'eval_untrained'
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             untrained: bool = False) -> dict[str, Any]:
   """Restores the latest checkpoint of ``workdir`` and evaluates it.
 
   Writes ``<workdir>/eval/metrics.json``, ``scores.csv`` and ``panels/``
@@ -422,16 +496,30 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   Always the final checkpoint: the learning curve of ``config.train.eval_every``
   never selects one.
 
+  Args:
+    config: the run's configuration.
+    workdir: the training workdir.
+    untrained: evaluate the freshly initialised networks of ``config.seed``
+      instead (no checkpoint needed; written to ``<workdir>/eval_untrained``,
+      ``checkpoint_step`` 0): the control that says what training added to
+      each map.
+
   Returns:
     The metrics dict (also logged).
   """
-  test_ds, evaluator, target = _evaluation_setup(config, workdir)
-  state, step = checkpointing.restore_for_eval(workdir, target)
-  logging.info('evaluating checkpoint %d on %d test images', step,
-               test_ds.num_examples)
+  test_ds, evaluator, init_fn, mesh = _evaluation_setup(config, workdir)
+  if untrained:
+    state, step = init_fn(jax.random.key(config.seed)), 0
+    logging.info('evaluating the untrained networks (seed %d) on %d test '
+                 'images', config.seed, test_ds.num_examples)
+  else:
+    state, step = checkpointing.restore_for_eval(
+        workdir, train_state.abstract_state(init_fn, mesh))
+    logging.info('evaluating checkpoint %d on %d test images', step,
+                 test_ds.num_examples)
   result, predictions = evaluator(state.gen_params, state.gen_batch_stats)
   result['checkpoint_step'] = step
-  write_outputs(os.path.join(workdir, 'eval'), result, predictions, test_ds,
-                config.eval.num_panels)
+  write_outputs(os.path.join(workdir, UNTRAINED_DIR if untrained else 'eval'),
+                result, predictions, test_ds, config.eval.num_panels)
   logging.info('metrics: %s', json.dumps(result, sort_keys=True))
   return result

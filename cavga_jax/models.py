@@ -335,6 +335,20 @@ class CAVGAGenerator(nn.Module):
     """The output of encoder stage ``start`` -> last feature map F."""
     return self.encoder(features, train, start=start)
 
+  def encode_stages(self, x: Array, train: bool,
+                    stages: Sequence[int]) -> list[Array]:
+    """The outputs of encoder stages ``stages`` (increasing, 1..4), one pass.
+
+    Stage s is what ``encode(x, train, stop=s)`` returns.
+    """
+    h = normalize_input(x, self.input_norm).astype(self.dtype)
+    outputs, start = [], 0
+    for stop in stages:
+      h = self.encoder(h, train, start=start, stop=stop)
+      outputs.append(h)
+      start = stop
+    return outputs
+
   def latent_params(self, features: Array) -> tuple[Array, Array]:
     """F (B, h, w, k) -> (mu, logvar), each (B, h, w, c) or (B, latent_dim).
 

@@ -112,7 +112,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.map = 'residual_x_ssim_calibrated'
   config.eval.residual_sigma = 4.0  # Gaussian sigma (px) of the residual map
   config.eval.ssim_window = 11  # SSIM window (px) of the residual_ssim map
-  # Add '<map>_calibrated' z-scores of the residual maps against their
-  # per-pixel statistics on the normal training images (cavga_jax.calibration).
+  # One pass over the normal training images adds the maps measured against
+  # them: '<map>_calibrated' z-scores of the residual maps
+  # (cavga_jax.calibration) and 'feature_gaussian', the per-cell Mahalanobis
+  # distance of the encoder features of stages feature_stages, feature_dims
+  # channels kept (cavga_jax.feature_gaussian).
   config.eval.calibrate = True
+  config.eval.feature_stages = (1, 2)
+  config.eval.feature_dims = 100
   return config

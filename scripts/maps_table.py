@@ -2,7 +2,9 @@
 
   python scripts/maps_table.py runs/bottle_D_u runs/kolektor_D_u [--metrics=pixel_auroc,aupro,iou]
 
-Reads ``<workdir>/eval/metrics.json`` (written by evaluate.py) and prints
+Reads ``<workdir>/eval/metrics.json`` (written by evaluate.py; or the
+``metrics.json`` of a folder given directly, e.g. ``<workdir>/eval_untrained``)
+and prints
 one row per run and one column per map, each cell ``metric1 / metric2 /
 ...`` (default pixel AUROC / AU-PRO / IoU@0.5), then a second table with
 every map's image AUROC (its top-1 % score) beside the reconstruction
@@ -14,8 +16,11 @@ import json
 import os
 
 
-def _load(workdir: str) -> dict:
-  with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
+def _load(path: str) -> dict:
+  """metrics.json of a workdir, or of an evaluation folder (eval_untrained)."""
+  if not os.path.exists(os.path.join(path, 'metrics.json')):
+    path = os.path.join(path, 'eval')
+  with open(os.path.join(path, 'metrics.json')) as f:
     return json.load(f)
 
 
@@ -32,7 +37,7 @@ def main():
   for workdir, result in results.items():
     cells = [' / '.join(f'{result["maps"][m][k]:.3f}' for k in names)
              if m in result['maps'] else '' for m in maps]
-    print(f'| {os.path.basename(workdir)} | {result.get("checkpoint_step")} | '
+    print(f'| {os.path.normpath(workdir)} | {result.get("checkpoint_step")} | '
           + ' | '.join(cells) + ' |')
   print()
   print('| run | image AUROC: MSE | ' + ' | '.join(maps) + ' |')
@@ -40,7 +45,7 @@ def main():
   for workdir, result in results.items():
     cells = [f'{result["maps"][m]["image_auroc"]:.3f}'
              if m in result['maps'] else '' for m in maps]
-    print(f'| {os.path.basename(workdir)} | {result["image_auroc"]:.3f} | '
+    print(f'| {os.path.normpath(workdir)} | {result["image_auroc"]:.3f} | '
           + ' | '.join(cells) + ' |')
 
 

@@ -201,7 +201,8 @@ def test_compute_metrics_scores_every_map_and_the_prior():
       maps=dict(attention=noise, residual=perfect),
       map_scores=dict(attention=np.zeros(4), residual=perfect.max((1, 2))))
   result = eval_lib.compute_metrics(predictions, dataset, headline='residual')
-  assert set(result['maps']) == {'attention', 'residual', 'prior'}
+  assert set(result['maps']) == {'attention', 'residual', 'prior',
+                                 'prior_normal'}
   residual = result['maps']['residual']
   assert residual['pixel_auroc'] == 1.0 and residual['aupro'] == 1.0
   # Normalised over the test set, the exact map has IoU 1 at 0.5.
@@ -213,6 +214,13 @@ def test_compute_metrics_scores_every_map_and_the_prior():
   prior = predictions['maps']['prior']
   np.testing.assert_allclose(prior[0], perfect.mean(axis=0))
   assert result['maps']['prior']['image_auroc'] == 0.5
+  # prior_normal averages the normal images only: it cannot see the defects
+  # (here a constant map, pixel AUROC 0.5), where prior leaks them.
+  normal = dataset.labels == 0
+  np.testing.assert_allclose(predictions['maps']['prior_normal'][3],
+                             perfect[normal].mean(axis=0))
+  assert result['maps']['prior']['pixel_auroc'] > 0.85
+  assert result['maps']['prior_normal']['pixel_auroc'] == 0.5
   np.testing.assert_array_equal(predictions['anomaly_map'], perfect)
 
 

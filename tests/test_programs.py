@@ -14,7 +14,7 @@ METRIC_KEYS = ('pixel_auroc', 'iou', 'image_auroc', 'detection_accuracy',
 MAPS = ('attention', 'attention_liu', 'residual', 'residual_ssim',
         'residual_ssim_smooth', 'residual_x_ssim', 'attention_x_residual',
         'prior', 'residual_calibrated', 'residual_ssim_smooth_calibrated',
-        'residual_x_ssim_calibrated')
+        'residual_x_ssim_calibrated', 'feature_gaussian', 'prior_normal')
 
 
 def _run(script, *args, cache_dir):

@@ -1,0 +1,157 @@
+"""The feature-Gaussian map (cavga_jax.feature_gaussian) and its evaluation."""
+
+import jax
+import numpy as np
+import pytest
+
+from cavga_jax import anomaly_maps
+from cavga_jax import config_checks
+from cavga_jax import data
+from cavga_jax import eval_lib
+from cavga_jax import feature_gaussian
+from cavga_jax import metrics
+from cavga_jax import models
+from cavga_jax.errors import CavgaError
+
+
+def test_moments_match_numpy_mean_and_regularised_covariance_in_any_order():
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(11, 2, 3, 4)) * [1.0, 2.0, 0.5, 3.0] + 5.0
+  forward, backward = (feature_gaussian.FeatureMoments(),
+                       feature_gaussian.FeatureMoments())
+  for batch in np.array_split(features, 3):
+    forward.add(batch)
+  for batch in np.array_split(features, 4)[::-1]:
+    backward.add(batch)
+  mean, precision = forward.statistics()
+  assert mean.shape == (2, 3, 4) and precision.shape == (2, 3, 4, 4)
+  for h in range(2):
+    for w in range(3):
+      cells = features[:, h, w]
+      np.testing.assert_allclose(mean[h, w], cells.mean(0), rtol=1e-5)
+      covariance = (np.cov(cells, rowvar=False)
+                    + feature_gaussian.REGULARIZATION * np.eye(4))
+      np.testing.assert_allclose(precision[h, w], np.linalg.inv(covariance),
+                                 rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(backward.statistics()[1], precision, rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_no_normal_features_is_an_error():
+  with pytest.raises(ValueError, match='no normal images'):
+    feature_gaussian.FeatureMoments().statistics()
+
+
+def test_mahalanobis_by_hand():
+  # One cell, precision diag(1/4, 1): (2, 3) from mean (0, 1) -> sqrt(1 + 4).
+  features = np.array([[[[2.0, 3.0]]], [[[0.0, 1.0]]]], np.float32)
+  mean = np.array([[[0.0, 1.0]]], np.float32)
+  precision = np.array([[np.diag([0.25, 1.0])]], np.float32)
+  distances = np.asarray(feature_gaussian.mahalanobis(features, mean,
+                                                      precision))
+  np.testing.assert_allclose(distances[:, 0, 0], [np.sqrt(5.0), 0.0],
+                             atol=1e-6)
+
+
+def test_channel_subset_is_fixed_sorted_and_keeps_all_when_few():
+  first = feature_gaussian.select_channels((64, 128), 100)
+  assert len(first) == 100 and np.all(np.diff(first) > 0)
+  assert first.max() < 192
+  np.testing.assert_array_equal(first,
+                                feature_gaussian.select_channels((64, 128),
+                                                                 100))
+  np.testing.assert_array_equal(feature_gaussian.select_channels((8, 16), 100),
+                                np.arange(24))
+
+
+def _defect_dataset(n=4, size=16):
+  masks = np.zeros((n, size, size), bool)
+  masks[2, 4:8, 4:8] = True
+  masks[3, 8:12, 2:6] = True
+  return data.AnomalyDataset(
+      images=np.zeros((n, size, size, 3), np.uint8), masks=masks,
+      labels=np.array([0, 0, 1, 1]),
+      defect_types=('good', 'good', 'crack', 'crack'),
+      paths=tuple(f'/x/{i}.png' for i in range(n)))
+
+
+def test_features_unusual_for_their_cell_find_the_defect():
+  # Normal features vary a lot in some channels and cells; the defects shift
+  # a channel that is steady in normal images. The feature map ranks every
+  # defect pixel above every normal one (AU-PRO, pixel AUROC 1).
+  rng = np.random.default_rng(1)
+  grid, dims = 4, 3
+  scale = np.array([5.0, 0.1, 1.0])
+  normal = rng.normal(size=(40, grid, grid, dims)) * scale
+  test = rng.normal(size=(4, grid, grid, dims)) * scale * 0.5
+  dataset = _defect_dataset()
+  test[2, 1, 1, 1] += 3.0  # cell (1, 1) covers pixels 4:8 at 16 px
+  test[3, 2, 0, 1] += 3.0  # cell (2, 0) covers pixels 8:12, 0:4
+  moments = feature_gaussian.FeatureMoments()
+  moments.add(normal)
+  predictions = dict(features=test.astype(np.float32),
+                     reconstruction=dataset.images, maps={}, map_scores={})
+  eval_lib.add_feature_map(predictions, moments.statistics(),
+                           anomaly_maps.MapSettings(residual_sigma=0.0))
+  assert 'features' not in predictions
+  feature_map = predictions['maps'][feature_gaussian.NAME]
+  assert feature_map.shape == (4, 16, 16)
+  cells = feature_map[:, 2::4, 2::4]  # cell centres, away from blending
+  assert cells[2, 1, 1] > cells[:2].max() and cells[3, 2, 0] > cells[:2].max()
+  assert metrics.pixel_auroc(cells, dataset.masks[:, 2::4, 2::4]) == 1.0
+  scores = predictions['map_scores'][feature_gaussian.NAME]
+  assert scores.shape == (4,) and scores[2:].min() > scores[:2].max()
+
+
+@pytest.mark.parametrize('variant', ['R', 'D'])
+def test_encode_stages_equal_encode_up_to_each_stage(variant):
+  generator = models.CAVGAGenerator(
+      variant=variant, image_size=32, latent_channels=4,
+      encoder_widths=(4, 8, 8, 16), decoder_widths=(16, 8, 8, 4, 4),
+      conv_impl='lax')
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1,
+                         maxval=1)
+  variables = generator.init(jax.random.key(1), x, None, False)
+  stages = generator.apply(variables, x, False, (1, 2, 4),
+                           method='encode_stages')
+  for stage, output in zip((1, 2, 4), stages):
+    expected = generator.apply(variables, x, False, stage, method='encode')
+    np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_step_gives_features_of_the_configured_stages(tiny_config):
+  generator, _ = models.build_models(tiny_config)
+  x = np.zeros((2, 32, 32, 3), np.uint8)
+  variables = generator.init(jax.random.key(0), x.astype(np.float32), None,
+                             False)
+  settings = feature_gaussian.FeatureSettings(stages=(1, 2), dims=10)
+  step = eval_lib.make_eval_step(generator, features=settings)
+  out = step(variables['params'], variables['batch_stats'], x)
+  assert out['features'].shape == (2, 8, 8, 10)  # grid 32 // 4, 10 channels
+  assert eval_lib.feature_settings(tiny_config.eval).stages == (1, 2)
+  tiny_config.eval.calibrate = False
+  assert eval_lib.feature_settings(tiny_config.eval) is None
+
+
+@pytest.mark.parametrize('field, value, expected', [
+    ('eval.feature_stages', (2, 1), 'must be increasing encoder stages'),
+    ('eval.feature_stages', (), 'must be increasing encoder stages'),
+    ('eval.feature_stages', (0, 1), 'must be increasing encoder stages'),
+    ('eval.feature_stages', (3, 5), 'must be increasing encoder stages'),
+    ('eval.feature_dims', 0, 'config.eval.feature_dims=0 must be an integer'),
+])
+def test_bad_feature_settings_are_one_line_errors(tiny_config, field, value,
+                                                  expected):
+  section, name = field.split('.')
+  tiny_config[section][name] = value
+  with pytest.raises(CavgaError) as info:
+    config_checks.check_config(tiny_config)
+  assert expected in str(info.value) and '\n' not in str(info.value)
+
+
+def test_feature_headline_needs_calibration(tiny_config):
+  tiny_config.eval.map = feature_gaussian.NAME
+  config_checks.check_config(tiny_config)
+  tiny_config.eval.calibrate = False
+  with pytest.raises(CavgaError, match='needs config.eval.calibrate=True'):
+    config_checks.check_config(tiny_config)
