@@ -103,10 +103,7 @@ def make_eval_step(generator: models.CAVGAGenerator,
   (B, g, g, dims): the encoder features of ``feature_gaussian``.
   """
   functions = anomaly_maps.map_functions(generator.with_classifier)
-  if features is not None:
-    channels = feature_gaussian.select_channels(
-        [generator.encoder_widths[s - 1] for s in features.stages],
-        features.dims)
+  stage_features = _stage_features(generator, features)
 
   def eval_step(params, batch_stats, images):
     x = train_state.images_to_float(images)
@@ -128,15 +125,59 @@ def make_eval_step(generator: models.CAVGAGenerator,
       result.update(
           class_attention=outputs['class_attention'],
           p_anomalous=jax.nn.softmax(outputs['logits'])[:, models.ANOMALOUS])
-    if features is not None:
-      stage_outputs = generator.apply(
-          {'params': params, 'batch_stats': batch_stats}, x, False,
-          features.stages, method='encode_stages')
-      result['features'] = feature_gaussian.stack_features(
-          stage_outputs, channels, feature_gaussian.grid_size(x.shape[1]))
+    if stage_features is not None:
+      result['features'] = stage_features(params, batch_stats, x)
     return result
 
   return eval_step
+
+
+def _stage_features(generator: models.CAVGAGenerator,
+                    features: feature_gaussian.FeatureSettings | None
+                    ) -> Callable[[Any, Any, Array], Array] | None:
+  """``fn(params, batch_stats, x) -> (B, g, g, dims)`` features, or None."""
+  if features is None:
+    return None
+  channels = feature_gaussian.select_channels(
+      [generator.encoder_widths[s - 1] for s in features.stages],
+      features.dims)
+
+  def stage_features(params, batch_stats, x):
+    outputs = generator.apply({'params': params, 'batch_stats': batch_stats},
+                              x, False, features.stages,
+                              method='encode_stages')
+    return feature_gaussian.stack_features(
+        outputs, channels, feature_gaussian.grid_size(x.shape[1]))
+
+  return stage_features
+
+
+def make_normal_step(generator: models.CAVGAGenerator,
+                     settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
+                     features: feature_gaussian.FeatureSettings | None = None
+                     ) -> Callable[[Any, Any, Array], dict[str, Any]]:
+  """Returns ``normal_step(params, batch_stats, images) -> outputs``.
+
+  What the statistics of the normal training images need, and no more (no
+  Grad-CAM): 'maps' {name: (B, S, S)} of ``calibration.BASES`` from the
+  reconstruction of ``mu`` (the one ``make_eval_step`` decodes) and, with
+  ``features``, 'features' (B, g, g, dims).
+  """
+  functions = {name: anomaly_maps.MAPS[name] for name in calibration.BASES}
+  stage_features = _stage_features(generator, features)
+
+  def normal_step(params, batch_stats, images):
+    x = train_state.images_to_float(images)
+    reconstruction = generator.apply(
+        {'params': params, 'batch_stats': batch_stats}, x, None,
+        False)['reconstruction']
+    result = dict(maps=anomaly_maps.compute_maps(
+        dict(images=x, reconstruction=reconstruction), functions, settings))
+    if stage_features is not None:
+      result['features'] = stage_features(params, batch_stats, x)
+    return result
+
+  return normal_step
 
 
 def _host_outputs(eval_step: Callable, params: Any, batch_stats: Any,
@@ -167,21 +208,22 @@ def predict(eval_step: Callable, params: Any, batch_stats: Any,
   return jax.tree.map(lambda *values: np.concatenate(values), *batches)
 
 
-def normal_statistics(eval_step: Callable, params: Any, batch_stats: Any,
+def normal_statistics(normal_step: Callable, params: Any, batch_stats: Any,
                       normal_images: np.ndarray, batch_size: int,
                       mesh: jax.sharding.Mesh
                       ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
                                  tuple[np.ndarray, np.ndarray] | None]:
   """Statistics of the normal images for the calibrated and feature maps.
 
-  ``normal_images`` (N, S, S, C) uint8. Returns (pixel statistics: name ->
-  (mean, scale), each (S, S), of the ``calibration.BASES`` maps; feature
-  statistics: (mean, precision) of ``feature_gaussian.FeatureMoments``, or
-  None when ``eval_step`` gives no 'features'). Only moments are kept.
+  ``normal_step`` is a jitted ``make_normal_step``; ``normal_images`` (N,
+  S, S, C) uint8. Returns (pixel statistics: name -> (mean, scale), each (S,
+  S), of the ``calibration.BASES`` maps; feature statistics: (mean,
+  precision) of ``feature_gaussian.FeatureMoments``, or None when the step
+  gives no 'features'). Only moments are kept.
   """
   pixel_moments = calibration.PixelMoments()
   feature_moments = None
-  for out in _host_outputs(eval_step, params, batch_stats, normal_images,
+  for out in _host_outputs(normal_step, params, batch_stats, normal_images,
                            batch_size, mesh, 'normal training images'):
     pixel_moments.add(out['maps'])
     if 'features' in out:
@@ -394,6 +436,7 @@ def make_evaluator(generator: models.CAVGAGenerator,
   settings = map_settings(eval_config)
   features = feature_settings(eval_config)
   eval_step = jax.jit(make_eval_step(generator, settings, features))
+  normal_step = jax.jit(make_normal_step(generator, settings, features))
   headline = eval_config.get('map', 'attention')
   if not eval_config.get('calibrate', True):
     normal_images = None
@@ -403,7 +446,7 @@ def make_evaluator(generator: models.CAVGAGenerator,
                           eval_config.batch_size, mesh)
     if normal_images is not None:
       pixel_statistics, feature_statistics = normal_statistics(
-          eval_step, params, batch_stats, normal_images,
+          normal_step, params, batch_stats, normal_images,
           eval_config.batch_size, mesh)
       add_calibrated(predictions, pixel_statistics)
       add_feature_map(predictions, feature_statistics, settings)

@@ -80,3 +80,27 @@ def test_calibrated_headline_needs_calibration(tiny_config):
   tiny_config.eval.calibrate = False
   with pytest.raises(CavgaError, match='needs config.eval.calibrate=True'):
     config_checks.check_config(tiny_config)
+
+
+def test_normal_step_gives_the_eval_steps_maps_and_features(tiny_config):
+  # The pass over the normal images skips Grad-CAM but must measure the same
+  # maps and features as the test pass.
+  import jax  # pylint: disable=g-import-not-at-top
+  from cavga_jax import models  # pylint: disable=g-import-not-at-top
+  generator, _ = models.build_models(tiny_config)
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3),
+                                             dtype=np.uint8)
+  variables = generator.init(jax.random.key(0), images.astype(np.float32),
+                             None, False)
+  settings = eval_lib.map_settings(tiny_config.eval)
+  features = eval_lib.feature_settings(tiny_config.eval)
+  args = (variables['params'], variables['batch_stats'], images)
+  full = jax.jit(eval_lib.make_eval_step(generator, settings, features))(*args)
+  normal = jax.jit(eval_lib.make_normal_step(generator, settings,
+                                             features))(*args)
+  assert set(normal['maps']) == set(calibration.BASES)
+  for name in calibration.BASES:
+    np.testing.assert_allclose(normal['maps'][name], full['maps'][name],
+                               rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(normal['features'], full['features'], rtol=1e-5,
+                             atol=1e-6)
