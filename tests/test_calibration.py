@@ -1,11 +1,13 @@
 """Normal-calibrated maps: per-pixel moments, z-scores, the evaluator's maps."""
 
+import jax
 import numpy as np
 import pytest
 
 from cavga_jax import calibration
 from cavga_jax import config_checks
 from cavga_jax import eval_lib
+from cavga_jax import models
 from cavga_jax.errors import CavgaError
 
 
@@ -85,13 +87,11 @@ def test_calibrated_headline_needs_calibration(tiny_config):
 def test_normal_step_gives_the_eval_steps_maps_and_features(tiny_config):
   # The pass over the normal images skips Grad-CAM but must measure the same
   # maps and features as the test pass.
-  import jax  # pylint: disable=g-import-not-at-top
-  from cavga_jax import models  # pylint: disable=g-import-not-at-top
   generator, _ = models.build_models(tiny_config)
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3),
                                              dtype=np.uint8)
-  variables = generator.init(jax.random.key(0), images.astype(np.float32),
-                             None, False)
+  variables = jax.jit(generator.init, static_argnums=(2, 3))(
+      jax.random.key(0), images.astype(np.float32), None, False)
   settings = eval_lib.map_settings(tiny_config.eval)
   features = eval_lib.feature_settings(tiny_config.eval)
   args = (variables['params'], variables['batch_stats'], images)
@@ -102,5 +102,10 @@ def test_normal_step_gives_the_eval_steps_maps_and_features(tiny_config):
   for name in calibration.BASES:
     np.testing.assert_allclose(normal['maps'][name], full['maps'][name],
                                rtol=1e-5, atol=1e-6)
+  # Tiny encoder stages 1-2 have 8 + 16 channels, fewer than feature_dims:
+  # all kept, on a grid of 32 px / 4.
+  assert full['features'].shape == (2, 8, 8, 24)
   np.testing.assert_allclose(normal['features'], full['features'], rtol=1e-5,
                              atol=1e-6)
+  tiny_config.eval.calibrate = False
+  assert eval_lib.feature_settings(tiny_config.eval) is None
