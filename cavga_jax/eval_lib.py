@@ -8,11 +8,12 @@ forward pass in one jitted step, plus ``prior``, the test-set mean of the
 headline map (the same map for every image). The image score ``s_a`` is the
 mean squared reconstruction error. Metrics come from ``cavga_jax.metrics``
 (model-agnostic numpy code). With ``config.eval.calibrate`` (default) the
-evaluator also passes over the normal training images and adds the
-``<map>_calibrated`` z-scores of ``cavga_jax.calibration``.
+evaluator also passes over the normal training images (reconstruction and
+encoder only) and adds the ``<map>_calibrated`` z-scores of
+``cavga_jax.calibration`` and the ``feature_gaussian`` map.
 
 ``metrics.json`` keeps SPEC section 4's flat keys for the headline map
-``config.eval.map`` (``configs/default.py``: ``'residual_x_ssim_calibrated'``,
+``config.eval.map`` (``configs/default.py``: ``'feature_gaussian'``,
 the best of our measurements; ``'attention'`` is the paper's ``M = 1 - A``) and
 ``s_a``, and adds ``maps.<name>.<metric>`` for every map: the pixel metrics,
 and ``image_auroc`` / ``detection_accuracy`` of the map's own image score

@@ -6,7 +6,7 @@
 Add ``--config.model.pretrained=resnet18_imagenet.npz
 --config.model.input_norm=imagenet`` for the ImageNet encoder the paper
 fine-tunes (see README), ``--config.model.variant=D`` for
-CAVGA-D_u. The headline map is ``default.py``'s ``residual_x_ssim_calibrated``;
+CAVGA-D_u. The headline map is ``default.py``'s ``feature_gaussian``;
 ``--config.eval.map=attention`` reports the paper's ``1 - A`` under the SPEC
 keys instead (every map is in ``metrics.json``'s ``maps`` either way).
 """

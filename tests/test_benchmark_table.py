@@ -64,10 +64,10 @@ def test_benchmark_table_then_rerun_skips(script, root, tmp_path, monkeypatch,
     assert all(0.0 <= v <= 1.0 for v in values), key
     np.testing.assert_allclose(result['mean'][key], np.mean(values))
   for row in result['rows']:
-    assert row['checkpoint_step'] == 2 and row['map'] == 'residual_x_ssim_calibrated'
+    assert row['checkpoint_step'] == 2 and row['map'] == 'feature_gaussian'
     assert row['train_s'] > 0 and row['eval_s'] > 0
   table = (workdir / 'benchmark_table.md').read_text().splitlines()
-  assert table[0] == '# tiny: 2 steps, map residual_x_ssim_calibrated'
+  assert table[0] == '# tiny: 2 steps, map feature_gaussian'
   assert 'AU-PRO' in table[2] and 'eval s' in table[2]
   assert [line.split(' | ')[0] for line in table[4:]] == [
       '| cat_a', '| cat_b', '| mean']

@@ -55,12 +55,12 @@ def test_train_then_evaluate_writes_metrics_and_panels(trained_workdir):
   assert len(lines) == 1 + 10
   assert all(f'score_{name}' in lines[0] for name in MAPS)
   # Every map with every metric; the SPEC keys hold the headline map's.
-  assert result['map'] == 'residual_x_ssim_calibrated'
+  assert result['map'] == 'feature_gaussian'
   assert set(MAPS) <= set(result['maps'])
   for name in MAPS:
     for key in METRIC_KEYS:
       assert 0.0 <= result['maps'][name][key] <= 1.0, (name, key)
-  assert result['maps']['residual_x_ssim_calibrated']['aupro'] == result['aupro']
+  assert result['maps']['feature_gaussian']['aupro'] == result['aupro']
   assert result['maps']['prior']['image_auroc'] == 0.5
 
 
