@@ -48,6 +48,19 @@ def train_with_interruption(config, workdir: str, first_steps: int = 2):
   return train_lib.train(config, workdir)
 
 
+def dataset_from_masks(masks):
+  """A test set of blank images with these (N, S, S) masks; images with a
+  defect pixel are labelled anomalous ('crack'), the rest normal."""
+  from cavga_jax import data  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  labels = masks.reshape(len(masks), -1).any(axis=1).astype(int)
+  return data.AnomalyDataset(
+      images=np.zeros(masks.shape + (3,), np.uint8), masks=masks,
+      labels=labels,
+      defect_types=tuple('crack' if l else 'good' for l in labels),
+      paths=tuple(f'/x/{i}.png' for i in range(len(masks))))
+
+
 @pytest.fixture
 def tiny_config():
   return tiny.get_config()

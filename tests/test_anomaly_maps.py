@@ -9,12 +9,12 @@ import pytest
 from cavga_jax import anomaly_maps
 from cavga_jax import attention
 from cavga_jax import config_checks
-from cavga_jax import data
 from cavga_jax import eval_lib
 from cavga_jax import explain
 from cavga_jax import metrics
 from cavga_jax import models
 from cavga_jax.errors import CavgaError
+from conftest import dataset_from_masks
 
 SETTINGS = anomaly_maps.MapSettings(residual_sigma=0.0)
 
@@ -180,15 +180,10 @@ def test_attention_at_an_earlier_stage_matches_per_image_gradients(stage,
 
 
 def _dataset(maps_shape=(4, 8, 8)):
-  n, size = maps_shape[0], maps_shape[1]
   masks = np.zeros(maps_shape, bool)
   masks[2, 1:4, 1:4] = True
   masks[3, 5:7, 2:6] = True
-  return data.AnomalyDataset(
-      images=np.zeros((n, size, size, 3), np.uint8), masks=masks,
-      labels=np.array([0, 0, 1, 1]),
-      defect_types=('good', 'good', 'crack', 'crack'),
-      paths=tuple(f'/x/{i}.png' for i in range(n)))
+  return dataset_from_masks(masks)
 
 
 def test_compute_metrics_scores_every_map_and_the_prior():

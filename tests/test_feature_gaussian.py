@@ -6,12 +6,12 @@ import pytest
 
 from cavga_jax import anomaly_maps
 from cavga_jax import config_checks
-from cavga_jax import data
 from cavga_jax import eval_lib
 from cavga_jax import feature_gaussian
 from cavga_jax import metrics
 from cavga_jax import models
 from cavga_jax.errors import CavgaError
+from conftest import dataset_from_masks
 
 
 def test_moments_match_numpy_mean_and_regularised_covariance_in_any_order():
@@ -68,11 +68,7 @@ def _defect_dataset(n=4, size=16):
   masks = np.zeros((n, size, size), bool)
   masks[2, 4:8, 4:8] = True
   masks[3, 8:12, 2:6] = True
-  return data.AnomalyDataset(
-      images=np.zeros((n, size, size, 3), np.uint8), masks=masks,
-      labels=np.array([0, 0, 1, 1]),
-      defect_types=('good', 'good', 'crack', 'crack'),
-      paths=tuple(f'/x/{i}.png' for i in range(n)))
+  return dataset_from_masks(masks)
 
 
 def test_features_unusual_for_their_cell_find_the_defect():
