@@ -231,7 +231,7 @@ def normal_statistics(normal_step: Callable, params: Any, batch_stats: Any,
       feature_moments = feature_moments or feature_gaussian.FeatureMoments()
       feature_moments.add(out['features'])
   return (pixel_moments.statistics(),
-          feature_moments and feature_moments.statistics())
+          feature_moments.statistics() if feature_moments else None)
 
 
 def add_calibrated(predictions: dict[str, Any],
@@ -428,11 +428,12 @@ def make_evaluator(generator: models.CAVGAGenerator,
     generator: the generator module.
     dataset: the test set.
     eval_config: ``config.eval`` (batch_size, map, residual_sigma,
-      ssim_window, calibrate).
+      ssim_window, calibrate, feature_stages, feature_dims).
     mesh: the device mesh the batches are sharded over.
     normal_images: (N, S, S, C) uint8 normal training images; with
-      ``eval_config.calibrate`` (default True) each call first measures the
-      ``calibration.BASES`` maps on them and adds the calibrated maps.
+      ``eval_config.calibrate`` (default True) each call also measures the
+      ``calibration.BASES`` maps and the encoder features on them and adds
+      the calibrated maps and ``feature_gaussian``.
   """
   settings = map_settings(eval_config)
   features = feature_settings(eval_config)
@@ -450,7 +451,8 @@ def make_evaluator(generator: models.CAVGAGenerator,
           normal_step, params, batch_stats, normal_images,
           eval_config.batch_size, mesh)
       add_calibrated(predictions, pixel_statistics)
-      add_feature_map(predictions, feature_statistics, settings)
+      if feature_statistics is not None:
+        add_feature_map(predictions, feature_statistics, settings)
     tic = time.perf_counter()
     result = compute_metrics(predictions, dataset, headline)
     logging.info('metrics of %d maps in %.1f s', len(result['maps']),
