@@ -42,6 +42,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   program = _PROGRAM
+  if _ALL_CHECKPOINTS.value and _UNTRAINED.value:
+    raise app.UsageError('--all_checkpoints and --untrained exclude each other')
   if _ALL_CHECKPOINTS.value:
     if _CONFIG.value.get('task', 'cavga') != 'cavga':
       raise app.UsageError('--all_checkpoints is for CAVGA configs')

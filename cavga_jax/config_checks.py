@@ -27,8 +27,8 @@ import ml_collections
 
 from cavga_jax import anomaly_maps
 from cavga_jax import calibration
-from cavga_jax import feature_gaussian
 from cavga_jax import data
+from cavga_jax import feature_gaussian
 from cavga_jax import layers
 from cavga_jax import losses
 from cavga_jax import models

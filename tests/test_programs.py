@@ -80,6 +80,15 @@ def test_evaluate_without_checkpoint_is_one_clear_line(tmp_path):
   assert proc.returncode == 1
   assert 'no checkpoint found' in proc.stderr
   assert 'Traceback' not in proc.stderr
+  # The untrained control needs no checkpoint and writes beside eval/.
+  proc = _run('evaluate.py', '--config=configs/tiny.py',
+              f'--workdir={tmp_path}', '--untrained',
+              cache_dir=tmp_path / 'cache')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / 'eval_untrained' / 'metrics.json') as f:
+    result = json.load(f)
+  assert result['checkpoint_step'] == 0 and set(MAPS) <= set(result['maps'])
+  assert not (tmp_path / 'eval').exists()
 
 
 def test_missing_dataset_root_is_one_clear_line(tmp_path):
