@@ -212,6 +212,12 @@ def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
                      'increasing encoder stages in '
                      f'1..{models.NUM_ENCODER_STAGES}, e.g. (1, 2)')
   _check_int(config, 'eval.feature_dims', 1, defaults.dims)
+  _check_number(config, 'eval.threshold_holdout', 0.0, below=1.0, default=0.1)
+  quantile = _get(config, 'eval.threshold_quantile', 0.999)
+  _check_number(config, 'eval.threshold_quantile', 0.0, default=0.999)
+  if quantile > 1:
+    raise CavgaError(f'config.eval.threshold_quantile={quantile!r} must be '
+                     'in [0, 1]')
   _check_int(config, 'train.eval_every', 0, 0)
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from typing import Any, Callable
@@ -198,14 +199,15 @@ def _host_outputs(eval_step: Callable, params: Any, batch_stats: Any,
 
 
 def predict(eval_step: Callable, params: Any, batch_stats: Any,
-            dataset: data.AnomalyDataset, batch_size: int,
-            mesh: jax.sharding.Mesh) -> dict[str, Any]:
-  """Runs ``eval_step`` over a dataset; returns host arrays with N rows each.
+            dataset: data.AnomalyDataset | np.ndarray, batch_size: int,
+            mesh: jax.sharding.Mesh, what: str = 'images') -> dict[str, Any]:
+  """Runs ``eval_step`` over a dataset (or (N, S, S, C) uint8 images).
 
-  The result has the structure of ``eval_step``'s outputs (nested dicts).
+  Returns host arrays with N rows each, in the structure of ``eval_step``'s
+  outputs (nested dicts); ``what`` names the images in the log.
   """
   batches = list(_host_outputs(eval_step, params, batch_stats, dataset,
-                               batch_size, mesh, 'images'))
+                               batch_size, mesh, what))
   return jax.tree.map(lambda *values: np.concatenate(values), *batches)
 
 
@@ -232,6 +234,37 @@ def normal_statistics(normal_step: Callable, params: Any, batch_stats: Any,
       feature_moments.add(out['features'])
   return (pixel_moments.statistics(),
           feature_moments.statistics() if feature_moments else None)
+
+
+def split_held_out(normal_images: np.ndarray, fraction: float
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+  """(images for the statistics, held-out images or None).
+
+  ``ceil(fraction * N)`` images, chosen by a fixed permutation (seed 0, so
+  every evaluation of a run holds out the same ones), are held out; at least
+  one image stays for the statistics. None when nothing is held out.
+  """
+  count = min(math.ceil(fraction * len(normal_images)),
+              len(normal_images) - 1)
+  if count <= 0:
+    return normal_images, None
+  order = np.random.default_rng(0).permutation(len(normal_images))
+  keep = np.sort(order[count:])
+  return normal_images[keep], normal_images[np.sort(order[:count])]
+
+
+def held_out_thresholds(held_out: dict[str, Any], quantile: float
+                        ) -> dict[str, tuple[float, float]]:
+  """Per map (pixel threshold, image threshold) from held-out normal images.
+
+  Each is the ``quantile`` of the map's values over all pixels of the
+  held-out images, and of their image scores: thresholds a user can fix
+  before seeing any defect (``quantile`` 0.999 flags about 0.1 % of normal
+  pixels), unlike the paper's IoU at 0.5 after min-max over the test set.
+  """
+  return {name: (float(np.quantile(values, quantile)),
+                 float(np.quantile(held_out['map_scores'][name], quantile)))
+          for name, values in held_out['maps'].items()}
 
 
 def add_calibrated(predictions: dict[str, Any],
@@ -294,30 +327,48 @@ def add_prior(predictions: dict[str, Any], headline: str,
 
 
 def map_metrics(anomaly_map: np.ndarray, image_scores: np.ndarray,
-                dataset: data.AnomalyDataset, unbounded: bool
+                dataset: data.AnomalyDataset, unbounded: bool,
+                thresholds: tuple[float, float] | None = None
                 ) -> dict[str, float]:
   """Pixel metrics of one map and the detection metrics of its image score.
 
   ``unbounded`` maps are min-max normalised over the test set first (only
-  IoU at 0.5 and the best-IoU threshold change).
+  IoU at 0.5 and the best-IoU threshold change). With ``thresholds``
+  (``held_out_thresholds``: pixel, image) also 'iou_held_out' (IoU of
+  ``map > pixel threshold``, the map as computed), 'detection_accuracy_held_out'
+  (image score > image threshold) and both thresholds.
   """
+  result = {}
+  if thresholds is not None:
+    pixel_threshold, image_threshold = thresholds
+    result = dict(
+        iou_held_out=metrics.iou_at_threshold(
+            anomaly_map, dataset.masks, dataset.labels, pixel_threshold),
+        detection_accuracy_held_out=metrics.accuracy_at_threshold(
+            image_scores, dataset.labels, image_threshold),
+        threshold_held_out=pixel_threshold,
+        image_threshold_held_out=image_threshold)
   if unbounded:
     low, high = float(anomaly_map.min()), float(anomaly_map.max())
     anomaly_map = (anomaly_map - low) / max(high - low, 1e-12)
-  result = metrics.localization_metrics(anomaly_map, dataset.masks,
-                                        dataset.labels)
+  result.update(metrics.localization_metrics(anomaly_map, dataset.masks,
+                                             dataset.labels))
   result.update(metrics.detection_metrics(image_scores, dataset.labels))
   return result
 
 
 def compute_metrics(predictions: dict[str, Any],
                     dataset: data.AnomalyDataset,
-                    headline: str = 'attention') -> dict[str, Any]:
+                    headline: str = 'attention',
+                    thresholds: dict[str, tuple[float, float]] | None = None
+                    ) -> dict[str, Any]:
   """The metrics dict of SPEC section 4 plus ``maps`` for one test set.
 
   Adds the ``prior`` map to ``predictions`` (``add_prior``) and the headline
   map as ``predictions['anomaly_map']``. The flat SPEC keys are those of the
-  ``headline`` map and of ``s_a``; ``maps[name]`` has every map's metrics.
+  ``headline`` map and of ``s_a``; ``maps[name]`` has every map's metrics,
+  with the held-out-threshold metrics of ``map_metrics`` for the maps in
+  ``thresholds`` (not the priors, which are test-set means).
   With CAVGA_w predictions ('p_anomalous') also 'image_auroc_classifier'
   (ROC AUC of the classifier's probability of 'anomalous') and
   'classifier_accuracy' (anomalous iff that probability > 0.5).
@@ -328,7 +379,8 @@ def compute_metrics(predictions: dict[str, Any],
                         predictions['map_scores'][name], dataset,
                         _unbounded(name)
                         or (name in anomaly_maps.PRIORS
-                            and _unbounded(headline)))
+                            and _unbounded(headline)),
+                        (thresholds or {}).get(name))
       for name in predictions['maps']}
   predictions['anomaly_map'] = predictions['maps'][headline]
   result = dict(
@@ -336,7 +388,9 @@ def compute_metrics(predictions: dict[str, Any],
       num_anomalous_images=int(dataset.labels.sum()),
       map=headline)
   result.update({k: v for k, v in per_map[headline].items()
-                 if k not in ('image_auroc', 'detection_accuracy')})
+                 if k not in ('image_auroc', 'detection_accuracy',
+                              'detection_accuracy_held_out',
+                              'image_threshold_held_out')})
   result.update(metrics.detection_metrics(predictions['score'],
                                           dataset.labels))
   result['maps'] = per_map
@@ -430,31 +484,51 @@ def make_evaluator(generator: models.CAVGAGenerator,
     eval_config: ``config.eval`` (batch_size, map, residual_sigma,
       ssim_window, calibrate, feature_stages, feature_dims).
     mesh: the device mesh the batches are sharded over.
-    normal_images: (N, S, S, C) uint8 normal training images; with
-      ``eval_config.calibrate`` (default True) each call also measures the
-      ``calibration.BASES`` maps and the encoder features on them and adds
-      the calibrated maps and ``feature_gaussian``.
+    normal_images: (N, S, S, C) uint8 normal training images. A share
+      ``eval_config.threshold_holdout`` (default 0.1) is held out
+      (``split_held_out``) to set each map's thresholds
+      (``held_out_thresholds``, quantile ``eval_config.threshold_quantile``,
+      default 0.999); with ``eval_config.calibrate`` (default True) each
+      call also measures the ``calibration.BASES`` maps and the encoder
+      features on the others and adds the calibrated maps and
+      ``feature_gaussian``.
   """
   settings = map_settings(eval_config)
   features = feature_settings(eval_config)
   eval_step = jax.jit(make_eval_step(generator, settings, features))
   normal_step = jax.jit(make_normal_step(generator, settings, features))
   headline = eval_config.get('map', 'attention')
+  fit_images = held_out = None
+  if normal_images is not None:
+    fit_images, held_out = split_held_out(
+        normal_images, eval_config.get('threshold_holdout', 0.1))
   if not eval_config.get('calibrate', True):
-    normal_images = None
+    fit_images = None
+  quantile = eval_config.get('threshold_quantile', 0.999)
 
   def evaluator(params, batch_stats):
     predictions = predict(eval_step, params, batch_stats, dataset,
                           eval_config.batch_size, mesh)
-    if normal_images is not None:
+    outputs = [predictions]
+    if held_out is not None:
+      outputs.append(predict(eval_step, params, batch_stats, held_out,
+                             eval_config.batch_size, mesh,
+                             'held-out normal training images'))
+    if fit_images is not None:
       pixel_statistics, feature_statistics = normal_statistics(
-          normal_step, params, batch_stats, normal_images,
+          normal_step, params, batch_stats, fit_images,
           eval_config.batch_size, mesh)
-      add_calibrated(predictions, pixel_statistics)
-      if feature_statistics is not None:
-        add_feature_map(predictions, feature_statistics, settings)
+      tic = time.perf_counter()
+      for out in outputs:
+        add_calibrated(out, pixel_statistics)
+        if feature_statistics is not None:
+          add_feature_map(out, feature_statistics, settings)
+      logging.info('calibrated and feature maps in %.1f s',
+                   time.perf_counter() - tic)
+    thresholds = (held_out_thresholds(outputs[1], quantile)
+                  if held_out is not None else None)
     tic = time.perf_counter()
-    result = compute_metrics(predictions, dataset, headline)
+    result = compute_metrics(predictions, dataset, headline, thresholds)
     logging.info('metrics of %d maps in %.1f s', len(result['maps']),
                  time.perf_counter() - tic)
     return result, predictions

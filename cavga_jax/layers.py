@@ -25,6 +25,10 @@ import jax.numpy as jnp
 Array = jax.Array
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 CONV_IMPLS = ('auto', 'phase', 'lax')
+# Below this many output channels XLA's own kernel gradient of a 2x2 conv is
+# faster than the four GEMMs (e.g. the 12 phase channels of an RGB output
+# layer; CPU-2 measurements in docs/benchmarks.md).
+_MIN_GEMM_GRAD_FEATURES = 64
 
 
 def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
@@ -108,9 +112,12 @@ def conv_transpose_stride2(y: Array, kernel: Array, padding: int,
   qh, qw = -(-(h + padding) // 2), -(-(w + padding) // 2)
   pad = lambda n, q: (taps - 1, max(q - n, 0))
   y = jnp.pad(y, ((0, 0), pad(y.shape[1], qh), pad(y.shape[2], qw), (0, 0)))
-  phases = jax.lax.conv_general_dilated(
-      y, _phase_kernels(jnp.swapaxes(kernel, 2, 3)).astype(y.dtype), (1, 1),
-      'VALID', dimension_numbers=_DIMS)[:, :qh, :qw]
+  phase_kernels = _phase_kernels(jnp.swapaxes(kernel, 2, 3)).astype(y.dtype)
+  if taps == 2 and phase_kernels.shape[-1] >= _MIN_GEMM_GRAD_FEATURES:
+    phases = _conv2x2(y, phase_kernels, 0)
+  else:
+    phases = _conv(y, phase_kernels, 1, 0)
+  phases = phases[:, :qh, :qw]
   full = _depth_to_space(phases, kernel.shape[2])
   return full[:, padding:padding + h, padding:padding + w]
 
@@ -195,34 +202,31 @@ class ConvTranspose4x4(nn.Module):
         padding=1, out_size=(2 * h, 2 * w))
 
 
-def _conv2x2_direct(x: Array, kernel: Array) -> Array:
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+def _conv2x2_direct(x: Array, kernel: Array, padding: int) -> Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((padding,) * 2,) * 2,
                                       dimension_numbers=_DIMS)
 
 
-@jax.custom_vjp
-def _conv2x2_pad1(x: Array, kernel: Array) -> Array:
-  """2x2 conv, padding 1: (B, H, W, C) x (2, 2, C, F) -> (B, H+1, W+1, F).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv2x2(x: Array, kernel: Array, padding: int) -> Array:
+  """2x2 conv, padding 0 or 1: (B, H, W, C) x (2, 2, C, F) -> (B, H', W', F).
 
-  Its kernel gradient is four GEMMs over shifted inputs (XLA:CPU's own
-  lowering of that gradient is ~40x slower than the forward pass) and its
-  input gradient a valid conv with the flipped kernel.
+  Its kernel gradient is four GEMMs over shifted inputs: XLA:CPU's own
+  lowering of that gradient is up to ~40x slower than the forward pass
+  (docs/benchmarks.md). The input gradient is the correlation of the output
+  gradient with the flipped kernel, padded ``1 - padding``.
   """
-  return _conv2x2_direct(x, kernel)
+  return _conv2x2_direct(x, kernel, padding)
 
 
-def _conv2x2_pad1_fwd(x, kernel):
-  return _conv2x2_direct(x, kernel), (x, kernel)
+def _conv2x2_fwd(x, kernel, padding):
+  return _conv2x2_direct(x, kernel, padding), (x, kernel)
 
 
-def _conv2x2_pad1_bwd(residuals, g):
+def _conv2x2_bwd(padding, residuals, g):
   x, kernel = residuals
-  # The input gradient is the valid correlation of g with the flipped,
-  # in/out-swapped kernel.
-  dx = jax.lax.conv_general_dilated(
-      g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3), (1, 1), ((0, 0), (0, 0)),
-      dimension_numbers=_DIMS)
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  dx = _conv2x2_direct(g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3), 1 - padding)
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   h, w = g.shape[1:3]
   dk = jnp.stack([
       jnp.stack([jnp.einsum('bhwc,bhwf->cf', xp[:, r:r + h, c:c + w], g)
@@ -230,8 +234,7 @@ def _conv2x2_pad1_bwd(residuals, g):
   return dx, dk.astype(kernel.dtype)
 
 
-_conv2x2_pad1.defvjp(_conv2x2_pad1_fwd, _conv2x2_pad1_bwd)
-
+_conv2x2.defvjp(_conv2x2_fwd, _conv2x2_bwd)
 
 def _merge_taps(kernel: Array, phase: int, axis: int) -> Array:
   """The 2 taps that output ``phase`` of a 3-tap ``axis`` sees after x2 nearest up-sampling."""
@@ -262,7 +265,7 @@ def upsample_conv3x3(x: Array, kernel: Array) -> Array:
   features = kernel.shape[-1]
   stacked = jnp.stack(phases, axis=-2).reshape(2, 2, kernel.shape[2],
                                                4 * features)
-  y = _conv2x2_pad1(x, stacked)
+  y = _conv2x2(x, stacked, 1)
   h, w = x.shape[1:3]
   # Phase (a, b) reads the window starting at (a, b) of the (H+1, W+1) output.
   y = y.reshape(*y.shape[:3], 4, features)

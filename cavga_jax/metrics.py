@@ -20,7 +20,7 @@ why, so that one normal-only category does not abort a whole evaluation run.
 
 from collections.abc import Callable, Sequence
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -126,6 +126,50 @@ def _require_both_classes(targets: np.ndarray, what: str) -> None:
 # ---------------------------------------------------------------------------
 
 
+class _RankedPixels(NamedTuple):
+  """The pixel scores of all images split by the masks, each sorted ascending.
+
+  Every threshold-free pixel metric (AUROC, best F1, the PRO curve) reads its
+  counts at any threshold off these two arrays with binary searches. Sorting
+  values is ~10x faster than the full arg-sort (and scikit-learn's own sort
+  per metric) that it replaces, and one ranking serves all three metrics:
+  evaluation scores a dozen maps per category (issue 14).
+  """
+  anomalous: np.ndarray  # (P,) float64 scores of the mask pixels, ascending
+  normal: np.ndarray  # (Q,) float64 scores of the other pixels, ascending
+  anomalous_order: np.ndarray  # (P,) int: anomalous = maps[gt][order]
+
+
+def _rank_pixels(maps: np.ndarray, gt: np.ndarray) -> _RankedPixels:
+  """Ranks (N, H, W) float64 maps by (N, H, W) bool masks."""
+  anomalous = maps[gt]
+  order = np.argsort(anomalous, kind='stable')
+  return _RankedPixels(anomalous[order], np.sort(maps[~gt]), order)
+
+
+def _require_both_pixel_classes(ranked: _RankedPixels) -> None:
+  """Raises UndefinedMetricError unless there are mask and normal pixels."""
+  if not ranked.anomalous.size or not ranked.normal.size:
+    only = 'normal' if ranked.normal.size else 'anomalous'
+    raise UndefinedMetricError(
+        f'masks (pixels) contain only {only} entries '
+        f'({ranked.anomalous.size + ranked.normal.size} in total); the metric '
+        'needs both normal and anomalous ones.')
+
+
+def _auroc(ranked: _RankedPixels) -> float:
+  """AUROC as the Mann-Whitney statistic (ties count one half).
+
+  It equals the trapezoid area under the ROC curve over every distinct
+  threshold (scikit-learn's `roc_auc_score`); integer counts keep it exact.
+  """
+  _require_both_pixel_classes(ranked)
+  below = np.searchsorted(ranked.normal, ranked.anomalous, side='left')
+  not_above = np.searchsorted(ranked.normal, ranked.anomalous, side='right')
+  pairs = 2 * ranked.anomalous.size * ranked.normal.size
+  return float((int(below.sum()) + int(not_above.sum())) / pairs)
+
+
 def pixel_auroc(anomaly_maps: Any, masks: Any) -> float:
   """Area under the ROC curve over all pixels of all images.
 
@@ -134,16 +178,14 @@ def pixel_auroc(anomaly_maps: Any, masks: Any) -> float:
     masks: (N, H, W) ground-truth masks; nonzero means anomalous.
 
   Returns:
-    The pixel-level AUROC in [0, 1].
+    The pixel-level AUROC in [0, 1] (equal to scikit-learn's
+    `roc_auc_score` of the flattened pixels).
 
   Raises:
     UndefinedMetricError: if the masks contain only one class.
     ValueError: on malformed inputs.
   """
-  maps, gt = _maps_and_masks(anomaly_maps, masks)
-  targets = gt.ravel()
-  _require_both_classes(targets, 'masks (pixels)')
-  return float(sk_metrics.roc_auc_score(targets, maps.ravel()))
+  return _auroc(_rank_pixels(*_maps_and_masks(anomaly_maps, masks)))
 
 
 def iou_at_threshold(anomaly_maps: Any,
@@ -267,6 +309,25 @@ def best_iou(anomaly_maps: Any,
   return float(curve[best]), float(thresholds[best])
 
 
+def _f1_max(ranked: _RankedPixels) -> float:
+  """Maximum F1 of `map >= t` over all thresholds t.
+
+  Only the anomalous scores need to be tried: lowering t to the next
+  anomalous score keeps the true positives and drops false positives, so
+  F1 = 2 TP / (TP + FP + P) is largest at one of them.
+  """
+  num_anomalous = ranked.anomalous.size
+  if not num_anomalous:
+    raise UndefinedMetricError(
+        'masks contain no anomalous pixel, so the pixel F1 score is undefined.')
+  thresholds = ranked.anomalous
+  true_pos = num_anomalous - np.searchsorted(ranked.anomalous, thresholds,
+                                             side='left')
+  false_pos = ranked.normal.size - np.searchsorted(ranked.normal, thresholds,
+                                                   side='left')
+  return float(np.max(2.0 * true_pos / (true_pos + false_pos + num_anomalous)))
+
+
 def pixel_f1_max(anomaly_maps: Any, masks: Any) -> float:
   """Maximum pixel-level F1 score over all thresholds.
 
@@ -275,47 +336,29 @@ def pixel_f1_max(anomaly_maps: Any, masks: Any) -> float:
     masks: (N, H, W) ground-truth masks; nonzero means anomalous.
 
   Returns:
-    max over thresholds t of F1 of (map >= t) against the masks, in [0, 1].
+    max over thresholds t of F1 of (map >= t) against the masks, in [0, 1]
+    (the maximum over scikit-learn's `precision_recall_curve`).
 
   Raises:
     UndefinedMetricError: if no pixel is anomalous (recall is undefined).
     ValueError: on malformed inputs.
   """
-  maps, gt = _maps_and_masks(anomaly_maps, masks)
-  targets = gt.ravel()
-  if not targets.any():
-    raise UndefinedMetricError(
-        'masks contain no anomalous pixel, so the pixel F1 score is undefined.')
-  precision, recall, _ = sk_metrics.precision_recall_curve(
-      targets, maps.ravel())
-  denominator = precision + recall
-  # The curve's final point (precision 1, recall 0) and any point without a
-  # true positive have F1 0; avoid dividing 0 by 0 there.
-  f1 = np.divide(2.0 * precision * recall, denominator,
-                 out=np.zeros_like(denominator), where=denominator > 0)
-  return float(np.max(f1))
+  return _f1_max(_rank_pixels(*_maps_and_masks(anomaly_maps, masks)))
 
 
-def _pro_curve(maps: np.ndarray,
-               gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """The per-region-overlap curve as in MVTec AD's evaluation code.
+def _region_weights(gt: np.ndarray) -> np.ndarray:
+  """(N, H, W) bool masks -> (P,) float64 PRO weights of the mask pixels.
 
-  Args:
-    maps: (N, H, W) float64 anomaly maps.
-    gt: (N, H, W) bool ground-truth masks.
-
-  Returns:
-    fpr: (K + 1,) nondecreasing false positive rates, starting at 0.
-    pro: (K + 1,) the matching PRO values, starting at 0. Entry k > 0 is the
-      operating point of the k-th largest distinct score used as threshold
-      (pixels with map >= threshold are predicted anomalous).
+  A pixel of region r weighs 1 / (num_regions * |r|), so the summed weight of
+  the region pixels above a threshold is PRO at that threshold. Regions are
+  the connected components (8-connectivity) of each image's mask; the
+  weights are in the order of `maps[gt]`.
 
   Raises:
     UndefinedMetricError: if there is no ground-truth region or no normal
       pixel.
   """
-  # Give every region a unique id across images so that one bincount yields
-  # all region sizes.
+  # Unique region ids across images, so that one bincount sizes them all.
   region_ids = np.zeros(gt.shape, dtype=np.int64)
   num_regions = 0
   for index in range(gt.shape[0]):
@@ -325,30 +368,50 @@ def _pro_curve(maps: np.ndarray,
   if num_regions == 0:
     raise UndefinedMetricError(
         'masks contain no anomalous region, so the PRO curve is undefined.')
-  is_normal = ~gt
-  num_normal = int(np.count_nonzero(is_normal))
-  if num_normal == 0:
+  if np.all(gt):
     raise UndefinedMetricError(
         'masks contain no normal pixel, so the false positive rate is '
         'undefined.')
+  region_pixels = region_ids[gt]
+  region_sizes = np.bincount(region_pixels, minlength=num_regions + 1)
+  return 1.0 / (num_regions * region_sizes[region_pixels])
 
-  region_sizes = np.bincount(region_ids.ravel(), minlength=num_regions + 1)
-  # Each region pixel moves the PRO by 1 / (num_regions * |region|) once the
-  # threshold passes it; id 0 (normal pixels) contributes nothing.
-  region_weights = np.zeros(num_regions + 1, dtype=np.float64)
-  region_weights[1:] = 1.0 / (num_regions * region_sizes[1:])
 
-  order = np.argsort(-maps.ravel())
-  sorted_scores = maps.ravel()[order]
+def _pro_curve(ranked: _RankedPixels, weights: np.ndarray,
+               max_fpr: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+  """The per-region-overlap curve as in MVTec AD's evaluation code.
+
+  Args:
+    ranked: the maps ranked by the masks.
+    weights: (P,) PRO weights of the anomalous pixels (`_region_weights`).
+    max_fpr: the curve stops at the first point whose FPR exceeds it (or at
+      FPR 1); the area up to `max_fpr` needs no further point.
+
+  Returns:
+    fpr: (K + 1,) nondecreasing false positive rates, starting at 0.
+    pro: (K + 1,) the matching PRO values, starting at 0. Entry k > 0 is the
+      operating point of the k-th largest distinct score used as threshold
+      (pixels with map >= threshold are predicted anomalous).
+  """
+  candidates = np.concatenate([ranked.anomalous, ranked.normal])
+  # One normal pixel more than max_fpr allows, plus one against rounding.
+  allowed = int(np.floor(max_fpr * ranked.normal.size)) + 1
+  if allowed < ranked.normal.size:
+    # The largest threshold with more than `allowed` normal pixels at or
+    # above it: its FPR exceeds max_fpr, so no lower one is needed.
+    lowest = ranked.normal[ranked.normal.size - allowed - 1]
+    candidates = candidates[candidates >= lowest]
+  thresholds = np.unique(candidates)[::-1]
+  false_pos = ranked.normal.size - np.searchsorted(ranked.normal, thresholds,
+                                                   side='left')
+  # PRO(t) = the summed weight of the anomalous pixels >= t: a suffix sum.
+  suffix = np.append(np.cumsum(weights[ranked.anomalous_order][::-1])[::-1],
+                     0.0)
+  pro = suffix[np.searchsorted(ranked.anomalous, thresholds, side='left')]
   # Integer counts keep the FPR exact; it ends at exactly 1.
-  fpr = np.cumsum(is_normal.ravel()[order], dtype=np.int64) / num_normal
-  pro = np.cumsum(region_weights[region_ids.ravel()[order]])
-  # A threshold includes every pixel with an equal score, so only the last
-  # pixel of each run of tied scores is an operating point.
-  keep = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
-  fpr = np.minimum(fpr[keep], 1.0)
-  pro = np.minimum(pro[keep], 1.0)
-  return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], pro])
+  fpr = np.minimum(false_pos / ranked.normal.size, 1.0)
+  return (np.concatenate([[0.0], fpr]),
+          np.concatenate([[0.0], np.minimum(pro, 1.0)]))
 
 
 def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
@@ -391,7 +454,7 @@ def aupro(anomaly_maps: Any, masks: Any, max_fpr: float = 0.3) -> float:
   `max_fpr`, so a perfect map scores 1 and a constant map scores max_fpr / 2.
 
   Normal images (empty masks) contribute only normal pixels. The cost is one
-  sort of all pixels: 100 x 256 x 256 maps take 1 to 2 seconds on a CPU.
+  sort of all pixels (`_RankedPixels`).
 
   Args:
     anomaly_maps: (N, H, W) anomaly maps.
@@ -409,7 +472,12 @@ def aupro(anomaly_maps: Any, masks: Any, max_fpr: float = 0.3) -> float:
   if not 0.0 < max_fpr <= 1.0:
     raise ValueError(f'max_fpr must be in (0, 1], got {max_fpr}.')
   maps, gt = _maps_and_masks(anomaly_maps, masks)
-  fpr, pro = _pro_curve(maps, gt)
+  return _aupro(_rank_pixels(maps, gt), gt, max_fpr)
+
+
+def _aupro(ranked: _RankedPixels, gt: np.ndarray, max_fpr: float) -> float:
+  """`aupro` of ranked maps; gt: the (N, H, W) bool masks they were ranked by."""
+  fpr, pro = _pro_curve(ranked, _region_weights(gt), max_fpr)
   return float(_area_up_to(fpr, pro, max_fpr) / max_fpr)
 
 
@@ -466,6 +534,25 @@ def detection_accuracy(scores: Any, labels: Any,
   return float(np.mean(predictions == labels))
 
 
+def accuracy_at_threshold(scores: Any, labels: Any, threshold: float) -> float:
+  """Fraction of images classified correctly by ``score > threshold``.
+
+  The threshold is fixed in the scores' own units (e.g. set on normal
+  training images), unlike `detection_accuracy`'s min-max over the test set.
+
+  Args:
+    scores: (N,) image anomaly scores.
+    labels: (N,) image labels in {0, 1}.
+    threshold: an image is predicted anomalous if its score is strictly
+      greater.
+
+  Raises:
+    ValueError: on malformed inputs.
+  """
+  scores, labels = _scores_and_labels(scores, labels)
+  return float(np.mean((scores > threshold) == labels))
+
+
 # ---------------------------------------------------------------------------
 # Gatherers.
 # ---------------------------------------------------------------------------
@@ -509,13 +596,14 @@ def localization_metrics(anomaly_maps: Any, masks: Any,
         'Metrics iou, iou_best and iou_best_threshold are undefined, reporting '
         'nan: no image has label 1 (anomalous) among %d.', maps.shape[0])
   iou_best, iou_best_threshold = best_iou(maps, gt, anomalous)
+  ranked = _rank_pixels(maps, gt)
   return {
-      'pixel_auroc': _or_nan('pixel_auroc', pixel_auroc, maps, gt),
+      'pixel_auroc': _or_nan('pixel_auroc', _auroc, ranked),
       'iou': iou_at_threshold(maps, gt, anomalous, 0.5),
       'iou_best': iou_best,
       'iou_best_threshold': iou_best_threshold,
-      'pixel_f1_max': _or_nan('pixel_f1_max', pixel_f1_max, maps, gt),
-      'aupro': _or_nan('aupro', aupro, maps, gt),
+      'pixel_f1_max': _or_nan('pixel_f1_max', _f1_max, ranked),
+      'aupro': _or_nan('aupro', _aupro, ranked, gt, 0.3),
   }
 
 

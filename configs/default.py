@@ -122,4 +122,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.calibrate = True
   config.eval.feature_stages = (1, 2)
   config.eval.feature_dims = 100
+  # A share of the normal training images is held out from those statistics
+  # to fix each map's pixel and image thresholds before any defect is seen:
+  # their threshold_quantile. metrics.json then has, per map, 'iou_held_out'
+  # and 'detection_accuracy_held_out' (0 = off).
+  config.eval.threshold_holdout = 0.1
+  config.eval.threshold_quantile = 0.999
   return config

@@ -219,6 +219,48 @@ def test_compute_metrics_scores_every_map_and_the_prior():
   np.testing.assert_array_equal(predictions['anomaly_map'], perfect)
 
 
+def test_held_out_split_is_fixed_disjoint_and_keeps_an_image():
+  images = np.arange(20)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
+  fit, held_out = eval_lib.split_held_out(images, 0.1)
+  assert len(fit) == 18 and len(held_out) == 2
+  assert sorted(np.concatenate([fit, held_out])[:, 0, 0, 0]) == list(range(20))
+  again_fit, again_held_out = eval_lib.split_held_out(images, 0.1)
+  np.testing.assert_array_equal(held_out, again_held_out)
+  np.testing.assert_array_equal(fit, again_fit)
+  assert eval_lib.split_held_out(images, 0.0)[1] is None
+  assert len(eval_lib.split_held_out(images, 0.99)[0]) == 1
+  assert eval_lib.split_held_out(images[:1], 0.5)[1] is None
+
+
+def test_thresholds_from_held_out_normal_images():
+  dataset = _dataset()
+  perfect = dataset.masks.astype(np.float32) * 3.0 + 1.0
+  held_out = dict(maps=dict(residual=np.linspace(0, 2, 200).reshape(2, 10, 10)),
+                  map_scores=dict(residual=np.array([0.5, 1.5])))
+  thresholds = eval_lib.held_out_thresholds(held_out, quantile=1.0)
+  assert thresholds == {'residual': (2.0, 1.5)}
+  predictions = dict(
+      score=np.array([0.1, 0.2, 0.3, 0.4]), maps=dict(residual=perfect),
+      map_scores=dict(residual=perfect.max((1, 2))))
+  result = eval_lib.compute_metrics(predictions, dataset, 'residual',
+                                    thresholds)
+  residual = result['maps']['residual']
+  # Defect pixels (4) are above the normal maximum 2, the others (1) below;
+  # the image scores 4 and 1 split the same way at 1.5.
+  assert residual['iou_held_out'] == 1.0
+  assert residual['detection_accuracy_held_out'] == 1.0
+  assert residual['threshold_held_out'] == 2.0
+  assert result['iou_held_out'] == 1.0
+  assert 'iou_held_out' not in result['maps']['prior']
+  # A threshold below every pixel flags whole images: IoU = mask share.
+  low = eval_lib.compute_metrics(dict(predictions), dataset, 'residual',
+                                 {'residual': (0.0, 0.0)})
+  share = dataset.masks[dataset.labels == 1].mean(axis=(1, 2)).mean()
+  assert low['maps']['residual']['iou_held_out'] == pytest.approx(share)
+  assert low['maps']['residual']['detection_accuracy_held_out'] == np.mean(
+      dataset.labels)
+
+
 def test_conv_latent_attention_is_a_fixed_linear_read_out_of_the_features():
   # The reason the paper's map cannot follow the input: with mu = W F + b,
   # the Grad-CAM weights of sum(mu) at F are the row sums of W for every
@@ -243,6 +285,10 @@ def test_conv_latent_attention_is_a_fixed_linear_read_out_of_the_features():
     ('model.attention_score', 'max', "config.model.attention_score='max'"),
     ('model.attention_norm', 'l2', "config.model.attention_norm='l2'"),
     ('train.eval_every', -1, 'config.train.eval_every=-1 must be'),
+    ('eval.threshold_holdout', 1.0, 'threshold_holdout=1.0 must be a finite '
+     'number >= 0.0 and < 1.0'),
+    ('eval.threshold_quantile', 1.5, 'threshold_quantile=1.5 must be in'),
+    ('eval.threshold_quantile', -0.1, 'threshold_quantile=-0.1 must be a'),
 ])
 def test_bad_map_and_attention_settings_are_one_line_errors(tiny_config, field,
                                                             value, expected):

@@ -100,8 +100,11 @@ def test_upsample_conv3x3_equals_conv_of_upsampled(size):
 
 @pytest.mark.parametrize('layer', [
     layers.Conv(5, 4, 2, 1), layers.Conv(5, 7, 2, 3), layers.Conv(5, 3, 1, 1),
-    layers.ConvTranspose4x4(5), layers.UpsampleConv3x3(5)],
-    ids=['conv4s2', 'conv7s2', 'conv3s1', 'convt4', 'upconv3'])
+    layers.ConvTranspose4x4(5), layers.ConvTranspose4x4(16),
+    layers.UpsampleConv3x3(5)],
+    # 16 features = 64 phase channels: the GEMM kernel gradient (layers.py).
+    ids=['conv4s2', 'conv7s2', 'conv3s1', 'convt4', 'convt4_gemm_grad',
+         'upconv3'])
 def test_phase_and_lax_implementations_agree(layer):
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   variables = layer.init(jax.random.key(1), x)
@@ -113,6 +116,24 @@ def test_phase_and_lax_implementations_agree(layer):
   lax_grads = jax.grad(loss, (0, 1))(variables, x, lax_layer)
   for a, b in zip(jax.tree.leaves(lax_grads), jax.tree.leaves(grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('features', [5, 16])
+def test_conv_transpose_second_order_gradient_matches_lax(features):
+  layer = layers.ConvTranspose4x4(features)
+  x = jax.random.normal(jax.random.key(2), (1, 5, 6, 3))
+  variables = layer.init(jax.random.key(3), x)
+
+  def loss(module, v):
+    gx = jax.grad(lambda t: jnp.sum(jnp.tanh(module.apply(v, t))))(x)
+    return jnp.sum(gx ** 2)
+
+  with jax.default_matmul_precision('highest'):
+    expected = jax.grad(lambda v: loss(layer.clone(impl='lax'), v))(variables)
+    actual = jax.grad(lambda v: loss(layer, v))(variables)
+  np.testing.assert_allclose(actual['params']['kernel'],
+                             expected['params']['kernel'], rtol=1e-4,
+                             atol=1e-4)
 
 
 def test_resolve_conv_impl():

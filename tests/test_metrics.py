@@ -1,6 +1,8 @@
 """Tests for cavga_jax.metrics."""
 
+import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from scipy import ndimage
 from sklearn import metrics as sk_metrics
 
 from cavga_jax import metrics
+from conftest import load_script
 
 _LOCALIZATION_KEYS = {
     'pixel_auroc', 'iou', 'iou_best', 'iou_best_threshold', 'pixel_f1_max',
@@ -105,6 +108,15 @@ def test_shape_mismatch_raises():
     metrics.pixel_auroc(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))
   with pytest.raises(ValueError, match=r'\(N, H, W\)'):
     metrics.aupro(np.zeros((2, 4, 4, 1)), np.zeros((2, 4, 4, 1)))
+
+
+def test_accuracy_at_a_fixed_threshold():
+  # Scores above 0.5 are called anomalous: 0.9 (1) right, 0.6 (0) wrong,
+  # 0.5 (1) wrong (not strictly greater), 0.1 (0) right.
+  assert metrics.accuracy_at_threshold([0.9, 0.6, 0.5, 0.1], [1, 0, 1, 0],
+                                       0.5) == 0.5
+  with pytest.raises(ValueError, match='labels must contain only'):
+    metrics.accuracy_at_threshold([0.1, 0.2], [0, 2], 0.5)
 
 
 def test_image_auroc_matches_sklearn():
@@ -263,6 +275,32 @@ def test_aupro_matches_brute_force_without_ties():
       _brute_force_aupro(maps, masks, 0.3), abs=1e-6)
 
 
+@pytest.mark.parametrize('normal_pixels_allowed', [1, 29, 57, 173, 300])
+def test_aupro_at_an_fpr_limit_on_a_pixel_count(normal_pixels_allowed):
+  # The curve is cut just past max_fpr; a limit that is a whole number of
+  # normal pixels (rounding either way in max_fpr * Q) must still integrate
+  # to the last point and interpolate into the next one.
+  masks = _blob_masks()
+  maps = _noisy_maps(masks, seed=12)
+  max_fpr = normal_pixels_allowed / np.count_nonzero(~masks)
+  assert metrics.aupro(maps, masks, max_fpr=max_fpr) == pytest.approx(
+      _brute_force_aupro(maps.astype(np.float64), masks, max_fpr), abs=1e-9)
+
+
+def test_pixel_metrics_with_ties_match_sklearn():
+  rng = np.random.default_rng(13)
+  masks = rng.random((5, 16, 16)) < 0.15
+  maps = rng.integers(0, 6, size=masks.shape) + 2 * masks * rng.integers(
+      0, 2, size=masks.shape)
+  precision, recall, _ = sk_metrics.precision_recall_curve(masks.ravel(),
+                                                           maps.ravel())
+  f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
+  result = metrics.localization_metrics(maps, masks, np.ones(5))
+  assert result['pixel_f1_max'] == pytest.approx(np.max(f1), abs=1e-12)
+  assert result['pixel_auroc'] == pytest.approx(
+      sk_metrics.roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+
+
 def test_aupro_uses_8_connectivity():
   # The single pixel at (0, 0) touches the 3-pixel blob diagonally.
   masks = np.zeros((1, 4, 4), dtype=bool)
@@ -379,3 +417,17 @@ def test_detection_metrics_keys_and_values(caplog):
   assert math.isnan(one_class['image_auroc'])
   assert one_class['detection_accuracy'] == pytest.approx(2 / 3)
   assert 'image_auroc' in caplog.text
+
+
+def test_metrics_speed_benchmark_runs_and_scores_like_sklearn(monkeypatch,
+                                                              capsys):
+  script = load_script('benchmarks/metrics_speed.py')
+  monkeypatch.setattr(sys, 'argv', ['metrics_speed.py', '--images', '8',
+                                    '--size', '32', '--repeats', '1'])
+  script.main()
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [line['map'] for line in lines] == ['continuous', 'tied']
+  masks, _, maps = script.synthetic_category(8, 32)
+  for line in lines:
+    assert line['pixel_auroc'] == pytest.approx(sk_metrics.roc_auc_score(
+        masks.ravel(), maps[line['map']].ravel()), abs=1e-12)

@@ -62,6 +62,11 @@ def test_train_then_evaluate_writes_metrics_and_panels(trained_workdir):
       assert 0.0 <= result['maps'][name][key] <= 1.0, (name, key)
   assert result['maps']['feature_gaussian']['aupro'] == result['aupro']
   assert result['maps']['prior']['image_auroc'] == 0.5
+  # Thresholds fixed on held-out normal training images, for every map but
+  # the priors.
+  for name in set(MAPS) - {'prior', 'prior_normal'}:
+    assert 0.0 <= result['maps'][name]['iou_held_out'] <= 1.0, name
+    assert 0.0 <= result['maps'][name]['detection_accuracy_held_out'] <= 1.0
 
 
 def test_learning_curve_has_every_map_at_every_eval_step(trained_workdir):
