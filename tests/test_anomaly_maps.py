@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from cavga_jax import anomaly_maps
 from cavga_jax import attention
@@ -58,6 +59,29 @@ def test_ssim_of_an_image_with_itself_is_one():
   other = images.at[:, 4:8, 4:8].set(-images[:, 4:8, 4:8])
   local = np.asarray(anomaly_maps.ssim_map(images, other))
   assert local[:, 6, 6].max() < 0.5 and local[:, 14, 14].min() > 0.99
+
+
+@pytest.mark.parametrize('window', [11, 7])
+def test_ssim_map_equals_dm_pix(window):
+  dm_pix = pytest.importorskip('dm_pix')
+  images = _images((2, 24, 20, 3))
+  other = jnp.clip(images + 0.3 * _images((2, 24, 20, 3), seed=1), -1, 1)
+  half = window // 2
+  pad = lambda x: (jnp.pad(x, ((0, 0), (half, half), (half, half), (0, 0)),
+                           mode='reflect') + 1.0) / 2.0
+  expected = jnp.mean(dm_pix.ssim(pad(images), pad(other), max_val=1.0,
+                                  filter_size=window, return_map=True), -1)
+  np.testing.assert_allclose(anomaly_maps.ssim_map(images, other, window),
+                             expected, atol=2e-5)
+
+
+def test_gaussian_blur_equals_scipy_with_mirror_padding():
+  maps = np.asarray(_images((2, 30, 26, 1))[..., 0])
+  expected = np.stack([ndimage.gaussian_filter(m.astype(np.float64), 3.0,
+                                               mode='mirror', truncate=3.0)
+                       for m in maps])
+  np.testing.assert_allclose(anomaly_maps.gaussian_blur(maps, 3.0), expected,
+                             atol=1e-5)
 
 
 def test_gaussian_blur_keeps_constants_and_spreads_a_peak():
