@@ -408,7 +408,7 @@ def _pro_curve(ranked: _RankedPixels, weights: np.ndarray,
   suffix = np.append(np.cumsum(weights[ranked.anomalous_order][::-1])[::-1],
                      0.0)
   pro = suffix[np.searchsorted(ranked.anomalous, thresholds, side='left')]
-  # Integer counts keep the FPR exact; it ends at exactly 1.
+  # Integer counts keep the FPR exact.
   fpr = np.minimum(false_pos / ranked.normal.size, 1.0)
   return (np.concatenate([[0.0], fpr]),
           np.concatenate([[0.0], np.minimum(pro, 1.0)]))
