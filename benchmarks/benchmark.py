@@ -8,7 +8,9 @@ input format of our step), paper widths, latent 128, median step time over
 ``--steps`` timed steps after ``--warmup`` untimed ones. ``train`` is the full
 jitted step (G forward with Grad-CAM, D update, G update through the updated
 D with the second-order L_ae gradient); ``eval`` is forward from ``mu`` +
-Grad-CAM + ``1 - A`` resized to image size + per-image score.
+Grad-CAM + ``1 - A`` resized to image size + per-image score, the peer's
+evaluation (``--maps all``: every anomaly map of ``evaluate.py``'s step
+too).
 """
 
 import argparse
@@ -19,7 +21,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,6 +34,8 @@ from cavga_jax import sharding  # pylint: disable=wrong-import-position
 from cavga_jax import cavga_step  # pylint: disable=wrong-import-position
 from cavga_jax import train_state  # pylint: disable=wrong-import-position
 from configs import default  # pylint: disable=wrong-import-position
+
+PAPER_MAPS = ('attention',)  # the eval step the PyTorch peer times
 
 
 def config_from_args(args) -> ml_collections.ConfigDict:
@@ -65,7 +69,8 @@ def time_calls(fn, steps, warmup):
   return first, times
 
 
-def make_step(config: ml_collections.ConfigDict, mode: str
+def make_step(config: ml_collections.ConfigDict, mode: str,
+              eval_maps: Sequence[str] | None = PAPER_MAPS
               ) -> tuple[Callable[..., Any], tuple[Any, ...]]:
   """The jitted step of ``mode`` and the inputs of one call, on a fixed batch.
 
@@ -75,6 +80,10 @@ def make_step(config: ml_collections.ConfigDict, mode: str
     mode: 'train' (``step(state, images, rng) -> (state, metrics)``, the
       state donated) or 'eval' (``step(gen_params, gen_batch_stats, images)
       -> outputs``).
+    eval_maps: the maps the eval step computes: the paper's ``1 - A`` (the
+      PyTorch peer's evaluation: encoder, decoder, Grad-CAM, ``1 - A`` at
+      image size, the per-image error) or, with None, every map
+      (``anomaly_maps``: SSIM, blurs, per-unit maps, ...).
 
   Returns:
     ``(step, inputs)``: ``step(*inputs)`` is one call; ``images`` is uint8
@@ -96,7 +105,7 @@ def make_step(config: ml_collections.ConfigDict, mode: str
         donate_argnums=0,
         out_shardings=(state_sharding, sharding.replicated(mesh)))
     return step, (state, images, jax.random.key(1))
-  step = jax.jit(eval_lib.make_eval_step(generator))
+  step = jax.jit(eval_lib.make_eval_step(generator, map_names=eval_maps))
   return step, (state.gen_params, state.gen_batch_stats, images)
 
 
@@ -127,7 +136,9 @@ def build_step(args) -> Callable[[], Any]:
     args: variant, image_size, channels, latent_channels, batch, mode
       ('train' or 'eval') and dtype, as the command-line flags.
   """
-  return make_runner(*make_step(config_from_args(args), args.mode), args.mode)
+  eval_maps = None if args.maps == 'all' else PAPER_MAPS
+  return make_runner(*make_step(config_from_args(args), args.mode, eval_maps),
+                     args.mode)
 
 
 def main():
@@ -142,6 +153,9 @@ def main():
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--dtype', default='float32',
                       choices=['float32', 'bfloat16'])
+  parser.add_argument('--maps', default='paper', choices=['paper', 'all'],
+                      help="eval: the paper's 1 - A only (the peer's work) "
+                      'or every anomaly map')
   args = parser.parse_args()
 
   run = build_step(args)
@@ -157,6 +171,7 @@ def main():
   print(json.dumps(dict(
       framework='jax', variant=args.variant, mode=args.mode,
       image_size=args.image_size, batch=args.batch, dtype=args.dtype,
+      maps=args.maps if args.mode == 'eval' else None,
       images_per_s=args.batch / median, step_ms_median=1000 * median,
       step_ms_all=[round(1000 * t, 1) for t in times],
       first_call_s=first, devices=jax.device_count(),

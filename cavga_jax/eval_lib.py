@@ -40,7 +40,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -92,9 +92,14 @@ def feature_settings(eval_config: ml_collections.ConfigDict
 
 def make_eval_step(generator: models.CAVGAGenerator,
                    settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
-                   features: feature_gaussian.FeatureSettings | None = None
+                   features: feature_gaussian.FeatureSettings | None = None,
+                   map_names: Sequence[str] | None = None
                    ) -> Callable[[Any, Any, Array], dict[str, Any]]:
   """Returns ``eval_step(params, batch_stats, images) -> outputs``.
+
+  ``map_names`` restricts the maps to those (default: every map the
+  generator supports; ``('attention',)`` is the paper's evaluation, what
+  benchmarks compare with the PyTorch peer).
 
   ``images`` is uint8 (B, S, S, C) or float in [-1, 1]. Outputs:
   'reconstruction' uint8 (B, S, S, C), 'attention' (B, h, w), 'score' (B,) (mean squared error in
@@ -105,13 +110,15 @@ def make_eval_step(generator: models.CAVGAGenerator,
   (B, g, g, dims): the encoder features of ``feature_gaussian``.
   """
   functions = anomaly_maps.map_functions(generator.with_classifier)
+  if map_names is not None:
+    functions = {name: functions[name] for name in map_names}
   stage_features = _stage_features(generator, features)
 
   def eval_step(params, batch_stats, images):
     x = train_state.images_to_float(images)
     outputs, _ = attention.forward_with_attention(
         generator, params, batch_stats, x, rng=None, train=False,
-        unit_maps=True)
+        unit_maps='attention_liu' in functions)
     reconstruction = outputs['reconstruction']
     maps = anomaly_maps.compute_maps(dict(outputs, images=x), functions,
                                      settings)

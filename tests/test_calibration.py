@@ -107,5 +107,13 @@ def test_normal_step_gives_the_eval_steps_maps_and_features(tiny_config):
   assert full['features'].shape == (2, 8, 8, 24)
   np.testing.assert_allclose(normal['features'], full['features'], rtol=1e-5,
                              atol=1e-6)
+  # The paper's evaluation alone (what the benchmarks time against the
+  # PyTorch peer) gives the same 1 - A and score as the full step.
+  paper = jax.jit(eval_lib.make_eval_step(generator,
+                                          map_names=('attention',)))(*args)
+  assert set(paper['maps']) == {'attention'}
+  np.testing.assert_allclose(paper['maps']['attention'],
+                             full['maps']['attention'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(paper['score'], full['score'], rtol=1e-6)
   tiny_config.eval.calibrate = False
   assert eval_lib.feature_settings(tiny_config.eval) is None
