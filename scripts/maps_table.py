@@ -1,6 +1,6 @@
 """Markdown table of every map of one or more evaluated runs.
 
-  python scripts/maps_table.py runs/bottle_D_u runs/kolektor_D_u [--metrics=pixel_auroc,aupro,iou]
+  python scripts/maps_table.py runs/bottle_D_u runs/kolektor_D_u [--metrics=pixel_auroc,aupro,iou_held_out]
 
 Reads ``<workdir>/eval/metrics.json`` (written by evaluate.py; or the
 ``metrics.json`` of a folder given directly, e.g. ``<workdir>/eval_untrained``)
@@ -35,7 +35,9 @@ def main():
   print('| run | step | ' + ' | '.join(maps) + ' |')
   print('|---|---|' + '---|' * len(maps))
   for workdir, result in results.items():
-    cells = [' / '.join(f'{result["maps"][m][k]:.3f}' for k in names)
+    # '-' for a metric a map does not have (the priors' held-out IoU).
+    cells = [' / '.join(f'{result["maps"][m][k]:.3f}'
+                        if k in result['maps'][m] else '-' for k in names)
              if m in result['maps'] else '' for m in maps]
     print(f'| {os.path.normpath(workdir)} | {result.get("checkpoint_step")} | '
           + ' | '.join(cells) + ' |')
