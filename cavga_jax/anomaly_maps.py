@@ -84,7 +84,7 @@ def _filter_valid(z: Array, taps: np.ndarray, axis: int) -> Array:
 
   A weighted sum of shifted slices, which XLA fuses into one loop. The
   depthwise and vmapped 1-D convolutions that dm-pix uses for the same
-  filters are 10-60x slower on XLA:CPU (docs/benchmarks.md), and these
+  filters are 3-60x slower on XLA:CPU (docs/benchmarks.md), and these
   filters ran in every evaluation step.
   """
   size = z.shape[axis] - len(taps) + 1
@@ -92,9 +92,9 @@ def _filter_valid(z: Array, taps: np.ndarray, axis: int) -> Array:
              for k, w in enumerate(taps))
 
 
-def _blur_valid(z: Array, taps: np.ndarray) -> Array:
-  """Separable 'valid' blur of the two axes after the batch axis."""
-  return _filter_valid(_filter_valid(z, taps, 2), taps, 1)
+def _blur_valid(z: Array, taps: np.ndarray, row_axis: int = 1) -> Array:
+  """Separable 'valid' blur of axes ``row_axis`` and ``row_axis + 1``."""
+  return _filter_valid(_filter_valid(z, taps, row_axis + 1), taps, row_axis)
 
 
 def gaussian_blur(maps: Array, sigma: float) -> Array:
@@ -128,7 +128,7 @@ def ssim_map(images: Array, reconstructions: Array, window: int = 11
   moments = jnp.stack([a, b, a * a, b * b, a * b], axis=1)  # (B, 5, ...)
   taps = _gaussian_taps(SSIM_SIGMA, window)
   mu_a, mu_b, aa, bb, ab = jnp.moveaxis(
-      _filter_valid(_filter_valid(moments, taps, 3), taps, 2), 1, 0)
+      _blur_valid(moments, taps, row_axis=2), 1, 0)
   epsilon = jnp.finfo(jnp.float32).eps ** 2
   var_a = jnp.maximum(epsilon, aa - mu_a * mu_a)
   var_b = jnp.maximum(epsilon, bb - mu_b * mu_b)
@@ -199,6 +199,8 @@ MAPS: dict[str, MapFn] = {
     'residual_x_ssim': residual_x_ssim_map,
     'attention_x_residual': attention_x_residual_map,
 }
+# The maps that read Liu et al.'s per-unit maps (``unit_maps=True``).
+UNIT_MAPS = frozenset({'attention_liu'})
 # CAVGA_w's 'latent' map is ``attention`` itself.
 WEAK_MAPS: dict[str, MapFn] = {
     f'weak_{name}': _weak_map(name) for name in attention.WEAK_MAPS

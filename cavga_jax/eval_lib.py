@@ -118,7 +118,7 @@ def make_eval_step(generator: models.CAVGAGenerator,
     x = train_state.images_to_float(images)
     outputs, _ = attention.forward_with_attention(
         generator, params, batch_stats, x, rng=None, train=False,
-        unit_maps='attention_liu' in functions)
+        unit_maps=not anomaly_maps.UNIT_MAPS.isdisjoint(functions))
     reconstruction = outputs['reconstruction']
     maps = anomaly_maps.compute_maps(dict(outputs, images=x), functions,
                                      settings)

@@ -236,6 +236,7 @@ def _conv2x2_bwd(padding, residuals, g):
 
 _conv2x2.defvjp(_conv2x2_fwd, _conv2x2_bwd)
 
+
 def _merge_taps(kernel: Array, phase: int, axis: int) -> Array:
   """The 2 taps that output ``phase`` of a 3-tap ``axis`` sees after x2 nearest up-sampling."""
   k0, k1, k2 = (jnp.take(kernel, i, axis) for i in range(3))

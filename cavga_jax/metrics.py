@@ -113,11 +113,15 @@ def _scores_and_labels(scores: Any,
 
 def _require_both_classes(targets: np.ndarray, what: str) -> None:
   """Raises UndefinedMetricError unless bool `targets` holds both classes."""
-  num_positive = int(np.count_nonzero(targets))
-  if num_positive == 0 or num_positive == targets.size:
+  _require_both_counts(int(np.count_nonzero(targets)), targets.size, what)
+
+
+def _require_both_counts(num_positive: int, total: int, what: str) -> None:
+  """Raises UndefinedMetricError unless 0 < num_positive < total."""
+  if num_positive == 0 or num_positive == total:
     only = 'anomalous' if num_positive else 'normal'
     raise UndefinedMetricError(
-        f'{what} contain only {only} entries ({targets.size} in total); the '
+        f'{what} contain only {only} entries ({total} in total); the '
         'metric needs both normal and anomalous ones.')
 
 
@@ -147,23 +151,15 @@ def _rank_pixels(maps: np.ndarray, gt: np.ndarray) -> _RankedPixels:
   return _RankedPixels(anomalous[order], np.sort(maps[~gt]), order)
 
 
-def _require_both_pixel_classes(ranked: _RankedPixels) -> None:
-  """Raises UndefinedMetricError unless there are mask and normal pixels."""
-  if not ranked.anomalous.size or not ranked.normal.size:
-    only = 'normal' if ranked.normal.size else 'anomalous'
-    raise UndefinedMetricError(
-        f'masks (pixels) contain only {only} entries '
-        f'({ranked.anomalous.size + ranked.normal.size} in total); the metric '
-        'needs both normal and anomalous ones.')
-
-
 def _auroc(ranked: _RankedPixels) -> float:
   """AUROC as the Mann-Whitney statistic (ties count one half).
 
   It equals the trapezoid area under the ROC curve over every distinct
   threshold (scikit-learn's `roc_auc_score`); integer counts keep it exact.
   """
-  _require_both_pixel_classes(ranked)
+  _require_both_counts(ranked.anomalous.size,
+                       ranked.anomalous.size + ranked.normal.size,
+                       'masks (pixels)')
   below = np.searchsorted(ranked.normal, ranked.anomalous, side='left')
   not_above = np.searchsorted(ranked.normal, ranked.anomalous, side='right')
   pairs = 2 * ranked.anomalous.size * ranked.normal.size
