@@ -51,6 +51,11 @@ from cavga_jax import attention
 
 Array = jax.Array
 TOP_FRACTION = 0.01
+# The default blur of the residual and feature maps, as a share of the image
+# side: 4 px at 256 px (anomalib's sigma for PaDiM / PatchCore maps), 2 px at
+# 128 px. A width fixed in pixels would blur a 64 px image as much as a
+# 256 px one blurred at 16 px (docs/results.md, "The blur width").
+RELATIVE_SIGMA = 4.0 / 256.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +63,9 @@ class MapSettings:
   """Settings of the maps (``config.eval``), static under ``jax.jit``.
 
   Attributes:
-    residual_sigma: Gaussian sigma in pixels at image size (0 = no blur).
+    residual_sigma: Gaussian sigma in pixels at image size (0 = no blur;
+      ``config.eval.residual_sigma=None`` means ``RELATIVE_SIGMA`` times the
+      image size).
     ssim_window: SSIM window size in pixels (odd).
   """
   residual_sigma: float = 4.0

@@ -196,7 +196,8 @@ def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
     raise CavgaError(f'config.eval.map={headline!r} needs '
                      "config.model.supervision='weak' (a class map of the "
                      f'CAVGA_w classifier), got {supervision!r}')
-  _check_number(config, 'eval.residual_sigma', 0.0, default=4.0)
+  if _get(config, 'eval.residual_sigma', None) is not None:
+    _check_number(config, 'eval.residual_sigma', 0.0)
   _check_int(config, 'eval.ssim_window', 3, 11)
   window = _get(config, 'eval.ssim_window', 11)
   if window % 2 == 0:

@@ -64,14 +64,20 @@ from cavga_jax.errors import CavgaError
 Array = jax.Array
 
 
-def map_settings(eval_config: ml_collections.ConfigDict
+def map_settings(eval_config: ml_collections.ConfigDict, image_size: int
                  ) -> anomaly_maps.MapSettings:
-  """``anomaly_maps.MapSettings`` from ``config.eval``."""
-  defaults = anomaly_maps.MapSettings()
+  """``anomaly_maps.MapSettings`` from ``config.eval`` for one image size.
+
+  ``eval.residual_sigma`` None (``configs/default.py``) is
+  ``anomaly_maps.RELATIVE_SIGMA * image_size`` pixels.
+  """
+  sigma = eval_config.get('residual_sigma')
+  if sigma is None:
+    sigma = anomaly_maps.RELATIVE_SIGMA * image_size
   return anomaly_maps.MapSettings(
-      residual_sigma=float(eval_config.get('residual_sigma',
-                                           defaults.residual_sigma)),
-      ssim_window=int(eval_config.get('ssim_window', defaults.ssim_window)))
+      residual_sigma=float(sigma),
+      ssim_window=int(eval_config.get(
+          'ssim_window', anomaly_maps.MapSettings().ssim_window)))
 
 
 def feature_settings(eval_config: ml_collections.ConfigDict
@@ -488,7 +494,8 @@ def make_evaluator(generator: models.CAVGAGenerator,
   Args:
     generator: the generator module.
     dataset: the test set.
-    eval_config: ``config.eval`` (batch_size, map, residual_sigma,
+    eval_config: ``config.eval`` (batch_size, map, residual_sigma (None:
+      relative to the test images' size, ``map_settings``),
       ssim_window, calibrate, feature_stages, feature_dims).
     mesh: the device mesh the batches are sharded over.
     normal_images: (N, S, S, C) uint8 normal training images. A share
@@ -500,7 +507,7 @@ def make_evaluator(generator: models.CAVGAGenerator,
       features on the others and adds the calibrated maps and
       ``feature_gaussian``.
   """
-  settings = map_settings(eval_config)
+  settings = map_settings(eval_config, dataset.images.shape[1])
   features = feature_settings(eval_config)
   eval_step = jax.jit(make_eval_step(generator, settings, features))
   normal_step = jax.jit(make_normal_step(generator, settings, features))

@@ -112,7 +112,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 1 - A is 'attention', which did no better than a positional prior
   # (docs/results.md).
   config.eval.map = 'feature_gaussian'
-  config.eval.residual_sigma = 4.0  # Gaussian sigma (px) of the residual map
+  # Gaussian sigma (px) of the residual and feature maps; None = 4 px per
+  # 256 px of image size (anomaly_maps.RELATIVE_SIGMA), so the blur covers
+  # the same share of the image at any --config.data.image_size.
+  config.eval.residual_sigma = ml_collections.config_dict.placeholder(float)
   config.eval.ssim_window = 11  # SSIM window (px) of the residual_ssim map
   # One pass over the normal training images adds the maps measured against
   # them: '<map>_calibrated' z-scores of the residual maps

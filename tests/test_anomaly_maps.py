@@ -321,3 +321,14 @@ def test_bad_map_and_attention_settings_are_one_line_errors(tiny_config, field,
   with pytest.raises(CavgaError) as info:
     config_checks.check_config(tiny_config)
   assert expected in str(info.value) and '\n' not in str(info.value)
+
+
+def test_default_blur_scales_with_the_image_size(tiny_config):
+  # None: 4 px per 256 px, so the blur covers the same share of any image;
+  # a number is pixels, whatever the size.
+  assert tiny_config.eval.residual_sigma is None
+  config_checks.check_config(tiny_config)
+  for size, sigma in ((256, 4.0), (128, 2.0), (64, 1.0)):
+    assert eval_lib.map_settings(tiny_config.eval, size).residual_sigma == sigma
+  tiny_config.eval.residual_sigma = 3.0
+  assert eval_lib.map_settings(tiny_config.eval, 64).residual_sigma == 3.0

@@ -92,7 +92,7 @@ def test_normal_step_gives_the_eval_steps_maps_and_features(tiny_config):
                                              dtype=np.uint8)
   variables = jax.jit(generator.init, static_argnums=(2, 3))(
       jax.random.key(0), images.astype(np.float32), None, False)
-  settings = eval_lib.map_settings(tiny_config.eval)
+  settings = eval_lib.map_settings(tiny_config.eval, images.shape[1])
   features = eval_lib.feature_settings(tiny_config.eval)
   args = (variables['params'], variables['batch_stats'], images)
   full = jax.jit(eval_lib.make_eval_step(generator, settings, features))(*args)

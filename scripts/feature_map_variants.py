@@ -1,0 +1,175 @@
+"""Variants of the ``feature_gaussian`` map on one run: grid, blur, position.
+
+  PYTHONPATH=. python scripts/feature_map_variants.py --config=configs/mvtec.py --workdir=runs/kolektor_D_u \
+      --config.data.root=../shared/data/kolektorsdd_256 --config.data.category=kolektorsdd \
+      --config.data.image_size=128 --config.model.variant=D [--untrained]
+
+Takes the encoder features of ``feature_gaussian`` (stages and channels of
+``config.eval``) of the newest checkpoint (or of the untrained networks) for
+the normal training images that fit the statistics (the held-out share left
+out, as in ``eval_lib``) and the test images, and prints, as JSON, pixel
+AUROC / AU-PRO / image AUROC of:
+* ``gaussian_grid<k>_sigma<s>``: the map itself (one Gaussian per cell) on a
+  grid of image size / k, blurred with sigma s px;
+* ``knn_free`` / ``knn_free_whitened``: position-free, PatchCore-like: each
+  test cell's Euclidean distance to its nearest neighbour among
+  ``--bank_size`` normal cell features drawn at random from all positions
+  (raw, or whitened by their pooled covariance);
+* ``knn_radius<r>``: the nearest normal feature within r cells of the same
+  position (r = 0: same cell).
+The kNN maps use the default grid and blur. A measurement tool for
+docs/results.md, not a map of the library.
+"""
+
+import json
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cavga_jax import anomaly_maps
+from cavga_jax import checkpointing
+from cavga_jax import data
+from cavga_jax import eval_lib
+from cavga_jax import feature_gaussian
+from cavga_jax import metrics
+from cavga_jax import runtime
+from cavga_jax import sharding
+from cavga_jax import train_state
+
+_CONFIG = runtime.define_config_flag('The run configuration.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The trained workdir.')
+_UNTRAINED = flags.DEFINE_bool('untrained', False,
+                               'Use the freshly initialised networks.')
+_GRID_DIVISORS = flags.DEFINE_list('grid_divisors', ['4', '2'],
+                                   'Grid = image size / each of these.')
+_SIGMAS = flags.DEFINE_list('sigmas', ['4', '2', '1'], 'Blur sigmas (px).')
+_BANK_SIZE = flags.DEFINE_integer('bank_size', 16384,
+                                  'Normal features of the position-free kNN.')
+_RADII = flags.DEFINE_list('radii', ['0', '1'], 'kNN radii in cells.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _scores(distances: np.ndarray, sigma: float, test: data.AnomalyDataset
+            ) -> dict[str, float]:
+  """Metrics of (N, g, g) cell distances, bilinear to image size and blurred."""
+  size = test.images.shape[1]
+  maps = anomaly_maps.gaussian_blur(
+      jax.image.resize(jnp.asarray(distances), (len(distances), size, size),
+                       'bilinear'), sigma)
+  return dict(
+      pixel_auroc=round(metrics.pixel_auroc(np.asarray(maps), test.masks), 3),
+      aupro=round(metrics.aupro(np.asarray(maps), test.masks), 3),
+      image_auroc=round(metrics.image_auroc(
+          np.asarray(anomaly_maps.image_score(maps)), test.labels), 3))
+
+
+@jax.jit
+def _nearest(queries: jax.Array, bank: jax.Array) -> jax.Array:
+  """(Q, d), (M, d) -> (Q,) Euclidean distance to the nearest bank row."""
+  squared = (jnp.sum(queries ** 2, 1)[:, None] - 2 * queries @ bank.T
+             + jnp.sum(bank ** 2, 1)[None])
+  return jnp.sqrt(jnp.maximum(squared.min(axis=1), 0.0))
+
+
+def _knn_free(normal: np.ndarray, test: np.ndarray, bank_size: int
+              ) -> np.ndarray:
+  flat = normal.reshape(-1, normal.shape[-1])
+  rows = np.random.default_rng(0).choice(len(flat), min(bank_size, len(flat)),
+                                         replace=False)
+  bank = jnp.asarray(flat[rows])
+  queries = test.reshape(-1, test.shape[-1])
+  nearest = np.concatenate([np.asarray(_nearest(jnp.asarray(queries[i:i + 4096]),
+                                                bank))
+                            for i in range(0, len(queries), 4096)])
+  return nearest.reshape(test.shape[:3])
+
+
+def _whiten(normal: np.ndarray, test: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+  flat = normal.reshape(-1, normal.shape[-1]).astype(np.float64)
+  mean = flat.mean(axis=0)
+  covariance = (np.cov(flat - mean, rowvar=False)
+                + feature_gaussian.REGULARIZATION * np.eye(flat.shape[1]))
+  values, vectors = np.linalg.eigh(covariance)
+  whitening = (vectors / np.sqrt(values)) @ vectors.T
+  return tuple(((f - mean) @ whitening).astype(np.float32)
+               for f in (normal, test))
+
+
+def _knn_radius(normal: np.ndarray, test: np.ndarray, radius: int
+                ) -> np.ndarray:
+  grid = normal.shape[1]
+  padded = np.pad(normal, ((0, 0), (radius, radius), (radius, radius), (0, 0)),
+                  mode='edge')
+  queries = jnp.asarray(test)
+  best = np.full(test.shape[:3], np.inf, np.float32)
+  for dy in range(2 * radius + 1):
+    for dx in range(2 * radius + 1):
+      shifted = jnp.asarray(padded[:, dy:dy + grid, dx:dx + grid])
+      squared = (jnp.sum(queries ** 2, -1)[:, None]
+                 - 2 * jnp.einsum('qhwd,nhwd->qnhw', queries, shifted)
+                 + jnp.sum(shifted ** 2, -1)[None])
+      best = np.minimum(best, np.asarray(squared.min(axis=1)))
+  return np.sqrt(np.maximum(best, 0.0))
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  mesh = sharding.make_mesh()
+  train, test = data.get_datasets(config, _WORKDIR.value)
+  generator, _, init_fn, _ = train_state.setup(config, mesh)
+  if _UNTRAINED.value:
+    state, step = init_fn(jax.random.key(config.seed)), 0
+  else:
+    state, step = checkpointing.restore_for_eval(
+        _WORKDIR.value, train_state.abstract_state(init_fn, mesh))
+  settings = eval_lib.feature_settings(config.eval)
+  channels = feature_gaussian.select_channels(
+      [generator.encoder_widths[s - 1] for s in settings.stages],
+      settings.dims)
+  fit, _ = eval_lib.split_held_out(eval_lib.normal_training_images(train),
+                                   config.eval.get('threshold_holdout', 0.1))
+  size = test.images.shape[1]
+
+  def features(images: np.ndarray, grid: int) -> np.ndarray:
+    @jax.jit
+    def step_fn(batch):
+      outputs = generator.apply(
+          {'params': state.gen_params, 'batch_stats': state.gen_batch_stats},
+          train_state.images_to_float(batch), False, settings.stages,
+          method='encode_stages')
+      return feature_gaussian.stack_features(outputs, channels, grid)
+    return np.concatenate([np.asarray(step_fn(batch))[:n] for batch, n in
+                           data.eval_batches(images, config.eval.batch_size)])
+
+  result = dict(checkpoint_step=step, untrained=_UNTRAINED.value)
+  default_sigma = eval_lib.map_settings(config.eval, size).residual_sigma
+  for divisor in map(int, _GRID_DIVISORS.value):
+    grid = max(1, size // divisor)
+    normal, tested = features(fit, grid), features(test, grid)
+    moments = feature_gaussian.FeatureMoments()
+    moments.add(normal)
+    distances = np.asarray(feature_gaussian.mahalanobis(
+        jnp.asarray(tested), *map(jnp.asarray, moments.statistics())))
+    for sigma in map(float, _SIGMAS.value):
+      result[f'gaussian_grid{divisor}_sigma{sigma:g}'] = _scores(
+          distances, sigma, test)
+    if divisor != feature_gaussian.GRID_DIVISOR:
+      continue
+    result['knn_free'] = _scores(
+        _knn_free(normal, tested, _BANK_SIZE.value), default_sigma, test)
+    result['knn_free_whitened'] = _scores(
+        _knn_free(*_whiten(normal, tested), _BANK_SIZE.value), default_sigma,
+        test)
+    for radius in map(int, _RADII.value):
+      result[f'knn_radius{radius}'] = _scores(
+          _knn_radius(normal, tested, radius), default_sigma, test)
+  print(json.dumps(result, indent=2))
+
+
+if __name__ == '__main__':
+  app.run(main)
