@@ -21,6 +21,7 @@ The kNN maps use the default grid and blur. A measurement tool for
 docs/results.md, not a map of the library.
 """
 
+import functools
 import json
 
 from absl import app
@@ -135,15 +136,17 @@ def main(argv):
                                    config.eval.get('threshold_holdout', 0.1))
   size = test.images.shape[1]
 
+  @functools.partial(jax.jit, static_argnums=1)
+  def encode(batch, grid):
+    outputs = generator.apply(
+        {'params': state.gen_params, 'batch_stats': state.gen_batch_stats},
+        train_state.images_to_float(batch), False, settings.stages,
+        method='encode_stages')
+    return feature_gaussian.stack_features(outputs, channels, grid)
+
   def features(images: np.ndarray, grid: int) -> np.ndarray:
-    @jax.jit
-    def step_fn(batch):
-      outputs = generator.apply(
-          {'params': state.gen_params, 'batch_stats': state.gen_batch_stats},
-          train_state.images_to_float(batch), False, settings.stages,
-          method='encode_stages')
-      return feature_gaussian.stack_features(outputs, channels, grid)
-    return np.concatenate([np.asarray(step_fn(batch))[:n] for batch, n in
+    """(N, grid, grid, dims) features of uint8 images."""
+    return np.concatenate([np.asarray(encode(batch, grid))[:n] for batch, n in
                            data.eval_batches(images, config.eval.batch_size)])
 
   result = dict(checkpoint_step=step, untrained=_UNTRAINED.value)

@@ -138,3 +138,26 @@ def test_bad_config_flag_is_rejected_before_any_work(tmp_path, program,
   assert expected in proc.stderr
   assert 'Traceback' not in proc.stderr
   assert not workdir.exists()  # No dataset generated, nothing written.
+
+
+def test_feature_map_variants_reproduce_the_evaluated_map(trained_workdir):
+  # The script's grid-/4 Gaussian at the default blur (tiny: 32 px / 64 =
+  # 0.5 px) is evaluate.py's feature_gaussian on the same checkpoint.
+  workdir, _, _ = trained_workdir
+  out = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, 'scripts',
+                                    'feature_map_variants.py'),
+       '--config=configs/tiny.py', f'--workdir={workdir}',
+       '--sigmas=0.5', '--grid_divisors=4', '--bank_size=64', '--radii=0'],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False,
+      env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+  assert out.returncode == 0, out.stderr[-3000:]
+  variants = json.loads(out.stdout)
+  with open(workdir / 'eval' / 'metrics.json') as f:
+    evaluated = json.load(f)['maps']['feature_gaussian']
+  for key in ('pixel_auroc', 'aupro', 'image_auroc'):
+    assert abs(variants['gaussian_grid4_sigma0.5'][key]
+               - evaluated[key]) <= 5e-4, key
+  for name in ('knn_free', 'knn_free_whitened', 'knn_radius0'):
+    assert 0.0 <= variants[name]['pixel_auroc'] <= 1.0
+  assert variants['checkpoint_step'] == 2
