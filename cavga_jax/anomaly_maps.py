@@ -117,6 +117,13 @@ def gaussian_blur(maps: Array, sigma: float) -> Array:
 SSIM_SIGMA = 1.5  # Wang et al.'s Gaussian window (and dm-pix's default)
 
 
+def upsample_and_blur(cells: Array, size: int, sigma: float) -> Array:
+  """(N, g, g) per-cell values -> (N, size, size): bilinear, then blurred."""
+  cells = jnp.asarray(cells)
+  return gaussian_blur(
+      jax.image.resize(cells, (len(cells), size, size), 'bilinear'), sigma)
+
+
 def ssim_map(images: Array, reconstructions: Array, window: int = 11
              ) -> Array:
   """Local SSIM of (B, S, S, C) images in [-1, 1], mean over C: (B, S, S).

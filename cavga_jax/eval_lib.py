@@ -162,7 +162,8 @@ def _stage_features(generator: models.CAVGAGenerator,
                               x, False, features.stages,
                               method='encode_stages')
     return feature_gaussian.stack_features(
-        outputs, channels, feature_gaussian.grid_size(x.shape[1]))
+        outputs, channels,
+        feature_gaussian.grid_size(x.shape[1], features.grid_divisor))
 
   return stage_features
 
@@ -303,9 +304,8 @@ def add_feature_map(predictions: dict[str, Any],
   features = predictions.pop('features')
   distances = feature_gaussian.mahalanobis(jnp.asarray(features),
                                            *map(jnp.asarray, statistics))
-  size = predictions['reconstruction'].shape[1]
-  feature_map = anomaly_maps.gaussian_blur(
-      jax.image.resize(distances, (len(distances), size, size), 'bilinear'),
+  feature_map = anomaly_maps.upsample_and_blur(
+      distances, predictions['reconstruction'].shape[1],
       settings.residual_sigma)
   predictions['maps'][feature_gaussian.NAME] = np.asarray(feature_map)
   predictions['map_scores'][feature_gaussian.NAME] = np.asarray(
@@ -621,6 +621,18 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str
 UNTRAINED_DIR = 'eval_untrained'
 
 
+def evaluated_state(config: ml_collections.ConfigDict, workdir: str,
+                    init_fn: Callable, mesh: jax.sharding.Mesh,
+                    untrained: bool = False) -> tuple[Any, int]:
+  """(train state, step): the newest checkpoint of ``workdir``, or with
+  ``untrained`` the freshly initialised networks of ``config.seed`` (step 0).
+  """
+  if untrained:
+    return init_fn(jax.random.key(config.seed)), 0
+  return checkpointing.restore_for_eval(
+      workdir, train_state.abstract_state(init_fn, mesh))
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              untrained: bool = False) -> dict[str, Any]:
   """Restores the latest checkpoint of ``workdir`` and evaluates it.
@@ -642,13 +654,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     The metrics dict (also logged).
   """
   test_ds, evaluator, init_fn, mesh = _evaluation_setup(config, workdir)
+  state, step = evaluated_state(config, workdir, init_fn, mesh, untrained)
   if untrained:
-    state, step = init_fn(jax.random.key(config.seed)), 0
     logging.info('evaluating the untrained networks (seed %d) on %d test '
                  'images', config.seed, test_ds.num_examples)
   else:
-    state, step = checkpointing.restore_for_eval(
-        workdir, train_state.abstract_state(init_fn, mesh))
     logging.info('evaluating checkpoint %d on %d test images', step,
                  test_ds.num_examples)
   result, predictions = evaluator(state.gen_params, state.gen_batch_stats)

@@ -56,9 +56,11 @@ class FeatureSettings:
   Attributes:
     stages: encoder stages (1..4), increasing.
     dims: channels kept after concatenation (all if fewer).
+    grid_divisor: the grid is image size / this many cells a side.
   """
   stages: tuple[int, ...] = (1, 2)
   dims: int = 100
+  grid_divisor: int = GRID_DIVISOR
 
 
 def select_channels(stage_widths: Sequence[int], dims: int) -> np.ndarray:
@@ -70,8 +72,8 @@ def select_channels(stage_widths: Sequence[int], dims: int) -> np.ndarray:
   return np.sort(rng.choice(total, dims, replace=False))
 
 
-def grid_size(image_size: int) -> int:
-  return max(1, image_size // GRID_DIVISOR)
+def grid_size(image_size: int, divisor: int = GRID_DIVISOR) -> int:
+  return max(1, image_size // divisor)
 
 
 def stack_features(stage_outputs: Sequence[Array], channels: np.ndarray,

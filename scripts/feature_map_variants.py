@@ -21,6 +21,7 @@ The kNN maps use the default grid and blur. A measurement tool for
 docs/results.md, not a map of the library.
 """
 
+import dataclasses
 import functools
 import json
 
@@ -31,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from cavga_jax import anomaly_maps
-from cavga_jax import checkpointing
 from cavga_jax import data
 from cavga_jax import eval_lib
 from cavga_jax import feature_gaussian
@@ -56,10 +56,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def _scores(distances: np.ndarray, sigma: float, test: data.AnomalyDataset
             ) -> dict[str, float]:
   """Metrics of (N, g, g) cell distances, bilinear to image size and blurred."""
-  size = test.images.shape[1]
-  maps = anomaly_maps.gaussian_blur(
-      jax.image.resize(jnp.asarray(distances), (len(distances), size, size),
-                       'bilinear'), sigma)
+  maps = anomaly_maps.upsample_and_blur(distances, test.images.shape[1], sigma)
   return dict(
       pixel_auroc=round(metrics.pixel_auroc(np.asarray(maps), test.masks), 3),
       aupro=round(metrics.aupro(np.asarray(maps), test.masks), 3),
@@ -105,16 +102,12 @@ def _knn_radius(normal: np.ndarray, test: np.ndarray, radius: int
   grid = normal.shape[1]
   padded = np.pad(normal, ((0, 0), (radius, radius), (radius, radius), (0, 0)),
                   mode='edge')
+  # _nearest at every cell: (Q, g, g, d) queries, (n, g, g, d) banks.
+  per_cell = jax.vmap(jax.vmap(_nearest, (1, 1), 1), (1, 1), 1)
   queries = jnp.asarray(test)
-  best = np.full(test.shape[:3], np.inf, np.float32)
-  for dy in range(2 * radius + 1):
-    for dx in range(2 * radius + 1):
-      shifted = jnp.asarray(padded[:, dy:dy + grid, dx:dx + grid])
-      squared = (jnp.sum(queries ** 2, -1)[:, None]
-                 - 2 * jnp.einsum('qhwd,nhwd->qnhw', queries, shifted)
-                 + jnp.sum(shifted ** 2, -1)[None])
-      best = np.minimum(best, np.asarray(squared.min(axis=1)))
-  return np.sqrt(np.maximum(best, 0.0))
+  return np.asarray(functools.reduce(jnp.minimum, (
+      per_cell(queries, jnp.asarray(padded[:, dy:dy + grid, dx:dx + grid]))
+      for dy in range(2 * radius + 1) for dx in range(2 * radius + 1))))
 
 
 def main(argv):
@@ -123,37 +116,26 @@ def main(argv):
   mesh = sharding.make_mesh()
   train, test = data.get_datasets(config, _WORKDIR.value)
   generator, _, init_fn, _ = train_state.setup(config, mesh)
-  if _UNTRAINED.value:
-    state, step = init_fn(jax.random.key(config.seed)), 0
-  else:
-    state, step = checkpointing.restore_for_eval(
-        _WORKDIR.value, train_state.abstract_state(init_fn, mesh))
-  settings = eval_lib.feature_settings(config.eval)
-  channels = feature_gaussian.select_channels(
-      [generator.encoder_widths[s - 1] for s in settings.stages],
-      settings.dims)
+  state, step = eval_lib.evaluated_state(config, _WORKDIR.value, init_fn, mesh,
+                                         _UNTRAINED.value)
   fit, _ = eval_lib.split_held_out(eval_lib.normal_training_images(train),
                                    config.eval.get('threshold_holdout', 0.1))
-  size = test.images.shape[1]
+  map_settings = eval_lib.map_settings(config.eval, test.images.shape[1])
 
-  @functools.partial(jax.jit, static_argnums=1)
-  def encode(batch, grid):
-    outputs = generator.apply(
-        {'params': state.gen_params, 'batch_stats': state.gen_batch_stats},
-        train_state.images_to_float(batch), False, settings.stages,
-        method='encode_stages')
-    return feature_gaussian.stack_features(outputs, channels, grid)
-
-  def features(images: np.ndarray, grid: int) -> np.ndarray:
-    """(N, grid, grid, dims) features of uint8 images."""
-    return np.concatenate([np.asarray(encode(batch, grid))[:n] for batch, n in
-                           data.eval_batches(images, config.eval.batch_size)])
+  def features(images, divisor: int) -> np.ndarray:
+    """(N, g, g, dims) encoder features of ``feature_gaussian``, grid / divisor."""
+    normal_step = jax.jit(eval_lib.make_normal_step(
+        generator, map_settings,
+        dataclasses.replace(eval_lib.feature_settings(config.eval),
+                            grid_divisor=divisor)))
+    return eval_lib.predict(normal_step, state.gen_params,
+                            state.gen_batch_stats, images,
+                            config.eval.batch_size, mesh)['features']
 
   result = dict(checkpoint_step=step, untrained=_UNTRAINED.value)
-  default_sigma = eval_lib.map_settings(config.eval, size).residual_sigma
+  default_sigma = map_settings.residual_sigma
   for divisor in map(int, _GRID_DIVISORS.value):
-    grid = max(1, size // divisor)
-    normal, tested = features(fit, grid), features(test, grid)
+    normal, tested = features(fit, divisor), features(test, divisor)
     moments = feature_gaussian.FeatureMoments()
     moments.add(normal)
     distances = np.asarray(feature_gaussian.mahalanobis(
