@@ -1,14 +1,16 @@
 """Markdown table of every map of one or more evaluated runs.
 
-  python scripts/maps_table.py runs/bottle_D_u runs/kolektor_D_u [--metrics=pixel_auroc,aupro,iou_held_out]
+  python scripts/maps_table.py runs/bottle_D_u 'w_ae 1'=runs/i12/bottle_ae1 \
+      [--metrics=pixel_auroc,aupro,iou_held_out] [--maps=attention,residual,prior]
 
 Reads ``<workdir>/eval/metrics.json`` (written by evaluate.py; or the
 ``metrics.json`` of a folder given directly, e.g. ``<workdir>/eval_untrained``)
 and prints
-one row per run and one column per map, each cell ``metric1 / metric2 /
-...`` (default pixel AUROC / AU-PRO / IoU@0.5), then a second table with
-every map's image AUROC (its top-1 % score) beside the reconstruction
-error's.
+one row per run (an argument ``label=workdir`` names the row, else the
+workdir does) and one column per map (all of the first run's, or
+``--maps`` in that order), each cell ``metric1 / metric2 / ...`` (default
+pixel AUROC / AU-PRO / IoU@0.5), then a second table with the maps' image
+AUROC (their top-1 % score) beside the reconstruction error's.
 """
 
 import argparse
@@ -28,26 +30,32 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('workdirs', nargs='+')
   parser.add_argument('--metrics', default='pixel_auroc,aupro,iou')
+  parser.add_argument('--maps', default=None,
+                      help='comma-separated maps (default: every map)')
   args = parser.parse_args()
   names = args.metrics.split(',')
-  results = {w: _load(w) for w in args.workdirs}
-  maps = list(next(iter(results.values()))['maps'])
+  # A workdir path has no '=', so 'label=path' is unambiguous.
+  labelled = [arg.split('=', 1) if '=' in arg else (os.path.normpath(arg), arg)
+              for arg in args.workdirs]
+  results = {label: _load(workdir) for label, workdir in labelled}
+  maps = (args.maps.split(',') if args.maps
+          else list(next(iter(results.values()))['maps']))
   print('| run | step | ' + ' | '.join(maps) + ' |')
   print('|---|---|' + '---|' * len(maps))
-  for workdir, result in results.items():
+  for label, result in results.items():
     # '-' for a metric a map does not have (the priors' held-out IoU).
     cells = [' / '.join(f'{result["maps"][m][k]:.3f}'
                         if k in result['maps'][m] else '-' for k in names)
              if m in result['maps'] else '' for m in maps]
-    print(f'| {os.path.normpath(workdir)} | {result.get("checkpoint_step")} | '
+    print(f'| {label} | {result.get("checkpoint_step")} | '
           + ' | '.join(cells) + ' |')
   print()
   print('| run | image AUROC: MSE | ' + ' | '.join(maps) + ' |')
   print('|---|---|' + '---|' * len(maps))
-  for workdir, result in results.items():
+  for label, result in results.items():
     cells = [f'{result["maps"][m]["image_auroc"]:.3f}'
              if m in result['maps'] else '' for m in maps]
-    print(f'| {os.path.normpath(workdir)} | {result["image_auroc"]:.3f} | '
+    print(f'| {label} | {result["image_auroc"]:.3f} | '
           + ' | '.join(cells) + ' |')
 
 

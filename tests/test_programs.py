@@ -161,3 +161,20 @@ def test_feature_map_variants_reproduce_the_evaluated_map(trained_workdir):
   for name in ('knn_free', 'knn_free_whitened', 'knn_radius0'):
     assert 0.0 <= variants[name]['pixel_auroc'] <= 1.0
   assert variants['checkpoint_step'] == 2
+
+
+def test_maps_table_rows_are_labelled_and_columns_chosen(trained_workdir):
+  workdir, _, _ = trained_workdir
+  out = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, 'scripts', 'maps_table.py'),
+       f'tiny run={workdir}', '--maps=residual,prior',
+       '--metrics=pixel_auroc,aupro'],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True)
+  with open(workdir / 'eval' / 'metrics.json') as f:
+    maps = json.load(f)['maps']
+  lines = out.stdout.splitlines()
+  assert lines[0] == '| run | step | residual | prior |'
+  assert lines[2] == (
+      f'| tiny run | 2 | {maps["residual"]["pixel_auroc"]:.3f} / '
+      f'{maps["residual"]["aupro"]:.3f} | {maps["prior"]["pixel_auroc"]:.3f}'
+      f' / {maps["prior"]["aupro"]:.3f} |')
