@@ -34,8 +34,9 @@ def main():
                       help='comma-separated maps (default: every map)')
   args = parser.parse_args()
   names = args.metrics.split(',')
-  # A workdir path has no '=', so 'label=path' is unambiguous.
-  labelled = [arg.split('=', 1) if '=' in arg else (os.path.normpath(arg), arg)
+  # Split at the last '=': a label may hold one (a config flag), a workdir
+  # path does not.
+  labelled = [arg.rsplit('=', 1) if '=' in arg else (os.path.normpath(arg), arg)
               for arg in args.workdirs]
   results = {label: _load(workdir) for label, workdir in labelled}
   maps = (args.maps.split(',') if args.maps

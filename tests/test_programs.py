@@ -167,7 +167,7 @@ def test_maps_table_rows_are_labelled_and_columns_chosen(trained_workdir):
   workdir, _, _ = trained_workdir
   out = subprocess.run(
       [sys.executable, os.path.join(REPO_ROOT, 'scripts', 'maps_table.py'),
-       f'tiny run={workdir}', '--maps=residual,prior',
+       f'w_ae=1={workdir}', '--maps=residual,prior',
        '--metrics=pixel_auroc,aupro'],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True)
   with open(workdir / 'eval' / 'metrics.json') as f:
@@ -175,6 +175,6 @@ def test_maps_table_rows_are_labelled_and_columns_chosen(trained_workdir):
   lines = out.stdout.splitlines()
   assert lines[0] == '| run | step | residual | prior |'
   assert lines[2] == (
-      f'| tiny run | 2 | {maps["residual"]["pixel_auroc"]:.3f} / '
+      f'| w_ae=1 | 2 | {maps["residual"]["pixel_auroc"]:.3f} / '
       f'{maps["residual"]["aupro"]:.3f} | {maps["prior"]["pixel_auroc"]:.3f}'
       f' / {maps["prior"]["aupro"]:.3f} |')
