@@ -122,20 +122,22 @@ def main(argv):
                                    config.eval.get('threshold_holdout', 0.1))
   map_settings = eval_lib.map_settings(config.eval, test.images.shape[1])
 
-  def features(images, divisor: int) -> np.ndarray:
-    """(N, g, g, dims) encoder features of ``feature_gaussian``, grid / divisor."""
+  def features(divisor: int) -> list[np.ndarray]:
+    """(N, g, g, dims) encoder features of ``feature_gaussian`` at grid /
+    divisor: of the normal fit images, then of the test images (one jit)."""
     normal_step = jax.jit(eval_lib.make_normal_step(
         generator, map_settings,
         dataclasses.replace(eval_lib.feature_settings(config.eval),
                             grid_divisor=divisor)))
-    return eval_lib.predict(normal_step, state.gen_params,
-                            state.gen_batch_stats, images,
-                            config.eval.batch_size, mesh)['features']
+    return [eval_lib.predict(normal_step, state.gen_params,
+                             state.gen_batch_stats, images,
+                             config.eval.batch_size, mesh)['features']
+            for images in (fit, test)]
 
   result = dict(checkpoint_step=step, untrained=_UNTRAINED.value)
   default_sigma = map_settings.residual_sigma
   for divisor in map(int, _GRID_DIVISORS.value):
-    normal, tested = features(fit, divisor), features(test, divisor)
+    normal, tested = features(divisor)
     moments = feature_gaussian.FeatureMoments()
     moments.add(normal)
     distances = np.asarray(feature_gaussian.mahalanobis(
