@@ -30,6 +30,7 @@ import ml_collections  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from cavga_jax import eval_lib  # pylint: disable=wrong-import-position
+from cavga_jax import layers  # pylint: disable=wrong-import-position
 from cavga_jax import sharding  # pylint: disable=wrong-import-position
 from cavga_jax import cavga_step  # pylint: disable=wrong-import-position
 from cavga_jax import train_state  # pylint: disable=wrong-import-position
@@ -70,7 +71,8 @@ def time_calls(fn, steps, warmup):
 
 
 def make_step(config: ml_collections.ConfigDict, mode: str,
-              eval_maps: Sequence[str] | None = PAPER_MAPS
+              eval_maps: Sequence[str] | None = PAPER_MAPS,
+              xla_defaults: bool = False
               ) -> tuple[Callable[..., Any], tuple[Any, ...]]:
   """The jitted step of ``mode`` and the inputs of one call, on a fixed batch.
 
@@ -84,6 +86,8 @@ def make_step(config: ml_collections.ConfigDict, mode: str,
       PyTorch peer's evaluation: encoder, decoder, Grad-CAM, ``1 - A`` at
       image size, the per-image error) or, with None, every map
       (``anomaly_maps``: SSIM, blurs, per-unit maps, ...).
+    xla_defaults: compile with XLA's default options instead of
+      ``layers.compiler_options`` (on the CPU: YNNPACK's convolutions).
 
   Returns:
     ``(step, inputs)``: ``step(*inputs)`` is one call; ``images`` is uint8
@@ -98,14 +102,18 @@ def make_step(config: ml_collections.ConfigDict, mode: str,
   images = np.random.default_rng(0).integers(
       0, 256, (batch, size, size, channels), dtype=np.uint8)
   images = sharding.shard_batch(images, mesh)
+  options = (None if xla_defaults else
+             layers.compiler_options(config.model.conv_impl))
   if mode == 'train':
     step = jax.jit(
         cavga_step.make_train_step(generator, discriminator,
                                   dict(config.loss_weights)),
         donate_argnums=0,
-        out_shardings=(state_sharding, sharding.replicated(mesh)))
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        compiler_options=options)
     return step, (state, images, jax.random.key(1))
-  step = jax.jit(eval_lib.make_eval_step(generator, map_names=eval_maps))
+  step = jax.jit(eval_lib.make_eval_step(generator, map_names=eval_maps),
+                 compiler_options=options)
   return step, (state.gen_params, state.gen_batch_stats, images)
 
 
@@ -134,28 +142,38 @@ def build_step(args) -> Callable[[], Any]:
 
   Args:
     args: variant, image_size, channels, latent_channels, batch, mode
-      ('train' or 'eval') and dtype, as the command-line flags.
+      ('train' or 'eval'), dtype, maps and xla_defaults, as the
+      command-line flags.
   """
   eval_maps = None if args.maps == 'all' else PAPER_MAPS
-  return make_runner(*make_step(config_from_args(args), args.mode, eval_maps),
+  return make_runner(*make_step(config_from_args(args), args.mode, eval_maps,
+                                args.xla_defaults),
                      args.mode)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags ``build_step`` reads (shared with profile_step.py)."""
   parser.add_argument('--variant', default='R', choices=['R', 'D'])
   parser.add_argument('--image-size', type=int, default=256)
   parser.add_argument('--channels', type=int, default=3)
   parser.add_argument('--latent-channels', type=int, default=128)
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--mode', default='train', choices=['train', 'eval'])
-  parser.add_argument('--steps', type=int, default=10)
-  parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--dtype', default='float32',
                       choices=['float32', 'bfloat16'])
   parser.add_argument('--maps', default='paper', choices=['paper', 'all'],
                       help="eval: the paper's 1 - A only (the peer's work) "
                       'or every anomaly map')
+  parser.add_argument('--xla-defaults', action='store_true',
+                      help="XLA's default compiler options, not "
+                      "layers.compiler_options (CPU: YNNPACK convolutions)")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  add_step_arguments(parser)
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--warmup', type=int, default=2)
   args = parser.parse_args()
 
   run = build_step(args)
@@ -172,6 +190,7 @@ def main():
       framework='jax', variant=args.variant, mode=args.mode,
       image_size=args.image_size, batch=args.batch, dtype=args.dtype,
       maps=args.maps if args.mode == 'eval' else None,
+      xla_defaults=args.xla_defaults,
       images_per_s=args.batch / median, step_ms_median=1000 * median,
       step_ms_all=[round(1000 * t, 1) for t in times],
       first_call_s=first, devices=jax.device_count(),

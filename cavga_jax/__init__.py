@@ -8,7 +8,9 @@ loads no dataset or training code until asked:
   generator, discriminator = cavga_jax.build_models(config)
   state = cavga_jax.create_train_state(generator, discriminator, key, 64)
   step = jax.jit(cavga_jax.make_train_step(generator, discriminator,
-                                           dict(rec=1, kl=1, adv=1, ae=0.01)))
+                                           dict(rec=1, kl=1, adv=1, ae=0.01)),
+                 compiler_options=cavga_jax.compiler_options(
+                     generator.conv_impl))
 
 Models: ``CAVGAGenerator``, ``Discriminator``, ``build_models``. Attention:
 ``grad_cam``, ``class_grad_cam``, ``forward_with_attention``,
@@ -16,7 +18,8 @@ Models: ``CAVGAGenerator``, ``Discriminator``, ``build_models``. Attention:
 explanations). Objectives and measures: the modules ``losses``,
 ``metrics``, ``anomaly_maps``, ``synthesis``. Training and
 evaluation: ``create_train_state``, ``make_train_step``, ``make_eval_step``,
-``train``, ``evaluate``. Errors: ``CavgaError`` and its subclasses.
+``train``, ``evaluate``, ``compiler_options`` (``jax.jit``'s options for the
+fast CPU convolutions). Errors: ``CavgaError`` and its subclasses.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ _EXPORTS = {
     'TrainState': ('train_state', 'TrainState'),
     'create_train_state': ('train_state', 'create_train_state'),
     'make_train_step': ('cavga_step', 'make_train_step'),
+    'compiler_options': ('layers', 'compiler_options'),
     'make_eval_step': ('eval_lib', 'make_eval_step'),
     'train': ('train_lib', 'train'),
     'evaluate': ('eval_lib', 'evaluate'),

@@ -54,6 +54,7 @@ from cavga_jax import checkpointing
 from cavga_jax import config_checks
 from cavga_jax import data
 from cavga_jax import feature_gaussian
+from cavga_jax import layers
 from cavga_jax import metrics
 from cavga_jax import models
 from cavga_jax import sharding
@@ -509,8 +510,11 @@ def make_evaluator(generator: models.CAVGAGenerator,
   """
   settings = map_settings(eval_config, dataset.images.shape[1])
   features = feature_settings(eval_config)
-  eval_step = jax.jit(make_eval_step(generator, settings, features))
-  normal_step = jax.jit(make_normal_step(generator, settings, features))
+  options = layers.compiler_options(generator.conv_impl)
+  eval_step = jax.jit(make_eval_step(generator, settings, features),
+                      compiler_options=options)
+  normal_step = jax.jit(make_normal_step(generator, settings, features),
+                        compiler_options=options)
   headline = eval_config.get('map', 'attention')
   fit_images = held_out = None
   if normal_images is not None:

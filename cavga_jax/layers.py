@@ -10,7 +10,9 @@ it). The 'lax' implementation is XLA's own convolutions (what GPUs and TPUs
 have fast kernels for; forward and reverse mode). Both take the same
 parameters (HWIO kernels, PyTorch's weights transposed) and agree to float
 rounding. ``resolve_conv_impl('auto')`` picks 'phase' on the CPU and 'lax'
-elsewhere (``config.model.conv_impl``).
+elsewhere (``config.model.conv_impl``). Programs of 'phase' models are
+compiled with ``compiler_options``: XLA:CPU's own convolutions instead of
+YNNPACK's.
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ import jax.numpy as jnp
 Array = jax.Array
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 CONV_IMPLS = ('auto', 'phase', 'lax')
-# Below this many output channels XLA's own kernel gradient of a 2x2 conv is
-# faster than the four GEMMs (e.g. the 12 phase channels of an RGB output
-# layer; CPU-2 measurements in docs/benchmarks.md).
-_MIN_GEMM_GRAD_FEATURES = 64
+# XLA:CPU hands convolutions, dots and reductions to YNNPACK by default
+# (jaxlib 0.10); with XLA's own (Eigen) convolutions our train and eval steps
+# run 1.3-1.7x faster (docs/benchmarks.md), so 'phase' programs keep
+# YNNPACK for dots and reductions only.
+_EIGEN_CONVOLUTIONS = {
+    'xla_cpu_experimental_ynn_fusion_type':
+        'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
 
 
 def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
@@ -42,6 +47,32 @@ def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
   if impl != 'auto':
     return impl
   return 'phase' if (backend or jax.default_backend()) == 'cpu' else 'lax'
+
+
+@functools.cache
+def compiler_options(impl: str, backend: str | None = None
+                     ) -> dict[str, str] | None:
+  """``jax.jit``'s ``compiler_options`` for programs built with ``impl``.
+
+  For 'phase' on the CPU: XLA's own (Eigen) convolutions instead of
+  YNNPACK's, where this jaxlib has that option (checked once by compiling
+  a trivial program); otherwise None (XLA's defaults). Programs and tests
+  that run the models on the CPU pass it to ``jax.jit``; results agree to
+  float rounding either way.
+
+  Args:
+    impl: a ``CONV_IMPLS`` value ('auto' is resolved for ``backend``).
+    backend: the platform the program runs on (default: JAX's default).
+  """
+  if resolve_conv_impl(impl, backend) != 'phase' or (
+      (backend or jax.default_backend()) != 'cpu'):
+    return None
+  probe = jax.jit(lambda x: x, compiler_options=_EIGEN_CONVOLUTIONS)
+  try:
+    probe.lower(jax.ShapeDtypeStruct((), jnp.float32)).compile()
+  except jax.errors.JaxRuntimeError:  # an XLA without YNNPACK or the option
+    return None
+  return dict(_EIGEN_CONVOLUTIONS)
 
 
 def _conv(x: Array, kernel: Array, strides: int, padding: int) -> Array:
@@ -113,11 +144,7 @@ def conv_transpose_stride2(y: Array, kernel: Array, padding: int,
   pad = lambda n, q: (taps - 1, max(q - n, 0))
   y = jnp.pad(y, ((0, 0), pad(y.shape[1], qh), pad(y.shape[2], qw), (0, 0)))
   phase_kernels = _phase_kernels(jnp.swapaxes(kernel, 2, 3)).astype(y.dtype)
-  if taps == 2 and phase_kernels.shape[-1] >= _MIN_GEMM_GRAD_FEATURES:
-    phases = _conv2x2(y, phase_kernels, 0)
-  else:
-    phases = _conv(y, phase_kernels, 1, 0)
-  phases = phases[:, :qh, :qw]
+  phases = _conv(y, phase_kernels, 1, 0)[:, :qh, :qw]
   full = _depth_to_space(phases, kernel.shape[2])
   return full[:, padding:padding + h, padding:padding + w]
 

@@ -25,6 +25,7 @@ from cavga_jax import cavga_step
 from cavga_jax import checkpointing
 from cavga_jax import data
 from cavga_jax import eval_lib
+from cavga_jax import layers
 from cavga_jax import models
 from cavga_jax import runtime
 from cavga_jax import sharding
@@ -72,7 +73,8 @@ def train(config: ml_collections.ConfigDict, workdir: str
                                  dict(config.loss_weights), settings.nonfinite,
                                  synthetic),
       donate_argnums=0,
-      out_shardings=(state_sharding, sharding.replicated(mesh)))
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      compiler_options=layers.compiler_options(generator.conv_impl))
 
   def train_step(state, batch, rng):
     images, labels = batch  # CAVGA_u's step ignores the labels.

@@ -53,6 +53,7 @@ from cavga_jax import data
 from cavga_jax import disentanglement
 from cavga_jax import eval_lib
 from cavga_jax import explain
+from cavga_jax import layers
 from cavga_jax import losses
 from cavga_jax import metrics
 from cavga_jax import models
@@ -223,7 +224,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> VAEState:
       make_train_step(model, weights.beta, weights.ad,
                       settings.nonfinite, ad_variant),
       donate_argnums=0,
-      out_shardings=(state_sharding, sharding.replicated(mesh)))
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      compiler_options=layers.compiler_options(model.conv_impl))
   host_slice = sharding.host_batch_slice(settings.batch_size)
   description = (f'a beta-VAE (beta {weights.beta:g}, L_AD ({ad_variant}) '
                  f'weight {weights.ad:g}, latent {config.model.latent_dim}) on '
@@ -285,7 +287,8 @@ def _disentanglement_metrics(config, model, explain_step, params, factors,
                              mesh, out_dir: str) -> dict[str, float]:
   eval_config = config.eval
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=layers.compiler_options(
+      model.conv_impl))
   def encode_mu(images):
     variables = {'params': params}
     features = model.apply(variables, images_to_unit(images), method='encode')
@@ -415,7 +418,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   model, init_fn, _ = setup(config, mesh)
   state, step = checkpointing.restore_for_eval(
       workdir, train_state.abstract_state(init_fn, mesh))
-  explain_step = jax.jit(make_explain_step(model, config.eval.map))
+  explain_step = jax.jit(make_explain_step(model, config.eval.map),
+                         compiler_options=layers.compiler_options(
+                             model.conv_impl))
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
   start = time.perf_counter()

@@ -16,6 +16,7 @@ features, normalised per image. This prints, on the test set:
 * the mean of ``A`` inside and outside the defects.
 """
 
+import functools
 import json
 
 from absl import app
@@ -27,6 +28,7 @@ import numpy as np
 from cavga_jax import attention
 from cavga_jax import checkpointing
 from cavga_jax import data
+from cavga_jax import layers
 from cavga_jax import metrics
 from cavga_jax import runtime
 from cavga_jax import sharding
@@ -47,7 +49,8 @@ def main(argv):
       _WORKDIR.value, train_state.abstract_state(init_fn, mesh))
   params, stats = state.gen_params, state.gen_batch_stats
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=layers.compiler_options(
+      generator.conv_impl))
   def analyse(images):
     x = train_state.images_to_float(images)
     outputs, _ = attention.forward_with_attention(

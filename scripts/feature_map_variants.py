@@ -35,6 +35,7 @@ from cavga_jax import anomaly_maps
 from cavga_jax import data
 from cavga_jax import eval_lib
 from cavga_jax import feature_gaussian
+from cavga_jax import layers
 from cavga_jax import metrics
 from cavga_jax import runtime
 from cavga_jax import sharding
@@ -128,7 +129,8 @@ def main(argv):
     normal_step = jax.jit(eval_lib.make_normal_step(
         generator, map_settings,
         dataclasses.replace(eval_lib.feature_settings(config.eval),
-                            grid_divisor=divisor)))
+                            grid_divisor=divisor)),
+        compiler_options=layers.compiler_options(generator.conv_impl))
     return [eval_lib.predict(normal_step, state.gen_params,
                              state.gen_batch_stats, images,
                              config.eval.batch_size, mesh)['features']

@@ -145,6 +145,25 @@ def test_resolve_conv_impl():
     layers.resolve_conv_impl('cudnn')
 
 
+def test_compiler_options_take_convolutions_off_ynnpack_on_the_cpu():
+  assert layers.compiler_options('lax', 'cpu') is None
+  assert layers.compiler_options('auto', 'gpu') is None
+  assert layers.compiler_options('phase', 'tpu') is None
+  options = layers.compiler_options('auto', 'cpu')
+  # Compiled only; YNNPACK takes convolutions of about this size.
+  x = jax.ShapeDtypeStruct((8, 64, 64, 64), jnp.float32)
+  kernel = jax.ShapeDtypeStruct((4, 4, 64, 128), jnp.float32)
+  conv = lambda a, b: layers.conv_stride2(a, b, 1)
+  default_hlo = jax.jit(conv).lower(x, kernel).compile().as_text()
+  if '__ynn_fusion' not in default_hlo:  # an XLA:CPU without YNNPACK
+    assert options is None
+    return
+  assert options is not None
+  hlo = jax.jit(conv, compiler_options=options).lower(x, kernel).compile(
+      ).as_text()
+  assert '__ynn_fusion' not in hlo and 'convolution(' in hlo
+
+
 @pytest.mark.parametrize('variant', ['D', 'R'])
 def test_models_agree_across_conv_impls_and_lax_supports_forward_mode(
     variant):
@@ -173,9 +192,17 @@ def test_models_agree_across_conv_impls_and_lax_supports_forward_mode(
   value, grads = value_and_grad(variables['params'], generator, discriminator)
   lax_value, lax_grads = value_and_grad(variables['params'], lax_generator,
                                         lax_discriminator)
-  np.testing.assert_allclose(lax_value, value, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(lax_grads), jax.tree.leaves(grads)):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+  # The phase path as the programs compile it (XLA's Eigen convolutions on
+  # the CPU, layers.compiler_options).
+  eigen_value, eigen_grads = jax.jit(
+      jax.value_and_grad(loss), static_argnums=(1, 2),
+      compiler_options=layers.compiler_options('phase'))(
+          variables['params'], generator, discriminator)
+  for other_value, other_grads in ((lax_value, lax_grads),
+                                   (eigen_value, eigen_grads)):
+    np.testing.assert_allclose(other_value, value, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(other_grads), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
   # Forward mode through the whole model on the lax path; the phase path's
   # custom VJPs refuse it.
   reconstruct = lambda t, gen: gen.apply(variables, t, None, train=False)[
