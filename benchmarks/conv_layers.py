@@ -24,12 +24,12 @@ activations, the phase shuffles), the optimiser and the losses.
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
 import statistics
 import sys
-import time
 from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -79,16 +79,6 @@ def step_counts(mode: str, role: str, first: bool) -> dict[str, int]:
   return dict(forward=3, input_grad=1 if first else 3, param_grad=2)
 
 
-def best_ms(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    tic = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - tic)
-  return 1000 * min(times)
-
-
 def time_layer(layer: nn.Module, x_spec: jax.ShapeDtypeStruct,
                passes: Sequence[str], options, repeats: int
                ) -> dict[str, float]:
@@ -105,9 +95,13 @@ def time_layer(layer: nn.Module, x_spec: jax.ShapeDtypeStruct,
                   (variables, x, g)),
       param_grad=(lambda v, x, g: jax.vjp(lambda v: apply(v, x), v)[1](g)[0],
                   (variables, x, g)))
-  return {name: best_ms(jax.jit(programs[name][0], compiler_options=options),
-                        *programs[name][1], repeats=repeats)
-          for name in passes}
+  best_ms = {}
+  for name in passes:
+    fn, args = programs[name]
+    call = functools.partial(jax.jit(fn, compiler_options=options), *args)
+    _, times = benchmark.time_calls(call, repeats, warmup=1)
+    best_ms[name] = 1000 * min(times)
+  return best_ms
 
 
 def main():
