@@ -70,6 +70,13 @@ def time_calls(fn, steps, warmup):
   return first, times
 
 
+def step_compiler_options(config: ml_collections.ConfigDict,
+                          xla_defaults: bool) -> dict[str, str] | None:
+  """``jax.jit``'s compiler options of the benchmarked programs."""
+  return (None if xla_defaults else
+          layers.compiler_options(config.model.conv_impl))
+
+
 def make_step(config: ml_collections.ConfigDict, mode: str,
               eval_maps: Sequence[str] | None = PAPER_MAPS,
               xla_defaults: bool = False
@@ -102,8 +109,7 @@ def make_step(config: ml_collections.ConfigDict, mode: str,
   images = np.random.default_rng(0).integers(
       0, 256, (batch, size, size, channels), dtype=np.uint8)
   images = sharding.shard_batch(images, mesh)
-  options = (None if xla_defaults else
-             layers.compiler_options(config.model.conv_impl))
+  options = step_compiler_options(config, xla_defaults)
   if mode == 'train':
     step = jax.jit(
         cavga_step.make_train_step(generator, discriminator,

@@ -115,8 +115,7 @@ def main():
 
   config = benchmark.config_from_args(args)
   generator, discriminator = models.build_models(config)
-  options = (None if args.xla_defaults else
-             layers.compiler_options(config.model.conv_impl))
+  options = benchmark.step_compiler_options(config, args.xla_defaults)
   size, channels = args.image_size, args.channels
   images = jnp.zeros((args.batch, size, size, channels), jnp.float32)
   recorded = [('generator', call) for call in record_conv_layers(
