@@ -159,7 +159,7 @@ def build_step(args) -> Callable[[], Any]:
 
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:
   """The flags ``build_step`` reads (shared with profile_step.py)."""
-  parser.add_argument('--variant', default='R', choices=['R', 'D'])
+  parser.add_argument('--variant', default='R', choices=['R', 'D', 'E'])
   parser.add_argument('--image-size', type=int, default=256)
   parser.add_argument('--channels', type=int, default=3)
   parser.add_argument('--latent-channels', type=int, default=128)

@@ -27,12 +27,15 @@ import ml_collections
 
 from cavga_jax import anomaly_maps
 from cavga_jax import calibration
+from cavga_jax import combined_maps
 from cavga_jax import data
 from cavga_jax import feature_gaussian
+from cavga_jax import feature_knn
 from cavga_jax import layers
 from cavga_jax import losses
 from cavga_jax import models
 from cavga_jax import nonfinite
+from cavga_jax import pretrained
 from cavga_jax import synthesis
 from cavga_jax import vae
 from cavga_jax.errors import CavgaError
@@ -170,6 +173,18 @@ def _check_cavga_config(config: ml_collections.ConfigDict) -> None:
   # The variant, supervision, the widths' lengths and the image size's
   # stride are the model builder's to check (cheap: no parameters are made).
   models.build_models(config)
+  weights = _get(config, 'model.pretrained', '')
+  variant = _get(config, 'model.variant')
+  if weights in pretrained.NAMED_WEIGHTS and (
+      pretrained.NAMED_WEIGHTS[weights] != variant):
+    raise CavgaError(f'config.model.pretrained={weights!r} needs '
+                     f"config.model.variant='{pretrained.NAMED_WEIGHTS[weights]}'"
+                     f', got {variant!r}')
+  if (_get(config, 'eval.feature_weights', 'evaluated') == 'initial'
+      and not weights):
+    raise CavgaError("config.eval.feature_weights='initial' takes the feature "
+                     'maps from the ImageNet encoder a run starts from; set '
+                     'config.model.pretrained')
   _check_eval_maps(config)
   _check_weak_quota(config)
   _check_synthetic(config)
@@ -178,16 +193,16 @@ def _check_cavga_config(config: ml_collections.ConfigDict) -> None:
 
 def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
   """The headline map and the map settings of ``anomaly_maps``."""
-  _check_choice(config, 'eval.map',
-                anomaly_maps.MAP_NAMES + calibration.NAMES
-                + (feature_gaussian.NAME,), 'attention')
+  fitted_maps = (calibration.NAMES + (feature_gaussian.NAME, feature_knn.NAME)
+                 + combined_maps.NAMES)
+  _check_choice(config, 'eval.map', anomaly_maps.MAP_NAMES + fitted_maps,
+                'attention')
   headline = _get(config, 'eval.map', 'attention')
   calibrate = _get(config, 'eval.calibrate', True)
   if not isinstance(calibrate, bool):
     raise CavgaError(f'config.eval.calibrate={calibrate!r} must be True or '
                      'False')
-  if ((headline in calibration.NAMES or headline == feature_gaussian.NAME)
-      and not calibrate):
+  if headline in fitted_maps and not calibrate:
     raise CavgaError(f'config.eval.map={headline!r} needs '
                      'config.eval.calibrate=True (the statistics of the '
                      'normal training images)')
@@ -213,6 +228,25 @@ def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
                      'increasing encoder stages in '
                      f'1..{models.NUM_ENCODER_STAGES}, e.g. (1, 2)')
   _check_int(config, 'eval.feature_dims', 1, defaults.dims)
+  _check_int(config, 'eval.feature_grid_divisor', 1, defaults.grid_divisor)
+  _check_choice(config, 'eval.feature_weights', feature_gaussian.FEATURE_WEIGHTS,
+                'evaluated')
+  knn_defaults = feature_knn.KnnSettings()
+  knn_stages = _get(config, 'eval.knn_stages', knn_defaults.stages)
+  if (not isinstance(knn_stages, (tuple, list)) or not knn_stages
+      or list(knn_stages) != sorted(set(knn_stages))
+      or not 1 <= knn_stages[0] <= knn_stages[-1]
+      <= models.NUM_ENCODER_STAGES):
+    raise CavgaError(f'config.eval.knn_stages={knn_stages!r} must be '
+                     'increasing encoder stages in '
+                     f'1..{models.NUM_ENCODER_STAGES}, e.g. (2, 3)')
+  _check_int(config, 'eval.knn_grid_divisor', 1, knn_defaults.grid_divisor)
+  _check_int(config, 'eval.knn_bank_size', 0, knn_defaults.bank_size)
+  _check_int(config, 'eval.knn_chunk', 1, knn_defaults.chunk)
+  if headline == feature_knn.NAME and not _get(config, 'eval.knn_bank_size',
+                                               knn_defaults.bank_size):
+    raise CavgaError("config.eval.map='feature_knn' needs "
+                     'config.eval.knn_bank_size > 0')
   _check_number(config, 'eval.threshold_holdout', 0.0, below=1.0, default=0.1)
   quantile = _get(config, 'eval.threshold_quantile', 0.999)
   _check_number(config, 'eval.threshold_quantile', 0.0, default=0.999)

@@ -10,7 +10,15 @@ mean squared reconstruction error. Metrics come from ``cavga_jax.metrics``
 (model-agnostic numpy code). With ``config.eval.calibrate`` (default) the
 evaluator also passes over the normal training images (reconstruction and
 encoder only) and adds the ``<map>_calibrated`` z-scores of
-``cavga_jax.calibration`` and the ``feature_gaussian`` map.
+``cavga_jax.calibration``, the ``feature_gaussian`` map (PaDiM), the
+``feature_knn`` map (PatchCore) and, with held-out normal images, the
+``combined_maps``. Their features come from the evaluated networks or,
+with ``eval.feature_weights='initial'``, from the state the run started
+from (its ImageNet encoder).
+
+Over 400 lines: it still holds seven jobs (inference, fitting, maps added
+after the pass, metrics, outputs, the evaluator and the programs' entry
+points); issue 31 splits it into an evaluation package.
 
 ``metrics.json`` keeps SPEC section 4's flat keys for the headline map
 ``config.eval.map`` (``configs/default.py``: ``'feature_gaussian'``,
@@ -35,6 +43,7 @@ labelled anomalies to training.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -51,9 +60,11 @@ from cavga_jax import anomaly_maps
 from cavga_jax import attention
 from cavga_jax import calibration
 from cavga_jax import checkpointing
+from cavga_jax import combined_maps
 from cavga_jax import config_checks
 from cavga_jax import data
 from cavga_jax import feature_gaussian
+from cavga_jax import feature_knn
 from cavga_jax import layers
 from cavga_jax import metrics
 from cavga_jax import models
@@ -94,15 +105,36 @@ def feature_settings(eval_config: ml_collections.ConfigDict
   return feature_gaussian.FeatureSettings(
       stages=tuple(int(s) for s in eval_config.get('feature_stages',
                                                    defaults.stages)),
-      dims=int(eval_config.get('feature_dims', defaults.dims)))
+      dims=int(eval_config.get('feature_dims', defaults.dims)),
+      grid_divisor=int(eval_config.get('feature_grid_divisor',
+                                       defaults.grid_divisor)))
+
+
+def knn_settings(eval_config: ml_collections.ConfigDict
+                 ) -> feature_knn.KnnSettings | None:
+  """The feature-kNN map's settings, or None (no ``eval.calibrate``, or
+  ``eval.knn_bank_size`` 0)."""
+  defaults = feature_knn.KnnSettings()
+  bank_size = int(eval_config.get('knn_bank_size', defaults.bank_size))
+  if not eval_config.get('calibrate', True) or bank_size <= 0:
+    return None
+  return feature_knn.KnnSettings(
+      stages=tuple(int(s) for s in eval_config.get('knn_stages',
+                                                   defaults.stages)),
+      grid_divisor=int(eval_config.get('knn_grid_divisor',
+                                       defaults.grid_divisor)),
+      bank_size=bank_size,
+      projection_dims=defaults.projection_dims,
+      chunk=int(eval_config.get('knn_chunk', defaults.chunk)))
 
 
 def make_eval_step(generator: models.CAVGAGenerator,
                    settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
                    features: feature_gaussian.FeatureSettings | None = None,
-                   map_names: Sequence[str] | None = None
-                   ) -> Callable[[Any, Any, Array], dict[str, Any]]:
-  """Returns ``eval_step(params, batch_stats, images) -> outputs``.
+                   map_names: Sequence[str] | None = None,
+                   knn: feature_knn.KnnSettings | None = None
+                   ) -> Callable[..., dict[str, Any]]:
+  """Returns ``eval_step(params, batch_stats, images[, feature_variables])``.
 
   ``map_names`` restricts the maps to those (default: every map the
   generator supports; ``('attention',)`` is the paper's evaluation, what
@@ -114,14 +146,18 @@ def make_eval_step(generator: models.CAVGAGenerator,
   ``anomaly_maps.map_functions`` and 'map_scores' {name: (B,)} (their image
   scores). With the CAVGA_w classifier also 'class_attention'
   (B, 2, h, w) and 'p_anomalous' (B,). With ``features`` also 'features'
-  (B, g, g, dims): the encoder features of ``feature_gaussian``.
+  (B, g, g, dims): the encoder features of ``feature_gaussian``; with
+  ``knn`` also 'knn_features' (B, g', g', D) of ``feature_knn``. Both come
+  from ``feature_variables`` ({'params', 'batch_stats'}) when given (e.g.
+  the ImageNet encoder a run started from, ``eval.feature_weights
+  ='initial'``), else from ``params`` and ``batch_stats``.
   """
   functions = anomaly_maps.map_functions(generator.with_classifier)
   if map_names is not None:
     functions = {name: functions[name] for name in map_names}
-  stage_features = _stage_features(generator, features)
+  stage_features = _stage_features(generator, features, knn)
 
-  def eval_step(params, batch_stats, images):
+  def eval_step(params, batch_stats, images, feature_variables=None):
     x = train_state.images_to_float(images)
     outputs, _ = attention.forward_with_attention(
         generator, params, batch_stats, x, rng=None, train=False,
@@ -142,48 +178,65 @@ def make_eval_step(generator: models.CAVGAGenerator,
           class_attention=outputs['class_attention'],
           p_anomalous=jax.nn.softmax(outputs['logits'])[:, models.ANOMALOUS])
     if stage_features is not None:
-      result['features'] = stage_features(params, batch_stats, x)
+      result.update(stage_features(
+          feature_variables or {'params': params, 'batch_stats': batch_stats},
+          x))
     return result
 
   return eval_step
 
 
 def _stage_features(generator: models.CAVGAGenerator,
-                    features: feature_gaussian.FeatureSettings | None
-                    ) -> Callable[[Any, Any, Array], Array] | None:
-  """``fn(params, batch_stats, x) -> (B, g, g, dims)`` features, or None."""
-  if features is None:
+                    features: feature_gaussian.FeatureSettings | None,
+                    knn: feature_knn.KnnSettings | None = None
+                    ) -> Callable[[Any, Array], dict[str, Array]] | None:
+  """``fn(variables, x) -> {'features', 'knn_features'}`` (those configured).
+
+  One encoder pass serves both maps. None when neither is configured.
+  """
+  if features is None and knn is None:
     return None
-  channels = feature_gaussian.select_channels(
+  stages = sorted(set(features.stages if features else ())
+                  | set(knn.stages if knn else ()))
+  channels = features and feature_gaussian.select_channels(
       [generator.encoder_widths[s - 1] for s in features.stages],
       features.dims)
 
-  def stage_features(params, batch_stats, x):
-    outputs = generator.apply({'params': params, 'batch_stats': batch_stats},
-                              x, False, features.stages,
-                              method='encode_stages')
-    return feature_gaussian.stack_features(
-        outputs, channels,
-        feature_gaussian.grid_size(x.shape[1], features.grid_divisor))
+  def stage_features(variables, x):
+    outputs = dict(zip(stages, generator.apply(
+        variables, x, False, stages, method='encode_stages')))
+    result = {}
+    if features is not None:
+      result['features'] = feature_gaussian.stack_features(
+          [outputs[s] for s in features.stages], channels,
+          feature_gaussian.grid_size(x.shape[1], features.grid_divisor))
+    if knn is not None:
+      result['knn_features'] = feature_knn.patch_features(
+          [outputs[s] for s in knn.stages],
+          feature_gaussian.grid_size(x.shape[1], knn.grid_divisor),
+          knn.neighbourhood)
+    return result
 
   return stage_features
 
 
 def make_normal_step(generator: models.CAVGAGenerator,
                      settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
-                     features: feature_gaussian.FeatureSettings | None = None
-                     ) -> Callable[[Any, Any, Array], dict[str, Any]]:
-  """Returns ``normal_step(params, batch_stats, images) -> outputs``.
+                     features: feature_gaussian.FeatureSettings | None = None,
+                     knn: feature_knn.KnnSettings | None = None
+                     ) -> Callable[..., dict[str, Any]]:
+  """Returns ``normal_step(params, batch_stats, images[, feature_variables])``.
 
   What the statistics of the normal training images need, and no more (no
   Grad-CAM): 'maps' {name: (B, S, S)} of ``calibration.BASES`` from the
   reconstruction of ``mu`` (the one ``make_eval_step`` decodes) and, with
-  ``features``, 'features' (B, g, g, dims).
+  ``features``, 'features' (B, g, g, dims), with ``knn`` 'knn_features', from
+  ``feature_variables`` as ``make_eval_step``.
   """
   functions = {name: anomaly_maps.MAPS[name] for name in calibration.BASES}
-  stage_features = _stage_features(generator, features)
+  stage_features = _stage_features(generator, features, knn)
 
-  def normal_step(params, batch_stats, images):
+  def normal_step(params, batch_stats, images, feature_variables=None):
     x = train_state.images_to_float(images)
     reconstruction = generator.apply(
         {'params': params, 'batch_stats': batch_stats}, x, None,
@@ -191,7 +244,9 @@ def make_normal_step(generator: models.CAVGAGenerator,
     result = dict(maps=anomaly_maps.compute_maps(
         dict(images=x, reconstruction=reconstruction), functions, settings))
     if stage_features is not None:
-      result['features'] = stage_features(params, batch_stats, x)
+      result.update(stage_features(
+          feature_variables or {'params': params, 'batch_stats': batch_stats},
+          x))
     return result
 
   return normal_step
@@ -199,13 +254,15 @@ def make_normal_step(generator: models.CAVGAGenerator,
 
 def _host_outputs(eval_step: Callable, params: Any, batch_stats: Any,
                   images: data.AnomalyDataset | np.ndarray, batch_size: int,
-                  mesh: jax.sharding.Mesh, what: str):
+                  mesh: jax.sharding.Mesh, what: str,
+                  feature_variables: Any = None):
   """Yields ``eval_step``'s outputs of each batch on the host, padding cut."""
   sharding.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
   tic, done = time.perf_counter(), 0
   for batch, num_valid in data.eval_batches(images, batch_size):
     out = sharding.to_host(eval_step(
-        params, batch_stats, sharding.shard_global_batch(batch, mesh)))
+        params, batch_stats, sharding.shard_global_batch(batch, mesh),
+        feature_variables))
     yield jax.tree.map(lambda v, n=num_valid: v[:n], out)
     done += num_valid
   elapsed = time.perf_counter() - tic
@@ -215,40 +272,69 @@ def _host_outputs(eval_step: Callable, params: Any, batch_stats: Any,
 
 def predict(eval_step: Callable, params: Any, batch_stats: Any,
             dataset: data.AnomalyDataset | np.ndarray, batch_size: int,
-            mesh: jax.sharding.Mesh, what: str = 'images') -> dict[str, Any]:
+            mesh: jax.sharding.Mesh, what: str = 'images',
+            feature_variables: Any = None) -> dict[str, Any]:
   """Runs ``eval_step`` over a dataset (or (N, S, S, C) uint8 images).
 
   Returns host arrays with N rows each, in the structure of ``eval_step``'s
-  outputs (nested dicts); ``what`` names the images in the log.
+  outputs (nested dicts); ``what`` names the images in the log;
+  ``feature_variables`` goes to ``eval_step`` (``make_eval_step``).
   """
   batches = list(_host_outputs(eval_step, params, batch_stats, dataset,
-                               batch_size, mesh, what))
+                               batch_size, mesh, what, feature_variables))
   return jax.tree.map(lambda *values: np.concatenate(values), *batches)
+
+
+@dataclasses.dataclass
+class NormalStatistics:
+  """What the maps fitted on the normal training images need.
+
+  Attributes:
+    pixel: name -> (mean, scale), each (S, S), of the ``calibration.BASES``
+      maps.
+    feature: (mean (g, g, d), precision (g, g, d, d)) of
+      ``feature_gaussian.FeatureMoments``, or None.
+    knn_bank: (M, D) memory bank of ``feature_knn``, or None.
+  """
+  pixel: dict[str, tuple[np.ndarray, np.ndarray]]
+  feature: tuple[np.ndarray, np.ndarray] | None = None
+  knn_bank: np.ndarray | None = None
 
 
 def normal_statistics(normal_step: Callable, params: Any, batch_stats: Any,
                       normal_images: np.ndarray, batch_size: int,
-                      mesh: jax.sharding.Mesh
-                      ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
-                                 tuple[np.ndarray, np.ndarray] | None]:
+                      mesh: jax.sharding.Mesh,
+                      knn: feature_knn.KnnSettings | None = None,
+                      feature_variables: Any = None) -> NormalStatistics:
   """Statistics of the normal images for the calibrated and feature maps.
 
   ``normal_step`` is a jitted ``make_normal_step``; ``normal_images`` (N,
-  S, S, C) uint8. Returns (pixel statistics: name -> (mean, scale), each (S,
-  S), of the ``calibration.BASES`` maps; feature statistics: (mean,
-  precision) of ``feature_gaussian.FeatureMoments``, or None when the step
-  gives no 'features'). Only moments are kept.
+  S, S, C) uint8. Moments are accumulated batch by batch; ``feature_knn``'s
+  patches are pooled (its memory is stated there) and reduced to the
+  coreset of ``knn`` when the step gives 'knn_features'.
   """
   pixel_moments = calibration.PixelMoments()
   feature_moments = None
+  pool = None
   for out in _host_outputs(normal_step, params, batch_stats, normal_images,
-                           batch_size, mesh, 'normal training images'):
+                           batch_size, mesh, 'normal training images',
+                           feature_variables):
     pixel_moments.add(out['maps'])
     if 'features' in out:
       feature_moments = feature_moments or feature_gaussian.FeatureMoments()
       feature_moments.add(out['features'])
-  return (pixel_moments.statistics(),
-          feature_moments.statistics() if feature_moments else None)
+    if 'knn_features' in out:
+      pool = pool or feature_knn.PatchPool()
+      pool.add(out['knn_features'])
+  result = NormalStatistics(
+      pixel_moments.statistics(),
+      feature_moments.statistics() if feature_moments else None)
+  if pool is not None:
+    tic = time.perf_counter()
+    result.knn_bank = pool.memory_bank(knn, feature_knn.coreset_key(), mesh)
+    logging.info('feature_knn: coreset of %d patches in %.1f s',
+                 len(result.knn_bank), time.perf_counter() - tic)
+  return result
 
 
 def split_held_out(normal_images: np.ndarray, fraction: float
@@ -313,10 +399,46 @@ def add_feature_map(predictions: dict[str, Any],
       anomaly_maps.image_score(feature_map))
 
 
+def add_knn_map(predictions: dict[str, Any], bank: np.ndarray,
+                knn: feature_knn.KnnSettings,
+                settings: anomaly_maps.MapSettings,
+                mesh: jax.sharding.Mesh | None = None) -> None:
+  """Replaces ``predictions['knn_features']`` by the ``feature_knn`` map.
+
+  Distances to the nearest bank entry per cell, bilinear to image size and
+  smoothed like the residual; the image score is the map's maximum
+  (PatchCore's).
+  """
+  features = predictions.pop('knn_features')
+  distances = feature_knn.nearest_distances(features, bank, knn.chunk, mesh)
+  knn_map = anomaly_maps.upsample_and_blur(
+      jnp.asarray(distances), predictions['reconstruction'].shape[1],
+      settings.residual_sigma)
+  predictions['maps'][feature_knn.NAME] = np.asarray(knn_map)
+  predictions['map_scores'][feature_knn.NAME] = np.asarray(
+      jnp.max(knn_map, axis=(1, 2)))
+
+
+def add_combined_maps(outputs: Sequence[dict[str, Any]],
+                      held_out: dict[str, Any]) -> None:
+  """Adds ``combined_maps`` to every prediction dict of ``outputs``.
+
+  Each part is standardised by its values on the ``held_out`` normal
+  images' predictions (one of ``outputs``).
+  """
+  scales = combined_maps.normalisers(held_out['maps'])
+  for out in outputs:
+    for name, values in combined_maps.combine(out['maps'], scales).items():
+      out['maps'][name] = values
+      out['map_scores'][name] = np.asarray(
+          anomaly_maps.image_score(jnp.asarray(values)))
+
+
 def _unbounded(name: str) -> bool:
   """Maps that ``map_metrics`` min-max normalises over the test set."""
   return (name in anomaly_maps.UNBOUNDED or name in calibration.NAMES
-          or name == feature_gaussian.NAME)
+          or name in (feature_gaussian.NAME, feature_knn.NAME)
+          or name in combined_maps.NAMES)
 
 
 def add_prior(predictions: dict[str, Any], headline: str,
@@ -407,6 +529,13 @@ def compute_metrics(predictions: dict[str, Any],
                               'image_threshold_held_out')})
   result.update(metrics.detection_metrics(predictions['score'],
                                           dataset.labels))
+  # The decision a user gets: the headline map's own image score (the flat
+  # image_auroc above is SPEC's s_a, the reconstruction error, which the
+  # feature and combined maps beat on every category we measured).
+  result['headline_detection'] = {
+      k: per_map[headline][k] for k in (
+          'image_auroc', 'detection_accuracy', 'detection_accuracy_held_out',
+          'image_threshold_held_out') if k in per_map[headline]}
   result['maps'] = per_map
   if 'p_anomalous' in predictions:
     # CAVGA_w: detection by the classifier instead of the reconstruction.
@@ -484,7 +613,8 @@ def make_evaluator(generator: models.CAVGAGenerator,
                    dataset: data.AnomalyDataset,
                    eval_config: ml_collections.ConfigDict,
                    mesh: jax.sharding.Mesh,
-                   normal_images: np.ndarray | None = None
+                   normal_images: np.ndarray | None = None,
+                   feature_variables: Any = None
                    ) -> Callable[[Any, Any], tuple[dict[str, Any],
                                                    dict[str, Any]]]:
   """``evaluator(params, batch_stats) -> (metrics, predictions)`` on ``dataset``.
@@ -505,15 +635,21 @@ def make_evaluator(generator: models.CAVGAGenerator,
       (``held_out_thresholds``, quantile ``eval_config.threshold_quantile``,
       default 0.999); with ``eval_config.calibrate`` (default True) each
       call also measures the ``calibration.BASES`` maps and the encoder
-      features on the others and adds the calibrated maps and
-      ``feature_gaussian``.
+      features on the others and adds the calibrated maps,
+      ``feature_gaussian`` and ``feature_knn`` (``knn_settings``), and with
+      held-out images the ``combined_maps``.
+    feature_variables: the generator variables ({'params', 'batch_stats'})
+      the feature maps take their features from, whatever the evaluated
+      parameters (``eval.feature_weights='initial'``: the encoder a run
+      started from); None = the evaluated ones.
   """
   settings = map_settings(eval_config, dataset.images.shape[1])
   features = feature_settings(eval_config)
+  knn = knn_settings(eval_config)
   options = layers.compiler_options(generator.conv_impl)
-  eval_step = jax.jit(make_eval_step(generator, settings, features),
+  eval_step = jax.jit(make_eval_step(generator, settings, features, knn=knn),
                       compiler_options=options)
-  normal_step = jax.jit(make_normal_step(generator, settings, features),
+  normal_step = jax.jit(make_normal_step(generator, settings, features, knn),
                         compiler_options=options)
   headline = eval_config.get('map', 'attention')
   fit_images = held_out = None
@@ -526,22 +662,28 @@ def make_evaluator(generator: models.CAVGAGenerator,
 
   def evaluator(params, batch_stats):
     predictions = predict(eval_step, params, batch_stats, dataset,
-                          eval_config.batch_size, mesh)
+                          eval_config.batch_size, mesh,
+                          feature_variables=feature_variables)
     outputs = [predictions]
     if held_out is not None:
       outputs.append(predict(eval_step, params, batch_stats, held_out,
                              eval_config.batch_size, mesh,
-                             'held-out normal training images'))
+                             'held-out normal training images',
+                             feature_variables))
     if fit_images is not None:
-      pixel_statistics, feature_statistics = normal_statistics(
+      statistics = normal_statistics(
           normal_step, params, batch_stats, fit_images,
-          eval_config.batch_size, mesh)
+          eval_config.batch_size, mesh, knn, feature_variables)
       tic = time.perf_counter()
       for out in outputs:
-        add_calibrated(out, pixel_statistics)
-        if feature_statistics is not None:
-          add_feature_map(out, feature_statistics, settings)
-      logging.info('calibrated and feature maps in %.1f s',
+        add_calibrated(out, statistics.pixel)
+        if statistics.feature is not None:
+          add_feature_map(out, statistics.feature, settings)
+        if statistics.knn_bank is not None:
+          add_knn_map(out, statistics.knn_bank, knn, settings, mesh)
+      if held_out is not None:
+        add_combined_maps(outputs, outputs[1])
+      logging.info('calibrated, feature and combined maps in %.1f s',
                    time.perf_counter() - tic)
     thresholds = (held_out_thresholds(outputs[1], quantile)
                   if held_out is not None else None)
@@ -564,14 +706,26 @@ CURVE_FILE = 'eval_curve.jsonl'
 
 
 def _evaluation_setup(config: ml_collections.ConfigDict, workdir: str):
-  """(test set, evaluator, state initialiser, mesh) of a run's config."""
+  """(test set, evaluator, initial state fn, mesh) of a run's config.
+
+  The initial state fn gives ``train_state.initial_state``, the state the
+  run started from; with ``eval.feature_weights='initial'`` the evaluator
+  takes the feature maps' features from it.
+  """
   config_checks.check_config(config)
   mesh = sharding.make_mesh()
   train_ds, test_ds = data.get_datasets(config, workdir)
-  generator, _, init_fn, _ = train_state.setup(config, mesh)
+  generator, _, init_fn, state_sharding = train_state.setup(config, mesh)
+  initial = lambda: train_state.initial_state(config, init_fn, state_sharding)
+  feature_variables = None
+  if config.eval.get('feature_weights', 'evaluated') == 'initial':
+    state = initial()
+    feature_variables = {'params': state.gen_params,
+                         'batch_stats': state.gen_batch_stats}
   return (test_ds, make_evaluator(generator, test_ds, config.eval, mesh,
-                                  normal_training_images(train_ds)),
-          init_fn, mesh)
+                                  normal_training_images(train_ds),
+                                  feature_variables),
+          init_fn, initial, mesh)
 
 
 def normal_training_images(train_ds: data.AnomalyDataset) -> np.ndarray:
@@ -603,7 +757,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str
   Returns:
     The curve records, in step order.
   """
-  test_ds, evaluator, init_fn, mesh = _evaluation_setup(config, workdir)
+  test_ds, evaluator, init_fn, _, mesh = _evaluation_setup(config, workdir)
   target = train_state.abstract_state(init_fn, mesh)
   manager = checkpointing.make_manager(workdir)
   steps = sorted(manager.all_steps())
@@ -625,14 +779,15 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str
 UNTRAINED_DIR = 'eval_untrained'
 
 
-def evaluated_state(config: ml_collections.ConfigDict, workdir: str,
-                    init_fn: Callable, mesh: jax.sharding.Mesh,
+def evaluated_state(workdir: str, init_fn: Callable,
+                    initial: Callable[[], Any], mesh: jax.sharding.Mesh,
                     untrained: bool = False) -> tuple[Any, int]:
   """(train state, step): the newest checkpoint of ``workdir``, or with
-  ``untrained`` the freshly initialised networks of ``config.seed`` (step 0).
+  ``untrained`` the state training starts from (``initial()``: the run's
+  initialisation key and ``model.pretrained``; step 0).
   """
   if untrained:
-    return init_fn(jax.random.key(config.seed)), 0
+    return initial(), 0
   return checkpointing.restore_for_eval(
       workdir, train_state.abstract_state(init_fn, mesh))
 
@@ -657,8 +812,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     The metrics dict (also logged).
   """
-  test_ds, evaluator, init_fn, mesh = _evaluation_setup(config, workdir)
-  state, step = evaluated_state(config, workdir, init_fn, mesh, untrained)
+  test_ds, evaluator, init_fn, initial, mesh = _evaluation_setup(config, workdir)
+  state, step = evaluated_state(workdir, init_fn, initial, mesh, untrained)
   if untrained:
     logging.info('evaluating the untrained networks (seed %d) on %d test '
                  'images', config.seed, test_ds.num_examples)

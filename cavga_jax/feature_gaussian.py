@@ -34,6 +34,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import threadpoolctl
 
 Array = jax.Array
 NAME = 'feature_gaussian'
@@ -47,6 +48,11 @@ REGULARIZATION = 0.01
 # The channel subset is drawn once with this seed, so every evaluation of
 # every run (and the statistics and the test pass) use the same channels.
 CHANNEL_SEED = 0
+# config.eval.feature_weights: the feature maps (this one and feature_knn)
+# take their features from the evaluated networks, or from the 'initial'
+# ones a run started from (its ImageNet encoder, model.pretrained), while
+# every other map uses the evaluated networks.
+FEATURE_WEIGHTS = ('evaluated', 'initial')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +112,9 @@ class FeatureMoments:
       self._sum = np.zeros(f.shape[1:])
       self._outer = np.zeros(f.shape[1:] + f.shape[-1:])
     self._sum += f.sum(axis=0)
-    # Batched matmul (BLAS) over cells: (h, w, d, n) @ (h, w, n, d).
-    self._outer += np.moveaxis(f, 0, -1) @ np.moveaxis(f, 0, 2)
+    # einsum's optimised path (one BLAS call per cell row): 30x faster than
+    # numpy's stacked matmul over (h, w) small matrices here.
+    self._outer += np.einsum('nhwi,nhwj->hwij', f, f, optimize=True)
     self._count += len(f)
 
   def statistics(self) -> tuple[np.ndarray, np.ndarray]:
@@ -123,10 +130,14 @@ class FeatureMoments:
       raise ValueError('no normal images were added for the feature map')
     n = self._count
     mean = self._sum / n
-    covariance = ((self._outer - n * np.einsum('hwi,hwj->hwij', mean, mean))
+    covariance = ((self._outer - n * mean[..., :, None] * mean[..., None, :])
                   / max(n - 1, 1))
     covariance += REGULARIZATION * np.eye(mean.shape[-1])
-    precision = np.linalg.inv(covariance)
+    # One thread per small LAPACK call: OpenBLAS's threads on 4096 100 x 100
+    # inverses thrash when another process shares the cores (55 s against
+    # 1.5 s single-threaded on the 2-core machine).
+    with threadpoolctl.threadpool_limits(1, user_api='blas'):
+      precision = np.linalg.inv(covariance)
     return mean.astype(np.float32), precision.astype(np.float32)
 
 

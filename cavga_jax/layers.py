@@ -36,6 +36,11 @@ _EIGEN_CONVOLUTIONS = {
         'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
 
 
+# PyTorch's BatchNorm2d defaults (momentum 0.1, i.e. Flax momentum=0.9,
+# epsilon 1e-5), so converted torchvision and timm weights behave identically.
+BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+
 def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
   """'auto' -> 'phase' on the CPU, 'lax' on GPU/TPU; others unchanged.
 

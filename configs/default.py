@@ -125,6 +125,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.calibrate = True
   config.eval.feature_stages = (1, 2)
   config.eval.feature_dims = 100
+  config.eval.feature_grid_divisor = 4  # grid = image_size / 4 cells a side
+  # 'evaluated': the feature maps use the evaluated networks' encoder;
+  # 'initial': the encoder the run started from (model.pretrained), so
+  # CAVGA training cannot degrade the ImageNet features they rely on.
+  config.eval.feature_weights = 'evaluated'
+  # 'feature_knn' (cavga_jax.feature_knn, PatchCore): patch features of
+  # encoder stages knn_stages on a grid of image_size / knn_grid_divisor,
+  # a greedy coreset of knn_bank_size of them (0 = off), distances
+  # computed knn_chunk test patches at a time.
+  config.eval.knn_stages = (2, 3)
+  config.eval.knn_grid_divisor = 8
+  config.eval.knn_bank_size = 4096
+  config.eval.knn_chunk = 4096
   # A share of the normal training images is held out from those statistics
   # to fix each map's pixel and image thresholds before any defect is seen:
   # their threshold_quantile. metrics.json then has, per map, 'iou_held_out'

@@ -7,9 +7,9 @@ Usage:
   python scripts/convert_torchvision_resnet18.py \
       --input model.safetensors --output resnet18_imagenet.npz
 
-``.pth`` input (torchvision ``ResNet18_Weights.IMAGENET1K_V1``) needs torch;
-``.safetensors`` input (e.g. ``timm/resnet18.a1_in1k``) needs only numpy and
-safetensors. Train with ``--config.model.pretrained=resnet18_imagenet.npz``.
+``.pth`` input (torchvision ``ResNet18_Weights.IMAGENET1K_V1``) and
+``.safetensors`` input (e.g. ``timm/resnet18.a1_in1k``) need neither torch nor
+a network (``cavga_jax.torch_pickle`` reads the .pth). Train with ``--config.model.pretrained=resnet18_imagenet.npz``.
 The conversion itself is ``cavga_jax.pretrained.convert_file``.
 """
 
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       description='Convert torchvision/timm resnet18 ImageNet weights (.pth '
                   'or .safetensors) to a cavga_jax encoder .npz.')
   parser.add_argument('--input', required=True,
-                      help='resnet18-f37072fd.pth (needs torch) or '
+                      help='resnet18-f37072fd.pth or '
                            'model.safetensors')
   parser.add_argument('--output', required=True,
                       help='.npz to write, for --config.model.pretrained')

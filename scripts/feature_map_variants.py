@@ -116,9 +116,11 @@ def main(argv):
   config = _CONFIG.value
   mesh = sharding.make_mesh()
   train, test = data.get_datasets(config, _WORKDIR.value)
-  generator, _, init_fn, _ = train_state.setup(config, mesh)
-  state, step = eval_lib.evaluated_state(config, _WORKDIR.value, init_fn, mesh,
-                                         _UNTRAINED.value)
+  generator, _, init_fn, state_sharding = train_state.setup(config, mesh)
+  state, step = eval_lib.evaluated_state(
+      _WORKDIR.value, init_fn,
+      lambda: train_state.initial_state(config, init_fn, state_sharding),
+      mesh, _UNTRAINED.value)
   fit, _ = eval_lib.split_held_out(eval_lib.normal_training_images(train),
                                    config.eval.get('threshold_holdout', 0.1))
   map_settings = eval_lib.map_settings(config.eval, test.images.shape[1])

