@@ -58,6 +58,7 @@ from cavga_jax import layers
 from cavga_jax import metrics
 from cavga_jax import models
 from cavga_jax import sharding
+from cavga_jax import settings
 from cavga_jax import train_state
 from cavga_jax import visualize
 from cavga_jax.errors import CavgaError
@@ -88,7 +89,7 @@ def feature_settings(eval_config: ml_collections.ConfigDict
   The feature map needs the pass over the normal training images that
   ``eval.calibrate`` turns on.
   """
-  if not eval_config.get('calibrate', True):
+  if not eval_config.get('calibrate', settings.default('eval.calibrate')):
     return None
   defaults = feature_gaussian.FeatureSettings()
   return feature_gaussian.FeatureSettings(
@@ -515,14 +516,16 @@ def make_evaluator(generator: models.CAVGAGenerator,
                       compiler_options=options)
   normal_step = jax.jit(make_normal_step(generator, settings, features),
                         compiler_options=options)
-  headline = eval_config.get('map', 'attention')
+  headline = eval_config.get('map', settings.default('eval.map'))
   fit_images = held_out = None
   if normal_images is not None:
     fit_images, held_out = split_held_out(
-        normal_images, eval_config.get('threshold_holdout', 0.1))
-  if not eval_config.get('calibrate', True):
+        normal_images, eval_config.get(
+            'threshold_holdout', settings.default('eval.threshold_holdout')))
+  if not eval_config.get('calibrate', settings.default('eval.calibrate')):
     fit_images = None
-  quantile = eval_config.get('threshold_quantile', 0.999)
+  quantile = eval_config.get('threshold_quantile',
+                            settings.default('eval.threshold_quantile'))
 
   def evaluator(params, batch_stats):
     predictions = predict(eval_step, params, batch_stats, dataset,

@@ -13,6 +13,7 @@ import jax
 from ml_collections import config_flags
 
 from cavga_jax import config_checks
+from cavga_jax import settings
 from cavga_jax import sharding
 from cavga_jax.errors import CavgaError
 
@@ -96,27 +97,36 @@ def task_program(programs: Mapping[str, Callable[[Any, str], Any]]
                  ) -> Callable[[Any, str], Any]:
   """``(config, workdir) -> programs[config.task](config, workdir)``.
 
-  ``config.task`` defaults to 'cavga'; ``run_program`` has checked it
-  (``config_checks.TASKS``) before the program runs.
+  ``config.task`` defaults to 'cavga' (``settings``); the program then
+  checks the rest of the config.
+
+  Raises:
+    CavgaError: a task without a program (one line, as ``config_checks``).
   """
-  return lambda config, workdir: programs[config.get('task', 'cavga')](
-      config, workdir)
+  def program(config, workdir):
+    task = settings.get(config, 'task')
+    if task not in programs:
+      raise CavgaError(f'config.task={task!r} must be one of '
+                       f'{", ".join(repr(t) for t in programs)}')
+    return programs[task](config, workdir)
+
+  return program
 
 
 def run_program(program: Callable[[Any, str], Any], config: Any, workdir: str,
                 compilation_cache: str) -> Any:
   """Runs ``program(config, workdir)`` for a command-line entry point.
 
-  Sets up logging and the compilation cache and checks the config
-  (``config_checks.check_config``) before anything else; a ``CavgaError``
-  (bad input, bad config, failed run) ends the process with its one-line
-  message and exit status 1 instead of a traceback.
+  Sets up logging and the compilation cache; every program checks the
+  config first thing (``config_checks.check_config``, once per run: in
+  ``prepare_run`` or the evaluation's setup). A ``CavgaError`` (bad input,
+  bad config, failed run) ends the process with its one-line message and
+  exit status 1 instead of a traceback.
   """
   quiet_dependency_logs()
   if compilation_cache:
     enable_compilation_cache(compilation_cache)
   try:
-    config_checks.check_config(config)
     absl_logging.info('JAX devices: %s', jax.devices())
     return program(config, workdir)
   except CavgaError as e:

@@ -29,6 +29,7 @@ from cavga_jax import layers
 from cavga_jax import models
 from cavga_jax import runtime
 from cavga_jax import sharding
+from cavga_jax import settings
 from cavga_jax import synthesis
 from cavga_jax import train_state
 from cavga_jax import training_loop
@@ -59,19 +60,19 @@ def train(config: ml_collections.ConfigDict, workdir: str
       ``TrainingError`` for non-finite losses.
   """
   mesh = runtime.prepare_run(config, workdir)
-  supervision = config.model.get('supervision', 'unsupervised')
+  supervision = settings.get(config, 'model.supervision')
   synthetic = synthesis.settings_from_fields(config.data.get('synthetic'))
   train_ds, test_ds = data.get_datasets(config, workdir)
 
   generator, discriminator, init_fn, state_sharding = train_state.setup(
       config, mesh)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  settings = training_loop.LoopSettings.from_config(config)
-  batch_size = settings.batch_size
+  loop_settings = training_loop.LoopSettings.from_config(config)
+  batch_size = loop_settings.batch_size
   jitted_step = jax.jit(
       cavga_step.make_train_step(generator, discriminator,
-                                 dict(config.loss_weights), settings.nonfinite,
-                                 synthetic),
+                                 dict(config.loss_weights),
+                                 loop_settings.nonfinite, synthetic),
       donate_argnums=0,
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       compiler_options=layers.compiler_options(generator.conv_impl))
@@ -85,7 +86,7 @@ def train(config: ml_collections.ConfigDict, workdir: str
   description = (f'CAVGA-{config.model.variant}_{supervision} '
                  f'({config.model.latent} latent) on {train_ds.num_examples} '
                  f'images ({int(labels.sum())} anomalous)')
-  quota = config.data.get('weak_anomalies_per_batch', 0)
+  quota = settings.get(config, 'data.weak_anomalies_per_batch')
   index_fn = None
   if quota:
     # CAVGA_w: uniform batches would almost never hold one of the few
@@ -108,7 +109,7 @@ def train(config: ml_collections.ConfigDict, workdir: str
                                                 state_sharding)
     logging.info('encoder initialised from %s', pretrained_path)
   return training_loop.training_loop(
-      settings, workdir, state, train_step, train_ds.num_examples,
+      loop_settings, workdir, state, train_step, train_ds.num_examples,
       lambda idx: (sharding.shard_batch(images[idx[host_slice]], mesh),
                    sharding.shard_batch(labels[idx[host_slice]], mesh)),
       step_rng, ('g_loss', 'd_loss'), description, index_fn=index_fn,
@@ -143,7 +144,7 @@ def _curve_fn(config: ml_collections.ConfigDict,
               mesh: jax.sharding.Mesh
               ) -> Callable[[Any, int], dict[str, Any]] | None:
   """The learning-curve evaluation of ``config.train.eval_every`` (or None)."""
-  if not config.train.get('eval_every', 0):
+  if not settings.get(config, 'train.eval_every'):
     return None
   evaluator = eval_lib.make_evaluator(generator, test_ds, config.eval, mesh,
                                       normal_images)

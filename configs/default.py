@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_train = 200  # generated dataset only
   config.data.num_test_good = 30
   config.data.num_test_per_defect = 20
+  config.data.num_workers = 8  # image decoding threads (mvtec folders, TFDS)
   # Synthetic anomalies for CAVGA_w (cavga_jax.synthesis; fraction 0 = off,
   # configs/mvtec_synthetic.py turns them on): the share of each batch made
   # anomalous, mask and fill kinds drawn uniformly, the mask's share of the
