@@ -57,10 +57,11 @@ from cavga_jax import feature_gaussian
 from cavga_jax import layers
 from cavga_jax import metrics
 from cavga_jax import models
+from cavga_jax import settings as config_settings
 from cavga_jax import sharding
-from cavga_jax import settings
 from cavga_jax import train_state
 from cavga_jax import visualize
+from cavga_jax import workdirs
 from cavga_jax.errors import CavgaError
 
 Array = jax.Array
@@ -89,7 +90,8 @@ def feature_settings(eval_config: ml_collections.ConfigDict
   The feature map needs the pass over the normal training images that
   ``eval.calibrate`` turns on.
   """
-  if not eval_config.get('calibrate', settings.default('eval.calibrate')):
+  if not eval_config.get('calibrate',
+                         config_settings.default('eval.calibrate')):
     return None
   defaults = feature_gaussian.FeatureSettings()
   return feature_gaussian.FeatureSettings(
@@ -516,16 +518,18 @@ def make_evaluator(generator: models.CAVGAGenerator,
                       compiler_options=options)
   normal_step = jax.jit(make_normal_step(generator, settings, features),
                         compiler_options=options)
-  headline = eval_config.get('map', settings.default('eval.map'))
+  headline = eval_config.get('map', config_settings.default('eval.map'))
   fit_images = held_out = None
   if normal_images is not None:
     fit_images, held_out = split_held_out(
         normal_images, eval_config.get(
-            'threshold_holdout', settings.default('eval.threshold_holdout')))
-  if not eval_config.get('calibrate', settings.default('eval.calibrate')):
+            'threshold_holdout',
+            config_settings.default('eval.threshold_holdout')))
+  if not eval_config.get('calibrate',
+                         config_settings.default('eval.calibrate')):
     fit_images = None
-  quantile = eval_config.get('threshold_quantile',
-                            settings.default('eval.threshold_quantile'))
+  quantile = eval_config.get(
+      'threshold_quantile', config_settings.default('eval.threshold_quantile'))
 
   def evaluator(params, batch_stats):
     predictions = predict(eval_step, params, batch_stats, dataset,
@@ -566,9 +570,18 @@ def curve_record(step: int, result: dict[str, Any]) -> dict[str, Any]:
 CURVE_FILE = 'eval_curve.jsonl'
 
 
-def _evaluation_setup(config: ml_collections.ConfigDict, workdir: str):
-  """(test set, evaluator, state initialiser, mesh) of a run's config."""
+def _evaluation_setup(config: ml_collections.ConfigDict, workdir: str,
+                      untrained: bool = False):
+  """(test set, evaluator, state initialiser, mesh) of a run's config.
+
+  Raises:
+    CavgaError: an invalid config or, unless ``untrained``, one that differs
+      from the workdir's ``config.json`` in a field of the model, data or
+      objective (``workdirs.check_rerun``).
+  """
   config_checks.check_config(config)
+  if not untrained:
+    workdirs.check_rerun(config, workdir, 'evaluate.py')
   mesh = sharding.make_mesh()
   train_ds, test_ds = data.get_datasets(config, workdir)
   generator, _, init_fn, _ = train_state.setup(config, mesh)
@@ -660,7 +673,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     The metrics dict (also logged).
   """
-  test_ds, evaluator, init_fn, mesh = _evaluation_setup(config, workdir)
+  test_ds, evaluator, init_fn, mesh = _evaluation_setup(config, workdir,
+                                                        untrained)
   state, step = evaluated_state(config, workdir, init_fn, mesh, untrained)
   if untrained:
     logging.info('evaluating the untrained networks (seed %d) on %d test '

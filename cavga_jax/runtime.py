@@ -10,11 +10,13 @@ from typing import Any, Callable, Mapping
 from absl import flags
 from absl import logging as absl_logging
 import jax
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from cavga_jax import config_checks
 from cavga_jax import settings
 from cavga_jax import sharding
+from cavga_jax import workdirs
 from cavga_jax.errors import CavgaError
 
 DEFAULT_CACHE_DIR = os.path.join('~', '.cache', 'cavga_jax', 'xla')
@@ -134,19 +136,42 @@ def run_program(program: Callable[[Any, str], Any], config: Any, workdir: str,
     sys.exit(f'error: {e}')
 
 
-def prepare_run(config: Any, workdir: str) -> jax.sharding.Mesh:
-  """Checks the config, writes ``<workdir>/config.json``, returns the mesh.
+def prepare_run(config: Any, workdir: str, overwrite: bool = False
+                ) -> jax.sharding.Mesh:
+  """Checks the config and the workdir, writes ``<workdir>/config.json``.
 
-  The first thing every training program does (CAVGA and the VAEs); only
-  process 0 writes the file.
+  The first thing every training program does (CAVGA and the VAEs). A
+  workdir whose ``config.json`` defines another run stops the run
+  (``workdirs.check_rerun``) unless ``overwrite``, which deletes the old
+  run's outputs first (``workdirs.start_over``). Only process 0 deletes and
+  writes; the others wait for it.
+
+  Args:
+    config: the run configuration.
+    workdir: the run folder.
+    overwrite: start over instead of resuming (``train.py --overwrite``).
+
+  Returns:
+    The device mesh.
 
   Raises:
-    CavgaError: an invalid config or a batch size the devices cannot split.
+    CavgaError: an invalid config, a workdir of another run, or a batch size
+      the devices cannot split.
   """
   config_checks.check_config(config)
+  primary = sharding.is_primary_process()
+  if overwrite:
+    if primary:
+      workdirs.start_over(workdir)
+  else:
+    workdirs.check_rerun(config, workdir, 'train.py')
+  if jax.process_count() > 1:
+    # No process resumes from a checkpoint that process 0 is deleting, and
+    # none reads config.json while process 0 rewrites it.
+    multihost_utils.sync_global_devices('cavga_jax workdir checked')
   os.makedirs(workdir, exist_ok=True)
-  if sharding.is_primary_process():
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  if primary:
+    with open(os.path.join(workdir, workdirs.CONFIG_FILE), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.train.batch_size, mesh,

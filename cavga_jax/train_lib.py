@@ -28,8 +28,8 @@ from cavga_jax import eval_lib
 from cavga_jax import layers
 from cavga_jax import models
 from cavga_jax import runtime
-from cavga_jax import sharding
 from cavga_jax import settings
+from cavga_jax import sharding
 from cavga_jax import synthesis
 from cavga_jax import train_state
 from cavga_jax import training_loop
@@ -37,9 +37,13 @@ from cavga_jax import visualize
 
 Array = jax.Array
 
-def train(config: ml_collections.ConfigDict, workdir: str
-          ) -> train_state.TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str,
+          overwrite: bool = False) -> train_state.TrainState:
   """Trains CAVGA as configured, resuming from ``<workdir>/checkpoints``.
+
+  A workdir of another run (a ``config.json`` that differs in a field of the
+  model, data or objective, ``workdirs``) stops the run; ``overwrite``
+  deletes its outputs and starts over.
 
   Logs step, losses and images/s every ``config.train.log_every`` steps and
   appends them to ``<workdir>/train_metrics.jsonl`` (on resume, lines after
@@ -55,11 +59,12 @@ def train(config: ml_collections.ConfigDict, workdir: str
     The final train state.
 
   Raises:
-    CavgaError: an invalid config (``config_checks.check_config``) or
-      dataset, an unusable pretrained file (``DataError``);
-      ``TrainingError`` for non-finite losses.
+    CavgaError: an invalid config (``config_checks.check_config``), a
+      workdir of another run (``workdirs``), a bad dataset or an unusable
+      pretrained file (``DataError``); ``TrainingError`` for non-finite
+      losses.
   """
-  mesh = runtime.prepare_run(config, workdir)
+  mesh = runtime.prepare_run(config, workdir, overwrite)
   supervision = settings.get(config, 'model.supervision')
   synthetic = synthesis.settings_from_fields(config.data.get('synthetic'))
   train_ds, test_ds = data.get_datasets(config, workdir)

@@ -59,12 +59,13 @@ from cavga_jax import metrics
 from cavga_jax import models
 from cavga_jax import nonfinite
 from cavga_jax import runtime
-from cavga_jax import sharding
 from cavga_jax import settings
+from cavga_jax import sharding
 from cavga_jax import train_state
 from cavga_jax import training_loop
 from cavga_jax import visualize
 from cavga_jax import vae
+from cavga_jax import workdirs
 from cavga_jax.data import sprites
 from cavga_jax.data import tfds_data
 from cavga_jax.errors import CavgaError
@@ -208,14 +209,18 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   return model, init_fn, state_sharding
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> VAEState:
+def train(config: ml_collections.ConfigDict, workdir: str,
+          overwrite: bool = False) -> VAEState:
   """Trains the VAE as configured, resuming from ``<workdir>/checkpoints``.
+
+  ``overwrite`` starts over in a workdir of another run
+  (``runtime.prepare_run``).
 
   The loop is ``training_loop.training_loop``'s: JSONL metrics in
   ``<workdir>/train_metrics.jsonl``, Orbax checkpoints with retention, the
   non-finite policy of ``config.train.nonfinite``.
   """
-  mesh = runtime.prepare_run(config, workdir)
+  mesh = runtime.prepare_run(config, workdir, overwrite)
   loop_settings = training_loop.LoopSettings.from_config(config)
   training_data = _TrainingData(config, workdir)
   model, init_fn, state_sharding = setup(config, mesh)
@@ -414,8 +419,14 @@ def _localization_metrics(config, explain_step, params, training_data, mesh,
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str
              ) -> dict[str, Any]:
-  """Restores the newest checkpoint and writes ``<workdir>/eval/metrics.json``."""
+  """Restores the newest checkpoint and writes ``<workdir>/eval/metrics.json``.
+
+  Raises:
+    CavgaError: an invalid config, or one that differs from the run's
+      ``config.json`` in a field of the model, data or objective.
+  """
   config_checks.check_config(config)
+  workdirs.check_rerun(config, workdir, 'evaluate.py')
   mesh = sharding.make_mesh()
   training_data = _TrainingData(config, workdir)
   model, init_fn, _ = setup(config, mesh)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -25,9 +26,15 @@ def _run(script, *args, cache_dir):
 
 
 @pytest.fixture(scope='module')
-def trained_workdir(tmp_path_factory):
+def cli_cache(tmp_path_factory):
+  """One compilation cache for the module's command-line runs."""
+  return tmp_path_factory.mktemp('cli_cache')
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory, cli_cache):
   workdir = tmp_path_factory.mktemp('run')
-  cache = tmp_path_factory.mktemp('cli_cache')
+  cache = cli_cache
   args = ('--config=configs/tiny.py', f'--workdir={workdir}')
   train = _run('train.py', *args, '--config.train.num_steps=2',
                '--config.train.eval_every=1', cache_dir=cache)
@@ -77,6 +84,36 @@ def test_learning_curve_has_every_map_at_every_eval_step(trained_workdir):
   assert all(set(MAPS) <= set(r['maps']) for r in records)
   assert os.path.getsize(workdir / 'eval_curve.png') > 0
   assert 'eval at step 2' in train.stderr
+
+
+def test_rerun_with_another_model_stops_unless_overwrite(trained_workdir,
+                                                        cli_cache, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained_workdir[0], workdir)
+  config_json = (workdir / 'config.json').read_bytes()
+  checkpoints = sorted(os.listdir(workdir / 'checkpoints'))
+  args = ('--config=configs/tiny.py', f'--workdir={workdir}',
+          '--config.model.latent_channels=16', '--config.train.num_steps=2')
+  proc = _run('train.py', *args, cache_dir=cli_cache)
+  assert proc.returncode == 1
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and 'config.model.latent_channels 8 -> 16' in (
+      errors[0]), proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr
+  assert (workdir / 'config.json').read_bytes() == config_json
+  assert sorted(os.listdir(workdir / 'checkpoints')) == checkpoints
+  proc = _run('evaluate.py', *args, cache_dir=cli_cache)
+  assert proc.returncode == 1
+  assert 'config.model.latent_channels 8 -> 16' in proc.stderr
+  assert (workdir / 'eval').exists()  # The old evaluation is kept.
+
+  proc = _run('train.py', *args, '--overwrite', cache_dir=cli_cache)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / 'config.json') as f:
+    assert json.load(f)['model']['latent_channels'] == 16
+  assert 'resumed' not in proc.stderr and 'step 2/2' in proc.stderr
+  assert not (workdir / 'eval').exists()  # The old run's evaluation is gone.
+  assert not (workdir / 'eval_curve.jsonl').exists()
 
 
 def test_evaluate_without_checkpoint_is_one_clear_line(tmp_path):
