@@ -7,7 +7,9 @@ Writes <workdir>/eval/metrics.json, scores.csv and panels/*.png.
 writes the learning curve <workdir>/eval_curve.jsonl and eval_curve.png (for
 runs trained without --config.train.eval_every); --untrained scores the
 freshly initialised networks instead (<workdir>/eval_untrained/), the control
-for what training adds to each map.
+for what training adds to each map. A config that differs from
+<workdir>/config.json in a field of the model, the data or the objective
+stops with one line naming the fields (evaluation fields may differ).
 """
 
 import functools

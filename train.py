@@ -4,7 +4,13 @@
       [--config.train.num_steps=2000 ...]
 
 Checkpoints go to <workdir>/checkpoints; a rerun resumes from the newest one.
+A rerun whose config differs from <workdir>/config.json in a field of the
+model, the data or the objective stops with one line naming the fields
+(schedule length, logging, checkpointing and evaluation fields may differ);
+--overwrite deletes the old run's outputs and starts over.
 """
+
+import functools
 
 from absl import app
 from absl import flags
@@ -27,12 +33,11 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
                                       'With --coordinator_address.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'With --coordinator_address.')
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'Delete the run in --workdir (checkpoints, logs, '
+    'config.json, evaluations) and start over, also when its config differs.')
 _CACHE = runtime.define_compilation_cache_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
-
-# config.task -> program: CAVGA, or the Liu et al. VAE experiments.
-_PROGRAM = runtime.task_program({'cavga': train_lib.train,
-                                 'vae': vae_lib.train})
 
 
 def main(argv):
@@ -41,8 +46,12 @@ def main(argv):
   if _MULTIHOST.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)
-  runtime.run_program(_PROGRAM, _CONFIG.value, _WORKDIR.value,
-                      _CACHE.value)
+  # config.task -> program: CAVGA, or the Liu et al. VAE experiments.
+  program = runtime.task_program({
+      'cavga': functools.partial(train_lib.train,
+                                 overwrite=_OVERWRITE.value),
+      'vae': functools.partial(vae_lib.train, overwrite=_OVERWRITE.value)})
+  runtime.run_program(program, _CONFIG.value, _WORKDIR.value, _CACHE.value)
 
 
 if __name__ == '__main__':

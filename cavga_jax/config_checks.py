@@ -36,6 +36,7 @@ from cavga_jax import losses
 from cavga_jax import models
 from cavga_jax import nonfinite
 from cavga_jax import pretrained
+from cavga_jax import settings
 from cavga_jax import synthesis
 from cavga_jax import vae
 from cavga_jax.errors import CavgaError
@@ -48,13 +49,15 @@ _MISSING = object()
 
 def _get(config: ml_collections.ConfigDict, field: str,
          default: Any = _MISSING) -> Any:
+  """The field's value; if absent, ``default`` if given, else the library's
+  default (``settings``), else CavgaError ('missing')."""
+  if default is _MISSING:
+    return settings.get(config, field)
   node = config
   for part in field.split('.'):
     try:
       node = node[part]
     except (KeyError, AttributeError, TypeError):
-      if default is _MISSING:
-        raise CavgaError(f'config.{field} is missing') from None
       return default
   return node
 
@@ -99,8 +102,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   variant, latent, supervision, widths, dtype and input normalisation (the
   ``pretrained`` file is not read: evaluation never needs it). ``'vae'``
   (the Liu et al. experiments of ``vae_lib``): dataset, VAE widths and
-  sizes, attention map, metric sample sizes. Optional fields are checked only
-  when present.
+  sizes, attention map, metric sample sizes. Absent optional fields take the
+  library's defaults (``settings``); absent required ones are reported.
 
   Args:
     config: a full run configuration.
@@ -108,7 +111,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   Raises:
     CavgaError: naming the field, its value and the expected values.
   """
-  _check_choice(config, 'task', TASKS, 'cavga')
+  _check_choice(config, 'task', TASKS)
   _check_int(config, 'seed', 0)
   for name in _get(config, 'loss_weights').keys():
     _check_number(config, f'loss_weights.{name}', 0.0)
@@ -116,32 +119,32 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _check_number(config, 'optimizer.learning_rate', 0.0)
   _check_number(config, 'optimizer.b1', 0.0, below=1.0)
   _check_number(config, 'optimizer.b2', 0.0, below=1.0)
-  _check_choice(config, 'optimizer.schedule', SCHEDULES, 'constant')
-  _check_int(config, 'optimizer.warmup_steps', 0, 0)
-  _check_number(config, 'optimizer.grad_clip_norm', 0.0, default=0.0)
+  _check_choice(config, 'optimizer.schedule', SCHEDULES)
+  _check_int(config, 'optimizer.warmup_steps', 0)
+  _check_number(config, 'optimizer.grad_clip_norm', 0.0)
 
   _check_int(config, 'train.num_steps', 0)
   _check_int(config, 'train.batch_size', 1)
   _check_int(config, 'train.log_every', 1)
   _check_int(config, 'train.checkpoint_every', 1)
-  _check_int(config, 'train.keep_checkpoints', 1, 3)
-  _check_int(config, 'train.prefetch', 1, 2)
-  _check_choice(config, 'train.nonfinite', nonfinite.MODES, 'stop')
-  _check_int(config, 'train.max_consecutive_skips', 1, 10)
+  _check_int(config, 'train.keep_checkpoints', 1)
+  _check_int(config, 'train.prefetch', 1)
+  _check_choice(config, 'train.nonfinite', nonfinite.MODES)
+  _check_int(config, 'train.max_consecutive_skips', 1)
 
   _check_int(config, 'eval.batch_size', 1)
   _check_int(config, 'eval.num_panels', 0)
   _check_int(config, 'data.image_size', 1)
-  _check_choice(config, 'data.channels', (1, 3), 3)
-  _check_int(config, 'data.num_workers', 0, 0)
-  if config.get('task', 'cavga') == 'vae':
+  _check_choice(config, 'data.channels', (1, 3))
+  _check_int(config, 'data.num_workers', 0)
+  if _get(config, 'task') == 'vae':
     _check_vae_config(config)
   else:
     _check_cavga_config(config)
 
 
 def _check_widths(config, field: str) -> None:
-  widths = _get(config, field, ())
+  widths = _get(config, field)
   if not isinstance(widths, (tuple, list)) or not all(
       isinstance(w, numbers.Integral) and not isinstance(w, bool) and w > 0
       for w in widths):
@@ -150,37 +153,34 @@ def _check_widths(config, field: str) -> None:
 
 
 def _check_cavga_config(config: ml_collections.ConfigDict) -> None:
-  _check_choice(config, 'data.name', data.KNOWN_DATASETS, 'generated')
+  _check_choice(config, 'data.name', data.KNOWN_DATASETS)
   for name in ('encoder_widths', 'decoder_widths', 'discriminator_widths'):
     _check_widths(config, f'model.{name}')
   _check_choice(config, 'model.latent', models.LATENTS)
-  _check_choice(config, 'model.compute_dtype', models.COMPUTE_DTYPES,
-                'float32')
-  _check_choice(config, 'model.input_norm', models.INPUT_NORMS, 'none')
-  _check_choice(config, 'model.conv_impl', layers.CONV_IMPLS, 'auto')
+  _check_choice(config, 'model.compute_dtype', models.COMPUTE_DTYPES)
+  _check_choice(config, 'model.input_norm', models.INPUT_NORMS)
+  _check_choice(config, 'model.conv_impl', layers.CONV_IMPLS)
   _check_int(config, 'model.latent_channels', 1)
-  _check_int(config, 'model.latent_dim', 1, 1)
-  _check_choice(config, 'model.attention_score', models.ATTENTION_SCORES,
-                'sum')
-  _check_int(config, 'model.attention_stage', 1, models.NUM_ENCODER_STAGES)
-  stage = _get(config, 'model.attention_stage', models.NUM_ENCODER_STAGES)
+  _check_int(config, 'model.latent_dim', 1)
+  _check_choice(config, 'model.attention_score', models.ATTENTION_SCORES)
+  _check_int(config, 'model.attention_stage', 1)
+  stage = _get(config, 'model.attention_stage')
   if stage > models.NUM_ENCODER_STAGES:
     raise CavgaError(f'config.model.attention_stage={stage!r} must be an '
                      f'encoder stage in 1..{models.NUM_ENCODER_STAGES} '
                      f'({models.NUM_ENCODER_STAGES} = the last feature map)')
-  _check_choice(config, 'model.attention_norm', models.ATTENTION_NORMS,
-                'max')
+  _check_choice(config, 'model.attention_norm', models.ATTENTION_NORMS)
   # The variant, supervision, the widths' lengths and the image size's
   # stride are the model builder's to check (cheap: no parameters are made).
   models.build_models(config)
-  weights = _get(config, 'model.pretrained', '')
+  weights = _get(config, 'model.pretrained')
   variant = _get(config, 'model.variant')
   if weights in pretrained.NAMED_WEIGHTS and (
       pretrained.NAMED_WEIGHTS[weights] != variant):
     raise CavgaError(f'config.model.pretrained={weights!r} needs '
                      f"config.model.variant='{pretrained.NAMED_WEIGHTS[weights]}'"
                      f', got {variant!r}')
-  if (_get(config, 'eval.feature_weights', 'evaluated') == 'initial'
+  if (_get(config, 'eval.feature_weights') == 'initial'
       and not weights):
     raise CavgaError("config.eval.feature_weights='initial' takes the feature "
                      'maps from the ImageNet encoder a run starts from; set '
@@ -195,10 +195,9 @@ def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
   """The headline map and the map settings of ``anomaly_maps``."""
   fitted_maps = (calibration.NAMES + (feature_gaussian.NAME, feature_knn.NAME)
                  + combined_maps.NAMES)
-  _check_choice(config, 'eval.map', anomaly_maps.MAP_NAMES + fitted_maps,
-                'attention')
-  headline = _get(config, 'eval.map', 'attention')
-  calibrate = _get(config, 'eval.calibrate', True)
+  _check_choice(config, 'eval.map', anomaly_maps.MAP_NAMES + fitted_maps)
+  headline = _get(config, 'eval.map')
+  calibrate = _get(config, 'eval.calibrate')
   if not isinstance(calibrate, bool):
     raise CavgaError(f'config.eval.calibrate={calibrate!r} must be True or '
                      'False')
@@ -206,67 +205,61 @@ def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
     raise CavgaError(f'config.eval.map={headline!r} needs '
                      'config.eval.calibrate=True (the statistics of the '
                      'normal training images)')
-  supervision = _get(config, 'model.supervision', 'unsupervised')
+  supervision = _get(config, 'model.supervision')
   if headline in anomaly_maps.WEAK_MAPS and supervision != 'weak':
     raise CavgaError(f'config.eval.map={headline!r} needs '
                      "config.model.supervision='weak' (a class map of the "
                      f'CAVGA_w classifier), got {supervision!r}')
-  if _get(config, 'eval.residual_sigma', None) is not None:
+  if _get(config, 'eval.residual_sigma') is not None:
     _check_number(config, 'eval.residual_sigma', 0.0)
-  _check_int(config, 'eval.ssim_window', 3, 11)
-  window = _get(config, 'eval.ssim_window', 11)
+  _check_int(config, 'eval.ssim_window', 3)
+  window = _get(config, 'eval.ssim_window')
   if window % 2 == 0:
     raise CavgaError(f'config.eval.ssim_window={window!r} must be odd')
-  defaults = feature_gaussian.FeatureSettings()
-  stages = _get(config, 'eval.feature_stages', defaults.stages)
+  _check_stages(config, 'eval.feature_stages')
+  _check_int(config, 'eval.feature_dims', 1)
+  _check_int(config, 'eval.feature_grid_divisor', 1)
+  _check_choice(config, 'eval.feature_weights',
+                feature_gaussian.FEATURE_WEIGHTS)
+  _check_stages(config, 'eval.knn_stages')
+  _check_int(config, 'eval.knn_grid_divisor', 1)
+  _check_int(config, 'eval.knn_bank_size', 0)
+  _check_int(config, 'eval.knn_chunk', 1)
+  if headline == feature_knn.NAME and not _get(config, 'eval.knn_bank_size'):
+    raise CavgaError("config.eval.map='feature_knn' needs "
+                     'config.eval.knn_bank_size > 0')
+  _check_number(config, 'eval.threshold_holdout', 0.0, below=1.0)
+  quantile = _get(config, 'eval.threshold_quantile')
+  _check_number(config, 'eval.threshold_quantile', 0.0)
+  if quantile > 1:
+    raise CavgaError(f'config.eval.threshold_quantile={quantile!r} must be '
+                     'in [0, 1]')
+  _check_int(config, 'train.eval_every', 0)
+
+
+def _check_stages(config: ml_collections.ConfigDict, field: str) -> None:
+  """Increasing encoder stages in 1..NUM_ENCODER_STAGES (the feature maps)."""
+  stages = _get(config, field)
   if (not isinstance(stages, (tuple, list)) or not stages
       or any(isinstance(s, bool) or not isinstance(s, numbers.Integral)
              for s in stages)
       or list(stages) != sorted(set(stages))
       or not 1 <= stages[0] <= stages[-1] <= models.NUM_ENCODER_STAGES):
-    raise CavgaError(f'config.eval.feature_stages={stages!r} must be '
-                     'increasing encoder stages in '
-                     f'1..{models.NUM_ENCODER_STAGES}, e.g. (1, 2)')
-  _check_int(config, 'eval.feature_dims', 1, defaults.dims)
-  _check_int(config, 'eval.feature_grid_divisor', 1, defaults.grid_divisor)
-  _check_choice(config, 'eval.feature_weights', feature_gaussian.FEATURE_WEIGHTS,
-                'evaluated')
-  knn_defaults = feature_knn.KnnSettings()
-  knn_stages = _get(config, 'eval.knn_stages', knn_defaults.stages)
-  if (not isinstance(knn_stages, (tuple, list)) or not knn_stages
-      or list(knn_stages) != sorted(set(knn_stages))
-      or not 1 <= knn_stages[0] <= knn_stages[-1]
-      <= models.NUM_ENCODER_STAGES):
-    raise CavgaError(f'config.eval.knn_stages={knn_stages!r} must be '
-                     'increasing encoder stages in '
-                     f'1..{models.NUM_ENCODER_STAGES}, e.g. (2, 3)')
-  _check_int(config, 'eval.knn_grid_divisor', 1, knn_defaults.grid_divisor)
-  _check_int(config, 'eval.knn_bank_size', 0, knn_defaults.bank_size)
-  _check_int(config, 'eval.knn_chunk', 1, knn_defaults.chunk)
-  if headline == feature_knn.NAME and not _get(config, 'eval.knn_bank_size',
-                                               knn_defaults.bank_size):
-    raise CavgaError("config.eval.map='feature_knn' needs "
-                     'config.eval.knn_bank_size > 0')
-  _check_number(config, 'eval.threshold_holdout', 0.0, below=1.0, default=0.1)
-  quantile = _get(config, 'eval.threshold_quantile', 0.999)
-  _check_number(config, 'eval.threshold_quantile', 0.0, default=0.999)
-  if quantile > 1:
-    raise CavgaError(f'config.eval.threshold_quantile={quantile!r} must be '
-                     'in [0, 1]')
-  _check_int(config, 'train.eval_every', 0, 0)
+    raise CavgaError(f'config.{field}={stages!r} must be increasing encoder '
+                     f'stages in 1..{models.NUM_ENCODER_STAGES}, e.g. (1, 2)')
 
 
 def _check_weak_quota(config: ml_collections.ConfigDict) -> None:
   """CAVGA_w's labelled anomalies per batch (``data.quota_batch_indices``)."""
   field = 'data.weak_anomalies_per_batch'
-  _check_int(config, field, 0, 0)
-  quota = _get(config, field, 0)
+  _check_int(config, field, 0)
+  quota = _get(config, field)
   batch_size = _get(config, 'train.batch_size')
   if quota >= batch_size:
     raise CavgaError(f'config.{field}={quota!r} must be < '
                      f'config.train.batch_size={batch_size!r} (the rest of '
                      'each batch are normal images)')
-  supervision = _get(config, 'model.supervision', 'unsupervised')
+  supervision = _get(config, 'model.supervision')
   if quota and supervision != 'weak':
     raise CavgaError(f'config.{field}={quota!r} needs '
                      "config.model.supervision='weak' (only CAVGA_w has "
@@ -285,7 +278,7 @@ def _check_synthetic(config: ml_collections.ConfigDict) -> None:
     raise CavgaError(f'config.data.synthetic: {e}') from None
   if settings is None:
     return
-  supervision = _get(config, 'model.supervision', 'unsupervised')
+  supervision = _get(config, 'model.supervision')
   if supervision != 'weak':
     raise CavgaError(
         f'config.data.synthetic.fraction={settings.fraction!r} needs '
@@ -296,8 +289,8 @@ def _check_synthetic(config: ml_collections.ConfigDict) -> None:
 
 def _check_loss_terms(config: ml_collections.ConfigDict) -> None:
   """Every term of the configured CAVGA objective has a loss weight."""
-  supervision = _get(config, 'model.supervision', 'unsupervised')
-  synthetic = _get(config, 'data.synthetic.fraction', 0.0) > 0
+  supervision = _get(config, 'model.supervision')
+  synthetic = _get(config, 'data.synthetic.fraction') > 0
   weights = _get(config, 'loss_weights')
   missing = [name for name in losses.objective_terms(supervision, synthetic)
              if name not in weights]
@@ -312,16 +305,18 @@ def _check_loss_terms(config: ml_collections.ConfigDict) -> None:
 def _check_vae_config(config: ml_collections.ConfigDict) -> None:
   _check_choice(config, 'data.name', vae.DATASETS)
   _check_widths(config, 'model.encoder_widths')
-  _check_choice(config, 'model.conv_impl', layers.CONV_IMPLS, 'auto')
+  _check_choice(config, 'model.conv_impl', layers.CONV_IMPLS)
   _check_int(config, 'model.hidden', 1)
   _check_int(config, 'model.latent_dim', 1)
   for name in ('beta', 'ad'):
     _check_number(config, f'loss_weights.{name}', 0.0)
-  _check_choice(config, 'eval.map', vae.ATTENTION_MAPS, 'mean')
-  _check_choice(config, 'loss.ad_variant', losses.AD_VARIANTS, 'paper')
-  for name in ('factor_vae_num_train', 'factor_vae_num_eval',
-               'num_loss_samples'):
-    _check_int(config, f'eval.{name}', 1, 1)
-  for name in ('factor_vae_num_variance', 'mig_num_samples'):
-    _check_int(config, f'eval.{name}', 2, 2)
+  _check_choice(config, 'eval.map', vae.ATTENTION_MAPS)
+  _check_choice(config, 'loss.ad_variant', losses.AD_VARIANTS)
+  if _get(config, 'data.name') in vae.SPRITES_DATASETS:
+    # The disentanglement metrics, computed on the factor datasets only.
+    for name in ('factor_vae_num_train', 'factor_vae_num_eval',
+                 'num_loss_samples'):
+      _check_int(config, f'eval.{name}', 1)
+    for name in ('factor_vae_num_variance', 'mig_num_samples'):
+      _check_int(config, f'eval.{name}', 2)
   vae.build_vae(config)

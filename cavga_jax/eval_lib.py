@@ -68,9 +68,11 @@ from cavga_jax import feature_knn
 from cavga_jax import layers
 from cavga_jax import metrics
 from cavga_jax import models
+from cavga_jax import settings as config_settings
 from cavga_jax import sharding
 from cavga_jax import train_state
 from cavga_jax import visualize
+from cavga_jax import workdirs
 from cavga_jax.errors import CavgaError
 
 Array = jax.Array
@@ -92,6 +94,11 @@ def map_settings(eval_config: ml_collections.ConfigDict, image_size: int
           'ssim_window', anomaly_maps.MapSettings().ssim_window)))
 
 
+def _eval_field(eval_config: ml_collections.ConfigDict, name: str):
+  """``eval.<name>``, or the library's default (``settings``)."""
+  return eval_config.get(name, config_settings.default(f'eval.{name}'))
+
+
 def feature_settings(eval_config: ml_collections.ConfigDict
                      ) -> feature_gaussian.FeatureSettings | None:
   """The feature map's settings, or None without ``eval.calibrate``.
@@ -99,33 +106,26 @@ def feature_settings(eval_config: ml_collections.ConfigDict
   The feature map needs the pass over the normal training images that
   ``eval.calibrate`` turns on.
   """
-  if not eval_config.get('calibrate', True):
+  if not _eval_field(eval_config, 'calibrate'):
     return None
-  defaults = feature_gaussian.FeatureSettings()
   return feature_gaussian.FeatureSettings(
-      stages=tuple(int(s) for s in eval_config.get('feature_stages',
-                                                   defaults.stages)),
-      dims=int(eval_config.get('feature_dims', defaults.dims)),
-      grid_divisor=int(eval_config.get('feature_grid_divisor',
-                                       defaults.grid_divisor)))
+      stages=tuple(int(s) for s in _eval_field(eval_config, 'feature_stages')),
+      dims=int(_eval_field(eval_config, 'feature_dims')),
+      grid_divisor=int(_eval_field(eval_config, 'feature_grid_divisor')))
 
 
 def knn_settings(eval_config: ml_collections.ConfigDict
                  ) -> feature_knn.KnnSettings | None:
   """The feature-kNN map's settings, or None (no ``eval.calibrate``, or
   ``eval.knn_bank_size`` 0)."""
-  defaults = feature_knn.KnnSettings()
-  bank_size = int(eval_config.get('knn_bank_size', defaults.bank_size))
-  if not eval_config.get('calibrate', True) or bank_size <= 0:
+  bank_size = int(_eval_field(eval_config, 'knn_bank_size'))
+  if not _eval_field(eval_config, 'calibrate') or bank_size <= 0:
     return None
   return feature_knn.KnnSettings(
-      stages=tuple(int(s) for s in eval_config.get('knn_stages',
-                                                   defaults.stages)),
-      grid_divisor=int(eval_config.get('knn_grid_divisor',
-                                       defaults.grid_divisor)),
+      stages=tuple(int(s) for s in _eval_field(eval_config, 'knn_stages')),
+      grid_divisor=int(_eval_field(eval_config, 'knn_grid_divisor')),
       bank_size=bank_size,
-      projection_dims=defaults.projection_dims,
-      chunk=int(eval_config.get('knn_chunk', defaults.chunk)))
+      chunk=int(_eval_field(eval_config, 'knn_chunk')))
 
 
 def make_eval_step(generator: models.CAVGAGenerator,
@@ -651,14 +651,18 @@ def make_evaluator(generator: models.CAVGAGenerator,
                       compiler_options=options)
   normal_step = jax.jit(make_normal_step(generator, settings, features, knn),
                         compiler_options=options)
-  headline = eval_config.get('map', 'attention')
+  headline = eval_config.get('map', config_settings.default('eval.map'))
   fit_images = held_out = None
   if normal_images is not None:
     fit_images, held_out = split_held_out(
-        normal_images, eval_config.get('threshold_holdout', 0.1))
-  if not eval_config.get('calibrate', True):
+        normal_images, eval_config.get(
+            'threshold_holdout',
+            config_settings.default('eval.threshold_holdout')))
+  if not eval_config.get('calibrate',
+                         config_settings.default('eval.calibrate')):
     fit_images = None
-  quantile = eval_config.get('threshold_quantile', 0.999)
+  quantile = eval_config.get(
+      'threshold_quantile', config_settings.default('eval.threshold_quantile'))
 
   def evaluator(params, batch_stats):
     predictions = predict(eval_step, params, batch_stats, dataset,
@@ -705,20 +709,29 @@ def curve_record(step: int, result: dict[str, Any]) -> dict[str, Any]:
 CURVE_FILE = 'eval_curve.jsonl'
 
 
-def _evaluation_setup(config: ml_collections.ConfigDict, workdir: str):
+def _evaluation_setup(config: ml_collections.ConfigDict, workdir: str,
+                      untrained: bool = False):
   """(test set, evaluator, initial state fn, mesh) of a run's config.
 
   The initial state fn gives ``train_state.initial_state``, the state the
   run started from; with ``eval.feature_weights='initial'`` the evaluator
   takes the feature maps' features from it.
+
+  Raises:
+    CavgaError: an invalid config or, unless ``untrained``, one that differs
+      from the workdir's ``config.json`` in a field of the model, data or
+      objective (``workdirs.check_rerun``).
+
   """
   config_checks.check_config(config)
+  if not untrained:
+    workdirs.check_rerun(config, workdir, 'evaluate.py')
   mesh = sharding.make_mesh()
   train_ds, test_ds = data.get_datasets(config, workdir)
   generator, _, init_fn, state_sharding = train_state.setup(config, mesh)
   initial = lambda: train_state.initial_state(config, init_fn, state_sharding)
   feature_variables = None
-  if config.eval.get('feature_weights', 'evaluated') == 'initial':
+  if _eval_field(config.eval, 'feature_weights') == 'initial':
     state = initial()
     feature_variables = {'params': state.gen_params,
                          'batch_stats': state.gen_batch_stats}
@@ -812,7 +825,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     The metrics dict (also logged).
   """
-  test_ds, evaluator, init_fn, initial, mesh = _evaluation_setup(config, workdir)
+  test_ds, evaluator, init_fn, initial, mesh = _evaluation_setup(
+      config, workdir, untrained)
   state, step = evaluated_state(workdir, init_fn, initial, mesh, untrained)
   if untrained:
     logging.info('evaluating the untrained networks (seed %d) on %d test '

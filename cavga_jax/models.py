@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from cavga_jax import efficientnet
 from cavga_jax import layers
+from cavga_jax import settings
 from cavga_jax.errors import CavgaError
 
 Array = jax.Array
@@ -463,7 +464,8 @@ def build_models(config) -> tuple[CAVGAGenerator, Discriminator]:
   model_config = config.model
   variant = model_config.variant
   _check_choice('model.variant', variant, VARIANTS)
-  widths = {name: tuple(model_config.get(name) or default)
+  widths = {name: tuple(model_config.get(
+      name, settings.default(f'model.{name}')) or default)
             for name, default in PAPER_WIDTHS[variant].items()}
   expected = dict(encoder_widths=4, decoder_widths=len(
       PAPER_WIDTHS[variant]['decoder_widths']), discriminator_widths=4)
@@ -477,30 +479,37 @@ def build_models(config) -> tuple[CAVGAGenerator, Discriminator]:
     raise CavgaError(
         f'config.model.encoder_widths={widths["encoder_widths"]}: CAVGA-E\'s '
         f'EfficientNet-Lite0 stages are {efficientnet.STAGE_WIDTHS}; use ()')
-  supervision = model_config.get('supervision', 'unsupervised')
+  supervision = model_config.get('supervision',
+                                 settings.default('model.supervision'))
   _check_choice('model.supervision', supervision, SUPERVISIONS)
   size = config.data.image_size
   stride = STRIDES[variant]
   if size % stride:
     raise CavgaError(f'config.data.image_size={size} must be a multiple of '
                      f'{stride} for CAVGA-{variant}')
-  dtype = jnp.dtype(model_config.get('compute_dtype', 'float32'))
-  conv_impl = layers.resolve_conv_impl(model_config.get('conv_impl', 'auto'))
+  dtype = jnp.dtype(model_config.get(
+      'compute_dtype', settings.default('model.compute_dtype')))
+  conv_impl = layers.resolve_conv_impl(model_config.get(
+      'conv_impl', settings.default('model.conv_impl')))
   generator = CAVGAGenerator(
       variant=variant,
       image_size=size,
       latent=model_config.latent,
       latent_channels=model_config.latent_channels,
-      latent_dim=model_config.get('latent_dim', 512),
-      image_channels=config.data.channels,
+      latent_dim=model_config.get('latent_dim',
+                                 settings.default('model.latent_dim')),
+      image_channels=settings.get(config, 'data.channels'),
       encoder_widths=widths['encoder_widths'],
       decoder_widths=widths['decoder_widths'],
       with_classifier=supervision == 'weak',
-      input_norm=model_config.get('input_norm', 'none'),
-      attention_score=model_config.get('attention_score', 'sum'),
-      attention_stage=model_config.get('attention_stage',
-                                       NUM_ENCODER_STAGES),
-      attention_norm=model_config.get('attention_norm', 'max'),
+      input_norm=model_config.get('input_norm',
+                                 settings.default('model.input_norm')),
+      attention_score=model_config.get(
+          'attention_score', settings.default('model.attention_score')),
+      attention_stage=model_config.get(
+          'attention_stage', settings.default('model.attention_stage')),
+      attention_norm=model_config.get(
+          'attention_norm', settings.default('model.attention_norm')),
       dtype=dtype, conv_impl=conv_impl)
   discriminator = Discriminator(widths['discriminator_widths'], dtype,
                                 conv_impl)

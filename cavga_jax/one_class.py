@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 
 from cavga_jax import eval_lib
+from cavga_jax import settings
 from cavga_jax import sharding
 from cavga_jax import train_lib
 from cavga_jax.data import tfds_data
@@ -76,7 +77,7 @@ def run_one_class(config: ml_collections.ConfigDict, workdir: str,
         f'{", ".join(tfds_data.ONE_CLASS_DATASETS)}, got {name!r}')
   classes = list(range(tfds_data.NUM_CLASSES) if classes is None else classes)
   names = tfds_data.class_names(name, config.data.get('root', None) or None,
-                                bool(config.data.get('download', True)))
+                                bool(settings.get(config, 'data.download')))
   os.makedirs(workdir, exist_ok=True)
   rows = []
   for c in classes:

@@ -10,10 +10,13 @@ from typing import Any, Callable, Mapping
 from absl import flags
 from absl import logging as absl_logging
 import jax
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from cavga_jax import config_checks
+from cavga_jax import settings
 from cavga_jax import sharding
+from cavga_jax import workdirs
 from cavga_jax.errors import CavgaError
 
 DEFAULT_CACHE_DIR = os.path.join('~', '.cache', 'cavga_jax', 'xla')
@@ -96,27 +99,36 @@ def task_program(programs: Mapping[str, Callable[[Any, str], Any]]
                  ) -> Callable[[Any, str], Any]:
   """``(config, workdir) -> programs[config.task](config, workdir)``.
 
-  ``config.task`` defaults to 'cavga'; ``run_program`` has checked it
-  (``config_checks.TASKS``) before the program runs.
+  ``config.task`` defaults to 'cavga' (``settings``); the program then
+  checks the rest of the config.
+
+  Raises:
+    CavgaError: a task without a program (one line, as ``config_checks``).
   """
-  return lambda config, workdir: programs[config.get('task', 'cavga')](
-      config, workdir)
+  def program(config, workdir):
+    task = settings.get(config, 'task')
+    if task not in programs:
+      raise CavgaError(f'config.task={task!r} must be one of '
+                       f'{", ".join(repr(t) for t in programs)}')
+    return programs[task](config, workdir)
+
+  return program
 
 
 def run_program(program: Callable[[Any, str], Any], config: Any, workdir: str,
                 compilation_cache: str) -> Any:
   """Runs ``program(config, workdir)`` for a command-line entry point.
 
-  Sets up logging and the compilation cache and checks the config
-  (``config_checks.check_config``) before anything else; a ``CavgaError``
-  (bad input, bad config, failed run) ends the process with its one-line
-  message and exit status 1 instead of a traceback.
+  Sets up logging and the compilation cache; every program checks the
+  config first thing (``config_checks.check_config``, once per run: in
+  ``prepare_run`` or the evaluation's setup). A ``CavgaError`` (bad input,
+  bad config, failed run) ends the process with its one-line message and
+  exit status 1 instead of a traceback.
   """
   quiet_dependency_logs()
   if compilation_cache:
     enable_compilation_cache(compilation_cache)
   try:
-    config_checks.check_config(config)
     absl_logging.info('JAX devices: %s', jax.devices())
     return program(config, workdir)
   except CavgaError as e:
@@ -124,19 +136,42 @@ def run_program(program: Callable[[Any, str], Any], config: Any, workdir: str,
     sys.exit(f'error: {e}')
 
 
-def prepare_run(config: Any, workdir: str) -> jax.sharding.Mesh:
-  """Checks the config, writes ``<workdir>/config.json``, returns the mesh.
+def prepare_run(config: Any, workdir: str, overwrite: bool = False
+                ) -> jax.sharding.Mesh:
+  """Checks the config and the workdir, writes ``<workdir>/config.json``.
 
-  The first thing every training program does (CAVGA and the VAEs); only
-  process 0 writes the file.
+  The first thing every training program does (CAVGA and the VAEs). A
+  workdir whose ``config.json`` defines another run stops the run
+  (``workdirs.check_rerun``) unless ``overwrite``, which deletes the old
+  run's outputs first (``workdirs.start_over``). Only process 0 deletes and
+  writes; the others wait for it.
+
+  Args:
+    config: the run configuration.
+    workdir: the run folder.
+    overwrite: start over instead of resuming (``train.py --overwrite``).
+
+  Returns:
+    The device mesh.
 
   Raises:
-    CavgaError: an invalid config or a batch size the devices cannot split.
+    CavgaError: an invalid config, a workdir of another run, or a batch size
+      the devices cannot split.
   """
   config_checks.check_config(config)
+  primary = sharding.is_primary_process()
+  if overwrite:
+    if primary:
+      workdirs.start_over(workdir)
+  else:
+    workdirs.check_rerun(config, workdir, 'train.py')
+  if jax.process_count() > 1:
+    # No process resumes from a checkpoint that process 0 is deleting, and
+    # none reads config.json while process 0 rewrites it.
+    multihost_utils.sync_global_devices('cavga_jax workdir checked')
   os.makedirs(workdir, exist_ok=True)
-  if sharding.is_primary_process():
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  if primary:
+    with open(os.path.join(workdir, workdirs.CONFIG_FILE), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh()
   sharding.check_batch_size(config.train.batch_size, mesh,

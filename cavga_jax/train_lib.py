@@ -28,6 +28,7 @@ from cavga_jax import eval_lib
 from cavga_jax import layers
 from cavga_jax import models
 from cavga_jax import runtime
+from cavga_jax import settings
 from cavga_jax import sharding
 from cavga_jax import synthesis
 from cavga_jax import train_state
@@ -36,9 +37,13 @@ from cavga_jax import visualize
 
 Array = jax.Array
 
-def train(config: ml_collections.ConfigDict, workdir: str
-          ) -> train_state.TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str,
+          overwrite: bool = False) -> train_state.TrainState:
   """Trains CAVGA as configured, resuming from ``<workdir>/checkpoints``.
+
+  A workdir of another run (a ``config.json`` that differs in a field of the
+  model, data or objective, ``workdirs``) stops the run; ``overwrite``
+  deletes its outputs and starts over.
 
   Logs step, losses and images/s every ``config.train.log_every`` steps and
   appends them to ``<workdir>/train_metrics.jsonl`` (on resume, lines after
@@ -46,7 +51,7 @@ def train(config: ml_collections.ConfigDict, workdir: str
   the run with ``TrainingError``, keeping the last good checkpoint, or skip
   the update (``config.train.nonfinite``; see ``cavga_jax.nonfinite``).
 
-  ``config.model.pretrained`` (an .npz of ImageNet weights) replaces the
+  ``config.model.pretrained`` (ImageNet weights, ``pretrained``) replaces the
   initial encoder of a fresh run only: a resumed run restores everything from
   its checkpoint and does not read the file.
 
@@ -54,24 +59,25 @@ def train(config: ml_collections.ConfigDict, workdir: str
     The final train state.
 
   Raises:
-    CavgaError: an invalid config (``config_checks.check_config``) or
-      dataset, an unusable pretrained file (``DataError``);
-      ``TrainingError`` for non-finite losses.
+    CavgaError: an invalid config (``config_checks.check_config``), a
+      workdir of another run (``workdirs``), a bad dataset or an unusable
+      pretrained file (``DataError``); ``TrainingError`` for non-finite
+      losses.
   """
-  mesh = runtime.prepare_run(config, workdir)
-  supervision = config.model.get('supervision', 'unsupervised')
+  mesh = runtime.prepare_run(config, workdir, overwrite)
+  supervision = settings.get(config, 'model.supervision')
   synthetic = synthesis.settings_from_fields(config.data.get('synthetic'))
   train_ds, test_ds = data.get_datasets(config, workdir)
 
   generator, discriminator, init_fn, state_sharding = train_state.setup(
       config, mesh)
   _, step_rng = train_state.run_keys(config.seed)
-  settings = training_loop.LoopSettings.from_config(config)
-  batch_size = settings.batch_size
+  loop_settings = training_loop.LoopSettings.from_config(config)
+  batch_size = loop_settings.batch_size
   jitted_step = jax.jit(
       cavga_step.make_train_step(generator, discriminator,
-                                 dict(config.loss_weights), settings.nonfinite,
-                                 synthetic),
+                                 dict(config.loss_weights),
+                                 loop_settings.nonfinite, synthetic),
       donate_argnums=0,
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       compiler_options=layers.compiler_options(generator.conv_impl))
@@ -85,7 +91,7 @@ def train(config: ml_collections.ConfigDict, workdir: str
   description = (f'CAVGA-{config.model.variant}_{supervision} '
                  f'({config.model.latent} latent) on {train_ds.num_examples} '
                  f'images ({int(labels.sum())} anomalous)')
-  quota = config.data.get('weak_anomalies_per_batch', 0)
+  quota = settings.get(config, 'data.weak_anomalies_per_batch')
   index_fn = None
   if quota:
     # CAVGA_w: uniform batches would almost never hold one of the few
@@ -109,7 +115,7 @@ def train(config: ml_collections.ConfigDict, workdir: str
     if config.model.get('pretrained'):
       logging.info('encoder initialised from %s', config.model.pretrained)
   return training_loop.training_loop(
-      settings, workdir, state, train_step, train_ds.num_examples,
+      loop_settings, workdir, state, train_step, train_ds.num_examples,
       lambda idx: (sharding.shard_batch(images[idx[host_slice]], mesh),
                    sharding.shard_batch(labels[idx[host_slice]], mesh)),
       step_rng, ('g_loss', 'd_loss'), description, index_fn=index_fn,
@@ -144,7 +150,7 @@ def _curve_fn(config: ml_collections.ConfigDict,
               mesh: jax.sharding.Mesh
               ) -> Callable[[Any, int], dict[str, Any]] | None:
   """The learning-curve evaluation of ``config.train.eval_every`` (or None)."""
-  if not config.train.get('eval_every', 0):
+  if not settings.get(config, 'train.eval_every'):
     return None
   evaluator = eval_lib.make_evaluator(generator, test_ds, config.eval, mesh,
                                       normal_images)

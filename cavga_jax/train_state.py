@@ -19,6 +19,7 @@ import ml_collections
 import optax
 
 from cavga_jax import models
+from cavga_jax import settings
 from cavga_jax import sharding
 
 Array = jax.Array
@@ -43,8 +44,10 @@ def make_optimizer(opt_config: ml_collections.ConfigDict,
                    num_steps: int) -> optax.GradientTransformation:
   """Adam (lr 2e-4, b1 0.5 by default) with optional warmup/cosine decay and clipping."""
   lr = opt_config.learning_rate
-  warmup = opt_config.get('warmup_steps', 0)
-  if opt_config.get('schedule', 'constant') == 'cosine':
+  warmup = opt_config.get('warmup_steps',
+                          settings.default('optimizer.warmup_steps'))
+  if opt_config.get('schedule',
+                    settings.default('optimizer.schedule')) == 'cosine':
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, lr, warmup, max(num_steps, warmup + 1))
   elif warmup:
@@ -54,7 +57,8 @@ def make_optimizer(opt_config: ml_collections.ConfigDict,
   else:
     schedule = lr
   adam = optax.adam(schedule, b1=opt_config.b1, b2=opt_config.b2)
-  clip = opt_config.get('grad_clip_norm', 0.0)
+  clip = opt_config.get('grad_clip_norm',
+                        settings.default('optimizer.grad_clip_norm'))
   return optax.chain(optax.clip_by_global_norm(clip), adam) if clip else adam
 
 
@@ -179,7 +183,8 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   num_steps = config.train.num_steps
   init_fn = functools.partial(
       create_train_state, generator, discriminator,
-      image_size=config.data.image_size, channels=config.data.channels,
+      image_size=config.data.image_size,
+      channels=settings.get(config, 'data.channels'),
       gen_tx=make_optimizer(config.optimizer, num_steps),
       disc_tx=make_optimizer(config.optimizer, num_steps))
   state_sharding = sharding.replicated(mesh)

@@ -26,6 +26,7 @@ from cavga_jax import checkpointing
 from cavga_jax import data
 from cavga_jax import eval_lib
 from cavga_jax import nonfinite
+from cavga_jax import settings
 from cavga_jax import sharding
 from cavga_jax.errors import TrainingError
 
@@ -56,12 +57,11 @@ class LoopSettings:
   def from_config(cls, config: ml_collections.ConfigDict) -> LoopSettings:
     """``config.seed`` and the ``config.train`` fields (defaults if absent)."""
     train = config.train
-    defaults = cls(num_steps=0, batch_size=1)
     return cls(
         num_steps=train.num_steps, batch_size=train.batch_size,
         seed=config.seed, log_every=train.log_every,
         checkpoint_every=train.checkpoint_every,
-        **{field: train.get(field, getattr(defaults, field))
+        **{field: train.get(field, settings.default(f'train.{field}'))
            for field in ('keep_checkpoints', 'prefetch', 'nonfinite',
                          'max_consecutive_skips', 'eval_every')})
 

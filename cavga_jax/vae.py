@@ -30,6 +30,7 @@ import ml_collections
 
 from cavga_jax import layers
 from cavga_jax import models
+from cavga_jax import settings
 from cavga_jax.data import sprites
 from cavga_jax.errors import CavgaError
 
@@ -38,6 +39,8 @@ ONE_CLASS_DATASETS = ('mnist', 'fashion_mnist')
 # MVTec-layout folders (incl. the embedded generated textures): localization
 # against the real defect masks.
 FOLDER_DATASETS = ('generated', 'mvtec')
+# Factor datasets (dSprites): the disentanglement metrics.
+SPRITES_DATASETS = sprites.SPRITES_DATASETS
 DATASETS = sprites.SPRITES_DATASETS + ONE_CLASS_DATASETS + FOLDER_DATASETS
 ATTENTION_MAPS = ('mean', 'sum')
 
@@ -130,8 +133,9 @@ def build_vae(config: ml_collections.ConfigDict) -> ConvVAE:
     raise CavgaError(
         f'config.data.image_size={size} must be a multiple of '
         f'{2 ** len(widths)} for config.model.encoder_widths={widths}')
-  return ConvVAE(image_size=size, image_channels=config.data.channels,
+  return ConvVAE(image_size=size,
+                 image_channels=settings.get(config, 'data.channels'),
                  encoder_widths=widths, hidden=config.model.hidden,
                  latent_dim=config.model.latent_dim,
                  conv_impl=layers.resolve_conv_impl(
-                     config.model.get('conv_impl', 'auto')))
+                     settings.get(config, 'model.conv_impl')))

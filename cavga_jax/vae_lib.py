@@ -59,11 +59,13 @@ from cavga_jax import metrics
 from cavga_jax import models
 from cavga_jax import nonfinite
 from cavga_jax import runtime
+from cavga_jax import settings
 from cavga_jax import sharding
 from cavga_jax import train_state
 from cavga_jax import training_loop
 from cavga_jax import visualize
 from cavga_jax import vae
+from cavga_jax import workdirs
 from cavga_jax.data import sprites
 from cavga_jax.data import tfds_data
 from cavga_jax.errors import CavgaError
@@ -180,10 +182,11 @@ class _TrainingData:
                          f'{sprites.IMAGE_SIZE} for {name}, got '
                          f'{config.data.image_size}')
       self.factors = sprites.load_sprites(
-          name, config.data.root or None, config.data.get('download', True),
-          scales=config.data.get('scales', 6),
-          orientations=config.data.get('orientations', 40),
-          positions=config.data.get('positions', 32))
+          name, config.data.root or None,
+          settings.get(config, 'data.download'),
+          scales=settings.get(config, 'data.scales'),
+          orientations=settings.get(config, 'data.orientations'),
+          positions=settings.get(config, 'data.positions'))
       self.num_examples = self.factors.num_examples
       self.images = self.factors.images
     elif name in vae.ONE_CLASS_DATASETS + vae.FOLDER_DATASETS:
@@ -206,32 +209,36 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   return model, init_fn, state_sharding
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> VAEState:
+def train(config: ml_collections.ConfigDict, workdir: str,
+          overwrite: bool = False) -> VAEState:
   """Trains the VAE as configured, resuming from ``<workdir>/checkpoints``.
+
+  ``overwrite`` starts over in a workdir of another run
+  (``runtime.prepare_run``).
 
   The loop is ``training_loop.training_loop``'s: JSONL metrics in
   ``<workdir>/train_metrics.jsonl``, Orbax checkpoints with retention, the
   non-finite policy of ``config.train.nonfinite``.
   """
-  mesh = runtime.prepare_run(config, workdir)
-  settings = training_loop.LoopSettings.from_config(config)
+  mesh = runtime.prepare_run(config, workdir, overwrite)
+  loop_settings = training_loop.LoopSettings.from_config(config)
   training_data = _TrainingData(config, workdir)
   model, init_fn, state_sharding = setup(config, mesh)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   weights = config.loss_weights
-  ad_variant = (config.get('loss') or {}).get('ad_variant', 'paper')
+  ad_variant = settings.get(config, 'loss.ad_variant')
   train_step = jax.jit(
       make_train_step(model, weights.beta, weights.ad,
-                      settings.nonfinite, ad_variant),
+                      loop_settings.nonfinite, ad_variant),
       donate_argnums=0,
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       compiler_options=layers.compiler_options(model.conv_impl))
-  host_slice = sharding.host_batch_slice(settings.batch_size)
+  host_slice = sharding.host_batch_slice(loop_settings.batch_size)
   description = (f'a beta-VAE (beta {weights.beta:g}, L_AD ({ad_variant}) '
                  f'weight {weights.ad:g}, latent {config.model.latent_dim}) on '
                  f'{config.data.name} ({training_data.num_examples} images)')
   return training_loop.training_loop(
-      settings, workdir, init_fn(init_rng), train_step,
+      loop_settings, workdir, init_fn(init_rng), train_step,
       training_data.num_examples,
       lambda idx: sharding.shard_batch(training_data.images(idx[host_slice]),
                                        mesh),
@@ -297,7 +304,8 @@ def _disentanglement_metrics(config, model, explain_step, params, factors,
   def representation_fn(images: np.ndarray) -> np.ndarray:
     return np.asarray(encode_mu(images))
 
-  seed = eval_config.get('metric_seed', 0)
+  seed = eval_config.get('metric_seed',
+                         settings.default('eval.metric_seed', 'vae'))
   result = {}
   factor_vae = disentanglement.factor_vae_score(
       representation_fn, factors, np.random.default_rng(seed),
@@ -368,7 +376,7 @@ def _explain_class_split(config, test: data.AnomalyDataset,
   """
   explain_class = config.eval.explain_class
   names = tfds_data.class_names(config.data.name, config.data.root or None,
-                                config.data.get('download', True))
+                                settings.get(config, 'data.download'))
   if not 0 <= explain_class < len(names) or (
       explain_class == config.data.normal_class):
     raise CavgaError(f'config.eval.explain_class={explain_class} must be a '
@@ -411,8 +419,14 @@ def _localization_metrics(config, explain_step, params, training_data, mesh,
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str
              ) -> dict[str, Any]:
-  """Restores the newest checkpoint and writes ``<workdir>/eval/metrics.json``."""
+  """Restores the newest checkpoint and writes ``<workdir>/eval/metrics.json``.
+
+  Raises:
+    CavgaError: an invalid config, or one that differs from the run's
+      ``config.json`` in a field of the model, data or objective.
+  """
   config_checks.check_config(config)
+  workdirs.check_rerun(config, workdir, 'evaluate.py')
   mesh = sharding.make_mesh()
   training_data = _TrainingData(config, workdir)
   model, init_fn, _ = setup(config, mesh)

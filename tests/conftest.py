@@ -3,6 +3,7 @@ loading and bit-exact tree comparison."""
 
 import importlib.util
 import os
+import shutil
 import sys
 from types import ModuleType
 
@@ -27,24 +28,38 @@ def load_script(relative_path: str) -> ModuleType:
 
 
 def tree_equal(a, b) -> bool:
-  """Same structure and bit-identical leaves (static fields not compared)."""
+  """Same structure (every leaf's key path) and bit-identical leaves.
+
+  Static fields (``TrainState``'s optimizers) are not leaves: not compared.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  a_leaves, a_def = jax.tree.flatten(a)
-  b_leaves, b_def = jax.tree.flatten(b)
-  return (a_def.num_leaves == b_def.num_leaves
+  a_leaves = jax.tree_util.tree_flatten_with_path(a)[0]
+  b_leaves = jax.tree_util.tree_flatten_with_path(b)[0]
+  paths = [jax.tree_util.keystr(path) for path, _ in a_leaves]
+  return (paths == [jax.tree_util.keystr(path) for path, _ in b_leaves]
           and all(x.shape == y.shape and x.dtype == y.dtype
                   and bool(jnp.array_equal(x, y))
-                  for x, y in zip(a_leaves, b_leaves)))
+                  for (_, x), (_, y) in zip(a_leaves, b_leaves)))
 
 
-def train_with_interruption(config, workdir: str, first_steps: int = 2):
+def train_with_interruption(config, workdir: str, first_steps: int = 3):
   """Trains ``first_steps`` steps, stops, then resumes to
-  ``config.train.num_steps`` in the same workdir; returns the final state."""
+  ``config.train.num_steps`` in the same workdir; returns the final state.
+
+  A ``first_steps`` that is not a multiple of ``config.train.checkpoint_every``
+  is a run killed between checkpoints: after step ``first_steps`` and its
+  log line, before its checkpoint (the end-of-run save is deleted), so the
+  resumed run restarts at the checkpoint before and redoes those steps.
+  """
+  from cavga_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from cavga_jax import train_lib  # pylint: disable=g-import-not-at-top
   interrupted = config.copy_and_resolve_references()
   interrupted.train.num_steps = first_steps
   train_lib.train(interrupted, workdir)
+  if first_steps % config.train.checkpoint_every:
+    shutil.rmtree(os.path.join(checkpointing.checkpoint_dir(workdir),
+                               str(first_steps)))
   return train_lib.train(config, workdir)
 
 

@@ -2,8 +2,10 @@
 
 Trains the tiny config (or ``configs/<argv[2]>.py``) for a few steps on a
 mesh of 1 device and on a mesh of 8 devices (same global batches), evaluates
-the 1-device parameters on both meshes, and prints the largest differences
-as JSON.
+the 1-device parameters on both meshes with the full evaluator (every map:
+the headline, the calibrated and feature maps, thresholds from held-out
+normal images), and prints the largest differences as JSON, with the error
+of a global batch that 8 devices cannot split.
 """
 
 import importlib
@@ -22,7 +24,9 @@ from cavga_jax import data  # pylint: disable=wrong-import-position
 from cavga_jax import eval_lib  # pylint: disable=wrong-import-position
 from cavga_jax import sharding  # pylint: disable=wrong-import-position
 from cavga_jax import cavga_step  # pylint: disable=wrong-import-position
+from cavga_jax import runtime  # pylint: disable=wrong-import-position
 from cavga_jax import train_state  # pylint: disable=wrong-import-position
+from cavga_jax.errors import CavgaError  # pylint: disable=wrong-import-position
 
 
 def run(config, workdir, devices, num_steps=3):
@@ -46,15 +50,28 @@ def run(config, workdir, devices, num_steps=3):
 
 
 def evaluate(config, workdir, devices, state):
+  """(predictions, metrics) of evaluate.py's evaluator on ``devices``."""
   mesh = sharding.make_mesh(devices)
-  _, test_ds = data.get_datasets(config, workdir)
+  train_ds, test_ds = data.get_datasets(config, workdir)
   generator, _, _, _ = train_state.setup(config, mesh)
   params, batch_stats = sharding.replicate(
       (state.gen_params, state.gen_batch_stats), mesh)
-  predictions = eval_lib.predict(jax.jit(eval_lib.make_eval_step(generator)),
-                                 params, batch_stats, test_ds,
-                                 config.eval.batch_size, mesh)
-  return predictions, eval_lib.compute_metrics(predictions, test_ds)
+  evaluator = eval_lib.make_evaluator(
+      generator, test_ds, config.eval, mesh,
+      eval_lib.normal_training_images(train_ds))
+  result, predictions = evaluator(params, batch_stats)
+  return predictions, result
+
+
+def batch_size_error(config, workdir):
+  """The one-line error of train.py for a batch 8 devices cannot split."""
+  config = config.copy_and_resolve_references()
+  config.train.batch_size = 12
+  try:
+    runtime.prepare_run(config, workdir)
+  except CavgaError as e:
+    return str(e)
+  return None
 
 
 def max_abs_diff(a, b):
@@ -73,13 +90,20 @@ def main(workdir, config_name='tiny'):
   eight += evaluate(config, workdir, jax.devices(), one[0])
   print(json.dumps(dict(
       num_devices=[1, 8],
+      batch_size_error=batch_size_error(config,
+                                        os.path.join(workdir, 'batch_12')),
       params=max_abs_diff(one[0].gen_params, eight[0].gen_params),
       disc_params=max_abs_diff(one[0].disc_params, eight[0].disc_params),
       batch_stats=max_abs_diff(one[0].gen_batch_stats,
                                eight[0].gen_batch_stats),
       losses=max(abs(a[k] - b[k]) for a, b in zip(one[1], eight[1])
                  for k in a),
-      anomaly_map=max_abs_diff(one[2]['maps'], eight[2]['maps']),
+      # Per map: the largest difference relative to the map's range.
+      anomaly_maps={name: max_abs_diff(one[2]['maps'][name],
+                                       eight[2]['maps'][name])
+                    / max(float(np.ptp(one[2]['maps'][name])), 1e-12)
+                    for name in one[2]['maps']},
+      headline=[one[3]['map'], eight[3]['map']],
       metrics={k: [v, flat_metrics(eight[3])[k]]
                for k, v in flat_metrics(one[3]).items()})))
 

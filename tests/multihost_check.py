@@ -5,8 +5,8 @@
 Joins a 2-process JAX cluster on 127.0.0.1 (CPU collectives over gloo),
 trains the tiny config in the shared ``workdir`` (both processes, one global
 batch split between them) and evaluates it, then writes to ``record`` (JSON,
-outside the workdir) the final parameters' leaves and every file this
-process opened for writing inside the workdir, checkpoints excluded (the
+outside the workdir) the final parameters' leaves, the evaluation's
+metrics and every file this process opened for writing inside the workdir, checkpoints excluded (the
 checkpoint manager coordinates its own writes).
 """
 
@@ -54,13 +54,14 @@ def main(process_id, port, workdir, record_path):
   try:
     config = config_for_test()
     state = train_lib.train(config, workdir)
-    eval_lib.evaluate(config, workdir)
+    result = eval_lib.evaluate(config, workdir)
   finally:
     builtins.open = real_open
   leaves = [np.asarray(x).tolist() for x in
             jax.tree.leaves(jax.device_get(state.gen_params))]
   with open(record_path, 'w') as f:
-    json.dump({'written': written, 'gen_params': leaves}, f)
+    json.dump({'written': written, 'gen_params': leaves, 'metrics': result},
+              f)
   jax.distributed.shutdown()
 
 

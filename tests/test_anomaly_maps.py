@@ -108,17 +108,30 @@ def test_image_score_is_the_mean_of_the_top_percent():
 
 
 def test_attention_maps_of_outputs():
-  a = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])
-  outputs = dict(images=jnp.zeros((1, 4, 4, 1)),
-                 reconstruction=jnp.zeros((1, 4, 4, 1)), attention=a,
-                 attention_unit_mean=1.0 - a)
-  np.testing.assert_allclose(anomaly_maps.attention_map(outputs, SETTINGS),
-                             attention.localization_map(a, 4))
+  # 2x2 maps upsampled to 4x4 by hand: bilinear with half-pixel centres,
+  # output pixel i samples input coordinate (i + 0.5) / 2 - 0.5, i.e.
+  # -0.25 (edge: the first value), 0.25, 0.75, 1.25 (the last value).
+  upsample = np.array([[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]])
+  a = np.array([[1.0, 0.0], [0.5, 0.25]])  # asymmetric: transposes show
+  unit_mean = np.array([[0.0, 0.2], [0.9, 1.0]])
+  images = np.zeros((1, 4, 4, 1), np.float32)
+  reconstruction = np.linspace(-1, 1, 16, dtype=np.float32).reshape(
+      1, 4, 4, 1)
+  outputs = dict(images=jnp.asarray(images),
+                 reconstruction=jnp.asarray(reconstruction),
+                 attention=jnp.asarray(a[None], jnp.float32),
+                 attention_unit_mean=jnp.asarray(unit_mean[None],
+                                                 jnp.float32))
+  expected = upsample @ (1.0 - a) @ upsample.T  # M = 1 - A at image size
+  np.testing.assert_allclose(anomaly_maps.attention_map(outputs, SETTINGS)[0],
+                             expected, rtol=0, atol=1e-6)
   np.testing.assert_allclose(
-      anomaly_maps.attention_liu_map(outputs, SETTINGS),
-      attention.localization_map(1.0 - a, 4))
+      anomaly_maps.attention_liu_map(outputs, SETTINGS)[0],
+      upsample @ (1.0 - unit_mean) @ upsample.T, rtol=0, atol=1e-6)
+  # Unblurred (sigma 0): (1 - A) times the squared error, channel mean.
   np.testing.assert_allclose(
-      anomaly_maps.attention_x_residual_map(outputs, SETTINGS), 0.0)
+      anomaly_maps.attention_x_residual_map(outputs, SETTINGS)[0],
+      expected * reconstruction[0, :, :, 0] ** 2, rtol=0, atol=1e-6)
 
 
 def test_normalize_variants_by_hand():

@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 
+from cavga_jax import eval_lib
 from cavga_jax import train_lib
 from conftest import load_script
 
@@ -49,12 +50,9 @@ def test_two_processes_equal_one_and_only_process_0_writes(tmp_path):
     steps = [json.loads(line)['step'] for line in f]
   assert steps == list(range(1, config.train.num_steps + 1))  # no duplicates
 
-  # The same global batch on one process gives the same run: step 1's
-  # losses (before any update) agree to float rounding, so the data, the
-  # host slices and the sharded step are the same; later steps and the
-  # parameters agree to the drift of Adam, which turns rounding differences
-  # of near-zero gradients into steps of up to lr each (so at most
-  # num_steps * lr apart; most agree to 1e-5).
+  # The same global batch on one process gives the same run: the losses
+  # agree to float rounding, so the data, the host slices and the sharded
+  # step are the same.
   reference = train_lib.train(config, str(tmp_path / 'one'))
   with open(tmp_path / 'one' / 'train_metrics.jsonl') as f:
     expected_logs = [json.loads(line) for line in f]
@@ -63,15 +61,41 @@ def test_two_processes_equal_one_and_only_process_0_writes(tmp_path):
   for got, want in zip(logs, expected_logs):
     for key in ('rec', 'kl', 'adv', 'bce', 'cga', 'g_loss', 'd_loss',
                 'cls_accuracy'):
-      rtol = 1e-5 if got['step'] == 1 else 2e-3
-      np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=1e-6,
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6,
                                  err_msg=f'step {got["step"]} {key}')
-  expected = jax.tree.leaves(jax.device_get(reference.gen_params))
-  drift = config.train.num_steps * config.optimizer.learning_rate
-  for process in (primary, other):
-    assert len(process['gen_params']) == len(expected)
-    for got, want in zip(process['gen_params'], expected):
-      np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=drift)
   # Both processes end with the same (replicated) parameters.
   for a, b in zip(primary['gen_params'], other['gen_params']):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The parameters differ only by the order of float32 reductions (the
+  # global batch's sums split over two processes): observed at most 3e-8
+  # after 4 steps. Adam could turn the rounding of a gradient far below its
+  # eps into a step of up to lr (2e-4), so a failure here that is a few
+  # multiples of lr would point at that, anything else at the data or the
+  # step.
+  expected = jax.tree.leaves(jax.device_get(reference.gen_params))
+  assert len(primary['gen_params']) == len(expected)
+  for got, want in zip(primary['gen_params'], expected):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6)
+  # The evaluation of the two processes is the one process's: every map's
+  # metrics, the held-out thresholds too. The tiny maps are bilinear
+  # upsamplings of 2x2 attention full of near-ties that rounding reorders,
+  # so ranking metrics agree to 2e-3 (observed 9e-4), thresholds to 1e-4.
+  reference_metrics = _flat(eval_lib.evaluate(config, str(tmp_path / 'one')))
+  for process in (primary, other):
+    got = _flat(process['metrics'])
+    assert got.keys() == reference_metrics.keys()
+    assert 'maps.weak_anomalous.iou_held_out' in got
+    for key, want in reference_metrics.items():
+      if key.endswith('best_threshold'):  # an argmax over near-equal IoUs
+        continue
+      assert np.isclose(got[key], want, rtol=1e-4, atol=2e-3,
+                        equal_nan=True), (key, got[key], want)
+
+
+def _flat(result):
+  """The numeric metrics, every map's as 'maps.<name>.<metric>'."""
+  flat = {k: v for k, v in result.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  for name, values in result['maps'].items():
+    flat.update({f'maps.{name}.{k}': v for k, v in values.items()})
+  return flat

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -25,12 +26,19 @@ def _run(script, *args, cache_dir):
 
 
 @pytest.fixture(scope='module')
-def trained_workdir(tmp_path_factory):
+def cli_cache(tmp_path_factory):
+  """One compilation cache for the module's command-line runs."""
+  return tmp_path_factory.mktemp('cli_cache')
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory, cli_cache):
   workdir = tmp_path_factory.mktemp('run')
-  cache = tmp_path_factory.mktemp('cli_cache')
+  cache = cli_cache
   args = ('--config=configs/tiny.py', f'--workdir={workdir}')
   train = _run('train.py', *args, '--config.train.num_steps=2',
-               '--config.train.eval_every=1', cache_dir=cache)
+               '--config.train.eval_every=1',
+               '--config.train.checkpoint_every=1', cache_dir=cache)
   assert train.returncode == 0, train.stderr[-3000:]
   evaluate = _run('evaluate.py', *args, cache_dir=cache)
   assert evaluate.returncode == 0, evaluate.stderr[-3000:]
@@ -77,6 +85,69 @@ def test_learning_curve_has_every_map_at_every_eval_step(trained_workdir):
   assert all(set(MAPS) <= set(r['maps']) for r in records)
   assert os.path.getsize(workdir / 'eval_curve.png') > 0
   assert 'eval at step 2' in train.stderr
+
+
+def test_all_checkpoints_scores_every_retained_checkpoint(trained_workdir,
+                                                         cli_cache, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained_workdir[0], workdir)
+  with open(workdir / 'eval_curve.jsonl') as f:
+    during_training = [json.loads(line) for line in f]
+  (workdir / 'eval_curve.jsonl').unlink()
+  (workdir / 'eval_curve.png').unlink()
+  proc = _run('evaluate.py', '--config=configs/tiny.py',
+              f'--workdir={workdir}', '--all_checkpoints',
+              cache_dir=cli_cache)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / 'eval_curve.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  assert [r['step'] for r in records] == [1, 2]  # checkpoint_every=1
+  assert os.path.getsize(workdir / 'eval_curve.png') > 0
+  # Each record scores its own checkpoint: the curve that training recorded
+  # from the same states, and for the newest one evaluate.py's metrics.
+  with open(workdir / 'eval' / 'metrics.json') as f:
+    newest = json.load(f)['maps']
+  for record, seen in zip(records, during_training):
+    assert record['step'] == seen['step']
+    for name in MAPS:
+      for key in METRIC_KEYS:
+        assert record['maps'][name][key] == pytest.approx(
+            seen['maps'][name][key], abs=1e-6), (record['step'], name, key)
+  for name in MAPS:
+    for key in METRIC_KEYS:
+      assert records[1]['maps'][name][key] == pytest.approx(
+          newest[name][key], abs=1e-6), (name, key)
+  assert records[0]['maps'] != records[1]['maps']
+
+
+def test_rerun_with_another_model_stops_unless_overwrite(trained_workdir,
+                                                        cli_cache, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained_workdir[0], workdir)
+  config_json = (workdir / 'config.json').read_bytes()
+  checkpoints = sorted(os.listdir(workdir / 'checkpoints'))
+  args = ('--config=configs/tiny.py', f'--workdir={workdir}',
+          '--config.model.latent_channels=16', '--config.train.num_steps=2')
+  proc = _run('train.py', *args, cache_dir=cli_cache)
+  assert proc.returncode == 1
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and 'config.model.latent_channels 8 -> 16' in (
+      errors[0]), proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr
+  assert (workdir / 'config.json').read_bytes() == config_json
+  assert sorted(os.listdir(workdir / 'checkpoints')) == checkpoints
+  proc = _run('evaluate.py', *args, cache_dir=cli_cache)
+  assert proc.returncode == 1
+  assert 'config.model.latent_channels 8 -> 16' in proc.stderr
+  assert (workdir / 'eval').exists()  # The old evaluation is kept.
+
+  proc = _run('train.py', *args, '--overwrite', cache_dir=cli_cache)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / 'config.json') as f:
+    assert json.load(f)['model']['latent_channels'] == 16
+  assert 'resumed' not in proc.stderr and 'step 2/2' in proc.stderr
+  assert not (workdir / 'eval').exists()  # The old run's evaluation is gone.
+  assert not (workdir / 'eval_curve.jsonl').exists()
 
 
 def test_evaluate_without_checkpoint_is_one_clear_line(tmp_path):

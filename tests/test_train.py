@@ -49,18 +49,38 @@ def test_train_step_lowers_the_loss(tiny_config):
   assert not any(m['nonfinite'] for m in history)
 
 
+def _tiny_r(config):
+  """configs/tiny.py as CAVGA-R (32 px is a multiple of its stride 32)."""
+  config.model.variant = 'R'
+  config.model.decoder_widths = (32, 16, 16, 8, 8)
+  return config
+
+
+# (variant, steps before the interruption): 2 stops at checkpoint 2; 3 is
+# killed after step 3 and its log line, before its checkpoint.
+@pytest.mark.parametrize('variant, first_steps', [('D', 2), ('D', 3),
+                                                  ('R', 3)])
 def test_resume_after_interrupt_equals_uninterrupted_run(tiny_config,
-                                                         tmp_path):
+                                                         tmp_path, variant,
+                                                         first_steps):
+  if variant == 'R':
+    _tiny_r(tiny_config)
   full = train_lib.train(tiny_config, str(tmp_path / 'full'))
-  resumed = train_with_interruption(tiny_config, str(tmp_path / 'resumed'))
+  resumed = train_with_interruption(tiny_config, str(tmp_path / 'resumed'),
+                                    first_steps)
   assert int(full.step) == int(resumed.step) == tiny_config.train.num_steps
-  assert tree_equal((full.gen_params, full.gen_batch_stats, full.disc_params,
-                      full.gen_opt_state),
-                     (resumed.gen_params, resumed.gen_batch_stats,
-                      resumed.disc_params, resumed.gen_opt_state))
-  # The metrics log has one line per logged step of both runs.
+  # The whole state: both networks' parameters, BatchNorm statistics and
+  # optimizer states.
+  assert tree_equal(full, resumed)
+  # The metrics log has one line per logged step, none twice.
   with open(tmp_path / 'resumed' / 'train_metrics.jsonl') as f:
-    assert len(f.readlines()) == tiny_config.train.num_steps // 2
+    resumed_log = [json.loads(line) for line in f]
+  with open(tmp_path / 'full' / 'train_metrics.jsonl') as f:
+    full_log = [json.loads(line) for line in f]
+  assert [l['step'] for l in resumed_log] == [2, 4]
+  for got, want in zip(resumed_log, full_log):
+    assert {k: v for k, v in got.items() if k != 'images_per_s'} == {
+        k: v for k, v in want.items() if k != 'images_per_s'}
 
 
 def test_checkpoint_roundtrip(tiny_config, tmp_path):

@@ -16,6 +16,7 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 
+from cavga_jax import settings
 from cavga_jax import sharding
 from cavga_jax.data import tfds_data
 from cavga_jax.data.folder import AnomalyDataset
@@ -86,11 +87,12 @@ def get_datasets(config: ml_collections.ConfigDict,
       with the files.
   """
   data = config.data
-  name = data.get('name', 'generated')
-  root = data.get('root', None)
+  name = data.get('name', settings.default('data.name'))
+  root = data.get('root', settings.default('data.root'))
   image_size = int(data.image_size)
-  channels = int(data.get('channels', 3))
-  num_workers = int(data.get('num_workers', 8))
+  channels = int(data.get('channels', settings.default('data.channels')))
+  num_workers = int(data.get('num_workers',
+                             settings.default('data.num_workers')))
 
   if name in tfds_data.ONE_CLASS_DATASETS:
     if (config.get('model') or {}).get('supervision') == 'weak':
@@ -100,14 +102,16 @@ def get_datasets(config: ml_collections.ConfigDict,
     start = time.perf_counter()
     splits = tfds_data.one_class_datasets(config)
     _log.info('Loaded one-class %s (normal class %s): train %d, test %d (%s) '
-              'in %.2f s', name, data.get('normal_class', 0),
+              'in %.2f s', name,
+              data.get('normal_class', settings.default('data.normal_class')),
               splits[0].num_examples, splits[1].num_examples,
               _summary(splits[1]), time.perf_counter() - start)
     return splits
   if name == 'generated':
     root = root or os.path.join(workdir, 'data')
-    category = data.get('category', None) or 'textures'
-    seed = data.get('generated_seed', None)
+    category = (data.get('category', settings.default('data.category'))
+                or settings.default('data.category'))
+    seed = data.get('generated_seed', settings.default('data.generated_seed'))
     if seed is None:
       seed = config.seed
     start = time.perf_counter()
@@ -117,9 +121,13 @@ def get_datasets(config: ml_collections.ConfigDict,
           seed=int(seed),
           image_size=image_size,
           category=category,
-          num_train=int(data.get('num_train', 200)),
-          num_test_good=int(data.get('num_test_good', 30)),
-          num_test_per_defect=int(data.get('num_test_per_defect', 20)))
+          num_train=int(data.get('num_train',
+                                 settings.default('data.num_train'))),
+          num_test_good=int(data.get('num_test_good',
+                                     settings.default('data.num_test_good'))),
+          num_test_per_defect=int(data.get(
+              'num_test_per_defect',
+              settings.default('data.num_test_per_defect'))))
     if jax.process_count() > 1:
       # The other processes read the folder once process 0 has written it.
       multihost_utils.sync_global_devices('cavga_jax generated dataset')

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from cavga_jax import settings
 from cavga_jax.data.folder import AnomalyDataset
 from cavga_jax.data.folder import check_image_format
 from cavga_jax.data.folder import NORMAL_DEFECT
@@ -276,7 +277,11 @@ def one_class_datasets(config: ml_collections.ConfigDict
   """
   data = config.data
   return load_one_class(
-      data.name, data.get('normal_class', 0), int(data.image_size),
-      int(data.get('channels', 3)), data_dir=data.get('root', None) or None,
-      download=bool(data.get('download', True)),
-      num_workers=int(data.get('num_workers', 8)))
+      data.name,
+      data.get('normal_class', settings.default('data.normal_class')),
+      int(data.image_size),
+      int(data.get('channels', settings.default('data.channels'))),
+      data_dir=data.get('root', None) or None,
+      download=bool(data.get('download', settings.default('data.download'))),
+      num_workers=int(data.get('num_workers',
+                               settings.default('data.num_workers'))))

@@ -34,6 +34,7 @@ import zlib
 import ml_collections
 import numpy as np
 
+from cavga_jax import settings
 from cavga_jax import sharding
 from cavga_jax.data.folder import AnomalyDataset
 from cavga_jax.errors import DataError
@@ -217,10 +218,12 @@ def apply_weak_split(config: ml_collections.ConfigDict, workdir: str,
   """
   data = config.data
   result = split(train, test,
-                 fraction=float(data.get('weak_fraction', DEFAULT_FRACTION)),
-                 min_per_defect=data.get('weak_min_per_defect',
-                                         DEFAULT_MIN_PER_DEFECT),
-                 seed=data.get('weak_seed', DEFAULT_SEED))
+                 fraction=float(data.get(
+                     'weak_fraction', settings.default('data.weak_fraction'))),
+                 min_per_defect=data.get(
+                     'weak_min_per_defect',
+                     settings.default('data.weak_min_per_defect')),
+                 seed=data.get('weak_seed', settings.default('data.weak_seed')))
   path = os.path.join(workdir, SPLIT_FILE)
   if os.path.exists(path):
     check_split_file(path, result.record)
