@@ -49,9 +49,19 @@ def main():
   parser.add_argument('--category', required=True)
   parser.add_argument('--map', default='feature_knn',
                       choices=['feature_knn', 'feature_gaussian'])
+  parser.add_argument('--knn-stages', default=None,
+                      help='e.g. 2,3 (default: the config\'s)')
+  parser.add_argument('--knn-grid-divisor', type=int, default=None)
+  parser.add_argument('--knn-bank-size', type=int, default=None)
   args = parser.parse_args()
   config = importlib.import_module(f'configs.{args.config}').get_config()
   config.data.root, config.data.category = args.root, args.category
+  if args.knn_stages:
+    config.eval.knn_stages = tuple(int(s) for s in args.knn_stages.split(','))
+  if args.knn_grid_divisor:
+    config.eval.knn_grid_divisor = args.knn_grid_divisor
+  if args.knn_bank_size:
+    config.eval.knn_bank_size = args.knn_bank_size
   mesh = sharding.make_mesh()
   tic = time.perf_counter()
   train, test = data.get_datasets(config, '/tmp/fit_speed')

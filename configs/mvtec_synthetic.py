@@ -38,4 +38,4 @@ def synthetic_settings(config):
 
 
 def get_config():
-  return synthetic_settings(mvtec.get_config())
+  return synthetic_settings(mvtec.paper_cavga_r(mvtec.get_config()))

