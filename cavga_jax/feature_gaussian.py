@@ -21,9 +21,9 @@ from a randomly initialised encoder (random convolutional features are known
 to work for PaDiM-style statistics), so ``evaluate.py --untrained`` reports
 that control beside every trained number.
 
-Memory: the statistics hold, per cell, a ``dims x dims`` matrix (float64
-sums while streaming): at 128 px, grid 32 x 32 and 100 dims that is 82 MB;
-at 256 px 328 MB.
+Memory: the statistics hold, per cell, a ``dims x dims`` matrix (one
+float64 accumulator of 82 MB at 128 px, grid 32 x 32, 100 dims; 328 MB at
+256 px); measured whole-evaluation peaks are in docs/memory.md.
 """
 
 from __future__ import annotations
