@@ -116,7 +116,8 @@ def greedy_coreset(features: np.ndarray, size: int, key: Array,
   Gaussian matrix scaled by ``1 / sqrt(projection_dims)`` (distances are
   kept in expectation; none when D <= projection_dims), starting at a
   random row, all drawn from ``key``. With ``mesh`` the rows are sharded over
-  its devices (each step's distance update and argmax run in parallel).
+  this process's devices of it (each step's distance update and argmax run
+  in parallel).
   Every selected index is distinct as long as the remaining rows are not all
   duplicates of selected ones.
   """
@@ -129,10 +130,24 @@ def greedy_coreset(features: np.ndarray, size: int, key: Array,
     projection = jax.random.normal(projection_key, (dims, projection_dims),
                                    jnp.float32) / np.sqrt(projection_dims)
     x = _project(x, projection)
-  if mesh is not None and mesh.size > 1 and n % mesh.size == 0:
-    x = jax.device_put(x, sharding.batch_sharding(mesh))
+  rows = _local_sharding(mesh, n)
+  if rows is not None:
+    x = jax.device_put(x, rows)
   start = jax.random.randint(start_key, (), 0, n, jnp.int32)
   return np.sort(np.asarray(_greedy_coreset(x, start, size)))
+
+
+def _local_sharding(mesh: jax.sharding.Mesh | None, rows: int
+                    ) -> jax.sharding.Sharding | None:
+  """Rows over this process's devices of ``mesh``, or None (one device, or
+  rows that do not split). Every process holds the same host arrays and
+  computes the whole result, so only process-local devices are used."""
+  if mesh is None:
+    return None
+  local = mesh.local_mesh
+  if local.size <= 1 or rows % local.size:
+    return None
+  return sharding.batch_sharding(local)
 
 
 @jax.jit
@@ -163,13 +178,14 @@ def nearest_distances(features: np.ndarray | Array, bank: np.ndarray | Array,
   """(N, g, g, D) patch features -> (N, g, g) distances to the nearest bank row.
 
   ``chunk`` patches at a time (memory ``chunk * M`` float32 per device);
-  with ``mesh``, the images are sharded over its devices (the bank is
-  replicated), when their number divides evenly.
+  with ``mesh``, the images are sharded over this process's devices of it
+  (the bank is replicated), when their number divides evenly.
   """
   features = jnp.asarray(features, jnp.float32)
   shape = features.shape[:-1]
-  if mesh is not None and mesh.size > 1 and shape[0] % mesh.size == 0:
-    features = jax.device_put(features, sharding.batch_sharding(mesh))
+  rows = _local_sharding(mesh, shape[0])
+  if rows is not None:
+    features = jax.device_put(features, rows)
   queries = features.reshape(-1, features.shape[-1])
   chunk = max(1, min(chunk, queries.shape[0]))
   return np.asarray(_nearest_distances(queries, jnp.asarray(bank, jnp.float32),

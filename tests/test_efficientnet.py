@@ -43,10 +43,15 @@ def _generator(image_size=64, channels=3):
   config.data.image_size = image_size
   config.data.channels = channels
   generator, _ = models.build_models(config)
-  variables = generator.init(jax.random.key(0),
-                             jnp.zeros((1, image_size, image_size, channels)),
-                             None, False)
+  variables = jax.jit(lambda key, x: generator.init(key, x, None, False))(
+      jax.random.key(0), jnp.zeros((1, image_size, image_size, channels)))
   return generator, variables
+
+
+def _stages(generator, variables, x):
+  """The four encoder stage outputs, one jitted pass."""
+  return jax.jit(lambda v, x: generator.apply(
+      v, x, False, (1, 2, 3, 4), method='encode_stages'))(variables, x)
 
 
 def test_every_stage_equals_timm_with_the_imagenet_weights():
@@ -55,8 +60,7 @@ def test_every_stage_equals_timm_with_the_imagenet_weights():
   variables = pretrained.load_pretrained_encoder(variables, NAME)
   # uint8 images -> [-1, 1]; input_norm='imagenet' gives timm's input.
   x = golden['images'].astype(np.float32) / 127.5 - 1.0
-  outputs = generator.apply(variables, x, False, (1, 2, 3, 4),
-                            method='encode_stages')
+  outputs = _stages(generator, variables, x)
   widths = []
   for stage, ours in enumerate(outputs, start=1):
     reference = golden[f'stage{stage}']
@@ -75,9 +79,9 @@ def test_the_forward_pass_uses_the_stage_outputs():
   # encode() (F for the latent heads) is encode_stages' last output.
   generator, variables = _generator(64)
   x = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3), minval=-1)
-  last = generator.apply(variables, x, False, (1, 2, 3, 4),
-                         method='encode_stages')[-1]
-  features = generator.apply(variables, x, None, False)['features']
+  last = _stages(generator, variables, x)[-1]
+  features = jax.jit(lambda v, x: generator.apply(v, x, None, False))(
+      variables, x)['features']
   np.testing.assert_allclose(features, last, rtol=1e-6, atol=1e-6)
   assert features.shape == (2, 2, 2, efficientnet.HEAD_WIDTH)
 
