@@ -29,11 +29,11 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from cavga_jax import eval_lib  # pylint: disable=wrong-import-position
+from cavga_jax import cavga_step  # pylint: disable=wrong-import-position
 from cavga_jax import layers  # pylint: disable=wrong-import-position
 from cavga_jax import sharding  # pylint: disable=wrong-import-position
-from cavga_jax import cavga_step  # pylint: disable=wrong-import-position
 from cavga_jax import train_state  # pylint: disable=wrong-import-position
+from cavga_jax.evaluation import inference  # pylint: disable=wrong-import-position
 from configs import default  # pylint: disable=wrong-import-position
 
 PAPER_MAPS = ('attention',)  # the eval step the PyTorch peer times
@@ -118,7 +118,7 @@ def make_step(config: ml_collections.ConfigDict, mode: str,
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         compiler_options=options)
     return step, (state, images, jax.random.key(1))
-  step = jax.jit(eval_lib.make_eval_step(generator, map_names=eval_maps),
+  step = jax.jit(inference.make_eval_step(generator, map_names=eval_maps),
                  compiler_options=options)
   return step, (state.gen_params, state.gen_batch_stats, images)
 

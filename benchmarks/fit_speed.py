@@ -26,12 +26,14 @@ import numpy as np
 
 from cavga_jax import anomaly_maps
 from cavga_jax import data
-from cavga_jax import eval_lib
 from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
 from cavga_jax import layers
 from cavga_jax import sharding
 from cavga_jax import train_state
+from cavga_jax.evaluation import evaluator as evaluator_lib
+from cavga_jax.evaluation import fitting
+from cavga_jax.evaluation import inference
 
 
 def _features(step, variables, images, batch_size, key):
@@ -70,17 +72,17 @@ def main():
   state = train_state.initial_state(config, init_fn, state_sharding)
   variables = {'params': state.gen_params,
                'batch_stats': state.gen_batch_stats}
-  fit, _ = eval_lib.split_held_out(eval_lib.normal_training_images(train),
+  fit, _ = fitting.split_held_out(evaluator_lib.normal_training_images(train),
                                    config.eval.threshold_holdout)
-  knn = eval_lib.knn_settings(config.eval)
-  gaussian = eval_lib.feature_settings(config.eval)
+  knn = evaluator_lib.knn_settings(config.eval)
+  gaussian = evaluator_lib.feature_settings(config.eval)
   if args.map == 'feature_knn':
-    stage_fn, key = eval_lib._stage_features(generator, None, knn), 'knn_features'  # pylint: disable=protected-access
+    stage_fn, key = inference.stage_features(generator, None, knn), 'knn_features'
   else:
-    stage_fn, key = eval_lib._stage_features(generator, gaussian), 'features'  # pylint: disable=protected-access
+    stage_fn, key = inference.stage_features(generator, gaussian), 'features'
   step = jax.jit(lambda v, images: stage_fn(v, train_state.images_to_float(images)),
                  compiler_options=layers.compiler_options(generator.conv_impl))
-  sigma = eval_lib.map_settings(config.eval, test.images.shape[1]).residual_sigma
+  sigma = evaluator_lib.map_settings(config.eval, test.images.shape[1]).residual_sigma
   batch = config.eval.batch_size
 
   tic = time.perf_counter()

@@ -18,8 +18,11 @@ Models: ``CAVGAGenerator``, ``Discriminator``, ``build_models``. Attention:
 explanations). Objectives and measures: the modules ``losses``,
 ``metrics``, ``anomaly_maps``, ``synthesis``. Training and
 evaluation: ``create_train_state``, ``make_train_step``, ``make_eval_step``,
+``Evaluator``, ``FittedMaps``, ``map_registry`` (every map, declared once),
 ``train``, ``evaluate``, ``compiler_options`` (``jax.jit``'s options for the
-fast CPU convolutions). Errors: ``CavgaError`` and its subclasses.
+fast CPU convolutions). Deployment: ``load_scorer`` / ``Scorer`` (a trained
+run's headline map for new images) and ``export`` (the scorer serialized
+with ``jax.export``). Errors: ``CavgaError`` and its subclasses.
 """
 
 from __future__ import annotations
@@ -47,7 +50,13 @@ _EXPORTS = {
     'create_train_state': ('train_state', 'create_train_state'),
     'make_train_step': ('cavga_step', 'make_train_step'),
     'compiler_options': ('layers', 'compiler_options'),
-    'make_eval_step': ('eval_lib', 'make_eval_step'),
+    'make_eval_step': ('evaluation.inference', 'make_eval_step'),
+    'Evaluator': ('evaluation.evaluator', 'Evaluator'),
+    'FittedMaps': ('evaluation.fitting', 'FittedMaps'),
+    'map_registry': ('evaluation.registry', None),
+    'Scorer': ('scorer', 'Scorer'),
+    'load_scorer': ('scorer', 'load_scorer'),
+    'export': ('export', None),
     'train': ('train_lib', 'train'),
     'evaluate': ('eval_lib', 'evaluate'),
     'CavgaError': ('errors', 'CavgaError'),

@@ -121,7 +121,7 @@ def upsample_and_blur(cells: Array, size: int, sigma: float) -> Array:
   """(N, g, g) per-cell values -> (N, size, size): bilinear, then blurred."""
   cells = jnp.asarray(cells)
   return gaussian_blur(
-      jax.image.resize(cells, (len(cells), size, size), 'bilinear'), sigma)
+      jax.image.resize(cells, (cells.shape[0], size, size), 'bilinear'), sigma)
 
 
 def ssim_map(images: Array, reconstructions: Array, window: int = 11
@@ -213,8 +213,6 @@ MAPS: dict[str, MapFn] = {
     'residual_x_ssim': residual_x_ssim_map,
     'attention_x_residual': attention_x_residual_map,
 }
-# The maps that read Liu et al.'s per-unit maps (``unit_maps=True``).
-UNIT_MAPS = frozenset({'attention_liu'})
 # CAVGA_w's 'latent' map is ``attention`` itself.
 WEAK_MAPS: dict[str, MapFn] = {
     f'weak_{name}': _weak_map(name) for name in attention.WEAK_MAPS
@@ -222,14 +220,7 @@ WEAK_MAPS: dict[str, MapFn] = {
 PRIOR = 'prior'
 PRIOR_NORMAL = 'prior_normal'
 PRIORS = (PRIOR, PRIOR_NORMAL)
-# Maps whose values are not in [0, 1] by construction: for IoU at the
-# paper's 0.5 threshold they are min-max normalised over the test set
-# (``eval_lib``), as the paper normalises the image score for its detection
-# accuracy. Every other metric is invariant to that rescaling.
-UNBOUNDED = ('residual', 'residual_ssim', 'residual_ssim_smooth',
-             'residual_x_ssim', 'attention_x_residual')
-# Every name ``config.eval.map`` may choose (the weak maps need CAVGA_w).
-MAP_NAMES = tuple(MAPS) + tuple(WEAK_MAPS)
+# Which maps are bounded and what each needs: ``evaluation.registry``.
 
 
 def map_functions(with_classifier: bool) -> dict[str, MapFn]:

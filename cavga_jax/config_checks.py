@@ -26,8 +26,6 @@ from typing import Any
 import ml_collections
 
 from cavga_jax import anomaly_maps
-from cavga_jax import calibration
-from cavga_jax import combined_maps
 from cavga_jax import data
 from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
@@ -40,6 +38,7 @@ from cavga_jax import settings
 from cavga_jax import synthesis
 from cavga_jax import vae
 from cavga_jax.errors import CavgaError
+from cavga_jax.evaluation import registry
 
 SCHEDULES = ('constant', 'cosine')
 TASKS = ('cavga', 'vae')
@@ -193,9 +192,8 @@ def _check_cavga_config(config: ml_collections.ConfigDict) -> None:
 
 def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
   """The headline map and the map settings of ``anomaly_maps``."""
-  fitted_maps = (calibration.NAMES + (feature_gaussian.NAME, feature_knn.NAME)
-                 + combined_maps.NAMES)
-  _check_choice(config, 'eval.map', anomaly_maps.MAP_NAMES + fitted_maps)
+  fitted_maps = registry.FITTED_NAMES
+  _check_choice(config, 'eval.map', registry.HEADLINE_NAMES)
   headline = _get(config, 'eval.map')
   calibrate = _get(config, 'eval.calibrate')
   if not isinstance(calibrate, bool):

@@ -156,7 +156,7 @@ def _project(x: Array, projection: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=('chunk',))
-def _nearest_distances(queries: Array, bank: Array, chunk: int) -> Array:
+def bank_distances(queries: Array, bank: Array, chunk: int) -> Array:
   """(Q, D) queries, (M, D) bank -> (Q,) Euclidean distance to the nearest."""
   bank_norms = jnp.sum(bank * bank, axis=-1)
   q = queries.shape[0]
@@ -188,7 +188,7 @@ def nearest_distances(features: np.ndarray | Array, bank: np.ndarray | Array,
     features = jax.device_put(features, rows)
   queries = features.reshape(-1, features.shape[-1])
   chunk = max(1, min(chunk, queries.shape[0]))
-  return np.asarray(_nearest_distances(queries, jnp.asarray(bank, jnp.float32),
+  return np.asarray(bank_distances(queries, jnp.asarray(bank, jnp.float32),
                                        chunk)).reshape(shape)
 
 

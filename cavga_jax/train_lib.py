@@ -24,7 +24,6 @@ import numpy as np
 from cavga_jax import cavga_step
 from cavga_jax import checkpointing
 from cavga_jax import data
-from cavga_jax import eval_lib
 from cavga_jax import layers
 from cavga_jax import models
 from cavga_jax import runtime
@@ -34,6 +33,8 @@ from cavga_jax import synthesis
 from cavga_jax import train_state
 from cavga_jax import training_loop
 from cavga_jax import visualize
+from cavga_jax.evaluation import evaluator as evaluator_lib
+from cavga_jax.evaluation import outputs
 
 Array = jax.Array
 
@@ -120,7 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                    sharding.shard_batch(labels[idx[host_slice]], mesh)),
       step_rng, ('g_loss', 'd_loss'), description, index_fn=index_fn,
       eval_fn=_curve_fn(config, generator, test_ds,
-                        eval_lib.normal_training_images(train_ds), mesh))
+                        evaluator_lib.normal_training_images(train_ds), mesh))
 
 
 SYNTHETIC_EXAMPLES_FILE = 'synthetic_examples.png'
@@ -152,11 +153,11 @@ def _curve_fn(config: ml_collections.ConfigDict,
   """The learning-curve evaluation of ``config.train.eval_every`` (or None)."""
   if not settings.get(config, 'train.eval_every'):
     return None
-  evaluator = eval_lib.make_evaluator(generator, test_ds, config.eval, mesh,
-                                      normal_images)
+  evaluator = evaluator_lib.Evaluator(generator, test_ds, config.eval, mesh,
+                                     normal_images)
 
   def eval_fn(state, step):
     result, _ = evaluator(state.gen_params, state.gen_batch_stats)
-    return eval_lib.curve_record(step, result)
+    return outputs.curve_record(step, result)
 
   return eval_fn

@@ -24,11 +24,11 @@ import numpy as np
 
 from cavga_jax import checkpointing
 from cavga_jax import data
-from cavga_jax import eval_lib
 from cavga_jax import nonfinite
 from cavga_jax import settings
 from cavga_jax import sharding
 from cavga_jax.errors import TrainingError
+from cavga_jax.evaluation import outputs
 
 Array = jax.Array
 
@@ -148,7 +148,7 @@ def training_loop(settings: LoopSettings, workdir: str,
                  checkpointing.checkpoint_dir(workdir), int(state.step))
   start_step, num_steps = int(state.step), settings.num_steps
   metrics_path = os.path.join(workdir, METRICS_FILE)
-  curve_path = os.path.join(workdir, eval_lib.CURVE_FILE)
+  curve_path = os.path.join(workdir, outputs.CURVE_FILE)
   primary = sharding.is_primary_process()
   if primary:
     truncate_metrics_log(metrics_path, start_step)
@@ -209,7 +209,7 @@ def training_loop(settings: LoopSettings, workdir: str,
       if eval_every and (done % eval_every == 0 or done == num_steps):
         record = eval_fn(state, done)  # Every process computes its part.
         if primary:
-          eval_lib.append_curve_point(curve_path, record)
+          outputs.append_curve_point(curve_path, record)
   if guard.skipped_total:
     logging.warning('%d of %d steps were skipped for non-finite losses or '
                     'gradients', guard.skipped_total, num_steps - start_step)

@@ -51,7 +51,6 @@ from cavga_jax import checkpointing
 from cavga_jax import config_checks
 from cavga_jax import data
 from cavga_jax import disentanglement
-from cavga_jax import eval_lib
 from cavga_jax import explain
 from cavga_jax import layers
 from cavga_jax import losses
@@ -69,6 +68,8 @@ from cavga_jax import workdirs
 from cavga_jax.data import sprites
 from cavga_jax.data import tfds_data
 from cavga_jax.errors import CavgaError
+from cavga_jax.evaluation import inference
+from cavga_jax.evaluation import outputs as eval_outputs
 
 Array = jax.Array
 PyTree = Any
@@ -279,17 +280,6 @@ def make_explain_step(model: vae.ConvVAE, attention_map: str = 'mean'
   return explain_step
 
 
-def _predict(explain_step, params, images: np.ndarray, batch_size: int,
-             mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
-  out: dict[str, list[np.ndarray]] = {}
-  for batch, num_valid in data.eval_batches(images, batch_size):
-    result = sharding.to_host(explain_step(
-        params, sharding.shard_global_batch(batch, mesh)))
-    for key, value in result.items():
-      out.setdefault(key, []).append(value[:num_valid])
-  return {k: np.concatenate(v) for k, v in out.items()}
-
-
 def _disentanglement_metrics(config, model, explain_step, params, factors,
                              mesh, out_dir: str) -> dict[str, float]:
   eval_config = config.eval
@@ -326,8 +316,8 @@ def _disentanglement_metrics(config, model, explain_step, params, factors,
   rng = np.random.default_rng(seed + 2)
   indices = factors.sample_indices(eval_config.num_loss_samples, rng)
   images = factors.images(indices)
-  predictions = _predict(explain_step, params, images, eval_config.batch_size,
-                         mesh)
+  predictions = inference.predict(lambda batch: explain_step(params, batch),
+                                  images, eval_config.batch_size, mesh)
   result['mean_negative_elbo'] = float(predictions['score'].mean())
   result['attention_disentanglement_loss'] = float(predictions['ad'].mean())
   result['attention_overlap_loss'] = float(
@@ -405,14 +395,14 @@ def _localization_metrics(config, explain_step, params, training_data, mesh,
   if config.data.name in vae.ONE_CLASS_DATASETS:
     test, info = _explain_class_split(config, test, training_data.normal_mean)
     result.update(info)
-  predictions = _predict(explain_step, params, test.images,
-                         config.eval.batch_size, mesh)
+  predictions = inference.predict(lambda batch: explain_step(params, batch),
+                                  test.images, config.eval.batch_size, mesh)
   result.update(num_test_images=test.num_examples,
                 num_anomalous_images=int(test.labels.sum()))
   result.update(metrics.localization_metrics(predictions['anomaly_map'],
                                              test.masks, test.labels))
   result.update(metrics.detection_metrics(predictions['score'], test.labels))
-  eval_lib.write_outputs(out_dir, result, predictions, test,
+  eval_outputs.write_outputs(out_dir, result, predictions, test,
                          config.eval.num_panels)
   return result
 

@@ -1,9 +1,11 @@
 """PNG panels: image | reconstruction | heatmap overlays | ground-truth mask,
-the per-latent-unit attention rows of the VAE explanations, and the plot of
-the learning curves."""
+the VAE's per-latent-unit attention rows, the learning curves, and pictures a
+person reads: one map over its image with a colour bar (``overlay``), the
+labelled headline row (``headline_panel``), every map (``map_grid``)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Sequence
 
 import matplotlib
@@ -11,6 +13,7 @@ from matplotlib import figure
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
+from PIL import ImageFont
 
 _LABEL_HEIGHT = 12
 
@@ -27,6 +30,16 @@ def _rgb(image: np.ndarray) -> np.ndarray:
   if image.ndim == 2:
     image = image[..., None]
   return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
+def _enlarge(array: np.ndarray, scale: int) -> np.ndarray:
+  """Nearest-neighbour enlargement of the two leading axes by ``scale``."""
+  return np.repeat(np.repeat(array, scale, axis=0), scale, axis=1)
+
+
+def _scale(shape: Sequence[int], min_size: int) -> int:
+  """The integer factor taking the shorter of ``shape[:2]`` to ``min_size``."""
+  return max(1, -(-min_size // max(1, min(shape[:2]))))
 
 
 def panel(image: np.ndarray, reconstruction: np.ndarray,
@@ -52,9 +65,8 @@ def panel(image: np.ndarray, reconstruction: np.ndarray,
   tiles = ([image, _rgb(reconstruction)] + overlays
            + [_rgb(mask.astype(np.uint8) * 255)])
   names = ['image', 'reconstruction', *anomaly_maps, 'mask']
-  row = np.concatenate(tiles, axis=1)
-  scale = max(1, -(-min_tile // image.shape[0]))
-  row = np.repeat(np.repeat(row, scale, axis=0), scale, axis=1)
+  scale = _scale(image.shape, min_tile)
+  row = _enlarge(np.concatenate(tiles, axis=1), scale)
   tile = image.shape[1] * scale
   strip = Image.new('RGB', (row.shape[1], _LABEL_HEIGHT), 'white')
   draw = ImageDraw.Draw(strip)
@@ -82,9 +94,8 @@ def synthetic_panel(images: np.ndarray, synthetic: np.ndarray,
   """
   rows = [np.concatenate([_rgb(x), _rgb(y), _rgb(m.astype(np.uint8) * 255)],
                          axis=1) for x, y, m in zip(images, synthetic, masks)]
-  grid = np.concatenate(rows, axis=0)
-  scale = max(1, -(-min_tile // images.shape[1]))
-  return np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+  return _enlarge(np.concatenate(rows, axis=0),
+                  _scale(images.shape[1:], min_tile))
 
 
 def save_synthetic_panel(path: str, *args, **kwargs) -> None:
@@ -109,9 +120,7 @@ def unit_panel(image: np.ndarray, reconstruction: np.ndarray,
   scale_map = size // unit_maps.shape[1]
   maps = np.repeat(np.repeat(unit_maps, scale_map, axis=1), scale_map, axis=2)
   tiles = [_rgb(image), _rgb(reconstruction)] + [jet(m) for m in maps]
-  row = np.concatenate(tiles, axis=1)
-  scale = max(1, -(-min_tile // size))
-  return np.repeat(np.repeat(row, scale, axis=0), scale, axis=1)
+  return _enlarge(np.concatenate(tiles, axis=1), _scale((size, size), min_tile))
 
 
 def save_unit_panel(path: str, *args, **kwargs) -> None:
@@ -155,3 +164,236 @@ def plot_curves(path: str, records: Sequence[Mapping[str, Any]],
     axes[0][-1].legend(fontsize=7, loc='best')
   fig.tight_layout()
   fig.savefig(path, dpi=100)
+
+
+# Pictures a person reads: titles sized to their tiles, a colour bar per map.
+
+_GAP = 4  # white pixels between tiles: a title never runs into its neighbour
+_MEASURE = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+
+
+def _font(size: int) -> Any:
+  """PIL's default font at ``size`` px (fixed bitmap font without FreeType)."""
+  try:
+    return ImageFont.load_default(size=size)
+  except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType
+    return ImageFont.load_default()
+
+
+def _font_size(height: int) -> int:
+  """Label size for a tile ``height`` px tall: 10 px up to ~250, 28 at 700+."""
+  return int(np.clip(round(height / 24), 10, 28))
+
+
+def _right(text: str, font: Any) -> int:  # where text drawn at x = 0 ends
+  return _MEASURE.textbbox((0, 0), text, font=font)[2]
+
+
+def _line_height(font: Any) -> int:  # a text line with 3 px of air
+  return _MEASURE.textbbox((0, 0), 'Ag|', font=font)[3] + 3
+
+
+def fit_label(text: str, width: int, size: int) -> tuple[str, Any]:
+  """``(text', font)`` whose rendering at x = 0 ends at or before ``width``.
+
+  Shrinks the font from ``size`` down to 8 px, then cuts the middle of the
+  text ('residual..calibrated'): names of maps differ at both ends.
+  """
+  for s in range(size, 7, -1):  # below 8 px the font is no longer legible
+    font = _font(s)
+    if _right(text, font) <= width:
+      return text, font
+  for n in range(len(text) - 1, 0, -1):
+    cut = text[:(n + 1) // 2] + '..' + text[len(text) - n // 2:]
+    if _right(cut, font) <= width:
+      return cut, font
+  return '', font
+
+
+def contour(mask: np.ndarray) -> np.ndarray:
+  """(H, W) bool -> (H, W) bool: pixels of ``mask`` with a 4-neighbour off it
+  (the picture's edge is no boundary: a region there stays open)."""
+  p = np.pad(mask, 1, mode='edge')
+  inside = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+  return mask & ~inside
+
+
+def _resize(array: np.ndarray, shape: Sequence[int],
+            resample: int = Image.BILINEAR) -> np.ndarray:
+  """(h, w[, 3]) uint8, float or bool -> (H, W[, 3]); bool masks nearest."""
+  if array.shape[:2] == tuple(shape[:2]):
+    return array
+  if array.dtype == bool:
+    return _resize(array.astype(np.uint8) * 255, shape, Image.NEAREST) > 127
+  array = array if array.dtype == np.uint8 else array.astype(np.float32)
+  return np.asarray(Image.fromarray(array).resize(shape[1::-1], resample))
+
+
+def _blend(image: np.ndarray, unit: np.ndarray, alpha: float) -> np.ndarray:
+  """(H, W, 3) uint8 and (H, W) values in [0, 1] -> (H, W, 3) uint8."""
+  mixed = (1 - alpha) * image + alpha * jet(np.nan_to_num(unit, nan=0.0))
+  return mixed.round().astype(np.uint8)
+
+
+def colour_bar(height: int, low: float, high: float,
+               threshold: float | None = None,
+               size: int | None = None) -> np.ndarray:
+  """(height, W, 3) uint8: jet from ``low`` (bottom) to ``high`` (top), the
+  threshold a white line across it (the contour's colour in ``overlay``)."""
+  size = size or _font_size(height)
+  font, bar, x0 = _font(size), max(16, int(1.5 * size)), 6  # x0: white gap
+  line = _line_height(font)
+  top, bottom = line // 2 + 1, height - line // 2 - 2  # room for end labels
+  span = high - low if high > low else 1.0
+  marks = [(high, f'{high:.3g}'), (low, f'{low:.3g}')]
+  if threshold is not None:
+    marks.append((threshold, f'thr {threshold:.3g}'))
+  ys = [int(round(top + np.clip((high - v) / span, 0, 1) * (bottom - top)))
+        for v, _ in marks]
+  width = x0 + bar + 9 + max(_right(text, font) for _, text in marks)
+  canvas = Image.new('RGB', (width, height), 'white')
+  ramp = jet(np.linspace(1.0, 0.0, bottom - top + 1))[:, None, :]
+  canvas.paste(Image.fromarray(np.repeat(ramp, bar, axis=1)), (x0, top))
+  draw = ImageDraw.Draw(canvas)
+  draw.rectangle((x0 - 1, top - 1, x0 + bar, bottom + 1), outline='black')
+  for i, ((_, text), y) in enumerate(zip(marks, ys)):
+    if i == 2:  # the threshold: across the bar, its label clear of the ends
+      draw.line((x0, y, x0 + bar - 1, y), fill='white', width=2)
+    draw.line((x0 + bar, y, x0 + bar + 3, y), fill='black')
+    text_y = y if i < 2 else int(np.clip(y, top + line, bottom - line))
+    draw.text((x0 + bar + 5, text_y - line // 2), text, fill='black',
+              font=font)
+  return np.asarray(canvas)
+
+
+def overlay(image: np.ndarray, values: np.ndarray, low: float, high: float,
+            threshold: float | None = None, alpha: float = 0.5,
+            min_size: int = 128) -> np.ndarray:
+  """One map over its image, its threshold contour and a colour bar.
+
+  Args:
+    image: (H, W, C) uint8, C in {1, 3}.
+    values: (H, W) float map, any range (resized bilinearly if (h, w)).
+    low, high: the values coloured blue and red (``jet``); clipped outside.
+    threshold: if given, the boundary of ``values > threshold`` is drawn in
+      white (1 px; 2 px from 512 px on) and labelled on the colour bar.
+    alpha, min_size: heatmap opacity; shorter sides below ``min_size`` are
+      enlarged (nearest, integer s).
+
+  Returns:
+    (s * H, s * W + B, 3) uint8: the picture, then the colour bar B px wide.
+  """
+  image = _rgb(np.asarray(image))
+  values = _resize(np.asarray(values, np.float32), image.shape)
+  scale = _scale(image.shape, min_size)
+  image, values = _enlarge(image, scale), _enlarge(values, scale)
+  span = high - low if high > low else 1.0
+  out = _blend(image, (values - low) / span, alpha)
+  if threshold is not None:
+    mask = values > threshold
+    thick = min(out.shape[:2]) >= 512  # the outer ring too: 2 px when big
+    out[contour(mask) | (thick & contour(~mask))] = 255
+  return np.concatenate([out, colour_bar(out.shape[0], low, high, threshold)],
+                        axis=1)
+
+
+def _grid(tiles: Sequence[tuple[str, np.ndarray]], columns: int, title: str,
+          bar: np.ndarray | None = None) -> np.ndarray:
+  """(name, (h, w, 3) uint8) tiles, names fitted above them -> (H, W, 3)."""
+  columns = max(1, min(columns, len(tiles)))
+  rows = [tiles[i:i + columns] for i in range(0, len(tiles), columns)]
+  size = _font_size(max(t.shape[0] for _, t in tiles))
+  label = _line_height(_font(size))
+  widths = [max(t.shape[1] for _, t in tiles[c::columns])
+            for c in range(columns)]
+  heights = [label + max(t.shape[0] for _, t in row) for row in rows]
+  head = _line_height(_font(size + 2)) if title else 0
+  lefts = np.cumsum([0] + [w + _GAP for w in widths])
+  width = int(lefts[-1]) - _GAP + (bar.shape[1] if bar is not None else 0)
+  canvas = Image.new('RGB', (width, head + sum(heights)
+                             + _GAP * (len(rows) - 1)), 'white')
+  draw = ImageDraw.Draw(canvas)
+  if title:
+    text, font = fit_label(title, width - 4, size + 2)
+    draw.text((2, 1), text, fill='black', font=font)
+  y = head
+  for row, height in zip(rows, heights):
+    for (name, tile), x in zip(row, lefts):
+      text, font = fit_label(name, tile.shape[1] - 4, size)
+      draw.text((int(x) + 2, y + 1), text, fill='black', font=font)
+      canvas.paste(Image.fromarray(tile), (int(x), y + label))
+    y += height + _GAP
+  if bar is not None:
+    canvas.paste(Image.fromarray(bar), (int(lefts[-1]) - _GAP, head + label))
+  return np.asarray(canvas)
+
+
+def headline_panel(image: np.ndarray, reconstruction: np.ndarray,
+                   values: np.ndarray, low: float, high: float,
+                   threshold: float, ground_truth: np.ndarray | None = None,
+                   title: str = '', map_name: str = 'anomaly map',
+                   min_tile: int = 128) -> np.ndarray:
+  """One labelled row: image | reconstruction | map | prediction | truth.
+
+  Args:
+    image: (H, W, C) uint8, C in {1, 3}.
+    reconstruction, values, ground_truth: (h, w, C) uint8, (h, w) float map
+      in any range, (h, w) bool mask or None (no tile); resized to H x W.
+    low, high: the map values coloured blue and red.
+    threshold: pixels with ``values > threshold`` are predicted anomalous:
+      outlined on the map tile, white on the prediction tile.
+    title, map_name: a line above the row (the file, its score); the map
+      tile's title.
+    min_tile: shorter sides below this are enlarged (nearest, integer s).
+
+  Returns:
+    (T + L + s * H, (4 or 5) * (s * W + 4) - 4 + B, 3) uint8: the title line
+    T (if any), column titles L, tiles 4 px apart; B: the map's colour bar.
+  """
+  image = _rgb(np.asarray(image))
+  shape = image.shape[:2]  # the original size every input is resized to
+  reconstruction = _resize(_rgb(np.asarray(reconstruction)), shape)
+  values = _resize(np.asarray(values, np.float32), shape)
+  scale = _scale(shape, min_tile)
+  image, values = _enlarge(image, scale), _enlarge(values, scale)
+  tiles = [('image', image),
+           ('reconstruction', _enlarge(reconstruction, scale)),
+           (map_name, overlay(image, values, low, high, threshold,
+                              min_size=1)),
+           ('prediction', _rgb((values > threshold).astype(np.uint8) * 255))]
+  if ground_truth is not None:
+    truth = _enlarge(_resize(np.asarray(ground_truth, bool), shape), scale)
+    tiles.append(('ground truth', _rgb(truth.astype(np.uint8) * 255)))
+  return _grid(tiles, len(tiles), title)
+
+
+def map_grid(image: np.ndarray, maps: Mapping[str, np.ndarray],
+             columns: int = 4, title: str = '', alpha: float = 0.5,
+             min_tile: int = 128) -> np.ndarray:
+  """Every map over the image, its name above it, ``columns`` per row.
+
+  Args:
+    image: (H, W, C) uint8, C in {1, 3}.
+    maps: name -> (h, w) float map in [0, 1] (resized to H x W), in order.
+    columns, title, alpha: tiles per row, a line above, heatmap opacity.
+    min_tile: as in ``headline_panel``.
+
+  Returns:
+    (T + R * (L + s * H + 4) - 4, min(columns, M) * (s * W + 4) - 4 + B, 3)
+    uint8 for M maps in R rows; one 0-to-1 colour bar right of the first row.
+  """
+  image = _rgb(np.asarray(image))
+  scale = _scale(image.shape, min_tile)
+  big = _enlarge(image, scale)
+  tiles = [(name, _blend(big, _enlarge(_resize(
+      np.asarray(m, np.float32), image.shape), scale), alpha))
+           for name, m in maps.items()]
+  if not tiles:
+    return big
+  return _grid(tiles, columns, title, colour_bar(big.shape[0], 0.0, 1.0))
+
+
+def save_png(path: str, array: np.ndarray) -> None:
+  """Writes an (H, W, 3) or (H, W) uint8 array as a PNG, making its folder."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  Image.fromarray(np.asarray(array, np.uint8)).save(path)

@@ -40,6 +40,9 @@ from cavga_jax import metrics
 from cavga_jax import runtime
 from cavga_jax import sharding
 from cavga_jax import train_state
+from cavga_jax.evaluation import evaluator as evaluator_lib
+from cavga_jax.evaluation import fitting
+from cavga_jax.evaluation import inference
 
 _CONFIG = runtime.define_config_flag('The run configuration.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The trained workdir.')
@@ -121,21 +124,22 @@ def main(argv):
       _WORKDIR.value, init_fn,
       lambda: train_state.initial_state(config, init_fn, state_sharding),
       mesh, _UNTRAINED.value)
-  fit, _ = eval_lib.split_held_out(eval_lib.normal_training_images(train),
+  fit, _ = fitting.split_held_out(evaluator_lib.normal_training_images(train),
                                    config.eval.get('threshold_holdout', 0.1))
-  map_settings = eval_lib.map_settings(config.eval, test.images.shape[1])
+  map_settings = evaluator_lib.map_settings(config.eval, test.images.shape[1])
 
   def features(divisor: int) -> list[np.ndarray]:
     """(N, g, g, dims) encoder features of ``feature_gaussian`` at grid /
     divisor: of the normal fit images, then of the test images (one jit)."""
-    normal_step = jax.jit(eval_lib.make_normal_step(
+    normal_step = jax.jit(inference.make_normal_step(
         generator, map_settings,
-        dataclasses.replace(eval_lib.feature_settings(config.eval),
+        dataclasses.replace(evaluator_lib.feature_settings(config.eval),
                             grid_divisor=divisor)),
         compiler_options=layers.compiler_options(generator.conv_impl))
-    return [eval_lib.predict(normal_step, state.gen_params,
-                             state.gen_batch_stats, images,
-                             config.eval.batch_size, mesh)['features']
+    return [inference.predict(
+        lambda batch: normal_step(state.gen_params, state.gen_batch_stats,
+                                  batch), images, config.eval.batch_size,
+        mesh)['features']
             for images in (fit, test)]
 
   result = dict(checkpoint_step=step, untrained=_UNTRAINED.value)

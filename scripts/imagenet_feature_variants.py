@@ -5,7 +5,7 @@ grid and channel count ``feature_gaussian`` and ``feature_knn`` use
 (docs/results.md, "ImageNet features"). One encoder pass per image (stages
 1-3 at the ImageNet initialisation, ``train_state.initial_state``); every
 variant is fitted on the same normal training images as ``evaluate.py``
-(``eval_lib.split_held_out``) and scored with the library's metrics, beside
+(``fitting.split_held_out``) and scored with the library's metrics, beside
 ``prior_normal`` (each variant's mean map over the normal test images).
 
   PYTHONPATH=. python scripts/imagenet_feature_variants.py --config=configs/mvtec.py \
@@ -29,13 +29,14 @@ import numpy as np
 from cavga_jax import anomaly_maps
 from cavga_jax import combined_maps
 from cavga_jax import data
-from cavga_jax import eval_lib
 from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
 from cavga_jax import layers
 from cavga_jax import metrics
 from cavga_jax import sharding
 from cavga_jax import train_state
+from cavga_jax.evaluation import evaluator as evaluator_lib
+from cavga_jax.evaluation import fitting
 
 _CONFIG = config_flags.DEFINE_config_file('config')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/variants', 'data workdir')
@@ -68,8 +69,8 @@ def main(argv):
           v, train_state.images_to_float(images), False, (1, 2, 3),
           method='encode_stages'),
       compiler_options=layers.compiler_options(generator.conv_impl))
-  fit, held_out = eval_lib.split_held_out(
-      eval_lib.normal_training_images(train),
+  fit, held_out = fitting.split_held_out(
+      evaluator_lib.normal_training_images(train),
       config.eval.get('threshold_holdout', 0.1))
 
   def stage_outputs(images):
@@ -84,7 +85,7 @@ def main(argv):
              (('fit', fit), ('held_out', held_out), ('test', test.images))}
   extraction_s = time.perf_counter() - tic
   size = test.images.shape[1]
-  sigma = eval_lib.map_settings(config.eval, size).residual_sigma
+  sigma = evaluator_lib.map_settings(config.eval, size).residual_sigma
   result = dict(extraction_s=extraction_s, variants={})
   maps_of = {}
   variants = {k: v for k, v in VARIANTS.items()

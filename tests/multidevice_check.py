@@ -20,13 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from cavga_jax import data  # pylint: disable=wrong-import-position
-from cavga_jax import eval_lib  # pylint: disable=wrong-import-position
-from cavga_jax import sharding  # pylint: disable=wrong-import-position
 from cavga_jax import cavga_step  # pylint: disable=wrong-import-position
+from cavga_jax import data  # pylint: disable=wrong-import-position
 from cavga_jax import runtime  # pylint: disable=wrong-import-position
+from cavga_jax import sharding  # pylint: disable=wrong-import-position
 from cavga_jax import train_state  # pylint: disable=wrong-import-position
 from cavga_jax.errors import CavgaError  # pylint: disable=wrong-import-position
+from cavga_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=wrong-import-position
 
 
 def run(config, workdir, devices, num_steps=3):
@@ -56,9 +56,9 @@ def evaluate(config, workdir, devices, state):
   generator, _, _, _ = train_state.setup(config, mesh)
   params, batch_stats = sharding.replicate(
       (state.gen_params, state.gen_batch_stats), mesh)
-  evaluator = eval_lib.make_evaluator(
+  evaluator = evaluator_lib.Evaluator(
       generator, test_ds, config.eval, mesh,
-      eval_lib.normal_training_images(train_ds))
+      evaluator_lib.normal_training_images(train_ds))
   result, predictions = evaluator(params, batch_stats)
   return predictions, result
 

@@ -10,11 +10,13 @@ from scipy import ndimage
 from cavga_jax import anomaly_maps
 from cavga_jax import attention
 from cavga_jax import config_checks
-from cavga_jax import eval_lib
 from cavga_jax import explain
 from cavga_jax import metrics
 from cavga_jax import models
 from cavga_jax.errors import CavgaError
+from cavga_jax.evaluation import evaluator as evaluator_lib
+from cavga_jax.evaluation import fitting
+from cavga_jax.evaluation import scoring
 from conftest import dataset_from_masks
 
 SETTINGS = anomaly_maps.MapSettings(residual_sigma=0.0)
@@ -232,7 +234,7 @@ def test_compute_metrics_scores_every_map_and_the_prior():
       score=np.array([0.1, 0.2, 0.3, 0.4]),
       maps=dict(attention=noise, residual=perfect),
       map_scores=dict(attention=np.zeros(4), residual=perfect.max((1, 2))))
-  result = eval_lib.compute_metrics(predictions, dataset, headline='residual')
+  result = scoring.compute_metrics(predictions, dataset, headline='residual')
   assert set(result['maps']) == {'attention', 'residual', 'prior',
                                  'prior_normal'}
   residual = result['maps']['residual']
@@ -243,30 +245,31 @@ def test_compute_metrics_scores_every_map_and_the_prior():
   assert result['pixel_auroc'] == 1.0 and result['iou'] == 1.0
   assert result['image_auroc'] == 1.0  # s_a rises with the label here
   assert result['map'] == 'residual'
-  prior = predictions['maps']['prior']
+  assert set(predictions['maps']) == {'attention', 'residual'}  # unchanged
+  priors = scoring.prior_maps(predictions['maps'], 'residual', dataset.labels)
+  prior = priors['prior']
   np.testing.assert_allclose(prior[0], perfect.mean(axis=0))
   assert result['maps']['prior']['image_auroc'] == 0.5
   # prior_normal averages the normal images only: it cannot see the defects
   # (here a constant map, pixel AUROC 0.5), where prior leaks them.
   normal = dataset.labels == 0
-  np.testing.assert_allclose(predictions['maps']['prior_normal'][3],
+  np.testing.assert_allclose(priors['prior_normal'][3],
                              perfect[normal].mean(axis=0))
   assert result['maps']['prior']['pixel_auroc'] > 0.85
   assert result['maps']['prior_normal']['pixel_auroc'] == 0.5
-  np.testing.assert_array_equal(predictions['anomaly_map'], perfect)
 
 
 def test_held_out_split_is_fixed_disjoint_and_keeps_an_image():
   images = np.arange(20)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
-  fit, held_out = eval_lib.split_held_out(images, 0.1)
+  fit, held_out = fitting.split_held_out(images, 0.1)
   assert len(fit) == 18 and len(held_out) == 2
   assert sorted(np.concatenate([fit, held_out])[:, 0, 0, 0]) == list(range(20))
-  again_fit, again_held_out = eval_lib.split_held_out(images, 0.1)
+  again_fit, again_held_out = fitting.split_held_out(images, 0.1)
   np.testing.assert_array_equal(held_out, again_held_out)
   np.testing.assert_array_equal(fit, again_fit)
-  assert eval_lib.split_held_out(images, 0.0)[1] is None
-  assert len(eval_lib.split_held_out(images, 0.99)[0]) == 1
-  assert eval_lib.split_held_out(images[:1], 0.5)[1] is None
+  assert fitting.split_held_out(images, 0.0)[1] is None
+  assert len(fitting.split_held_out(images, 0.99)[0]) == 1
+  assert fitting.split_held_out(images[:1], 0.5)[1] is None
 
 
 def test_thresholds_from_held_out_normal_images():
@@ -274,12 +277,12 @@ def test_thresholds_from_held_out_normal_images():
   perfect = dataset.masks.astype(np.float32) * 3.0 + 1.0
   held_out = dict(maps=dict(residual=np.linspace(0, 2, 200).reshape(2, 10, 10)),
                   map_scores=dict(residual=np.array([0.5, 1.5])))
-  thresholds = eval_lib.held_out_thresholds(held_out, quantile=1.0)
-  assert thresholds == {'residual': (2.0, 1.5)}
+  thresholds = scoring.held_out_thresholds(held_out, quantile=1.0)
+  assert thresholds == {'residual': (2.0, 1.5, 1.0)}  # and the median
   predictions = dict(
       score=np.array([0.1, 0.2, 0.3, 0.4]), maps=dict(residual=perfect),
       map_scores=dict(residual=perfect.max((1, 2))))
-  result = eval_lib.compute_metrics(predictions, dataset, 'residual',
+  result = scoring.compute_metrics(predictions, dataset, 'residual',
                                     thresholds)
   residual = result['maps']['residual']
   # Defect pixels (4) are above the normal maximum 2, the others (1) below;
@@ -290,7 +293,7 @@ def test_thresholds_from_held_out_normal_images():
   assert result['iou_held_out'] == 1.0
   assert 'iou_held_out' not in result['maps']['prior']
   # A threshold below every pixel flags whole images: IoU = mask share.
-  low = eval_lib.compute_metrics(dict(predictions), dataset, 'residual',
+  low = scoring.compute_metrics(dict(predictions), dataset, 'residual',
                                  {'residual': (0.0, 0.0)})
   share = dataset.masks[dataset.labels == 1].mean(axis=(1, 2)).mean()
   assert low['maps']['residual']['iou_held_out'] == pytest.approx(share)
@@ -342,6 +345,6 @@ def test_default_blur_scales_with_the_image_size(tiny_config):
   assert tiny_config.eval.residual_sigma is None
   config_checks.check_config(tiny_config)
   for size, sigma in ((256, 4.0), (128, 2.0), (64, 1.0)):
-    assert eval_lib.map_settings(tiny_config.eval, size).residual_sigma == sigma
+    assert evaluator_lib.map_settings(tiny_config.eval, size).residual_sigma == sigma
   tiny_config.eval.residual_sigma = 3.0
-  assert eval_lib.map_settings(tiny_config.eval, 64).residual_sigma == 3.0
+  assert evaluator_lib.map_settings(tiny_config.eval, 64).residual_sigma == 3.0

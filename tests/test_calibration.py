@@ -4,11 +4,14 @@ import jax
 import numpy as np
 import pytest
 
+from cavga_jax import anomaly_maps
 from cavga_jax import calibration
 from cavga_jax import config_checks
-from cavga_jax import eval_lib
 from cavga_jax import models
 from cavga_jax.errors import CavgaError
+from cavga_jax.evaluation import evaluator as evaluator_lib
+from cavga_jax.evaluation import fitting
+from cavga_jax.evaluation import inference
 
 
 def _normal_maps(rng, n=12, size=8):
@@ -66,8 +69,10 @@ def test_calibration_finds_a_defect_that_the_raw_residual_misses():
   test[masks] += 0.3
   moments = calibration.PixelMoments(('residual',))
   moments.add({'residual': normal})
-  predictions = dict(maps=dict(residual=test), map_scores={})
-  eval_lib.add_calibrated(predictions, moments.statistics())
+  predictions = fitting.add_fitted_maps(
+      dict(maps=dict(residual=test), map_scores={}),
+      fitting.FittedMaps(pixel=moments.statistics()), 8,
+      anomaly_maps.MapSettings(), 1)
   calibrated = predictions['maps']['residual_calibrated']
   from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
   assert roc_auc_score(masks.ravel(), test.ravel()) < 0.6
@@ -92,11 +97,11 @@ def test_normal_step_gives_the_eval_steps_maps_and_features(tiny_config):
                                              dtype=np.uint8)
   variables = jax.jit(generator.init, static_argnums=(2, 3))(
       jax.random.key(0), images.astype(np.float32), None, False)
-  settings = eval_lib.map_settings(tiny_config.eval, images.shape[1])
-  features = eval_lib.feature_settings(tiny_config.eval)
+  settings = evaluator_lib.map_settings(tiny_config.eval, images.shape[1])
+  features = evaluator_lib.feature_settings(tiny_config.eval)
   args = (variables['params'], variables['batch_stats'], images)
-  full = jax.jit(eval_lib.make_eval_step(generator, settings, features))(*args)
-  normal = jax.jit(eval_lib.make_normal_step(generator, settings,
+  full = jax.jit(inference.make_eval_step(generator, settings, features))(*args)
+  normal = jax.jit(inference.make_normal_step(generator, settings,
                                              features))(*args)
   assert set(normal['maps']) == set(calibration.BASES)
   for name in calibration.BASES:
@@ -109,11 +114,11 @@ def test_normal_step_gives_the_eval_steps_maps_and_features(tiny_config):
                              atol=1e-6)
   # The paper's evaluation alone (what the benchmarks time against the
   # PyTorch peer) gives the same 1 - A and score as the full step.
-  paper = jax.jit(eval_lib.make_eval_step(generator,
+  paper = jax.jit(inference.make_eval_step(generator,
                                           map_names=('attention',)))(*args)
   assert set(paper['maps']) == {'attention'}
   np.testing.assert_allclose(paper['maps']['attention'],
                              full['maps']['attention'], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(paper['score'], full['score'], rtol=1e-6)
   tiny_config.eval.calibrate = False
-  assert eval_lib.feature_settings(tiny_config.eval) is None
+  assert evaluator_lib.feature_settings(tiny_config.eval) is None

@@ -6,11 +6,11 @@ import pytest
 
 from cavga_jax import anomaly_maps
 from cavga_jax import config_checks
-from cavga_jax import eval_lib
 from cavga_jax import feature_gaussian
 from cavga_jax import metrics
 from cavga_jax import models
 from cavga_jax.errors import CavgaError
+from cavga_jax.evaluation import fitting
 from conftest import dataset_from_masks
 
 
@@ -85,10 +85,10 @@ def test_features_unusual_for_their_cell_find_the_defect():
   test[3, 2, 0, 1] += 3.0  # cell (2, 0) covers pixels 8:12, 0:4
   moments = feature_gaussian.FeatureMoments()
   moments.add(normal)
-  predictions = dict(features=test.astype(np.float32),
-                     reconstruction=dataset.images, maps={}, map_scores={})
-  eval_lib.add_feature_map(predictions, moments.statistics(),
-                           anomaly_maps.MapSettings(residual_sigma=0.0))
+  predictions = fitting.add_fitted_maps(
+      dict(features=test.astype(np.float32), maps={}, map_scores={}),
+      fitting.FittedMaps(feature=moments.statistics()), 16,
+      anomaly_maps.MapSettings(residual_sigma=0.0), 1)
   assert 'features' not in predictions
   feature_map = predictions['maps'][feature_gaussian.NAME]
   assert feature_map.shape == (4, 16, 16)

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from scipy.spatial import distance
 
+from cavga_jax import anomaly_maps
 from cavga_jax import combined_maps
-from cavga_jax import eval_lib
 from cavga_jax import feature_knn
+from cavga_jax.evaluation import fitting
 
 
 def _brute_force_greedy(x: np.ndarray, size: int, start: int) -> np.ndarray:
@@ -73,18 +74,17 @@ def test_knn_map_of_the_evaluator_equals_brute_force():
   rng = np.random.default_rng(4)
   bank = rng.normal(size=(30, 6)).astype(np.float32)
   features = rng.normal(size=(2, 4, 4, 6)).astype(np.float32)
-  predictions = dict(knn_features=features, maps={}, map_scores={},
-                     reconstruction=np.zeros((2, 16, 16, 3), np.uint8))
-  settings = eval_lib.anomaly_maps.MapSettings(residual_sigma=0.0)
-  eval_lib.add_knn_map(predictions, bank, feature_knn.KnnSettings(chunk=5),
-                       settings)
+  predictions = fitting.add_fitted_maps(
+      dict(knn_features=features, maps={}, map_scores={}),
+      fitting.FittedMaps(knn_bank=bank), 16,
+      anomaly_maps.MapSettings(residual_sigma=0.0), 5)
   knn_map = predictions['maps'][feature_knn.NAME]
   assert knn_map.shape == (2, 16, 16)
   cells = distance.cdist(features.reshape(-1, 6), bank).min(1).reshape(
       2, 4, 4)
   # The distances are brute force; the upsampling is the residual maps' own.
   np.testing.assert_allclose(
-      knn_map, eval_lib.anomaly_maps.upsample_and_blur(cells, 16, 0.0),
+      knn_map, anomaly_maps.upsample_and_blur(cells, 16, 0.0),
       rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(predictions['map_scores'][feature_knn.NAME],
                              knn_map.max(axis=(1, 2)), rtol=1e-6)

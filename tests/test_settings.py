@@ -5,7 +5,6 @@ import pytest
 
 from cavga_jax import anomaly_maps
 from cavga_jax import config_checks
-from cavga_jax import eval_lib
 from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
 from cavga_jax import models
@@ -16,6 +15,7 @@ from cavga_jax import train_lib
 from cavga_jax import training_loop
 from cavga_jax.data import weak
 from cavga_jax.errors import CavgaError
+from cavga_jax.evaluation import evaluator as evaluator_lib
 from configs import default
 from configs import dsprites
 
@@ -130,10 +130,10 @@ def test_a_config_built_in_python_gets_the_library_defaults():
   assert models.build_models(minimal) == models.build_models(full)
   assert (training_loop.LoopSettings.from_config(minimal)
           == training_loop.LoopSettings.from_config(full))
-  assert (eval_lib.map_settings(minimal.eval, 64)
-          == eval_lib.map_settings(full.eval, 64))
-  assert (eval_lib.feature_settings(minimal.eval)
-          == eval_lib.feature_settings(full.eval))
+  assert (evaluator_lib.map_settings(minimal.eval, 64)
+          == evaluator_lib.map_settings(full.eval, 64))
+  assert (evaluator_lib.feature_settings(minimal.eval)
+          == evaluator_lib.feature_settings(full.eval))
 
 
 def test_a_missing_required_field_is_reported():

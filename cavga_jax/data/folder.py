@@ -174,16 +174,28 @@ def _open_image(path: pathlib.Path, what: str) -> Image.Image:
         f'({_one_line(e)})') from None
 
 
+def read_image(path: str | pathlib.Path, channels: int) -> Image.Image:
+  """One image file of any supported format as 8-bit 'L' (1) or 'RGB' (3).
+
+  Raises:
+    DataError: the file cannot be read, decoded or converted (one line
+      naming it).
+  """
+  path = pathlib.Path(path)
+  image = _open_image(path, 'image')
+  try:
+    return _to_8bit(image, channels)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f'{path}: cannot convert image of mode {image.mode} '
+                    f'({_one_line(e)})') from None
+
+
 def _decode_item(item: _Item, image_size: int, channels: int,
                  image_out: np.ndarray, mask_out: np.ndarray) -> None:
   """Decodes one image (and mask) into the preallocated output rows."""
-  image = _open_image(item.path, 'image')
+  converted = read_image(item.path, channels)
+  original_size = converted.size
   size = (image_size, image_size)
-  try:
-    converted = _to_8bit(image, channels)
-  except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f'{item.path}: cannot convert image of mode {image.mode} '
-                    f'({_one_line(e)})') from None
   if converted.size != size:
     converted = converted.resize(size, Image.BILINEAR)
   image_out[...] = np.asarray(converted, np.uint8).reshape(image_out.shape)
@@ -192,10 +204,11 @@ def _decode_item(item: _Item, image_size: int, channels: int,
     mask_out[...] = False
     return
   mask = _open_image(item.mask_path, 'mask')
-  if mask.size != image.size:
+  if mask.size != original_size:
     raise DataError(
         f'{item.mask_path}: mask size {mask.size[0]}x{mask.size[1]} differs '
-        f'from image size {image.size[0]}x{image.size[1]} of {item.path}')
+        f'from image size {original_size[0]}x{original_size[1]} of '
+        f'{item.path}')
   try:
     gray = _to_8bit(mask, 1)
   except Exception as e:  # pylint: disable=broad-except

@@ -1,0 +1,1 @@
+"""Evaluation: inference, fitted maps, scoring and outputs."""

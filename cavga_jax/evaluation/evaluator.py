@@ -1,0 +1,196 @@
+"""The evaluator of one test set: fit on normal images, predict, score.
+
+``Evaluator.fit`` passes over the normal training images (``inference.
+make_normal_step``: the calibration bases and the encoder features, no
+Grad-CAM) for ``fitting.fit_statistics``, then over the held-out normal
+images for the combined maps' normalisers and every map's thresholds.
+``Evaluator.__call__`` runs the jitted evaluation step and the jitted
+fitted maps over the test set and scores them (``scoring``); given a
+``FittedMaps`` (e.g. loaded by ``store``) it does not fit. Both steps are
+compiled once and reused by every call (the final evaluation and the
+learning-curve points during training).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from cavga_jax import anomaly_maps
+from cavga_jax import data
+from cavga_jax import feature_gaussian
+from cavga_jax import feature_knn
+from cavga_jax import layers
+from cavga_jax import models
+from cavga_jax import settings as config_settings
+from cavga_jax.evaluation import fitting
+from cavga_jax.evaluation import inference
+from cavga_jax.evaluation import scoring
+
+
+def eval_field(eval_config: ml_collections.ConfigDict, name: str):
+  """``eval.<name>``, or the library's default (``settings``)."""
+  return eval_config.get(name, config_settings.default(f'eval.{name}'))
+
+
+def map_settings(eval_config: ml_collections.ConfigDict, image_size: int
+                 ) -> anomaly_maps.MapSettings:
+  """``anomaly_maps.MapSettings`` from ``config.eval`` for one image size.
+
+  ``eval.residual_sigma`` None (``configs/default.py``) is
+  ``anomaly_maps.RELATIVE_SIGMA * image_size`` pixels.
+  """
+  sigma = eval_config.get('residual_sigma')
+  if sigma is None:
+    sigma = anomaly_maps.RELATIVE_SIGMA * image_size
+  return anomaly_maps.MapSettings(
+      residual_sigma=float(sigma),
+      ssim_window=int(eval_field(eval_config, 'ssim_window')))
+
+
+def feature_settings(eval_config: ml_collections.ConfigDict
+                     ) -> feature_gaussian.FeatureSettings | None:
+  """The feature map's settings, or None without ``eval.calibrate`` (the
+  feature map needs the pass over the normal training images)."""
+  if not eval_field(eval_config, 'calibrate'):
+    return None
+  return feature_gaussian.FeatureSettings(
+      stages=tuple(int(s) for s in eval_field(eval_config, 'feature_stages')),
+      dims=int(eval_field(eval_config, 'feature_dims')),
+      grid_divisor=int(eval_field(eval_config, 'feature_grid_divisor')))
+
+
+def knn_settings(eval_config: ml_collections.ConfigDict
+                 ) -> feature_knn.KnnSettings | None:
+  """The feature-kNN map's settings, or None (no ``eval.calibrate``, or
+  ``eval.knn_bank_size`` 0)."""
+  bank_size = int(eval_field(eval_config, 'knn_bank_size'))
+  if not eval_field(eval_config, 'calibrate') or bank_size <= 0:
+    return None
+  return feature_knn.KnnSettings(
+      stages=tuple(int(s) for s in eval_field(eval_config, 'knn_stages')),
+      grid_divisor=int(eval_field(eval_config, 'knn_grid_divisor')),
+      bank_size=bank_size,
+      chunk=int(eval_field(eval_config, 'knn_chunk')))
+
+
+def normal_training_images(train_ds: data.AnomalyDataset) -> np.ndarray:
+  """The training images that are normal (CAVGA_w's anomalies left out)."""
+  return train_ds.images[train_ds.labels == 0]
+
+
+class Evaluator:
+  """``evaluator(params, batch_stats[, fitted]) -> (metrics, predictions)``.
+
+  Args:
+    generator: the generator module.
+    dataset: the test set.
+    eval_config: ``config.eval`` (batch_size, map, the map settings,
+      calibrate, the feature and kNN fields, threshold_holdout,
+      threshold_quantile).
+    mesh: the device mesh the batches are sharded over.
+    normal_images: (N, S, S, C) uint8 normal training images. A share
+      ``eval.threshold_holdout`` is held out (``fitting.split_held_out``)
+      for the thresholds and the combined maps; with ``eval.calibrate`` the
+      others fit the calibrated and feature maps. None: no fitted maps.
+    feature_variables: the generator variables ({'params', 'batch_stats'})
+      the feature maps take their features from, whatever the evaluated
+      parameters (``eval.feature_weights='initial'``); None = the evaluated
+      ones.
+  """
+
+  def __init__(self, generator: models.CAVGAGenerator,
+               dataset: data.AnomalyDataset,
+               eval_config: ml_collections.ConfigDict,
+               mesh: jax.sharding.Mesh,
+               normal_images: np.ndarray | None = None,
+               feature_variables: Any = None):
+    self.dataset, self.mesh = dataset, mesh
+    self.batch_size = int(eval_config.batch_size)
+    self.headline = eval_field(eval_config, 'map')
+    self.quantile = float(eval_field(eval_config, 'threshold_quantile'))
+    self.image_size = dataset.images.shape[1]
+    self.settings = map_settings(eval_config, self.image_size)
+    self.knn = knn_settings(eval_config)
+    self.feature_variables = feature_variables
+    self._add_fitted_maps = jax.jit(functools.partial(
+        fitting.add_fitted_maps, image_size=self.image_size,
+        settings=self.settings,
+        knn_chunk=self.knn.chunk if self.knn else 1))
+    features = feature_settings(eval_config)
+    options = layers.compiler_options(generator.conv_impl)
+    self._eval_step = jax.jit(
+        inference.make_eval_step(generator, self.settings, features,
+                                 knn=self.knn), compiler_options=options)
+    self._normal_step = jax.jit(
+        inference.make_normal_step(generator, self.settings, features,
+                                   self.knn), compiler_options=options)
+    self.fit_images = self.held_out = None
+    if normal_images is not None:
+      self.fit_images, self.held_out = fitting.split_held_out(
+          normal_images, eval_field(eval_config, 'threshold_holdout'))
+      if not eval_field(eval_config, 'calibrate'):
+        self.fit_images = None
+    self.num_normal_images = 0 if normal_images is None else len(
+        normal_images)
+
+  def _step(self, step, params, batch_stats):
+    return lambda batch: step(params, batch_stats, batch,
+                              self.feature_variables)
+
+  def _predict(self, params, batch_stats, fitted, images, what):
+    def step(batch):
+      out = self._eval_step(params, batch_stats, batch,
+                            self.feature_variables)
+      return self._add_fitted_maps(out, fitted) if fitted else out
+
+    return inference.predict(step, images, self.batch_size, self.mesh, what)
+
+  def fit(self, params: Any, batch_stats: Any) -> fitting.FittedMaps:
+    """The maps fitted on the normal training images (module docstring)."""
+    tic = time.perf_counter()
+    fitted = fitting.FittedMaps()
+    if self.fit_images is not None:
+      fitted = fitting.fit_statistics(
+          inference.host_batches(
+              self._step(self._normal_step, params, batch_stats),
+              self.fit_images, self.batch_size, self.mesh,
+              'normal training images'), self.knn, self.mesh)
+    if self.held_out is not None:
+      held_out = self._predict(params, batch_stats, fitted, self.held_out,
+                               'held-out normal training images')
+      fitting.fit_held_out(fitted, held_out, self.quantile)
+    logging.info('fitted %d maps and %d thresholds in %.1f s',
+                 len(fitted.available()), len(fitted.thresholds),
+                 time.perf_counter() - tic)
+    return fitted
+
+  def predict(self, params: Any, batch_stats: Any,
+              fitted: fitting.FittedMaps | None) -> dict[str, Any]:
+    """``inference.make_eval_step``'s outputs on the test set, with every
+    map of ``fitted`` (and their image scores) in 'maps' / 'map_scores'."""
+    predictions = self._predict(params, batch_stats, fitted, self.dataset,
+                                'test images')
+    for name in ('features', 'knn_features'):
+      predictions.pop(name, None)
+    return predictions
+
+  def __call__(self, params: Any, batch_stats: Any,
+               fitted: fitting.FittedMaps | None = None
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics, predictions); fits first unless ``fitted`` is given."""
+    if fitted is None:
+      fitted = self.fit(params, batch_stats)
+    predictions = self.predict(params, batch_stats, fitted)
+    tic = time.perf_counter()
+    result = scoring.compute_metrics(predictions, self.dataset, self.headline,
+                                     fitted.thresholds or None)
+    logging.info('metrics of %d maps in %.1f s', len(result['maps']),
+                 time.perf_counter() - tic)
+    return result, predictions

@@ -1,0 +1,206 @@
+"""Batched, jitted inference: the forward pass each map needs, over a dataset.
+
+``forward`` runs only what the requested maps read (``registry.needs``):
+Grad-CAM (a second-order graph) only for the attention maps, the decoder
+only for the reconstruction maps, the encoder stages only for the feature
+maps. ``make_eval_step`` is the evaluation's step (every batch map, the
+reconstruction and ``s_a``), ``make_normal_step`` what the statistics of
+the normal training images need, and ``predict`` runs any step over a
+dataset in equally shaped, sharded batches (the VAE explanations use it
+too).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cavga_jax import anomaly_maps
+from cavga_jax import attention
+from cavga_jax import calibration
+from cavga_jax import data
+from cavga_jax import feature_gaussian
+from cavga_jax import feature_knn
+from cavga_jax import models
+from cavga_jax import sharding
+from cavga_jax import train_state
+from cavga_jax.evaluation import registry
+
+Array = jax.Array
+
+
+def stage_features(generator: models.CAVGAGenerator,
+                   features: feature_gaussian.FeatureSettings | None,
+                   knn: feature_knn.KnnSettings | None = None
+                   ) -> Callable[[Any, Array], dict[str, Array]] | None:
+  """``fn(variables, x) -> {'features', 'knn_features'}`` (those configured).
+
+  'features' (B, g, g, dims) are ``feature_gaussian``'s, 'knn_features'
+  (B, g', g', D) ``feature_knn``'s; one encoder pass serves both. None when
+  neither is configured.
+  """
+  if features is None and knn is None:
+    return None
+  stages = sorted(set(features.stages if features else ())
+                  | set(knn.stages if knn else ()))
+  channels = features and feature_gaussian.select_channels(
+      [generator.encoder_widths[s - 1] for s in features.stages],
+      features.dims)
+
+  def fn(variables, x):
+    outputs = dict(zip(stages, generator.apply(
+        variables, x, False, stages, method='encode_stages')))
+    result = {}
+    if features is not None:
+      result[registry.FEATURES] = feature_gaussian.stack_features(
+          [outputs[s] for s in features.stages], channels,
+          feature_gaussian.grid_size(x.shape[1], features.grid_divisor))
+    if knn is not None:
+      result[registry.KNN_FEATURES] = feature_knn.patch_features(
+          [outputs[s] for s in knn.stages],
+          feature_gaussian.grid_size(x.shape[1], knn.grid_divisor),
+          knn.neighbourhood)
+    return result
+
+  return fn
+
+
+def forward(generator: models.CAVGAGenerator, params: Any, batch_stats: Any,
+            x: Array, needs: frozenset[str]) -> dict[str, Array]:
+  """The generator outputs that ``needs`` (``registry``) ask for, and 'images'.
+
+  Grad-CAM with ``registry.ATTENTION`` (``attention.forward_with_attention``,
+  which also decodes), else the plain pass with ``registry.RECONSTRUCTION``,
+  else nothing but the images (the feature maps take the encoder stages
+  from ``stage_features``). Reconstructions decode ``mu`` (no sampling).
+  """
+  outputs: dict[str, Array] = {}
+  if registry.ATTENTION in needs:
+    outputs, _ = attention.forward_with_attention(
+        generator, params, batch_stats, x, rng=None, train=False,
+        unit_maps=registry.UNIT_MAPS in needs)
+  elif registry.RECONSTRUCTION in needs:
+    outputs = generator.apply({'params': params, 'batch_stats': batch_stats},
+                              x, None, False)
+  return dict(outputs, images=x)
+
+
+def to_uint8(images: Array) -> Array:
+  """[-1, 1] floats -> uint8 (the inverse of ``images_to_float``)."""
+  return jnp.round((images + 1.0) * 127.5).clip(0, 255).astype(jnp.uint8)
+
+
+def make_eval_step(generator: models.CAVGAGenerator,
+                   settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
+                   features: feature_gaussian.FeatureSettings | None = None,
+                   map_names: Sequence[str] | None = None,
+                   knn: feature_knn.KnnSettings | None = None
+                   ) -> Callable[..., dict[str, Any]]:
+  """Returns ``eval_step(params, batch_stats, images[, feature_variables])``.
+
+  ``map_names`` restricts the batch maps to those (default: every batch map
+  the generator supports; ``('attention',)`` is the paper's evaluation, what
+  benchmarks compare with the PyTorch peer). The Grad-CAM pass always runs
+  (the outputs include the attention).
+
+  ``images`` is uint8 (B, S, S, C) or float in [-1, 1]. Outputs:
+  'reconstruction' uint8 (B, S, S, C), 'attention' (B, h, w), 'score' (B,)
+  (``s_a``: mean squared error in [-1, 1] units), 'maps' {name: (B, S, S)
+  float32} and 'map_scores' {name: (B,)}. With the CAVGA_w classifier also
+  'class_attention' (B, 2, h, w) and 'p_anomalous' (B,). With ``features`` /
+  ``knn`` also the 'features' / 'knn_features' of ``stage_features``, from
+  ``feature_variables`` ({'params', 'batch_stats'}) when given (e.g. the
+  ImageNet encoder a run started from, ``eval.feature_weights='initial'``),
+  else from ``params`` and ``batch_stats``.
+  """
+  functions = anomaly_maps.map_functions(generator.with_classifier)
+  if map_names is not None:
+    functions = {name: functions[name] for name in map_names}
+  needs = registry.needs(functions) | {registry.ATTENTION}
+  features_fn = stage_features(generator, features, knn)
+
+  def eval_step(params, batch_stats, images, feature_variables=None):
+    x = train_state.images_to_float(images)
+    outputs = forward(generator, params, batch_stats, x, needs)
+    maps = anomaly_maps.compute_maps(outputs, functions, settings)
+    reconstruction = outputs['reconstruction']
+    result = dict(
+        reconstruction=to_uint8(reconstruction),
+        attention=outputs['attention'],
+        score=jnp.mean(jnp.square(x - reconstruction), axis=(1, 2, 3)),
+        maps=maps, map_scores=registry.image_scores(maps))
+    if generator.with_classifier:
+      result.update(
+          class_attention=outputs['class_attention'],
+          p_anomalous=jax.nn.softmax(outputs['logits'])[:, models.ANOMALOUS])
+    if features_fn is not None:
+      result.update(features_fn(
+          feature_variables or {'params': params, 'batch_stats': batch_stats},
+          x))
+    return result
+
+  return eval_step
+
+
+def make_normal_step(generator: models.CAVGAGenerator,
+                     settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
+                     features: feature_gaussian.FeatureSettings | None = None,
+                     knn: feature_knn.KnnSettings | None = None
+                     ) -> Callable[..., dict[str, Any]]:
+  """Returns ``normal_step(params, batch_stats, images[, feature_variables])``.
+
+  What the statistics of the normal training images need, and no more (no
+  Grad-CAM): 'maps' {name: (B, S, S)} of ``calibration.BASES`` from the
+  reconstruction of ``mu`` (the one ``make_eval_step`` decodes) and the
+  features of ``stage_features`` as ``make_eval_step``.
+  """
+  functions = {name: anomaly_maps.MAPS[name] for name in calibration.BASES}
+  features_fn = stage_features(generator, features, knn)
+
+  def normal_step(params, batch_stats, images, feature_variables=None):
+    x = train_state.images_to_float(images)
+    outputs = forward(generator, params, batch_stats, x,
+                      frozenset({registry.RECONSTRUCTION}))
+    result = dict(maps=anomaly_maps.compute_maps(outputs, functions,
+                                                 settings))
+    if features_fn is not None:
+      result.update(features_fn(
+          feature_variables or {'params': params, 'batch_stats': batch_stats},
+          x))
+    return result
+
+  return normal_step
+
+
+def host_batches(step: Callable[[Array], Any],
+                 images: data.AnomalyDataset | np.ndarray, batch_size: int,
+                 mesh: jax.sharding.Mesh, what: str = 'images'
+                 ) -> Iterator[Any]:
+  """Yields ``step(batch)`` of each batch on the host, the padding cut.
+
+  Batches are sharded over ``mesh``; the log line names the images
+  ``what`` and gives the rate (including the first call's compilation).
+  """
+  sharding.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
+  tic, done = time.perf_counter(), 0
+  for batch, num_valid in data.eval_batches(images, batch_size):
+    out = sharding.to_host(step(sharding.shard_global_batch(batch, mesh)))
+    yield jax.tree.map(lambda v, n=num_valid: v[:n], out)
+    done += num_valid
+  elapsed = time.perf_counter() - tic
+  logging.info('evaluated %d %s in %.1f s (%.1f img/s, incl. compilation)',
+               done, what, elapsed, done / max(elapsed, 1e-9))
+
+
+def predict(step: Callable[[Array], Any],
+            images: data.AnomalyDataset | np.ndarray, batch_size: int,
+            mesh: jax.sharding.Mesh, what: str = 'images') -> Any:
+  """``host_batches`` concatenated: host arrays with N rows each, in the
+  structure of ``step``'s outputs."""
+  batches = list(host_batches(step, images, batch_size, mesh, what))
+  return jax.tree.map(lambda *values: np.concatenate(values), *batches)

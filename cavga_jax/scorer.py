@@ -1,0 +1,198 @@
+"""The deployed scorer: uint8 images in, the headline map and image score out.
+
+A trained run is its checkpoint plus the maps fitted on its normal images
+(``evaluation.store``, written by ``evaluate.py``). ``load_scorer`` turns
+both into a ``Scorer`` that computes only what the headline map needs
+(``evaluation.registry.needs``): no Grad-CAM unless the headline is an
+attention map, no decoder unless it reads the reconstruction. Its maps
+equal the evaluation's (both come from ``inference.forward``,
+``anomaly_maps`` and ``fitting.apply_fitted``); ``cavga_jax.export``
+serializes the same function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from cavga_jax import anomaly_maps
+from cavga_jax import checkpointing
+from cavga_jax import config_checks
+from cavga_jax import layers
+from cavga_jax import models
+from cavga_jax import settings as config_settings
+from cavga_jax import sharding
+from cavga_jax import train_state
+from cavga_jax import workdirs
+from cavga_jax.errors import CavgaError
+from cavga_jax.evaluation import evaluator as evaluator_lib
+from cavga_jax.evaluation import fitting
+from cavga_jax.evaluation import inference
+from cavga_jax.evaluation import registry
+from cavga_jax.evaluation import store
+
+Array = jax.Array
+
+
+def make_score_fn(generator: models.CAVGAGenerator,
+                  eval_config: ml_collections.ConfigDict, image_size: int,
+                  headline: str) -> Callable[[Any, Array], tuple[Array, Array]]:
+  """``score(state, images) -> (maps (B, S, S), scores (B,))`` (pure).
+
+  ``state`` is ``{'variables', 'feature_variables', 'fitted'}``:
+  the generator's {'params', 'batch_stats'}, those the feature maps read
+  (the same, or the initial encoder with ``eval.feature_weights=
+  'initial'``) and the ``fitting.FittedMaps``. ``images`` (B, S, S, C)
+  uint8.
+  """
+  spec = registry.spec(headline)
+  if spec.kind == 'prior':
+    raise CavgaError(f'{headline!r} is a test-set baseline, not a map a new '
+                     'image can be scored with')
+  settings = evaluator_lib.map_settings(eval_config, image_size)
+  needs = registry.needs([headline])
+  features_fn = inference.stage_features(
+      generator,
+      evaluator_lib.feature_settings(eval_config)
+      if registry.FEATURES in needs else None,
+      evaluator_lib.knn_settings(eval_config)
+      if registry.KNN_FEATURES in needs else None)
+  functions = anomaly_maps.map_functions(generator.with_classifier)
+  batch_functions = {n: functions[n] for n in registry.batch_maps([headline])}
+  knn = evaluator_lib.knn_settings(eval_config)
+  knn_chunk = knn.chunk if knn else 1
+
+  def score(state, images):
+    x = train_state.images_to_float(images)
+    variables = state['variables']
+    outputs = inference.forward(generator, variables['params'],
+                                variables['batch_stats'], x, needs)
+    maps = anomaly_maps.compute_maps(outputs, batch_functions, settings)
+    if spec.kind in ('fitted', 'combined'):
+      features = features_fn(state['feature_variables'], x) if features_fn \
+          else {}
+      maps = fitting.apply_fitted(state['fitted'], dict(features, maps=maps),
+                                  [headline], image_size, settings, knn_chunk)
+    return maps[headline], spec.image_score(maps[headline])
+
+  return score
+
+
+@dataclasses.dataclass
+class Scorer:
+  """A trained run ready to score images of its size.
+
+  Attributes:
+    headline: the map's name (``config.eval.map``).
+    image_size, channels: the images ``score`` takes, (B, S, S, C) uint8.
+    thresholds: (pixel threshold, image threshold, median normal pixel) of
+      the headline map, from the held-out normal images.
+    state: the arrays ``score_fn`` reads (``make_score_fn``).
+    score_fn: the pure function; ``score`` is it jitted.
+    step: the checkpoint's step.
+    compiler_options: XLA options ``score`` is compiled with
+      (``layers.compiler_options``).
+  """
+  headline: str
+  image_size: int
+  channels: int
+  thresholds: tuple[float, float, float]
+  state: Any
+  score_fn: Callable[[Any, Array], tuple[Array, Array]]
+  step: int
+  compiler_options: dict[str, Any] | None = None
+
+  def __post_init__(self):
+    self._jitted = jax.jit(self.score_fn,
+                           compiler_options=self.compiler_options)
+
+  def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(B, S, S, C) uint8 -> (maps (B, S, S) float32, scores (B,))."""
+    maps, scores = self._jitted(self.state, images)
+    return np.asarray(maps), np.asarray(scores)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's ``<workdir>/config.json`` as a ConfigDict (lists as tuples)."""
+  path = os.path.join(workdir, workdirs.CONFIG_FILE)
+  if not os.path.exists(path):
+    raise CavgaError(f'{path}: not found; is {workdir!r} a workdir that '
+                     'train.py wrote?')
+  with open(path) as f:
+    tree = json.load(f)
+
+  def tuples(value):
+    if isinstance(value, dict):
+      return {k: tuples(v) for k, v in value.items()}
+    return tuple(tuples(v) for v in value) if isinstance(value, list) \
+        else value
+
+  return ml_collections.ConfigDict(tuples(tree))
+
+
+def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None
+                ) -> Scorer:
+  """The newest checkpoint of ``workdir`` and the maps fitted for it.
+
+  Args:
+    workdir: a training workdir on which ``evaluate.py`` ran (it fits and
+      saves the maps on the normal images, ``evaluation.store``).
+    config: the run's config; default ``<workdir>/config.json``.
+
+  Raises:
+    CavgaError: no checkpoint, or no maps fitted for it, or a headline map
+      that is a test-set baseline; each says what to run.
+  """
+  config = config or read_config(workdir)
+  if config.get('task', 'cavga') != 'cavga':
+    raise CavgaError(f"{workdir}: task {config.task!r}; predict.py scores "
+                     'CAVGA runs')
+  config_checks.check_config(config)
+  mesh = sharding.make_mesh()
+  generator, _, init_fn, state_sharding = train_state.setup(config, mesh)
+  state, step = checkpointing.restore_for_eval(
+      workdir, train_state.abstract_state(init_fn, mesh))
+  directory = store.fitted_dir(workdir, step)
+  saved = store.saved_key(directory)
+  if saved is None:
+    raise CavgaError(f'{directory}: no maps fitted for checkpoint {step}; '
+                     f'run `python evaluate.py --workdir={workdir} '
+                     '--config=...` first (it fits them on the normal '
+                     'training images and saves them there)')
+  expected = store.fit_key(config.eval, step, state.gen_params,
+                           saved['image_size'], saved['num_normal_images'])
+  changed = store.differing_fields(saved, expected)
+  if changed:
+    raise CavgaError(f'{directory}: the maps were fitted with other '
+                     f'settings than {workdirs.CONFIG_FILE} ({", ".join(changed)}'
+                     f'); run `python evaluate.py --workdir={workdir} '
+                     '--config=...` with the run\'s config to refit them')
+  fitted = store.load(directory)
+  headline = config.eval.get('map', config_settings.default('eval.map'))
+  if headline not in fitted.thresholds:
+    raise CavgaError(f'{directory}: no held-out thresholds for {headline!r} '
+                     '(config.eval.threshold_holdout is 0?); predict.py '
+                     'decides at them')
+  variables = {'params': state.gen_params,
+               'batch_stats': state.gen_batch_stats}
+  feature_variables = variables
+  if evaluator_lib.eval_field(config.eval, 'feature_weights') == 'initial':
+    initial = train_state.initial_state(config, init_fn, state_sharding)
+    feature_variables = {'params': initial.gen_params,
+                         'batch_stats': initial.gen_batch_stats}
+  image_size = int(config.data.image_size)
+  score_fn = make_score_fn(generator, config.eval, image_size, headline)
+  return Scorer(
+      headline=headline, image_size=image_size,
+      channels=int(config_settings.get(config, 'data.channels')),
+      thresholds=tuple(fitted.thresholds[headline]),
+      state=dict(variables=variables, feature_variables=feature_variables,
+                 fitted=fitted),
+      score_fn=score_fn, step=step,
+      compiler_options=layers.compiler_options(generator.conv_impl))

@@ -1,0 +1,56 @@
+"""Scores unlabelled images with a trained run.
+
+  python predict.py --workdir=/tmp/cavga --input=new_parts/ [--output=OUT]
+  python predict.py --workdir=/tmp/cavga --input='line3/*.tif' --export=cpu
+
+The workdir must hold a checkpoint and the maps evaluate.py fitted for it
+(<workdir>/fitted/). Writes OUT (default <workdir>/predict): scores.csv (per
+file its image score, the decision at the held-out image threshold and the
+maximum of its map), overlays/ and masks/ (one PNG each per image, at the
+image's own size), predict.json, and with --export the serialized scorer
+(scorer/, cavga_jax.export). Exit status: 0 when every file was scored, 2
+when some were skipped (each is named in the log), 1 on an error.
+"""
+
+from absl import app
+from absl import flags
+
+from cavga_jax import predict_lib
+from cavga_jax import runtime
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The trained workdir.')
+_INPUT = flags.DEFINE_string(
+    'input', None, 'A folder of images (searched recursively) or a glob '
+    "pattern such as 'dir/*.png' (quote it).")
+_OUTPUT = flags.DEFINE_string(
+    'output', None, 'The output folder (default <workdir>/predict); never '
+    'inside the input folder.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False,
+                               'Replace an earlier output in --output.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Images per call.')
+_EXPORT = flags.DEFINE_list(
+    'export', [], 'Also serialize the scorer with jax.export for these '
+    'platforms (e.g. cpu or cpu,cuda) to <output>/scorer.')
+_CACHE = runtime.define_compilation_cache_flag()
+flags.mark_flags_as_required(['workdir', 'input'])
+
+SKIPPED_STATUS = 2
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  summary = runtime.run_program(
+      lambda _, workdir: predict_lib.predict(
+          workdir, _INPUT.value, _OUTPUT.value, _OVERWRITE.value,
+          _BATCH_SIZE.value, _EXPORT.value),
+      None, _WORKDIR.value, _CACHE.value)
+  print(f'scored {summary.scored} images into {summary.output}'
+        + (f'; skipped {len(summary.skipped)}:' if summary.skipped else ''))
+  for _, reason in summary.skipped:
+    print(f'  {reason}')
+  return SKIPPED_STATUS if summary.skipped else 0
+
+
+if __name__ == '__main__':
+  app.run(main)
