@@ -16,10 +16,10 @@ Models: ``CAVGAGenerator``, ``Discriminator``, ``build_models``. Attention:
 ``grad_cam``, ``class_grad_cam``, ``forward_with_attention``,
 ``unit_attention`` (and the module ``explain``: Liu et al.'s per-unit
 explanations). Objectives and measures: the modules ``losses``,
-``metrics``, ``anomaly_maps``, ``synthesis``. Training and
-evaluation: ``create_train_state``, ``make_train_step``, ``make_eval_step``,
-``train``, ``evaluate``, ``compiler_options`` (``jax.jit``'s options for the
-fast CPU convolutions). Errors: ``CavgaError`` and its subclasses.
+``pixel_metrics``, ``image_metrics``, ``anomaly_maps``, ``synthesis``.
+Training and evaluation: ``create_train_state``, ``make_train_step``,
+``make_eval_step``, ``train``, ``evaluate``, ``compiler_options``
+(``jax.jit``'s options for the fast CPU convolutions). Errors: ``CavgaError`` and its subclasses.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ _EXPORTS = {
     'unit_attention': ('explain', 'unit_attention'),
     'explain': ('explain', None),
     'losses': ('losses', None),
-    'metrics': ('metrics', None),
+    'pixel_metrics': ('pixel_metrics', None),
+    'image_metrics': ('image_metrics', None),
     'anomaly_maps': ('anomaly_maps', None),
     'synthesis': ('synthesis', None),
     'TrainState': ('train_state', 'TrainState'),
