@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 # Public name -> (module, attribute or None for the module itself).
 _EXPORTS = {
     'CAVGAGenerator': ('models', 'CAVGAGenerator'),
-    'Discriminator': ('models', 'Discriminator'),
+    'Discriminator': ('backbones', 'Discriminator'),
     'build_models': ('models', 'build_models'),
     'grad_cam': ('attention', 'grad_cam'),
     'class_grad_cam': ('attention', 'class_grad_cam'),

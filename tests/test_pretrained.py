@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from safetensors import numpy as safetensors_numpy
 
+from cavga_jax import backbones
 from cavga_jax import errors
 from cavga_jax import models
 from cavga_jax import pretrained
@@ -364,7 +365,7 @@ def test_encoder_matches_torch_forward(state_dict, generator, loaded):
         'batch_stats': {'layers_1': encoder_vars['batch_stats']['bn1']},
     }
     stem_out = stem.apply(stem_vars, x)
-    features = models.ResNet18Encoder().apply(encoder_vars, x, False)
+    features = backbones.ResNet18Encoder().apply(encoder_vars, x, False)
     encoded = generator.apply(loaded, x, False, method='encode')
   _assert_close(stem_out, _torch_stem(x_nchw, state_dict).transpose(0, 2, 3, 1))
   expected = _torch_resnet18_features(x_nchw, state_dict).transpose(0, 2, 3, 1)
