@@ -20,7 +20,7 @@ from absl import flags
 
 from cavga_jax import eval_lib
 from cavga_jax import runtime
-from cavga_jax import vae_lib
+from cavga_jax import vae_eval_lib
 
 _CONFIG = runtime.define_config_flag(
     'The configuration the model was trained with.')
@@ -37,7 +37,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 # config.task -> program: CAVGA, or the Liu et al. VAE experiments.
 _PROGRAM = runtime.task_program({'cavga': eval_lib.evaluate,
-                                 'vae': vae_lib.evaluate})
+                                 'vae': vae_eval_lib.evaluate})
 
 
 def main(argv):

@@ -3,7 +3,7 @@
   python benchmarks/metrics_speed.py [--images 83] [--size 256] [--repeats 3]
 
 Evaluation scores a dozen maps per category, each with every pixel metric
-(`metrics.localization_metrics`: pixel AUROC, IoU at 0.5, best IoU,
+(`pixel_metrics.localization_metrics`: pixel AUROC, IoU at 0.5, best IoU,
 best F1, AU-PRO), so these must not dominate an evaluation. Synthetic test
 set of MVTec bottle's shape (83 images at 256 px, 63 with one rectangular
 defect); two kinds of map: ``continuous`` (Gaussian noise plus 1 on the
@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from cavga_jax import metrics
+from cavga_jax import pixel_metrics
 
 
 def synthetic_category(num_images: int, size: int, seed: int = 0):
@@ -51,7 +51,7 @@ def main():
     times = []
     for _ in range(args.repeats):
       tic = time.perf_counter()
-      result = metrics.localization_metrics(anomaly_map, masks, labels)
+      result = pixel_metrics.localization_metrics(anomaly_map, masks, labels)
       times.append(time.perf_counter() - tic)
     print(json.dumps(dict(
         benchmark='localization_metrics', map=kind, images=args.images,

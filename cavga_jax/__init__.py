@@ -16,13 +16,14 @@ Models: ``CAVGAGenerator``, ``Discriminator``, ``build_models``. Attention:
 ``grad_cam``, ``class_grad_cam``, ``forward_with_attention``,
 ``unit_attention`` (and the module ``explain``: Liu et al.'s per-unit
 explanations). Objectives and measures: the modules ``losses``,
-``metrics``, ``anomaly_maps``, ``synthesis``. Training and
-evaluation: ``create_train_state``, ``make_train_step``, ``make_eval_step``,
-``Evaluator``, ``FittedMaps``, ``map_registry`` (every map, declared once),
-``train``, ``evaluate``, ``compiler_options`` (``jax.jit``'s options for the
-fast CPU convolutions). Deployment: ``load_scorer`` / ``Scorer`` (a trained
-run's headline map for new images) and ``export`` (the scorer serialized
-with ``jax.export``). Errors: ``CavgaError`` and its subclasses.
+``pixel_metrics``, ``image_metrics``, ``anomaly_maps``, ``synthesis``.
+Training and evaluation: ``create_train_state``, ``make_train_step``,
+``make_eval_step``, ``Evaluator``, ``FittedMaps``, ``map_registry`` (every
+map, declared once), ``train``, ``evaluate``, ``compiler_options``
+(``jax.jit``'s options for the fast CPU convolutions). Deployment:
+``load_scorer`` / ``Scorer`` (a trained run's headline map for new images)
+and ``export`` (the scorer serialized with ``jax.export``). Errors:
+``CavgaError`` and its subclasses.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ __version__ = "0.1.0"
 # Public name -> (module, attribute or None for the module itself).
 _EXPORTS = {
     'CAVGAGenerator': ('models', 'CAVGAGenerator'),
-    'Discriminator': ('models', 'Discriminator'),
+    'Discriminator': ('backbones', 'Discriminator'),
     'build_models': ('models', 'build_models'),
     'grad_cam': ('attention', 'grad_cam'),
     'class_grad_cam': ('attention', 'class_grad_cam'),
@@ -43,7 +44,8 @@ _EXPORTS = {
     'unit_attention': ('explain', 'unit_attention'),
     'explain': ('explain', None),
     'losses': ('losses', None),
-    'metrics': ('metrics', None),
+    'pixel_metrics': ('pixel_metrics', None),
+    'image_metrics': ('image_metrics', None),
     'anomaly_maps': ('anomaly_maps', None),
     'synthesis': ('synthesis', None),
     'TrainState': ('train_state', 'TrainState'),

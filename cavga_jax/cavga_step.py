@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from cavga_jax import attention
+from cavga_jax import backbones
 from cavga_jax import losses
 from cavga_jax import models
 from cavga_jax import nonfinite
@@ -107,7 +108,7 @@ def weak_generator_loss_terms(outputs: dict[str, Array], images: Array,
 
 
 def make_train_step(generator: models.CAVGAGenerator,
-                    discriminator: models.Discriminator,
+                    discriminator: backbones.Discriminator,
                     loss_weights: dict[str, float],
                     nonfinite_mode: str = 'stop',
                     synthetic: synthesis.SynthesisSettings | None = None,

@@ -8,7 +8,7 @@ representation, a function from images to codes
     representation_fn(images: (n, 64, 64, 1) uint8) -> codes (n, d)
 
 (e.g. the encoder mean of a VAE, jitted by the caller), on a
-`cavga_jax.data.sprites.FactorDataset`. The images are passed in chunks of
+`cavga_jax.data.factor_dataset.FactorDataset`. The images are passed in chunks of
 `chunk_size` (the last chunk is padded by repeating its last image, so a
 jitted encoder sees one batch shape and compiles once); the codes are
 gathered as float64 numpy arrays.
@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from cavga_jax.data.sprites import FactorDataset
+from cavga_jax.data.factor_dataset import FactorDataset
 
 RepresentationFn = Callable[[np.ndarray], np.ndarray]
 

@@ -151,7 +151,7 @@ class EfficientNetLite0Encoder(nn.Module):
     """Runs stages ``start`` .. ``stop - 1`` (0-based; stage 0 includes the stem).
 
     ``stop=s`` returns the output of CAVGA stage s (1..4); ``start=s``
-    continues from it, as ``ResNet18Encoder``.
+    continues from it, as ``backbones.ResNet18Encoder``.
     """
     stop = len(ENCODER_STAGES) if stop is None else stop
     norm = lambda name: layers.BatchNorm(use_running_average=not train,

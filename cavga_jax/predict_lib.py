@@ -122,6 +122,63 @@ def _resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
                     .resize(size, Image.BILINEAR))
 
 
+def score_files(scorer: scorer_lib.Scorer, files: Sequence[pathlib.Path],
+                root: pathlib.Path, output: str, batch_size: int = 8
+                ) -> tuple[list[dict], list[tuple[str, str]]]:
+  """Scores ``files`` into ``output``'s overlays/ and masks/.
+
+  Returns:
+    (rows of scores.csv, (path, reason) of each file that was skipped).
+  """
+  pixel_threshold, image_threshold, _ = scorer.thresholds
+  low, high = outputs.display_range(np.zeros(1), scorer.thresholds)
+  size = (scorer.image_size, scorer.image_size)
+  rows, skipped, batch = [], [], []
+  progress = tqdm.tqdm(total=len(files), unit='img', file=sys.stderr,
+                       desc='predict')
+
+  def flush():
+    images = np.stack([resized for _, _, resized in batch])
+    # Full batches only, so the scorer compiles once.
+    padded = np.concatenate([images] + [images[-1:]] * (batch_size
+                                                        - len(images)))
+    maps, scores = scorer.score(padded)
+    for (path, image, _), values, score in zip(batch, maps, scores):
+      name = _output_name(path, root)
+      full = _resize_map(values, image.size)
+      visualize.save_png(os.path.join(output, 'overlays', name + '.png'),
+                         visualize.overlay(np.asarray(image), full, low, high,
+                                           pixel_threshold))
+      visualize.save_png(os.path.join(output, 'masks', name + '.png'),
+                         ((full > pixel_threshold) * 255).astype(np.uint8))
+      rows.append(dict(path=str(path), score=float(score),
+                       anomalous=int(score > image_threshold),
+                       map_max=float(values.max()),
+                       overlay=os.path.join('overlays', name + '.png'),
+                       mask=os.path.join('masks', name + '.png')))
+      progress.update()
+    batch.clear()
+
+  for path in files:
+    try:
+      image = folder.read_image(path, scorer.channels)
+    except CavgaError as e:
+      skipped.append((str(path), str(e)))
+      logging.error('skipped: %s', e)
+      progress.update()
+      continue
+    resized = image if image.size == size else image.resize(size,
+                                                            Image.BILINEAR)
+    batch.append((path, image, np.asarray(resized, np.uint8).reshape(
+        *size, scorer.channels)))
+    if len(batch) == batch_size:
+      flush()
+  if batch:
+    flush()
+  progress.close()
+  return rows, skipped
+
+
 def predict(workdir: str, input_pattern: str, output: str | None = None,
             overwrite: bool = False, batch_size: int = 8,
             export_platforms: Sequence[str] = ()) -> PredictSummary:
@@ -143,55 +200,9 @@ def predict(workdir: str, input_pattern: str, output: str | None = None,
   output = output or os.path.join(workdir, 'predict')
   prepare_output(output, files, root, overwrite)
   scorer = scorer_lib.load_scorer(workdir)
-  pixel_threshold, image_threshold, _ = scorer.thresholds
-  low, high = outputs.display_range(np.zeros(1), scorer.thresholds)
   logging.info('scoring %d files with %s (checkpoint %d, map %s) into %s',
                len(files), workdir, scorer.step, scorer.headline, output)
-  rows, skipped = [], []
-  progress = tqdm.tqdm(total=len(files), unit='img', file=sys.stderr,
-                       desc='predict')
-
-  def flush(batch):
-    images = np.stack([resized for _, _, resized in batch])
-    padded = np.concatenate([images] + [images[-1:]] * (batch_size
-                                                        - len(images)))
-    maps, scores = scorer.score(padded)
-    for (path, image, _), values, score in zip(batch, maps, scores):
-      name = _output_name(path, root)
-      full = _resize_map(values, image.size)
-      pixels = np.asarray(image)
-      visualize.save_png(os.path.join(output, 'overlays', name + '.png'),
-                         visualize.overlay(pixels, full, low, high,
-                                           pixel_threshold))
-      visualize.save_png(os.path.join(output, 'masks', name + '.png'),
-                         ((full > pixel_threshold) * 255).astype(np.uint8))
-      rows.append(dict(path=str(path), score=float(score),
-                       anomalous=int(score > image_threshold),
-                       map_max=float(values.max()),
-                       overlay=os.path.join('overlays', name + '.png'),
-                       mask=os.path.join('masks', name + '.png')))
-      progress.update()
-
-  batch = []
-  for path in files:
-    try:
-      image = folder.read_image(path, scorer.channels)
-    except CavgaError as e:
-      skipped.append((str(path), str(e)))
-      logging.error('skipped: %s', e)
-      progress.update()
-      continue
-    size = (scorer.image_size, scorer.image_size)
-    resized = image if image.size == size else image.resize(size,
-                                                            Image.BILINEAR)
-    batch.append((path, image, np.asarray(resized, np.uint8).reshape(
-        scorer.image_size, scorer.image_size, scorer.channels)))
-    if len(batch) == batch_size:
-      flush(batch)
-      batch = []
-  if batch:
-    flush(batch)
-  progress.close()
+  rows, skipped = score_files(scorer, files, root, output, batch_size)
   _write(output, rows, skipped, scorer, input_pattern)
   if export_platforms:
     path = export_lib.save(os.path.join(output, 'scorer'), scorer,

@@ -174,7 +174,7 @@ def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None
                      f'); run `python evaluate.py --workdir={workdir} '
                      '--config=...` with the run\'s config to refit them')
   fitted = store.load(directory)
-  headline = config.eval.get('map', config_settings.default('eval.map'))
+  headline = evaluator_lib.eval_field(config.eval, 'map')
   if headline not in fitted.thresholds:
     raise CavgaError(f'{directory}: no held-out thresholds for {headline!r} '
                      '(config.eval.threshold_holdout is 0?); predict.py '
@@ -186,13 +186,27 @@ def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None
     initial = train_state.initial_state(config, init_fn, state_sharding)
     feature_variables = {'params': initial.gen_params,
                          'batch_stats': initial.gen_batch_stats}
+  return build_scorer(config, generator, variables, feature_variables, fitted,
+                      step)
+
+
+def build_scorer(config: ml_collections.ConfigDict,
+                 generator: models.CAVGAGenerator, variables: Any,
+                 feature_variables: Any, fitted: fitting.FittedMaps,
+                 step: int) -> Scorer:
+  """The ``Scorer`` of ``config.eval.map`` from networks and fitted maps.
+
+  ``variables`` / ``feature_variables``: {'params', 'batch_stats'} of the
+  scored networks and of the encoder the feature maps read.
+  """
+  headline = evaluator_lib.eval_field(config.eval, 'map')
   image_size = int(config.data.image_size)
-  score_fn = make_score_fn(generator, config.eval, image_size, headline)
   return Scorer(
       headline=headline, image_size=image_size,
       channels=int(config_settings.get(config, 'data.channels')),
       thresholds=tuple(fitted.thresholds[headline]),
       state=dict(variables=variables, feature_variables=feature_variables,
                  fitted=fitted),
-      score_fn=score_fn, step=step,
+      score_fn=make_score_fn(generator, config.eval, image_size, headline),
+      step=step,
       compiler_options=layers.compiler_options(generator.conv_impl))

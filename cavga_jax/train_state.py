@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from cavga_jax import backbones
 from cavga_jax import models
 from cavga_jax import settings
 from cavga_jax import sharding
@@ -63,7 +64,7 @@ def make_optimizer(opt_config: ml_collections.ConfigDict,
 
 
 def create_train_state(generator: models.CAVGAGenerator,
-                       discriminator: models.Discriminator,
+                       discriminator: backbones.Discriminator,
                        rng: Array, image_size: int, channels: int = 3,
                        gen_tx: optax.GradientTransformation | None = None,
                        disc_tx: optax.GradientTransformation | None = None

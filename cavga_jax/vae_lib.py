@@ -33,28 +33,18 @@ interrupted run resumes to the same parameters.
 from __future__ import annotations
 
 import functools
-import json
-import logging
-import os
-import time
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
-from cavga_jax import attention
-from cavga_jax import checkpointing
-from cavga_jax import config_checks
 from cavga_jax import data
-from cavga_jax import disentanglement
 from cavga_jax import explain
 from cavga_jax import layers
 from cavga_jax import losses
-from cavga_jax import metrics
 from cavga_jax import models
 from cavga_jax import nonfinite
 from cavga_jax import runtime
@@ -62,14 +52,11 @@ from cavga_jax import settings
 from cavga_jax import sharding
 from cavga_jax import train_state
 from cavga_jax import training_loop
-from cavga_jax import visualize
 from cavga_jax import vae
-from cavga_jax import workdirs
+from cavga_jax.data import factor_dataset
+from cavga_jax.data import sprite_renderer
 from cavga_jax.data import sprites
-from cavga_jax.data import tfds_data
 from cavga_jax.errors import CavgaError
-from cavga_jax.evaluation import inference
-from cavga_jax.evaluation import outputs as eval_outputs
 
 Array = jax.Array
 PyTree = Any
@@ -170,17 +157,17 @@ def make_train_step(model: vae.ConvVAE, beta: float, ad_weight: float,
   return train_step
 
 
-class _TrainingData:
+class TrainingData:
   """What training and evaluation read: an image getter and its size."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     name = config.data.name
-    self.factors: sprites.FactorDataset | None = None
+    self.factors: factor_dataset.FactorDataset | None = None
     self.test: data.AnomalyDataset | None = None
     if name in sprites.SPRITES_DATASETS:
-      if config.data.image_size != sprites.IMAGE_SIZE:
+      if config.data.image_size != sprite_renderer.IMAGE_SIZE:
         raise CavgaError(f'config.data.image_size must be '
-                         f'{sprites.IMAGE_SIZE} for {name}, got '
+                         f'{sprite_renderer.IMAGE_SIZE} for {name}, got '
                          f'{config.data.image_size}')
       self.factors = sprites.load_sprites(
           name, config.data.root or None,
@@ -223,7 +210,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   """
   mesh = runtime.prepare_run(config, workdir, overwrite)
   loop_settings = training_loop.LoopSettings.from_config(config)
-  training_data = _TrainingData(config, workdir)
+  training_data = TrainingData(config, workdir)
   model, init_fn, state_sharding = setup(config, mesh)
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   weights = config.loss_weights
@@ -244,200 +231,3 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       lambda idx: sharding.shard_batch(training_data.images(idx[host_slice]),
                                        mesh),
       step_rng, ('loss',), description)
-
-
-def make_explain_step(model: vae.ConvVAE, attention_map: str = 'mean'
-                      ) -> Callable[[PyTree, Array], dict[str, Array]]:
-  """``explain_step(params, images) -> outputs`` for evaluation.
-
-  ``images`` uint8 (B, S, S, C). Outputs: 'reconstruction' uint8
-  (B, S, S, C) (Bernoulli means of ``z = mu``), 'mu' (B, D), 'units'
-  (B, D, h, w), 'anomaly_map' (B, S, S) (the ``attention_map`` of
-  ``vae.ATTENTION_MAPS`` resized bilinearly), 'score' (B,) the per-image
-  negative ELBO, 'ad' (B,) the per-image L_AD of the paper and
-  'ad_distribution' (B,) that of the 'distribution' variant.
-  """
-  if attention_map not in vae.ATTENTION_MAPS:
-    raise ValueError(f'attention_map must be one of {vae.ATTENTION_MAPS}, '
-                     f'got {attention_map!r}')
-
-  def explain_step(params, images):
-    x = images_to_unit(images)
-    maps, outputs = explain.explain(model, {'params': params}, x)
-    logits = model.apply({'params': params}, outputs['mu'], method='decode')
-    return dict(
-        reconstruction=jnp.round(jax.nn.sigmoid(logits) * 255).astype(
-            jnp.uint8),
-        mu=outputs['mu'], units=maps.units,
-        anomaly_map=attention.resize_map(getattr(maps, attention_map),
-                                         images.shape[1]),
-        score=(losses.bernoulli_reconstruction_per_image(x, logits)
-               + losses.kl_divergence_per_image(outputs['mu'],
-                                                outputs['logvar'])),
-        ad=losses.attention_disentanglement_per_image(maps.units),
-        ad_distribution=losses.attention_overlap_per_image(maps.unit_cams))
-
-  return explain_step
-
-
-def _disentanglement_metrics(config, model, explain_step, params, factors,
-                             mesh, out_dir: str) -> dict[str, float]:
-  eval_config = config.eval
-
-  @functools.partial(jax.jit, compiler_options=layers.compiler_options(
-      model.conv_impl))
-  def encode_mu(images):
-    variables = {'params': params}
-    features = model.apply(variables, images_to_unit(images), method='encode')
-    return model.apply(variables, features, method='latent_params')[0]
-
-  def representation_fn(images: np.ndarray) -> np.ndarray:
-    return np.asarray(encode_mu(images))
-
-  seed = eval_config.get('metric_seed',
-                         settings.default('eval.metric_seed', 'vae'))
-  result = {}
-  factor_vae = disentanglement.factor_vae_score(
-      representation_fn, factors, np.random.default_rng(seed),
-      num_train=eval_config.factor_vae_num_train,
-      num_eval=eval_config.factor_vae_num_eval,
-      num_variance_estimate=eval_config.factor_vae_num_variance)
-  result.update({f'factor_vae_{k}': v for k, v in factor_vae.items()})
-  mig = disentanglement.mig_score(
-      representation_fn, factors, np.random.default_rng(seed + 1),
-      num_samples=eval_config.mig_num_samples)
-  result['mig'] = mig['mig']
-  result.update({f'mig_{name}': gap
-                 for name, gap in mig['mig_per_factor'].items()})
-  result['mig_skipped_factors'] = mig['skipped_factors']
-  # (latent unit, factor) mutual information in nats: which unit codes what.
-  result['mutual_info'] = np.round(mig['mutual_info'], 4).tolist()
-  # Losses and panels on a fixed sample.
-  rng = np.random.default_rng(seed + 2)
-  indices = factors.sample_indices(eval_config.num_loss_samples, rng)
-  images = factors.images(indices)
-  predictions = inference.predict(lambda batch: explain_step(params, batch),
-                                  images, eval_config.batch_size, mesh)
-  result['mean_negative_elbo'] = float(predictions['score'].mean())
-  result['attention_disentanglement_loss'] = float(predictions['ad'].mean())
-  result['attention_overlap_loss'] = float(
-      predictions['ad_distribution'].mean())
-  # L_AD is also 0 when unit maps are all zero (cam <= 0 everywhere): the
-  # fraction of (image, unit) maps that are not tells the two apart.
-  result['nonzero_unit_maps'] = float(
-      losses.live_unit_share(predictions['units']))
-  _write_unit_panels(out_dir, images, predictions, eval_config.num_panels)
-  return result
-
-
-def _write_unit_panels(out_dir: str, images: np.ndarray,
-                       predictions: dict[str, np.ndarray],
-                       num_panels: int) -> None:
-  if not sharding.is_primary_process():
-    return
-  panel_dir = os.path.join(out_dir, 'panels')
-  os.makedirs(panel_dir, exist_ok=True)
-  for i in range(min(num_panels, len(images))):
-    visualize.save_unit_panel(
-        os.path.join(panel_dir, f'{i:04d}_units.png'), images[i],
-        predictions['reconstruction'][i], predictions['units'][i])
-
-
-def pseudo_masks(images: np.ndarray, normal_mean: np.ndarray,
-                 support: float) -> np.ndarray:
-  """Strokes outside the normal class's support: (N, S, S) bool.
-
-  Args:
-    images: (N, S, S, C) uint8 test images.
-    normal_mean: (S, S) mean normal training image in [0, 1].
-    support: pixels where ``normal_mean < support`` are outside the normal
-      class's support.
-  """
-  strokes = images.mean(axis=-1) >= 127.5
-  return strokes & (normal_mean < support)[None]
-
-
-def _explain_class_split(config, test: data.AnomalyDataset,
-                         normal_mean: np.ndarray
-                         ) -> tuple[data.AnomalyDataset, dict[str, Any]]:
-  """The normal test images and those of ``config.eval.explain_class``.
-
-  Their masks are the ``pseudo_masks`` (all False for normal images).
-  """
-  explain_class = config.eval.explain_class
-  names = tfds_data.class_names(config.data.name, config.data.root or None,
-                                settings.get(config, 'data.download'))
-  if not 0 <= explain_class < len(names) or (
-      explain_class == config.data.normal_class):
-    raise CavgaError(f'config.eval.explain_class={explain_class} must be a '
-                     f'class in [0, {len(names)}) other than '
-                     f'config.data.normal_class={config.data.normal_class}')
-  target = names[explain_class]
-  keep = np.flatnonzero([d in (data.folder.NORMAL_DEFECT, target)
-                         for d in test.defect_types])
-  if not test.labels[keep].any():
-    raise CavgaError(f'config.eval.explain_class={explain_class}: no test '
-                     f'image of class {target!r}')
-  images, labels = test.images[keep], test.labels[keep]
-  masks = pseudo_masks(images, normal_mean, config.eval.pseudo_mask_support)
-  masks[labels == 0] = False
-  subset = data.AnomalyDataset(
-      images=images, masks=masks, labels=labels,
-      defect_types=tuple(test.defect_types[i] for i in keep),
-      paths=tuple(test.paths[i] for i in keep))
-  return subset, dict(explain_class=explain_class, explain_class_name=target)
-
-
-def _localization_metrics(config, explain_step, params, training_data, mesh,
-                          out_dir: str, step: int) -> dict[str, Any]:
-  """SPEC section 4's metrics with the attention map as the anomaly map."""
-  test, result = training_data.test, dict(checkpoint_step=step)
-  if config.data.name in vae.ONE_CLASS_DATASETS:
-    test, info = _explain_class_split(config, test, training_data.normal_mean)
-    result.update(info)
-  predictions = inference.predict(lambda batch: explain_step(params, batch),
-                                  test.images, config.eval.batch_size, mesh)
-  result.update(num_test_images=test.num_examples,
-                num_anomalous_images=int(test.labels.sum()))
-  result.update(metrics.localization_metrics(predictions['anomaly_map'],
-                                             test.masks, test.labels))
-  result.update(metrics.detection_metrics(predictions['score'], test.labels))
-  eval_outputs.write_outputs(out_dir, result, predictions, test,
-                         config.eval.num_panels)
-  return result
-
-
-def evaluate(config: ml_collections.ConfigDict, workdir: str
-             ) -> dict[str, Any]:
-  """Restores the newest checkpoint and writes ``<workdir>/eval/metrics.json``.
-
-  Raises:
-    CavgaError: an invalid config, or one that differs from the run's
-      ``config.json`` in a field of the model, data or objective.
-  """
-  config_checks.check_config(config)
-  workdirs.check_rerun(config, workdir, 'evaluate.py')
-  mesh = sharding.make_mesh()
-  training_data = _TrainingData(config, workdir)
-  model, init_fn, _ = setup(config, mesh)
-  state, step = checkpointing.restore_for_eval(
-      workdir, train_state.abstract_state(init_fn, mesh))
-  explain_step = jax.jit(make_explain_step(model, config.eval.map),
-                         compiler_options=layers.compiler_options(
-                             model.conv_impl))
-  out_dir = os.path.join(workdir, 'eval')
-  os.makedirs(out_dir, exist_ok=True)
-  start = time.perf_counter()
-  if training_data.factors is not None:
-    result = _disentanglement_metrics(config, model, explain_step, state.params,
-                                      training_data.factors, mesh, out_dir)
-    result['checkpoint_step'] = step
-    if sharding.is_primary_process():
-      with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-  else:
-    result = _localization_metrics(config, explain_step, state.params,
-                                   training_data, mesh, out_dir, step)
-  logging.info('evaluated checkpoint %d in %.1f s: %s', step,
-               time.perf_counter() - start, json.dumps(result, sort_keys=True))
-  return result

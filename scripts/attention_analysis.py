@@ -29,7 +29,7 @@ from cavga_jax import attention
 from cavga_jax import checkpointing
 from cavga_jax import data
 from cavga_jax import layers
-from cavga_jax import metrics
+from cavga_jax import pixel_metrics
 from cavga_jax import runtime
 from cavga_jax import sharding
 from cavga_jax import train_state
@@ -81,10 +81,12 @@ def main(argv):
       alpha_spread_across_images=float(out['alpha'].std(axis=0).max()),
       alpha_minus_kernel_row_sum=float(np.abs(
           out['alpha'] - kernel.sum(axis=1)).max()),
-      pixel_auroc_A=metrics.pixel_auroc(out['attention'], masks),
-      pixel_auroc_1_minus_A=metrics.pixel_auroc(1 - out['attention'], masks),
-      pixel_auroc_feature_norm=metrics.pixel_auroc(out['norm'], masks),
-      pixel_auroc_projection=metrics.pixel_auroc(out['projection'], masks),
+      pixel_auroc_A=pixel_metrics.pixel_auroc(out['attention'], masks),
+      pixel_auroc_1_minus_A=pixel_metrics.pixel_auroc(1 - out['attention'],
+                                                      masks),
+      pixel_auroc_feature_norm=pixel_metrics.pixel_auroc(out['norm'], masks),
+      pixel_auroc_projection=pixel_metrics.pixel_auroc(out['projection'],
+                                                       masks),
       mean_A_in_defects=float(out['attention'][masks].mean()),
       mean_A_outside_defects_anomalous=float(
           out['attention'][(test.labels == 1)[:, None, None] & ~masks].mean()),

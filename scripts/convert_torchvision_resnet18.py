@@ -10,7 +10,7 @@ Usage:
 ``.pth`` input (torchvision ``ResNet18_Weights.IMAGENET1K_V1``) and
 ``.safetensors`` input (e.g. ``timm/resnet18.a1_in1k``) need neither torch nor
 a network (``cavga_jax.torch_pickle`` reads the .pth). Train with ``--config.model.pretrained=resnet18_imagenet.npz``.
-The conversion itself is ``cavga_jax.pretrained.convert_file``.
+The conversion itself is ``cavga_jax.torch_weights.convert_file``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 from typing import Sequence
 
 from cavga_jax import errors
-from cavga_jax import pretrained
+from cavga_jax import torch_weights
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='.npz to write, for --config.model.pretrained')
   args = parser.parse_args(argv)
   try:
-    arrays = pretrained.convert_file(args.input, args.output)
+    arrays = torch_weights.convert_file(args.input, args.output)
   except errors.CavgaError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

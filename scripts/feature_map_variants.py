@@ -35,8 +35,9 @@ from cavga_jax import anomaly_maps
 from cavga_jax import data
 from cavga_jax import eval_lib
 from cavga_jax import feature_gaussian
+from cavga_jax import image_metrics
 from cavga_jax import layers
-from cavga_jax import metrics
+from cavga_jax import pixel_metrics
 from cavga_jax import runtime
 from cavga_jax import sharding
 from cavga_jax import train_state
@@ -62,9 +63,10 @@ def _scores(distances: np.ndarray, sigma: float, test: data.AnomalyDataset
   """Metrics of (N, g, g) cell distances, bilinear to image size and blurred."""
   maps = anomaly_maps.upsample_and_blur(distances, test.images.shape[1], sigma)
   return dict(
-      pixel_auroc=round(metrics.pixel_auroc(np.asarray(maps), test.masks), 3),
-      aupro=round(metrics.aupro(np.asarray(maps), test.masks), 3),
-      image_auroc=round(metrics.image_auroc(
+      pixel_auroc=round(pixel_metrics.pixel_auroc(np.asarray(maps),
+                                                  test.masks), 3),
+      aupro=round(pixel_metrics.aupro(np.asarray(maps), test.masks), 3),
+      image_auroc=round(image_metrics.image_auroc(
           np.asarray(anomaly_maps.image_score(maps)), test.labels), 3))
 
 

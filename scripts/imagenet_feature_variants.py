@@ -31,8 +31,9 @@ from cavga_jax import combined_maps
 from cavga_jax import data
 from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
+from cavga_jax import image_metrics
 from cavga_jax import layers
-from cavga_jax import metrics
+from cavga_jax import pixel_metrics
 from cavga_jax import sharding
 from cavga_jax import train_state
 from cavga_jax.evaluation import evaluator as evaluator_lib
@@ -145,11 +146,11 @@ def _scores(test_maps, test, kind):
   prior = np.broadcast_to(normalised[test.labels == 0].mean(axis=0),
                           normalised.shape)
   return dict(
-      pixel_auroc=metrics.pixel_auroc(normalised, test.masks),
-      aupro=metrics.aupro(normalised, test.masks),
-      image_auroc=metrics.image_auroc(scores, test.labels),
-      prior_normal_pixel_auroc=metrics.pixel_auroc(prior, test.masks),
-      prior_normal_aupro=metrics.aupro(prior, test.masks))
+      pixel_auroc=pixel_metrics.pixel_auroc(normalised, test.masks),
+      aupro=pixel_metrics.aupro(normalised, test.masks),
+      image_auroc=image_metrics.image_auroc(scores, test.labels),
+      prior_normal_pixel_auroc=pixel_metrics.pixel_auroc(prior, test.masks),
+      prior_normal_aupro=pixel_metrics.aupro(prior, test.masks))
 
 
 if __name__ == '__main__':

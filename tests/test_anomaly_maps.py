@@ -11,8 +11,8 @@ from cavga_jax import anomaly_maps
 from cavga_jax import attention
 from cavga_jax import config_checks
 from cavga_jax import explain
-from cavga_jax import metrics
 from cavga_jax import models
+from cavga_jax import pixel_metrics
 from cavga_jax.errors import CavgaError
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import fitting
@@ -41,12 +41,12 @@ def test_residual_error_exactly_on_the_mask_gives_pixel_auroc_1():
       dict(images=images, reconstruction=reconstruction), SETTINGS)
   assert residual.shape == (2, 16, 16)
   np.testing.assert_allclose(np.asarray(residual)[~masks], 0.0)
-  assert metrics.pixel_auroc(np.asarray(residual), masks) == 1.0
+  assert pixel_metrics.pixel_auroc(np.asarray(residual), masks) == 1.0
 
 
 def test_constant_map_gives_pixel_auroc_one_half():
   constant = np.full((2, 16, 16), 0.3, np.float32)
-  assert metrics.pixel_auroc(constant, _masks()) == pytest.approx(0.5)
+  assert pixel_metrics.pixel_auroc(constant, _masks()) == pytest.approx(0.5)
 
 
 def test_ssim_of_an_image_with_itself_is_one():

@@ -1,7 +1,6 @@
 """scripts/benchmark_table.py on two tiny generated MVTec-layout categories."""
 
 import json
-import os
 import sys
 
 from absl import flags

@@ -17,6 +17,7 @@ from cavga_jax import data as data_lib
 from cavga_jax.data import folder
 from cavga_jax.data import generated
 from cavga_jax.data import pipeline
+from cavga_jax.data import textures
 from cavga_jax.errors import DataError
 
 _BOTTLE_ROOT = (pathlib.Path(__file__).resolve().parent.parent.parent
@@ -75,7 +76,7 @@ def test_generated_layout_and_counts(small_generated):
   assert cat.name == 'textures'
   assert len(list((cat / 'train' / 'good').glob('*.png'))) == 5
   assert len(list((cat / 'test' / 'good').glob('*.png'))) == 3
-  for defect in generated.DEFECT_TYPES:
+  for defect in textures.DEFECT_TYPES:
     assert len(list((cat / 'test' / defect).glob('*.png'))) == 4
     masks = sorted((cat / 'ground_truth' / defect).glob('*.png'))
     assert [m.name for m in masks] == [f'{i:03d}_mask.png' for i in range(4)]
@@ -189,11 +190,11 @@ def test_generated_bad_parameters(tmp_path, kwargs, keyword):
 
 
 @pytest.mark.parametrize('size', [32, 64])
-@pytest.mark.parametrize('defect', generated.DEFECT_TYPES)
+@pytest.mark.parametrize('defect', textures.DEFECT_TYPES)
 def test_generated_masks_are_exact(defect, size):
   for index in range(8):
-    image, mask = generated.anomalous_image(7, defect, index, size)
-    clean = generated.normal_image(7, defect, index, size)
+    image, mask = textures.anomalous_image(7, defect, index, size)
+    clean = textures.normal_image(7, defect, index, size)
     assert image.shape == (size, size, 3) and image.dtype == np.uint8
     assert mask.shape == (size, size) and mask.dtype == bool
     # The mask is exactly the set of changed pixels.
@@ -206,17 +207,17 @@ def test_generated_files_match_renderers(small_generated):
   for i, (path, defect) in enumerate(zip(test.paths, test.defect_types)):
     index = int(pathlib.Path(path).stem)
     if defect == 'good':
-      expected = generated.normal_image(3, 'good', index, 32)
+      expected = textures.normal_image(3, 'good', index, 32)
       np.testing.assert_array_equal(test.images[i], expected)
       assert not test.masks[i].any()
     else:
-      image, mask = generated.anomalous_image(3, defect, index, 32)
+      image, mask = textures.anomalous_image(3, defect, index, 32)
       np.testing.assert_array_equal(test.images[i], image)
       np.testing.assert_array_equal(test.masks[i], mask)
 
 
 def test_generated_normal_images_vary_a_little():
-  images = np.stack([generated.normal_image(0, 'train', i, 32)
+  images = np.stack([textures.normal_image(0, 'train', i, 32)
                      for i in range(4)]).astype(np.float64)
   assert not np.array_equal(images[0], images[1])
   # Same family: mean colours are close.
@@ -608,7 +609,7 @@ def test_get_datasets_generated(tmp_path, caplog):
   config = _config(root=str(tmp_path / 'other'))
   config.data.generated_seed = 5
   train5, _ = data_lib.get_datasets(config, str(tmp_path))
-  expected = generated.normal_image(5, 'train', 0, 16)
+  expected = textures.normal_image(5, 'train', 0, 16)
   np.testing.assert_array_equal(train5.images[0], expected)
 
 

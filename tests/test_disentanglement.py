@@ -9,12 +9,13 @@ import pytest
 from sklearn import metrics as sk_metrics
 
 from cavga_jax import disentanglement
+from cavga_jax.data import factor_dataset
 from cavga_jax.data import sprites
 
 _SIZES = (3, 4, 5, 6)
 
 
-class _PixelFactors(sprites.FactorDataset):
+class _PixelFactors(factor_dataset.FactorDataset):
   """A tiny full grid whose images carry their factors in the first pixels.
 
   Image i is black except row 0, columns 0..F-1, which hold the factor

@@ -24,6 +24,7 @@ from cavga_jax import eval_lib
 from cavga_jax import models
 from cavga_jax import pretrained
 from cavga_jax import torch_pickle
+from cavga_jax import torch_weights
 from cavga_jax import train_lib
 from cavga_jax import train_state
 from conftest import tree_equal
@@ -107,12 +108,12 @@ def test_a_leftover_or_missing_key_is_an_error():
   state_dict = torch_pickle.load(efficientnet.imagenet_weights_file())
   extra = dict(state_dict, **{'_blocks.99._bn0.weight': np.ones(3)})
   with pytest.raises(errors.DataError, match=r'unexpected keys _blocks\.99'):
-    pretrained.convert_efficientnet_lite0_state_dict(extra)
+    torch_weights.convert_efficientnet_lite0_state_dict(extra)
   missing = dict(state_dict)
   del missing['_blocks.4._depthwise_conv.weight']
   with pytest.raises(errors.DataError,
                      match=r'missing keys _blocks\.4\._depthwise_conv'):
-    pretrained.convert_efficientnet_lite0_state_dict(missing)
+    torch_weights.convert_efficientnet_lite0_state_dict(missing)
 
 
 def test_grayscale_stem_sums_the_rgb_kernel(imagenet_arrays):

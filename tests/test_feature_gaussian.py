@@ -7,8 +7,8 @@ import pytest
 from cavga_jax import anomaly_maps
 from cavga_jax import config_checks
 from cavga_jax import feature_gaussian
-from cavga_jax import metrics
 from cavga_jax import models
+from cavga_jax import pixel_metrics
 from cavga_jax.errors import CavgaError
 from cavga_jax.evaluation import fitting
 from conftest import dataset_from_masks
@@ -94,7 +94,7 @@ def test_features_unusual_for_their_cell_find_the_defect():
   assert feature_map.shape == (4, 16, 16)
   cells = feature_map[:, 2::4, 2::4]  # cell centres, away from blending
   assert cells[2, 1, 1] > cells[:2].max() and cells[3, 2, 0] > cells[:2].max()
-  assert metrics.pixel_auroc(cells, dataset.masks[:, 2::4, 2::4]) == 1.0
+  assert pixel_metrics.pixel_auroc(cells, dataset.masks[:, 2::4, 2::4]) == 1.0
   scores = predictions['map_scores'][feature_gaussian.NAME]
   assert scores.shape == (4,) and scores[2:].min() > scores[:2].max()
 

@@ -1,15 +1,21 @@
-"""The package's import graph: one-way, and config checks a leaf of it."""
+"""The package's import graph: one-way, programs on top, config checks a
+leaf, and the README's layer table true to it."""
 
 import ast
 import pathlib
+import re
 
 import cavga_jax
+from conftest import REPO_ROOT
 
 PACKAGE = pathlib.Path(cavga_jax.__file__).parent
 
+# The programs: they take a run config; nothing below imports them.
+PROGRAMS = {'train_lib', 'eval_lib', 'predict_lib', 'vae_lib', 'vae_eval_lib',
+            'one_class'}
 # Modules that train or evaluate; the config checks must import none of them.
-PROGRAM_MODULES = {'train_lib', 'eval_lib', 'vae_lib', 'one_class',
-                   'cavga_step', 'training_loop', 'runtime'}
+PROGRAM_MODULES = PROGRAMS | {'cavga_step', 'training_loop', 'runtime',
+                              'evaluation.evaluator', 'evaluation.inference'}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -63,3 +69,50 @@ def test_config_checks_imports_no_training_or_evaluation_module():
         reachable.add(target)
         todo.append(target)
   assert not reachable & PROGRAM_MODULES, sorted(reachable & PROGRAM_MODULES)
+
+
+def test_long_modules_say_why():
+  # A module over 400 lines holds one idea and says why it is long.
+  unexplained = []
+  for path in sorted(PACKAGE.rglob('*.py')):
+    text = path.read_text()
+    if len(text.splitlines()) > 400 and 'Over 400 lines:' not in (
+        ast.get_docstring(ast.parse(text)) or ''):
+      unexplained.append(str(path.relative_to(PACKAGE)))
+  assert not unexplained, unexplained
+
+
+def test_no_module_below_the_programs_imports_one():
+  graph = _imports()
+  offenders = {module: sorted(targets & PROGRAMS)
+               for module, targets in graph.items()
+               if module not in PROGRAMS and targets & PROGRAMS}
+  assert not offenders, offenders
+
+
+def _layer_table() -> dict[str, set[str]]:
+  """README's package layout: layer -> the module names of its row."""
+  text = (pathlib.Path(REPO_ROOT) / 'README.md').read_text()
+  table = text[text.index('| layer | modules |'):].split('\n\n')[0]
+  rows = {}
+  for line in table.splitlines()[2:]:
+    layer, modules = line.strip('|').split('|', 1)
+    rows[layer.strip()] = {name for name in re.findall(
+        r'`([a-z_][a-z_.0-9]*)`', modules) if not name.endswith('.py')}
+  return rows
+
+
+def test_readme_layer_table_names_every_module_and_the_programs():
+  rows = _layer_table()
+  named = set().union(*rows.values())
+  missing = []
+  for module in _imports():
+    parts = module.split('.')
+    # Subpackage modules are named in full (evaluation.x) or, for data and
+    # converters, by their own name or their package's.
+    if not (module in named or parts[-1] in named
+            or (parts[0] in ('data', 'converters') and parts[0] in named)
+            or (PACKAGE / module.replace('.', '/')).is_dir()):
+      missing.append(module)
+  assert not missing, f'not in the README layer table: {missing}'
+  assert rows['programs (take the config)'] == PROGRAMS

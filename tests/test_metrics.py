@@ -1,4 +1,4 @@
-"""Tests for cavga_jax.metrics."""
+"""Tests for cavga_jax.pixel_metrics and cavga_jax.image_metrics."""
 
 import json
 import math
@@ -9,7 +9,8 @@ import pytest
 from scipy import ndimage
 from sklearn import metrics as sk_metrics
 
-from cavga_jax import metrics
+from cavga_jax import image_metrics
+from cavga_jax import pixel_metrics
 from conftest import load_script
 
 _LOCALIZATION_KEYS = {
@@ -82,7 +83,7 @@ def test_pixel_auroc_matches_sklearn():
   masks = rng.random((3, 8, 9)) < 0.2
   maps = rng.random((3, 8, 9)) + 0.5 * masks
   expected = sk_metrics.roc_auc_score(masks.ravel(), maps.ravel())
-  result = metrics.pixel_auroc(maps, masks.astype(np.uint8))
+  result = pixel_metrics.pixel_auroc(maps, masks.astype(np.uint8))
   assert isinstance(result, float)
   assert result == pytest.approx(expected, abs=1e-12)
 
@@ -92,49 +93,50 @@ def test_pixel_auroc_with_ties_matches_sklearn():
   masks = rng.random((3, 8, 9)) < 0.3
   maps = rng.integers(0, 4, size=(3, 8, 9)) + masks * rng.integers(0, 2, (3, 8, 9))
   expected = sk_metrics.roc_auc_score(masks.ravel(), maps.ravel())
-  assert metrics.pixel_auroc(maps, masks) == pytest.approx(expected, abs=1e-12)
+  assert pixel_metrics.pixel_auroc(maps, masks) == pytest.approx(expected,
+                                                                abs=1e-12)
 
 
 def test_pixel_auroc_one_class_raises():
   maps = np.random.default_rng(2).random((2, 4, 4))
   with pytest.raises(ValueError, match='only normal'):
-    metrics.pixel_auroc(maps, np.zeros((2, 4, 4)))
+    pixel_metrics.pixel_auroc(maps, np.zeros((2, 4, 4)))
   with pytest.raises(ValueError, match='only anomalous'):
-    metrics.pixel_auroc(maps, np.ones((2, 4, 4)))
+    pixel_metrics.pixel_auroc(maps, np.ones((2, 4, 4)))
 
 
 def test_shape_mismatch_raises():
   with pytest.raises(ValueError, match='same shape'):
-    metrics.pixel_auroc(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))
+    pixel_metrics.pixel_auroc(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))
   with pytest.raises(ValueError, match=r'\(N, H, W\)'):
-    metrics.aupro(np.zeros((2, 4, 4, 1)), np.zeros((2, 4, 4, 1)))
+    pixel_metrics.aupro(np.zeros((2, 4, 4, 1)), np.zeros((2, 4, 4, 1)))
 
 
 def test_accuracy_at_a_fixed_threshold():
   # Scores above 0.5 are called anomalous: 0.9 (1) right, 0.6 (0) wrong,
   # 0.5 (1) wrong (not strictly greater), 0.1 (0) right.
-  assert metrics.accuracy_at_threshold([0.9, 0.6, 0.5, 0.1], [1, 0, 1, 0],
-                                       0.5) == 0.5
+  assert image_metrics.accuracy_at_threshold([0.9, 0.6, 0.5, 0.1],
+                                             [1, 0, 1, 0], 0.5) == 0.5
   with pytest.raises(ValueError, match='labels must contain only'):
-    metrics.accuracy_at_threshold([0.1, 0.2], [0, 2], 0.5)
+    image_metrics.accuracy_at_threshold([0.1, 0.2], [0, 2], 0.5)
 
 
 def test_image_auroc_matches_sklearn():
   rng = np.random.default_rng(3)
   labels = rng.integers(0, 2, size=50)
   scores = rng.random(50) + 0.3 * labels
-  result = metrics.image_auroc(scores, labels)
+  result = image_metrics.image_auroc(scores, labels)
   assert isinstance(result, float)
   assert result == pytest.approx(
       sk_metrics.roc_auc_score(labels, scores), abs=1e-12)
   tied = np.round(scores * 3)
-  assert metrics.image_auroc(tied, labels) == pytest.approx(
+  assert image_metrics.image_auroc(tied, labels) == pytest.approx(
       sk_metrics.roc_auc_score(labels, tied), abs=1e-12)
 
 
 def test_image_auroc_one_class_raises():
   with pytest.raises(ValueError, match='only normal'):
-    metrics.image_auroc([0.1, 0.2, 0.3], [0, 0, 0])
+    image_metrics.image_auroc([0.1, 0.2, 0.3], [0, 0, 0])
 
 
 # ---------------------------------------------------------------------------
@@ -164,7 +166,7 @@ def test_iou_at_threshold_hand_computed():
   #   P & G = {(0,0), (1,1)} -> 2, P | G = 4 pixels -> IoU 1/2.
   # Image 1: P = {(0,0)}, G = {(0,0), (0,1), (0,2)}; 1 / 3.
   # Image 2 is normal and ignored. Mean: (1/2 + 1/3) / 2 = 5/12.
-  result = metrics.iou_at_threshold(maps, masks, labels, threshold=0.5)
+  result = pixel_metrics.iou_at_threshold(maps, masks, labels, threshold=0.5)
   assert isinstance(result, float)
   assert result == pytest.approx(5 / 12, abs=1e-12)
 
@@ -175,21 +177,22 @@ def test_iou_empty_union_counts_as_zero():
   masks[0, 0, 0] = 1
   maps[0, 0, 0] = 0.9
   # Image 0 has IoU 1; image 1 is labelled anomalous but P and G are empty.
-  assert metrics.iou_at_threshold(maps, masks, [1, 1]) == pytest.approx(0.5)
+  assert pixel_metrics.iou_at_threshold(maps, masks,
+                                        [1, 1]) == pytest.approx(0.5)
 
 
 def test_iou_without_anomalous_images_is_nan():
   maps = np.zeros((2, 3, 3))
-  assert math.isnan(metrics.iou_at_threshold(maps, maps, [0, 0]))
-  assert all(math.isnan(v) for v in metrics.best_iou(maps, maps, [0, 0]))
+  assert math.isnan(pixel_metrics.iou_at_threshold(maps, maps, [0, 0]))
+  assert all(math.isnan(v) for v in pixel_metrics.best_iou(maps, maps, [0, 0]))
 
 
 def test_bad_labels_raise():
   maps = np.zeros((2, 3, 3))
   with pytest.raises(ValueError, match='only 0'):
-    metrics.iou_at_threshold(maps, maps, [0, 2])
+    pixel_metrics.iou_at_threshold(maps, maps, [0, 2])
   with pytest.raises(ValueError, match=r'shape \(2,\)'):
-    metrics.iou_at_threshold(maps, maps, [0, 1, 1])
+    pixel_metrics.iou_at_threshold(maps, maps, [0, 1, 1])
 
 
 def test_best_iou_is_max_over_grid_and_beats_fixed_threshold():
@@ -202,16 +205,18 @@ def test_best_iou_is_max_over_grid_and_beats_fixed_threshold():
   maps = 0.6 * rng.random(masks.shape) + 0.4 * masks
   maps[5, 0, 0], maps[5, 0, 1] = 0.0, 1.0  # Grid range is exactly [0, 1].
 
-  iou, threshold = metrics.best_iou(maps, masks, labels, num_thresholds=200)
+  iou, threshold = pixel_metrics.best_iou(maps, masks, labels,
+                                          num_thresholds=200)
   assert isinstance(iou, float) and isinstance(threshold, float)
-  fixed = metrics.iou_at_threshold(maps, masks, labels, 0.5)
+  fixed = pixel_metrics.iou_at_threshold(maps, masks, labels, 0.5)
   assert iou >= fixed
   # The returned threshold reproduces the returned IoU ...
-  assert metrics.iou_at_threshold(maps, masks, labels,
-                                  threshold) == pytest.approx(iou, abs=1e-12)
+  assert pixel_metrics.iou_at_threshold(
+      maps, masks, labels, threshold) == pytest.approx(iou, abs=1e-12)
   # ... which is the best over the grid plus 0.5.
   grid = np.append(np.linspace(0.0, 1.0, 200), 0.5)
-  brute = max(metrics.iou_at_threshold(maps, masks, labels, t) for t in grid)
+  brute = max(pixel_metrics.iou_at_threshold(maps, masks, labels, t)
+              for t in grid)
   assert iou == pytest.approx(brute, abs=1e-12)
 
 
@@ -221,9 +226,9 @@ def test_best_iou_equals_fixed_threshold_on_binary_maps():
   flips = rng.random(masks.shape) < 0.1
   maps = (masks ^ flips).astype(np.float64)
   labels = np.array([1, 1, 0, 1, 0])
-  iou, _ = metrics.best_iou(maps, masks, labels)
+  iou, _ = pixel_metrics.best_iou(maps, masks, labels)
   assert iou == pytest.approx(
-      metrics.iou_at_threshold(maps, masks, labels, 0.5), abs=1e-12)
+      pixel_metrics.iou_at_threshold(maps, masks, labels, 0.5), abs=1e-12)
 
 
 # ---------------------------------------------------------------------------
@@ -242,14 +247,14 @@ def test_pixel_f1_max_matches_brute_force():
     fp = np.sum(pred & ~targets)
     fn = np.sum(~pred & targets)
     best = max(best, 2 * tp / (2 * tp + fp + fn))
-  result = metrics.pixel_f1_max(maps, masks)
+  result = pixel_metrics.pixel_f1_max(maps, masks)
   assert isinstance(result, float)
   assert result == pytest.approx(best, abs=1e-12)
 
 
 def test_pixel_f1_max_without_anomalous_pixels_raises():
   with pytest.raises(ValueError, match='no anomalous pixel'):
-    metrics.pixel_f1_max(np.zeros((1, 3, 3)), np.zeros((1, 3, 3)))
+    pixel_metrics.pixel_f1_max(np.zeros((1, 3, 3)), np.zeros((1, 3, 3)))
 
 
 # ---------------------------------------------------------------------------
@@ -262,7 +267,7 @@ def test_pixel_f1_max_without_anomalous_pixels_raises():
 def test_aupro_matches_brute_force(seed, max_fpr):
   masks = _blob_masks()
   maps = _noisy_maps(masks, seed)
-  result = metrics.aupro(maps, masks, max_fpr=max_fpr)
+  result = pixel_metrics.aupro(maps, masks, max_fpr=max_fpr)
   assert isinstance(result, float)
   assert result == pytest.approx(
       _brute_force_aupro(maps.astype(np.float64), masks, max_fpr), abs=1e-6)
@@ -271,7 +276,7 @@ def test_aupro_matches_brute_force(seed, max_fpr):
 def test_aupro_matches_brute_force_without_ties():
   masks = _blob_masks()
   maps = np.random.default_rng(9).random(masks.shape) + 0.3 * masks
-  assert metrics.aupro(maps, masks) == pytest.approx(
+  assert pixel_metrics.aupro(maps, masks) == pytest.approx(
       _brute_force_aupro(maps, masks, 0.3), abs=1e-6)
 
 
@@ -283,7 +288,7 @@ def test_aupro_at_an_fpr_limit_on_a_pixel_count(normal_pixels_allowed):
   masks = _blob_masks()
   maps = _noisy_maps(masks, seed=12)
   max_fpr = normal_pixels_allowed / np.count_nonzero(~masks)
-  assert metrics.aupro(maps, masks, max_fpr=max_fpr) == pytest.approx(
+  assert pixel_metrics.aupro(maps, masks, max_fpr=max_fpr) == pytest.approx(
       _brute_force_aupro(maps.astype(np.float64), masks, max_fpr), abs=1e-9)
 
 
@@ -295,7 +300,7 @@ def test_pixel_metrics_with_ties_match_sklearn():
   precision, recall, _ = sk_metrics.precision_recall_curve(masks.ravel(),
                                                            maps.ravel())
   f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
-  result = metrics.localization_metrics(maps, masks, np.ones(5))
+  result = pixel_metrics.localization_metrics(maps, masks, np.ones(5))
   assert result['pixel_f1_max'] == pytest.approx(np.max(f1), abs=1e-12)
   assert result['pixel_auroc'] == pytest.approx(
       sk_metrics.roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
@@ -311,12 +316,13 @@ def test_aupro_uses_8_connectivity():
   # One 4-pixel region: curve (0, 0), (0, 1/4), (1, 1). PRO at FPR 0.3 is
   # 1/4 + 3/4 * 0.3 = 0.475, area 0.3 * (0.25 + 0.475) / 2 = 0.10875, and
   # normalised 0.3625. (Two 4-connected regions would give 0.575.)
-  assert metrics.aupro(maps, masks) == pytest.approx(0.3625, abs=1e-12)
+  assert pixel_metrics.aupro(maps, masks) == pytest.approx(0.3625, abs=1e-12)
 
 
 def test_aupro_perfect_map_is_one():
   masks = _blob_masks()
-  assert metrics.aupro(masks.astype(np.float32), masks) == pytest.approx(1.0)
+  assert pixel_metrics.aupro(masks.astype(np.float32),
+                             masks) == pytest.approx(1.0)
 
 
 def test_aupro_constant_map_is_diagonal():
@@ -324,8 +330,8 @@ def test_aupro_constant_map_is_diagonal():
   # normalised max_fpr / 2.
   masks = _blob_masks()
   maps = np.full(masks.shape, 0.7)
-  assert metrics.aupro(maps, masks, max_fpr=0.3) == pytest.approx(0.15)
-  assert metrics.aupro(maps, masks, max_fpr=1.0) == pytest.approx(0.5)
+  assert pixel_metrics.aupro(maps, masks, max_fpr=0.3) == pytest.approx(0.15)
+  assert pixel_metrics.aupro(maps, masks, max_fpr=1.0) == pytest.approx(0.5)
 
 
 def test_aupro_random_map_is_near_diagonal():
@@ -337,17 +343,17 @@ def test_aupro_random_map_is_near_diagonal():
       y, x = rng.integers(0, 50, size=2)
       masks[index, y:y + rng.integers(3, 14), x:x + rng.integers(3, 14)] = True
   maps = rng.random(masks.shape)
-  assert metrics.aupro(maps, masks) == pytest.approx(0.15, abs=0.02)
+  assert pixel_metrics.aupro(maps, masks) == pytest.approx(0.15, abs=0.02)
 
 
 def test_aupro_undefined_cases_raise():
   maps = np.random.default_rng(11).random((2, 4, 4))
   with pytest.raises(ValueError, match='no anomalous region'):
-    metrics.aupro(maps, np.zeros((2, 4, 4)))
+    pixel_metrics.aupro(maps, np.zeros((2, 4, 4)))
   with pytest.raises(ValueError, match='no normal pixel'):
-    metrics.aupro(maps, np.ones((2, 4, 4)))
+    pixel_metrics.aupro(maps, np.ones((2, 4, 4)))
   with pytest.raises(ValueError, match='max_fpr'):
-    metrics.aupro(maps, np.eye(4)[None].repeat(2, 0), max_fpr=0.0)
+    pixel_metrics.aupro(maps, np.eye(4)[None].repeat(2, 0), max_fpr=0.0)
 
 
 # ---------------------------------------------------------------------------
@@ -358,17 +364,18 @@ def test_aupro_undefined_cases_raise():
 def test_detection_accuracy_hand_computed():
   # Normalised scores [0, 0.1, 0.2, 1] -> predictions [0, 0, 0, 1] against
   # labels [0, 0, 1, 1]: 3 of 4 correct.
-  result = metrics.detection_accuracy([0.0, 1.0, 2.0, 10.0], [0, 0, 1, 1])
+  result = image_metrics.detection_accuracy([0.0, 1.0, 2.0, 10.0], [0, 0, 1, 1])
   assert isinstance(result, float)
   assert result == pytest.approx(0.75)
   # A lower threshold also flags the score 2 (normalised 0.2 > 0.15).
-  assert metrics.detection_accuracy([0.0, 1.0, 2.0, 10.0], [0, 0, 1, 1],
-                                    threshold=0.15) == pytest.approx(1.0)
+  assert image_metrics.detection_accuracy(
+      [0.0, 1.0, 2.0, 10.0], [0, 0, 1, 1],
+      threshold=0.15) == pytest.approx(1.0)
 
 
 def test_detection_accuracy_constant_scores_predict_normal():
-  assert metrics.detection_accuracy([3.0, 3.0, 3.0, 3.0],
-                                    [0, 1, 0, 0]) == pytest.approx(0.75)
+  assert image_metrics.detection_accuracy([3.0, 3.0, 3.0, 3.0],
+                                          [0, 1, 0, 0]) == pytest.approx(0.75)
 
 
 # ---------------------------------------------------------------------------
@@ -380,20 +387,20 @@ def test_localization_metrics_keys_and_values():
   masks = _blob_masks()
   maps = _noisy_maps(masks, seed=12)
   labels = np.array([1, 1, 1, 0])
-  result = metrics.localization_metrics(maps, masks, labels)
+  result = pixel_metrics.localization_metrics(maps, masks, labels)
   assert set(result) == _LOCALIZATION_KEYS
   assert all(type(v) is float for v in result.values())
   assert not any(math.isnan(v) for v in result.values())
-  assert result['aupro'] == pytest.approx(metrics.aupro(maps, masks))
+  assert result['aupro'] == pytest.approx(pixel_metrics.aupro(maps, masks))
   assert result['iou'] == pytest.approx(
-      metrics.iou_at_threshold(maps, masks, labels))
+      pixel_metrics.iou_at_threshold(maps, masks, labels))
   assert result['iou_best'] >= result['iou']
 
 
 def test_localization_metrics_normal_only_gives_nan(caplog):
   maps = np.random.default_rng(13).random((3, 5, 5))
   masks = np.zeros((3, 5, 5), dtype=bool)
-  result = metrics.localization_metrics(maps, masks, [0, 0, 0])
+  result = pixel_metrics.localization_metrics(maps, masks, [0, 0, 0])
   assert set(result) == _LOCALIZATION_KEYS
   assert all(type(v) is float and math.isnan(v) for v in result.values())
   assert 'pixel_auroc' in caplog.text and 'aupro' in caplog.text
@@ -402,18 +409,18 @@ def test_localization_metrics_normal_only_gives_nan(caplog):
 
 def test_localization_metrics_malformed_input_raises():
   with pytest.raises(ValueError, match='same shape'):
-    metrics.localization_metrics(np.zeros((2, 4, 4)), np.zeros((2, 4, 3)),
-                                 [0, 1])
+    pixel_metrics.localization_metrics(np.zeros((2, 4, 4)),
+                                       np.zeros((2, 4, 3)), [0, 1])
 
 
 def test_detection_metrics_keys_and_values(caplog):
-  result = metrics.detection_metrics([0.0, 1.0, 2.0, 10.0], [0, 0, 1, 1])
+  result = image_metrics.detection_metrics([0.0, 1.0, 2.0, 10.0], [0, 0, 1, 1])
   assert set(result) == _DETECTION_KEYS
   assert all(type(v) is float for v in result.values())
   assert result['image_auroc'] == pytest.approx(1.0)
   assert result['detection_accuracy'] == pytest.approx(0.75)
 
-  one_class = metrics.detection_metrics([0.1, 0.5, 0.9], [0, 0, 0])
+  one_class = image_metrics.detection_metrics([0.1, 0.5, 0.9], [0, 0, 0])
   assert math.isnan(one_class['image_auroc'])
   assert one_class['detection_accuracy'] == pytest.approx(2 / 3)
   assert 'image_auroc' in caplog.text

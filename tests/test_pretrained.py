@@ -1,4 +1,4 @@
-"""Tests for ImageNet initialisation (cavga_jax.pretrained and its script).
+"""Tests for ImageNet initialisation: torch_weights, pretrained, the script.
 
 No download and no torch: a random state dict with torchvision resnet18's
 exact keys and shapes stands in for the real weights, and the PyTorch
@@ -22,9 +22,11 @@ import numpy as np
 import pytest
 from safetensors import numpy as safetensors_numpy
 
+from cavga_jax import backbones
 from cavga_jax import errors
 from cavga_jax import models
 from cavga_jax import pretrained
+from cavga_jax import torch_weights
 from conftest import load_script
 
 _IMAGE_SIZE = 64
@@ -39,7 +41,7 @@ _BN_EPS = 1e-5
 def _torchvision_resnet18_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
   """Random weights with torchvision resnet18's state_dict keys and shapes.
 
-  Written out independently of cavga_jax.pretrained so that a mistake in its
+  Written out independently of cavga_jax.torch_weights so that a mistake in its
   key table is not mirrored here. He-scaled convs and BN statistics near 1
   keep activations O(1) through all 8 blocks, so tolerances stay tight.
 
@@ -275,14 +277,14 @@ def test_unreadable_pth_is_one_line_naming_the_file(tmp_path):
   pth.write_bytes(b'not read')
   with pytest.raises(errors.DataError,
                      match='resnet18-f37072fd.pth: cannot read PyTorch') as e:
-    pretrained.read_state_dict(str(pth))
+    torch_weights.read_state_dict(str(pth))
   assert len(str(e.value).splitlines()) == 1
 
 
 def test_convert_strips_data_parallel_prefix(state_dict):
   wrapped = {f'module.{k}': v for k, v in state_dict.items()}
-  assert (pretrained.convert_resnet18_state_dict(wrapped).keys() ==
-          pretrained.convert_resnet18_state_dict(state_dict).keys())
+  assert (torch_weights.convert_resnet18_state_dict(wrapped).keys() ==
+          torch_weights.convert_resnet18_state_dict(state_dict).keys())
 
 
 @pytest.mark.parametrize('change, message', [
@@ -297,7 +299,7 @@ def test_convert_rejects_bad_state_dicts(state_dict, change, message):
   broken = dict(state_dict)
   change(broken)
   with pytest.raises(errors.DataError, match=message):
-    pretrained.convert_resnet18_state_dict(broken, source='x.safetensors')
+    torch_weights.convert_resnet18_state_dict(broken, source='x.safetensors')
 
 
 # ----------------------------------------------------------------------------
@@ -364,7 +366,7 @@ def test_encoder_matches_torch_forward(state_dict, generator, loaded):
         'batch_stats': {'layers_1': encoder_vars['batch_stats']['bn1']},
     }
     stem_out = stem.apply(stem_vars, x)
-    features = models.ResNet18Encoder().apply(encoder_vars, x, False)
+    features = backbones.ResNet18Encoder().apply(encoder_vars, x, False)
     encoded = generator.apply(loaded, x, False, method='encode')
   _assert_close(stem_out, _torch_stem(x_nchw, state_dict).transpose(0, 2, 3, 1))
   expected = _torch_resnet18_features(x_nchw, state_dict).transpose(0, 2, 3, 1)
@@ -436,7 +438,7 @@ def test_load_rejects_missing_or_unreadable_file(tmp_path, variables):
 def _pretrained_tiny_config(config, npz_path: pathlib.Path):
   """configs/tiny.py as CAVGA-R with the ImageNet encoder widths, 32 px."""
   config.model.variant = 'R'
-  config.model.encoder_widths = pretrained.RESNET18_WIDTHS
+  config.model.encoder_widths = torch_weights.RESNET18_WIDTHS
   config.model.decoder_widths = (16, 16, 8, 8, 8)
   config.model.pretrained = str(npz_path)
   config.model.input_norm = 'imagenet'
@@ -462,7 +464,7 @@ def test_train_loads_encoder_and_evaluate_needs_no_file(
 
   arrays = converted_npz[1]
   npz_path = tmp_path / 'resnet18_imagenet.npz'
-  pretrained.write_npz(arrays, str(npz_path))
+  torch_weights.write_npz(arrays, str(npz_path))
   workdir = str(tmp_path / 'run')
   config = _pretrained_tiny_config(tiny_config, npz_path)
 

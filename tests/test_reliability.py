@@ -11,7 +11,6 @@ import sys
 
 from absl import flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 import pytest
 

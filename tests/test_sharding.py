@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from cavga_jax import sharding
-from cavga_jax.errors import CavgaError
 
 
 @pytest.fixture(scope='module')

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from cavga_jax.data import sprite_renderer
 from cavga_jax.data import sprites
 from cavga_jax.errors import DataError
 
@@ -27,15 +28,15 @@ def _full_frame(ds: sprites.RenderedSprites, factors: np.ndarray
   """Reference renderer: tests every pixel of the 64x64 frame (no window)."""
   out = np.zeros((len(factors), 64, 64, 1), np.uint8)
   grid = np.arange(64) + 0.5
-  span = 64 - 2 * sprites._MARGIN
+  span = 64 - 2 * sprite_renderer._MARGIN
   for i, row in enumerate(factors):
     shape, scale, theta, x, y = (v[k] for v, k in zip(ds.values, row))
-    dx = grid[None, :] - (sprites._MARGIN + x * span)
-    dy = grid[:, None] - (sprites._MARGIN + y * span)
-    size = sprites._UNIT * scale
+    dx = grid[None, :] - (sprite_renderer._MARGIN + x * span)
+    dy = grid[:, None] - (sprite_renderer._MARGIN + y * span)
+    size = sprite_renderer._UNIT * scale
     u = (np.cos(theta) * dx - np.sin(theta) * dy) / size
     v = (np.sin(theta) * dx + np.cos(theta) * dy) / size
-    out[i, ..., 0] = sprites._inside(int(shape), u, v) * 255
+    out[i, ..., 0] = sprite_renderer._inside(int(shape), u, v) * 255
   return out
 
 

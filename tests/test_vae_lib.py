@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from cavga_jax import checkpointing
 from cavga_jax import sharding
 from cavga_jax import train_state
+from cavga_jax import vae_eval_lib
 from cavga_jax import vae_lib
 from cavga_jax.errors import CavgaError
 from configs import tiny_dsprites
@@ -31,7 +32,7 @@ def dsprites_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('dsprites')
   config = tiny_dsprites.get_config()
   vae_lib.train(config, str(workdir))
-  return workdir, config, vae_lib.evaluate(config, str(workdir))
+  return workdir, config, vae_eval_lib.evaluate(config, str(workdir))
 
 
 def test_dsprites_train_and_evaluate(dsprites_run):
@@ -102,7 +103,7 @@ def test_pseudo_masks():
   images[0, :, 1] = 200  # a stroke down column 1
   normal_mean = np.zeros((4, 4))
   normal_mean[:, 1] = 0.6  # the normal class draws column 1
-  masks = vae_lib.pseudo_masks(images, normal_mean, support=0.05)
+  masks = vae_eval_lib.pseudo_masks(images, normal_mean, support=0.05)
   expected = np.zeros((1, 4, 4), bool)
   expected[0, 0, [0, 2, 3]] = True
   np.testing.assert_array_equal(masks, expected)
@@ -123,11 +124,11 @@ def test_explain_mnist_one_class(tmp_path):
     config.data.normal_class = normal
     config.eval.explain_class = other
     vae_lib.train(config, str(tmp_path))
-    result = vae_lib.evaluate(config, str(tmp_path))
+    result = vae_eval_lib.evaluate(config, str(tmp_path))
     assert result['num_test_images'] == test_counts[normal] + test_counts[other]
     assert result['num_anomalous_images'] == test_counts[other]
     assert math.isfinite(result['image_auroc'])
     assert len(os.listdir(tmp_path / 'eval' / 'panels')) == 2
     config.eval.explain_class = normal
     with pytest.raises(CavgaError, match='explain_class'):
-      vae_lib.evaluate(config, str(tmp_path))
+      vae_eval_lib.evaluate(config, str(tmp_path))

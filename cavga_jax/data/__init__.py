@@ -22,14 +22,14 @@ from cavga_jax.data import tfds_data
 from cavga_jax.data.folder import AnomalyDataset
 from cavga_jax.data.folder import IMAGE_EXTENSIONS
 from cavga_jax.data.folder import load_split
-from cavga_jax.data.generated import anomalous_image
-from cavga_jax.data.generated import DEFECT_TYPES
 from cavga_jax.data.generated import generate_dataset
-from cavga_jax.data.generated import normal_image
 from cavga_jax.data.pipeline import epoch_permutation_indices
 from cavga_jax.data.pipeline import eval_batches
 from cavga_jax.data.pipeline import quota_batch_indices
 from cavga_jax.data.pipeline import TrainBatches
+from cavga_jax.data.textures import anomalous_image
+from cavga_jax.data.textures import DEFECT_TYPES
+from cavga_jax.data.textures import normal_image
 from cavga_jax.data.weak import apply_weak_split
 from cavga_jax.errors import DataError
 

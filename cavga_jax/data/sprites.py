@@ -16,13 +16,13 @@ pos_y           32     linspace(0, 1, 32)[i] (top to bottom)
 ==============  =====  ==============================================
 
 i.e. 3 * 6 * 40 * 32 * 32 = 737,280 images. Two sources share one interface,
-`FactorDataset`:
+`factor_dataset.FactorDataset`:
 
-* `RenderedSprites` ('rendered_sprites'): a numpy renderer of the grid. No
-  download and no storage: the factors of example ``i`` are
-  ``np.unravel_index(i, factor_sizes)`` (dSprites's own row-major order) and
-  its image is drawn on demand, deterministically (~2 ms for 64 images on a
-  CPU core). The shapes imitate dSprites, they are not its pixels.
+* `RenderedSprites` ('rendered_sprites'): the grid drawn by
+  `sprite_renderer`. No download and no storage: the factors of example
+  ``i`` are ``np.unravel_index(i, factor_sizes)`` (dSprites's own row-major
+  order) and its image is drawn on demand, deterministically (~2 ms for 64
+  images on a CPU core). The shapes imitate dSprites, they are not its pixels.
 * `TfdsSprites` ('dsprites'): the real dSprites through TFDS, read as an
   array_record random-access source (no TensorFlow needed to read; see
   `cavga_jax.data.tfds_data` about preparing).
@@ -33,41 +33,23 @@ with values 0 and 255 in both.
 
 from __future__ import annotations
 
-import abc
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from cavga_jax.data import factor_dataset
+from cavga_jax.data import sprite_renderer
 from cavga_jax.data import tfds_data
 from cavga_jax.errors import DataError
 
-IMAGE_SIZE = 64
 FACTOR_NAMES = ('shape', 'scale', 'orientation', 'pos_x', 'pos_y')
-DSPRITES_FACTOR_SIZES = (3, 6, 40, 32, 32)
-SHAPE_NAMES = ('square', 'ellipse', 'heart')
 SPRITES_DATASETS = ('rendered_sprites', 'dsprites')
 # The TFDS label feature of each factor, in FACTOR_NAMES order.
 TFDS_LABELS = ('label_shape', 'label_scale', 'label_orientation',
                'label_x_position', 'label_y_position')
 _TFDS_NAME = 'dsprites'
-
-# Rendering geometry, in pixels. A shape at scale 1 spans about 2 * _UNIT px
-# (square 16x16, ellipse 21x10, heart 17x16); the farthest point of any
-# shape from its centre, over all rotations, is _MAX_RADIUS * _UNIT * scale,
-# so the centres stay in [_MARGIN, 64 - _MARGIN] and every shape lies inside
-# the image.
-_UNIT = 8.0
-_ELLIPSE_AXES = (1.3, 0.65)
-_HEART_ZOOM, _HEART_SHIFT = 1.1, 0.118
-_MAX_RADIUS = math.sqrt(2.0)  # the square's corner; ellipse 1.3, heart 1.22
-_MARGIN = math.ceil(_MAX_RADIUS * _UNIT) + 1.0
-# Side of the window each shape is drawn in (odd, > 2 * max radius + 2).
-_PATCH = 2 * math.ceil(_MAX_RADIUS * _UNIT) + 3
-# Images per vectorised rendering pass (bounds the float32 temporaries to
-# a few MiB).
-_RENDER_CHUNK = 256
 # Records per batched TFDS read.
 _READ_CHUNK = 1024
 
@@ -76,206 +58,7 @@ _log = logging.getLogger(__name__)
 _one_line = tfds_data._one_line  # pylint: disable=protected-access
 
 
-class FactorDataset(abc.ABC):
-  """A dataset of images with discrete ground-truth factors of variation.
-
-  Subclasses provide `factor_names`, `factor_sizes`, `factors` and
-  `images`; the sampling methods work from the rows of `factors` present,
-  so they are right for the full grid and for any subset of it (a partial
-  dataset, TFDS mock data).
-
-  Attributes:
-    factor_names: (F,) names of the factors.
-    factor_sizes: (F,) number of possible values of each factor; factor k
-      takes integer values in [0, factor_sizes[k]).
-  """
-
-  factor_names: tuple[str, ...]
-  factor_sizes: tuple[int, ...]
-
-  @property
-  @abc.abstractmethod
-  def factors(self) -> np.ndarray:
-    """(N, F) int64: the factor values of every example, row i = example i."""
-
-  @abc.abstractmethod
-  def images(self, indices: np.ndarray) -> np.ndarray:
-    """(n, H, W, C) uint8 images of the examples `indices` ((n,) ints)."""
-
-  @property
-  def num_examples(self) -> int:
-    return int(self.factors.shape[0])
-
-  def factors_of(self, indices: np.ndarray) -> np.ndarray:
-    """(n, F) int64 factors of the examples `indices` ((n,) ints)."""
-    return self.factors[_check_indices(indices, self.num_examples)]
-
-  @property
-  def num_factors(self) -> int:
-    return len(self.factor_names)
-
-  def sample_indices(self, n: int, rng: np.random.Generator) -> np.ndarray:
-    """(n,) int64 example indices drawn uniformly, with replacement."""
-    _check_count(n)
-    return rng.integers(0, self.num_examples, size=n, dtype=np.int64)
-
-  def sample_indices_with_fixed_factor(
-      self, factor: int, n: int, rng: np.random.Generator
-  ) -> tuple[int, np.ndarray]:
-    """n examples that share one value of `factor`.
-
-    The value is drawn uniformly among the values of `factor` present in the
-    dataset, then n examples having it are drawn uniformly with replacement
-    (on the full grid: the other factors are uniform and independent).
-
-    Args:
-      factor: the factor index in [0, F).
-      n: number of examples.
-      rng: the random generator.
-
-    Returns:
-      (value, indices): the fixed value and (n,) int64 example indices.
-    """
-    _check_count(n)
-    values, order, starts, counts = self._groups(self._check_factor(factor))
-    j = rng.integers(len(values))
-    picks = starts[j] + rng.integers(0, counts[j], size=n)
-    return int(values[j]), order[picks]
-
-  def _check_factor(self, factor: int) -> int:
-    if not 0 <= factor < self.num_factors:
-      raise ValueError(f'factor must be in [0, {self.num_factors}), got '
-                       f'{factor!r}')
-    return int(factor)
-
-  def _groups(self, factor: int) -> tuple[np.ndarray, ...]:
-    """(values present, example order sorted by value, group starts, counts)."""
-    cache = self.__dict__.setdefault('_group_cache', {})
-    if factor not in cache:
-      column = self.factors[:, factor]
-      order = np.argsort(column, kind='stable')
-      values, starts, counts = np.unique(column[order], return_index=True,
-                                         return_counts=True)
-      cache[factor] = (values, order.astype(np.int64), starts, counts)
-    return cache[factor]
-
-
-def _check_count(n: int) -> None:
-  if n < 0:
-    raise ValueError(f'the number of examples must be >= 0, got {n}')
-
-
-def _check_indices(indices: np.ndarray, num_examples: int) -> np.ndarray:
-  indices = np.asarray(indices)
-  if indices.ndim != 1 or not (indices.size == 0 or np.issubdtype(
-      indices.dtype, np.integer)):
-    raise ValueError(f'indices must be a 1-D integer array, got shape '
-                     f'{indices.shape} and dtype {indices.dtype}')
-  if indices.size and (indices.min() < 0 or indices.max() >= num_examples):
-    raise IndexError(f'example indices must be in [0, {num_examples}), got '
-                     f'[{indices.min()}, {indices.max()}]')
-  return indices.astype(np.int64)
-
-
-def factor_values(sizes: Sequence[int] = DSPRITES_FACTOR_SIZES
-                  ) -> tuple[np.ndarray, ...]:
-  """The physical value of each factor index (the table in the module doc).
-
-  Args:
-    sizes: (shape, scale, orientation, pos_x, pos_y) grid sizes; shape must
-      be 3.
-
-  Returns:
-    Five float32 arrays: shape ids 0..2, scales, orientations (radians),
-    x and y positions in [0, 1].
-  """
-  shapes, scales, orientations, xs, ys = sizes
-  return (np.arange(shapes, dtype=np.float32),
-          np.linspace(0.5, 1.0, scales, dtype=np.float32),
-          np.linspace(0.0, 2 * np.pi, orientations, dtype=np.float32),
-          np.linspace(0.0, 1.0, xs, dtype=np.float32),
-          np.linspace(0.0, 1.0, ys, dtype=np.float32))
-
-
-def _inside(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-  """Whether the shape-frame points (u right, v down, unit size) are inside."""
-  if shape == 0:  # square of half side 1
-    return np.maximum(np.abs(u), np.abs(v)) <= 1.0
-  if shape == 1:  # ellipse, long axis along u
-    a, b = _ELLIPSE_AXES
-    return (u / a) ** 2 + (v / b) ** 2 <= 1.0
-  # Heart: (X^2 + Y^2 - 1)^3 <= X^2 Y^3 with Y up, pointing down in the image,
-  # shifted so its bounding box is centred.
-  x = u * _HEART_ZOOM
-  y = _HEART_SHIFT - v * _HEART_ZOOM
-  r = x * x + y * y - 1.0
-  return r * r * r <= x * x * y * y * y
-
-
-def render_sprites(shape: np.ndarray, scale: np.ndarray,
-                   orientation: np.ndarray, pos_x: np.ndarray,
-                   pos_y: np.ndarray) -> np.ndarray:
-  """Draws dSprites-like images from physical factor values.
-
-  A pixel is white (255) when its centre lies inside the shape: the unit
-  shape (square, ellipse or heart; see `_inside`) scaled by `_UNIT * scale`
-  px, rotated by `orientation` radians (counter-clockwise on screen) about
-  its centre, centred at `_MARGIN + pos * (64 - 2 * _MARGIN)` px (x: column,
-  y: row).
-
-  Args:
-    shape: (n,) int shape ids (0 square, 1 ellipse, 2 heart).
-    scale: (n,) scales in [0.5, 1].
-    orientation: (n,) angles in radians.
-    pos_x: (n,) horizontal positions in [0, 1].
-    pos_y: (n,) vertical positions in [0, 1].
-
-  Returns:
-    (n, 64, 64, 1) uint8 images with values 0 and 255.
-  """
-  shape = np.asarray(shape, np.int64)
-  n = shape.shape[0]
-  if n and (shape.min() < 0 or shape.max() >= len(SHAPE_NAMES)):
-    raise ValueError(f'shape ids must be in [0, {len(SHAPE_NAMES)}), got '
-                     f'[{shape.min()}, {shape.max()}]')
-  out = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 1), np.uint8)
-  span = IMAGE_SIZE - 2 * _MARGIN
-  # Each shape is drawn in a _PATCH x _PATCH window around its centre (it
-  # fits: its radius is at most _MAX_RADIUS * _UNIT < _PATCH / 2 - 1), then
-  # pasted into the black image: 5-6x fewer pixels to test than 64 x 64.
-  offsets = np.arange(_PATCH)
-  params = [np.asarray(p, np.float32)
-            for p in (scale, orientation, pos_x, pos_y)]
-  for start in range(0, n, _RENDER_CHUNK):
-    stop = min(start + _RENDER_CHUNK, n)
-    s, theta, x, y = (p[start:stop] for p in params)
-    cx = _MARGIN + x * span
-    cy = _MARGIN + y * span
-    ox = np.clip(np.floor(cx).astype(np.int64) - _PATCH // 2, 0,
-                 IMAGE_SIZE - _PATCH)
-    oy = np.clip(np.floor(cy).astype(np.int64) - _PATCH // 2, 0,
-                 IMAGE_SIZE - _PATCH)
-    # Pixel centre minus shape centre, in px.
-    dx = ((ox[:, None] + offsets + 0.5) - cx[:, None])[:, None, :]  # (m,1,P)
-    dy = ((oy[:, None] + offsets + 0.5) - cy[:, None])[:, :, None]  # (m,P,1)
-    cos = np.cos(theta)[:, None, None]
-    sin = np.sin(theta)[:, None, None]
-    size = (_UNIT * s)[:, None, None]
-    # Rotating the shape by +theta counter-clockwise on screen (y down) is
-    # rotating the pixel offsets by -theta into the shape frame.
-    u = ((cos * dx - sin * dy) / size).astype(np.float32)   # (m, P, P)
-    v = ((sin * dx + cos * dy) / size).astype(np.float32)
-    patch = np.empty(u.shape, np.uint8)
-    for k in np.unique(shape[start:stop]):
-      rows = np.flatnonzero(shape[start:stop] == k)
-      patch[rows] = _inside(int(k), u[rows], v[rows]) * np.uint8(255)
-    m = np.arange(start, stop)[:, None, None]
-    out[m, (oy[:, None] + offsets)[:, :, None],
-        (ox[:, None] + offsets)[:, None, :], 0] = patch
-  return out
-
-
-class RenderedSprites(FactorDataset):
+class RenderedSprites(factor_dataset.FactorDataset):
   """The dSprites grid drawn with numpy: no download, no storage.
 
   Example i has the factors ``np.unravel_index(i, factor_sizes)`` (shape
@@ -305,9 +88,9 @@ class RenderedSprites(FactorDataset):
           size, (int, np.integer)) or size < 1:
         raise DataError(f'rendered_sprites: {name} must be a positive '
                         f'integer, got {size!r}')
-    self.factor_sizes = (len(SHAPE_NAMES), int(scales), int(orientations),
-                         int(positions), int(positions))
-    self.values = factor_values(self.factor_sizes)
+    self.factor_sizes = (len(sprite_renderer.SHAPE_NAMES), int(scales),
+                         int(orientations), int(positions), int(positions))
+    self.values = sprite_renderer.factor_values(self.factor_sizes)
     self._factors = None
 
   @property
@@ -323,7 +106,7 @@ class RenderedSprites(FactorDataset):
 
   def factors_of(self, indices: np.ndarray) -> np.ndarray:
     """(n, 5) int64 factors of the examples `indices` (no table needed)."""
-    indices = _check_indices(indices, self.num_examples)
+    indices = factor_dataset.check_indices(indices, self.num_examples)
     return np.stack(np.unravel_index(indices, self.factor_sizes), axis=1)
 
   def indices_of(self, factors: np.ndarray) -> np.ndarray:
@@ -340,8 +123,8 @@ class RenderedSprites(FactorDataset):
         factors >= np.asarray(self.factor_sizes)).any()):
       raise IndexError(f'factor values must be in [0, size) with sizes '
                        f'{self.factor_sizes}')
-    return render_sprites(*(values[column] for values, column in zip(
-        self.values, factors.T)))
+    return sprite_renderer.render_sprites(*(
+        values[column] for values, column in zip(self.values, factors.T)))
 
   def images(self, indices: np.ndarray) -> np.ndarray:
     """(n, 64, 64, 1) uint8 images (0 or 255) of the examples `indices`."""
@@ -351,7 +134,7 @@ class RenderedSprites(FactorDataset):
       self, factor: int, n: int, rng: np.random.Generator
   ) -> tuple[int, np.ndarray]:
     """As `FactorDataset`'s, drawing the free factors directly (no table)."""
-    _check_count(n)
+    factor_dataset.check_count(n)
     factor = self._check_factor(factor)
     value = int(rng.integers(self.factor_sizes[factor]))
     factors = np.stack([rng.integers(0, size, size=n, dtype=np.int64)
@@ -377,7 +160,7 @@ def _labels(records: list[Any]) -> np.ndarray:
                     np.int64).reshape(len(records), len(TFDS_LABELS))
 
 
-class TfdsSprites(FactorDataset):
+class TfdsSprites(factor_dataset.FactorDataset):
   """dSprites from TFDS ('dsprites'), read without TensorFlow.
 
   The factor table comes from the `label_shape`, `label_scale`,
@@ -469,8 +252,9 @@ class TfdsSprites(FactorDataset):
 
   def images(self, indices: np.ndarray) -> np.ndarray:
     """(n, 64, 64, 1) uint8 images (0 or 255) of the examples `indices`."""
-    indices = _check_indices(indices, self.num_examples)
-    out = np.zeros((len(indices), IMAGE_SIZE, IMAGE_SIZE, 1), np.uint8)
+    indices = factor_dataset.check_indices(indices, self.num_examples)
+    size = sprite_renderer.IMAGE_SIZE
+    out = np.zeros((len(indices), size, size, 1), np.uint8)
     try:
       records = _get_records(self._source, indices.tolist())
     except Exception as e:  # pylint: disable=broad-except
@@ -478,7 +262,7 @@ class TfdsSprites(FactorDataset):
                       f'({_one_line(e)})') from None
     for i, (key, record) in enumerate(zip(indices, records)):
       image = np.asarray(record['image'])
-      if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 1):
+      if image.shape != (size, size, 1):
         raise DataError(f'{self._where}: record {key} has an image of shape '
                         f'{image.shape}, expected (64, 64, 1)')
       out[i] = (image > 0) * np.uint8(255)
@@ -488,7 +272,7 @@ class TfdsSprites(FactorDataset):
 def load_sprites(name: str, data_dir: str | None = None,
                  download: bool = True, scales: int = 6,
                  orientations: int = 40, positions: int = 32
-                 ) -> FactorDataset:
+                 ) -> factor_dataset.FactorDataset:
   """The ground-truth-factor dataset called `name`.
 
   Args:
@@ -512,7 +296,8 @@ def load_sprites(name: str, data_dir: str | None = None,
     return RenderedSprites(scales=scales, orientations=orientations,
                            positions=positions)
   if name == _TFDS_NAME:
-    if (scales, orientations, positions) != DSPRITES_FACTOR_SIZES[1:4]:
+    if ((scales, orientations, positions)
+        != sprite_renderer.DSPRITES_FACTOR_SIZES[1:4]):
       raise DataError(f'{name}: the grid sizes (scales={scales}, '
                       f'orientations={orientations}, positions={positions}) '
                       f'apply to rendered_sprites only')

@@ -88,6 +88,9 @@ def normal_training_images(train_ds: data.AnomalyDataset) -> np.ndarray:
 class Evaluator:
   """``evaluator(params, batch_stats[, fitted]) -> (metrics, predictions)``.
 
+  Its jitted steps are attributes: ``eval_step`` and ``normal_step``
+  (``inference``) and ``add_fitted_maps(outputs, fitted)`` (``fitting``).
+
   Args:
     generator: the generator module.
     dataset: the test set.
@@ -111,7 +114,7 @@ class Evaluator:
                mesh: jax.sharding.Mesh,
                normal_images: np.ndarray | None = None,
                feature_variables: Any = None):
-    self.dataset, self.mesh = dataset, mesh
+    self.generator, self.dataset, self.mesh = generator, dataset, mesh
     self.batch_size = int(eval_config.batch_size)
     self.headline = eval_field(eval_config, 'map')
     self.quantile = float(eval_field(eval_config, 'threshold_quantile'))
@@ -119,16 +122,16 @@ class Evaluator:
     self.settings = map_settings(eval_config, self.image_size)
     self.knn = knn_settings(eval_config)
     self.feature_variables = feature_variables
-    self._add_fitted_maps = jax.jit(functools.partial(
+    self.add_fitted_maps = jax.jit(functools.partial(
         fitting.add_fitted_maps, image_size=self.image_size,
         settings=self.settings,
         knn_chunk=self.knn.chunk if self.knn else 1))
     features = feature_settings(eval_config)
     options = layers.compiler_options(generator.conv_impl)
-    self._eval_step = jax.jit(
+    self.eval_step = jax.jit(
         inference.make_eval_step(generator, self.settings, features,
                                  knn=self.knn), compiler_options=options)
-    self._normal_step = jax.jit(
+    self.normal_step = jax.jit(
         inference.make_normal_step(generator, self.settings, features,
                                    self.knn), compiler_options=options)
     self.fit_images = self.held_out = None
@@ -146,9 +149,9 @@ class Evaluator:
 
   def _predict(self, params, batch_stats, fitted, images, what):
     def step(batch):
-      out = self._eval_step(params, batch_stats, batch,
+      out = self.eval_step(params, batch_stats, batch,
                             self.feature_variables)
-      return self._add_fitted_maps(out, fitted) if fitted else out
+      return self.add_fitted_maps(out, fitted) if fitted else out
 
     return inference.predict(step, images, self.batch_size, self.mesh, what)
 
@@ -159,7 +162,7 @@ class Evaluator:
     if self.fit_images is not None:
       fitted = fitting.fit_statistics(
           inference.host_batches(
-              self._step(self._normal_step, params, batch_stats),
+              self._step(self.normal_step, params, batch_stats),
               self.fit_images, self.batch_size, self.mesh,
               'normal training images'), self.knn, self.mesh)
     if self.held_out is not None:

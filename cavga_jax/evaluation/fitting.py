@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp

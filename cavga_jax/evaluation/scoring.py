@@ -17,7 +17,8 @@ import numpy as np
 
 from cavga_jax import anomaly_maps
 from cavga_jax import data
-from cavga_jax import metrics
+from cavga_jax import image_metrics
+from cavga_jax import pixel_metrics
 from cavga_jax.evaluation import registry
 
 
@@ -75,18 +76,18 @@ def map_metrics(anomaly_map: np.ndarray, image_scores: np.ndarray,
   if thresholds is not None:
     pixel_threshold, image_threshold = thresholds[:2]
     result = dict(
-        iou_held_out=metrics.iou_at_threshold(
+        iou_held_out=pixel_metrics.iou_at_threshold(
             anomaly_map, dataset.masks, dataset.labels, pixel_threshold),
-        detection_accuracy_held_out=metrics.accuracy_at_threshold(
+        detection_accuracy_held_out=image_metrics.accuracy_at_threshold(
             image_scores, dataset.labels, image_threshold),
         threshold_held_out=pixel_threshold,
         image_threshold_held_out=image_threshold)
   if unbounded:
     low, high = float(anomaly_map.min()), float(anomaly_map.max())
     anomaly_map = (anomaly_map - low) / max(high - low, 1e-12)
-  result.update(metrics.localization_metrics(anomaly_map, dataset.masks,
+  result.update(pixel_metrics.localization_metrics(anomaly_map, dataset.masks,
                                              dataset.labels))
-  result.update(metrics.detection_metrics(image_scores, dataset.labels))
+  result.update(image_metrics.detection_metrics(image_scores, dataset.labels))
   return result
 
 
@@ -128,7 +129,7 @@ def compute_metrics(predictions: dict[str, Any],
                 num_anomalous_images=int(dataset.labels.sum()), map=headline)
   result.update({k: v for k, v in per_map[headline].items()
                  if k not in _HEADLINE_DETECTION + ('detection_accuracy',)})
-  result.update(metrics.detection_metrics(predictions['score'],
+  result.update(image_metrics.detection_metrics(predictions['score'],
                                           dataset.labels))
   # The flat image_auroc above is SPEC's s_a, the reconstruction error, which
   # the feature and combined maps beat on every category we measured.
@@ -138,7 +139,7 @@ def compute_metrics(predictions: dict[str, Any],
   result['maps'] = per_map
   if 'p_anomalous' in predictions:
     p_anomalous = predictions['p_anomalous']
-    result['image_auroc_classifier'] = metrics.detection_metrics(
+    result['image_auroc_classifier'] = image_metrics.detection_metrics(
         p_anomalous, dataset.labels)['image_auroc']
     result['classifier_accuracy'] = float(np.mean(
         (p_anomalous > 0.5) == (dataset.labels == 1)))

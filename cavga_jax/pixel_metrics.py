@@ -1,133 +1,31 @@
-"""Anomaly detection and localization metrics for CAVGA's evaluation protocol.
+"""Pixel-level (localization) metrics: AUROC, IoU, best F1 and AU-PRO.
 
-Everything here runs on the host with numpy, scipy and scikit-learn and knows
-nothing about the model: callers pass numpy arrays (or anything `np.asarray`
-accepts, e.g. JAX arrays, which are copied to the host).
+Conventions and errors are `metric_checks`'s; every function takes
+``(N, H, W)`` anomaly maps and masks (plus ``(N,)`` labels for the IoUs).
+The threshold-free metrics (AUROC, best F1, the PRO curve) share one ranking
+of the pixels (`_RankedPixels`); `localization_metrics` gathers all of them.
 
-Conventions shared by all functions:
-
-* ``anomaly_maps`` has shape ``(N, H, W)``; higher means more anomalous.
-* ``masks`` has shape ``(N, H, W)``; a nonzero pixel is anomalous (ground
-  truth), so bool, 0/1 and 0/255 masks all work.
-* ``labels`` has shape ``(N,)`` with values in {0, 1}; 1 is anomalous.
-* ``scores`` has shape ``(N,)``; higher means more anomalous.
-
-Metrics that are undefined for the data given (e.g. an AUROC when only one
-class is present) raise `UndefinedMetricError`, a `ValueError`. The gatherers
-`localization_metrics` and `detection_metrics` turn those into ``nan`` and log
-why, so that one normal-only category does not abort a whole evaluation run.
+Over 400 lines: one idea, the localization metrics an evaluation reports per
+map, and most of the length is their docstrings (each states its exact
+definition and tie conventions, which the published numbers depend on). The
+metrics share the validated float64 maps and the one pixel ranking that
+`localization_metrics` computes once per map; splitting the IoUs from the
+ranked metrics would only spread that gatherer over two modules.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 import logging
 from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
-from sklearn import metrics as sk_metrics
+
+from cavga_jax import metric_checks
 
 # MVTec AD's official evaluation code labels ground-truth regions with a 3x3
 # all-ones structure, i.e. 8-connectivity; AUPRO numbers are only comparable
 # with published ones if regions are defined the same way.
 _REGION_STRUCTURE = np.ones((3, 3), dtype=int)
-
-
-class UndefinedMetricError(ValueError):
-  """A metric is undefined for the data given (e.g. only one class present)."""
-
-
-# ---------------------------------------------------------------------------
-# Input validation.
-# ---------------------------------------------------------------------------
-
-
-def _maps_and_masks(anomaly_maps: Any,
-                    masks: Any) -> tuple[np.ndarray, np.ndarray]:
-  """Validates and converts maps and masks.
-
-  Args:
-    anomaly_maps: (N, H, W) real-valued anomaly maps.
-    masks: (N, H, W) ground-truth masks; nonzero means anomalous.
-
-  Returns:
-    maps: (N, H, W) float64.
-    gt: (N, H, W) bool.
-
-  Raises:
-    ValueError: on a shape mismatch or non-finite map values.
-  """
-  maps = np.asarray(anomaly_maps, dtype=np.float64)
-  gt = np.asarray(masks)
-  if maps.ndim != 3:
-    raise ValueError(
-        f'anomaly_maps must have shape (N, H, W), got shape {maps.shape}.')
-  if gt.shape != maps.shape:
-    raise ValueError(
-        f'masks must have the same shape as anomaly_maps {maps.shape}, got '
-        f'shape {gt.shape}.')
-  if maps.size == 0:
-    raise ValueError('anomaly_maps is empty.')
-  if not np.all(np.isfinite(maps)):
-    raise ValueError('anomaly_maps contain NaN or infinite values.')
-  return maps, gt > 0
-
-
-def _binary_labels(labels: Any, num_items: int, name: str = 'labels'
-                  ) -> np.ndarray:
-  """Validates (N,) labels in {0, 1} and returns them as an (N,) bool array."""
-  labels = np.asarray(labels)
-  if labels.shape != (num_items,):
-    raise ValueError(
-        f'{name} must have shape ({num_items},), got shape {labels.shape}.')
-  if not np.all((labels == 0) | (labels == 1)):
-    raise ValueError(
-        f'{name} must contain only 0 (normal) and 1 (anomalous), got values '
-        f'{np.unique(labels)[:10]}.')
-  return labels == 1
-
-
-def _scores_and_labels(scores: Any,
-                       labels: Any) -> tuple[np.ndarray, np.ndarray]:
-  """Validates image scores and labels.
-
-  Args:
-    scores: (N,) real-valued image anomaly scores.
-    labels: (N,) labels in {0, 1}.
-
-  Returns:
-    scores: (N,) float64.
-    labels: (N,) bool.
-
-  Raises:
-    ValueError: on bad shapes, values or an empty input.
-  """
-  scores = np.asarray(scores, dtype=np.float64)
-  if scores.ndim != 1:
-    raise ValueError(f'scores must have shape (N,), got shape {scores.shape}.')
-  if scores.size == 0:
-    raise ValueError('scores is empty.')
-  if not np.all(np.isfinite(scores)):
-    raise ValueError('scores contain NaN or infinite values.')
-  return scores, _binary_labels(labels, scores.shape[0])
-
-
-def _require_both_classes(targets: np.ndarray, what: str) -> None:
-  """Raises UndefinedMetricError unless bool `targets` holds both classes."""
-  _require_both_counts(int(np.count_nonzero(targets)), targets.size, what)
-
-
-def _require_both_counts(num_positive: int, total: int, what: str) -> None:
-  """Raises UndefinedMetricError unless 0 < num_positive < total."""
-  if num_positive == 0 or num_positive == total:
-    only = 'anomalous' if num_positive else 'normal'
-    raise UndefinedMetricError(
-        f'{what} contain only {only} entries ({total} in total); the '
-        'metric needs both normal and anomalous ones.')
-
-
-# ---------------------------------------------------------------------------
-# Pixel-level (localization) metrics.
-# ---------------------------------------------------------------------------
 
 
 class _RankedPixels(NamedTuple):
@@ -157,9 +55,9 @@ def _auroc(ranked: _RankedPixels) -> float:
   It equals the trapezoid area under the ROC curve over every distinct
   threshold (scikit-learn's `roc_auc_score`); integer counts keep it exact.
   """
-  _require_both_counts(ranked.anomalous.size,
-                       ranked.anomalous.size + ranked.normal.size,
-                       'masks (pixels)')
+  metric_checks.require_both_counts(
+      ranked.anomalous.size, ranked.anomalous.size + ranked.normal.size,
+      'masks (pixels)')
   below = np.searchsorted(ranked.normal, ranked.anomalous, side='left')
   not_above = np.searchsorted(ranked.normal, ranked.anomalous, side='right')
   pairs = 2 * ranked.anomalous.size * ranked.normal.size
@@ -178,10 +76,11 @@ def pixel_auroc(anomaly_maps: Any, masks: Any) -> float:
     `roc_auc_score` of the flattened pixels).
 
   Raises:
-    UndefinedMetricError: if the masks contain only one class.
+    metric_checks.UndefinedMetricError: if the masks contain only one class.
     ValueError: on malformed inputs.
   """
-  return _auroc(_rank_pixels(*_maps_and_masks(anomaly_maps, masks)))
+  return _auroc(_rank_pixels(*metric_checks.maps_and_masks(anomaly_maps,
+                                                           masks)))
 
 
 def iou_at_threshold(anomaly_maps: Any,
@@ -210,8 +109,8 @@ def iou_at_threshold(anomaly_maps: Any,
   Raises:
     ValueError: on malformed inputs.
   """
-  maps, gt = _maps_and_masks(anomaly_maps, masks)
-  anomalous = _binary_labels(labels, maps.shape[0])
+  maps, gt = metric_checks.maps_and_masks(anomaly_maps, masks)
+  anomalous = metric_checks.binary_labels(labels, maps.shape[0])
   if not anomalous.any():
     return float('nan')
   pred = maps[anomalous] > threshold
@@ -291,8 +190,8 @@ def best_iou(anomaly_maps: Any,
   """
   if num_thresholds < 2:
     raise ValueError(f'num_thresholds must be at least 2, got {num_thresholds}.')
-  maps, gt = _maps_and_masks(anomaly_maps, masks)
-  anomalous = _binary_labels(labels, maps.shape[0])
+  maps, gt = metric_checks.maps_and_masks(anomaly_maps, masks)
+  anomalous = metric_checks.binary_labels(labels, maps.shape[0])
   if not anomalous.any():
     return float('nan'), float('nan')
   low, high = float(maps.min()), float(maps.max())
@@ -314,7 +213,7 @@ def _f1_max(ranked: _RankedPixels) -> float:
   """
   num_anomalous = ranked.anomalous.size
   if not num_anomalous:
-    raise UndefinedMetricError(
+    raise metric_checks.UndefinedMetricError(
         'masks contain no anomalous pixel, so the pixel F1 score is undefined.')
   thresholds = ranked.anomalous
   true_pos = num_anomalous - np.searchsorted(ranked.anomalous, thresholds,
@@ -336,10 +235,12 @@ def pixel_f1_max(anomaly_maps: Any, masks: Any) -> float:
     (the maximum over scikit-learn's `precision_recall_curve`).
 
   Raises:
-    UndefinedMetricError: if no pixel is anomalous (recall is undefined).
+    metric_checks.UndefinedMetricError: if no pixel is anomalous (recall is
+      undefined).
     ValueError: on malformed inputs.
   """
-  return _f1_max(_rank_pixels(*_maps_and_masks(anomaly_maps, masks)))
+  return _f1_max(_rank_pixels(*metric_checks.maps_and_masks(anomaly_maps,
+                                                            masks)))
 
 
 def _region_weights(gt: np.ndarray) -> np.ndarray:
@@ -351,8 +252,8 @@ def _region_weights(gt: np.ndarray) -> np.ndarray:
   weights are in the order of `maps[gt]`.
 
   Raises:
-    UndefinedMetricError: if there is no ground-truth region or no normal
-      pixel.
+    metric_checks.UndefinedMetricError: if there is no ground-truth region or
+      no normal pixel.
   """
   # Unique region ids across images, so that one bincount sizes them all.
   region_ids = np.zeros(gt.shape, dtype=np.int64)
@@ -362,10 +263,10 @@ def _region_weights(gt: np.ndarray) -> np.ndarray:
     region_ids[index] = np.where(labeled > 0, labeled + num_regions, 0)
     num_regions += count
   if num_regions == 0:
-    raise UndefinedMetricError(
+    raise metric_checks.UndefinedMetricError(
         'masks contain no anomalous region, so the PRO curve is undefined.')
   if np.all(gt):
-    raise UndefinedMetricError(
+    raise metric_checks.UndefinedMetricError(
         'masks contain no normal pixel, so the false positive rate is '
         'undefined.')
   region_pixels = region_ids[gt]
@@ -461,13 +362,13 @@ def aupro(anomaly_maps: Any, masks: Any, max_fpr: float = 0.3) -> float:
     The normalised AUPRO in [0, 1].
 
   Raises:
-    UndefinedMetricError: if there is no ground-truth region or no normal
-      pixel.
+    metric_checks.UndefinedMetricError: if there is no ground-truth region or
+      no normal pixel.
     ValueError: on malformed inputs or `max_fpr` outside (0, 1].
   """
   if not 0.0 < max_fpr <= 1.0:
     raise ValueError(f'max_fpr must be in (0, 1], got {max_fpr}.')
-  maps, gt = _maps_and_masks(anomaly_maps, masks)
+  maps, gt = metric_checks.maps_and_masks(anomaly_maps, masks)
   return _aupro(_rank_pixels(maps, gt), gt, max_fpr)
 
 
@@ -476,91 +377,6 @@ def _aupro(ranked: _RankedPixels, gt: np.ndarray, max_fpr: float) -> float:
   fpr, pro = _pro_curve(ranked, _region_weights(gt), max_fpr)
   return float(_area_up_to(fpr, pro, max_fpr) / max_fpr)
 
-
-# ---------------------------------------------------------------------------
-# Image-level (detection) metrics.
-# ---------------------------------------------------------------------------
-
-
-def image_auroc(scores: Any, labels: Any) -> float:
-  """Area under the ROC curve of image anomaly scores.
-
-  Args:
-    scores: (N,) image anomaly scores.
-    labels: (N,) image labels in {0, 1}.
-
-  Returns:
-    The image-level AUROC in [0, 1].
-
-  Raises:
-    UndefinedMetricError: if the labels contain only one class.
-    ValueError: on malformed inputs.
-  """
-  scores, labels = _scores_and_labels(scores, labels)
-  _require_both_classes(labels, 'labels')
-  return float(sk_metrics.roc_auc_score(labels, scores))
-
-
-def detection_accuracy(scores: Any, labels: Any,
-                       threshold: float = 0.5) -> float:
-  """The CAVGA paper's detection accuracy.
-
-  Scores are min-max normalised over the given (test) set, and an image is
-  predicted anomalous if its normalised score is strictly greater than
-  `threshold`. If all scores are equal, all normalised scores are 0.
-
-  Args:
-    scores: (N,) image anomaly scores.
-    labels: (N,) image labels in {0, 1}.
-    threshold: decision threshold on the normalised scores.
-
-  Returns:
-    The fraction of images classified correctly, in [0, 1].
-
-  Raises:
-    ValueError: on malformed inputs.
-  """
-  scores, labels = _scores_and_labels(scores, labels)
-  low, high = scores.min(), scores.max()
-  if high > low:
-    normalised = (scores - low) / (high - low)
-  else:
-    normalised = np.zeros_like(scores)
-  predictions = normalised > threshold
-  return float(np.mean(predictions == labels))
-
-
-def accuracy_at_threshold(scores: Any, labels: Any, threshold: float) -> float:
-  """Fraction of images classified correctly by ``score > threshold``.
-
-  The threshold is fixed in the scores' own units (e.g. set on normal
-  training images), unlike `detection_accuracy`'s min-max over the test set.
-
-  Args:
-    scores: (N,) image anomaly scores.
-    labels: (N,) image labels in {0, 1}.
-    threshold: an image is predicted anomalous if its score is strictly
-      greater.
-
-  Raises:
-    ValueError: on malformed inputs.
-  """
-  scores, labels = _scores_and_labels(scores, labels)
-  return float(np.mean((scores > threshold) == labels))
-
-
-# ---------------------------------------------------------------------------
-# Gatherers.
-# ---------------------------------------------------------------------------
-
-
-def _or_nan(name: str, metric_fn: Callable[..., Any], *args: Any) -> Any:
-  """Calls metric_fn(*args); on UndefinedMetricError logs and returns nan."""
-  try:
-    return metric_fn(*args)
-  except UndefinedMetricError as e:
-    logging.warning('Metric %s is undefined, reporting nan: %s', name, e)
-    return float('nan')
 
 
 def localization_metrics(anomaly_maps: Any, masks: Any,
@@ -585,8 +401,8 @@ def localization_metrics(anomaly_maps: Any, masks: Any,
   """
   # Validate and convert once: malformed inputs must raise here rather than
   # come out as nan, and the metrics below then skip the float64 copy.
-  maps, gt = _maps_and_masks(anomaly_maps, masks)
-  anomalous = _binary_labels(labels, maps.shape[0])
+  maps, gt = metric_checks.maps_and_masks(anomaly_maps, masks)
+  anomalous = metric_checks.binary_labels(labels, maps.shape[0])
   if not anomalous.any():
     logging.warning(
         'Metrics iou, iou_best and iou_best_threshold are undefined, reporting '
@@ -594,34 +410,11 @@ def localization_metrics(anomaly_maps: Any, masks: Any,
   iou_best, iou_best_threshold = best_iou(maps, gt, anomalous)
   ranked = _rank_pixels(maps, gt)
   return {
-      'pixel_auroc': _or_nan('pixel_auroc', _auroc, ranked),
+      'pixel_auroc': metric_checks.or_nan('pixel_auroc', _auroc, ranked),
       'iou': iou_at_threshold(maps, gt, anomalous, 0.5),
       'iou_best': iou_best,
       'iou_best_threshold': iou_best_threshold,
-      'pixel_f1_max': _or_nan('pixel_f1_max', _f1_max, ranked),
-      'aupro': _or_nan('aupro', _aupro, ranked, gt, 0.3),
+      'pixel_f1_max': metric_checks.or_nan('pixel_f1_max', _f1_max, ranked),
+      'aupro': metric_checks.or_nan('aupro', _aupro, ranked, gt, 0.3),
   }
 
-
-def detection_metrics(scores: Any, labels: Any) -> dict[str, float]:
-  """All image-level detection metrics in one flat dict.
-
-  Metrics undefined for the data (e.g. only one class) are reported as nan,
-  with the reason logged as a warning.
-
-  Args:
-    scores: (N,) image anomaly scores.
-    labels: (N,) image labels in {0, 1}.
-
-  Returns:
-    A dict with float values under the keys 'image_auroc' and
-    'detection_accuracy' (see `detection_accuracy`).
-
-  Raises:
-    ValueError: on malformed inputs.
-  """
-  scores, labels = _scores_and_labels(scores, labels)
-  return {
-      'image_auroc': _or_nan('image_auroc', image_auroc, scores, labels),
-      'detection_accuracy': detection_accuracy(scores, labels),
-  }

@@ -1,0 +1,139 @@
+"""The deployed path's speed: the scorer against the full evaluation step.
+
+  python benchmarks/predict_speed.py --config=mvtec \\
+      --root=../shared/data/mvtec_bottle_256 --category=bottle --rounds=5
+
+For one config at its image size, on the networks training starts from
+(``evaluate.py --untrained``: for configs/mvtec.py CAVGA-E's ImageNet
+encoder; speed does not depend on training):
+
+* ``fit_s``: the fit of the maps on the category's normal training images
+  (``Evaluator.fit``: calibration, feature Gaussians, kNN coreset, held-out
+  thresholds), once, the first call's compilation included;
+* per round, alternating on the same batch of real test images: the
+  scorer of ``config.eval.map`` (``Scorer.score``, what ``predict.py`` runs
+  per batch) and the full evaluation step (``evaluate.py``'s: every batch
+  map with Grad-CAM, the decoder and ``s_a``, then every fitted map);
+  images/s of each from the median over rounds, and their ratio;
+* ``predict_py_images_per_s``: ``predict.py``'s whole loop over the test
+  folder once (decoding, resizing, the overlays and masks written as PNG),
+  the scorer already compiled.
+
+Prints one JSON line. anomalib's PaDiM on the same images:
+``benchmarks/anomalib_padim_predict.py``.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from cavga_jax import eval_lib  # pylint: disable=wrong-import-position
+from cavga_jax import predict_lib  # pylint: disable=wrong-import-position
+from cavga_jax import scorer as scorer_lib  # pylint: disable=wrong-import-position
+
+
+def _median_seconds(fn, repeats: int) -> float:
+  """Median wall time of ``repeats`` calls of ``fn``."""
+  times = []
+  for _ in range(repeats):
+    tic = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - tic)
+  return statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default='mvtec',
+                      help='a module of configs/')
+  parser.add_argument('--root', required=True)
+  parser.add_argument('--category', required=True)
+  parser.add_argument('--image-size', type=int, default=None,
+                      help="default: the config's")
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--repeats', type=int, default=2,
+                      help='calls of each step per round (median)')
+  args = parser.parse_args()
+
+  config = importlib.import_module(
+      f'configs.{args.config}').get_config()
+  config.data.root, config.data.category = args.root, args.category
+  config.eval.batch_size = args.batch
+  if args.image_size:
+    config.data.image_size = args.image_size
+  workdir = tempfile.mkdtemp(prefix='predict_speed_')
+  test_ds, evaluator, _, initial, _ = eval_lib.evaluation_setup(
+      config, workdir, untrained=True)
+  state = initial()
+  params, batch_stats = state.gen_params, state.gen_batch_stats
+  tic = time.perf_counter()
+  fitted = evaluator.fit(params, batch_stats)
+  fit_s = time.perf_counter() - tic
+
+  scorer = scorer_lib.build_scorer(
+      config, evaluator.generator, {'params': params, 'batch_stats': batch_stats},
+      evaluator.feature_variables or {'params': params,
+                                      'batch_stats': batch_stats},
+      fitted, 0)
+  images = test_ds.images[:args.batch]
+
+  # Both to host arrays, as predict.py and evaluate.py use them.
+  def full_step():
+    out = evaluator.eval_step(params, batch_stats, images,
+                              evaluator.feature_variables)
+    return jax.tree.map(np.asarray, evaluator.add_fitted_maps(out, fitted))
+
+  def score():
+    return scorer.score(images)
+
+  compile_s = {}
+  for name, fn in (('scorer', score), ('full_eval_step', full_step)):
+    tic = time.perf_counter()
+    jax.block_until_ready(fn())
+    compile_s[name] = time.perf_counter() - tic
+  rounds = {'scorer': [], 'full_eval_step': []}
+  for _ in range(args.rounds):
+    for name, fn in (('scorer', score), ('full_eval_step', full_step)):
+      rounds[name].append(_median_seconds(fn, args.repeats))
+  per_s = {name: args.batch / statistics.median(times)
+           for name, times in rounds.items()}
+
+  # predict.py's whole loop over the test images' files.
+  files, root = predict_lib.list_inputs(
+      os.path.join(args.root, args.category, 'test'))
+  output = os.path.join(workdir, 'predict')
+  predict_lib.prepare_output(output, files, root, False)
+  tic = time.perf_counter()
+  rows, _ = predict_lib.score_files(scorer, files, root, output, args.batch)
+  predict_s = time.perf_counter() - tic
+  device = jax.devices()[0]
+  print(json.dumps(dict(
+      config=args.config, category=args.category, map=scorer.headline,
+      image_size=scorer.image_size, batch=args.batch,
+      num_normal_images=evaluator.num_normal_images, fit_s=round(fit_s, 2),
+      scorer_images_per_s=round(per_s['scorer'], 3),
+      full_eval_step_images_per_s=round(per_s['full_eval_step'], 3),
+      ratio=round(per_s['scorer'] / per_s['full_eval_step'], 2),
+      round_s={k: [round(t, 3) for t in v] for k, v in rounds.items()},
+      first_call_s={k: round(v, 2) for k, v in compile_s.items()},
+      predict_py_images=len(rows),
+      predict_py_images_per_s=round(len(rows) / predict_s, 3),
+      platform=device.platform, device_kind=device.device_kind,
+      cpu_threads=len(os.sched_getaffinity(0)), jax=jax.__version__,
+      python=platform.python_version())))
+
+
+if __name__ == '__main__':
+  main()
