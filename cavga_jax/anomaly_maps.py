@@ -28,9 +28,11 @@ The maps (higher = more anomalous):
 
 ``prior`` (the test-set mean of the headline map, the same map for every
 image) and ``prior_normal`` (its mean over the normal test images only, which
-cannot know where the defects lie) need the whole test set, so ``eval_lib``
-adds them after the pass; likewise the maps measured against the normal
-training images (``calibration``, ``feature_gaussian``).
+cannot know where the defects lie) need the whole test set, so
+``evaluation.scoring`` adds them; the maps measured against the normal
+training images (``calibration``, ``feature_gaussian``, ``feature_knn``,
+``combined_maps``) are applied by ``evaluation.fitting``. What each map
+reads and whether it is bounded: ``evaluation.registry``.
 
 Image scores: every map also gives a per-image score, the mean of its top
 ``TOP_FRACTION`` (1 %) pixels, a robust maximum: the image mean would drown

@@ -56,12 +56,20 @@ def test_train_then_evaluate_writes_metrics_and_panels(trained_workdir):
     assert 0.0 <= result[key] <= 1.0, key
   assert result['num_test_images'] == 10
   assert result['checkpoint_step'] == 2
-  panels = os.listdir(workdir / 'eval' / 'panels')
-  assert len(panels) == 2 and all(p.endswith('.png') for p in panels)
+  # num_panels 2: each a headline panel and a grid of the other maps.
+  panels = sorted(os.listdir(workdir / 'eval' / 'panels'))
+  assert len(panels) == 4 and all(p.endswith('.png') for p in panels)
+  assert sum(p.endswith('_maps.png') for p in panels) == 2
+  report = (workdir / 'eval' / 'report.html').read_text()
+  assert all(f'panels/{p}' in report for p in panels
+             if not p.endswith('_maps.png'))
   with open(workdir / 'eval' / 'scores.csv') as f:
     lines = f.readlines()
   assert len(lines) == 1 + 10
-  assert all(f'score_{name}' in lines[0] for name in MAPS)
+  # Every map's image score but the priors' (a constant 0).
+  assert all(f'score_{name}' in lines[0] for name in MAPS
+             if name not in ('prior', 'prior_normal'))
+  assert 'score_prior' not in lines[0]
   # Every map with every metric; the SPEC keys hold the headline map's.
   assert result['map'] == 'feature_gaussian'
   assert set(MAPS) <= set(result['maps'])

@@ -37,15 +37,15 @@ Array = jax.Array
 def stage_features(generator: models.CAVGAGenerator,
                    features: feature_gaussian.FeatureSettings | None,
                    knn: feature_knn.KnnSettings | None = None
-                   ) -> Callable[[Any, Array], dict[str, Array]] | None:
+                   ) -> Callable[[Any, Array], dict[str, Array]]:
   """``fn(variables, x) -> {'features', 'knn_features'}`` (those configured).
 
   'features' (B, g, g, dims) are ``feature_gaussian``'s, 'knn_features'
-  (B, g', g', D) ``feature_knn``'s; one encoder pass serves both. None when
-  neither is configured.
+  (B, g', g', D) ``feature_knn``'s; one encoder pass serves both, none when
+  neither is configured (``fn`` returns {}).
   """
   if features is None and knn is None:
-    return None
+    return lambda variables, x: {}
   stages = sorted(set(features.stages if features else ())
                   | set(knn.stages if knn else ()))
   channels = features and feature_gaussian.select_channels(
@@ -138,10 +138,9 @@ def make_eval_step(generator: models.CAVGAGenerator,
       result.update(
           class_attention=outputs['class_attention'],
           p_anomalous=jax.nn.softmax(outputs['logits'])[:, models.ANOMALOUS])
-    if features_fn is not None:
-      result.update(features_fn(
-          feature_variables or {'params': params, 'batch_stats': batch_stats},
-          x))
+    result.update(features_fn(
+        feature_variables or {'params': params, 'batch_stats': batch_stats},
+        x))
     return result
 
   return eval_step
@@ -168,10 +167,9 @@ def make_normal_step(generator: models.CAVGAGenerator,
                       frozenset({registry.RECONSTRUCTION}))
     result = dict(maps=anomaly_maps.compute_maps(outputs, functions,
                                                  settings))
-    if features_fn is not None:
-      result.update(features_fn(
-          feature_variables or {'params': params, 'batch_stats': batch_stats},
-          x))
+    result.update(features_fn(
+        feature_variables or {'params': params, 'batch_stats': batch_stats},
+        x))
     return result
 
   return normal_step
