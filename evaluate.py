@@ -2,7 +2,10 @@
 
   python evaluate.py --config=configs/default.py --workdir=/tmp/cavga
 
-Writes <workdir>/eval/metrics.json, scores.csv and panels/*.png.
+Writes <workdir>/eval/metrics.json, scores.csv, panels/*.png and report.html,
+and the maps fitted on the normal training images to <workdir>/fitted/
+(reused by the next evaluation of the same checkpoint and settings, and by
+predict.py; --refit fits them again).
 --all_checkpoints instead scores every retained checkpoint with all maps and
 writes the learning curve <workdir>/eval_curve.jsonl and eval_curve.png (for
 runs trained without --config.train.eval_every); --untrained scores the
@@ -32,6 +35,10 @@ _UNTRAINED = flags.DEFINE_bool(
     'untrained', False, 'Evaluate the freshly initialised networks of '
     'config.seed instead of a checkpoint (CAVGA; written to '
     '<workdir>/eval_untrained): what training adds to each map.')
+_REFIT = flags.DEFINE_bool(
+    'refit', False, 'Fit the maps on the normal training images again even '
+    'when <workdir>/fitted/ holds them for this checkpoint and settings '
+    '(CAVGA).')
 _CACHE = runtime.define_compilation_cache_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -50,10 +57,11 @@ def main(argv):
     if _CONFIG.value.get('task', 'cavga') != 'cavga':
       raise app.UsageError('--all_checkpoints is for CAVGA configs')
     program = eval_lib.evaluate_checkpoints
-  elif _UNTRAINED.value:
+  elif _UNTRAINED.value or _REFIT.value:
     if _CONFIG.value.get('task', 'cavga') != 'cavga':
-      raise app.UsageError('--untrained is for CAVGA configs')
-    program = functools.partial(eval_lib.evaluate, untrained=True)
+      raise app.UsageError('--untrained and --refit are for CAVGA configs')
+    program = functools.partial(eval_lib.evaluate, untrained=_UNTRAINED.value,
+                                refit=_REFIT.value)
   result = runtime.run_program(program, _CONFIG.value, _WORKDIR.value,
                                _CACHE.value)
   print(json.dumps(result, indent=2, sort_keys=True))

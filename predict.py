@@ -4,7 +4,8 @@
   python predict.py --workdir=/tmp/cavga --input='line3/*.tif' --export=cpu
 
 The workdir must hold a checkpoint and the maps evaluate.py fitted for it
-(<workdir>/fitted/). Writes OUT (default <workdir>/predict): scores.csv (per
+(<workdir>/fitted/), or with --untrained the maps `evaluate.py --untrained`
+fitted. Writes OUT (default <workdir>/predict): scores.csv (per
 file its image score, the decision at the held-out image threshold and the
 maximum of its map), overlays/ and masks/ (one PNG each per image, at the
 image's own size), predict.json, and with --export the serialized scorer
@@ -31,6 +32,10 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Images per call.')
 _EXPORT = flags.DEFINE_list(
     'export', [], 'Also serialize the scorer with jax.export for these '
     'platforms (e.g. cpu or cpu,cuda) to <output>/scorer.')
+_UNTRAINED = flags.DEFINE_bool(
+    'untrained', False, 'Score with the networks training starts from and '
+    'the maps `evaluate.py --untrained` fitted (e.g. configs/mvtec.py\'s '
+    'ImageNet feature maps, which training does not change).')
 _CACHE = runtime.define_compilation_cache_flag()
 flags.mark_flags_as_required(['workdir', 'input'])
 
@@ -43,7 +48,7 @@ def main(argv):
   summary = runtime.run_program(
       lambda _, workdir: predict_lib.predict(
           workdir, _INPUT.value, _OUTPUT.value, _OVERWRITE.value,
-          _BATCH_SIZE.value, _EXPORT.value),
+          _BATCH_SIZE.value, _EXPORT.value, _UNTRAINED.value),
       None, _WORKDIR.value, _CACHE.value)
   print(f'scored {summary.scored} images into {summary.output}'
         + (f'; skipped {len(summary.skipped)}:' if summary.skipped else ''))

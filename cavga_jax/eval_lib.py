@@ -135,7 +135,7 @@ def fitted_maps(config: ml_collections.ConfigDict, workdir: str,
   fitted = None if refit else store.load(directory, key)
   if fitted is None:
     fitted = evaluator.fit(state.gen_params, state.gen_batch_stats)
-    store.save(directory, fitted, key)
+    store.save(directory, fitted, key, config.to_json_best_effort(indent=2))
   return fitted
 
 

@@ -181,7 +181,8 @@ def score_files(scorer: scorer_lib.Scorer, files: Sequence[pathlib.Path],
 
 def predict(workdir: str, input_pattern: str, output: str | None = None,
             overwrite: bool = False, batch_size: int = 8,
-            export_platforms: Sequence[str] = ()) -> PredictSummary:
+            export_platforms: Sequence[str] = (),
+            untrained: bool = False) -> PredictSummary:
   """Scores the images of ``input_pattern`` with ``workdir``'s run.
 
   Args:
@@ -192,6 +193,8 @@ def predict(workdir: str, input_pattern: str, output: str | None = None,
     batch_size: images per scorer call.
     export_platforms: also serialize the scorer for these platforms
       (e.g. ``('cpu',)``) to ``<output>/scorer``.
+    untrained: score with the networks training starts from and the maps
+      ``evaluate.py --untrained`` fitted (``scorer.load_scorer``).
 
   Returns:
     The summary; ``skipped`` non-empty means some files were not scored.
@@ -199,7 +202,7 @@ def predict(workdir: str, input_pattern: str, output: str | None = None,
   files, root = list_inputs(input_pattern)
   output = output or os.path.join(workdir, 'predict')
   prepare_output(output, files, root, overwrite)
-  scorer = scorer_lib.load_scorer(workdir)
+  scorer = scorer_lib.load_scorer(workdir, untrained=untrained)
   logging.info('scoring %d files with %s (checkpoint %d, map %s) into %s',
                len(files), workdir, scorer.step, scorer.headline, output)
   rows, skipped = score_files(scorer, files, root, output, batch_size)

@@ -117,12 +117,19 @@ class Scorer:
     return np.asarray(maps), np.asarray(scores)
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's ``<workdir>/config.json`` as a ConfigDict (lists as tuples)."""
+def read_config(workdir: str, untrained: bool = False
+                ) -> ml_collections.ConfigDict:
+  """The run's config as a ConfigDict (lists as tuples).
+
+  ``<workdir>/config.json`` (``train.py`` writes it), or with ``untrained``
+  the one ``evaluate.py --untrained`` saved with its fitted maps.
+  """
   path = os.path.join(workdir, workdirs.CONFIG_FILE)
+  if untrained:
+    path = os.path.join(store.fitted_dir(workdir, 0, True), store.CONFIG_FILE)
   if not os.path.exists(path):
-    raise CavgaError(f'{path}: not found; is {workdir!r} a workdir that '
-                     'train.py wrote?')
+    raise CavgaError(f'{path}: not found; run train.py and evaluate.py (or '
+                     'evaluate.py --untrained) with this --workdir first')
   with open(path) as f:
     tree = json.load(f)
 
@@ -135,35 +142,44 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(tuples(tree))
 
 
-def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None
-                ) -> Scorer:
+def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None,
+                untrained: bool = False) -> Scorer:
   """The newest checkpoint of ``workdir`` and the maps fitted for it.
 
   Args:
     workdir: a training workdir on which ``evaluate.py`` ran (it fits and
       saves the maps on the normal images, ``evaluation.store``).
     config: the run's config; default ``<workdir>/config.json``.
+    untrained: the networks training starts from instead of a checkpoint,
+      with the maps ``evaluate.py --untrained`` fitted (e.g. CAVGA-E's
+      ImageNet feature maps, which training does not change).
 
   Raises:
     CavgaError: no checkpoint, or no maps fitted for it, or a headline map
       that is a test-set baseline; each says what to run.
   """
-  config = config or read_config(workdir)
+  config = config or read_config(workdir, untrained)
   if config.get('task', 'cavga') != 'cavga':
     raise CavgaError(f"{workdir}: task {config.task!r}; predict.py scores "
                      'CAVGA runs')
   config_checks.check_config(config)
   mesh = sharding.make_mesh()
   generator, _, init_fn, state_sharding = train_state.setup(config, mesh)
-  state, step = checkpointing.restore_for_eval(
-      workdir, train_state.abstract_state(init_fn, mesh))
-  directory = store.fitted_dir(workdir, step)
+  initial = lambda: train_state.initial_state(config, init_fn, state_sharding)
+  if untrained:
+    state, step = initial(), 0
+  else:
+    state, step = checkpointing.restore_for_eval(
+        workdir, train_state.abstract_state(init_fn, mesh))
+  directory = store.fitted_dir(workdir, step, untrained)
   saved = store.saved_key(directory)
   if saved is None:
-    raise CavgaError(f'{directory}: no maps fitted for checkpoint {step}; '
-                     f'run `python evaluate.py --workdir={workdir} '
-                     '--config=...` first (it fits them on the normal '
-                     'training images and saves them there)')
+    what = 'the untrained networks' if untrained else f'checkpoint {step}'
+    flag = ' --untrained' if untrained else ''
+    raise CavgaError(f'{directory}: no maps fitted for {what}; run `python '
+                     f'evaluate.py --workdir={workdir} --config=...{flag}` '
+                     'first (it fits them on the normal training images and '
+                     'saves them there)')
   expected = store.fit_key(config.eval, step, state.gen_params,
                            saved['image_size'], saved['num_normal_images'])
   changed = store.differing_fields(saved, expected)
@@ -182,9 +198,9 @@ def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None
                'batch_stats': state.gen_batch_stats}
   feature_variables = variables
   if evaluator_lib.eval_field(config.eval, 'feature_weights') == 'initial':
-    initial = train_state.initial_state(config, init_fn, state_sharding)
-    feature_variables = {'params': initial.gen_params,
-                         'batch_stats': initial.gen_batch_stats}
+    start = state if untrained else initial()
+    feature_variables = {'params': start.gen_params,
+                         'batch_stats': start.gen_batch_stats}
   return build_scorer(config, generator, variables, feature_variables, fitted,
                       step)
 

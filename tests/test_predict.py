@@ -1,6 +1,7 @@
 """A trained run deployed: fitted maps saved with the checkpoint, predict.py,
 the scorer and its jax.export serialization in a process without cavga_jax."""
 
+import csv
 import hashlib
 import json
 import os
@@ -124,7 +125,7 @@ def test_predict_scores_every_readable_image_and_names_the_corrupt_one(
 
   with open(out / predict_lib.SCORES_FILE) as f:
     rows = {pathlib.Path(r['path']).relative_to(inputs).as_posix(): r
-            for r in __import__('csv').DictReader(f)}
+            for r in csv.DictReader(f)}
   assert set(rows) == set(sizes)
   scorer = scorer_lib.load_scorer(workdir)
   for name, (width, height) in sizes.items():
@@ -176,7 +177,7 @@ def test_scorer_maps_equal_the_evaluation_and_skip_what_they_do_not_need(
   scores_csv = os.path.join(workdir, 'eval', 'scores.csv')
   with open(scores_csv) as f:
     evaluated = np.array([float(r[f'score_{config.eval.map}'])
-                          for r in __import__('csv').DictReader(f)])
+                          for r in csv.DictReader(f)])
 
   def no_grad_cam(*args, **kwargs):
     raise AssertionError('the feature map needs no Grad-CAM')
@@ -186,6 +187,21 @@ def test_scorer_maps_equal_the_evaluation_and_skip_what_they_do_not_need(
   scorer = scorer_lib.load_scorer(workdir)
   _, scores = scorer.score(test_ds.images)
   np.testing.assert_allclose(scores, evaluated, rtol=1e-5)
+
+
+def test_untrained_scorer_uses_the_untrained_fit(trained):
+  config, workdir, _ = trained
+  with pytest.raises(CavgaError, match='--untrained'):
+    scorer_lib.load_scorer(workdir, untrained=True)
+  eval_lib.evaluate(config, workdir, untrained=True)
+  _, test_ds = data.get_datasets(config, workdir)
+  with open(os.path.join(workdir, eval_lib.UNTRAINED_DIR, 'scores.csv')) as f:
+    evaluated = np.array([float(r[f'score_{config.eval.map}'])
+                          for r in csv.DictReader(f)])
+  scorer = scorer_lib.load_scorer(workdir, untrained=True)
+  assert scorer.step == 0
+  np.testing.assert_allclose(scorer.score(test_ds.images)[1], evaluated,
+                             rtol=1e-5)
 
 
 def test_registry_declares_what_each_map_reads():

@@ -1,7 +1,8 @@
 """Fitted maps saved beside the checkpoint they were fitted for (Orbax).
 
 ``<workdir>/fitted/step_<N>/`` (or ``untrained/``) holds ``state/`` (the
-``FittedMaps`` pytree, Orbax) and ``fit.json``: the key the state was
+``FittedMaps`` pytree, Orbax), the run's ``config.json`` and ``fit.json``:
+the key the state was
 fitted under (``fit_key``: the checkpoint's step and a checksum of its
 parameters, the evaluation fields that change the fit, the image size and
 the number of normal images). ``load`` returns the state only when the
@@ -27,6 +28,7 @@ from cavga_jax.evaluation.fitting import FittedMaps
 
 FITTED_DIR = 'fitted'
 KEY_FILE = 'fit.json'
+CONFIG_FILE = 'config.json'
 # The config.eval fields that change what is fitted (the others: batch
 # size, panels and the headline, which only picks among fitted maps).
 FIT_FIELDS = ('calibrate', 'residual_sigma', 'ssim_window', 'feature_stages',
@@ -60,11 +62,15 @@ def fit_key(eval_config: ml_collections.ConfigDict, step: int,
               eval=fields)
 
 
-def save(directory: str, fitted: FittedMaps, key: dict[str, Any]) -> None:
+def save(directory: str, fitted: FittedMaps, key: dict[str, Any],
+         config_json: str | None = None) -> None:
   """Writes ``fitted`` and its key under ``directory`` (replacing both).
 
   Every process calls it (Orbax coordinates the write); the key is written
   last, so a killed save leaves no key and the next evaluation refits.
+  ``config_json``: the run config the maps were fitted with, written as
+  ``config.json`` beside them (``predict.py --untrained`` reads it: an
+  untrained workdir has no other).
   """
   key_path = os.path.join(directory, KEY_FILE)
   state_path = os.path.join(directory, 'state')
@@ -78,6 +84,9 @@ def save(directory: str, fitted: FittedMaps, key: dict[str, Any]) -> None:
     checkpointer.save(state_path, fitted.to_tree())
     checkpointer.wait_until_finished()
   if sharding.is_primary_process():
+    if config_json is not None:
+      with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
+        f.write(config_json)
     with open(key_path, 'w') as f:
       json.dump(key, f, indent=2, sort_keys=True)
   logging.info('saved the fitted maps to %s', directory)
