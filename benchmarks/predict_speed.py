@@ -12,9 +12,11 @@ encoder; speed does not depend on training):
   thresholds), once, the first call's compilation included;
 * per round, alternating on the same batch of real test images: the
   scorer of ``config.eval.map`` (``Scorer.score``, what ``predict.py`` runs
-  per batch) and the full evaluation step (``evaluate.py``'s: every batch
-  map with Grad-CAM, the decoder and ``s_a``, then every fitted map);
-  images/s of each from the median over rounds, and their ratio;
+  per batch), the full evaluation step (``evaluate.py``'s: every batch map
+  with Grad-CAM, the decoder and ``s_a``, the encoder features, then every
+  fitted map) and ``benchmarks/benchmark.py --maps all``'s step (every
+  batch map, no features, no fitted maps); images/s of each from the median
+  over rounds, and the scorer's ratios to the two others;
 * ``predict_py_images_per_s``: ``predict.py``'s whole loop over the test
   folder once (decoding, resizing, the overlays and masks written as PNG),
   the scorer already compiled.
@@ -41,6 +43,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 from cavga_jax import eval_lib  # pylint: disable=wrong-import-position
 from cavga_jax import predict_lib  # pylint: disable=wrong-import-position
 from cavga_jax import scorer as scorer_lib  # pylint: disable=wrong-import-position
+from cavga_jax.evaluation import inference  # pylint: disable=wrong-import-position
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -89,7 +92,15 @@ def main():
       fitted, 0)
   images = test_ds.images[:args.batch]
 
-  # Both to host arrays, as predict.py and evaluate.py use them.
+  # benchmarks/benchmark.py --maps all's step on this model: every batch
+  # map, no encoder features and no fitted maps.
+  all_maps_step = jax.jit(inference.make_eval_step(evaluator.generator),
+                          compiler_options=scorer.compiler_options)
+
+  # All to host arrays, as predict.py and evaluate.py use them.
+  def all_maps():
+    return jax.tree.map(np.asarray, all_maps_step(params, batch_stats, images))
+
   def full_step():
     out = evaluator.eval_step(params, batch_stats, images,
                               evaluator.feature_variables)
@@ -99,13 +110,15 @@ def main():
     return scorer.score(images)
 
   compile_s = {}
-  for name, fn in (('scorer', score), ('full_eval_step', full_step)):
+  steps = (('scorer', score), ('full_eval_step', full_step),
+           ('all_maps_step', all_maps))
+  for name, fn in steps:
     tic = time.perf_counter()
     jax.block_until_ready(fn())
     compile_s[name] = time.perf_counter() - tic
-  rounds = {'scorer': [], 'full_eval_step': []}
+  rounds = {name: [] for name, _ in steps}
   for _ in range(args.rounds):
-    for name, fn in (('scorer', score), ('full_eval_step', full_step)):
+    for name, fn in steps:
       rounds[name].append(_median_seconds(fn, args.repeats))
   per_s = {name: args.batch / statistics.median(times)
            for name, times in rounds.items()}
@@ -125,7 +138,9 @@ def main():
       num_normal_images=evaluator.num_normal_images, fit_s=round(fit_s, 2),
       scorer_images_per_s=round(per_s['scorer'], 3),
       full_eval_step_images_per_s=round(per_s['full_eval_step'], 3),
+      all_maps_step_images_per_s=round(per_s['all_maps_step'], 3),
       ratio=round(per_s['scorer'] / per_s['full_eval_step'], 2),
+      ratio_all_maps_step=round(per_s['scorer'] / per_s['all_maps_step'], 2),
       round_s={k: [round(t, 3) for t in v] for k, v in rounds.items()},
       first_call_s={k: round(v, 2) for k, v in compile_s.items()},
       predict_py_images=len(rows),

@@ -144,6 +144,12 @@ class FeatureMoments:
 @jax.jit
 def mahalanobis(features: Array, mean: Array, precision: Array) -> Array:
   """(N, g, g, d) features -> (N, g, g) Mahalanobis distances per cell."""
-  centered = features - mean
-  projected = jnp.einsum('hwij,nhwj->nhwi', precision, centered)
-  return jnp.sqrt(jnp.maximum(jnp.sum(centered * projected, axis=-1), 0.0))
+  # (g, g, d, N): the cells as matmul's batch dimensions, the images as
+  # columns. XLA:CPU runs this as one batched GEMM, 9x faster than the
+  # equivalent einsum 'hwij,nhwj->nhwi' (11 against 97 ms for 8 images of
+  # 64 x 64 cells, d = 100), which it lowers to a loop of matrix-vector
+  # products.
+  centered = jnp.moveaxis(features - mean, 0, -1)
+  projected = jnp.matmul(precision, centered)
+  distances = jnp.sum(centered * projected, axis=-2)
+  return jnp.sqrt(jnp.maximum(jnp.moveaxis(distances, -1, 0), 0.0))
