@@ -60,9 +60,13 @@ def test_train_then_evaluate_writes_metrics_and_panels(trained_workdir):
   panels = sorted(os.listdir(workdir / 'eval' / 'panels'))
   assert len(panels) == 4 and all(p.endswith('.png') for p in panels)
   assert sum(p.endswith('_maps.png') for p in panels) == 2
+  # The report shows all 10 test images: 2 panels and 8 overlays.
+  overlays = os.listdir(workdir / 'eval' / 'overlays')
+  assert len(overlays) == 8
   report = (workdir / 'eval' / 'report.html').read_text()
   assert all(f'panels/{p}' in report for p in panels
              if not p.endswith('_maps.png'))
+  assert all(f'overlays/{p}' in report for p in overlays)
   with open(workdir / 'eval' / 'scores.csv') as f:
     lines = f.readlines()
   assert len(lines) == 1 + 10

@@ -77,12 +77,14 @@ def write_outputs(out_dir: str, result: dict[str, Any],
                   num_panels: int,
                   thresholds: dict[str, tuple[float, ...]] | None = None,
                   curve_image: str | None = None) -> None:
-  """metrics.json, scores.csv, panels/ and report.html under ``out_dir``.
+  """metrics.json, scores.csv, panels/, overlays/, report.html in ``out_dir``.
 
   scores.csv has ``s_a`` ('score'), each map's image score ('score_<map>')
   and, for CAVGA_w, 'p_anomalous'. Panels are drawn for ``num_panels``
-  evenly spaced test images (``panel_indices``); VAE predictions without
-  'maps' show their 'anomaly_map' alone. ``curve_image``: the learning
+  evenly spaced test images (``panel_indices``), the headline map over the
+  image (overlays/) for the others; the report lists them all, sorted by
+  the headline map's image score. VAE predictions without 'maps' show
+  their 'anomaly_map' alone. ``curve_image``: the learning
   curve's PNG, linked from the report when it exists.
   """
   if not sharding.is_primary_process():
@@ -108,29 +110,38 @@ def write_outputs(out_dir: str, result: dict[str, Any],
   image_scores = predictions.get('map_scores', {}).get(
       headline, predictions['score'])
   others = display_maps({k: v for k, v in maps.items() if k != headline})
+  pixel_threshold = threshold[0] if threshold else (low + high) / 2
+  panels = set(panel_indices(dataset.num_examples, num_panels).tolist())
   rows = []
-  for i in panel_indices(dataset.num_examples, num_panels):
+  for i in range(dataset.num_examples):
     stem = (f'{i:04d}_{dataset.defect_types[i]}_'
             f'{os.path.splitext(os.path.basename(dataset.paths[i]))[0]}')
-    name = os.path.join('panels', stem + '.png')
-    visualize.save_png(os.path.join(out_dir, name), visualize.headline_panel(
-        dataset.images[i], predictions['reconstruction'][i], values[i], low,
-        high, threshold[0] if threshold else (low + high) / 2,
-        dataset.masks[i], title=f'{dataset.paths[i]} ({dataset.defect_types[i]})',
-        map_name=headline))
-    if others:
-      visualize.save_png(
-          os.path.join(panel_dir, stem + '_maps.png'),
-          visualize.map_grid(dataset.images[i],
-                             {k: v[i] for k, v in others.items()}))
+    if i in panels:
+      name = os.path.join('panels', stem + '.png')
+      visualize.save_png(os.path.join(out_dir, name), visualize.headline_panel(
+          dataset.images[i], predictions['reconstruction'][i], values[i], low,
+          high, pixel_threshold, dataset.masks[i],
+          title=f'{dataset.paths[i]} ({dataset.defect_types[i]})',
+          map_name=headline))
+      if others:
+        visualize.save_png(
+            os.path.join(panel_dir, stem + '_maps.png'),
+            visualize.map_grid(dataset.images[i],
+                               {k: v[i] for k, v in others.items()}))
+    else:
+      # The report shows every test image: the others as the headline map
+      # over the image.
+      name = os.path.join('overlays', stem + '.png')
+      visualize.save_png(os.path.join(out_dir, name), visualize.overlay(
+          dataset.images[i], values[i], low, high, pixel_threshold))
     rows.append(dict(image=name, path=dataset.paths[i],
                      defect_type=dataset.defect_types[i],
                      label=int(dataset.labels[i]),
                      score=float(image_scores[i])))
   report.write_report(os.path.join(out_dir, 'report.html'), result, rows,
                       curve_image)
-  logging.info('wrote %s (metrics.json, scores.csv, %d panels, report.html)',
-               out_dir, len(rows))
+  logging.info('wrote %s (metrics.json, scores.csv, %d panels, report.html '
+               'of %d images)', out_dir, len(panels), len(rows))
 
 
 def curve_record(step: int, result: dict[str, Any]) -> dict[str, Any]:
