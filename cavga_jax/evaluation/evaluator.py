@@ -31,6 +31,7 @@ from cavga_jax import models
 from cavga_jax import settings as config_settings
 from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import inference
+from cavga_jax.evaluation import registry
 from cavga_jax.evaluation import scoring
 
 
@@ -143,15 +144,11 @@ class Evaluator:
     self.num_normal_images = 0 if normal_images is None else len(
         normal_images)
 
-  def _step(self, step, params, batch_stats):
-    return lambda batch: step(params, batch_stats, batch,
-                              self.feature_variables)
-
   def _predict(self, params, batch_stats, fitted, images, what):
     def step(batch):
       out = self.eval_step(params, batch_stats, batch,
                             self.feature_variables)
-      return self.add_fitted_maps(out, fitted) if fitted else out
+      return out if fitted is None else self.add_fitted_maps(out, fitted)
 
     return inference.predict(step, images, self.batch_size, self.mesh, what)
 
@@ -162,7 +159,8 @@ class Evaluator:
     if self.fit_images is not None:
       fitted = fitting.fit_statistics(
           inference.host_batches(
-              self._step(self.normal_step, params, batch_stats),
+              lambda batch: self.normal_step(params, batch_stats, batch,
+                                             self.feature_variables),
               self.fit_images, self.batch_size, self.mesh,
               'normal training images'), self.knn, self.mesh)
     if self.held_out is not None:
@@ -180,8 +178,8 @@ class Evaluator:
     map of ``fitted`` (and their image scores) in 'maps' / 'map_scores'."""
     predictions = self._predict(params, batch_stats, fitted, self.dataset,
                                 'test images')
-    for name in ('features', 'knn_features'):
-      predictions.pop(name, None)
+    for name in (registry.FEATURES, registry.KNN_FEATURES):
+      predictions.pop(name, None)  # without fitted maps to read them
     return predictions
 
   def __call__(self, params: Any, batch_stats: Any,

@@ -128,7 +128,7 @@ def compute_metrics(predictions: dict[str, Any],
   result = dict(num_test_images=dataset.num_examples,
                 num_anomalous_images=int(dataset.labels.sum()), map=headline)
   result.update({k: v for k, v in per_map[headline].items()
-                 if k not in _HEADLINE_DETECTION + ('detection_accuracy',)})
+                 if k not in _HEADLINE_DETECTION})
   result.update(image_metrics.detection_metrics(predictions['score'],
                                           dataset.labels))
   # The flat image_auroc above is SPEC's s_a, the reconstruction error, which
