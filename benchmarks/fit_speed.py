@@ -104,7 +104,8 @@ def main():
   test_features = np.concatenate(_features(step, variables, test.images,
                                            batch, key))
   if args.map == 'feature_knn':
-    cells = feature_knn.nearest_distances(test_features, bank, knn.chunk, mesh)
+    cells = np.asarray(feature_knn.nearest_distances(test_features, bank,
+                                                    knn.chunk))
   else:
     cells = feature_gaussian.mahalanobis(jnp.asarray(test_features),
                                          *map(jnp.asarray, statistics))

@@ -73,5 +73,8 @@ class PixelMoments:
 
 def calibrate(anomaly_maps: np.ndarray, mean: np.ndarray,
               scale: np.ndarray) -> np.ndarray:
-  """(N, S, S) maps -> their per-pixel z-scores against (mean, scale)."""
+  """(N, S, S) maps -> their per-pixel z-scores against (mean, scale).
+
+  Numpy or jax arrays alike (the fitted-map step is jitted).
+  """
   return ((anomaly_maps - mean) / scale).astype(np.float32)

@@ -48,10 +48,16 @@ def combine(maps: dict[str, np.ndarray],
   Returns:
     combination name -> (N, S, S) float32.
   """
-  result = {}
-  for name, parts in COMBINATIONS.items():
-    if not all(p in maps and p in scales for p in parts):
-      continue
-    total = sum((maps[p] - scales[p][0]) / scales[p][1] for p in parts)
-    result[name] = (total / len(parts)).astype(np.float32)
-  return result
+  return {name: combine_parts(maps, scales, parts)
+          for name, parts in COMBINATIONS.items()
+          if all(p in maps and p in scales for p in parts)}
+
+
+def combine_parts(maps, scales: dict[str, tuple[float, float]],
+                  parts) -> np.ndarray:
+  """The mean of ``parts``' standardised maps, (N, S, S) float32.
+
+  Works on numpy and jax arrays alike (the fitted-map step is jitted).
+  """
+  total = sum((maps[p] - scales[p][0]) / scales[p][1] for p in parts)
+  return (total / len(parts)).astype(np.float32)

@@ -20,9 +20,11 @@ and their projection (``N * grid^2 * projection_dims``): at 256 px, grid 32
 (divisor 8) and EfficientNet-Lite0 stages 2-3 (D = 152), 209 bottle images
 hold 130 MB + 110 MB, 540 BSData images 336 MB + 283 MB. The bank is
 ``bank_size * D`` float32 (2.5 MB for 4096 x 152). The distances are
-computed ``chunk`` test patches at a time (``chunk * bank_size`` float32:
-64 MB for 4096 x 4096), and sharded over the devices of the mesh along the
-patches. The coreset's distance updates are sharded the same way.
+computed one image and at most ``chunk`` of its patches at a time
+(``chunk * bank_size`` float32: 64 MB for 4096 x 4096), inside the
+evaluation's jitted step, so they follow its batch sharding. The coreset's
+distance updates are sharded over the devices of the mesh along the
+patches.
 """
 
 from __future__ import annotations
@@ -172,24 +174,22 @@ def bank_distances(queries: Array, bank: Array, chunk: int) -> Array:
   return jax.lax.map(block_distances, blocks).reshape(-1)[:q]
 
 
-def nearest_distances(features: np.ndarray | Array, bank: np.ndarray | Array,
-                      chunk: int = 4096,
-                      mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
-  """(N, g, g, D) patch features -> (N, g, g) distances to the nearest bank row.
+def nearest_distances(features: Array, bank: Array, chunk: int = 4096
+                      ) -> Array:
+  """(B, g, g, D) patch features -> (B, g, g) distance to the nearest bank row.
 
-  ``chunk`` patches at a time (memory ``chunk * M`` float32 per device);
-  with ``mesh``, the images are sharded over this process's devices of it
-  (the bank is replicated), when their number divides evenly.
+  One image at a time, ``chunk`` of its patches per block (memory
+  ``min(chunk, g * g) * M`` float32), so the batch dimension may be sharded
+  or symbolic (``cavga_jax.export``). Pure jnp: the evaluation applies it per
+  batch inside its jitted fitted-map step.
   """
-  features = jnp.asarray(features, jnp.float32)
-  shape = features.shape[:-1]
-  rows = _local_sharding(mesh, shape[0])
-  if rows is not None:
-    features = jax.device_put(features, rows)
-  queries = features.reshape(-1, features.shape[-1])
-  chunk = max(1, min(chunk, queries.shape[0]))
-  return np.asarray(bank_distances(queries, jnp.asarray(bank, jnp.float32),
-                                       chunk)).reshape(shape)
+  shape = features.shape
+  queries = jnp.asarray(features, jnp.float32).reshape(
+      shape[0], shape[1] * shape[2], shape[3])
+  chunk = max(1, min(chunk, shape[1] * shape[2]))
+  bank = jnp.asarray(bank, jnp.float32)
+  distances = jax.lax.map(lambda q: bank_distances(q, bank, chunk), queries)
+  return distances.reshape(shape[:3])
 
 
 class PatchPool:

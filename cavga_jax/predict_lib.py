@@ -114,14 +114,6 @@ def _output_name(path: pathlib.Path, root: pathlib.Path) -> str:
     return path.name
 
 
-def _resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """(S, S) float map -> (H, W) at PIL ``size`` (W, H), bilinear."""
-  if values.shape[::-1] == size:
-    return values
-  return np.asarray(Image.fromarray(values.astype(np.float32), mode='F')
-                    .resize(size, Image.BILINEAR))
-
-
 def score_files(scorer: scorer_lib.Scorer, files: Sequence[pathlib.Path],
                 root: pathlib.Path, output: str, batch_size: int = 8
                 ) -> tuple[list[dict], list[tuple[str, str]]]:
@@ -145,7 +137,8 @@ def score_files(scorer: scorer_lib.Scorer, files: Sequence[pathlib.Path],
     maps, scores = scorer.score(padded)
     for (path, image, _), values, score in zip(batch, maps, scores):
       name = _output_name(path, root)
-      full = _resize_map(values, image.size)
+      # The map back at the file's own size (PIL sizes are (W, H)).
+      full = visualize.resize(values, image.size[::-1])
       visualize.save_png(os.path.join(output, 'overlays', name + '.png'),
                          visualize.overlay(np.asarray(image), full, low, high,
                                            pixel_threshold))

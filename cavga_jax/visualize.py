@@ -1,7 +1,7 @@
-"""PNG panels: image | reconstruction | heatmap overlays | ground-truth mask,
-the VAE's per-latent-unit attention rows, the learning curves, and pictures a
-person reads: one map over its image with a colour bar (``overlay``), the
-labelled headline row (``headline_panel``), every map (``map_grid``)."""
+"""PNG pictures: the synthetic training examples, the VAE's per-latent-unit
+attention rows, the learning curves, and what an evaluation shows a person:
+one map over its image with a colour bar (``overlay``), the labelled
+headline row (``headline_panel``), every map (``map_grid``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
 
-_LABEL_HEIGHT = 12
 
 
 def jet(values: np.ndarray) -> np.ndarray:
@@ -40,44 +39,6 @@ def _enlarge(array: np.ndarray, scale: int) -> np.ndarray:
 def _scale(shape: Sequence[int], min_size: int) -> int:
   """The integer factor taking the shorter of ``shape[:2]`` to ``min_size``."""
   return max(1, -(-min_size // max(1, min(shape[:2]))))
-
-
-def panel(image: np.ndarray, reconstruction: np.ndarray,
-          anomaly_maps: Mapping[str, np.ndarray], mask: np.ndarray,
-          min_tile: int = 128, alpha: float = 0.5) -> np.ndarray:
-  """One labelled row: image | reconstruction | each map over the image | mask.
-
-  Args:
-    image, reconstruction: (S, S, C) uint8.
-    anomaly_maps: name -> (S, S) float map in [0, 1] (e.g. ``1 - A``); one
-      overlay tile each, in this order.
-    mask: (S, S) bool ground truth.
-    min_tile: tiles smaller than this are enlarged (nearest) to be visible.
-    alpha: heatmap opacity over the image.
-
-  Returns:
-    (12 + S', (3 + len(anomaly_maps)) * S', 3) uint8: a strip with the tile
-    names above the tiles.
-  """
-  image = _rgb(image)
-  overlays = [((1 - alpha) * image + alpha * jet(m)).round().astype(np.uint8)
-              for m in anomaly_maps.values()]
-  tiles = ([image, _rgb(reconstruction)] + overlays
-           + [_rgb(mask.astype(np.uint8) * 255)])
-  names = ['image', 'reconstruction', *anomaly_maps, 'mask']
-  scale = _scale(image.shape, min_tile)
-  row = _enlarge(np.concatenate(tiles, axis=1), scale)
-  tile = image.shape[1] * scale
-  strip = Image.new('RGB', (row.shape[1], _LABEL_HEIGHT), 'white')
-  draw = ImageDraw.Draw(strip)
-  for i, name in enumerate(names):
-    draw.text((i * tile + 2, 0), name, fill='black')
-  return np.concatenate([np.asarray(strip), row], axis=0)
-
-
-def save_panel(path: str, *args, **kwargs) -> None:
-  """Writes ``panel(*args, **kwargs)`` as a PNG at ``path``."""
-  Image.fromarray(panel(*args, **kwargs)).save(path)
 
 
 def synthetic_panel(images: np.ndarray, synthetic: np.ndarray,
@@ -218,13 +179,13 @@ def contour(mask: np.ndarray) -> np.ndarray:
   return mask & ~inside
 
 
-def _resize(array: np.ndarray, shape: Sequence[int],
+def resize(array: np.ndarray, shape: Sequence[int],
             resample: int = Image.BILINEAR) -> np.ndarray:
   """(h, w[, 3]) uint8, float or bool -> (H, W[, 3]); bool masks nearest."""
   if array.shape[:2] == tuple(shape[:2]):
     return array
   if array.dtype == bool:
-    return _resize(array.astype(np.uint8) * 255, shape, Image.NEAREST) > 127
+    return resize(array.astype(np.uint8) * 255, shape, Image.NEAREST) > 127
   array = array if array.dtype == np.uint8 else array.astype(np.float32)
   return np.asarray(Image.fromarray(array).resize(shape[1::-1], resample))
 
@@ -284,7 +245,7 @@ def overlay(image: np.ndarray, values: np.ndarray, low: float, high: float,
     (s * H, s * W + B, 3) uint8: the picture, then the colour bar B px wide.
   """
   image = _rgb(np.asarray(image))
-  values = _resize(np.asarray(values, np.float32), image.shape)
+  values = resize(np.asarray(values, np.float32), image.shape)
   scale = _scale(image.shape, min_size)
   image, values = _enlarge(image, scale), _enlarge(values, scale)
   span = high - low if high > low else 1.0
@@ -352,8 +313,8 @@ def headline_panel(image: np.ndarray, reconstruction: np.ndarray,
   """
   image = _rgb(np.asarray(image))
   shape = image.shape[:2]  # the original size every input is resized to
-  reconstruction = _resize(_rgb(np.asarray(reconstruction)), shape)
-  values = _resize(np.asarray(values, np.float32), shape)
+  reconstruction = resize(_rgb(np.asarray(reconstruction)), shape)
+  values = resize(np.asarray(values, np.float32), shape)
   scale = _scale(shape, min_tile)
   image, values = _enlarge(image, scale), _enlarge(values, scale)
   tiles = [('image', image),
@@ -362,7 +323,7 @@ def headline_panel(image: np.ndarray, reconstruction: np.ndarray,
                               min_size=1)),
            ('prediction', _rgb((values > threshold).astype(np.uint8) * 255))]
   if ground_truth is not None:
-    truth = _enlarge(_resize(np.asarray(ground_truth, bool), shape), scale)
+    truth = _enlarge(resize(np.asarray(ground_truth, bool), shape), scale)
     tiles.append(('ground truth', _rgb(truth.astype(np.uint8) * 255)))
   return _grid(tiles, len(tiles), title)
 
@@ -385,7 +346,7 @@ def map_grid(image: np.ndarray, maps: Mapping[str, np.ndarray],
   image = _rgb(np.asarray(image))
   scale = _scale(image.shape, min_tile)
   big = _enlarge(image, scale)
-  tiles = [(name, _blend(big, _enlarge(_resize(
+  tiles = [(name, _blend(big, _enlarge(resize(
       np.asarray(m, np.float32), image.shape), scale), alpha))
            for name, m in maps.items()]
   if not tiles:

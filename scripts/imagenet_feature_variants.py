@@ -114,7 +114,7 @@ def main(argv):
       pool.add(feats['fit'])
       bank = pool.memory_bank(feature_knn.KnnSettings(bank_size=second),
                               feature_knn.coreset_key(), mesh)
-      cells = {split: feature_knn.nearest_distances(feats[split], bank)
+      cells = {split: np.asarray(feature_knn.nearest_distances(feats[split], bank))
                for split in ('held_out', 'test')}
     maps = {split: np.asarray(anomaly_maps.upsample_and_blur(
         jnp.asarray(c), size, sigma)) for split, c in cells.items()}

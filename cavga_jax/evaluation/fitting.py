@@ -100,22 +100,6 @@ class FittedMaps:
                     for k, v in host.get('thresholds', {}).items()})
 
 
-def knn_distances(features: Array, bank: Array, chunk: int) -> Array:
-  """(B, g, g, D) patch features -> (B, g, g) distance to the nearest bank row.
-
-  One image at a time (memory ``min(chunk, g * g) * M`` floats), so the
-  batch dimension may be symbolic (``cavga_jax.export``).
-  """
-  shape = features.shape
-  queries = features.reshape(shape[0], shape[1] * shape[2], shape[3])
-  chunk = max(1, min(chunk, shape[1] * shape[2]))
-  bank = jnp.asarray(bank, jnp.float32)
-  distances = jax.lax.map(
-      lambda q: feature_knn.bank_distances(q, bank, chunk),
-      queries.astype(jnp.float32))
-  return distances.reshape(shape[:3])
-
-
 def apply_fitted(fitted: FittedMaps, outputs: dict[str, Array],
                  names: Sequence[str], image_size: int,
                  settings: anomaly_maps.MapSettings,
@@ -143,22 +127,21 @@ def apply_fitted(fitted: FittedMaps, outputs: dict[str, Array],
       continue
     spec = registry.spec(name)
     if spec.kind == 'combined':
-      values = sum((maps[p] - fitted.normalisers[p][0])
-                   / fitted.normalisers[p][1] for p in spec.parts)
-      maps[name] = (values / len(spec.parts)).astype(jnp.float32)
+      maps[name] = combined_maps.combine_parts(maps, fitted.normalisers,
+                                               spec.parts)
     elif name == feature_gaussian.NAME:
       distances = feature_gaussian.mahalanobis(
           outputs[registry.FEATURES], *map(jnp.asarray, fitted.feature))
       maps[name] = anomaly_maps.upsample_and_blur(distances, image_size,
                                                   settings.residual_sigma)
     elif name == feature_knn.NAME:
-      distances = knn_distances(outputs[registry.KNN_FEATURES],
-                                fitted.knn_bank, knn_chunk)
+      distances = feature_knn.nearest_distances(
+          outputs[registry.KNN_FEATURES], fitted.knn_bank, knn_chunk)
       maps[name] = anomaly_maps.upsample_and_blur(distances, image_size,
                                                   settings.residual_sigma)
     elif spec.kind == 'fitted':  # a calibrated map
-      mean, scale = fitted.pixel[spec.parts[0]]
-      maps[name] = ((maps[spec.parts[0]] - mean) / scale).astype(jnp.float32)
+      maps[name] = calibration.calibrate(maps[spec.parts[0]],
+                                         *fitted.pixel[spec.parts[0]])
     else:
       raise ValueError(f'{name!r} is not a fitted map')
   return maps
@@ -228,10 +211,10 @@ def fit_held_out(fitted: FittedMaps, held_out: dict[str, Any],
   # Combined maps read only their parts (image size and blur unused).
   maps = apply_fitted(fitted, held_out, combined, 0,
                       anomaly_maps.MapSettings())
+  scores = registry.image_scores({name: maps[name] for name in combined})
   for name in combined:
     held_out['maps'][name] = np.asarray(maps[name])
-    held_out['map_scores'][name] = np.asarray(
-        registry.spec(name).image_score(maps[name]))
+    held_out['map_scores'][name] = np.asarray(scores[name])
   fitted.thresholds = _float32(scoring.held_out_thresholds(held_out,
                                                             quantile))
 
