@@ -99,11 +99,9 @@ def load(directory: str, key: dict[str, Any] | None = None
   ``key`` None loads whatever is there (``predict.py``). Returns None when
   nothing was saved or the key differs (the differing fields are logged).
   """
-  key_path = os.path.join(directory, KEY_FILE)
-  if not os.path.exists(key_path):
+  saved = saved_key(directory)
+  if saved is None:
     return None
-  with open(key_path) as f:
-    saved = json.load(f)
   changed = differing_fields(saved, key) if key is not None else []
   if changed:
     logging.info('refitting the maps: %s changed since %s',
