@@ -38,7 +38,9 @@ published weights.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import math
 import os
+import tokenize
 import zipfile
 from typing import Any
 
@@ -63,12 +65,46 @@ EFFICIENTNET_LITE0_IMAGENET = 'efficientnet_lite0_imagenet'
 NAMED_WEIGHTS = {EFFICIENTNET_LITE0_IMAGENET: 'E'}
 # Error messages list offending names as the conversion's do.
 _listing = torch_weights.listing
+# dtype kinds an .npz of weights may hold: bool, ints, floats.
+_NPZ_KINDS = 'biuf'
+# What reading a malformed .npz raises: numpy parses .npy headers with
+# tokenize and ast.literal_eval.
+_NPZ_ERRORS = torch_pickle.PARSE_ERRORS + (SyntaxError, tokenize.TokenError)
 
 
 def _to_dict(tree: Mapping[str, Any]) -> dict[str, Any]:
   """Nested Mappings (dicts, FrozenDicts) -> nested dicts, leaves shared."""
   return {k: _to_dict(v) if isinstance(v, Mapping) else v
           for k, v in tree.items()}
+
+
+def _npz_array(npz: np.lib.npyio.NpzFile, key: str, path: str) -> np.ndarray:
+  """Member ``key`` once its .npy header fits its size: numbers only.
+
+  numpy allocates what a header declares before it reads the data, so a
+  header is checked against the member's size first.
+  """
+  member = f'{key}.npy'
+  if member not in npz.zip.namelist():
+    raise errors.DataError(f'{path}: member {key!r} is not a .npy array')
+  info = npz.zip.getinfo(member)
+  with npz.zip.open(info) as f:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+      shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+      shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+      raise errors.DataError(f'{path}: {key}: .npy format {version} (only '
+                             '1.0 and 2.0, as np.savez writes, are read)')
+    header = f.tell()
+  if dtype.kind not in _NPZ_KINDS or dtype.fields is not None:
+    raise errors.DataError(f'{path}: {key} holds {dtype}, not numbers')
+  if info.file_size != header + math.prod(shape) * dtype.itemsize:
+    raise errors.DataError(
+        f'{path}: {key} holds {info.file_size - header} bytes, its header '
+        f'says {shape} of {dtype}')
+  return npz[key]
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
@@ -78,19 +114,21 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         f'{path}: pretrained encoder file not found (write it with '
         'scripts/convert_torchvision_resnet18.py, or use '
         f'{", ".join(repr(n) for n in NAMED_WEIGHTS)})')
+  if not zipfile.is_zipfile(path):
+    raise errors.DataError(f'{path}: not an .npz file (a zip of .npy arrays)')
   try:
+    # The file is untrusted: never unpickle it.
     loaded = np.load(path, allow_pickle=False)
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-    raise errors.DataError(
-        f'{path}: cannot read .npz: {e}'.splitlines()[0]) from None
-  if not isinstance(loaded, np.lib.npyio.NpzFile):
-    raise errors.DataError(f'{path}: not an .npz file (a single array?)')
-  try:
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+      raise errors.DataError(f'{path}: not an .npz file (a single array?)')
     with loaded as npz:
-      return {key: npz[key] for key in npz.files}
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      return {key: _npz_array(npz, key, path) for key in npz.files}
+  except errors.DataError:
+    raise
+  except _NPZ_ERRORS as e:
     raise errors.DataError(
-        f'{path}: cannot read .npz: {e}'.splitlines()[0]) from None
+        f'{path}: cannot read .npz: {type(e).__name__}: {e}'.splitlines()[0]
+    ) from None
 
 
 def _fit_to_model(key: str, value: np.ndarray,
@@ -177,7 +215,8 @@ def load_pretrained_encoder(variables: Mapping[str, Any], path: str) -> Any:
     errors.DataError: one line starting with ``path``: the file is missing or
       unreadable, lacks an encoder entry the model has (or has ones the model
       lacks, e.g. for variant 'D'), or a shape does not fit (non-default
-      ``encoder_widths``, or input channels other than 1 or 3).
+      ``encoder_widths``, or input channels other than 1 or 3), or a
+      value is not finite.
   """
   arrays = read_encoder_weights(path)
   variant = 'E' if _FIRST_KERNELS[1] in arrays else 'R'
@@ -205,7 +244,7 @@ def load_pretrained_encoder(variables: Mapping[str, Any], path: str) -> Any:
     raise errors.DataError(
         f'{path}: has encoder entries the model lacks: {_listing(extra)}')
 
-  bad_shapes = []
+  bad_shapes, non_finite = [], []
   for key in model_keys:
     leaf = flat[key]
     value = _fit_to_model(key, arrays[key], tuple(leaf.shape))
@@ -214,11 +253,16 @@ def load_pretrained_encoder(variables: Mapping[str, Any], path: str) -> Any:
           f'{key} is {arrays[key].shape} in the file, {tuple(leaf.shape)} in '
           'the model')
       continue
+    if not np.all(np.isfinite(value)):
+      non_finite.append(key)  # would make every score NaN
     flat[key] = _like(value, leaf)
   if bad_shapes:
     raise errors.DataError(
         f'{path}: shapes do not fit: {_listing(bad_shapes)}; ImageNet '
         "weights need model.encoder_widths=() (the network's own) and 1 or 3 "
         'input channels')
+  if non_finite:
+    raise errors.DataError(
+        f'{path}: non-finite values in {_listing(non_finite)}')
   loaded = traverse_util.unflatten_dict(flat, sep='/')
   return frozen_dict.freeze(loaded) if frozen else loaded
