@@ -95,14 +95,14 @@ def _npz_array(npz: np.lib.npyio.NpzFile, key: str, path: str) -> np.ndarray:
     elif version == (2, 0):
       shape, _, dtype = np.lib.format.read_array_header_2_0(f)
     else:
-      raise errors.DataError(f'{path}: {key}: .npy format {version} (only '
+      raise errors.DataError(f'{path}: {key!r}: .npy format {version} (only '
                              '1.0 and 2.0, as np.savez writes, are read)')
     header = f.tell()
   if dtype.kind not in _NPZ_KINDS or dtype.fields is not None:
-    raise errors.DataError(f'{path}: {key} holds {dtype}, not numbers')
+    raise errors.DataError(f'{path}: {key!r} holds {dtype}, not numbers')
   if info.file_size != header + math.prod(shape) * dtype.itemsize:
     raise errors.DataError(
-        f'{path}: {key} holds {info.file_size - header} bytes, its header '
+        f'{path}: {key!r} holds {info.file_size - header} bytes, its header '
         f'says {shape} of {dtype}')
   return npz[key]
 
@@ -115,7 +115,8 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         'scripts/convert_torchvision_resnet18.py, or use '
         f'{", ".join(repr(n) for n in NAMED_WEIGHTS)})')
   if not zipfile.is_zipfile(path):
-    raise errors.DataError(f'{path}: not an .npz file (a zip of .npy arrays)')
+    raise errors.DataError(f'{path}: cannot read .npz: not a zip of .npy '
+                           'arrays')
   try:
     # The file is untrusted: never unpickle it.
     loaded = np.load(path, allow_pickle=False)

@@ -303,7 +303,7 @@ def test_compressed_zip_members_are_refused(tmp_path):
 
 
 def _pid(storage_type, key, numel, view=None):
-  """A legacy-format persistent id ('storage', type, key, 'cpu', numel, view)."""
+  """A legacy persistent id: ('storage', type, key, 'cpu', numel, view)."""
   return (b'(' + _data('storage') + _global('torch', storage_type)
           + _data(key) + _data('cpu') + _data(numel) + _data(view) + b'tQ')
 
@@ -454,7 +454,8 @@ def test_fuzzed_pth_files_load_their_own_bytes_or_fail_in_one_line(tmp_path):
 # .npz weights (config.model.pretrained): pretrained.read_encoder_weights.
 
 _NPZ_ARRAYS = {'params/encoder/conv1/kernel':
-                   np.linspace(-1, 1, 108, dtype=np.float32).reshape(3, 3, 3, 4),
+                   np.linspace(-1, 1, 108, dtype=np.float32).reshape(
+                       3, 3, 3, 4),
                'batch_stats/encoder/bn1/mean': np.arange(4, dtype=np.float32),
                'counts': np.array([1, 2], np.int64)}
 
@@ -526,13 +527,32 @@ def _npz_with_text(marker):
 @pytest.mark.parametrize('make, match', [
     (_npz_with_text, 'is not a .npy array'),
     (_evil_npz, 'not numbers'),  # pickled objects: never unpickled
-    (lambda marker: _npz_member(np.zeros(3)), 'not an .npz file'),
+    (lambda marker: _npz_member(np.zeros(3)), 'not a zip of .npy arrays'),
 ], ids=['text member', 'pickled member', 'npy'])
 def test_npz_that_is_not_numeric_arrays_is_refused(tmp_path, make, match):
   marker = tmp_path / 'ran'
   path = _write(tmp_path, make(marker), 'w.npz')
   _read_npz_refused(path, match)
   assert not marker.exists()
+
+
+def test_non_finite_npz_weights_are_refused(tmp_path):
+  # A NaN weight would make every score NaN.
+  variables = {'params': {'encoder': {'conv1': {
+      'kernel': np.zeros((3, 3, 3, 4), np.float32)}}},
+               'batch_stats': {'encoder': {'bn1': {
+                   'mean': np.zeros(4, np.float32)}}}}
+  arrays = {k: v for k, v in _NPZ_ARRAYS.items() if k != 'counts'}
+  loaded = pretrained.load_pretrained_encoder(
+      variables, _write(tmp_path, _npz(arrays), 'w.npz'))
+  np.testing.assert_array_equal(loaded['batch_stats']['encoder']['bn1']['mean'],
+                                arrays['batch_stats/encoder/bn1/mean'])
+  arrays['batch_stats/encoder/bn1/mean'] = np.array([0, np.nan, 1, 2],
+                                                    np.float32)
+  path = _write(tmp_path, _npz(arrays), 'nan.npz')
+  with pytest.raises(errors.DataError,
+                     match='non-finite values in batch_stats/encoder/bn1'):
+    pretrained.load_pretrained_encoder(variables, path)
 
 
 def _check_npz_loaded(loaded, data, raw):
