@@ -157,13 +157,15 @@ def test_predict_never_writes_into_the_input_or_over_an_earlier_output(
   with pytest.raises(CavgaError, match='inside the input folder'):
     predict_lib.prepare_output(str(inputs), files, inputs, True)
   out = tmp_path / 'out'
-  out.mkdir()
+  predict_lib.prepare_output(str(out), files, inputs, False)
   (out / predict_lib.SCORES_FILE).write_text('earlier')
   with pytest.raises(CavgaError, match='--overwrite'):
     predict_lib.prepare_output(str(out), files, inputs, False)
-  predict_lib.prepare_output(str(out), files, inputs, True)
-  assert list(out.iterdir()) == []
   (out / 'notes.txt').write_text('the user\'s')
+  predict_lib.prepare_output(str(out), files, inputs, True)
+  assert sorted(p.name for p in out.iterdir()) == [
+      'notes.txt', 'predict_manifest.json']  # only the listed file went
+  (out / 'predict_manifest.json').unlink()
   with pytest.raises(CavgaError, match='did not write'):
     predict_lib.prepare_output(str(out), files, inputs, True)
   with pytest.raises(CavgaError, match='no image files'):
@@ -231,11 +233,13 @@ import numpy as np
 exported = jax.export.deserialize(bytearray(open(sys.argv[1], 'rb').read()))
 expected = np.load(sys.argv[2])
 for batch in (1, 3):
-  maps, scores = exported.call(expected['images'][:batch])
+  maps, scores, anomalous = exported.call(expected['images'][:batch])
   np.testing.assert_allclose(np.asarray(maps), expected['maps'][:batch],
                              rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(scores), expected['scores'][:batch],
                              rtol=1e-5, atol=1e-5)
+  assert (np.asarray(anomalous) == (expected['scores'][:batch]
+                                    > expected['threshold'])).all()
 print(json.dumps(sorted(m for m in sys.modules if m.startswith('cavga'))))
 """
 
@@ -247,7 +251,8 @@ def test_exported_scorer_equals_the_library_in_a_process_without_it(
   _, test_ds = data.get_datasets(config, workdir)
   images = test_ds.images[:3]
   maps, scores = scorer.score(images)
-  np.savez(tmp_path / 'expected.npz', images=images, maps=maps, scores=scores)
+  np.savez(tmp_path / 'expected.npz', images=images, maps=maps, scores=scores,
+           threshold=scorer.thresholds[1])
   path = export.save(str(tmp_path / 'scorer'), scorer)
   _, metadata = export.load(str(tmp_path / 'scorer'))
   assert metadata['headline'] == config.eval.map
