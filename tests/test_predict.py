@@ -2,6 +2,7 @@
 the scorer and its jax.export serialization in a process without cavga_jax."""
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -145,6 +146,28 @@ def test_predict_scores_every_readable_image_and_names_the_corrupt_one(
   assert summary['scored'] == len(sizes)
   assert [s['path'] for s in summary['skipped']] == [str(inputs / 'corrupt.png')]
   assert summary['map'] == config.eval.map
+
+
+def test_a_corrupted_fit_is_never_scored_normal(trained, monkeypatch,
+                                                tmp_path):
+  config, workdir, _ = trained
+  scorer = scorer_lib.load_scorer(workdir)
+  fitted = scorer.state['fitted']
+  mean = np.array(fitted.feature[0])
+  mean.flat[0] = np.nan  # one value of the fitted Gaussians
+  scorer = dataclasses.replace(scorer, state=dict(
+      scorer.state, fitted=dataclasses.replace(
+          fitted, feature=(mean, fitted.feature[1]))))
+  images = data.get_datasets(config, workdir)[1].images[:2]
+  anomalous, finite = scorer.decide(*scorer.score(images))
+  assert anomalous.all() and not finite.any()
+  assert np.asarray(export.export_scorer(scorer).call(images)[2]).all()
+  monkeypatch.setattr(scorer_lib, 'load_scorer', lambda *a, **k: scorer)
+  (tmp_path / 'in').mkdir()
+  Image.fromarray(images[0]).save(tmp_path / 'in' / 'a.png')
+  summary = predict_lib.predict(workdir, str(tmp_path / 'in'),
+                                str(tmp_path / 'out'))
+  assert summary.scored == 0 and 'not finite' in summary.skipped[0][1]
 
 
 def test_predict_never_writes_into_the_input_or_over_an_earlier_output(
