@@ -23,8 +23,10 @@ from cavga_jax.errors import DataError
 # Modes that hold more than 8 bits per sample in a single band. PIL's own
 # conversion of these to 'L' clips at 255 instead of rescaling.
 _WIDE_INT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
-# Modes ``Image.reduce`` averages meaningfully (not palette indices or bits).
-_REDUCIBLE_MODES = ('L', 'LA', 'RGB', 'RGBA', 'RGBX', 'CMYK', 'YCbCr', 'I')
+# Modes ``Image.reduce`` averages as they are: not palette indices or bits,
+# and no alpha (which it premultiplies in a full-size copy, while to_8bit
+# drops it).
+_REDUCIBLE_MODES = ('L', 'RGB', 'RGBX', 'CMYK', 'YCbCr', 'I')
 
 
 def one_line(exc: BaseException) -> str:
@@ -67,26 +69,26 @@ def reduction_factor(size: tuple[int, int], max_pixels: int | None) -> int:
   return factor
 
 
-def _reducible(image: Image.Image) -> Image.Image:
+def _reducible(image: Image.Image, channels: int) -> Image.Image:
   """``image`` in a mode whose pixels ``Image.reduce`` can average."""
   if image.mode in _REDUCIBLE_MODES:
     return image
   if image.mode in _WIDE_INT_MODES:
     return image.convert('I')  # 16 bits kept; to_8bit rescales after
-  alpha = 'A' in image.mode or 'transparency' in image.info
-  return image.convert('RGBA' if alpha else 'RGB')
+  return to_8bit(image, channels)
 
 
-def open_image(path: pathlib.Path, what: str,
-               max_pixels: int | None = None) -> Image.Image:
+def open_image(path: pathlib.Path, what: str, max_pixels: int | None = None,
+               channels: int = 3) -> Image.Image:
   """Opens and fully decodes an image, raising DataError on any problem.
 
   The result is upright (EXIF orientation applied). With ``max_pixels`` a
   larger image is reduced while it is decoded, by the smallest integer
   factor that brings it to at most ``max_pixels``: JPEG files decode at
   1/2, 1/4 or 1/8 scale (``Image.draft``), the rest are box-averaged
-  (``Image.reduce``) right after decoding, so only the decoded file and the
-  reduced copy are ever in memory.
+  (``Image.reduce``) right after decoding (palette, alpha and 1-bit images
+  converted to ``channels`` first), so besides the decoded file at most
+  one full-size copy is ever in memory.
   """
   try:
     size = path.stat().st_size
@@ -106,7 +108,7 @@ def open_image(path: pathlib.Path, what: str,
       ImageOps.exif_transpose(image, in_place=True)
       factor = reduction_factor(image.size, max_pixels)
       if factor > 1:
-        return _reducible(image).reduce(factor)
+        return _reducible(image, channels).reduce(factor)
       return image.copy()
   except Exception as e:  # pylint: disable=broad-except
     # PIL raises a zoo of types for corrupt files (OSError, SyntaxError,
@@ -129,7 +131,7 @@ def read_image(path: str | pathlib.Path, channels: int,
       naming it).
   """
   path = pathlib.Path(path)
-  image = open_image(path, 'image', max_pixels)
+  image = open_image(path, 'image', max_pixels, channels)
   try:
     return to_8bit(image, channels)
   except Exception as e:  # pylint: disable=broad-except
