@@ -61,7 +61,8 @@ SCORES_FILE = 'scores.csv'
 SUMMARY_FILE = 'predict.json'
 SCORER_DIR = 'scorer'
 # Larger images are reduced at decode to at most this many pixels (their
-# overlay and mask too): a 4096 x 4096 overlay takes about 40 bytes a pixel.
+# overlay and mask too): about 25 bytes a pixel for the overlay and mask
+# (docs/memory.md).
 MAX_OUTPUT_PIXELS = 4096 * 4096
 # A batch is scored early once its images hold this many pixels, so a
 # batch of large images does not stay in memory at once.

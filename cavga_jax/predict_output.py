@@ -7,7 +7,9 @@ folder it will create. The manifest is replaced atomically (written to a
 temporary file, then renamed), and ``finish`` rewrites it at the end of the
 run with the files actually written, each with its size and modification
 time, and ``complete: true``. A run killed before ``finish`` leaves its
-manifest listing everything it might have written.
+manifest listing everything it might have written; a later ``--overwrite``
+deletes those of them that exist (it cannot tell a file the user put at
+one of those paths since from one the killed run wrote).
 
 ``--overwrite`` deletes exactly what an earlier manifest lists: its regular
 files (not a link, not a folder, not a file changed since ``finish``
