@@ -5,12 +5,20 @@
 
 The workdir must hold a checkpoint and the maps evaluate.py fitted for it
 (<workdir>/fitted/), or with --untrained the maps `evaluate.py --untrained`
-fitted. Writes OUT (default <workdir>/predict): scores.csv (per
+fitted. Writes OUT (default <workdir>/predict): scores.csv (per scored
 file its image score, the decision at the held-out image threshold and the
 maximum of its map), overlays/ and masks/ (one PNG each per image, at the
-image's own size), predict.json, and with --export the serialized scorer
-(scorer/, cavga_jax.export). Exit status: 0 when every file was scored, 2
-when some were skipped (each is named in the log), 1 on an error.
+image's own size, or reduced for images over
+predict_lib.MAX_OUTPUT_PIXELS), predict.json, with --export the serialized
+scorer (scorer/, cavga_jax.export), and predict_manifest.json (every file
+it writes, listed before they are written; --overwrite deletes only those).
+
+Exit status: 0 when every file was scored; 2 when some were skipped (an
+unreadable file, or a non-finite map or score: each is named in the log
+and in predict.json, and has no row in scores.csv); 1 on an error that
+stops the run (one line; nothing is written when it is found before
+scoring: bad flags, no inputs, an output predict.py may not write, a run
+that cannot be loaded).
 """
 
 from absl import app
@@ -21,17 +29,18 @@ from cavga_jax import runtime
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The trained workdir.')
 _INPUT = flags.DEFINE_string(
-    'input', None, 'A folder of images (searched recursively) or a glob '
-    "pattern such as 'dir/*.png' (quote it).")
+    'input', None, 'An image file, a folder of images (searched '
+    "recursively) or a glob pattern such as 'dir/*.png' (quote it).")
 _OUTPUT = flags.DEFINE_string(
     'output', None, 'The output folder (default <workdir>/predict); never '
-    'inside the input folder.')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False,
-                               'Replace an earlier output in --output.')
+    'inside or around the input, nor around the workdir.')
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'Replace an earlier output in --output: delete the '
+    'files its predict_manifest.json lists, nothing else.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Images per call.')
 _EXPORT = flags.DEFINE_list(
     'export', [], 'Also serialize the scorer with jax.export for these '
-    'platforms (e.g. cpu or cpu,cuda) to <output>/scorer.')
+    'platforms (cpu, cuda, rocm, tpu; e.g. cpu,cuda) to <output>/scorer.')
 _UNTRAINED = flags.DEFINE_bool(
     'untrained', False, 'Score with the networks training starts from and '
     'the maps `evaluate.py --untrained` fitted (e.g. configs/mvtec.py\'s '

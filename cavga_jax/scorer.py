@@ -8,6 +8,10 @@ attention map, no decoder unless it reads the reconstruction. Its maps
 equal the evaluation's (both come from ``inference.forward``,
 ``anomaly_maps`` and ``fitting.apply_fitted``); ``cavga_jax.export``
 serializes the same function.
+
+A non-finite map or score (a corrupted fitted state or checkpoint) is never
+a normal decision: ``decide`` marks it anomalous and not finite, and
+``predict.py`` reports such an image as an error.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -83,6 +88,19 @@ def make_score_fn(generator: models.CAVGAGenerator,
   return score
 
 
+def decide(maps: Array, scores: Array, image_threshold: float
+           ) -> tuple[Array, Array]:
+  """(anomalous (B,) bool, finite (B,) bool) of maps (B, S, S), scores (B,).
+
+  ``finite``: the score and every pixel of the map are finite.
+  ``anomalous``: the score is not at or below the image threshold, or it is
+  not finite; written ``~(scores <= t)`` because ``nan > t`` is False.
+  Traceable (the exported scorer returns it) and usable on host arrays.
+  """
+  finite = jnp.isfinite(scores) & jnp.all(jnp.isfinite(maps), axis=(1, 2))
+  return ~(scores <= image_threshold) | ~finite, finite
+
+
 @dataclasses.dataclass
 class Scorer:
   """A trained run ready to score images of its size.
@@ -111,10 +129,41 @@ class Scorer:
     self._jitted = jax.jit(self.score_fn,
                            compiler_options=self.compiler_options)
 
+  def check_images(self, images: Any) -> None:
+    """Raises CavgaError unless ``images`` is a (B >= 1, S, S, C) uint8 batch.
+
+    Floats in 0..255, other sizes or a single image would be scored
+    without a word and give meaningless scores (a float image's score is
+    far above any threshold); resize with ``data.images.model_input``.
+    """
+    shape = (self.image_size, self.image_size, self.channels)
+    dtype = getattr(images, 'dtype', None)
+    if dtype != np.uint8:
+      raise CavgaError(f'Scorer.score takes uint8 images, got {dtype} '
+                       '(pass the 0..255 pixels as uint8, not scaled floats)')
+    if images.ndim != 4 or tuple(images.shape[1:]) != shape \
+        or images.shape[0] < 1:
+      raise CavgaError(
+          f'Scorer.score takes a batch (B >= 1, {", ".join(map(str, shape))}) '
+          f'of images at the model\'s size, got shape {tuple(images.shape)}; '
+          'resize each image with cavga_jax.data.images.model_input as '
+          'predict.py does')
+
   def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(B, S, S, C) uint8 -> (maps (B, S, S) float32, scores (B,))."""
+    """(B, S, S, C) uint8 -> (maps (B, S, S) float32, scores (B,)).
+
+    Raises:
+      CavgaError: ``images`` is not such a batch (``check_images``).
+    """
+    self.check_images(images)
     maps, scores = self._jitted(self.state, images)
     return np.asarray(maps), np.asarray(scores)
+
+  def decide(self, maps: np.ndarray, scores: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(anomalous, finite) (B,) bool of ``score``'s outputs (``decide``)."""
+    anomalous, finite = decide(maps, scores, self.thresholds[1])
+    return np.asarray(anomalous), np.asarray(finite)
 
 
 def read_config(workdir: str, untrained: bool = False

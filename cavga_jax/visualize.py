@@ -33,6 +33,8 @@ def _rgb(image: np.ndarray) -> np.ndarray:
 
 def _enlarge(array: np.ndarray, scale: int) -> np.ndarray:
   """Nearest-neighbour enlargement of the two leading axes by ``scale``."""
+  if scale == 1:
+    return array  # no copy: a large overlay holds few full-size arrays
   return np.repeat(np.repeat(array, scale, axis=0), scale, axis=1)
 
 
@@ -190,10 +192,20 @@ def resize(array: np.ndarray, shape: Sequence[int],
   return np.asarray(Image.fromarray(array).resize(shape[1::-1], resample))
 
 
-def _blend(image: np.ndarray, unit: np.ndarray, alpha: float) -> np.ndarray:
-  """(H, W, 3) uint8 and (H, W) values in [0, 1] -> (H, W, 3) uint8."""
-  mixed = (1 - alpha) * image + alpha * jet(np.nan_to_num(unit, nan=0.0))
-  return mixed.round().astype(np.uint8)
+def _blend(image: np.ndarray, unit: np.ndarray, alpha: float,
+           rows: int = 256) -> np.ndarray:
+  """(H, W, 3) uint8 and (H, W) values in [0, 1] -> (H, W, 3) uint8.
+
+  ``rows`` at a time: the float64 temporaries of a whole large image
+  would take about 100 bytes a pixel.
+  """
+  out = np.empty(image.shape[:2] + (3,), np.uint8)
+  for top in range(0, image.shape[0], rows):
+    part = slice(top, top + rows)
+    mixed = ((1 - alpha) * image[part]
+             + alpha * jet(np.nan_to_num(unit[part], nan=0.0)))
+    out[part] = mixed.round().astype(np.uint8)
+  return out
 
 
 def colour_bar(height: int, low: float, high: float,

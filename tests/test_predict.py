@@ -2,6 +2,7 @@
 the scorer and its jax.export serialization in a process without cavga_jax."""
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -147,6 +148,28 @@ def test_predict_scores_every_readable_image_and_names_the_corrupt_one(
   assert summary['map'] == config.eval.map
 
 
+def test_a_corrupted_fit_is_never_scored_normal(trained, monkeypatch,
+                                                tmp_path):
+  config, workdir, _ = trained
+  scorer = scorer_lib.load_scorer(workdir)
+  fitted = scorer.state['fitted']
+  mean = np.array(fitted.feature[0])
+  mean.flat[0] = np.nan  # one value of the fitted Gaussians
+  scorer = dataclasses.replace(scorer, state=dict(
+      scorer.state, fitted=dataclasses.replace(
+          fitted, feature=(mean, fitted.feature[1]))))
+  images = data.get_datasets(config, workdir)[1].images[:2]
+  anomalous, finite = scorer.decide(*scorer.score(images))
+  assert anomalous.all() and not finite.any()
+  assert np.asarray(export.export_scorer(scorer).call(images)[2]).all()
+  monkeypatch.setattr(scorer_lib, 'load_scorer', lambda *a, **k: scorer)
+  (tmp_path / 'in').mkdir()
+  Image.fromarray(images[0]).save(tmp_path / 'in' / 'a.png')
+  summary = predict_lib.predict(workdir, str(tmp_path / 'in'),
+                                str(tmp_path / 'out'))
+  assert summary.scored == 0 and 'not finite' in summary.skipped[0][1]
+
+
 def test_predict_never_writes_into_the_input_or_over_an_earlier_output(
     tmp_path):
   inputs = tmp_path / 'in'
@@ -157,13 +180,15 @@ def test_predict_never_writes_into_the_input_or_over_an_earlier_output(
   with pytest.raises(CavgaError, match='inside the input folder'):
     predict_lib.prepare_output(str(inputs), files, inputs, True)
   out = tmp_path / 'out'
-  out.mkdir()
+  predict_lib.prepare_output(str(out), files, inputs, False)
   (out / predict_lib.SCORES_FILE).write_text('earlier')
   with pytest.raises(CavgaError, match='--overwrite'):
     predict_lib.prepare_output(str(out), files, inputs, False)
-  predict_lib.prepare_output(str(out), files, inputs, True)
-  assert list(out.iterdir()) == []
   (out / 'notes.txt').write_text('the user\'s')
+  predict_lib.prepare_output(str(out), files, inputs, True)
+  assert sorted(p.name for p in out.iterdir()) == [
+      'notes.txt', 'predict_manifest.json']  # only the listed file went
+  (out / 'predict_manifest.json').unlink()
   with pytest.raises(CavgaError, match='did not write'):
     predict_lib.prepare_output(str(out), files, inputs, True)
   with pytest.raises(CavgaError, match='no image files'):
@@ -231,11 +256,13 @@ import numpy as np
 exported = jax.export.deserialize(bytearray(open(sys.argv[1], 'rb').read()))
 expected = np.load(sys.argv[2])
 for batch in (1, 3):
-  maps, scores = exported.call(expected['images'][:batch])
+  maps, scores, anomalous = exported.call(expected['images'][:batch])
   np.testing.assert_allclose(np.asarray(maps), expected['maps'][:batch],
                              rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(scores), expected['scores'][:batch],
                              rtol=1e-5, atol=1e-5)
+  assert (np.asarray(anomalous) == (expected['scores'][:batch]
+                                    > expected['threshold'])).all()
 print(json.dumps(sorted(m for m in sys.modules if m.startswith('cavga'))))
 """
 
@@ -247,7 +274,8 @@ def test_exported_scorer_equals_the_library_in_a_process_without_it(
   _, test_ds = data.get_datasets(config, workdir)
   images = test_ds.images[:3]
   maps, scores = scorer.score(images)
-  np.savez(tmp_path / 'expected.npz', images=images, maps=maps, scores=scores)
+  np.savez(tmp_path / 'expected.npz', images=images, maps=maps, scores=scores,
+           threshold=scorer.thresholds[1])
   path = export.save(str(tmp_path / 'scorer'), scorer)
   _, metadata = export.load(str(tmp_path / 'scorer'))
   assert metadata['headline'] == config.eval.map

@@ -26,6 +26,9 @@ tolerates anti-aliased edges and JPEG noise, but a mask that is clearly not a
 
 Masks must have the size of their image; they are resized with the image
 after thresholding (nearest neighbour), so they stay binary.
+
+Images and masks are decoded by ``cavga_jax.data.images`` (upright by their
+EXIF orientation, like ``predict.py``'s).
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+from cavga_jax.data.images import model_input
+from cavga_jax.data.images import one_line
+from cavga_jax.data.images import open_image
+from cavga_jax.data.images import read_image
+from cavga_jax.data.images import to_8bit
 from cavga_jax.errors import DataError
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
@@ -51,10 +59,6 @@ MASK_THRESHOLD = 128
 # fraction of such pixels above which a mask is rejected as not binary.
 GRAY_MASK_VALUES = (32, 223)
 MAX_GRAY_MASK_FRACTION = 0.05
-
-# Modes that hold more than 8 bits per sample in a single band. PIL's own
-# conversion of these to 'L' clips at 255 instead of rescaling.
-_WIDE_INT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -102,11 +106,6 @@ class _Item:
   mask_path: pathlib.Path | None
 
 
-def _one_line(exc: BaseException) -> str:
-  text = f'{type(exc).__name__}: {exc}'
-  return ' '.join(text.split())
-
-
 def _is_image_file(path: pathlib.Path) -> bool:
   # Hidden files (e.g. macOS '._000.png' resource forks) carry image
   # extensions but are not images.
@@ -118,7 +117,7 @@ def _list_images(folder: pathlib.Path) -> list[pathlib.Path]:
   try:
     entries = list(folder.iterdir())
   except OSError as e:
-    raise DataError(f'{folder}: cannot list folder ({_one_line(e)})') from None
+    raise DataError(f'{folder}: cannot list folder ({one_line(e)})') from None
   return sorted((p for p in entries if _is_image_file(p)), key=lambda p: p.name)
 
 
@@ -126,68 +125,10 @@ def _list_subfolders(folder: pathlib.Path) -> list[pathlib.Path]:
   try:
     entries = list(folder.iterdir())
   except OSError as e:
-    raise DataError(f'{folder}: cannot list folder ({_one_line(e)})') from None
+    raise DataError(f'{folder}: cannot list folder ({one_line(e)})') from None
   folders = (p for p in entries
              if p.is_dir() and not p.name.startswith('.'))
   return sorted(folders, key=lambda p: p.name)
-
-
-def _to_8bit(image: Image.Image, channels: int) -> Image.Image:
-  """Converts a loaded PIL image of any mode to 'L' (channels 1) or 'RGB'."""
-  mode = image.mode
-  if mode in _WIDE_INT_MODES:
-    # 16-bit data: rescale the full range to 8 bits (65535 -> 255) instead of
-    # letting PIL clip everything above 255 to white.
-    wide = np.asarray(image).astype(np.int64)
-    image = Image.fromarray(
-        np.clip((wide + 128) // 257, 0, 255).astype(np.uint8))
-  elif mode == 'F':
-    raise ValueError('32-bit float images are not supported')
-  if channels == 1:
-    return image.convert('L')
-  if mode in ('P', 'PA') and 'transparency' in image.info:
-    # Going through RGBA applies the palette's transparency entry the way PIL
-    # expects; the alpha band is then dropped like for RGBA images.
-    image = image.convert('RGBA')
-  return image.convert('RGB')
-
-
-def _open_image(path: pathlib.Path, what: str) -> Image.Image:
-  """Opens and fully decodes an image, raising DataError on any problem."""
-  try:
-    size = path.stat().st_size
-  except OSError as e:
-    raise DataError(f'{path}: cannot read {what} ({_one_line(e)})') from None
-  if size == 0:
-    raise DataError(f'{path}: {what} file is empty (0 bytes)')
-  try:
-    with Image.open(path) as image:
-      # Truncated files often open fine and only fail while decoding pixels,
-      # so force the decode here where errors can be attributed to the file.
-      image.load()
-      return image.copy()
-  except Exception as e:  # pylint: disable=broad-except
-    # PIL raises a zoo of types for corrupt files (OSError, SyntaxError,
-    # ValueError, struct.error, EOFError, ...).
-    raise DataError(
-        f'{path}: cannot decode {what}, the file is truncated or not an image '
-        f'({_one_line(e)})') from None
-
-
-def read_image(path: str | pathlib.Path, channels: int) -> Image.Image:
-  """One image file of any supported format as 8-bit 'L' (1) or 'RGB' (3).
-
-  Raises:
-    DataError: the file cannot be read, decoded or converted (one line
-      naming it).
-  """
-  path = pathlib.Path(path)
-  image = _open_image(path, 'image')
-  try:
-    return _to_8bit(image, channels)
-  except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f'{path}: cannot convert image of mode {image.mode} '
-                    f'({_one_line(e)})') from None
 
 
 def _decode_item(item: _Item, image_size: int, channels: int,
@@ -196,24 +137,22 @@ def _decode_item(item: _Item, image_size: int, channels: int,
   converted = read_image(item.path, channels)
   original_size = converted.size
   size = (image_size, image_size)
-  if converted.size != size:
-    converted = converted.resize(size, Image.BILINEAR)
-  image_out[...] = np.asarray(converted, np.uint8).reshape(image_out.shape)
+  image_out[...] = model_input(converted, image_size, channels)
 
   if item.mask_path is None:
     mask_out[...] = False
     return
-  mask = _open_image(item.mask_path, 'mask')
+  mask = open_image(item.mask_path, 'mask')
   if mask.size != original_size:
     raise DataError(
         f'{item.mask_path}: mask size {mask.size[0]}x{mask.size[1]} differs '
         f'from image size {original_size[0]}x{original_size[1]} of '
         f'{item.path}')
   try:
-    gray = _to_8bit(mask, 1)
+    gray = to_8bit(mask, 1)
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f'{item.mask_path}: cannot convert mask of mode '
-                    f'{mask.mode} ({_one_line(e)})') from None
+                    f'{mask.mode} ({one_line(e)})') from None
   binary = _binarize_mask(np.asarray(gray), item.mask_path)
   if gray.size != size:
     # NEAREST keeps the mask binary and aligned with the bilinear image.
