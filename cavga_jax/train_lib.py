@@ -23,6 +23,7 @@ import numpy as np
 
 from cavga_jax import cavga_step
 from cavga_jax import checkpointing
+from cavga_jax import config_checks
 from cavga_jax import data
 from cavga_jax import layers
 from cavga_jax import models
@@ -69,6 +70,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       bad dataset or an unusable pretrained file (``DataError``);
       ``TrainingError`` for non-finite losses.
   """
+  # An invalid config stops before the lock creates the workdir (prepare_run
+  # checks it again: cheap).
+  config_checks.check_config(config)
   with workdirs.lock(workdir, 'train.py'):
     return _train(config, workdir, overwrite)
 

@@ -256,8 +256,9 @@ def lock(workdir: str, program: str, name: str = LOCK_FILE) -> Iterator[None]:
         refused = e
     if jax.process_count() > 1:
       # Every process learns whether process 0 holds it: none goes on alone.
-      held = multihost_utils.broadcast_one_to_all(np.array(refused is None))
-      if not bool(held):
+      held = multihost_utils.broadcast_one_to_all(
+          np.int32(refused is None))
+      if not int(held):
         raise refused or CavgaError(f'{workdir}: process 0 could not lock '
                                     'the workdir; its log says why')
     elif refused is not None:
