@@ -85,7 +85,7 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 def _restore_error(path: str, abstract: Any, error: Exception) -> CavgaError:
   """Why checkpoint ``path`` did not restore into ``abstract``, one line."""
-  try:
+  try:  # A manager saves its one item as '<step>/default'.
     with ocp.StandardCheckpointer() as checkpointer:
       saved = _leaf_shapes(checkpointer.metadata(
           os.path.join(path, 'default')).item_metadata)

@@ -92,6 +92,8 @@ def evaluation_setup(config: ml_collections.ConfigDict, workdir: str,
 # metrics.json's field for a test set without defect images (its metrics
 # that need them are null instead of NaN).
 NO_DEFECTS_FIELD = 'no_defect_images'
+_NULL_METRICS = ('the pixel metrics and the image AUROC need defect images '
+                 'with masks, so metrics.json gives them as null')
 
 
 def check_test_set(test_ds: data.AnomalyDataset) -> None:
@@ -117,10 +119,6 @@ def check_test_set(test_ds: data.AnomalyDataset) -> None:
         'empty, or their defects vanish when resized): %s%s', len(names),
         int(anomalous.sum()), test_ds.masks.shape[1], ', '.join(names[:3]),
         ', ...' if len(names) > 3 else '')
-
-
-_NULL_METRICS = ('the pixel metrics and the image AUROC need defect images '
-                 'with masks, so metrics.json gives them as null')
 
 
 def _no_defects(test_ds: data.AnomalyDataset, consequence: str) -> str:

@@ -323,6 +323,9 @@ def test_a_test_set_without_defects_gives_null_metrics_saying_why(
   with caplog.at_level(logging.WARNING):
     eval_lib.check_test_set(test_ds)
   assert written[eval_lib.NO_DEFECTS_FIELD] in caplog.text
+  with pytest.raises(data.DataError, match='/data/part/test/good: the test '
+                     'set has no defect images .* a learning curve'):
+    eval_lib.evaluate_checkpoints(tiny.get_config(), str(tmp_path))
 
 
 def test_defect_images_without_defect_pixels_are_named(caplog):
