@@ -34,7 +34,6 @@ from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import scoring
 from cavga_jax.evaluation import store
 from configs import tiny
-from conftest import REPO_ROOT
 
 
 def _one_line(error: BaseException, *names: str) -> str:
