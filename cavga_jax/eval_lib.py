@@ -10,6 +10,13 @@ after the fact. The library underneath is ``cavga_jax.evaluation``:
 images), ``registry`` (every map, declared once), ``scoring`` (metrics as
 pure functions), ``outputs``, ``report`` and ``store``.
 
+An evaluation holds ``<workdir>/.evaluate.lock`` while it writes
+(``workdirs.lock``; it may run beside training, not beside another
+evaluation), refits a saved fit that is unreadable or fails its checksum
+(``store.FitError``, logged) and checks the test set first
+(``check_test_set``): without defect images the metrics that need them are
+null in ``metrics.json`` and ``no_defect_images`` says why.
+
 ``metrics.json`` keeps SPEC section 4's flat keys for the headline map
 ``config.eval.map`` (``configs/default.py``: ``'feature_gaussian'``;
 ``'attention'`` is the paper's ``M = 1 - A``) and ``s_a``, and adds
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any, Callable
 
@@ -41,6 +49,7 @@ from cavga_jax import sharding
 from cavga_jax import train_state
 from cavga_jax import workdirs
 from cavga_jax.errors import CavgaError
+from cavga_jax.errors import DataError
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import outputs
 from cavga_jax.evaluation import store
@@ -66,6 +75,7 @@ def evaluation_setup(config: ml_collections.ConfigDict, workdir: str,
     workdirs.check_rerun(config, workdir, 'evaluate.py')
   mesh = sharding.make_mesh()
   train_ds, test_ds = data.get_datasets(config, workdir)
+  check_test_set(test_ds)
   generator, _, init_fn, state_sharding = train_state.setup(config, mesh)
   initial = lambda: train_state.initial_state(config, init_fn, state_sharding)
   feature_variables = None
@@ -77,6 +87,53 @@ def evaluation_setup(config: ml_collections.ConfigDict, workdir: str,
       generator, test_ds, config.eval, mesh,
       evaluator_lib.normal_training_images(train_ds), feature_variables)
   return test_ds, evaluator, init_fn, initial, mesh
+
+
+# metrics.json's field for a test set without defect images (its metrics
+# that need them are null instead of NaN).
+NO_DEFECTS_FIELD = 'no_defect_images'
+_NULL_METRICS = ('the pixel metrics and the image AUROC need defect images '
+                 'with masks, so metrics.json gives them as null')
+
+
+def check_test_set(test_ds: data.AnomalyDataset) -> None:
+  """Logs what the test set's labels and masks leave undefined.
+
+  Without defect images the pixel metrics and image AUROC are undefined
+  (``evaluate`` writes them as null, ``NO_DEFECTS_FIELD`` says why). Defect
+  images whose masks have no defect pixel at the evaluated size (empty mask
+  files, or defects smaller than a pixel after resizing) count as normal
+  pixels; named unless no defect image has any (a dataset without pixel
+  ground truth, e.g. the one-class TFDS sets).
+  """
+  anomalous = test_ds.labels == 1
+  if not anomalous.any():
+    logging.warning('%s', _no_defects(test_ds, _NULL_METRICS))
+    return
+  empty = anomalous & ~test_ds.masks.reshape(len(anomalous), -1).any(axis=1)
+  if empty.any() and not empty[anomalous].all():
+    names = [p for p, e in zip(test_ds.paths, empty) if e]
+    logging.warning(
+        '%d of %d defect test images have no defect pixel at %d px, so the '
+        'pixel metrics count all their pixels as normal (their masks are '
+        'empty, or their defects vanish when resized): %s%s', len(names),
+        int(anomalous.sum()), test_ds.masks.shape[1], ', '.join(names[:3]),
+        ', ...' if len(names) > 3 else '')
+
+
+def _no_defects(test_ds: data.AnomalyDataset, consequence: str) -> str:
+  """'<test folder>: the test set has no defect images ...; <consequence>'."""
+  folder = os.path.commonpath([os.path.dirname(os.path.abspath(p))
+                               for p in test_ds.paths])
+  return (f'{folder}: the test set has no defect images (all '
+          f'{test_ds.num_examples} are normal); {consequence}')
+
+
+def _nan_to_none(value: Any) -> Any:
+  """``value`` with every float NaN (nested in dicts) replaced by None."""
+  if isinstance(value, dict):
+    return {k: _nan_to_none(v) for k, v in value.items()}
+  return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str
@@ -91,8 +148,19 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str
   Returns:
     The curve records, in step order.
   """
-  _, evaluator, init_fn, _, mesh = evaluation_setup(config, workdir)
-  target = train_state.abstract_state(init_fn, mesh)
+  test_ds, evaluator, init_fn, _, mesh = evaluation_setup(config, workdir)
+  if not test_ds.labels.any():
+    raise DataError(_no_defects(test_ds, 'a learning curve of the pixel '
+                                'metrics needs defect images'))
+  with workdirs.lock(workdir, 'evaluate.py', workdirs.EVALUATE_LOCK_FILE):
+    return _curve(config, workdir, evaluator,
+                  train_state.abstract_state(init_fn, mesh))
+
+
+def _curve(config: ml_collections.ConfigDict, workdir: str,
+           evaluator: evaluator_lib.Evaluator, target: Any
+           ) -> list[dict[str, Any]]:
+  """``evaluate_checkpoints`` with the evaluation lock held."""
   manager = checkpointing.make_manager(workdir)
   steps = sorted(manager.all_steps())
   if not steps:
@@ -128,11 +196,18 @@ def fitted_maps(config: ml_collections.ConfigDict, workdir: str,
                 evaluator: evaluator_lib.Evaluator, state: Any, step: int,
                 untrained: bool = False, refit: bool = False):
   """The maps fitted for ``state``: loaded from ``store`` when saved there
-  under the same key (and not ``refit``), else fitted and saved."""
+  under the same key (and not ``refit``), else fitted and saved. A saved
+  fit that is unreadable or fails its checksum is fitted again, saying why.
+  """
   directory = store.fitted_dir(workdir, step, untrained)
-  key = store.fit_key(config.eval, step, state.gen_params,
-                      evaluator.image_size, evaluator.num_normal_images)
-  fitted = None if refit else store.load(directory, key)
+  key = store.fit_key(config.eval, step, state, evaluator.image_size,
+                      evaluator.num_normal_images)
+  fitted = None
+  if not refit:
+    try:
+      fitted = store.load(directory, key)
+    except store.FitError as e:
+      logging.warning('refitting the maps: %s', e.problem)
   if fitted is None:
     fitted = evaluator.fit(state.gen_params, state.gen_batch_stats)
     store.save(directory, fitted, key, config.to_json_best_effort(indent=2))
@@ -164,6 +239,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   test_ds, evaluator, init_fn, initial, mesh = evaluation_setup(
       config, workdir, untrained)
+  with workdirs.lock(workdir, 'evaluate.py', workdirs.EVALUATE_LOCK_FILE):
+    return _evaluate(config, workdir, untrained, refit, test_ds, evaluator,
+                     init_fn, initial, mesh)
+
+
+def _evaluate(config: ml_collections.ConfigDict, workdir: str,
+              untrained: bool, refit: bool, test_ds: data.AnomalyDataset,
+              evaluator: evaluator_lib.Evaluator, init_fn: Callable,
+              initial: Callable[[], Any], mesh: jax.sharding.Mesh
+              ) -> dict[str, Any]:
+  """``evaluate`` after its setup, with the evaluation lock held."""
   state, step = evaluated_state(workdir, init_fn, initial, mesh, untrained)
   if untrained:
     logging.info('evaluating the untrained networks (seed %d) on %d test '
@@ -176,6 +262,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   result, predictions = evaluator(state.gen_params, state.gen_batch_stats,
                                   fitted)
   result['checkpoint_step'] = step
+  if not test_ds.labels.any():
+    result = _nan_to_none(result)
+    result[NO_DEFECTS_FIELD] = _no_defects(test_ds, _NULL_METRICS)
   curve = os.path.join(workdir, os.path.splitext(outputs.CURVE_FILE)[0]
                        + '.png')
   outputs.write_outputs(

@@ -179,8 +179,8 @@ def read_config(workdir: str, untrained: bool = False
   if not os.path.exists(path):
     raise CavgaError(f'{path}: not found; run train.py and evaluate.py (or '
                      'evaluate.py --untrained) with this --workdir first')
-  with open(path) as f:
-    tree = json.load(f)
+  tree = workdirs.read_json_object(path, 'it should hold the config the run '
+                                   'was trained with (train.py writes it)')
 
   def tuples(value):
     if isinstance(value, dict):
@@ -229,7 +229,7 @@ def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None,
                      f'evaluate.py --workdir={workdir} --config=...{flag}` '
                      'first (it fits them on the normal training images and '
                      'saves them there)')
-  expected = store.fit_key(config.eval, step, state.gen_params,
+  expected = store.fit_key(config.eval, step, state,
                            saved['image_size'], saved['num_normal_images'])
   changed = store.differing_fields(saved, expected)
   if changed:

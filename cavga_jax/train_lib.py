@@ -23,6 +23,7 @@ import numpy as np
 
 from cavga_jax import cavga_step
 from cavga_jax import checkpointing
+from cavga_jax import config_checks
 from cavga_jax import data
 from cavga_jax import layers
 from cavga_jax import models
@@ -33,6 +34,7 @@ from cavga_jax import synthesis
 from cavga_jax import train_state
 from cavga_jax import training_loop
 from cavga_jax import visualize
+from cavga_jax import workdirs
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import outputs
 
@@ -44,7 +46,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   A workdir of another run (a ``config.json`` that differs in a field of the
   model, data or objective, ``workdirs``) stops the run; ``overwrite``
-  deletes its outputs and starts over.
+  deletes its outputs and starts over. The run holds ``<workdir>/.lock``
+  (``workdirs.lock``; process 0 for all processes) from before anything is
+  deleted or written until it returns or fails: a second training of the
+  workdir stops, naming this process.
 
   Logs step, losses and images/s every ``config.train.log_every`` steps and
   appends them to ``<workdir>/train_metrics.jsonl`` (on resume, lines after
@@ -61,10 +66,20 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   Raises:
     CavgaError: an invalid config (``config_checks.check_config``), a
-      workdir of another run (``workdirs``), a bad dataset or an unusable
-      pretrained file (``DataError``); ``TrainingError`` for non-finite
-      losses.
+      workdir of another run or in use by another process (``workdirs``), a
+      bad dataset or an unusable pretrained file (``DataError``);
+      ``TrainingError`` for non-finite losses.
   """
+  # An invalid config stops before the lock creates the workdir (prepare_run
+  # checks it again: cheap).
+  config_checks.check_config(config)
+  with workdirs.lock(workdir, 'train.py'):
+    return _train(config, workdir, overwrite)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           overwrite: bool) -> train_state.TrainState:
+  """``train`` with the workdir locked."""
   mesh = runtime.prepare_run(config, workdir, overwrite)
   supervision = settings.get(config, 'model.supervision')
   synthetic = synthesis.settings_from_fields(config.data.get('synthetic'))

@@ -13,20 +13,40 @@ deletes them.
 A field that is absent from an older ``config.json`` compares as its
 library default (``settings``), so adding a config field does not lock old
 workdirs; a new field defines the run unless it is added to ``MAY_DIFFER``.
+
+One workdir, one writer: ``train.py`` holds ``<workdir>/.lock`` while it
+runs (``lock``), ``evaluate.py`` ``<workdir>/.evaluate.lock`` (it may run
+beside training, not beside another evaluation). ``read_json_object`` reads
+the JSON files a workdir holds (``config.json``, ``fit.json``) with one-line
+errors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
+import fcntl
 import json
 import logging
 import os
 import shutil
-from typing import Any
+import socket
+import stat
+from typing import Any, Iterator
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 from cavga_jax import settings
 from cavga_jax.errors import CavgaError
 
 CONFIG_FILE = 'config.json'
+LOCK_FILE = '.lock'  # train.py's
+EVALUATE_LOCK_FILE = '.evaluate.lock'
+# config.json and fit.json are a few KB; a file far larger is not one.
+MAX_JSON_BYTES = 1 << 20
 
 # Fields (or whole sections) a rerun of a workdir may change: the length of
 # the schedule, logging and checkpointing, failure handling, the evaluation,
@@ -116,12 +136,8 @@ def check_rerun(config: Any, workdir: str, program: str = 'train.py') -> None:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    raise CavgaError(f'{path}: unreadable ({e}); rerun train.py with '
-                     '--overwrite to start over') from None
+  saved = read_json_object(path, 'rerun train.py with --overwrite to start '
+                           'over')
   defining, allowed = differing_fields(saved, config)
   if allowed:
     logging.info('%s: %s differ from %s (allowed)', program,
@@ -158,3 +174,154 @@ def start_over(workdir: str) -> list[str]:
     logging.info('--overwrite: deleted %s from %s', ', '.join(deleted),
                  workdir)
   return deleted
+
+
+def read_json_object(path: str, hint: str = '') -> dict[str, Any]:
+  """The JSON object (a dict) in the file ``path``.
+
+  Raises:
+    CavgaError: one line naming ``path`` and the problem (unreadable, empty,
+      larger than ``MAX_JSON_BYTES``, not JSON, not an object), then
+      ``hint``.
+  """
+  def error(problem):
+    return CavgaError(f'{path}: {problem}' + (f'; {hint}' if hint else ''))
+
+  try:
+    with open(path, 'rb') as f:
+      raw = f.read(MAX_JSON_BYTES + 1)
+  except OSError as e:
+    raise error(f'unreadable ({e.strerror or e})') from None
+  if not raw.strip():
+    raise error('empty file, expected a JSON object')
+  if len(raw) > MAX_JSON_BYTES:
+    raise error(f'over {MAX_JSON_BYTES} bytes, not a JSON object of ours')
+  try:
+    value = json.loads(raw)
+  except (ValueError, RecursionError) as e:  # UnicodeDecodeError included
+    raise error(f'not valid JSON ({one_line(e)})') from None
+  if not isinstance(value, dict):
+    raise error(f'holds a JSON {type(value).__name__}, expected an object')
+  return value
+
+
+def one_line(error: BaseException) -> str:
+  """The first line of an error's message (at most 200 characters), for
+  one-line errors that wrap a library's (Orbax's are hundreds of lines)."""
+  lines = str(error).strip().splitlines() or [type(error).__name__]
+  return lines[0][:200]
+
+
+def _holder(raw: bytes) -> str | None:
+  """'train.py (pid 12 on host h, since ...)' from a lock file's content;
+  None for content that is not a holder record of ``lock``."""
+  try:
+    holder = json.loads(raw)
+    return (f'{holder["program"]} (pid {int(holder["pid"])} on host '
+            f'{holder["host"]}, since {holder["since"]})')
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+@contextlib.contextmanager
+def lock(workdir: str, program: str, name: str = LOCK_FILE) -> Iterator[None]:
+  """Holds ``<workdir>/<name>`` for this run while the block runs.
+
+  An exclusive ``fcntl.flock`` on the file, which the kernel releases when
+  the holder ends however it ends (also over NFS), so a lock is never
+  stuck; the file names the holder (JSON: program, pid, host, since) for
+  the message of the process that is refused. A file that names a holder
+  but is not locked was left by a holder that died: it is taken over, with
+  a warning. On leaving, the file is emptied and unlocked (not deleted, so
+  a process that opened it meanwhile cannot lock a deleted file). In a
+  multi-host run process 0 holds it for all, and all stop when it is
+  refused.
+
+  Args:
+    workdir: the run folder (created if absent).
+    program: named to a refused process ('train.py').
+    name: the lock file (``LOCK_FILE``, ``EVALUATE_LOCK_FILE``).
+
+  Raises:
+    CavgaError: another live process holds the lock (the message names
+      it), or the lock file cannot be made or is not one (a link, a folder,
+      a file of other content: never written over).
+  """
+  with contextlib.ExitStack() as stack:
+    refused = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(_file_lock(workdir, program, name))
+      except CavgaError as e:
+        refused = e
+    if jax.process_count() > 1:
+      # Every process learns whether process 0 holds it: none goes on alone.
+      held = multihost_utils.broadcast_one_to_all(
+          np.int32(refused is None))
+      if not int(held):
+        raise refused or CavgaError(f'{workdir}: process 0 could not lock '
+                                    'the workdir; its log says why')
+    elif refused is not None:
+      raise refused
+    yield
+
+
+@contextlib.contextmanager
+def _file_lock(workdir: str, program: str, name: str) -> Iterator[None]:
+  """``lock`` in this process."""
+  path = os.path.join(workdir, name)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 0o644)
+  except OSError as e:
+    raise CavgaError(f'{path}: cannot open the workdir lock file '
+                     f'({e.strerror or e})') from None
+  try:
+    locked = _take(fd, path, workdir, program)
+    try:
+      yield
+    finally:
+      if locked:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+  finally:
+    os.close(fd)
+
+
+def _take(fd: int, path: str, workdir: str, program: str) -> bool:
+  """Locks the open lock file ``fd`` and writes this process into it.
+
+  Returns False (with a warning) where the filesystem has no locks.
+  """
+  if not stat.S_ISREG(os.fstat(fd).st_mode):
+    raise CavgaError(f'{path}: not a regular file; {program} locks the '
+                     'workdir with it')
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = _holder(os.pread(fd, 4096, 0)) or 'another process'
+    raise CavgaError(f'{workdir} is in use: {path} is held by {holder}; wait '
+                     'for it to end, or use another --workdir') from None
+  except OSError as e:
+    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+      raise
+    logging.warning('%s: this filesystem cannot lock files (%s); nothing '
+                    'stops a second %s on this workdir', path, e.strerror,
+                    program)
+    return False
+  left = os.pread(fd, 4096, 0)
+  if left.strip():
+    holder = _holder(left)
+    if holder is None:
+      fcntl.flock(fd, fcntl.LOCK_UN)
+      raise CavgaError(f'{path}: not a lock file of cavga_jax (it is not '
+                       'empty and names no process); move it away')
+    logging.warning('%s: taking over the lock of %s, which ended without '
+                    'releasing it', path, holder)
+  record = json.dumps(dict(
+      program=program, pid=os.getpid(), host=socket.gethostname(),
+      since=datetime.datetime.now().isoformat(timespec='seconds')))
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, record.encode() + b'\n', 0)
+  return True

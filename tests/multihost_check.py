@@ -6,8 +6,9 @@ Joins a 2-process JAX cluster on 127.0.0.1 (CPU collectives over gloo),
 trains the tiny config in the shared ``workdir`` (both processes, one global
 batch split between them) and evaluates it, then writes to ``record`` (JSON,
 outside the workdir) the final parameters' leaves, the evaluation's
-metrics and every file this process opened for writing inside the workdir, checkpoints excluded (the
-checkpoint manager coordinates its own writes).
+metrics and every file this process opened for writing inside the workdir,
+checkpoints excluded (the checkpoint manager coordinates its own writes),
+and to ``<record>.npz`` the evaluation's predictions (``save_predictions``).
 """
 
 import builtins
@@ -23,6 +24,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 from configs import tiny_weak  # pylint: disable=wrong-import-position
 from cavga_jax import eval_lib  # pylint: disable=wrong-import-position
 from cavga_jax import train_lib  # pylint: disable=wrong-import-position
+from cavga_jax.evaluation import outputs  # pylint: disable=wrong-import-position
 
 
 def config_for_test():
@@ -31,6 +33,44 @@ def config_for_test():
   config.train.log_every = 1
   config.train.eval_every = config.train.num_steps  # ... and the curve.
   return config
+
+
+def capture_predictions() -> dict:
+  """The predictions the next evaluation writes (filled when it writes)."""
+  captured = {}
+  write = outputs.write_outputs
+
+  def capturing(out_dir, result, predictions, *args, **kwargs):
+    captured.update(predictions)
+    outputs.write_outputs = write
+    return write(out_dir, result, predictions, *args, **kwargs)
+
+  outputs.write_outputs = capturing
+  return captured
+
+
+def save_predictions(path, predictions):
+  """The scored predictions to ``path`` (npz): 'maps/<name>',
+  'map_scores/<name>', 'score' and 'p_anomalous'."""
+  arrays = {f'{group}/{name}': np.asarray(values)
+            for group in ('maps', 'map_scores')
+            for name, values in predictions[group].items()}
+  arrays.update({k: np.asarray(predictions[k])
+                 for k in ('score', 'p_anomalous') if k in predictions})
+  np.savez(path, **arrays)
+
+
+def load_predictions(path):
+  """``save_predictions``'s file as the predictions dict scoring takes."""
+  with np.load(path) as saved:
+    predictions = {'maps': {}, 'map_scores': {}}
+    for key in saved.files:
+      group, _, name = key.partition('/')
+      if name:
+        predictions[group][name] = saved[key]
+      else:
+        predictions[key] = saved[key]
+  return predictions
 
 
 def main(process_id, port, workdir, record_path):
@@ -54,9 +94,11 @@ def main(process_id, port, workdir, record_path):
   try:
     config = config_for_test()
     state = train_lib.train(config, workdir)
+    predictions = capture_predictions()
     result = eval_lib.evaluate(config, workdir)
   finally:
     builtins.open = real_open
+  save_predictions(record_path + '.npz', predictions)
   leaves = [np.asarray(x).tolist() for x in
             jax.tree.leaves(jax.device_get(state.gen_params))]
   with open(record_path, 'w') as f:
