@@ -17,7 +17,6 @@ a normal decision: ``decide`` marks it anomalous and not finite, and
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 

@@ -441,6 +441,14 @@ def _case_mask_gray(root):
           'mask is not binary: 75% of its pixels are gray')
 
 
+def _case_mask_all_zero(root):
+  # A defect image whose mask marks nothing: its pixels would count as
+  # normal and the image as a defect without a defect (issue 37).
+  path = _save(np.zeros((16, 16), np.uint8),
+               root / 'widget' / 'ground_truth' / 'crack' / '001_mask.png')
+  return dict(split='test'), path, 'mask is all zero'
+
+
 def _case_mask_truncated(root):
   path = _save(np.random.default_rng(1).integers(
       0, 256, (16, 16), dtype=np.uint8),
@@ -483,7 +491,8 @@ _BAD_INPUT_CASES = [
     _case_empty_test_split, _case_zero_byte, _case_not_an_image,
     _case_truncated_png, _case_truncated_jpeg, _case_mask_missing,
     _case_mask_folder_missing, _case_mask_wrong_size, _case_mask_zero_one,
-    _case_mask_gray, _case_mask_truncated, _case_mask_without_image,
+    _case_mask_gray, _case_mask_all_zero, _case_mask_truncated,
+    _case_mask_without_image,
     _case_mask_for_unknown_defect, _case_mask_badly_named, _case_bad_split,
     _case_bad_channels,
 ]

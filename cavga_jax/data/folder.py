@@ -154,6 +154,13 @@ def _decode_item(item: _Item, image_size: int, channels: int,
     raise DataError(f'{item.mask_path}: cannot convert mask of mode '
                     f'{mask.mode} ({one_line(e)})') from None
   binary = _binarize_mask(np.asarray(gray), item.mask_path)
+  if not binary.any():
+    # Checked at the file's size: resizing can legitimately erase a tiny
+    # defect, an all-zero file marks none at all.
+    raise DataError(
+        f'{item.mask_path}: mask is all zero, so it marks no defect of the '
+        f'defect image {item.path}; mark the defect with 255 or move the '
+        'image to test/good')
   if gray.size != size:
     # NEAREST keeps the mask binary and aligned with the bilinear image.
     binary = np.asarray(Image.fromarray(binary).resize(size, Image.NEAREST))
