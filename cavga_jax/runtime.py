@@ -13,7 +13,6 @@ import jax
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from cavga_jax import config_checks
 from cavga_jax import settings
 from cavga_jax import sharding
 from cavga_jax import workdirs
@@ -120,8 +119,8 @@ def run_program(program: Callable[[Any, str], Any], config: Any, workdir: str,
   """Runs ``program(config, workdir)`` for a command-line entry point.
 
   Sets up logging and the compilation cache; every program checks the
-  config first thing (``config_checks.check_config``, once per run: in
-  ``prepare_run`` or the evaluation's setup). A ``CavgaError`` (bad input,
+  config first thing (``config_checks.check_config``, once per run: before
+  the training programs lock the workdir, or in the evaluation's setup). A ``CavgaError`` (bad input,
   bad config, failed run) ends the process with its one-line message and
   exit status 1 instead of a traceback.
   """
@@ -138,9 +137,11 @@ def run_program(program: Callable[[Any, str], Any], config: Any, workdir: str,
 
 def prepare_run(config: Any, workdir: str, overwrite: bool = False
                 ) -> jax.sharding.Mesh:
-  """Checks the config and the workdir, writes ``<workdir>/config.json``.
+  """Checks the workdir, writes ``<workdir>/config.json``.
 
-  The first thing every training program does (CAVGA and the VAEs). A
+  The first thing every training program does (CAVGA and the VAEs) once it
+  has checked the config (``config_checks.check_config``) and locked the
+  workdir (``workdirs.lock``). A
   workdir whose ``config.json`` defines another run stops the run
   (``workdirs.check_rerun``) unless ``overwrite``, which deletes the old
   run's outputs first (``workdirs.start_over``). Only process 0 deletes and
@@ -155,10 +156,9 @@ def prepare_run(config: Any, workdir: str, overwrite: bool = False
     The device mesh.
 
   Raises:
-    CavgaError: an invalid config, a workdir of another run, or a batch size
-      the devices cannot split.
+    CavgaError: a workdir of another run, or a batch size the devices
+      cannot split.
   """
-  config_checks.check_config(config)
   primary = sharding.is_primary_process()
   if overwrite:
     if primary:

@@ -21,8 +21,8 @@ Each tensor's view (offset, size, stride) is checked against its storage,
 and each storage's declared size against the bytes present. Anything else
 raises ``errors.DataError``, one line naming the file. So a checkpoint is
 read the way ``torch.load(weights_only=True)`` reads it, and CI can read the
-real ImageNet weights without installing torch. (Some 430 lines: the two
-formats share the unpickler and the checks, which read best together.)
+real ImageNet weights without installing torch. Over 400 lines: the two
+formats share the unpickler and the checks, which read best together.
 """
 
 from __future__ import annotations

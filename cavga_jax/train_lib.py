@@ -70,8 +70,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       bad dataset or an unusable pretrained file (``DataError``);
       ``TrainingError`` for non-finite losses.
   """
-  # An invalid config stops before the lock creates the workdir (prepare_run
-  # checks it again: cheap).
+  # An invalid config stops before the lock creates the workdir.
   config_checks.check_config(config)
   with workdirs.lock(workdir, 'train.py'):
     return _train(config, workdir, overwrite)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from cavga_jax import config_checks
 from cavga_jax import data
 from cavga_jax import explain
 from cavga_jax import layers
@@ -53,6 +54,7 @@ from cavga_jax import sharding
 from cavga_jax import train_state
 from cavga_jax import training_loop
 from cavga_jax import vae
+from cavga_jax import workdirs
 from cavga_jax.data import factor_dataset
 from cavga_jax.data import sprite_renderer
 from cavga_jax.data import sprites
@@ -206,8 +208,17 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   The loop is ``training_loop.training_loop``'s: JSONL metrics in
   ``<workdir>/train_metrics.jsonl``, Orbax checkpoints with retention, the
-  non-finite policy of ``config.train.nonfinite``.
+  non-finite policy of ``config.train.nonfinite``. The run holds
+  ``<workdir>/.lock`` as ``train.py``'s CAVGA runs do (``workdirs.lock``).
   """
+  config_checks.check_config(config)  # before the lock creates the workdir
+  with workdirs.lock(workdir, 'train.py'):
+    return _train(config, workdir, overwrite)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           overwrite: bool) -> VAEState:
+  """``train`` with the workdir locked."""
   mesh = runtime.prepare_run(config, workdir, overwrite)
   loop_settings = training_loop.LoopSettings.from_config(config)
   training_data = TrainingData(config, workdir)
