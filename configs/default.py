@@ -115,6 +115,12 @@ def get_config() -> ml_collections.ConfigDict:
   # 1 - A is 'attention', which did no better than a positional prior
   # (docs/results.md).
   config.eval.map = 'feature_gaussian'
+  # Which maps evaluate.py fits and scores: 'all' (every map, the tables of
+  # docs/results.md) or 'headline': eval.map and the maps it is made of,
+  # and only what they read (e.g. no Grad-CAM for a feature map): faster,
+  # and all that metrics.json's flat keys and predict.py need
+  # (evaluate.py --maps=headline).
+  config.eval.maps = 'all'
   # Gaussian sigma (px) of the residual and feature maps; None = 4 px per
   # 256 px of image size (anomaly_maps.RELATIVE_SIGMA), so the blur covers
   # the same share of the image at any --config.data.image_size.

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO_ROOT
 
-METRIC_KEYS = ('pixel_auroc', 'iou', 'image_auroc', 'detection_accuracy',
+METRIC_KEYS = ('pixel_auroc', 'iou', 'image_auroc', 'detection_accuracy_minmax',
                'aupro', 'pixel_f1_max')
 MAPS = ('attention', 'attention_liu', 'residual', 'residual_ssim',
         'residual_ssim_smooth', 'residual_x_ssim', 'attention_x_residual',
