@@ -1,12 +1,13 @@
-"""One-class detection runs (docs/protocol.md): every class of a dataset in turn.
+"""One-class detection runs: every class of a dataset in turn.
 
-For each class c: train with `config.data.normal_class = c` in
-`<workdir>/class_<c>` (resuming if a checkpoint is there), evaluate, and
-collect the image AUROC and the paper's detection accuracy of the image
-score `s_a`, the reconstruction error (metrics.json's
-`*_reconstruction` keys, as the paper's one-class tables). The table `<workdir>/one_class.md` and
-`<workdir>/one_class.json` are rewritten after every class, so an
-interrupted sweep keeps the finished rows; rerunning it resumes.
+For each class c (docs/protocol.md section 4): train with
+`config.data.normal_class = c` in `<workdir>/class_<c>` (resuming if a
+checkpoint is there), evaluate, and collect the image AUROC and the
+paper's detection accuracy of the image score `s_a`, the reconstruction
+error (metrics.json's `*_reconstruction` keys). The table
+`<workdir>/one_class.md` and `<workdir>/one_class.json` are rewritten after
+every class, so an interrupted sweep keeps the finished rows; rerunning it
+resumes.
 """
 
 from __future__ import annotations

@@ -102,9 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 32
   config.eval.num_panels = 8
-  # The headline map written under SPEC section 4's keys (pixel_auroc, iou,
-  # aupro, ...); every map's metrics are in metrics.json's 'maps'
-  # (cavga_jax.anomaly_maps). 'feature_gaussian' (per-cell Mahalanobis
+  # The headline map: metrics.json's flat keys (pixel_auroc, iou, aupro,
+  # image_auroc, ...; docs/protocol.md section 4) are its; every map's
+  # metrics are in metrics.json's 'maps' (cavga_jax.anomaly_maps). 'feature_gaussian' (per-cell Mahalanobis
   # distance of the encoder's stage 1-2 features against the normal training
   # images, cavga_jax.feature_gaussian) was the best map at the final
   # checkpoint on MVTec bottle at the current blur (128 px: pixel AUROC /

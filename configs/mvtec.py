@@ -22,7 +22,7 @@ The paper's CAVGA-R (ResNet-18) is
 ``--config.model.variant=R`` (with ``--config.model.pretrained=<npz>`` for
 its ImageNet encoder, README, or ``''`` for random weights and then
 ``--config.eval.feature_weights=evaluated``); ``--config.eval.map=attention``
-reports the paper's ``1 - A`` under the SPEC keys (every map is in
+reports the paper's ``1 - A`` under the flat keys (every map is in
 ``metrics.json``'s ``maps`` either way).
 """
 

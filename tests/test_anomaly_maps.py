@@ -196,8 +196,8 @@ def test_attention_at_an_earlier_stage_matches_per_image_gradients(stage,
     return generator.apply(variables, top, method='latent_params')[0].sum()
 
   for b in range(x.shape[0]):
-    # The reference: one image at a time, jax.grad and SPEC section 2's
-    # formula written out in numpy.
+    # The reference: one image at a time, jax.grad and the formula of
+    # docs/protocol.md section 2 written out in numpy.
     f = stage_features(x[b])
     grads = np.asarray(jax.grad(sum_mu)(f))[0]
     f = np.asarray(f)[0]
@@ -345,6 +345,8 @@ def test_conv_latent_attention_is_a_fixed_linear_read_out_of_the_features():
 @pytest.mark.parametrize('field, value, expected', [
     ('eval.map', 'nope', "config.eval.map='nope' must be one of"),
     ('eval.map', 'weak_anomalous', "needs config.model.supervision='weak'"),
+    ('eval.maps', 'some', "config.eval.maps='some' must be one of 'all', "
+     "'headline'"),
     ('eval.ssim_window', 10, 'config.eval.ssim_window=10 must be odd'),
     ('eval.residual_sigma', -1.0, 'config.eval.residual_sigma=-1.0 must be'),
     ('model.attention_stage', 5, 'must be an encoder stage in 1..4'),
