@@ -86,6 +86,8 @@ def main():
                       help='e.g. 2,3 (default: the config\'s)')
   parser.add_argument('--knn-grid-divisor', type=int, default=None)
   parser.add_argument('--knn-bank-size', type=int, default=None)
+  parser.add_argument('--image-size', type=int, default=None,
+                      help="default: the config's")
   parser.add_argument('--maps', default=None, choices=['headline', 'all'],
                       help='time the whole evaluation of config.eval.maps '
                       'instead')
@@ -98,6 +100,8 @@ def main():
     config.eval.knn_grid_divisor = args.knn_grid_divisor
   if args.knn_bank_size:
     config.eval.knn_bank_size = args.knn_bank_size
+  if args.image_size:
+    config.data.image_size = args.image_size
   if args.maps:
     _time_evaluation(config, args.maps)
     return
