@@ -5,7 +5,10 @@
 Writes <workdir>/eval/metrics.json, scores.csv, panels/*.png and report.html,
 and the maps fitted on the normal training images to <workdir>/fitted/
 (reused by the next evaluation of the same checkpoint and settings, and by
-predict.py; --refit fits them again).
+predict.py; --refit fits them again), then prints the headline map's pixel
+AUROC, AU-PRO, image AUROC and held-out accuracy and the report's path.
+--maps=headline computes only the headline map (config.eval.map) and the
+maps it is made of (config.eval.maps; the default 'all' scores every map).
 --all_checkpoints instead scores every retained checkpoint with all maps and
 writes the learning curve <workdir>/eval_curve.jsonl and eval_curve.png (for
 runs trained without --config.train.eval_every); --untrained scores the
@@ -39,6 +42,10 @@ _REFIT = flags.DEFINE_bool(
     'refit', False, 'Fit the maps on the normal training images again even '
     'when <workdir>/fitted/ holds them for this checkpoint and settings '
     '(CAVGA).')
+_MAPS = flags.DEFINE_enum(
+    'maps', None, ['all', 'headline'], 'Which maps to fit and score '
+    '(CAVGA): every map, or the headline config.eval.map and its parts '
+    '(faster; what predict.py needs). Sets config.eval.maps.')
 _CACHE = runtime.define_compilation_cache_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -51,6 +58,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   program = _PROGRAM
+  cavga = _CONFIG.value.get('task', 'cavga') == 'cavga'
+  if _MAPS.value is not None:
+    if not cavga:
+      raise app.UsageError('--maps is for CAVGA configs')
+    with _CONFIG.value.unlocked():
+      _CONFIG.value.eval.maps = _MAPS.value
   if _ALL_CHECKPOINTS.value and _UNTRAINED.value:
     raise app.UsageError('--all_checkpoints and --untrained exclude each other')
   if _ALL_CHECKPOINTS.value:
@@ -64,7 +77,12 @@ def main(argv):
                                 refit=_REFIT.value)
   result = runtime.run_program(program, _CONFIG.value, _WORKDIR.value,
                                _CACHE.value)
-  print(json.dumps(result, indent=2, sort_keys=True))
+  if cavga and not _ALL_CHECKPOINTS.value:
+    # metrics.json has every number; the headline's are the ones to read.
+    print(eval_lib.summary(result, eval_lib.output_dir(
+        _WORKDIR.value, _UNTRAINED.value)))
+  else:
+    print(json.dumps(result, indent=2, sort_keys=True))
 
 
 if __name__ == '__main__':

@@ -4,13 +4,15 @@ Every map is a function ``(outputs, settings) -> (B, S, S)`` of the
 evaluation outputs of one batch (the images, the reconstruction from ``mu``
 and the Grad-CAM maps of ``attention.forward_with_attention`` with
 ``unit_maps=True``), so all of them come from one forward pass inside one
-jitted evaluation step. Adding a map is adding one function to ``MAPS``
-(like big_vision's evaluators).
+jitted evaluation step. Adding a map takes its function in ``MAPS`` and
+its entry in ``evaluation.registry`` (what of the forward pass it reads,
+whether it is bounded); an assert there keeps the two in step.
 
 The maps (higher = more anomalous):
 
-* ``attention``: the paper's ``1 - A`` (SPEC section 2), ``A`` formed as the
-  generator's ``attention_*`` settings say; bilinear to image size.
+* ``attention``: the paper's ``1 - A`` (docs/protocol.md section 2), ``A``
+  formed as the generator's ``attention_*`` settings say; bilinear to image
+  size.
 * ``attention_liu``: ``1 -`` Liu et al.'s mean of the per-unit maps.
 * ``residual``: the squared reconstruction error, mean over channels,
   Gaussian-smoothed with ``residual_sigma`` pixels (reflect padding).

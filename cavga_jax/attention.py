@@ -1,4 +1,4 @@
-"""Grad-CAM attention from the latent space (SPEC section 2).
+"""Grad-CAM attention from the latent space (docs/protocol.md section 2).
 
 For a per-image scalar ``s`` computed from the last encoder feature map ``F``
 (B, h, w, k)::

@@ -1,7 +1,7 @@
-"""The convolutional networks CAVGA is assembled from (SPEC section 1).
+"""The convolutional networks CAVGA is assembled from.
 
 ResNet-18 and DCGAN encoders, residual (BigGAN) and DCGAN decoders, and the
-DCGAN discriminator; `models.CAVGAGenerator` puts an encoder and a decoder
+DCGAN discriminator (docs/protocol.md section 1); `models.CAVGAGenerator` puts an encoder and a decoder
 together (CAVGA-E's encoder is `efficientnet`'s).
 
 All modules are Flax linen modules on NHWC images in [-1, 1]. BatchNorm

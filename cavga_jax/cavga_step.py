@@ -1,6 +1,7 @@
 """The jitted CAVGA train step and the assembly of its loss terms.
 
-One step (SPEC section 3) runs, inside a single jitted and donated program:
+One step (docs/protocol.md section 3) runs, inside a single jitted and
+donated program:
 
 1. the generator forward pass with Grad-CAM attention (``jax.vjp`` over the
    generator parameters, so it is computed once and reused for the update);

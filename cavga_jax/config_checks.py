@@ -194,6 +194,7 @@ def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
   """The headline map and the map settings of ``anomaly_maps``."""
   fitted_maps = registry.FITTED_NAMES
   _check_choice(config, 'eval.map', registry.HEADLINE_NAMES)
+  _check_choice(config, 'eval.maps', registry.SCOPES)
   headline = _get(config, 'eval.map')
   calibrate = _get(config, 'eval.calibrate')
   if not isinstance(calibrate, bool):
@@ -223,8 +224,9 @@ def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
   _check_int(config, 'eval.knn_grid_divisor', 1)
   _check_int(config, 'eval.knn_bank_size', 0)
   _check_int(config, 'eval.knn_chunk', 1)
-  if headline == feature_knn.NAME and not _get(config, 'eval.knn_bank_size'):
-    raise CavgaError("config.eval.map='feature_knn' needs "
+  if (feature_knn.NAME in registry.closure([headline])
+      and not _get(config, 'eval.knn_bank_size')):
+    raise CavgaError(f'config.eval.map={headline!r} needs '
                      'config.eval.knn_bank_size > 0')
   _check_number(config, 'eval.threshold_holdout', 0.0, below=1.0)
   quantile = _get(config, 'eval.threshold_quantile')

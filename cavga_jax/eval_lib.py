@@ -1,4 +1,4 @@
-"""The evaluation program (SPEC section 4): ``evaluate.py``'s jobs.
+"""The evaluation program (docs/protocol.md): ``evaluate.py``'s jobs.
 
 ``evaluate`` restores the newest checkpoint (or, with ``untrained``, the
 state training starts from), reuses the maps fitted for it when
@@ -17,23 +17,25 @@ evaluation), refits a saved fit that is unreadable or fails its checksum
 (``check_test_set``): without defect images the metrics that need them are
 null in ``metrics.json`` and ``no_defect_images`` says why.
 
-``metrics.json`` keeps SPEC section 4's flat keys for the headline map
-``config.eval.map`` (``configs/default.py``: ``'feature_gaussian'``;
-``'attention'`` is the paper's ``M = 1 - A``) and ``s_a``, and adds
-``maps.<name>.<metric>`` for every map (``evaluation.scoring``).
+``metrics.json``'s flat keys are the headline map's, ``config.eval.map``
+(``configs/default.py``: ``'feature_gaussian'``; ``'attention'`` is the
+paper's ``M = 1 - A``); ``s_a``'s detection metrics are suffixed
+``_reconstruction``, and ``maps.<name>.<metric>`` has every map evaluated
+(``config.eval.maps``: all, or the headline and its parts;
+``evaluation.scoring``). ``summary`` is the short block ``evaluate.py``
+ends with.
 
 CAVGA_w (a generator with the classifier) plugs into the same protocol: its
 class maps are ``weak_<name>`` (``weak_anomalous`` = ``A^ca``, the Grad-CAM
 of the anomalous logit; configs/mvtec_weak.py makes it the headline map),
 and the classifier's probability of 'anomalous' gives the extra detection
-metrics ``image_auroc_classifier`` and ``classifier_accuracy``. The test set
+metrics ``image_auroc_classifier`` and ``classifier_accuracy_argmax``. The test set
 is the one left after ``cavga_jax.data.weak`` moved the labelled anomalies
 to training.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -55,6 +57,28 @@ from cavga_jax.evaluation import outputs
 from cavga_jax.evaluation import store
 
 UNTRAINED_DIR = 'eval_untrained'
+
+
+def output_dir(workdir: str, untrained: bool = False) -> str:
+  """Where ``evaluate`` writes: ``<workdir>/eval`` or ``eval_untrained``."""
+  return os.path.join(workdir, UNTRAINED_DIR if untrained else 'eval')
+
+
+def summary(result: dict[str, Any], out_dir: str) -> str:
+  """The headline's pixel AUROC, AU-PRO, image AUROC and held-out accuracy,
+  and where the report is: what ``evaluate.py`` prints last."""
+
+  def number(key):
+    value = result.get(key)
+    return '-' if value is None else f'{value:.4f}'
+
+  return '\n'.join([
+      f'headline map {result["map"]} (checkpoint {result["checkpoint_step"]}'
+      f', {result["num_test_images"]} test images):',
+      f'  pixel AUROC {number("pixel_auroc")}  AU-PRO {number("aupro")}  '
+      f'image AUROC {number("image_auroc")}  accuracy at the held-out '
+      f'threshold {number("detection_accuracy_held_out")}',
+      f'report: {os.path.abspath(os.path.join(out_dir, "report.html"))}'])
 
 
 def evaluation_setup(config: ml_collections.ConfigDict, workdir: str,
@@ -208,6 +232,11 @@ def fitted_maps(config: ml_collections.ConfigDict, workdir: str,
       fitted = store.load(directory, key)
     except store.FitError as e:
       logging.warning('refitting the maps: %s', e.problem)
+  missing = [] if fitted is None else evaluator.missing(fitted)
+  if missing:  # saved by an evaluation of other maps (config.eval.maps)
+    logging.info('refitting: the maps saved in %s lack %s', directory,
+                 ', '.join(missing))
+    fitted = None
   if fitted is None:
     fitted = evaluator.fit(state.gen_params, state.gen_batch_stats)
     store.save(directory, fitted, key, config.to_json_best_effort(indent=2))
@@ -267,10 +296,11 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str,
     result[NO_DEFECTS_FIELD] = _no_defects(test_ds, _NULL_METRICS)
   curve = os.path.join(workdir, os.path.splitext(outputs.CURVE_FILE)[0]
                        + '.png')
+  out_dir = output_dir(workdir, untrained)
   outputs.write_outputs(
-      os.path.join(workdir, UNTRAINED_DIR if untrained else 'eval'), result,
-      predictions, test_ds, config.eval.num_panels, fitted.thresholds,
+      out_dir, result, predictions, test_ds, config.eval.num_panels,
+      fitted.thresholds,
       os.path.join('..', os.path.basename(curve))
       if os.path.exists(curve) else None)
-  logging.info('metrics: %s', json.dumps(result, sort_keys=True))
+  logging.info('%s', summary(result, out_dir))
   return result

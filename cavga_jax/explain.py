@@ -1,4 +1,4 @@
-"""Gradient-based VAE explanation (Liu et al., CVPR 2020; SPEC section 2).
+"""Gradient-based VAE explanation (Liu et al., CVPR 2020).
 
 Liu et al. explain a VAE by one Grad-CAM map per latent unit: the score of
 unit ``k`` is ``s = mu_k`` and its map comes from the last encoder feature
@@ -13,8 +13,8 @@ What a "unit" is: for a flattened latent (the Liu et al. VAEs, CAVGA's
 so the number of maps stays ``c`` rather than ``h' w' c``.
 
 Two combined maps are returned, because the literature uses both:
-* ``sum``: the Grad-CAM of ``s = sum_k mu_k`` -- CAVGA_u's ``A`` (SPEC:
-  "and the sum"). By linearity its gradient is the sum of the unit gradients.
+* ``sum``: the Grad-CAM of ``s = sum_k mu_k`` -- CAVGA_u's ``A``
+  (docs/protocol.md section 2: "and their sum"). By linearity its gradient is the sum of the unit gradients.
 * ``mean``: the mean of the per-unit maps ``A^k``, renormalised to [0, 1] --
   Liu et al.'s overall attention map ``M = 1/D sum_k M^k``.
 

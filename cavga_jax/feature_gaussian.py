@@ -113,8 +113,11 @@ class FeatureMoments:
       self._outer = np.zeros(f.shape[1:] + f.shape[-1:])
     self._sum += f.sum(axis=0)
     # einsum's optimised path (one BLAS call per cell row): 30x faster than
-    # numpy's stacked matmul over (h, w) small matrices here.
-    self._outer += np.einsum('nhwi,nhwj->hwij', f, f, optimize=True)
+    # numpy's stacked matmul over (h, w) small matrices here. One BLAS
+    # thread, as for the inverses below: 2.4x faster on the shared 2-core
+    # machine (docs/benchmarks.md), the same sums.
+    with threadpoolctl.threadpool_limits(1, user_api='blas'):
+      self._outer += np.einsum('nhwi,nhwj->hwij', f, f, optimize=True)
     self._count += len(f)
 
   def statistics(self) -> tuple[np.ndarray, np.ndarray]:
@@ -130,9 +133,12 @@ class FeatureMoments:
       raise ValueError('no normal images were added for the feature map')
     n = self._count
     mean = self._sum / n
-    covariance = ((self._outer - n * mean[..., :, None] * mean[..., None, :])
-                  / max(n - 1, 1))
-    covariance += REGULARIZATION * np.eye(mean.shape[-1])
+    # ``(outer - n m m^T) / (n - 1) + REGULARIZATION * I``, in place after
+    # the subtraction (328 MB per array at 64 x 64 cells, 100 dims): the
+    # same values with two fewer temporaries.
+    covariance = self._outer - n * mean[..., :, None] * mean[..., None, :]
+    covariance /= max(n - 1, 1)
+    np.einsum('...ii->...i', covariance)[...] += REGULARIZATION
     # One thread per small LAPACK call: OpenBLAS's threads on 4096 100 x 100
     # inverses thrash when another process shares the cores (55 s against
     # 1.5 s single-threaded on the 2-core machine).

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -85,33 +85,73 @@ def patch_features(stage_outputs: Sequence[Array], grid: int,
   return jnp.concatenate(pooled, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=('size',))
-def _greedy_coreset(projected: Array, start: Array, size: int) -> Array:
-  """Indices (size,) of the greedy k-center selection on (N, p) features."""
-  squared_norms = jnp.sum(projected * projected, axis=-1)
+# Centres chosen per call of the jitted selection: the progress bar moves
+# between calls (16 calls for configs/mvtec.py's 4096).
+_CORESET_CHUNK = 256
 
-  def distances_to(index):
-    centre = projected[index]
-    # ||x - c||^2 as one matrix-vector product (the (N, p) difference is
-    # never formed); clipped because rounding can make it slightly negative.
-    return jnp.maximum(
-        squared_norms - 2.0 * projected @ centre + squared_norms[index], 0.0)
+
+def _distances_to(projected: Array, squared_norms: Array, index: Array
+                  ) -> Array:
+  """(N,) squared distances of the rows to row ``index``."""
+  # ||x - c||^2 as one matrix-vector product (the (N, p) difference is never
+  # formed); clipped because rounding can make it slightly negative. The
+  # step is memory bound: it streams the (N, p) rows once per centre
+  # (docs/benchmarks.md, "Fitting").
+  return jnp.maximum(squared_norms - 2.0 * projected @ projected[index]
+                     + squared_norms[index], 0.0)
+
+
+@jax.jit
+def _coreset_start(projected: Array, start: Array, selected: Array
+                   ) -> tuple[Array, Array, Array]:
+  """(squared norms (N,), nearest (N,), selected) after the first centre."""
+  squared_norms = jnp.sum(projected * projected, axis=-1)
+  return (squared_norms, _distances_to(projected, squared_norms, start),
+          selected.at[0].set(start))
+
+
+@functools.partial(jax.jit, donate_argnums=(2, 3))
+def _coreset_steps(projected: Array, squared_norms: Array, selected: Array,
+                   nearest: Array, begin: Array, end: Array
+                   ) -> tuple[Array, Array]:
+  """Greedy k-center steps ``begin`` to ``end`` - 1: (selected, nearest)."""
 
   def body(i, carry):
     selected, nearest = carry
     index = jnp.argmax(nearest).astype(jnp.int32)
     return (selected.at[i].set(index),
-            jnp.minimum(nearest, distances_to(index)))
+            jnp.minimum(nearest,
+                        _distances_to(projected, squared_norms, index)))
 
-  selected = jnp.zeros((size,), jnp.int32).at[0].set(start)
-  selected, _ = jax.lax.fori_loop(1, size, body,
-                                  (selected, distances_to(start)))
+  return jax.lax.fori_loop(begin, end, body, (selected, nearest))
+
+
+def _greedy_coreset(projected: Array, start: Array, size: int,
+                    progress: Callable[[int], Any] | None = None) -> Array:
+  """Indices (size,) of the greedy k-center selection on (N, p) features.
+
+  ``progress(n)`` is called after every ``_CORESET_CHUNK`` centres with the
+  number just chosen.
+  """
+  squared_norms, nearest, selected = _coreset_start(
+      projected, start, jnp.zeros((size,), jnp.int32))
+  if progress:
+    progress(1)
+  for begin in range(1, size, _CORESET_CHUNK):
+    end = min(begin + _CORESET_CHUNK, size)
+    selected, nearest = _coreset_steps(projected, squared_norms, selected,
+                                       nearest, begin, end)
+    if progress:
+      jax.block_until_ready(selected)
+      progress(end - begin)
   return selected
 
 
 def greedy_coreset(features: np.ndarray, size: int, key: Array,
                    projection_dims: int = 128,
-                   mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+                   mesh: jax.sharding.Mesh | None = None,
+                   progress: Callable[[int], Any] | None = None
+                   ) -> np.ndarray:
   """Sorted indices of ``min(size, N)`` coreset rows of (N, D) features.
 
   The selection runs on ``features @ P``, P a (D, ``projection_dims``)
@@ -119,7 +159,8 @@ def greedy_coreset(features: np.ndarray, size: int, key: Array,
   kept in expectation; none when D <= projection_dims), starting at a
   random row, all drawn from ``key``. With ``mesh`` the rows are sharded over
   this process's devices of it (each step's distance update and argmax run
-  in parallel).
+  in parallel). ``progress(n)``: called as centres are chosen, with
+  their number (``size`` in all).
   Every selected index is distinct as long as the remaining rows are not all
   duplicates of selected ones.
   """
@@ -136,7 +177,7 @@ def greedy_coreset(features: np.ndarray, size: int, key: Array,
   if rows is not None:
     x = jax.device_put(x, rows)
   start = jax.random.randint(start_key, (), 0, n, jnp.int32)
-  return np.sort(np.asarray(_greedy_coreset(x, start, size)))
+  return np.sort(np.asarray(_greedy_coreset(x, start, size, progress)))
 
 
 def _local_sharding(mesh: jax.sharding.Mesh | None, rows: int
@@ -204,8 +245,12 @@ class PatchPool:
         -1, features.shape[-1]))
 
   def memory_bank(self, settings: KnnSettings, key: Array,
-                  mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+                  mesh: jax.sharding.Mesh | None = None,
+                  progress: Callable[[int], Any] | None = None
+                  ) -> np.ndarray:
     """(min(bank_size, patches), D) float32: the greedy coreset of the pool.
+
+    ``progress``: ``greedy_coreset``'s.
 
     Raises:
       ValueError: no features were added.
@@ -215,7 +260,7 @@ class PatchPool:
     pool = np.concatenate(self._batches)
     self._batches = []  # the bank is all that is kept
     indices = greedy_coreset(pool, settings.bank_size, key,
-                             settings.projection_dims, mesh)
+                             settings.projection_dims, mesh, progress)
     return pool[indices]
 
 

@@ -93,7 +93,8 @@ def detection_metrics(scores: Any, labels: Any) -> dict[str, float]:
 
   Returns:
     A dict with float values under the keys 'image_auroc' and
-    'detection_accuracy' (see `detection_accuracy`).
+    'detection_accuracy_minmax' (`detection_accuracy`: the threshold is 0.5
+    of the scores min-max normalised over the given set).
 
   Raises:
     ValueError: on malformed inputs.
@@ -102,5 +103,5 @@ def detection_metrics(scores: Any, labels: Any) -> dict[str, float]:
   return {
       'image_auroc': metric_checks.or_nan('image_auroc', image_auroc, scores,
                                           labels),
-      'detection_accuracy': detection_accuracy(scores, labels),
+      'detection_accuracy_minmax': detection_accuracy(scores, labels),
   }

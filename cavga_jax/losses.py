@@ -1,4 +1,4 @@
-"""CAVGA losses (SPEC section 3).
+"""CAVGA losses (docs/protocol.md section 3).
 
 Each returns a float32 scalar (L_cga keeps float64 for float64 maps).
 """
@@ -192,9 +192,9 @@ def kl_divergence(mu: Array, logvar: Array) -> Array:
 
 def attention_disentanglement_per_image(unit_maps: Array, eps: float = 1e-8
                                         ) -> Array:
-  """Liu et al.'s L_AD of each image (SPEC section 3): (B, U, h, w) -> (B,).
+  """Liu et al.'s L_AD of each image: (B, U, h, w) -> (B,).
 
-  Per image: ``sum_{i<j} 2 * sum(min(A_i, A_j)) / sum(A_i + A_j)``, a soft
+  Per image (docs/protocol.md section 3): ``sum_{i<j} 2 * sum(min(A_i, A_j)) / sum(A_i + A_j)``, a soft
   IoU of every pair of unit maps: 1 for identical maps, 0 for disjoint
   ones; ``eps`` makes a pair of all-zero maps count 0.
 
@@ -260,7 +260,8 @@ AD_VARIANTS = ('paper', 'distribution')
 
 def attention_disentanglement_variant(maps, variant: str = 'paper') -> Array:
   """The batch mean of the chosen L_AD: 'paper' (soft IoU of the unit maps,
-  SPEC section 3) or 'distribution' (``attention_overlap_per_image``).
+  docs/protocol.md section 3) or 'distribution'
+  (``attention_overlap_per_image``).
 
   Args:
     maps: an ``explain.UnitAttention`` (uses ``units`` or ``unit_cams``).

@@ -1,4 +1,4 @@
-"""CAVGA's generator (SPEC section 1) and its table of variants.
+"""CAVGA's generator (docs/protocol.md section 1) and its table of variants.
 
 `CAVGAGenerator` assembles an encoder and a decoder of `backbones` (CAVGA-E:
 `efficientnet`'s encoder) with the latent heads and CAVGA_w's classifier;
@@ -38,8 +38,8 @@ Array = jax.Array
 NORMAL = 0
 ANOMALOUS = 1
 SUPERVISIONS = ('unsupervised', 'weak')
-# ResNet-18 or DCGAN networks (SPEC section 1), or CAVGA-E: EfficientNet-Lite0
-# encoder (cavga_jax.efficientnet) with CAVGA-R's decoder.
+# ResNet-18 or DCGAN networks (docs/protocol.md section 1), or CAVGA-E:
+# EfficientNet-Lite0 encoder (cavga_jax.efficientnet) with CAVGA-R's decoder.
 VARIANTS = ('R', 'D', 'E')
 # The encoder's total stride: F is image_size / STRIDES[variant] a side.
 STRIDES = {'R': 32, 'D': 16, 'E': 32}
@@ -323,7 +323,7 @@ def build_models(config) -> tuple[CAVGAGenerator, backbones.Discriminator]:
   return generator, discriminator
 
 
-# The paper's layer widths (SPEC section 1).
+# The paper's layer widths (docs/protocol.md section 1).
 PAPER_WIDTHS = {
     'R': dict(encoder_widths=(64, 128, 256, 512),
               decoder_widths=(512, 256, 128, 64, 32),

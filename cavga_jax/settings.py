@@ -87,6 +87,7 @@ DEFAULTS: dict[str, Any] = {
     'train.max_consecutive_skips': 10,
     'train.eval_every': 0,
     'eval.map': 'feature_gaussian',
+    'eval.maps': 'all',
     'eval.residual_sigma': None,  # anomaly_maps.RELATIVE_SIGMA * image size
     'eval.ssim_window': 11,
     'eval.calibrate': True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -67,10 +68,16 @@ class LoopSettings:
 
 
 def _log_line(step: int, num_steps: int, metrics: dict[str, float],
-              images_per_s: float) -> str:
+              images_per_s: float, batch_size: int) -> str:
+  """The periodic progress line: step, losses, speed and the time left at
+  that speed (log lines rather than a bar, so a log file stays readable)."""
   terms = ' '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                    for k, v in metrics.items())
-  return f'step {step}/{num_steps} | {terms} | {images_per_s:.1f} img/s'
+  line = f'step {step}/{num_steps} | {terms} | {images_per_s:.1f} img/s'
+  if images_per_s > 0 and step < num_steps:
+    left = round((num_steps - step) * batch_size / images_per_s)
+    line += f' | ETA {datetime.timedelta(seconds=left)}'
+  return line
 
 
 def truncate_metrics_log(path: str, last_step: int) -> None:
@@ -192,7 +199,7 @@ def training_loop(settings: LoopSettings, workdir: str,
         elapsed = time.perf_counter() - tic
         speed = (done - tic_step) * batch_size / elapsed if elapsed else 0.0
         tic, tic_step = time.perf_counter(), done
-        logging.info(_log_line(done, num_steps, metrics, speed))
+        logging.info(_log_line(done, num_steps, metrics, speed, batch_size))
         if primary:
           metrics_file.write(json.dumps(
               dict(step=done, images_per_s=speed, **metrics)) + '\n')

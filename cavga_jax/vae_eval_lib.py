@@ -3,8 +3,8 @@
 The per-unit attention of ``cavga_jax.explain`` scored as ``vae_lib``'s
 module docstring describes: the FactorVAE metric and MIG on the sprites,
 the attention map against pseudo-masks on one-class MNIST, and against the
-real defect masks on MVTec-layout folders (SPEC section 4's protocol, the
-outputs of ``evaluation.outputs``). Split from ``vae_lib`` (training), which
+real defect masks on MVTec-layout folders (the protocol of docs/protocol.md
+section 4, the outputs of ``evaluation.outputs``). Split from ``vae_lib`` (training), which
 it imports for the run's setup and data.
 """
 
@@ -193,7 +193,8 @@ def _explain_class_split(config, test: data.AnomalyDataset,
 
 def _localization_metrics(config, explain_step, params, training_data, mesh,
                           out_dir: str, step: int) -> dict[str, Any]:
-  """SPEC section 4's metrics with the attention map as the anomaly map."""
+  """docs/protocol.md section 4's metrics, the attention map as the anomaly
+  map."""
   test, result = training_data.test, dict(checkpoint_step=step)
   if config.data.name in vae.ONE_CLASS_DATASETS:
     test, info = _explain_class_split(config, test, training_data.normal_mean)

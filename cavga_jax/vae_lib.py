@@ -20,8 +20,8 @@ Two uses of the per-unit attention maps of ``cavga_jax.explain``:
   ELBO (Bernoulli rec + KL) of ``z = mu``.
 * **Localization on MVTec-layout folders** ('generated', 'mvtec'): the same
   VAE trained on the normal training images, its attention map scored
-  against the real defect masks with SPEC section 4's protocol, which puts
-  Liu et al.'s method next to CAVGA on the same data. Colour images are
+  against the real defect masks with the protocol of docs/protocol.md
+  section 4, which puts Liu et al.'s method next to CAVGA on the same data. Colour images are
   Bernoulli "likelihood" targets in [0, 1] too (the cross entropy of
   continuous targets, as common VAE code does).
 

@@ -102,9 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 32
   config.eval.num_panels = 8
-  # The headline map written under SPEC section 4's keys (pixel_auroc, iou,
-  # aupro, ...); every map's metrics are in metrics.json's 'maps'
-  # (cavga_jax.anomaly_maps). 'feature_gaussian' (per-cell Mahalanobis
+  # The headline map: metrics.json's flat keys (pixel_auroc, iou, aupro,
+  # image_auroc, ...; docs/protocol.md section 4) are its; every map's
+  # metrics are in metrics.json's 'maps' (cavga_jax.anomaly_maps). 'feature_gaussian' (per-cell Mahalanobis
   # distance of the encoder's stage 1-2 features against the normal training
   # images, cavga_jax.feature_gaussian) was the best map at the final
   # checkpoint on MVTec bottle at the current blur (128 px: pixel AUROC /
@@ -115,6 +115,12 @@ def get_config() -> ml_collections.ConfigDict:
   # 1 - A is 'attention', which did no better than a positional prior
   # (docs/results.md).
   config.eval.map = 'feature_gaussian'
+  # Which maps evaluate.py fits and scores: 'all' (every map, the tables of
+  # docs/results.md) or 'headline': eval.map and the maps it is made of,
+  # and only what they read (e.g. no Grad-CAM for a feature map): faster,
+  # and all that metrics.json's flat keys and predict.py need
+  # (evaluate.py --maps=headline).
+  config.eval.maps = 'all'
   # Gaussian sigma (px) of the residual and feature maps; None = 4 px per
   # 256 px of image size (anomaly_maps.RELATIVE_SIGMA), so the blur covers
   # the same share of the image at any --config.data.image_size.

@@ -41,8 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # rec + beta * kl + ad * L_AD (per-image sums, batch mean).
   config.loss_weights = ml_collections.ConfigDict(dict(beta=4.0, ad=0.0))
-  # Which L_AD (cavga_jax.losses.AD_VARIANTS): 'paper' (SPEC section 3, a
-  # soft IoU of the ReLU'd unit maps; all-zero maps minimise it) or
+  # Which L_AD (cavga_jax.losses.AD_VARIANTS): 'paper' (docs/protocol.md
+  # section 3, a soft IoU of the ReLU'd unit maps; all-zero maps minimise it) or
   # 'distribution' (overlap of the raw cams as spatial distributions, which
   # switching a map off cannot lower).
   config.loss = ml_collections.ConfigDict(dict(ad_variant='paper'))

@@ -1,4 +1,4 @@
-"""One-class MNIST with CAVGA-D_u (SPEC section 4): train on one digit.
+"""One-class MNIST with CAVGA-D_u: train on one digit, test on all ten.
 
   python train.py --config=configs/mnist.py --workdir=runs/mnist/class_3 \
       --config.data.normal_class=3
@@ -7,8 +7,9 @@
   python scripts/one_class.py --config=configs/mnist.py --workdir=runs/mnist
 
 The test set is the full MNIST test split with `normal_class` as normal and
-the other nine digits anomalous; read `image_auroc` (no masks, so the
-localization metrics are NaN). Images are resized 28 -> 32 px. Data comes
+the other nine digits anomalous; read `image_auroc_reconstruction` (the
+image AUROC of s_a, docs/protocol.md section 4) or the headline map's
+`image_auroc` (no masks, so the localization metrics are NaN). Images are resized 28 -> 32 px. Data comes
 from TFDS (`config.data.root` is the TFDS data_dir, '' for its default);
 see the README for the one-time preparation.
 """

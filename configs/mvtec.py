@@ -22,8 +22,15 @@ The paper's CAVGA-R (ResNet-18) is
 ``--config.model.variant=R`` (with ``--config.model.pretrained=<npz>`` for
 its ImageNet encoder, README, or ``''`` for random weights and then
 ``--config.eval.feature_weights=evaluated``); ``--config.eval.map=attention``
-reports the paper's ``1 - A`` under the SPEC keys (every map is in
+reports the paper's ``1 - A`` under the flat keys (every map is in
 ``metrics.json``'s ``maps`` either way).
+
+``eval.maps`` stays ``'all'``: ``evaluate.py`` scores every map, which the
+per-map tables of docs/results.md and a benchmark's ``maps`` compare.
+``evaluate.py --maps=headline`` fits and scores ``combined_features`` alone
+(the feature Gaussians and the kNN coreset: no decoder pass over the normal
+images, no Grad-CAM, no SSIM), with the same flat metrics, and is all that
+``predict.py`` needs (docs/benchmarks.md: the time of each).
 """
 
 from configs import default

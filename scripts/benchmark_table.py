@@ -10,12 +10,16 @@ Category c (default: every folder under --root with train/good; mSTC scenes
 after scripts/convert_mstc.py are categories too) trains and evaluates in
 `<workdir>/<c>` with the one config. `<workdir>/benchmark_table.md` and
 `benchmark_table.json` get one row per category and the mean, in the shape
-of the paper's Table 3: IoU, pixel AUROC, AU-PRO of the headline map
-(config.eval.map), detection accuracy and image AUROC of the image score
-s_a, plus the seconds spent training and evaluating (all maps and
-metrics). The table is rewritten after every category; a rerun skips the
-categories whose metrics.json is of step config.train.num_steps and map
-config.eval.map, and resumes the others from their checkpoints.
+of the paper's Table 3: IoU, pixel AUROC, AU-PRO, the paper's detection
+accuracy (min-max over the test set, > 0.5) and image AUROC of the headline
+map (config.eval.map) and its image score, the image AUROC of the paper's
+image score s_a (the reconstruction error), plus the seconds spent
+training and evaluating (config.eval.maps: all maps or the headline's).
+The table is rewritten after every category; a rerun skips the categories
+whose metrics.json is of step config.train.num_steps and map
+config.eval.map and has every column (one written before the columns
+changed is evaluated again, from its checkpoint), and resumes the others
+from their checkpoints.
 """
 
 from __future__ import annotations
@@ -58,8 +62,10 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 # (metrics.json key, column title): the paper's Table 3 metrics.
 METRICS = (('iou', 'IoU'), ('pixel_auroc', 'pixel AUROC'),
-           ('aupro', 'AU-PRO'), ('detection_accuracy', 'detection accuracy'),
-           ('image_auroc', 'image AUROC'))
+           ('aupro', 'AU-PRO'),
+           ('detection_accuracy_minmax', 'detection accuracy'),
+           ('image_auroc', 'image AUROC'),
+           ('image_auroc_reconstruction', 'image AUROC s_a'))
 TIMES = ('train_s', 'eval_s')
 TABLE = 'benchmark_table'
 _TIMES_FILE = 'benchmark_times.json'
@@ -121,7 +127,8 @@ def _run_category(config: ml_collections.ConfigDict, run_dir: str,
   times_path = os.path.join(run_dir, _TIMES_FILE)
   if (metrics is not None
       and metrics.get('checkpoint_step') == config.train.num_steps
-      and metrics.get('map') == config.eval.map):
+      and metrics.get('map') == config.eval.map
+      and all(k in metrics for k, _ in METRICS)):
     logging.info('%s: finished (step %d), skipping', label,
                  config.train.num_steps)
     return metrics, _read_json(times_path) or dict.fromkeys(TIMES)

@@ -10,7 +10,7 @@ one row per run (an argument ``label=workdir`` names the row, else the
 workdir does) and one column per map (all of the first run's, or
 ``--maps`` in that order), each cell ``metric1 / metric2 / ...`` (default
 pixel AUROC / AU-PRO / IoU@0.5), then a second table with the maps' image
-AUROC (their top-1 % score) beside the reconstruction error's.
+AUROC (their own image score) beside the reconstruction error's (``s_a``).
 """
 
 import argparse
@@ -24,6 +24,13 @@ def _load(path: str) -> dict:
     path = os.path.join(path, 'eval')
   with open(os.path.join(path, 'metrics.json')) as f:
     return json.load(f)
+
+
+def _reconstruction_auroc(result: dict) -> float:
+  """``s_a``'s image AUROC. metrics.json files written before the flat keys
+  became the headline map's hold it under 'image_auroc' (docs/raw and older
+  workdirs are compared with new ones)."""
+  return result.get('image_auroc_reconstruction', result['image_auroc'])
 
 
 def main():
@@ -56,7 +63,7 @@ def main():
   for label, result in results.items():
     cells = [f'{result["maps"][m]["image_auroc"]:.3f}'
              if m in result['maps'] else '' for m in maps]
-    print(f'| {label} | {result["image_auroc"]:.3f} | '
+    print(f'| {label} | {_reconstruction_auroc(result):.3f} | '
           + ' | '.join(cells) + ' |')
 
 

@@ -196,8 +196,8 @@ def test_attention_at_an_earlier_stage_matches_per_image_gradients(stage,
     return generator.apply(variables, top, method='latent_params')[0].sum()
 
   for b in range(x.shape[0]):
-    # The reference: one image at a time, jax.grad and SPEC section 2's
-    # formula written out in numpy.
+    # The reference: one image at a time, jax.grad and the formula of
+    # docs/protocol.md section 2 written out in numpy.
     f = stage_features(x[b])
     grads = np.asarray(jax.grad(sum_mu)(f))[0]
     f = np.asarray(f)[0]
@@ -241,9 +241,9 @@ def test_compute_metrics_scores_every_map_and_the_prior():
   assert residual['pixel_auroc'] == 1.0 and residual['aupro'] == 1.0
   # Normalised over the test set, the exact map has IoU 1 at 0.5.
   assert residual['iou'] == 1.0 and residual['image_auroc'] == 1.0
-  # The SPEC keys are the headline map's pixel metrics and s_a's detection.
+  # The flat keys are the headline map's; s_a's are suffixed.
   assert result['pixel_auroc'] == 1.0 and result['iou'] == 1.0
-  assert result['image_auroc'] == 1.0  # s_a rises with the label here
+  assert result['image_auroc_reconstruction'] == 1.0  # s_a rises here
   assert result['map'] == 'residual'
   assert set(predictions['maps']) == {'attention', 'residual'}  # unchanged
   priors = scoring.prior_maps(predictions['maps'], 'residual', dataset.labels)
@@ -257,6 +257,33 @@ def test_compute_metrics_scores_every_map_and_the_prior():
                              perfect[normal].mean(axis=0))
   assert result['maps']['prior']['pixel_auroc'] > 0.85
   assert result['maps']['prior_normal']['pixel_auroc'] == 0.5
+
+
+def test_flat_metrics_are_the_headline_maps_and_accuracies_name_thresholds():
+  dataset = _dataset()
+  perfect = dataset.masks.astype(np.float32) * 3.0 + 1.0
+  predictions = dict(
+      # s_a falls where the labels rise: its image AUROC is 0, the
+      # headline's 1, so a flat key taken from s_a cannot pass.
+      score=np.array([0.4, 0.3, 0.2, 0.1]), maps=dict(residual=perfect),
+      map_scores=dict(residual=perfect.max((1, 2))),
+      p_anomalous=np.array([0.9, 0.8, 0.7, 0.1]))
+  result = scoring.compute_metrics(predictions, dataset, 'residual',
+                                   {'residual': (2.0, 1.5, 1.0)})
+  headline = result['maps']['residual']
+  assert {k: result[k] for k in headline} == headline
+  assert result['image_auroc'] == 1.0
+  assert result['detection_accuracy_held_out'] == 1.0
+  assert result['image_auroc_reconstruction'] == 0.0
+  assert result['detection_accuracy_minmax_reconstruction'] == 0.0
+  assert 'headline_detection' not in result
+  # Every accuracy, flat or per map, says which threshold decided it.
+  keys = set(result) | {k for m in result['maps'].values() for k in m}
+  accuracies = {k.removesuffix('_reconstruction') for k in keys
+                if 'accuracy' in k}
+  assert accuracies == {'detection_accuracy_minmax',
+                        'detection_accuracy_held_out',
+                        'classifier_accuracy_argmax'}
 
 
 def test_held_out_split_is_fixed_disjoint_and_keeps_an_image():
@@ -318,6 +345,8 @@ def test_conv_latent_attention_is_a_fixed_linear_read_out_of_the_features():
 @pytest.mark.parametrize('field, value, expected', [
     ('eval.map', 'nope', "config.eval.map='nope' must be one of"),
     ('eval.map', 'weak_anomalous', "needs config.model.supervision='weak'"),
+    ('eval.maps', 'some', "config.eval.maps='some' must be one of 'all', "
+     "'headline'"),
     ('eval.ssim_window', 10, 'config.eval.ssim_window=10 must be odd'),
     ('eval.residual_sigma', -1.0, 'config.eval.residual_sigma=-1.0 must be'),
     ('model.attention_stage', 5, 'must be an encoder stage in 1..4'),

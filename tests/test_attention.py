@@ -1,4 +1,4 @@
-"""Grad-CAM from the latent space (SPEC section 2)."""
+"""Grad-CAM from the latent space (docs/protocol.md section 2)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Loss values on hand-computed cases (SPEC section 3)."""
+"""Loss values on hand-computed cases (docs/protocol.md section 3)."""
 
 import math
 

@@ -17,7 +17,7 @@ _LOCALIZATION_KEYS = {
     'pixel_auroc', 'iou', 'iou_best', 'iou_best_threshold', 'pixel_f1_max',
     'aupro'
 }
-_DETECTION_KEYS = {'image_auroc', 'detection_accuracy'}
+_DETECTION_KEYS = {'image_auroc', 'detection_accuracy_minmax'}
 
 
 def _blob_masks() -> np.ndarray:
@@ -418,11 +418,11 @@ def test_detection_metrics_keys_and_values(caplog):
   assert set(result) == _DETECTION_KEYS
   assert all(type(v) is float for v in result.values())
   assert result['image_auroc'] == pytest.approx(1.0)
-  assert result['detection_accuracy'] == pytest.approx(0.75)
+  assert result['detection_accuracy_minmax'] == pytest.approx(0.75)
 
   one_class = image_metrics.detection_metrics([0.1, 0.5, 0.9], [0, 0, 0])
   assert math.isnan(one_class['image_auroc'])
-  assert one_class['detection_accuracy'] == pytest.approx(2 / 3)
+  assert one_class['detection_accuracy_minmax'] == pytest.approx(2 / 3)
   assert 'image_auroc' in caplog.text
 
 

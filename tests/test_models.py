@@ -1,4 +1,4 @@
-"""Shapes and parameter counts of the CAVGA networks (SPEC section 1)."""
+"""Shapes and parameter counts of the CAVGA networks (docs/protocol.md)."""
 
 import jax
 import jax.numpy as jnp

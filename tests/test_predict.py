@@ -79,6 +79,42 @@ def test_evaluate_reuses_the_saved_fit_and_equals_a_refit(trained,
     scorer_lib.load_scorer(copy)  # config.json's settings were not fitted
 
 
+def test_headline_maps_fit_only_the_headline_and_score_like_all(trained,
+                                                                monkeypatch):
+  config, workdir, first = trained
+  copy = shutil.copytree(workdir, os.path.join(os.path.dirname(workdir),
+                                               'headline'))
+  headline = config.copy_and_resolve_references()
+  headline.eval.maps = 'headline'
+  headline.eval.map = 'combined_features'
+  parts = ('feature_gaussian', 'feature_knn', 'combined_features')
+
+  def no_grad_cam(*args, **kwargs):
+    raise AssertionError('Grad-CAM ran for a feature map')
+
+  monkeypatch.setattr(attention, 'forward_with_attention', no_grad_cam)
+  result = eval_lib.evaluate(headline, copy, refit=True)
+  fitted = store.load(store.fitted_dir(copy, result['checkpoint_step']))
+  # The fit holds the headline's parts and nothing else: no calibration.
+  assert fitted.available() == parts and not fitted.pixel
+  assert set(fitted.thresholds) == set(parts)
+  assert set(result['maps']) == set(parts) | {'prior', 'prior_normal'}
+  for name in parts:
+    for key, value in first['maps'][name].items():
+      assert result['maps'][name][key] == pytest.approx(value, abs=1e-6), (
+          name, key)
+  assert result['pixel_auroc'] == result['maps']['combined_features'][
+      'pixel_auroc']
+  # predict.py scores with that fit.
+  scorer = scorer_lib.load_scorer(copy, config=headline)
+  assert scorer.thresholds == fitted.thresholds['combined_features']
+  # An evaluation of every map refits: the saved fit lacks the others.
+  monkeypatch.undo()
+  passes = _count_training_passes(monkeypatch)
+  assert eval_lib.evaluate(config, copy) == first
+  assert len(passes) == 2
+
+
 def _write_inputs(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
   """Images of every kind predict.py takes, and a corrupt file.
 

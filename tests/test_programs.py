@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO_ROOT
 
-METRIC_KEYS = ('pixel_auroc', 'iou', 'image_auroc', 'detection_accuracy',
+METRIC_KEYS = ('pixel_auroc', 'iou', 'image_auroc', 'detection_accuracy_minmax',
                'aupro', 'pixel_f1_max')
 MAPS = ('attention', 'attention_liu', 'residual', 'residual_ssim',
         'residual_ssim_smooth', 'residual_x_ssim', 'attention_x_residual',
@@ -46,7 +46,7 @@ def trained_workdir(tmp_path_factory, cli_cache):
 
 
 def test_train_then_evaluate_writes_metrics_and_panels(trained_workdir):
-  workdir, train, _ = trained_workdir
+  workdir, train, evaluate = trained_workdir
   # The config flag override reached the run.
   assert 'for 2 steps' in train.stderr
   assert 'step 2/2' in train.stderr and 'img/s' in train.stderr
@@ -74,13 +74,20 @@ def test_train_then_evaluate_writes_metrics_and_panels(trained_workdir):
   assert all(f'score_{name}' in lines[0] for name in MAPS
              if name not in ('prior', 'prior_normal'))
   assert 'score_prior' not in lines[0]
-  # Every map with every metric; the SPEC keys hold the headline map's.
+  # Every map with every metric; the flat keys hold the headline map's.
   assert result['map'] == 'feature_gaussian'
   assert set(MAPS) <= set(result['maps'])
   for name in MAPS:
     for key in METRIC_KEYS:
       assert 0.0 <= result['maps'][name][key] <= 1.0, (name, key)
   assert result['maps']['feature_gaussian']['aupro'] == result['aupro']
+  # evaluate.py ends with the headline's numbers and the report's path.
+  printed = evaluate.stdout.splitlines()
+  assert printed[-1] == f'report: {workdir / "eval" / "report.html"}'
+  assert (f'pixel AUROC {result["pixel_auroc"]:.4f}  AU-PRO '
+          f'{result["aupro"]:.4f}  image AUROC {result["image_auroc"]:.4f}  '
+          'accuracy at the held-out threshold '
+          f'{result["detection_accuracy_held_out"]:.4f}') in printed[-2]
   assert result['maps']['prior']['image_auroc'] == 0.5
   # Thresholds fixed on held-out normal training images, for every map but
   # the priors.

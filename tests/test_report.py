@@ -3,6 +3,7 @@ and the static HTML report (evaluation.report)."""
 
 import html.parser
 import os
+import re
 import shutil
 import subprocess
 from urllib import parse
@@ -201,10 +202,9 @@ def test_save_png_round_trips(tmp_path):
 METRICS = {
     'map': 'combined', 'pixel_auroc': 0.95, 'aupro': 0.8,
     'image_auroc': 0.9, 'iou': 0.4, 'checkpoint_step': 1200,
-    'num_test_images': 6,
-    'headline_detection': {'image_auroc': 0.9, 'detection_accuracy': 0.83,
-                           'detection_accuracy_held_out': 0.8,
-                           'image_threshold_held_out': 0.51},
+    'num_test_images': 6, 'detection_accuracy_minmax': 0.83,
+    'detection_accuracy_held_out': 0.8, 'image_threshold_held_out': 0.51,
+    'image_auroc_reconstruction': 0.75,
     'maps': {
         'attention': {'pixel_auroc': 0.85, 'aupro': 0.6, 'image_auroc': 0.7,
                       'iou_held_out': 0.2},
@@ -302,6 +302,17 @@ def test_report_metrics_table(page):
     assert by_name[name][-1] == f'{values["pixel_auroc"] - 0.7:+.4f}', name
   assert by_name['prior'][2:5] == ['\u2013'] * 3  # missing metrics
   assert by_name['residual_ssim_calibrated'][2] == '\u2013'  # NaN
+
+
+def test_report_summary_names_the_headline_and_each_threshold(page):
+  _, text, _, _ = page
+  summary = text.split('<dl class="summary">')[1].split('</dl>')[0]
+  terms = dict(re.findall(r'<dt>([^<]*)</dt><dd>([^<]*)</dd>', summary))
+  assert terms['headline map'] == 'combined'
+  assert terms['image auroc'] == '0.9000'  # the headline's own image score
+  assert terms['detection accuracy held out'] == '0.8000'
+  assert terms['detection accuracy minmax'] == '0.8300'
+  assert terms['image auroc reconstruction'] == '0.7500'  # s_a's
 
 
 def test_report_images_sorted_and_present(page):

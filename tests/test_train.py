@@ -16,6 +16,7 @@ from cavga_jax import cavga_step
 from cavga_jax import nonfinite
 from cavga_jax import train_lib
 from cavga_jax import train_state
+from cavga_jax import training_loop
 from cavga_jax.errors import TrainingError
 
 
@@ -185,3 +186,10 @@ def test_writes_config_and_metrics(tiny_config, tmp_path):
   train_lib.train(tiny_config, str(tmp_path))
   assert os.path.exists(tmp_path / 'config.json')
   assert os.path.exists(tmp_path / 'train_metrics.jsonl')
+
+
+def test_progress_line_gives_the_time_left_at_the_measured_speed():
+  line = training_loop._log_line(100, 1000, {'loss': 0.5}, 10.0, 8)
+  # 900 steps of 8 images at 10 img/s.
+  assert line == 'step 100/1000 | loss 0.5000 | 10.0 img/s | ETA 0:12:00'
+  assert 'ETA' not in training_loop._log_line(1000, 1000, {}, 10.0, 8)

@@ -380,8 +380,9 @@ def test_tiny_weak_train_resume_and_evaluate(tmp_path):
   # 4 good + 3 defect types x (3 - 1 moved to training).
   assert saved['num_test_images'] == result['num_test_images'] == 10
   assert saved['num_anomalous_images'] == 6
-  for key in ('pixel_auroc', 'iou', 'image_auroc', 'detection_accuracy',
-              'aupro', 'image_auroc_classifier', 'classifier_accuracy'):
+  for key in ('pixel_auroc', 'iou', 'image_auroc', 'detection_accuracy_minmax',
+              'detection_accuracy_held_out', 'aupro', 'image_auroc_classifier',
+              'classifier_accuracy_argmax'):
     assert 0.0 <= saved[key] <= 1.0, key
   with open(workdir / 'eval' / 'scores.csv') as f:
     lines = f.read().splitlines()

@@ -1,7 +1,7 @@
 """Ground-truth-factor datasets on the dSprites factor grid.
 
-Liu et al.'s attention disentanglement (SPEC section 3) is measured on
-dSprites (Matthey et al. 2017): 64x64 binary images of one white shape on
+Liu et al.'s attention disentanglement (docs/protocol.md section 3) is
+measured on dSprites (Matthey et al. 2017): 64x64 binary images of one white shape on
 black, generated from five independent factors
 
 ==============  =====  ==============================================

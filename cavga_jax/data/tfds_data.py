@@ -1,6 +1,6 @@
 """One-class detection on MNIST, Fashion-MNIST and CIFAR-10 through TFDS.
 
-Protocol (SPEC section 4): train on the training images of one class
+Protocol (docs/protocol.md section 4): train on the training images of one class
 (`config.data.normal_class`); test on the *full* test split with that class
 as normal (label 0) and every other class anomalous (label 1). There are no
 defect masks: every mask is all False, so the localization metrics come out

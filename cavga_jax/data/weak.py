@@ -1,7 +1,7 @@
 """CAVGA_w's data split: a few labelled anomalies move from test to train.
 
-Weak supervision (SPEC section 3) trains on all normal training images plus a
-small labelled set of anomalous images. Those images are taken out of the
+Weak supervision (docs/protocol.md section 3) trains on all normal training
+images plus a small labelled set of anomalous images. Those images are taken out of the
 test split, so the evaluation never sees an image the model trained on.
 
 Which images move is a pure function of the test split and

@@ -9,6 +9,13 @@ fitted maps over the test set and scores them (``scoring``); given a
 ``FittedMaps`` (e.g. loaded by ``store``) it does not fit. Both steps are
 compiled once and reused by every call (the final evaluation and the
 learning-curve points during training).
+
+``eval.maps`` says which maps: 'all' (every map the generator supports,
+for the tables of docs/results.md), or 'headline': ``eval.map`` and the
+maps it is made of (``registry.closure``), and only what they read
+(``registry.needs``): e.g. ``combined_features`` fits the feature Gaussians
+and the kNN coreset and runs no Grad-CAM, no SSIM and no calibration. The
+flat metrics, the saved fit and ``predict.py`` need only the headline.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from cavga_jax import anomaly_maps
+from cavga_jax import calibration
 from cavga_jax import data
 from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
@@ -95,7 +103,7 @@ class Evaluator:
   Args:
     generator: the generator module.
     dataset: the test set.
-    eval_config: ``config.eval`` (batch_size, map, the map settings,
+    eval_config: ``config.eval`` (batch_size, map, maps, the map settings,
       calibrate, the feature and kNN fields, threshold_holdout,
       threshold_quantile).
     mesh: the device mesh the batches are sharded over.
@@ -121,26 +129,49 @@ class Evaluator:
     self.quantile = float(eval_field(eval_config, 'threshold_quantile'))
     self.image_size = dataset.images.shape[1]
     self.settings = map_settings(eval_config, self.image_size)
-    self.knn = knn_settings(eval_config)
     self.feature_variables = feature_variables
+    # The maps evaluated (None: all) and what they read.
+    self.names = None
+    self.batch_names = tuple(anomaly_maps.map_functions(
+        generator.with_classifier))
+    features, self.knn = (feature_settings(eval_config),
+                          knn_settings(eval_config))
+    bases, attention = calibration.BASES, True
+    if eval_field(eval_config, 'maps') == 'headline':
+      self.names = registry.closure([self.headline])
+      self.batch_names = registry.batch_maps(self.names)
+      needs = registry.needs(self.names)
+      attention = registry.ATTENTION in needs
+      features = features if registry.FEATURES in needs else None
+      self.knn = self.knn if registry.KNN_FEATURES in needs else None
+      bases = tuple(registry.spec(n).parts[0] for n in self.names
+                    if registry.spec(n).kind == 'fitted'
+                    and registry.spec(n).parts)
     self.add_fitted_maps = jax.jit(functools.partial(
         fitting.add_fitted_maps, image_size=self.image_size,
         settings=self.settings,
-        knn_chunk=self.knn.chunk if self.knn else 1))
-    features = feature_settings(eval_config)
+        knn_chunk=self.knn.chunk if self.knn else 1, names=self.names))
     options = layers.compiler_options(generator.conv_impl)
     self.eval_step = jax.jit(
         inference.make_eval_step(generator, self.settings, features,
-                                 knn=self.knn), compiler_options=options)
+                                 self.batch_names, self.knn, attention),
+        compiler_options=options)
     self.normal_step = jax.jit(
         inference.make_normal_step(generator, self.settings, features,
-                                   self.knn), compiler_options=options)
+                                   self.knn, bases), compiler_options=options)
     self.fit_images = self.held_out = None
     if normal_images is not None:
       self.fit_images, self.held_out = fitting.split_held_out(
           normal_images, eval_field(eval_config, 'threshold_holdout'))
-      if not eval_field(eval_config, 'calibrate'):
+      if (not eval_field(eval_config, 'calibrate')
+          or not (bases or features or self.knn)):
         self.fit_images = None
+    # What a fit of these settings holds: the maps fitted on fit_images
+    # and, with held-out images, a threshold for every map evaluated.
+    self.fitted_names = () if self.fit_images is None else (
+        tuple(base + calibration.SUFFIX for base in bases)
+        + ((feature_gaussian.NAME,) if features else ())
+        + ((feature_knn.NAME,) if self.knn else ()))
     self.num_normal_images = 0 if normal_images is None else len(
         normal_images)
 
@@ -151,6 +182,17 @@ class Evaluator:
       return out if fitted is None else self.add_fitted_maps(out, fitted)
 
     return inference.predict(step, images, self.batch_size, self.mesh, what)
+
+  def missing(self, fitted: fitting.FittedMaps) -> list[str]:
+    """The maps of this evaluation that ``fitted`` (e.g. saved by an
+    evaluation with other ``eval.maps``) lacks: fitted maps, or thresholds.
+    """
+    lacking = [n for n in self.fitted_names if n not in fitted.available()]
+    if self.held_out is not None:
+      lacking += [n for n in dict.fromkeys(
+          (self.headline, *self.batch_names, *self.fitted_names))
+                  if n not in fitted.thresholds]
+    return list(dict.fromkeys(lacking))
 
   def fit(self, params: Any, batch_stats: Any) -> fitting.FittedMaps:
     """The maps fitted on the normal training images (module docstring)."""
@@ -166,7 +208,7 @@ class Evaluator:
     if self.held_out is not None:
       held_out = self._predict(params, batch_stats, fitted, self.held_out,
                                'held-out normal training images')
-      fitting.fit_held_out(fitted, held_out, self.quantile)
+      fitting.fit_held_out(fitted, held_out, self.quantile, self.names)
     logging.info('fitted %d maps and %d thresholds in %.1f s',
                  len(fitted.available()), len(fitted.thresholds),
                  time.perf_counter() - tic)

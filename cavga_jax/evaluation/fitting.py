@@ -35,6 +35,7 @@ from cavga_jax import calibration
 from cavga_jax import combined_maps
 from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
+from cavga_jax.evaluation import inference
 from cavga_jax.evaluation import registry
 from cavga_jax.evaluation import scoring
 
@@ -168,14 +169,17 @@ def fit_statistics(batches, knn: feature_knn.KnnSettings | None,
                    mesh: jax.sharding.Mesh | None) -> FittedMaps:
   """The normal statistics from ``make_normal_step`` outputs, batch by batch.
 
-  ``batches`` yields host dicts with 'maps' and optionally 'features' /
-  'knn_features'; moments are accumulated as they come and
-  ``feature_knn``'s patches pooled, then reduced to the coreset of ``knn``.
+  ``batches`` yields host dicts with 'maps' (the calibration bases, maybe
+  none) and optionally 'features' / 'knn_features'; moments are
+  accumulated as they come and ``feature_knn``'s patches pooled, then
+  reduced to the coreset of ``knn`` (with a progress bar).
   """
-  pixel_moments = calibration.PixelMoments()
-  feature_moments = pool = None
+  pixel_moments = feature_moments = pool = None
   for out in batches:
-    pixel_moments.add(out['maps'])
+    if out['maps']:
+      pixel_moments = pixel_moments or calibration.PixelMoments(
+          tuple(out['maps']))
+      pixel_moments.add(out['maps'])
     if registry.FEATURES in out:
       feature_moments = feature_moments or feature_gaussian.FeatureMoments()
       feature_moments.add(out[registry.FEATURES])
@@ -183,31 +187,39 @@ def fit_statistics(batches, knn: feature_knn.KnnSettings | None,
       pool = pool or feature_knn.PatchPool()
       pool.add(out[registry.KNN_FEATURES])
   fitted = FittedMaps(
-      pixel=pixel_moments.statistics(),
+      pixel=pixel_moments.statistics() if pixel_moments else {},
       feature=feature_moments.statistics() if feature_moments else None)
   if pool is not None:
     tic = time.perf_counter()
-    fitted.knn_bank = pool.memory_bank(knn, feature_knn.coreset_key(), mesh)
+    with inference.progress(knn.bank_size, 'feature_knn coreset',
+                            'patch') as bar:
+      fitted.knn_bank = pool.memory_bank(knn, feature_knn.coreset_key(), mesh,
+                                         bar.update)
     logging.info('feature_knn: coreset of %d patches in %.1f s',
                  len(fitted.knn_bank), time.perf_counter() - tic)
   return fitted
 
 
 def fit_held_out(fitted: FittedMaps, held_out: dict[str, Any],
-                 quantile: float) -> None:
+                 quantile: float, names: Sequence[str] | None = None) -> None:
   """Adds the normalisers and thresholds from the held-out images' maps.
 
-  ``held_out`` has 'maps' {name: (N, S, S)} (every batch and fitted map) and
-  'map_scores'; the combined maps are added to it first, so they get
-  thresholds too.
+  ``held_out`` has 'maps' {name: (N, S, S)} (every batch and fitted map
+  evaluated) and 'map_scores'; the combined maps are added to it first, so
+  they get thresholds too. ``names``: the maps evaluated
+  (``eval.maps='headline'``: the headline and its parts), None = all; only
+  their combinations are fitted.
   """
+  combinations = {name: parts for name, parts in
+                  combined_maps.COMBINATIONS.items()
+                  if names is None or name in names}
   # float32-exact values, so a state restored as float32 equals the fit.
   fitted.normalisers = _float32(combined_maps.normalisers(
       {name: held_out['maps'][name] for name in
-       {p for parts in combined_maps.COMBINATIONS.values() for p in parts}
+       {p for parts in combinations.values() for p in parts}
        if name in held_out['maps']}))
   combined = [name for name in fitted.available()
-              if registry.spec(name).kind == 'combined']
+              if name in combinations]
   # Combined maps read only their parts (image size and blur unused).
   maps = apply_fitted(fitted, held_out, combined, 0,
                       anomaly_maps.MapSettings())
@@ -225,15 +237,17 @@ def _float32(values: dict[str, tuple[float, ...]]
 
 
 def add_fitted_maps(out: dict[str, Any], fitted: FittedMaps, image_size: int,
-                    settings: anomaly_maps.MapSettings, knn_chunk: int
-                    ) -> dict[str, Any]:
-  """A step's outputs with every map of ``fitted`` added (pure; jit it).
+                    settings: anomaly_maps.MapSettings, knn_chunk: int,
+                    names: Sequence[str] | None = None) -> dict[str, Any]:
+  """A step's outputs with the maps of ``fitted`` added (pure; jit it).
 
   ``out`` has 'maps', 'map_scores' and the features of
   ``inference.stage_features``; the features are dropped from the result
-  (the maps are what is kept).
+  (the maps are what is kept). ``names``: the maps wanted (those of them
+  ``fitted`` can compute are added); None = every map ``fitted`` can.
   """
-  names = fitted.available()
+  names = tuple(n for n in fitted.available()
+                if names is None or n in names)
   out = dict(out)
   features = {k: out.pop(k) for k in (registry.FEATURES,
                                       registry.KNN_FEATURES) if k in out}

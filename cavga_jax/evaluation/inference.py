@@ -3,22 +3,24 @@
 ``forward`` runs only what the requested maps read (``registry.needs``):
 Grad-CAM (a second-order graph) only for the attention maps, the decoder
 only for the reconstruction maps, the encoder stages only for the feature
-maps. ``make_eval_step`` is the evaluation's step (every batch map, the
-reconstruction and ``s_a``), ``make_normal_step`` what the statistics of
-the normal training images need, and ``predict`` runs any step over a
-dataset in equally shaped, sharded batches (the VAE explanations use it
-too).
+maps. ``make_eval_step`` is the evaluation's step (the batch maps asked
+for, the reconstruction and ``s_a``), ``make_normal_step`` what the
+statistics of the normal training images need, and ``predict`` runs any
+step over a dataset in equally shaped, sharded batches with a progress bar
+(the VAE explanations use it too).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from cavga_jax import anomaly_maps
 from cavga_jax import attention
@@ -99,20 +101,24 @@ def make_eval_step(generator: models.CAVGAGenerator,
                    settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
                    features: feature_gaussian.FeatureSettings | None = None,
                    map_names: Sequence[str] | None = None,
-                   knn: feature_knn.KnnSettings | None = None
+                   knn: feature_knn.KnnSettings | None = None,
+                   attention: bool = True
                    ) -> Callable[..., dict[str, Any]]:
   """Returns ``eval_step(params, batch_stats, images[, feature_variables])``.
 
   ``map_names`` restricts the batch maps to those (default: every batch map
   the generator supports; ``('attention',)`` is the paper's evaluation, what
-  benchmarks compare with the PyTorch peer). The Grad-CAM pass always runs
-  (the outputs include the attention).
+  benchmarks compare with the PyTorch peer). The Grad-CAM pass runs with
+  ``attention`` (the outputs then include the attention) or when a map
+  needs it; without, the step decodes only (``eval.maps='headline'`` of a
+  feature map: no Grad-CAM).
 
   ``images`` is uint8 (B, S, S, C) or float in [-1, 1]. Outputs:
-  'reconstruction' uint8 (B, S, S, C), 'attention' (B, h, w), 'score' (B,)
-  (``s_a``: mean squared error in [-1, 1] units), 'maps' {name: (B, S, S)
-  float32} and 'map_scores' {name: (B,)}. With the CAVGA_w classifier also
-  'class_attention' (B, 2, h, w) and 'p_anomalous' (B,). With ``features`` /
+  'reconstruction' uint8 (B, S, S, C), 'attention' (B, h, w; with
+  Grad-CAM), 'score' (B,) (``s_a``: mean squared error in [-1, 1] units),
+  'maps' {name: (B, S, S) float32} and 'map_scores' {name: (B,)}. With the
+  CAVGA_w classifier also 'p_anomalous' (B,) and, with Grad-CAM,
+  'class_attention' (B, 2, h, w). With ``features`` /
   ``knn`` also the 'features' / 'knn_features' of ``stage_features``, from
   ``feature_variables`` ({'params', 'batch_stats'}) when given (e.g. the
   ImageNet encoder a run started from, ``eval.feature_weights='initial'``),
@@ -121,7 +127,9 @@ def make_eval_step(generator: models.CAVGAGenerator,
   functions = anomaly_maps.map_functions(generator.with_classifier)
   if map_names is not None:
     functions = {name: functions[name] for name in map_names}
-  needs = registry.needs(functions) | {registry.ATTENTION}
+  needs = registry.needs(functions) | {registry.RECONSTRUCTION}
+  if attention:
+    needs |= {registry.ATTENTION}
   features_fn = stage_features(generator, features, knn)
 
   def eval_step(params, batch_stats, images, feature_variables=None):
@@ -131,13 +139,13 @@ def make_eval_step(generator: models.CAVGAGenerator,
     reconstruction = outputs['reconstruction']
     result = dict(
         reconstruction=to_uint8(reconstruction),
-        attention=outputs['attention'],
         score=jnp.mean(jnp.square(x - reconstruction), axis=(1, 2, 3)),
         maps=maps, map_scores=registry.image_scores(maps))
+    result.update({k: outputs[k] for k in ('attention', 'class_attention')
+                   if k in outputs})
     if generator.with_classifier:
-      result.update(
-          class_attention=outputs['class_attention'],
-          p_anomalous=jax.nn.softmax(outputs['logits'])[:, models.ANOMALOUS])
+      result['p_anomalous'] = jax.nn.softmax(
+          outputs['logits'])[:, models.ANOMALOUS]
     result.update(features_fn(
         feature_variables or {'params': params, 'batch_stats': batch_stats},
         x))
@@ -149,22 +157,24 @@ def make_eval_step(generator: models.CAVGAGenerator,
 def make_normal_step(generator: models.CAVGAGenerator,
                      settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
                      features: feature_gaussian.FeatureSettings | None = None,
-                     knn: feature_knn.KnnSettings | None = None
+                     knn: feature_knn.KnnSettings | None = None,
+                     bases: Sequence[str] = calibration.BASES
                      ) -> Callable[..., dict[str, Any]]:
   """Returns ``normal_step(params, batch_stats, images[, feature_variables])``.
 
   What the statistics of the normal training images need, and no more (no
-  Grad-CAM): 'maps' {name: (B, S, S)} of ``calibration.BASES`` from the
-  reconstruction of ``mu`` (the one ``make_eval_step`` decodes) and the
+  Grad-CAM): 'maps' {name: (B, S, S)} of ``bases`` (of
+  ``calibration.BASES``) from the reconstruction of ``mu`` (the one
+  ``make_eval_step`` decodes; no decoder without ``bases``) and the
   features of ``stage_features`` as ``make_eval_step``.
   """
-  functions = {name: anomaly_maps.MAPS[name] for name in calibration.BASES}
+  functions = {name: anomaly_maps.MAPS[name] for name in bases}
+  needs = registry.needs(functions)
   features_fn = stage_features(generator, features, knn)
 
   def normal_step(params, batch_stats, images, feature_variables=None):
     x = train_state.images_to_float(images)
-    outputs = forward(generator, params, batch_stats, x,
-                      frozenset({registry.RECONSTRUCTION}))
+    outputs = forward(generator, params, batch_stats, x, needs)
     result = dict(maps=anomaly_maps.compute_maps(outputs, functions,
                                                  settings))
     result.update(features_fn(
@@ -181,18 +191,35 @@ def host_batches(step: Callable[[Array], Any],
                  ) -> Iterator[Any]:
   """Yields ``step(batch)`` of each batch on the host, the padding cut.
 
-  Batches are sharded over ``mesh``; the log line names the images
-  ``what`` and gives the rate (including the first call's compilation).
+  Batches are sharded over ``mesh``; a progress bar named ``what`` counts
+  the images (``progress``), and the log line names them and gives the
+  rate (including the first call's compilation).
   """
   sharding.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
   tic, done = time.perf_counter(), 0
-  for batch, num_valid in data.eval_batches(images, batch_size):
-    out = sharding.to_host(step(sharding.shard_global_batch(batch, mesh)))
-    yield jax.tree.map(lambda v, n=num_valid: v[:n], out)
-    done += num_valid
+  total = (images.num_examples if isinstance(images, data.AnomalyDataset)
+           else len(images))
+  with progress(total, what) as bar:
+    for batch, num_valid in data.eval_batches(images, batch_size):
+      out = sharding.to_host(step(sharding.shard_global_batch(batch, mesh)))
+      yield jax.tree.map(lambda v, n=num_valid: v[:n], out)
+      done += num_valid
+      bar.update(num_valid)
   elapsed = time.perf_counter() - tic
   logging.info('evaluated %d %s in %.1f s (%.1f img/s, incl. compilation)',
                done, what, elapsed, done / max(elapsed, 1e-9))
+
+
+def progress(total: int, what: str, unit: str = 'img') -> tqdm.tqdm:
+  """A progress bar on stderr for ``total`` ``unit``s of ``what``.
+
+  Shown on process 0 when stderr is a terminal (``disable=None``), so logs
+  written to a file or a pipe keep their lines: there the log line after
+  each pass gives the count and the time.
+  """
+  return tqdm.tqdm(total=total, desc=what, unit=unit, file=sys.stderr,
+                   leave=False, mininterval=1.0,
+                   disable=None if sharding.is_primary_process() else True)
 
 
 def predict(step: Callable[[Array], Any],

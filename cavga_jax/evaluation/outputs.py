@@ -146,8 +146,8 @@ def write_outputs(out_dir: str, result: dict[str, Any],
 
 def curve_record(step: int, result: dict[str, Any]) -> dict[str, Any]:
   """One line of ``eval_curve.jsonl``: the step and every map's metrics."""
-  return dict(step=step, image_auroc_mse=result['image_auroc'],
-              maps=result['maps'])
+  return dict(step=step, image_auroc_reconstruction=result[
+      'image_auroc_reconstruction'], maps=result['maps'])
 
 
 def append_curve_point(path: str, record: dict[str, Any]) -> None:

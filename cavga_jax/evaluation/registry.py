@@ -94,6 +94,9 @@ HEADLINE_NAMES = tuple(name for name, spec in MAPS.items()
                        if spec.kind != 'prior')
 FITTED_NAMES = tuple(name for name, spec in MAPS.items()
                      if spec.kind in ('fitted', 'combined'))
+# config.eval.maps: an evaluation computes every map, or the headline and
+# the maps it is made of (``closure``).
+SCOPES = ('all', 'headline')
 
 
 def spec(name: str) -> MapSpec:

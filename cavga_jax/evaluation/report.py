@@ -16,6 +16,11 @@ from urllib import parse
 
 METRIC_COLUMNS = ('pixel_auroc', 'aupro', 'image_auroc', 'iou_held_out')
 BASELINE = 'prior_normal'  # positional baseline the maps are compared with
+# The summary's detection numbers: the headline map's image score, then
+# s_a's (metrics.json's flat keys, ``scoring.compute_metrics``).
+SUMMARY_KEYS = ('image_auroc', 'detection_accuracy_held_out',
+                'image_threshold_held_out', 'detection_accuracy_minmax',
+                'image_auroc_reconstruction')
 _DASH = '\u2013'  # a missing value
 
 _CSS = """
@@ -112,8 +117,7 @@ def _summary(metrics: Mapping[str, Any]) -> str:
   items = [('headline map', metrics.get('map')),
            ('checkpoint step', metrics.get('checkpoint_step')),
            ('test images', metrics.get('num_test_images'))]
-  items += [(k.replace('_', ' '), v) for k, v in
-            (metrics.get('headline_detection') or {}).items()]
+  items += [(k.replace('_', ' '), metrics.get(k)) for k in SUMMARY_KEYS]
   lines = []
   for key, value in items:
     if value is None:
@@ -181,8 +185,8 @@ def write_report(path: str, metrics: dict, rows: Sequence[Mapping[str, Any]],
     path: the HTML file to write (its folder is made).
     metrics: a metrics.json dict: ``'map'`` (the headline map), its flat
       metrics, ``'maps'`` ({map: {metric: value}}, including the positional
-      baselines ``'prior'`` and ``'prior_normal'``), optionally
-      ``'headline_detection'``, ``'checkpoint_step'``, ``'num_test_images'``.
+      baselines ``'prior'`` and ``'prior_normal'``), optionally the
+      ``SUMMARY_KEYS``, ``'checkpoint_step'``, ``'num_test_images'``.
     rows: one per test image: ``'image'`` (its panel PNG, relative to the
       HTML file), ``'path'`` (the original file), ``'defect_type'``,
       ``'label'`` (0, 1 or None when unlabelled), ``'score'`` and optionally

@@ -1,12 +1,17 @@
 """Scoring as pure functions: maps and masks in, metrics and thresholds out.
 
-``compute_metrics`` gives ``metrics.json``: SPEC section 4's flat keys for
-the headline map and ``s_a``, and ``maps.<name>.<metric>`` for every map
-(the pixel metrics of ``cavga_jax.metrics`` and the detection metrics of
-the map's own image score). Maps that are not bounded (``registry``) are
-min-max normalised over the test set first, so IoU at the paper's 0.5
-means something for them; the other metrics do not change. Nothing here
-changes its inputs.
+``compute_metrics`` gives ``metrics.json``: the headline map's metrics as
+flat keys, ``s_a``'s detection metrics under keys suffixed
+``_reconstruction``, and ``maps.<name>.<metric>`` for every map (the pixel
+metrics of ``cavga_jax.pixel_metrics`` and the detection metrics of
+``cavga_jax.image_metrics`` on the map's own image score). Every accuracy
+names its threshold: ``_minmax`` (the paper's: score min-max normalised over
+the test set, > 0.5), ``_held_out`` (the held-out normal images' quantile,
+``held_out_thresholds``), ``_argmax`` (CAVGA_w's classifier).
+
+Maps that are not bounded (``registry``) are min-max normalised over the
+test set first, so IoU at the paper's 0.5 means something for them; the
+other metrics do not change. Nothing here changes its inputs.
 """
 
 from __future__ import annotations
@@ -91,8 +96,9 @@ def map_metrics(anomaly_map: np.ndarray, image_scores: np.ndarray,
   return result
 
 
-_HEADLINE_DETECTION = ('image_auroc', 'detection_accuracy',
-                       'detection_accuracy_held_out', 'image_threshold_held_out')
+# The suffix of the detection metrics of s_a, the mean squared
+# reconstruction error (docs/protocol.md).
+RECONSTRUCTION_SUFFIX = '_reconstruction'
 
 
 def compute_metrics(predictions: dict[str, Any],
@@ -100,17 +106,18 @@ def compute_metrics(predictions: dict[str, Any],
                     headline: str = 'attention',
                     thresholds: dict[str, tuple[float, ...]] | None = None
                     ) -> dict[str, Any]:
-  """The metrics dict of SPEC section 4 plus ``maps`` for one test set.
+  """``metrics.json`` of one test set (module docstring).
 
   ``predictions`` has 'maps' and 'map_scores' (name -> (N, S, S) / (N,)),
   'score' (``s_a``) and, for CAVGA_w, 'p_anomalous'. The priors of
-  ``prior_maps`` are scored beside the maps. The flat SPEC keys are those of
-  the ``headline`` map and of ``s_a``; ``maps[name]`` has every map's
+  ``prior_maps`` are scored beside the maps. ``maps[name]`` has every map's
   metrics, with the held-out-threshold metrics of ``map_metrics`` for the
-  maps in ``thresholds`` (not the priors, which are test-set means).
-  'headline_detection' is the decision a user gets: the headline map's own
-  image score. With CAVGA_w also 'image_auroc_classifier' and
-  'classifier_accuracy' (anomalous iff p > 0.5).
+  maps in ``thresholds`` (not the priors, which are test-set means); the
+  flat keys are ``maps[headline]``'s (the map a user deploys, its own image
+  score included), then 'image_auroc_reconstruction' and
+  'detection_accuracy_minmax_reconstruction' of ``s_a``. With CAVGA_w also
+  'image_auroc_classifier' and 'classifier_accuracy_argmax' (anomalous iff
+  p > 0.5).
   """
   maps = dict(predictions['maps'])
   scores = dict(predictions['map_scores'])
@@ -127,20 +134,15 @@ def compute_metrics(predictions: dict[str, Any],
       for name in maps}
   result = dict(num_test_images=dataset.num_examples,
                 num_anomalous_images=int(dataset.labels.sum()), map=headline)
-  result.update({k: v for k, v in per_map[headline].items()
-                 if k not in _HEADLINE_DETECTION})
-  result.update(image_metrics.detection_metrics(predictions['score'],
-                                          dataset.labels))
-  # The flat image_auroc above is SPEC's s_a, the reconstruction error, which
-  # the feature and combined maps beat on every category we measured.
-  result['headline_detection'] = {k: per_map[headline][k]
-                                  for k in _HEADLINE_DETECTION
-                                  if k in per_map[headline]}
+  result.update(per_map[headline])
+  result.update({k + RECONSTRUCTION_SUFFIX: v for k, v in
+                 image_metrics.detection_metrics(predictions['score'],
+                                                 dataset.labels).items()})
   result['maps'] = per_map
   if 'p_anomalous' in predictions:
     p_anomalous = predictions['p_anomalous']
     result['image_auroc_classifier'] = image_metrics.detection_metrics(
         p_anomalous, dataset.labels)['image_auroc']
-    result['classifier_accuracy'] = float(np.mean(
+    result['classifier_accuracy_argmax'] = float(np.mean(
         (p_anomalous > 0.5) == (dataset.labels == 1)))
   return result
