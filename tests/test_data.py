@@ -14,6 +14,7 @@ from PIL import Image
 import pytest
 
 from cavga_jax import data as data_lib
+from cavga_jax.data import dark_objects
 from cavga_jax.data import folder
 from cavga_jax.data import generated
 from cavga_jax.data import pipeline
@@ -229,6 +230,83 @@ def test_generated_default_size_is_fast(tmp_path):
   start = time.perf_counter()
   generated.generate_dataset(str(tmp_path), seed=0, image_size=64)
   assert time.perf_counter() - start < 5.0
+
+
+# The 'dark_objects' scene (issue 36's test data).
+
+
+def test_generated_dark_objects_category(tmp_path):
+  kwargs = dict(seed=2, image_size=32, num_train=3, num_test_good=2,
+                num_test_per_defect=2)
+  cat = generated.generate_dataset(str(tmp_path), category='dark_objects',
+                                   **kwargs)
+  assert sorted(p.name for p in (cat / 'ground_truth').iterdir()) == sorted(
+      dark_objects.DEFECT_TYPES)
+  marker = json.loads((cat / generated.MARKER_NAME).read_text())
+  assert marker['scene'] == 'dark_objects'
+  assert marker['scene_version'] == dark_objects.VERSION
+  assert marker['defect_types'] == list(dark_objects.DEFECT_TYPES)
+  test = _load_all(cat, 'test')
+  assert test.num_examples == 2 + 2 * len(dark_objects.DEFECT_TYPES)
+  for i, (path, defect) in enumerate(zip(test.paths, test.defect_types)):
+    index = int(pathlib.Path(path).stem)
+    if defect == 'good':
+      expected = dark_objects.normal_image(2, 'good', index, 32)
+    else:
+      expected, mask = dark_objects.anomalous_image(2, defect, index, 32)
+      np.testing.assert_array_equal(test.masks[i], mask)
+    np.testing.assert_array_equal(test.images[i], expected)
+  # The textures' marker keeps the keys it had before there were scenes, so
+  # existing generated folders are not regenerated.
+  textures_cat = generated.generate_dataset(str(tmp_path), **kwargs)
+  assert set(json.loads((textures_cat / generated.MARKER_NAME).read_text())
+             ) == {'generator_version', 'seed', 'image_size', 'category',
+                   'num_train', 'num_test_good', 'num_test_per_defect',
+                   'defect_types'}
+
+
+@pytest.mark.parametrize('size', [16, 64])
+@pytest.mark.parametrize('defect', dark_objects.DEFECT_TYPES)
+def test_generated_dark_objects_masks_are_exact_and_on_the_object(defect,
+                                                                   size):
+  for index in range(6):
+    image, mask = dark_objects.anomalous_image(7, defect, index, size)
+    clean = dark_objects.normal_image(7, defect, index, size)
+    assert image.shape == (size, size, 3) and image.dtype == np.uint8
+    # The mask is exactly the set of changed pixels, never empty.
+    np.testing.assert_array_equal(np.any(image != clean, axis=-1), mask)
+    assert mask.any()
+    if size == 64:
+      assert 0.005 <= mask.mean() <= 0.06, (defect, index, mask.mean())
+    # On the object: no masked pixel was dark background in the clean image.
+    assert clean[mask].mean(axis=-1).min() > 30, (defect, index)
+
+
+def test_generated_dark_objects_move_on_a_noisy_black_background():
+  images = np.stack([dark_objects.normal_image(0, 'train', i, 64)
+                     for i in range(8)]).astype(np.float64)
+  bright = images.mean(axis=-1) > 60
+  assert 0.15 <= bright.mean(axis=(1, 2)).min()
+  assert bright.mean(axis=(1, 2)).max() <= 0.32
+  # Unaligned: the object's centre moves by several cells between images.
+  centres = np.array([[np.nonzero(b)[k].mean() for k in (0, 1)]
+                      for b in bright])
+  assert np.ptp(centres, axis=0).min() > 8
+  # The 4 x 4 corners are always background: dark, with independent
+  # Gaussian noise of a few grey levels.
+  corners = np.concatenate([images[:, :4, :4], images[:, :4, -4:],
+                            images[:, -4:, :4], images[:, -4:, -4:]], axis=1)
+  assert corners.mean() < 20
+  assert 1.5 < corners.std(axis=(1, 2, 3)).min()
+  assert corners.std(axis=(1, 2, 3)).max() < 5
+  assert not np.array_equal(corners[0], corners[1])
+
+
+def test_generated_unknown_scene_stream_is_a_data_error():
+  with pytest.raises(DataError, match='unknown defect type'):
+    dark_objects.anomalous_image(0, 'blob', 0, 16)
+  with pytest.raises(DataError, match='unknown dark_objects stream'):
+    dark_objects.normal_image(0, 'blob', 0, 16)
 
 
 # ---------------------------------------------------------------------------
@@ -620,6 +698,16 @@ def test_get_datasets_generated(tmp_path, caplog):
   train5, _ = data_lib.get_datasets(config, str(tmp_path))
   expected = textures.normal_image(5, 'train', 0, 16)
   np.testing.assert_array_equal(train5.images[0], expected)
+
+
+def test_get_datasets_generated_dark_objects(tmp_path):
+  train, test = data_lib.get_datasets(_config(category='dark_objects'),
+                                      str(tmp_path))
+  assert train.images.shape == (4, 16, 16, 3)
+  assert sorted(set(test.defect_types)) == sorted(
+      ('good',) + dark_objects.DEFECT_TYPES)
+  np.testing.assert_array_equal(
+      train.images[0], dark_objects.normal_image(0, 'train', 0, 16))
 
 
 def test_get_datasets_mvtec(tmp_path):

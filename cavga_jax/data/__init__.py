@@ -68,10 +68,12 @@ def get_datasets(config: ml_collections.ConfigDict,
   a one-class TFDS name, see `tfds_data.one_class_datasets`),
   `root`, `category`, `image_size`, `channels` and optionally `num_workers`;
   for 'generated' also `generated_seed` (default `config.seed`),
-  `num_train`, `num_test_good`, `num_test_per_defect`. With
-  `config.model.supervision == 'weak'` a few labelled test anomalies move to
-  the train split (`cavga_jax.data.weak`; reads `weak_fraction`,
-  `weak_min_per_defect`, `weak_seed` and writes `<workdir>/weak_split.json`).
+  `num_train`, `num_test_good`, `num_test_per_defect` (`category`
+  'dark_objects' is that scene, any other the textures:
+  `generated.SCENES`). With `config.model.supervision == 'weak'` a few
+  labelled test anomalies move to the train split (`cavga_jax.data.weak`;
+  reads `weak_fraction`, `weak_min_per_defect`, `weak_seed` and writes
+  `<workdir>/weak_split.json`).
 
   Args:
     config: the run configuration.

@@ -4,7 +4,10 @@
 and the same with a scratch, blob or spot defect and its exact mask) as PNGs
 in the MVTec AD layout, once: a marker with the parameters says a folder is
 complete, and a folder is written aside and renamed into place, so an
-interrupted or concurrent run never leaves a partial dataset.
+interrupted or concurrent run never leaves a partial dataset. The category
+'dark_objects' holds `dark_objects`' images instead (an unaligned textured
+object on a noisy black background); every other category name is the
+textures.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import tempfile
 import numpy as np
 from PIL import Image
 
+from cavga_jax.data import dark_objects
 from cavga_jax.data import textures
 from cavga_jax.errors import DataError
 
@@ -25,11 +29,20 @@ MARKER_NAME = '.generated.json'
 # Bump when the rendering of `textures` changes so that existing folders are
 # regenerated.
 GENERATOR_VERSION = 1
+# Categories rendered by another module than `textures` (same interface:
+# DEFECT_TYPES, VERSION, normal_image, anomalous_image). Other category names
+# are folder names of the textures (e.g. several seeds side by side).
+SCENES = {'dark_objects': dark_objects}
+
+
+def _scene(params: dict[str, object]):
+  """The module that renders a generation's images."""
+  return SCENES[params['scene']] if 'scene' in params else textures
 
 
 def _parameters(seed, image_size, category, num_train, num_test_good,
                 num_test_per_defect) -> dict[str, object]:
-  return {
+  params = {
       'generator_version': GENERATOR_VERSION,
       'seed': seed,
       'image_size': image_size,
@@ -37,8 +50,14 @@ def _parameters(seed, image_size, category, num_train, num_test_good,
       'num_train': num_train,
       'num_test_good': num_test_good,
       'num_test_per_defect': num_test_per_defect,
-      'defect_types': list(textures.DEFECT_TYPES),
   }
+  if category in SCENES:
+    # Only these carry the scene: the textures' marker stays as it was, so
+    # existing folders are not regenerated.
+    params['scene'] = category
+    params['scene_version'] = SCENES[category].VERSION
+  params['defect_types'] = list(_scene(params).DEFECT_TYPES)
+  return params
 
 
 def _file_name(index: int, count: int) -> str:
@@ -53,7 +72,7 @@ def _expected_files(params: dict[str, object]) -> list[str]:
   n = params['num_test_good']
   files += [f'test/good/{_file_name(i, n)}.png' for i in range(n)]
   n = params['num_test_per_defect']
-  for defect in textures.DEFECT_TYPES:
+  for defect in _scene(params).DEFECT_TYPES:
     for i in range(n):
       name = _file_name(i, n)
       files.append(f'test/{defect}/{name}.png')
@@ -84,22 +103,23 @@ def _save_png(array: np.ndarray, path: pathlib.Path) -> None:
 
 def _write_dataset(folder: pathlib.Path, params: dict[str, object]) -> None:
   seed, size = params['seed'], params['image_size']
+  scene = _scene(params)
   for sub in ['train/good', 'test/good'] + [
-      f'{kind}/{d}' for d in textures.DEFECT_TYPES
+      f'{kind}/{d}' for d in scene.DEFECT_TYPES
       for kind in ('test', 'ground_truth')]:
     (folder / sub).mkdir(parents=True, exist_ok=True)
   n = params['num_train']
   for i in range(n):
-    _save_png(textures.normal_image(seed, 'train', i, size),
+    _save_png(scene.normal_image(seed, 'train', i, size),
               folder / 'train' / 'good' / f'{_file_name(i, n)}.png')
   n = params['num_test_good']
   for i in range(n):
-    _save_png(textures.normal_image(seed, 'good', i, size),
+    _save_png(scene.normal_image(seed, 'good', i, size),
               folder / 'test' / 'good' / f'{_file_name(i, n)}.png')
   n = params['num_test_per_defect']
-  for defect in textures.DEFECT_TYPES:
+  for defect in scene.DEFECT_TYPES:
     for i in range(n):
-      image, mask = textures.anomalous_image(seed, defect, i, size)
+      image, mask = scene.anomalous_image(seed, defect, i, size)
       name = _file_name(i, n)
       _save_png(image, folder / 'test' / defect / f'{name}.png')
       _save_png(mask.astype(np.uint8) * 255,
@@ -116,18 +136,20 @@ def generate_dataset(root: str, *, seed: int, image_size: int,
   """Writes the generated dataset to `<root>/<category>` unless it is there.
 
   Images are RGB PNGs, masks 0/255 'L' PNGs, in the MVTec AD layout (defect
-  folders 'scratch', 'blob', 'spot'). A JSON marker with the parameters is
-  written last; a folder whose marker matches and whose files are all present
-  is left untouched. Otherwise the dataset is written to a temporary sibling
-  folder and renamed into place, so an interrupted run never leaves a partial
-  dataset, and concurrent processes (e.g. several hosts sharing a disk)
-  agree on the result.
+  folders 'scratch', 'blob', 'spot'; for category 'dark_objects' the
+  images of `dark_objects`, folders 'scratch', 'spot', 'missing'). A JSON
+  marker with the parameters is written last; a folder whose marker matches
+  and whose files are all present is left untouched. Otherwise the dataset
+  is written to a temporary sibling folder and renamed into place, so an
+  interrupted run never leaves a partial dataset, and concurrent processes
+  (e.g. several hosts sharing a disk) agree on the result.
 
   Args:
     root: parent folder (created if missing).
     seed: non-negative generation seed.
     image_size: height and width in pixels (>= 8).
-    category: category folder name.
+    category: category folder name; 'dark_objects' selects that scene
+      (`SCENES`), any other name the textures.
     num_train: number of normal training images (>= 1).
     num_test_good: number of normal test images.
     num_test_per_defect: number of test images per defect type.

@@ -73,7 +73,8 @@ def _gratings(rng: np.random.Generator, size: int, freq: np.ndarray,
   return out
 
 
-def _to_uint8(image: np.ndarray) -> np.ndarray:
+def to_uint8(image: np.ndarray) -> np.ndarray:
+  """Float image in [0, 1] (clipped) -> uint8, same shape."""
   return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
 
 
@@ -102,18 +103,19 @@ def _render_normal(rng: np.random.Generator, family: dict[str, np.ndarray],
   texture = colour + _gratings(rng, size, freq, angle, family['amp'],
                                family['tint'])
   texture += rng.normal(0, 0.02, size=(size, size, 3))
-  return _to_uint8(texture)
+  return to_uint8(texture)
 
 
-def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+def pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Pixel-centre coordinates: y (size, 1) and x (1, size), in pixels."""
   centres = np.arange(size) + 0.5
   return centres[:, None], centres[None, :]
 
 
-def _segment_mask(size: int, p0: np.ndarray, p1: np.ndarray,
-                  width: float) -> np.ndarray:
+def segment_mask(size: int, p0: np.ndarray, p1: np.ndarray,
+                 width: float) -> np.ndarray:
   """Pixels whose centre is within width/2 of the segment p0-p1 (x, y)."""
-  y, x = _pixel_grid(size)
+  y, x = pixel_grid(size)
   d = p1 - p0
   length2 = max(float(d @ d), 1e-12)
   t = np.clip(((x - p0[0]) * d[0] + (y - p0[1]) * d[1]) / length2, 0, 1)
@@ -132,7 +134,8 @@ def _centre(rng: np.random.Generator, radius: float,
   return float(x), float(y)
 
 
-def _saturated_colour(rng: np.random.Generator) -> np.ndarray:
+def saturated_colour(rng: np.random.Generator) -> np.ndarray:
+  """A random fully saturated RGB colour, (3,) float64 in [0, 1]."""
   hue = rng.uniform(0, 6)
   sector = int(hue) % 6
   f = hue - int(hue)
@@ -172,7 +175,7 @@ def _scratch(rng: np.random.Generator, clean: np.ndarray,
     heading += rng.uniform(-1.0, 1.0)
     step = seg_length * np.array([np.cos(heading), np.sin(heading)])
     end = np.clip(point + step, margin, size - margin)
-    mask |= _segment_mask(size, point, end, width)
+    mask |= segment_mask(size, point, end, width)
     point = end
   colour = _contrasting_colour(rng, family['colour'])
   shade = 1 + rng.normal(0, 0.05, size=(size, size, 1))
@@ -194,7 +197,7 @@ def _blob(rng: np.random.Generator, clean: np.ndarray,
   b = a * aspect
   theta = rng.uniform(0, np.pi)
   cx, cy = _centre(rng, a, size)
-  y, x = _pixel_grid(size)
+  y, x = pixel_grid(size)
   u = (x - cx) * np.cos(theta) + (y - cy) * np.sin(theta)
   v = -(x - cx) * np.sin(theta) + (y - cy) * np.cos(theta)
   mask = (u / a) ** 2 + (v / b) ** 2 <= 1.0
@@ -220,12 +223,12 @@ def _spot(rng: np.random.Generator, clean: np.ndarray,
   total = rng.uniform(0.015, 0.05) * size * size
   radii = np.sqrt(total * rng.dirichlet(np.ones(num_spots)) / np.pi)
   radii = np.maximum(radii, 0.75)
-  y, x = _pixel_grid(size)
+  y, x = pixel_grid(size)
   mask = np.zeros((size, size), bool)
   for r in radii:
     cx, cy = _centre(rng, r, size)
     mask |= (x - cx) ** 2 + (y - cy) ** 2 <= r * r
-  paint = np.broadcast_to(_saturated_colour(rng), (size, size, 3))
+  paint = np.broadcast_to(saturated_colour(rng), (size, size, 3))
   return mask, paint
 
 
@@ -266,7 +269,7 @@ def anomalous_image(seed: int, defect: str, index: int,
     if _MIN_AREA <= fraction <= _MAX_AREA:
       break
   image = clean.copy()
-  image[mask] = _to_uint8(np.broadcast_to(paint, clean.shape)[mask])
+  image[mask] = to_uint8(np.broadcast_to(paint, clean.shape)[mask])
   # Painting can land on the clean value by chance; nudge those pixels so the
   # mask is exactly the set of changed pixels.
   same = mask & np.all(image == clean, axis=-1)
