@@ -23,6 +23,17 @@ AUROC. Of feature_gaussian's top 1 % pixels on the normal test images, 29 %
 lie on background at least 4 px from the object (the kNN's: 2 %); defect
 pixels against those background pixels score 0.91 for it, 0.98 for the kNN.
 Without the sensor noise it scores 0.849 (0.954 on that background).
+
+Not in the CI suite: compiling CAVGA-E's state and evaluation takes about
+200 s of the 2-core machine's time, which the 20-minute CI job does not
+have beside the rest. Run it by name:
+
+  python -m pytest -q tests/dark_background_check.py
+
+Its two ``xfail(strict=True)`` tests fail on the code of issue 36 (that is
+their point); they become plain tests, and this file ``test_*.py`` again,
+with the fix (the shrunk covariances and a combination rule chosen on
+held-out normal images, docs/results.md).
 """
 
 import numpy as np
