@@ -59,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   for scene, counts in summary['scenes'].items():
     print(f'{args.output}/{scene}: train {counts["train"]}, test good '
           f'{counts["test_good"]}, test anomaly {counts["test_anomaly"]} '
-          f'({counts["anomaly_without_pixels"]} without annotated pixels)')
+          f'({counts["anomaly_without_pixels"]} left out: anomalous frames '
+          'without annotated pixels)')
   if summary['skipped_scenes']:
     print(f'skipped scenes without both training videos and test clips: '
           f'{", ".join(summary["skipped_scenes"])}')

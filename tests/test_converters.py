@@ -90,16 +90,17 @@ def test_mstc_layout_counts_and_masks(stc, tmp_path):
   summary = mstc.convert_mstc(stc, out, frame_step=2, num_workers=2)
   assert _files(out) == ['01', 'mstc_conversion.json']
   assert summary['skipped_scenes'] == ['02']
-  assert summary['scenes']['01'] == dict(train=8, test_good=1, test_anomaly=3,
+  # Frame 4 is labelled anomalous but has no defect pixel: left out.
+  assert summary['scenes']['01'] == dict(train=8, test_good=1, test_anomaly=2,
                                          anomaly_without_pixels=1)
   cat = out / '01'
   assert _files(cat / 'train' / 'good') == [
       f'01_00{v}_{i:04d}.jpg' for v in (1, 2) for i in (0, 2, 4, 6)]
   assert _files(cat / 'test' / 'good') == ['01_0014_0000.jpg']
   assert _files(cat / 'test' / 'anomaly') == [
-      f'01_0014_{i:04d}.jpg' for i in (2, 4, 6)]
+      f'01_0014_{i:04d}.jpg' for i in (2, 6)]
   masks = _pixel_masks()
-  for i in (2, 4, 6):
+  for i in (2, 6):
     mask = np.asarray(Image.open(
         cat / 'ground_truth' / 'anomaly' / f'01_0014_{i:04d}_mask.png'))
     assert mask.shape == (_H, _W) and set(np.unique(mask)) <= {0, 255}
@@ -112,7 +113,7 @@ def test_mstc_layout_counts_and_masks(stc, tmp_path):
     assert json.load(f)['frame_step'] == 2
   # The project's MVTec loader reads the result.
   test = folder.load_split(str(out), '01', 'test', 32, 3, num_workers=1)
-  assert test.labels.tolist() == [1, 1, 1, 0]
+  assert test.labels.tolist() == [1, 1, 0]
   assert folder.load_split(str(out), '01', 'train', 32, 3).num_examples == 8
   assert _no_leftovers(tmp_path)
 
@@ -190,7 +191,7 @@ def test_convert_mstc_script(stc, tmp_path, capsys):
   out = tmp_path / 'mstc'
   assert script.main(['--source', str(stc), '--output', str(out),
                       '--frame_step', '2', '--num_workers', '1']) == 0
-  assert 'train 8, test good 1, test anomaly 3' in capsys.readouterr().out
+  assert 'train 8, test good 1, test anomaly 2 (1 left out' in capsys.readouterr().out
   _break_missing_pixel_mask(stc)
   assert script.main(['--source', str(stc), '--output',
                       str(tmp_path / 'other')]) == 1

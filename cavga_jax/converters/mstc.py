@@ -20,8 +20,9 @@ Every `frame_step`-th frame is kept (frames 0, k, 2k, ... of every video and
 test clip; default 5, i.e. ~5 fps from STC's 24 fps, which keeps near-copies
 of consecutive frames out and the dataset a manageable size). A test frame
 is anomalous when its frame label (`test_frame_mask`) is 1; its mask is the
-pixel mask (nonzero -> 255). Anomalous frames whose pixel mask is empty keep
-an all-zero mask and are counted as `anomaly_without_pixels`. Training
+pixel mask (nonzero -> 255). Anomalous frames whose pixel mask is empty are
+left out and counted as `anomaly_without_pixels`: a defect image needs a
+defect pixel (the loader refuses an all-zero mask of a defect image). Training
 frames are decoded with PyAV (`pip install 'cavga_jax[converters]'`) and
 saved as JPEG (quality 95) or PNG; test frames are re-encoded only when the
 format or size changes.
@@ -203,6 +204,9 @@ def _convert_clip(clip: _TestClip, category: pathlib.Path, frame_step: int,
           f'{mask.shape[0]}, but frame {frame_path} is '
           f'{image.size[0]}x{image.size[1]}')
     defect = ANOMALY_DEFECT if labels[index] else NORMAL_DEFECT
+    if defect == ANOMALY_DEFECT and not mask.any():
+      counts['anomaly_without_pixels'] += 1
+      continue
     stem = f'{clip.name}_{index:04d}'
     out = category / 'test' / defect / f'{stem}.{image_format}'
     source_format = frame_path.suffix.lower().lstrip('.').replace('jpeg', 'jpg')
@@ -212,7 +216,6 @@ def _convert_clip(clip: _TestClip, category: pathlib.Path, frame_step: int,
       common.save_image(image.convert('RGB'), out, image_format, resize)
     counts[defect] += 1
     if defect == ANOMALY_DEFECT:
-      counts['anomaly_without_pixels'] += int(not mask.any())
       common.save_mask(
           mask, category / 'ground_truth' / defect / f'{stem}{MASK_SUFFIX}.png',
           resize)
