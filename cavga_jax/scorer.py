@@ -28,7 +28,6 @@ import numpy as np
 from cavga_jax import anomaly_maps
 from cavga_jax import checkpointing
 from cavga_jax import config_checks
-from cavga_jax import fitted_map
 from cavga_jax import layers
 from cavga_jax import models
 from cavga_jax import settings as config_settings
@@ -69,8 +68,7 @@ def make_score_fn(generator: models.CAVGAGenerator,
   inputs_fn = inference.fitted_inputs(generator, settings, fitted)
   functions = registry.batch_functions(generator.with_classifier)
   batch_functions = {n: functions[n] for n in registry.batch_maps([headline])}
-  context = fitted_map.Context(image_size, settings,
-                               tuple(generator.encoder_widths))
+  context = inference.map_context(generator, settings, image_size)
 
   def score(state, images):
     x = train_state.images_to_float(images)

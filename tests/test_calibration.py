@@ -73,8 +73,8 @@ def test_calibration_finds_a_defect_that_the_raw_residual_misses():
   predictions = fitting.add_fitted_maps(
       {'maps': dict(residual=test), 'map_scores': {},
        inference.INPUTS: {'residual_calibrated': test}},
-      fitting.FittedMaps(maps={'residual_calibrated': dict(mean=mean,
-                                                           scale=scale)}),
+      fitting.FittedMaps(
+          maps={'residual_calibrated': dict(mean=mean, scale=scale)}),
       fitted_map.Context(8), {})
   calibrated = predictions['maps']['residual_calibrated']
   from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top

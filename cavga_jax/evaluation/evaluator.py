@@ -34,7 +34,6 @@ from cavga_jax import anomaly_maps
 from cavga_jax import data
 from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
-from cavga_jax import fitted_map
 from cavga_jax import layers
 from cavga_jax import models
 from cavga_jax import settings as config_settings
@@ -117,7 +116,8 @@ class Evaluator:
   """``evaluator(params, batch_stats[, fitted]) -> (metrics, predictions)``.
 
   Its jitted steps are attributes: ``eval_step`` and ``normal_step``
-  (``inference``) and ``add_fitted_maps(outputs, fitted)`` (``fitting``).
+  (``inference``) and ``add_fitted_maps(outputs, fitted)`` (``fitting``);
+  ``fitted_settings`` is {name: settings} of the fitted maps it fits.
 
   Args:
     generator: the generator module.
@@ -153,36 +153,37 @@ class Evaluator:
     self.names = None
     self.batch_names = tuple(registry.batch_functions(
         generator.with_classifier))
-    self.fitted = fitted_settings(eval_config)
+    # {name: settings} of the fitted maps (``fitted_settings``).
+    fitted = fitted_settings(eval_config)
     attention = True
     if eval_field(eval_config, 'maps') == 'headline':
       self.names = registry.closure([self.headline])
       self.batch_names = registry.batch_maps(self.names)
       attention = registry.ATTENTION in registry.needs(self.names)
-      self.fitted = {name: value for name, value in self.fitted.items()
-                     if name in self.names}
-    context = fitted_map.Context(self.image_size, self.settings,
-                                 tuple(generator.encoder_widths))
+      fitted = {name: value for name, value in fitted.items()
+                if name in self.names}
+    self.fitted_settings = fitted
     self.add_fitted_maps = jax.jit(functools.partial(
-        fitting.add_fitted_maps, context=context, settings=self.fitted,
-        names=self.names))
+        fitting.add_fitted_maps, settings=fitted, names=self.names,
+        context=inference.map_context(generator, self.settings,
+                                      self.image_size)))
     options = layers.compiler_options(generator.conv_impl)
     self.eval_step = jax.jit(
-        inference.make_eval_step(generator, self.settings, self.fitted,
+        inference.make_eval_step(generator, self.settings, fitted,
                                  self.batch_names, attention),
         compiler_options=options)
     self.normal_step = jax.jit(
-        inference.make_normal_step(generator, self.settings, self.fitted),
+        inference.make_normal_step(generator, self.settings, fitted),
         compiler_options=options)
     self.fit_images = self.held_out = None
     if normal_images is not None:
       self.fit_images, self.held_out = fitting.split_held_out(
           normal_images, eval_field(eval_config, 'threshold_holdout'))
-      if not self.fitted:
+      if not fitted:
         self.fit_images = None
     # What a fit of these settings holds: the maps fitted on fit_images
     # and, with held-out images, a threshold for every map evaluated.
-    self.fitted_names = () if self.fit_images is None else tuple(self.fitted)
+    self.fitted_names = () if self.fit_images is None else tuple(fitted)
     self.num_normal_images = 0 if normal_images is None else len(
         normal_images)
 
@@ -215,7 +216,7 @@ class Evaluator:
               lambda batch: self.normal_step(params, batch_stats, batch,
                                              self.feature_variables),
               self.fit_images, self.batch_size, self.mesh,
-              'normal training images'), self.fitted, self.mesh)
+              'normal training images'), self.fitted_settings, self.mesh)
     if self.held_out is not None:
       held_out = self._predict(params, batch_stats, fitted, self.held_out,
                                'held-out normal training images')

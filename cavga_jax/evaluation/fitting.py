@@ -11,10 +11,10 @@
 * ``thresholds``: per map (pixel threshold, image threshold, median pixel
   value) on the held-out normal images (``scoring.held_out_thresholds``).
 
-The last two are shared post-processing, fitted after the maps. ``fit_statistics``
-streams the normal training images in batches into each map's accumulator
-(memory is stated in the maps' modules), then ``fit_held_out`` the held-out
-images for the normalisers and thresholds. ``apply_fitted`` is a pure jnp
+The last two are shared post-processing, fitted after the maps.
+``fit_statistics`` streams the normal training images in batches into each
+map's accumulator (memory is stated in the maps' modules), then
+``fit_held_out`` the held-out images for the normalisers and thresholds. ``apply_fitted`` is a pure jnp
 function of one batch, so the evaluation, ``predict.py`` and the exported
 scorer (``cavga_jax.export``) compute the same maps.
 """

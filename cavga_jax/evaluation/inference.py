@@ -38,6 +38,14 @@ Array = jax.Array
 INPUTS = 'fitted_inputs'
 
 
+def map_context(generator: models.CAVGAGenerator,
+                map_settings: anomaly_maps.MapSettings, image_size: int
+                ) -> fitted_map.Context:
+  """The ``fitted_map.Context`` of ``generator``'s maps at ``image_size``."""
+  return fitted_map.Context(image_size, map_settings,
+                            tuple(generator.encoder_widths))
+
+
 def fitted_inputs(generator: models.CAVGAGenerator,
                   map_settings: anomaly_maps.MapSettings,
                   settings: dict[str, Any]
@@ -55,8 +63,7 @@ def fitted_inputs(generator: models.CAVGAGenerator,
                    for s in unit.stages(settings[name])})
 
   def fn(variables, x, maps):
-    context = fitted_map.Context(x.shape[1], map_settings,
-                                 tuple(generator.encoder_widths))
+    context = map_context(generator, map_settings, x.shape[1])
     batch = dict(images=x, maps=maps, stages={})
     if stages:
       batch['stages'] = dict(zip(stages, generator.apply(
