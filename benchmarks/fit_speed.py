@@ -117,11 +117,12 @@ def main():
                                    config.eval.threshold_holdout)
   knn = evaluator_lib.knn_settings(config.eval)
   gaussian = evaluator_lib.feature_settings(config.eval)
-  if args.map == 'feature_knn':
-    stage_fn, key = inference.stage_features(generator, None, knn), 'knn_features'
-  else:
-    stage_fn, key = inference.stage_features(generator, gaussian), 'features'
-  step = jax.jit(lambda v, images: stage_fn(v, train_state.images_to_float(images)),
+  key = args.map
+  stage_fn = inference.fitted_inputs(
+      generator, evaluator_lib.map_settings(config.eval, test.images.shape[1]),
+      {key: knn if key == 'feature_knn' else gaussian})
+  step = jax.jit(lambda v, images: stage_fn(
+      v, train_state.images_to_float(images), {}),
                  compiler_options=layers.compiler_options(generator.conv_impl))
   sigma = evaluator_lib.map_settings(config.eval, test.images.shape[1]).residual_sigma
   batch = config.eval.batch_size

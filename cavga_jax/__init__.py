@@ -19,8 +19,10 @@ explanations). Objectives and measures: the modules ``losses``,
 ``pixel_metrics``, ``image_metrics``, ``anomaly_maps``, ``synthesis``.
 Training and evaluation: ``create_train_state``, ``make_train_step``,
 ``make_eval_step``, ``Evaluator``, ``FittedMaps``, ``map_registry`` (every
-map, declared once), ``train``, ``evaluate``, ``compiler_options``
-(``jax.jit``'s options for the fast CPU convolutions). Deployment:
+map, declared once; ``map_registry.register`` adds one), ``FittedMap``
+(a map fitted on normal images, as one unit), ``train``, ``evaluate``,
+``compiler_options`` (``jax.jit``'s options for the fast CPU
+convolutions). Deployment:
 ``load_scorer`` / ``Scorer`` (a trained run's headline map for new images)
 and ``export`` (the scorer serialized with ``jax.export``). Errors:
 ``CavgaError`` and its subclasses.
@@ -56,6 +58,7 @@ _EXPORTS = {
     'Evaluator': ('evaluation.evaluator', 'Evaluator'),
     'FittedMaps': ('evaluation.fitting', 'FittedMaps'),
     'map_registry': ('evaluation.registry', None),
+    'FittedMap': ('fitted_map', 'FittedMap'),
     'Scorer': ('scorer', 'Scorer'),
     'load_scorer': ('scorer', 'load_scorer'),
     'export': ('export', None),

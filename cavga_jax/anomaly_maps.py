@@ -4,9 +4,9 @@ Every map is a function ``(outputs, settings) -> (B, S, S)`` of the
 evaluation outputs of one batch (the images, the reconstruction from ``mu``
 and the Grad-CAM maps of ``attention.forward_with_attention`` with
 ``unit_maps=True``), so all of them come from one forward pass inside one
-jitted evaluation step. Adding a map takes its function in ``MAPS`` and
-its entry in ``evaluation.registry`` (what of the forward pass it reads,
-whether it is bounded); an assert there keeps the two in step.
+jitted evaluation step. Adding a map takes its function here and its one
+entry in ``evaluation.registry``, which carries the function, what of the
+forward pass it reads and whether it is bounded.
 
 The maps (higher = more anomalous):
 
@@ -32,9 +32,8 @@ The maps (higher = more anomalous):
 image) and ``prior_normal`` (its mean over the normal test images only, which
 cannot know where the defects lie) need the whole test set, so
 ``evaluation.scoring`` adds them; the maps measured against the normal
-training images (``calibration``, ``feature_gaussian``, ``feature_knn``,
-``combined_maps``) are applied by ``evaluation.fitting``. What each map
-reads and whether it is bounded: ``evaluation.registry``.
+training images (``calibration``, ``feature_gaussian``, ``feature_knn``:
+``fitted_map``; ``combined_maps``) are applied by ``evaluation.fitting``.
 
 Image scores: every map also gives a per-image score, the mean of its top
 ``TOP_FRACTION`` (1 %) pixels, a robust maximum: the image mean would drown
@@ -200,36 +199,18 @@ def attention_x_residual_map(outputs: dict[str, Array],
   return attention_map(outputs, settings) * residual_map(outputs, settings)
 
 
-def _weak_map(name: str) -> MapFn:
-  def weak_map(outputs, settings):
+def weak_map(name: str) -> MapFn:
+  """CAVGA_w's class map ``name`` of ``attention.WEAK_MAPS``."""
+  def weak(outputs, settings):
     del settings
     return attention.weak_localization_map(outputs, _image_size(outputs),
                                            name)
-  return weak_map
+  return weak
 
 
-MAPS: dict[str, MapFn] = {
-    'attention': attention_map,
-    'attention_liu': attention_liu_map,
-    'residual': residual_map,
-    'residual_ssim': residual_ssim_map,
-    'residual_ssim_smooth': residual_ssim_smooth_map,
-    'residual_x_ssim': residual_x_ssim_map,
-    'attention_x_residual': attention_x_residual_map,
-}
-# CAVGA_w's 'latent' map is ``attention`` itself.
-WEAK_MAPS: dict[str, MapFn] = {
-    f'weak_{name}': _weak_map(name) for name in attention.WEAK_MAPS
-    if name != 'latent'}
 PRIOR = 'prior'
 PRIOR_NORMAL = 'prior_normal'
 PRIORS = (PRIOR, PRIOR_NORMAL)
-# Which maps are bounded and what each needs: ``evaluation.registry``.
-
-
-def map_functions(with_classifier: bool) -> dict[str, MapFn]:
-  """The maps a generator supports: all of ``MAPS``, plus CAVGA_w's."""
-  return dict(MAPS, **WEAK_MAPS) if with_classifier else dict(MAPS)
 
 
 def image_score(anomaly_maps: Array) -> Array:

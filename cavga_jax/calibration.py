@@ -14,61 +14,57 @@ from turning noise into huge scores). It is the per-pixel Gaussian of
 PaDiM-style methods applied to the residual maps. The statistics come from
 the training images, which are normal (CAVGA_w's labelled anomalies are
 left out), never from the test set. For each map of ``BASES`` the
-evaluation adds ``<name>_calibrated``.
+evaluation adds ``<name>_calibrated``: the fitted maps ``MAPS``
+(``fitted_map``), one per base.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from cavga_jax import fitted_map
+
 # The maps that get a calibrated version (anomaly_maps names).
 BASES = ('residual', 'residual_ssim_smooth', 'residual_x_ssim')
 SUFFIX = '_calibrated'
 # Floor of the per-pixel standard deviation, as a fraction of its image mean.
 STD_FLOOR = 0.1
-NAMES = tuple(base + SUFFIX for base in BASES)
 
 
 class PixelMoments:
-  """Per-pixel mean and standard deviation of maps, accumulated in batches.
+  """Per-pixel mean and standard deviation of one map, accumulated in batches.
 
-  ``add({name: (B, S, S)})`` for every batch, then ``statistics()``; sums
-  are float64, so the order of batches does not matter to float32 precision.
+  ``add((B, S, S))`` for every batch, then ``statistics()``; sums are
+  float64, so the order of batches does not matter to float32 precision.
   """
 
-  def __init__(self, names: tuple[str, ...] = BASES):
-    self._names = names
+  def __init__(self):
     self._count = 0
-    self._sum: dict[str, np.ndarray] = {}
-    self._sum_sq: dict[str, np.ndarray] = {}
+    self._sum: np.ndarray | None = None
+    self._sum_sq: np.ndarray | None = None
 
-  def add(self, maps: dict[str, np.ndarray]) -> None:
-    for name in self._names:
-      values = np.asarray(maps[name], np.float64)
-      if name not in self._sum:
-        self._sum[name] = np.zeros(values.shape[1:])
-        self._sum_sq[name] = np.zeros(values.shape[1:])
-      self._sum[name] += values.sum(axis=0)
-      self._sum_sq[name] += np.square(values).sum(axis=0)
-    self._count += len(np.asarray(maps[self._names[0]]))
+  def add(self, maps: np.ndarray) -> None:
+    values = np.asarray(maps, np.float64)
+    if self._sum is None:
+      self._sum = np.zeros(values.shape[1:])
+      self._sum_sq = np.zeros(values.shape[1:])
+    self._sum += values.sum(axis=0)
+    self._sum_sq += np.square(values).sum(axis=0)
+    self._count += len(values)
 
-  def statistics(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """name -> (mean (S, S), floored standard deviation (S, S)), float32.
+  def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (S, S), floored standard deviation (S, S)), float32.
 
     Raises:
       ValueError: no map was added.
     """
     if not self._count:
       raise ValueError('no normal images were added for the calibration')
-    result = {}
-    for name in self._names:
-      mean = self._sum[name] / self._count
-      variance = np.maximum(self._sum_sq[name] / self._count
-                            - np.square(mean), 0.0)
-      std = np.sqrt(variance)
-      scale = np.maximum(std, STD_FLOOR * std.mean()) + 1e-12
-      result[name] = (mean.astype(np.float32), scale.astype(np.float32))
-    return result
+    mean = self._sum / self._count
+    variance = np.maximum(self._sum_sq / self._count - np.square(mean), 0.0)
+    std = np.sqrt(variance)
+    scale = np.maximum(std, STD_FLOOR * std.mean()) + 1e-12
+    return mean.astype(np.float32), scale.astype(np.float32)
 
 
 def calibrate(anomaly_maps: np.ndarray, mean: np.ndarray,
@@ -78,3 +74,27 @@ def calibrate(anomaly_maps: np.ndarray, mean: np.ndarray,
   Numpy or jax arrays alike (the fitted-map step is jitted).
   """
   return ((anomaly_maps - mean) / scale).astype(np.float32)
+
+
+def _finalize(moments: PixelMoments, settings, mesh, progress
+              ) -> dict[str, np.ndarray]:
+  del settings, mesh, progress
+  mean, scale = moments.statistics()
+  return {'mean': mean, 'scale': scale}
+
+
+def _apply(context, settings, state, maps):
+  del context, settings
+  return calibrate(maps, state['mean'], state['scale'])
+
+
+def _calibrated(base: str) -> fitted_map.FittedMap:
+  """``<base>_calibrated``: state {'mean', 'scale'} (S, S) of ``base``."""
+  return fitted_map.FittedMap(
+      name=base + SUFFIX,
+      inputs=lambda context, settings, batch: batch['maps'][base],
+      init=lambda settings: PixelMoments(), finalize=_finalize,
+      apply=_apply, parts=(base,))
+
+
+MAPS = tuple(_calibrated(base) for base in BASES)

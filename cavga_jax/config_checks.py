@@ -25,7 +25,6 @@ from typing import Any
 
 import ml_collections
 
-from cavga_jax import anomaly_maps
 from cavga_jax import data
 from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
@@ -192,8 +191,8 @@ def _check_cavga_config(config: ml_collections.ConfigDict) -> None:
 
 def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
   """The headline map and the map settings of ``anomaly_maps``."""
-  fitted_maps = registry.FITTED_NAMES
-  _check_choice(config, 'eval.map', registry.HEADLINE_NAMES)
+  fitted_maps = registry.names('fitted', 'combined')
+  _check_choice(config, 'eval.map', registry.headline_names())
   _check_choice(config, 'eval.maps', registry.SCOPES)
   headline = _get(config, 'eval.map')
   calibrate = _get(config, 'eval.calibrate')
@@ -205,7 +204,8 @@ def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
                      'config.eval.calibrate=True (the statistics of the '
                      'normal training images)')
   supervision = _get(config, 'model.supervision')
-  if headline in anomaly_maps.WEAK_MAPS and supervision != 'weak':
+  if (registry.CLASSIFIER in registry.spec(headline).needs
+      and supervision != 'weak'):
     raise CavgaError(f'config.eval.map={headline!r} needs '
                      "config.model.supervision='weak' (a class map of the "
                      f'CAVGA_w classifier), got {supervision!r}')

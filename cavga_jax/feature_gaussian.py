@@ -21,6 +21,9 @@ from a randomly initialised encoder (random convolutional features are known
 to work for PaDiM-style statistics), so ``evaluate.py --untrained`` reports
 that control beside every trained number.
 
+``MAP`` is the map as a ``fitted_map.FittedMap``: its inputs the stacked
+features, its state {'mean' (g, g, d), 'precision' (g, g, d, d)}.
+
 Memory: the statistics hold, per cell, a ``dims x dims`` matrix (one
 float64 accumulator of 82 MB at 128 px, grid 32 x 32, 100 dims; 328 MB at
 256 px); measured whole-evaluation peaks are in docs/memory.md.
@@ -29,12 +32,15 @@ float64 accumulator of 82 MB at 128 px, grid 32 x 32, 100 dims; 328 MB at
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import threadpoolctl
+
+from cavga_jax import anomaly_maps
+from cavga_jax import fitted_map
 
 Array = jax.Array
 NAME = 'feature_gaussian'
@@ -159,3 +165,36 @@ def mahalanobis(features: Array, mean: Array, precision: Array) -> Array:
   projected = jnp.matmul(precision, centered)
   distances = jnp.sum(centered * projected, axis=-2)
   return jnp.sqrt(jnp.maximum(jnp.moveaxis(distances, -1, 0), 0.0))
+
+
+def _inputs(context: fitted_map.Context, settings: FeatureSettings,
+            batch: dict[str, Any]) -> Array:
+  """The batch's stacked features (B, g, g, d) (``stack_features``)."""
+  channels = select_channels(
+      [context.encoder_widths[s - 1] for s in settings.stages], settings.dims)
+  return stack_features([batch['stages'][s] for s in settings.stages],
+                        channels,
+                        grid_size(context.image_size, settings.grid_divisor))
+
+
+def _finalize(moments: FeatureMoments, settings, mesh, progress
+              ) -> dict[str, np.ndarray]:
+  del settings, mesh, progress
+  mean, precision = moments.statistics()
+  return {'mean': mean, 'precision': precision}
+
+
+def _apply(context: fitted_map.Context, settings, state: dict[str, Any],
+           features: Array) -> Array:
+  """(B, g, g, d) features -> (B, S, S): distances, upsampled and blurred."""
+  del settings
+  distances = mahalanobis(features, jnp.asarray(state['mean']),
+                          jnp.asarray(state['precision']))
+  return anomaly_maps.upsample_and_blur(
+      distances, context.image_size, context.map_settings.residual_sigma)
+
+
+MAP = fitted_map.FittedMap(
+    name=NAME, inputs=_inputs, init=lambda settings: FeatureMoments(),
+    finalize=_finalize, apply=_apply, stages=lambda settings: settings.stages,
+    settings=FeatureSettings())

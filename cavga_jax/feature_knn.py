@@ -15,6 +15,9 @@ nearest bank entry; the map is those distances bilinear to image size and
 Gaussian-smoothed like the residual; the image score is the map's maximum
 (PatchCore's), not the top-1 % mean of the other maps.
 
+``MAP`` is the map as a ``fitted_map.FittedMap``: its inputs the patch
+features, its state {'bank' (M, D)}.
+
 Memory: fitting holds the pool, ``N_images * grid^2 * D`` float32 features
 and their projection (``N * grid^2 * projection_dims``): at 256 px, grid 32
 (divisor 8) and EfficientNet-Lite0 stages 2-3 (D = 152), 209 bottle images
@@ -31,12 +34,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import time
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cavga_jax import anomaly_maps
+from cavga_jax import feature_gaussian
+from cavga_jax import fitted_map
 from cavga_jax import sharding
 
 Array = jax.Array
@@ -271,3 +279,43 @@ CORESET_SEED = 0
 
 def coreset_key() -> Array:
   return jax.random.key(CORESET_SEED)
+
+
+def _inputs(context: fitted_map.Context, settings: KnnSettings,
+            batch: dict[str, Any]) -> Array:
+  """The batch's patch features (B, g, g, D) (``patch_features``)."""
+  return patch_features(
+      [batch['stages'][s] for s in settings.stages],
+      feature_gaussian.grid_size(context.image_size, settings.grid_divisor),
+      settings.neighbourhood)
+
+
+def _finalize(pool: PatchPool, settings: KnnSettings,
+              mesh: jax.sharding.Mesh | None, progress: fitted_map.Progress
+              ) -> dict[str, np.ndarray]:
+  """{'bank': the coreset}, chosen with a progress bar."""
+  tic = time.perf_counter()
+  with progress(settings.bank_size, 'feature_knn coreset', 'patch') as bar:
+    bank = pool.memory_bank(settings, coreset_key(), mesh, bar.update)
+  logging.info('feature_knn: coreset of %d patches in %.1f s', len(bank),
+               time.perf_counter() - tic)
+  return {'bank': bank}
+
+
+def _apply(context: fitted_map.Context, settings: KnnSettings,
+           state: dict[str, Any], features: Array) -> Array:
+  """(B, g, g, D) features -> (B, S, S): distances, upsampled and blurred."""
+  distances = nearest_distances(features, state['bank'], settings.chunk)
+  return anomaly_maps.upsample_and_blur(
+      distances, context.image_size, context.map_settings.residual_sigma)
+
+
+def image_score(maps: Array) -> Array:
+  """(B, S, S) -> (B,): PatchCore's image score, the map's maximum."""
+  return jnp.max(maps, axis=(1, 2))
+
+
+MAP = fitted_map.FittedMap(
+    name=NAME, inputs=_inputs, init=lambda settings: PatchPool(),
+    finalize=_finalize, apply=_apply, stages=lambda settings: settings.stages,
+    settings=KnnSettings(), image_score=image_score)

@@ -6,7 +6,7 @@ both into a ``Scorer`` that computes only what the headline map needs
 (``evaluation.registry.needs``): no Grad-CAM unless the headline is an
 attention map, no decoder unless it reads the reconstruction. Its maps
 equal the evaluation's (both come from ``inference.forward``,
-``anomaly_maps`` and ``fitting.apply_fitted``); ``cavga_jax.export``
+``inference.fitted_inputs`` and ``fitting.apply_fitted``); ``cavga_jax.export``
 serializes the same function.
 
 A non-finite map or score (a corrupted fitted state or checkpoint) is never
@@ -61,16 +61,14 @@ def make_score_fn(generator: models.CAVGAGenerator,
                      'image can be scored with')
   settings = evaluator_lib.map_settings(eval_config, image_size)
   needs = registry.needs([headline])
-  features_fn = inference.stage_features(
-      generator,
-      evaluator_lib.feature_settings(eval_config)
-      if registry.FEATURES in needs else None,
-      evaluator_lib.knn_settings(eval_config)
-      if registry.KNN_FEATURES in needs else None)
-  functions = anomaly_maps.map_functions(generator.with_classifier)
+  closure = registry.closure([headline])
+  fitted = {name: value for name, value in
+            evaluator_lib.fitted_settings(eval_config).items()
+            if name in closure}
+  inputs_fn = inference.fitted_inputs(generator, settings, fitted)
+  functions = registry.batch_functions(generator.with_classifier)
   batch_functions = {n: functions[n] for n in registry.batch_maps([headline])}
-  knn = evaluator_lib.knn_settings(eval_config)
-  knn_chunk = knn.chunk if knn else 1
+  context = inference.map_context(generator, settings, image_size)
 
   def score(state, images):
     x = train_state.images_to_float(images)
@@ -79,9 +77,9 @@ def make_score_fn(generator: models.CAVGAGenerator,
                                 variables['batch_stats'], x, needs)
     maps = anomaly_maps.compute_maps(outputs, batch_functions, settings)
     if spec.kind in ('fitted', 'combined'):
-      features = features_fn(state['feature_variables'], x)
-      maps = fitting.apply_fitted(state['fitted'], dict(features, maps=maps),
-                                  [headline], image_size, settings, knn_chunk)
+      inputs = inputs_fn(state['feature_variables'], x, maps)
+      maps = fitting.apply_fitted(state['fitted'], maps, inputs, [headline],
+                                  context, fitted)
     return maps[headline], spec.image_score(maps[headline])
 
   return score

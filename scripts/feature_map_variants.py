@@ -134,14 +134,14 @@ def main(argv):
     """(N, g, g, dims) encoder features of ``feature_gaussian`` at grid /
     divisor: of the normal fit images, then of the test images (one jit)."""
     normal_step = jax.jit(inference.make_normal_step(
-        generator, map_settings,
-        dataclasses.replace(evaluator_lib.feature_settings(config.eval),
-                            grid_divisor=divisor)),
+        generator, map_settings, {feature_gaussian.NAME: dataclasses.replace(
+            evaluator_lib.feature_settings(config.eval),
+            grid_divisor=divisor)}),
         compiler_options=layers.compiler_options(generator.conv_impl))
     return [inference.predict(
         lambda batch: normal_step(state.gen_params, state.gen_batch_stats,
                                   batch), images, config.eval.batch_size,
-        mesh)['features']
+        mesh)[feature_gaussian.NAME]
             for images in (fit, test)]
 
   result = dict(checkpoint_step=step, untrained=_UNTRAINED.value)

@@ -151,13 +151,13 @@ def main(argv):
   tic = time.perf_counter()
   moments = {k: feature_gaussian.FeatureMoments() for k in ('gauss', 'fine')}
   pools = {k: feature_knn.PatchPool() for k in ('knn', 'knn_fine')}
-  pixel = calibration.PixelMoments(('ssim',))
+  pixel = calibration.PixelMoments()
   for out in passes(fit, 'fit'):
     moments['gauss'].add(out['gauss'])
     moments['fine'].add(out['gauss_fine'])
     pools['knn'].add(out['knn'])
     pools['knn_fine'].add(out['knn_fine'])
-    pixel.add({'ssim': out['ssim']})
+    pixel.add(out['ssim'])
   timings['fit_pass_s'] = time.perf_counter() - tic
   tic = time.perf_counter()
   stats = {'gauss': gaussian_statistics(moments['gauss'], None),
@@ -181,7 +181,7 @@ def main(argv):
       mesh)
   del all_fine, subset, pools, fine_pool, sub_pool
   timings['coreset_s'] = time.perf_counter() - tic
-  ssim_mean, ssim_scale = pixel.statistics()['ssim']
+  ssim_mean, ssim_scale = pixel.statistics()
 
   def maps_of(images, what):
     result = {k: [] for k in ('gauss', 'gauss_shrink', 'gauss_fine', 'knn',

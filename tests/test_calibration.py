@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from cavga_jax import anomaly_maps
 from cavga_jax import calibration
 from cavga_jax import config_checks
+from cavga_jax import fitted_map
 from cavga_jax import models
 from cavga_jax.errors import CavgaError
 from cavga_jax.evaluation import evaluator as evaluator_lib
@@ -25,25 +25,25 @@ def _normal_maps(rng, n=12, size=8):
 def test_pixel_moments_match_numpy_over_batches_in_any_order():
   rng = np.random.default_rng(0)
   maps = _normal_maps(rng)
-  forward, backward = calibration.PixelMoments(('m',)), calibration.PixelMoments(('m',))
+  forward, backward = calibration.PixelMoments(), calibration.PixelMoments()
   for batch in np.array_split(maps, 3):
-    forward.add({'m': batch, 'ignored': batch})
+    forward.add(batch)
   for batch in np.array_split(maps, 4)[::-1]:
-    backward.add({'m': batch})
-  mean, scale = forward.statistics()['m']
+    backward.add(batch)
+  mean, scale = forward.statistics()
   np.testing.assert_allclose(mean, maps.mean(0), rtol=1e-5)
   std = maps.std(0)
   np.testing.assert_allclose(
       scale, np.maximum(std, calibration.STD_FLOOR * std.mean()), rtol=1e-4)
-  np.testing.assert_allclose(backward.statistics()['m'][0], mean, rtol=1e-6)
+  np.testing.assert_allclose(backward.statistics()[0], mean, rtol=1e-6)
 
 
 def test_std_floor_keeps_constant_pixels_finite():
   maps = np.ones((5, 4, 4), np.float32)
   maps[:, 0, 0] = np.arange(5)  # one pixel varies, the rest never do
-  moments = calibration.PixelMoments(('m',))
-  moments.add({'m': maps})
-  mean, scale = moments.statistics()['m']
+  moments = calibration.PixelMoments()
+  moments.add(maps)
+  mean, scale = moments.statistics()
   assert np.all(scale > 0) and np.isfinite(scale).all()
   assert scale[0, 0] == pytest.approx(np.std(np.arange(5)), rel=1e-5)
   assert scale[1, 1] == pytest.approx(
@@ -67,12 +67,15 @@ def test_calibration_finds_a_defect_that_the_raw_residual_misses():
   masks = np.zeros(test.shape, bool)
   masks[2:, 2:4, 5:7] = True
   test[masks] += 0.3
-  moments = calibration.PixelMoments(('residual',))
-  moments.add({'residual': normal})
+  moments = calibration.PixelMoments()
+  moments.add(normal)
+  mean, scale = moments.statistics()
   predictions = fitting.add_fitted_maps(
-      dict(maps=dict(residual=test), map_scores={}),
-      fitting.FittedMaps(pixel=moments.statistics()), 8,
-      anomaly_maps.MapSettings(), 1)
+      {'maps': dict(residual=test), 'map_scores': {},
+       inference.INPUTS: {'residual_calibrated': test}},
+      fitting.FittedMaps(
+          maps={'residual_calibrated': dict(mean=mean, scale=scale)}),
+      fitted_map.Context(8), {})
   calibrated = predictions['maps']['residual_calibrated']
   from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
   assert roc_auc_score(masks.ravel(), test.ravel()) < 0.6
@@ -98,20 +101,22 @@ def test_normal_step_gives_the_eval_steps_maps_and_features(tiny_config):
   variables = jax.jit(generator.init, static_argnums=(2, 3))(
       jax.random.key(0), images.astype(np.float32), None, False)
   settings = evaluator_lib.map_settings(tiny_config.eval, images.shape[1])
-  features = evaluator_lib.feature_settings(tiny_config.eval)
+  fitted = evaluator_lib.fitted_settings(tiny_config.eval)
   args = (variables['params'], variables['batch_stats'], images)
-  full = jax.jit(inference.make_eval_step(generator, settings, features))(*args)
+  full = jax.jit(inference.make_eval_step(generator, settings, fitted))(*args)
   normal = jax.jit(inference.make_normal_step(generator, settings,
-                                             features))(*args)
-  assert set(normal['maps']) == set(calibration.BASES)
-  for name in calibration.BASES:
-    np.testing.assert_allclose(normal['maps'][name], full['maps'][name],
+                                             fitted))(*args)
+  assert set(normal) == set(full[inference.INPUTS]) == set(fitted)
+  for unit in calibration.MAPS:
+    np.testing.assert_allclose(normal[unit.name],
+                               full['maps'][unit.parts[0]],
                                rtol=1e-5, atol=1e-6)
   # Tiny encoder stages 1-2 have 8 + 16 channels, fewer than feature_dims:
   # all kept, on a grid of 32 px / 4.
-  assert full['features'].shape == (2, 8, 8, 24)
-  np.testing.assert_allclose(normal['features'], full['features'], rtol=1e-5,
-                             atol=1e-6)
+  assert full[inference.INPUTS]['feature_gaussian'].shape == (2, 8, 8, 24)
+  for name in fitted:
+    np.testing.assert_allclose(normal[name], full[inference.INPUTS][name],
+                               rtol=1e-5, atol=1e-6)
   # The paper's evaluation alone (what the benchmarks time against the
   # PyTorch peer) gives the same 1 - A and score as the full step.
   paper = jax.jit(inference.make_eval_step(generator,
@@ -122,3 +127,4 @@ def test_normal_step_gives_the_eval_steps_maps_and_features(tiny_config):
   np.testing.assert_allclose(paper['score'], full['score'], rtol=1e-6)
   tiny_config.eval.calibrate = False
   assert evaluator_lib.feature_settings(tiny_config.eval) is None
+  assert evaluator_lib.fitted_settings(tiny_config.eval) == {}

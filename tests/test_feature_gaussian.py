@@ -7,10 +7,12 @@ import pytest
 from cavga_jax import anomaly_maps
 from cavga_jax import config_checks
 from cavga_jax import feature_gaussian
+from cavga_jax import fitted_map
 from cavga_jax import models
 from cavga_jax import pixel_metrics
 from cavga_jax.errors import CavgaError
 from cavga_jax.evaluation import fitting
+from cavga_jax.evaluation import inference
 from conftest import dataset_from_masks
 
 
@@ -85,11 +87,15 @@ def test_features_unusual_for_their_cell_find_the_defect():
   test[3, 2, 0, 1] += 3.0  # cell (2, 0) covers pixels 8:12, 0:4
   moments = feature_gaussian.FeatureMoments()
   moments.add(normal)
+  mean, precision = moments.statistics()
   predictions = fitting.add_fitted_maps(
-      dict(features=test.astype(np.float32), maps={}, map_scores={}),
-      fitting.FittedMaps(feature=moments.statistics()), 16,
-      anomaly_maps.MapSettings(residual_sigma=0.0), 1)
-  assert 'features' not in predictions
+      {'maps': {}, 'map_scores': {},
+       inference.INPUTS: {feature_gaussian.NAME: test.astype(np.float32)}},
+      fitting.FittedMaps(maps={feature_gaussian.NAME: dict(
+          mean=mean, precision=precision)}),
+      fitted_map.Context(16, anomaly_maps.MapSettings(residual_sigma=0.0)),
+      {feature_gaussian.NAME: feature_gaussian.FeatureSettings()})
+  assert inference.INPUTS not in predictions
   feature_map = predictions['maps'][feature_gaussian.NAME]
   assert feature_map.shape == (4, 16, 16)
   cells = feature_map[:, 2::4, 2::4]  # cell centres, away from blending

@@ -8,7 +8,9 @@ from scipy.spatial import distance
 from cavga_jax import anomaly_maps
 from cavga_jax import combined_maps
 from cavga_jax import feature_knn
+from cavga_jax import fitted_map
 from cavga_jax.evaluation import fitting
+from cavga_jax.evaluation import inference
 
 
 def _brute_force_greedy(x: np.ndarray, size: int, start: int) -> np.ndarray:
@@ -75,9 +77,11 @@ def test_knn_map_of_the_evaluator_equals_brute_force():
   bank = rng.normal(size=(30, 6)).astype(np.float32)
   features = rng.normal(size=(2, 4, 4, 6)).astype(np.float32)
   predictions = fitting.add_fitted_maps(
-      dict(knn_features=features, maps={}, map_scores={}),
-      fitting.FittedMaps(knn_bank=bank), 16,
-      anomaly_maps.MapSettings(residual_sigma=0.0), 5)
+      {'maps': {}, 'map_scores': {},
+       inference.INPUTS: {feature_knn.NAME: features}},
+      fitting.FittedMaps(maps={feature_knn.NAME: dict(bank=bank)}),
+      fitted_map.Context(16, anomaly_maps.MapSettings(residual_sigma=0.0)),
+      {feature_knn.NAME: feature_knn.KnnSettings(chunk=5)})
   knn_map = predictions['maps'][feature_knn.NAME]
   assert knn_map.shape == (2, 16, 16)
   cells = distance.cdist(features.reshape(-1, 6), bank).min(1).reshape(
@@ -88,7 +92,7 @@ def test_knn_map_of_the_evaluator_equals_brute_force():
       rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(predictions['map_scores'][feature_knn.NAME],
                              knn_map.max(axis=(1, 2)), rtol=1e-6)
-  assert 'knn_features' not in predictions
+  assert inference.INPUTS not in predictions
 
 
 def test_memory_bank_is_the_coreset_of_the_pool():

@@ -48,11 +48,13 @@ def _one_line(error: BaseException, *names: str) -> str:
 def _fitted_maps(seed: int = 0) -> fitting.FittedMaps:
   rng = np.random.default_rng(seed)
   return fitting.FittedMaps(
-      pixel={'residual': (rng.random((8, 8), np.float32),
-                          rng.random((8, 8), np.float32))},
-      feature=(rng.random((2, 2, 4), np.float32),
-               rng.random((2, 2, 4, 4), np.float32)),
-      knn_bank=rng.random((1024, 32), np.float32),  # the largest file
+      maps={'residual_calibrated': dict(mean=rng.random((8, 8), np.float32),
+                                        scale=rng.random((8, 8), np.float32)),
+            'feature_gaussian': dict(
+                mean=rng.random((2, 2, 4), np.float32),
+                precision=rng.random((2, 2, 4, 4), np.float32)),
+            # The largest file.
+            'feature_knn': dict(bank=rng.random((1024, 32), np.float32))},
       normalisers={'feature_gaussian': (0.5, 0.25)},
       thresholds={'residual': (1.0, 2.0, 0.5),
                   'feature_gaussian': (3.0, 4.0, 1.0)})
@@ -85,7 +87,7 @@ def _write_nan(directory: str) -> None:
   state_path = os.path.join(directory, 'state')
   with ocp.StandardCheckpointer() as checkpointer:
     tree = checkpointer.restore(state_path)
-    tree['knn_bank'][3, 1] = np.nan
+    tree['maps']['feature_knn']['bank'][3, 1] = np.nan
     shutil.rmtree(state_path)
     checkpointer.save(state_path, tree)
     checkpointer.wait_until_finished()
@@ -178,7 +180,8 @@ def test_evaluate_refits_a_damaged_fit_saying_why(tmp_path, caplog):
   assert evaluator.fits == 2
   assert f'refitting the maps: {directory}/state: the fitted maps fail their ' \
       'checksum' in caplog.text
-  np.testing.assert_array_equal(refitted.knn_bank, fitted.knn_bank)
+  np.testing.assert_array_equal(refitted.maps['feature_knn']['bank'],
+                                fitted.maps['feature_knn']['bank'])
   assert store.load(directory, store.fit_key(config.eval, 4, state, 32,
                                              16)) is not None
   (pathlib.Path(directory) / store.KEY_FILE).write_text('')

@@ -96,7 +96,7 @@ def test_headline_maps_fit_only_the_headline_and_score_like_all(trained,
   result = eval_lib.evaluate(headline, copy, refit=True)
   fitted = store.load(store.fitted_dir(copy, result['checkpoint_step']))
   # The fit holds the headline's parts and nothing else: no calibration.
-  assert fitted.available() == parts and not fitted.pixel
+  assert fitted.available() == parts and set(fitted.maps) == set(parts[:2])
   assert set(fitted.thresholds) == set(parts)
   assert set(result['maps']) == set(parts) | {'prior', 'prior_normal'}
   for name in parts:
@@ -189,11 +189,12 @@ def test_a_corrupted_fit_is_never_scored_normal(trained, monkeypatch,
   config, workdir, _ = trained
   scorer = scorer_lib.load_scorer(workdir)
   fitted = scorer.state['fitted']
-  mean = np.array(fitted.feature[0])
-  mean.flat[0] = np.nan  # one value of the fitted Gaussians
+  gaussian = dict(fitted.maps['feature_gaussian'])
+  gaussian['mean'] = np.array(gaussian['mean'])
+  gaussian['mean'].flat[0] = np.nan  # one value of the fitted Gaussians
   scorer = dataclasses.replace(scorer, state=dict(
       scorer.state, fitted=dataclasses.replace(
-          fitted, feature=(mean, fitted.feature[1]))))
+          fitted, maps=dict(fitted.maps, feature_gaussian=gaussian))))
   images = data.get_datasets(config, workdir)[1].images[:2]
   anomalous, finite = scorer.decide(*scorer.score(images))
   assert anomalous.all() and not finite.any()
@@ -244,7 +245,7 @@ def test_scorer_maps_equal_the_evaluation_and_skip_what_they_do_not_need(
     raise AssertionError('the feature map needs no Grad-CAM')
 
   monkeypatch.setattr(attention, 'forward_with_attention', no_grad_cam)
-  assert registry.needs([config.eval.map]) == {registry.FEATURES}
+  assert registry.needs([config.eval.map]) == {registry.ENCODER}
   scorer = scorer_lib.load_scorer(workdir)
   _, scores = scorer.score(test_ds.images)
   np.testing.assert_allclose(scores, evaluated, rtol=1e-5)
@@ -266,12 +267,11 @@ def test_untrained_scorer_uses_the_untrained_fit(trained):
 
 
 def test_registry_declares_what_each_map_reads():
-  assert registry.needs(['combined_features']) == {registry.FEATURES,
-                                                   registry.KNN_FEATURES}
+  assert registry.needs(['combined_features']) == {registry.ENCODER}
   assert registry.needs(['residual_ssim_smooth_calibrated']) == {
       registry.RECONSTRUCTION}
   assert registry.needs(['combined_all']) == {
-      registry.FEATURES, registry.KNN_FEATURES, registry.RECONSTRUCTION}
+      registry.ENCODER, registry.RECONSTRUCTION}
   assert registry.needs(['attention_liu']) == {registry.ATTENTION,
                                                registry.UNIT_MAPS}
   assert registry.closure(['combined_knn_ssim']) == (

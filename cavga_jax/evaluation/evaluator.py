@@ -11,11 +11,12 @@ compiled once and reused by every call (the final evaluation and the
 learning-curve points during training).
 
 ``eval.maps`` says which maps: 'all' (every map the generator supports,
-for the tables of docs/results.md), or 'headline': ``eval.map`` and the
-maps it is made of (``registry.closure``), and only what they read
-(``registry.needs``): e.g. ``combined_features`` fits the feature Gaussians
-and the kNN coreset and runs no Grad-CAM, no SSIM and no calibration. The
-flat metrics, the saved fit and ``predict.py`` need only the headline.
+every registered fitted map included, for the tables of docs/results.md),
+or 'headline': ``eval.map`` and the maps it is made of
+(``registry.closure``), and only what they read (``registry.needs``): e.g.
+``combined_features`` fits the feature Gaussians and the kNN coreset and
+runs no Grad-CAM, no SSIM and no calibration. The flat metrics, the saved
+fit and ``predict.py`` need only the headline.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import ml_collections
 import numpy as np
 
 from cavga_jax import anomaly_maps
-from cavga_jax import calibration
 from cavga_jax import data
 from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
@@ -89,6 +89,24 @@ def knn_settings(eval_config: ml_collections.ConfigDict
       chunk=int(eval_field(eval_config, 'knn_chunk')))
 
 
+def fitted_settings(eval_config: ml_collections.ConfigDict
+                    ) -> dict[str, Any]:
+  """{name: settings} of the fitted maps an evaluation fits (``fitted_map``).
+
+  Empty without ``eval.calibrate`` (the pass over the normal training
+  images); else every registered fitted map with its default settings, the
+  feature maps' from ``config.eval`` (``feature_knn`` only with a bank).
+  """
+  if not eval_field(eval_config, 'calibrate'):
+    return {}
+  settings = {name: registry.spec(name).fitted.settings
+              for name in registry.names('fitted')}
+  settings[feature_gaussian.NAME] = feature_settings(eval_config)
+  settings[feature_knn.NAME] = knn_settings(eval_config)
+  return {name: value for name, value in settings.items()
+          if name != feature_knn.NAME or value is not None}
+
+
 def normal_training_images(train_ds: data.AnomalyDataset) -> np.ndarray:
   """The training images that are normal (CAVGA_w's anomalies left out)."""
   return train_ds.images[train_ds.labels == 0]
@@ -98,7 +116,8 @@ class Evaluator:
   """``evaluator(params, batch_stats[, fitted]) -> (metrics, predictions)``.
 
   Its jitted steps are attributes: ``eval_step`` and ``normal_step``
-  (``inference``) and ``add_fitted_maps(outputs, fitted)`` (``fitting``).
+  (``inference``) and ``add_fitted_maps(outputs, fitted)`` (``fitting``);
+  ``fitted_settings`` is {name: settings} of the fitted maps it fits.
 
   Args:
     generator: the generator module.
@@ -132,46 +151,39 @@ class Evaluator:
     self.feature_variables = feature_variables
     # The maps evaluated (None: all) and what they read.
     self.names = None
-    self.batch_names = tuple(anomaly_maps.map_functions(
+    self.batch_names = tuple(registry.batch_functions(
         generator.with_classifier))
-    features, self.knn = (feature_settings(eval_config),
-                          knn_settings(eval_config))
-    bases, attention = calibration.BASES, True
+    # {name: settings} of the fitted maps (``fitted_settings``).
+    fitted = fitted_settings(eval_config)
+    attention = True
     if eval_field(eval_config, 'maps') == 'headline':
       self.names = registry.closure([self.headline])
       self.batch_names = registry.batch_maps(self.names)
-      needs = registry.needs(self.names)
-      attention = registry.ATTENTION in needs
-      features = features if registry.FEATURES in needs else None
-      self.knn = self.knn if registry.KNN_FEATURES in needs else None
-      bases = tuple(registry.spec(n).parts[0] for n in self.names
-                    if registry.spec(n).kind == 'fitted'
-                    and registry.spec(n).parts)
+      attention = registry.ATTENTION in registry.needs(self.names)
+      fitted = {name: value for name, value in fitted.items()
+                if name in self.names}
+    self.fitted_settings = fitted
     self.add_fitted_maps = jax.jit(functools.partial(
-        fitting.add_fitted_maps, image_size=self.image_size,
-        settings=self.settings,
-        knn_chunk=self.knn.chunk if self.knn else 1, names=self.names))
+        fitting.add_fitted_maps, settings=fitted, names=self.names,
+        context=inference.map_context(generator, self.settings,
+                                      self.image_size)))
     options = layers.compiler_options(generator.conv_impl)
     self.eval_step = jax.jit(
-        inference.make_eval_step(generator, self.settings, features,
-                                 self.batch_names, self.knn, attention),
+        inference.make_eval_step(generator, self.settings, fitted,
+                                 self.batch_names, attention),
         compiler_options=options)
     self.normal_step = jax.jit(
-        inference.make_normal_step(generator, self.settings, features,
-                                   self.knn, bases), compiler_options=options)
+        inference.make_normal_step(generator, self.settings, fitted),
+        compiler_options=options)
     self.fit_images = self.held_out = None
     if normal_images is not None:
       self.fit_images, self.held_out = fitting.split_held_out(
           normal_images, eval_field(eval_config, 'threshold_holdout'))
-      if (not eval_field(eval_config, 'calibrate')
-          or not (bases or features or self.knn)):
+      if not fitted:
         self.fit_images = None
     # What a fit of these settings holds: the maps fitted on fit_images
     # and, with held-out images, a threshold for every map evaluated.
-    self.fitted_names = () if self.fit_images is None else (
-        tuple(base + calibration.SUFFIX for base in bases)
-        + ((feature_gaussian.NAME,) if features else ())
-        + ((feature_knn.NAME,) if self.knn else ()))
+    self.fitted_names = () if self.fit_images is None else tuple(fitted)
     self.num_normal_images = 0 if normal_images is None else len(
         normal_images)
 
@@ -204,7 +216,7 @@ class Evaluator:
               lambda batch: self.normal_step(params, batch_stats, batch,
                                              self.feature_variables),
               self.fit_images, self.batch_size, self.mesh,
-              'normal training images'), self.knn, self.mesh)
+              'normal training images'), self.fitted_settings, self.mesh)
     if self.held_out is not None:
       held_out = self._predict(params, batch_stats, fitted, self.held_out,
                                'held-out normal training images')
@@ -220,8 +232,7 @@ class Evaluator:
     map of ``fitted`` (and their image scores) in 'maps' / 'map_scores'."""
     predictions = self._predict(params, batch_stats, fitted, self.dataset,
                                 'test images')
-    for name in (registry.FEATURES, registry.KNN_FEATURES):
-      predictions.pop(name, None)  # without fitted maps to read them
+    predictions.pop(inference.INPUTS, None)  # without fitted maps to read them
     return predictions
 
   def __call__(self, params: Any, batch_stats: Any,

@@ -24,10 +24,8 @@ import tqdm
 
 from cavga_jax import anomaly_maps
 from cavga_jax import attention
-from cavga_jax import calibration
 from cavga_jax import data
-from cavga_jax import feature_gaussian
-from cavga_jax import feature_knn
+from cavga_jax import fitted_map
 from cavga_jax import models
 from cavga_jax import sharding
 from cavga_jax import train_state
@@ -36,38 +34,42 @@ from cavga_jax.evaluation import registry
 Array = jax.Array
 
 
-def stage_features(generator: models.CAVGAGenerator,
-                   features: feature_gaussian.FeatureSettings | None,
-                   knn: feature_knn.KnnSettings | None = None
-                   ) -> Callable[[Any, Array], dict[str, Array]]:
-  """``fn(variables, x) -> {'features', 'knn_features'}`` (those configured).
+# The key of the fitted maps' inputs in the steps' outputs: {name: inputs}.
+INPUTS = 'fitted_inputs'
 
-  'features' (B, g, g, dims) are ``feature_gaussian``'s, 'knn_features'
-  (B, g', g', D) ``feature_knn``'s; one encoder pass serves both, none when
-  neither is configured (``fn`` returns {}).
+
+def map_context(generator: models.CAVGAGenerator,
+                map_settings: anomaly_maps.MapSettings, image_size: int
+                ) -> fitted_map.Context:
+  """The ``fitted_map.Context`` of ``generator``'s maps at ``image_size``."""
+  return fitted_map.Context(image_size, map_settings,
+                            tuple(generator.encoder_widths))
+
+
+def fitted_inputs(generator: models.CAVGAGenerator,
+                  map_settings: anomaly_maps.MapSettings,
+                  settings: dict[str, Any]
+                  ) -> Callable[[Any, Array, dict[str, Array]],
+                                dict[str, Array]]:
+  """``fn(variables, x, maps) -> {name: inputs}`` of the fitted maps.
+
+  ``settings``: {name: settings} of the fitted maps (``fitted_map``);
+  ``x`` (B, S, S, C) in [-1, 1], ``maps`` {name: (B, S, S)} the batch maps
+  (their parts). One encoder pass of ``variables`` gives the stages all of
+  them read; none when none reads any (``fn`` returns {} without maps).
   """
-  if features is None and knn is None:
-    return lambda variables, x: {}
-  stages = sorted(set(features.stages if features else ())
-                  | set(knn.stages if knn else ()))
-  channels = features and feature_gaussian.select_channels(
-      [generator.encoder_widths[s - 1] for s in features.stages],
-      features.dims)
+  units = {name: registry.spec(name).fitted for name in settings}
+  stages = sorted({s for name, unit in units.items() if unit.stages
+                   for s in unit.stages(settings[name])})
 
-  def fn(variables, x):
-    outputs = dict(zip(stages, generator.apply(
-        variables, x, False, stages, method='encode_stages')))
-    result = {}
-    if features is not None:
-      result[registry.FEATURES] = feature_gaussian.stack_features(
-          [outputs[s] for s in features.stages], channels,
-          feature_gaussian.grid_size(x.shape[1], features.grid_divisor))
-    if knn is not None:
-      result[registry.KNN_FEATURES] = feature_knn.patch_features(
-          [outputs[s] for s in knn.stages],
-          feature_gaussian.grid_size(x.shape[1], knn.grid_divisor),
-          knn.neighbourhood)
-    return result
+  def fn(variables, x, maps):
+    context = map_context(generator, map_settings, x.shape[1])
+    batch = dict(images=x, maps=maps, stages={})
+    if stages:
+      batch['stages'] = dict(zip(stages, generator.apply(
+          variables, x, False, stages, method='encode_stages')))
+    return {name: unit.inputs(context, settings[name], batch)
+            for name, unit in units.items()}
 
   return fn
 
@@ -78,8 +80,8 @@ def forward(generator: models.CAVGAGenerator, params: Any, batch_stats: Any,
 
   Grad-CAM with ``registry.ATTENTION`` (``attention.forward_with_attention``,
   which also decodes), else the plain pass with ``registry.RECONSTRUCTION``,
-  else nothing but the images (the feature maps take the encoder stages
-  from ``stage_features``). Reconstructions decode ``mu`` (no sampling).
+  else nothing but the images (the fitted maps take the encoder stages
+  from ``fitted_inputs``). Reconstructions decode ``mu`` (no sampling).
   """
   outputs: dict[str, Array] = {}
   if registry.ATTENTION in needs:
@@ -99,9 +101,8 @@ def to_uint8(images: Array) -> Array:
 
 def make_eval_step(generator: models.CAVGAGenerator,
                    settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
-                   features: feature_gaussian.FeatureSettings | None = None,
+                   fitted: dict[str, Any] | None = None,
                    map_names: Sequence[str] | None = None,
-                   knn: feature_knn.KnnSettings | None = None,
                    attention: bool = True
                    ) -> Callable[..., dict[str, Any]]:
   """Returns ``eval_step(params, batch_stats, images[, feature_variables])``.
@@ -118,19 +119,20 @@ def make_eval_step(generator: models.CAVGAGenerator,
   Grad-CAM), 'score' (B,) (``s_a``: mean squared error in [-1, 1] units),
   'maps' {name: (B, S, S) float32} and 'map_scores' {name: (B,)}. With the
   CAVGA_w classifier also 'p_anomalous' (B,) and, with Grad-CAM,
-  'class_attention' (B, 2, h, w). With ``features`` /
-  ``knn`` also the 'features' / 'knn_features' of ``stage_features``, from
-  ``feature_variables`` ({'params', 'batch_stats'}) when given (e.g. the
-  ImageNet encoder a run started from, ``eval.feature_weights='initial'``),
-  else from ``params`` and ``batch_stats``.
+  'class_attention' (B, 2, h, w). With ``fitted`` ({name: settings} of
+  fitted maps, their parts among the batch maps) also ``INPUTS``, their
+  ``fitted_inputs``, the encoder stages from ``feature_variables``
+  ({'params', 'batch_stats'}) when given (e.g. the ImageNet encoder a run
+  started from, ``eval.feature_weights='initial'``), else from ``params``
+  and ``batch_stats``.
   """
-  functions = anomaly_maps.map_functions(generator.with_classifier)
+  functions = registry.batch_functions(generator.with_classifier)
   if map_names is not None:
     functions = {name: functions[name] for name in map_names}
   needs = registry.needs(functions) | {registry.RECONSTRUCTION}
   if attention:
     needs |= {registry.ATTENTION}
-  features_fn = stage_features(generator, features, knn)
+  inputs_fn = fitted_inputs(generator, settings, fitted or {})
 
   def eval_step(params, batch_stats, images, feature_variables=None):
     x = train_state.images_to_float(images)
@@ -146,9 +148,10 @@ def make_eval_step(generator: models.CAVGAGenerator,
     if generator.with_classifier:
       result['p_anomalous'] = jax.nn.softmax(
           outputs['logits'])[:, models.ANOMALOUS]
-    result.update(features_fn(
-        feature_variables or {'params': params, 'batch_stats': batch_stats},
-        x))
+    if fitted:
+      result[INPUTS] = inputs_fn(
+          feature_variables or {'params': params, 'batch_stats': batch_stats},
+          x, maps)
     return result
 
   return eval_step
@@ -156,31 +159,29 @@ def make_eval_step(generator: models.CAVGAGenerator,
 
 def make_normal_step(generator: models.CAVGAGenerator,
                      settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
-                     features: feature_gaussian.FeatureSettings | None = None,
-                     knn: feature_knn.KnnSettings | None = None,
-                     bases: Sequence[str] = calibration.BASES
+                     fitted: dict[str, Any] | None = None
                      ) -> Callable[..., dict[str, Any]]:
   """Returns ``normal_step(params, batch_stats, images[, feature_variables])``.
 
-  What the statistics of the normal training images need, and no more (no
-  Grad-CAM): 'maps' {name: (B, S, S)} of ``bases`` (of
-  ``calibration.BASES``) from the reconstruction of ``mu`` (the one
-  ``make_eval_step`` decodes; no decoder without ``bases``) and the
-  features of ``stage_features`` as ``make_eval_step``.
+  What the fitted maps of ``fitted`` ({name: settings}) accumulate over the
+  normal training images, and no more (no Grad-CAM): {name: inputs}
+  (``fitted_inputs``), from the batch maps they read (the reconstruction of
+  ``mu``, the one ``make_eval_step`` decodes; no decoder without them) and
+  the encoder stages, as ``make_eval_step``.
   """
-  functions = {name: anomaly_maps.MAPS[name] for name in bases}
+  fitted = fitted or {}
+  functions = {name: registry.spec(name).function
+               for name in registry.batch_maps(fitted)}
   needs = registry.needs(functions)
-  features_fn = stage_features(generator, features, knn)
+  inputs_fn = fitted_inputs(generator, settings, fitted)
 
   def normal_step(params, batch_stats, images, feature_variables=None):
     x = train_state.images_to_float(images)
     outputs = forward(generator, params, batch_stats, x, needs)
-    result = dict(maps=anomaly_maps.compute_maps(outputs, functions,
-                                                 settings))
-    result.update(features_fn(
+    maps = anomaly_maps.compute_maps(outputs, functions, settings)
+    return inputs_fn(
         feature_variables or {'params': params, 'batch_stats': batch_stats},
-        x))
-    return result
+        x, maps)
 
   return normal_step
 

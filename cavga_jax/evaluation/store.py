@@ -13,6 +13,12 @@ checkpoint, another map setting or other training images refit;
 older format or whose arrays no longer hash to ``state_sha256`` (damaged or
 edited files: Orbax reads flipped bytes back without a word) raises
 ``FitError``: ``evaluate.py`` refits, saying why, ``predict.py`` stops.
+
+The state is ``FittedMaps.to_tree()``: {'maps': {name: that map's state},
+'normalisers', 'thresholds'}, whatever maps are registered
+(``fitted_map``). A fit saved before the maps were units (top-level
+'pixel', 'feature', 'knn_bank') is of an older format: its checksum holds,
+``FittedMaps.from_tree`` refuses it, and ``evaluate.py`` refits.
 """
 
 from __future__ import annotations
