@@ -96,8 +96,8 @@ def main(workdir, config_name='tiny', num_steps='3'):
       disc_params=max_abs_diff(one[0].disc_params, eight[0].disc_params),
       batch_stats=max_abs_diff(one[0].gen_batch_stats,
                                eight[0].gen_batch_stats),
-      losses=max(abs(a[k] - b[k]) for a, b in zip(one[1], eight[1])
-                 for k in a),
+      losses=max((abs(a[k] - b[k]) for a, b in zip(one[1], eight[1])
+                  for k in a), default=None),  # None: no step was run
       # Per map: the largest difference relative to the map's range.
       anomaly_maps={name: max_abs_diff(one[2]['maps'][name],
                                        eight[2]['maps'][name])

@@ -287,29 +287,25 @@ def test_cavga_e_resumes_bit_identically(tmp_path):
 
 
 def test_cavga_e_on_eight_devices_equals_one(tmp_path):
+  # The evaluation of CAVGA-E's initial state only (no train step): the
+  # sharded train step is compared for D and R in test_sharding (three
+  # steps, parameters included), and CAVGA-E's differs from theirs only in
+  # the encoder's layers, while compiling its second-order Grad-CAM step on
+  # one and on eight devices took about 200 s of CI's 1100 s (2026-12-07).
   script = os.path.join(os.path.dirname(__file__), 'multidevice_check.py')
   proc = subprocess.run(
-      [sys.executable, script, str(tmp_path), 'tiny_efficientnet', '1'],
+      [sys.executable, script, str(tmp_path), 'tiny_efficientnet', '0'],
       capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
-  # The first train step (forward, Grad-CAM, both losses) on the same
-  # global batch: only the order of float reductions differs.
-  assert result['losses'] < 1e-4
-  # Evaluation of the same parameters: the maps of CAVGA-E's encoder
-  # (feature_knn's distances sharded over the devices) equal to float
-  # rounding relative to their range. The SSIM residuals are left out: after
-  # one step the tiny decoder's output is nearly constant, and SSIM's ratio
-  # of local variances (+ c2 = 9e-4) turns rounding into 3e-3 of the range
-  # (measured); they are the decoder's, compared for CAVGA-D in
-  # test_sharding.
+  assert result['losses'] is None  # no step was run
+  # The maps of CAVGA-E's encoder (feature_knn's distances sharded over the
+  # devices) equal to float rounding relative to their range. The SSIM
+  # residuals are left out: the initial decoder's output is nearly
+  # constant, and SSIM's ratio of local variances (+ c2 = 9e-4) turns
+  # rounding into 3e-3 of the range (measured); they are the decoder's,
+  # compared for CAVGA-D in test_sharding.
   for name in ('attention', 'attention_liu', 'feature_gaussian',
                'feature_knn', 'combined_features'):
     assert result['anomaly_maps'][name] < 1e-4, name
   assert result['headline'][0] == result['headline'][1]
-  # Parameters are not compared after the step: Adam's first update is
-  # g / (|g| + 1e-8), so gradient components that are rounding noise around
-  # zero (ReLU6-saturated ImageNet channels) move by up to lr on one mesh
-  # and not the other (measured: step-0 losses equal to 1e-5, step-1
-  # losses 4e-3 apart). D and R, without such channels, are compared after
-  # three steps in test_sharding.

@@ -30,7 +30,10 @@ def _free_port():
 def test_two_processes_equal_one_and_only_process_0_writes(tmp_path):
   workdir, port = tmp_path / 'shared', _free_port()
   records = [tmp_path / f'record_{i}.json' for i in range(2)]
-  env = dict(os.environ, XLA_FLAGS='')  # one CPU device per process
+  # One CPU device per process (the suite's other XLA flags kept).
+  env = dict(os.environ, XLA_FLAGS=' '.join(
+      flag for flag in os.environ.get('XLA_FLAGS', '').split()
+      if 'device_count' not in flag))
   procs = [subprocess.Popen(
       [sys.executable, _SCRIPT, str(i), str(port), str(workdir),
        str(records[i])], env=env, stdout=subprocess.PIPE,
