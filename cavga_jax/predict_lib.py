@@ -176,7 +176,7 @@ def score_files(scorer: scorer_lib.Scorer, files: Sequence[pathlib.Path],
   """
   names = names if names is not None else output_names(files, root)
   pixel_threshold, _, _ = scorer.thresholds
-  low, high = outputs.display_range(np.zeros(1), scorer.thresholds)
+  low, high = outputs.threshold_display_range(scorer.thresholds)
   rows, skipped, batch = [], [], []
   progress = tqdm.tqdm(total=len(files), unit='img', file=sys.stderr,
                        desc='predict')

@@ -33,7 +33,7 @@ from cavga_jax import sharding
 from cavga_jax import synthesis
 from cavga_jax import train_state
 from cavga_jax import training_loop
-from cavga_jax import visualize
+from cavga_jax import training_pictures
 from cavga_jax import workdirs
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import outputs
@@ -152,7 +152,7 @@ def _write_synthetic_examples(path: str, images: np.ndarray,
   clean = train_state.images_to_float(jnp.asarray(images[:num]))
   altered, masks, _ = jax.jit(synthesis.synthesize, static_argnums=2)(
       rng, clean, dataclasses.replace(settings, fraction=1.0))
-  visualize.save_synthetic_panel(
+  training_pictures.save_synthetic_panel(
       path, np.asarray(images[:num]),
       np.asarray((altered + 1.0) * 127.5).round().clip(0, 255).astype(
           np.uint8), np.asarray(masks) > 0)

@@ -36,7 +36,7 @@ from cavga_jax import settings
 from cavga_jax import sharding
 from cavga_jax import train_state
 from cavga_jax import vae
-from cavga_jax import visualize
+from cavga_jax import training_pictures
 from cavga_jax import workdirs
 from cavga_jax.data import tfds_data
 from cavga_jax.errors import CavgaError
@@ -141,7 +141,7 @@ def _write_unit_panels(out_dir: str, images: np.ndarray,
   panel_dir = os.path.join(out_dir, 'panels')
   os.makedirs(panel_dir, exist_ok=True)
   for i in range(min(num_panels, len(images))):
-    visualize.save_unit_panel(
+    training_pictures.save_unit_panel(
         os.path.join(panel_dir, f'{i:04d}_units.png'), images[i],
         predictions['reconstruction'][i], predictions['units'][i])
 

@@ -1,132 +1,44 @@
-"""PNG pictures: the synthetic training examples, the VAE's per-latent-unit
-attention rows, the learning curves, and what an evaluation shows a person:
-one map over its image with a colour bar (``overlay``), the labelled
-headline row (``headline_panel``), every map (``map_grid``)."""
+"""What an evaluation shows a person, as PNG pictures: one map over its
+image with a colour bar (``overlay``), the labelled headline row
+(``headline_panel``), every map (``map_grid``). Training's pictures (the
+synthetic examples, the VAE's unit rows, the learning curves) are in
+``training_pictures``."""
 
 from __future__ import annotations
 
 import os
 from typing import Any, Mapping, Sequence
 
-import matplotlib
-from matplotlib import figure
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
 
 
-
 def jet(values: np.ndarray) -> np.ndarray:
-  """Jet colour map: (...) floats in [0, 1] -> (..., 3) uint8 (blue=0, red=1)."""
+  """Jet colour map: (...) floats in [0, 1] -> (..., 3) uint8, 0 blue, 1 red."""
   v = np.clip(values, 0.0, 1.0)[..., None]
   rgb = np.clip(1.5 - np.abs(4.0 * v - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
   return (rgb * 255).round().astype(np.uint8)
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
+def rgb(image: np.ndarray) -> np.ndarray:
   """(H, W, C) or (H, W) uint8 -> (H, W, 3) uint8."""
   if image.ndim == 2:
     image = image[..., None]
   return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
 
 
-def _enlarge(array: np.ndarray, scale: int) -> np.ndarray:
+def enlarge(array: np.ndarray, scale: int) -> np.ndarray:
   """Nearest-neighbour enlargement of the two leading axes by ``scale``."""
   if scale == 1:
     return array  # no copy: a large overlay holds few full-size arrays
   return np.repeat(np.repeat(array, scale, axis=0), scale, axis=1)
 
 
-def _scale(shape: Sequence[int], min_size: int) -> int:
+def scale_to(shape: Sequence[int], min_size: int) -> int:
   """The integer factor taking the shorter of ``shape[:2]`` to ``min_size``."""
   return max(1, -(-min_size // max(1, min(shape[:2]))))
-
-
-def synthetic_panel(images: np.ndarray, synthetic: np.ndarray,
-                    masks: np.ndarray, min_tile: int = 96) -> np.ndarray:
-  """Rows of clean image | synthetic anomaly | its mask.
-
-  Args:
-    images, synthetic: (N, S, S, C) uint8.
-    masks: (N, S, S) bool.
-    min_tile: tiles smaller than this are enlarged (nearest).
-
-  Returns:
-    (N * S', 3 * S', 3) uint8.
-  """
-  rows = [np.concatenate([_rgb(x), _rgb(y), _rgb(m.astype(np.uint8) * 255)],
-                         axis=1) for x, y, m in zip(images, synthetic, masks)]
-  return _enlarge(np.concatenate(rows, axis=0),
-                  _scale(images.shape[1:], min_tile))
-
-
-def save_synthetic_panel(path: str, *args, **kwargs) -> None:
-  """Writes ``synthetic_panel(*args, **kwargs)`` as a PNG at ``path``."""
-  Image.fromarray(synthetic_panel(*args, **kwargs)).save(path)
-
-
-def unit_panel(image: np.ndarray, reconstruction: np.ndarray,
-               unit_maps: np.ndarray, min_tile: int = 64) -> np.ndarray:
-  """Image, reconstruction and one heatmap per latent unit in a row.
-
-  Args:
-    image, reconstruction: (S, S, C) uint8.
-    unit_maps: (U, h, w) floats in [0, 1] (``explain.UnitAttention.units``);
-      each is enlarged (nearest) to S x S.
-    min_tile: tiles smaller than this are enlarged (nearest) to be visible.
-
-  Returns:
-    (S', (U + 2) * S', 3) uint8.
-  """
-  size = image.shape[0]
-  scale_map = size // unit_maps.shape[1]
-  maps = np.repeat(np.repeat(unit_maps, scale_map, axis=1), scale_map, axis=2)
-  tiles = [_rgb(image), _rgb(reconstruction)] + [jet(m) for m in maps]
-  return _enlarge(np.concatenate(tiles, axis=1), _scale((size, size), min_tile))
-
-
-def save_unit_panel(path: str, *args, **kwargs) -> None:
-  """Writes ``unit_panel(*args, **kwargs)`` as a PNG at ``path``."""
-  Image.fromarray(unit_panel(*args, **kwargs)).save(path)
-
-
-CURVE_METRICS = ('pixel_auroc', 'aupro', 'iou', 'image_auroc')
-
-
-def plot_curves(path: str, records: Sequence[Mapping[str, Any]],
-                metric_names: Sequence[str] = CURVE_METRICS) -> None:
-  """Writes the learning curves of every map as a PNG (one panel per metric).
-
-  Args:
-    path: the PNG to write.
-    records: ``eval_curve.jsonl`` lines, ``{'step': int, 'maps': {name:
-      {metric: value}}}``, in step order.
-    metric_names: the metrics to plot, one subplot each.
-  """
-  steps = [r['step'] for r in records]
-  names = list(records[-1]['maps']) if records else []
-  # A Figure without pyplot: no global backend state for library users.
-  fig = figure.Figure(figsize=(4 * len(metric_names), 3.4))
-  axes = fig.subplots(1, len(metric_names), squeeze=False)
-  # tab20: a distinct colour for each of up to 20 maps (the default cycle
-  # repeats after 10); calibrated maps are dotted, the prior dashed.
-  colours = matplotlib.colormaps['tab20'].colors
-  for ax, metric in zip(axes[0], metric_names):
-    for i, name in enumerate(names):
-      values = [r['maps'].get(name, {}).get(metric, float('nan'))
-                for r in records]
-      style = ('--' if name == 'prior'
-               else ':' if name.endswith('_calibrated') else '-')
-      ax.plot(steps, values, marker='.', label=name, linestyle=style,
-              color=colours[i % len(colours)])
-    ax.set_title(metric)
-    ax.set_xlabel('training step')
-    ax.grid(alpha=0.3)
-  if names:
-    axes[0][-1].legend(fontsize=7, loc='best')
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
 
 
 # Pictures a person reads: titles sized to their tiles, a colour bar per map.
@@ -256,10 +168,10 @@ def overlay(image: np.ndarray, values: np.ndarray, low: float, high: float,
   Returns:
     (s * H, s * W + B, 3) uint8: the picture, then the colour bar B px wide.
   """
-  image = _rgb(np.asarray(image))
+  image = rgb(np.asarray(image))
   values = resize(np.asarray(values, np.float32), image.shape)
-  scale = _scale(image.shape, min_size)
-  image, values = _enlarge(image, scale), _enlarge(values, scale)
+  scale = scale_to(image.shape, min_size)
+  image, values = enlarge(image, scale), enlarge(values, scale)
   span = high - low if high > low else 1.0
   out = _blend(image, (values - low) / span, alpha)
   if threshold is not None:
@@ -323,20 +235,20 @@ def headline_panel(image: np.ndarray, reconstruction: np.ndarray,
     (T + L + s * H, (4 or 5) * (s * W + 4) - 4 + B, 3) uint8: the title line
     T (if any), column titles L, tiles 4 px apart; B: the map's colour bar.
   """
-  image = _rgb(np.asarray(image))
+  image = rgb(np.asarray(image))
   shape = image.shape[:2]  # the original size every input is resized to
-  reconstruction = resize(_rgb(np.asarray(reconstruction)), shape)
+  reconstruction = resize(rgb(np.asarray(reconstruction)), shape)
   values = resize(np.asarray(values, np.float32), shape)
-  scale = _scale(shape, min_tile)
-  image, values = _enlarge(image, scale), _enlarge(values, scale)
+  scale = scale_to(shape, min_tile)
+  image, values = enlarge(image, scale), enlarge(values, scale)
   tiles = [('image', image),
-           ('reconstruction', _enlarge(reconstruction, scale)),
+           ('reconstruction', enlarge(reconstruction, scale)),
            (map_name, overlay(image, values, low, high, threshold,
                               min_size=1)),
-           ('prediction', _rgb((values > threshold).astype(np.uint8) * 255))]
+           ('prediction', rgb((values > threshold).astype(np.uint8) * 255))]
   if ground_truth is not None:
-    truth = _enlarge(resize(np.asarray(ground_truth, bool), shape), scale)
-    tiles.append(('ground truth', _rgb(truth.astype(np.uint8) * 255)))
+    truth = enlarge(resize(np.asarray(ground_truth, bool), shape), scale)
+    tiles.append(('ground truth', rgb(truth.astype(np.uint8) * 255)))
   return _grid(tiles, len(tiles), title)
 
 
@@ -355,10 +267,10 @@ def map_grid(image: np.ndarray, maps: Mapping[str, np.ndarray],
     (T + R * (L + s * H + 4) - 4, min(columns, M) * (s * W + 4) - 4 + B, 3)
     uint8 for M maps in R rows; one 0-to-1 colour bar right of the first row.
   """
-  image = _rgb(np.asarray(image))
-  scale = _scale(image.shape, min_tile)
-  big = _enlarge(image, scale)
-  tiles = [(name, _blend(big, _enlarge(resize(
+  image = rgb(np.asarray(image))
+  scale = scale_to(image.shape, min_tile)
+  big = enlarge(image, scale)
+  tiles = [(name, _blend(big, enlarge(resize(
       np.asarray(m, np.float32), image.shape), scale), alpha))
            for name, m in maps.items()]
   if not tiles:

@@ -19,6 +19,7 @@ import numpy as np
 
 from cavga_jax import data
 from cavga_jax import sharding
+from cavga_jax import training_pictures
 from cavga_jax import visualize
 from cavga_jax.evaluation import registry
 from cavga_jax.evaluation import report
@@ -26,29 +27,33 @@ from cavga_jax.evaluation import report
 CURVE_FILE = 'eval_curve.jsonl'
 
 
-def display_range(values: np.ndarray, thresholds: Sequence[float] | None
-                  ) -> tuple[float, float]:
-  """(low, high) of a map's colour scale.
+def threshold_display_range(thresholds: Sequence[float]
+                            ) -> tuple[float, float]:
+  """(low, high) of a map's colour scale from its held-out thresholds.
 
-  With held-out thresholds (pixel threshold t, median m of normal pixels):
-  (m, 2 t - m), so the threshold sits mid-scale whatever the map's units.
-  Without: the values' minimum and 99.9th percentile, so a few extreme
-  pixels do not darken every picture.
+  ``thresholds``: (pixel threshold t, image threshold, median m of normal
+  pixels); the scale is (m, 2 t - m), so the threshold sits mid-scale
+  whatever the map's units.
   """
-  if thresholds is not None:
-    threshold, median = thresholds[0], thresholds[2]
-    return median, max(2.0 * threshold - median, median + 1e-6)
+  threshold, median = thresholds[0], thresholds[2]
+  return median, max(2.0 * threshold - median, median + 1e-6)
+
+
+def value_display_range(values: np.ndarray) -> tuple[float, float]:
+  """(low, high) of a map's colour scale from its values (any shape): the
+  minimum and the 99.9th percentile, so a few extreme pixels do not darken
+  every picture."""
   low, high = float(values.min()), float(np.percentile(values, 99.9))
   return low, max(high, low + 1e-6)
 
 
 def display_maps(maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Every map in [0, 1] for the grids: unbounded maps scaled by
-  ``display_range`` over all images, clipped."""
+  ``value_display_range`` over all images, clipped."""
   shown = {}
   for name, values in maps.items():
     if not registry.spec(name).bounded:
-      low, high = display_range(values, None)
+      low, high = value_display_range(values)
       values = np.clip((values - low) / (high - low), 0.0, 1.0)
     shown[name] = values
   return shown
@@ -106,7 +111,8 @@ def write_outputs(out_dir: str, result: dict[str, Any],
     headline = next(iter(maps))
   values = maps[headline]
   threshold = (thresholds or {}).get(headline)
-  low, high = display_range(values, threshold)
+  low, high = (threshold_display_range(threshold) if threshold
+               else value_display_range(values))
   image_scores = predictions.get('map_scores', {}).get(
       headline, predictions['score'])
   others = display_maps({k: v for k, v in maps.items() if k != headline})
@@ -156,9 +162,10 @@ def append_curve_point(path: str, record: dict[str, Any]) -> None:
     f.write(json.dumps(record) + '\n')
   with open(path) as f:
     records = [json.loads(line) for line in f]
-  visualize.plot_curves(os.path.splitext(path)[0] + '.png', records)
-  summary = ', '.join(f'{name} {values["pixel_auroc"]:.3f}/{values["aupro"]:.3f}'
-                      for name, values in record['maps'].items())
+  training_pictures.plot_curves(os.path.splitext(path)[0] + '.png', records)
+  summary = ', '.join(
+      f'{name} {values["pixel_auroc"]:.3f}/{values["aupro"]:.3f}'
+      for name, values in record['maps'].items())
   logging.info('eval at step %d (pixel AUROC / AU-PRO): %s', record['step'],
                summary)
 
