@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from conftest import REPO_ROOT
@@ -26,9 +27,10 @@ def _run(script, *args, cache_dir):
 
 
 @pytest.fixture(scope='module')
-def cli_cache(tmp_path_factory):
-  """One compilation cache for the module's command-line runs."""
-  return tmp_path_factory.mktemp('cli_cache')
+def cli_cache():
+  """The suite's compilation cache (conftest), shared with the in-process
+  tests that compile the same tiny programs."""
+  return jax.config.jax_compilation_cache_dir
 
 
 @pytest.fixture(scope='module')

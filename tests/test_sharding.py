@@ -34,7 +34,13 @@ def test_eight_devices_equal_one_device(eight_devices):
   # Same global batch: only the order of float reductions differs.
   assert result['losses'] < 1e-5
   assert result['params'] < 1e-5
-  assert result['disc_params'] < 1e-5
+  # Adam's first updates are g / (|g| + 1e-8): a gradient component that is
+  # rounding noise around zero moves by up to lr (2e-4) on one mesh and not
+  # the other. Measured on the discriminator after three steps: under 1e-5
+  # with XLA's default code generation, 3.5e-5 at the suite's LLVM level 0
+  # (conftest), so 1e-4 like the BatchNorm statistics; a sharding bug
+  # (a missing all-reduce, a wrong batch slice) also shows in the losses.
+  assert result['disc_params'] < 1e-4
   assert result['batch_stats'] < 1e-4
   # evaluate.py's evaluator on both meshes, the default headline map.
   assert result['headline'] == ['feature_gaussian', 'feature_gaussian']
