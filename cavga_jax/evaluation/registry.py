@@ -98,7 +98,8 @@ def _builtin() -> list[MapSpec]:
                     function=anomaly_maps.weak_map(name))
             for name in attention_lib.WEAK_MAPS if name != 'latent']
   specs += [fitted_spec(unit) for unit in (
-      *calibration.MAPS, feature_gaussian.MAP, feature_knn.MAP)]
+      *calibration.MAPS, feature_gaussian.MAP, feature_gaussian.SHRUNK_MAP,
+      feature_knn.MAP)]
   specs += [MapSpec(name, 'combined', False, parts=parts)
             for name, parts in combined_maps.COMBINATIONS.items()]
   specs += [MapSpec(name, 'prior', True) for name in anomaly_maps.PRIORS]
