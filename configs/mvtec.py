@@ -29,7 +29,10 @@ EfficientNet-Lite2 and its weights (stages 1-3: 192 channels, 1-2: 72).
 The paper's CAVGA-R (ResNet-18) is
 ``--config.model.variant=R`` (with ``--config.model.pretrained=<npz>`` for
 its ImageNet encoder, README, or ``''`` for random weights and then
-``--config.eval.feature_weights=evaluated``); ``--config.eval.map=attention``
+``--config.eval.feature_weights=evaluated`` and
+``--config.eval.map=combined_features``: with the evaluated networks
+``combined_robust``'s SSIM part is the trained decoder's, no longer
+training-free); ``--config.eval.map=attention``
 reports the paper's ``1 - A`` under the flat keys (every map is in
 ``metrics.json``'s ``maps`` either way).
 
@@ -78,10 +81,13 @@ def get_config():
 def paper_cavga_r(config):
   """The paper's CAVGA-R (ResNet-18, random initialisation unless
   ``--config.model.pretrained=<npz>``) with the feature maps of the earlier
-  CAVGA-R/D runs: configs/mvtec_weak.py and mvtec_synthetic.py."""
+  CAVGA-R/D runs: configs/mvtec_weak.py and mvtec_synthetic.py. Their
+  headline stays ``combined_features``: ``combined_robust`` relies on the
+  initial networks (``eval.feature_weights='initial'``)."""
   config.model.variant = 'R'
   config.model.pretrained = ''
   config.model.input_norm = 'none'
+  config.eval.map = 'combined_features'
   config.eval.feature_weights = 'evaluated'
   config.eval.feature_stages = (1, 2)
   config.eval.knn_stages = (2, 3)
