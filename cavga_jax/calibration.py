@@ -16,12 +16,22 @@ the training images, which are normal (CAVGA_w's labelled anomalies are
 left out), never from the test set. For each map of ``BASES`` the
 evaluation adds ``<name>_calibrated``: the fitted maps ``MAPS``
 (``fitted_map``), one per base.
+
+``initial_ssim_calibrated`` (``INITIAL_SSIM``, also in ``MAPS``) is
+``residual_ssim_smooth_calibrated`` of the networks the feature maps read
+(``eval.feature_weights``): with 'initial' (configs/mvtec.py) the decoder
+the run started from, so a local-contrast map that training cannot change
+(at CAVGA-E's ImageNet initialisation the decoder's output is nearly
+constant, and the SSIM residual marks local structure; issue 36). With
+'evaluated', or for the untrained networks, it equals
+``residual_ssim_smooth_calibrated``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from cavga_jax import anomaly_maps
 from cavga_jax import fitted_map
 
 # The maps that get a calibrated version (anomaly_maps names).
@@ -97,4 +107,15 @@ def _calibrated(base: str) -> fitted_map.FittedMap:
       apply=_apply, parts=(base,))
 
 
-MAPS = tuple(_calibrated(base) for base in BASES)
+def _initial_ssim(context: fitted_map.Context, settings, batch):
+  """(B, S, S): the SSIM residual of the feature networks' reconstruction."""
+  del settings
+  return anomaly_maps.residual_ssim_smooth_map(
+      batch['feature_outputs'], context.map_settings).astype(np.float32)
+
+
+INITIAL_SSIM = fitted_map.FittedMap(
+    name='initial_ssim_calibrated', inputs=_initial_ssim,
+    init=lambda settings: PixelMoments(), finalize=_finalize, apply=_apply,
+    decodes=True)
+MAPS = tuple(_calibrated(base) for base in BASES) + (INITIAL_SSIM,)

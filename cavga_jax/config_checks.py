@@ -218,6 +218,7 @@ def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
   _check_stages(config, 'eval.feature_stages')
   _check_int(config, 'eval.feature_dims', 1)
   _check_int(config, 'eval.feature_grid_divisor', 1)
+  _check_number(config, 'eval.feature_shrinkage', 0.0)
   _check_choice(config, 'eval.feature_weights',
                 feature_gaussian.FEATURE_WEIGHTS)
   _check_stages(config, 'eval.knn_stages')

@@ -8,9 +8,9 @@ of ``evaluation.store``, the ``scorer`` and its ``jax.export``) goes
 through it by name. Its four parts:
 
 * what it reads of one batch: ``parts`` (batch maps), ``stages`` (encoder
-  stages, one encoder pass for all maps) and ``inputs``, a pure jnp
-  function of them run inside the jitted steps (e.g. the stacked stage
-  features);
+  stages, one encoder pass for all maps), ``decodes`` (the reconstruction
+  of the feature networks) and ``inputs``, a pure jnp function of them run
+  inside the jitted steps (e.g. the stacked stage features);
 * ``init(settings)``: an accumulator over the normal training images with
   ``add(inputs)`` (host arrays, one batch at a time), reduced by
   ``finalize`` to the map's state: a dict of arrays (a pytree Orbax saves
@@ -74,8 +74,11 @@ class FittedMap:
   Attributes:
     name: the map's name in the metrics, the fit and ``config.eval.map``.
     inputs: ``(context, settings, batch) -> array``, pure jnp. ``batch``
-      has 'images' (B, S, S, C) in [-1, 1], 'maps' {part: (B, S, S)} and
-      'stages' {stage: (B, h, w, k)} (those of ``stages``).
+      has 'images' (B, S, S, C) in [-1, 1], 'maps' {part: (B, S, S)},
+      'stages' {stage: (B, h, w, k)} (those of ``stages``) and, with
+      ``decodes``, 'feature_outputs': the plain forward pass of the
+      networks the feature maps read (``eval.feature_weights``; 'images'
+      and 'reconstruction' (B, S, S, C), the decoding of ``mu``).
     init: ``settings -> Accumulator``.
     finalize: ``(accumulator, settings, mesh, progress) -> state`` (a dict
       of arrays; ``mesh`` may shard a long reduction; ``progress``:
@@ -84,6 +87,8 @@ class FittedMap:
     parts: the batch maps ``inputs`` reads (their forward pass runs).
     stages: ``settings -> `` the encoder stages ``inputs`` reads (1..4);
       None: no encoder pass.
+    decodes: ``inputs`` reads 'feature_outputs' (one more forward pass,
+      shared by all such maps).
     settings: the default settings.
     bounded: the map is in [0, 1] by construction (``registry``).
     image_score: (B, S, S) -> (B,); the top-1 % mean by default.
@@ -96,6 +101,7 @@ class FittedMap:
   apply: Callable[[Context, Any, dict[str, Any], Array], Array]
   parts: tuple[str, ...] = ()
   stages: Callable[[Any], tuple[int, ...]] | None = None
+  decodes: bool = False
   settings: Any = None
   bounded: bool = False
   image_score: Callable[[Array], Array] = anomaly_maps.image_score

@@ -94,6 +94,7 @@ DEFAULTS: dict[str, Any] = {
     'eval.feature_stages': (1, 2),
     'eval.feature_dims': 100,
     'eval.feature_grid_divisor': 4,
+    'eval.feature_shrinkage': 0.1,
     'eval.feature_weights': 'evaluated',
     'eval.knn_stages': (2, 3),
     'eval.knn_grid_divisor': 8,

@@ -139,6 +139,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.feature_stages = (1, 2)
   config.eval.feature_dims = 100
   config.eval.feature_grid_divisor = 4  # grid = image_size / 4 cells a side
+  # 'feature_gaussian_shrunk' is feature_gaussian with each covariance also
+  # shrunk towards the global feature scale: + feature_shrinkage times the
+  # mean per-cell variance on the diagonal (feature_gaussian itself: none).
+  config.eval.feature_shrinkage = 0.1
   # 'evaluated': the feature maps use the evaluated networks' encoder;
   # 'initial': the encoder the run started from (model.pretrained), so
   # CAVGA training cannot degrade the ImageNet features they rely on.

@@ -108,8 +108,10 @@ def test_normal_step_gives_the_eval_steps_maps_and_features(tiny_config):
                                              fitted))(*args)
   assert set(normal) == set(full[inference.INPUTS]) == set(fitted)
   for unit in calibration.MAPS:
-    np.testing.assert_allclose(normal[unit.name],
-                               full['maps'][unit.parts[0]],
+    # initial_ssim_calibrated reads the feature networks' reconstruction:
+    # here (no feature_variables) the evaluated ones, the same SSIM map.
+    base = unit.parts[0] if unit.parts else 'residual_ssim_smooth'
+    np.testing.assert_allclose(normal[unit.name], full['maps'][base],
                                rtol=1e-5, atol=1e-6)
   # Tiny encoder stages 1-2 have 8 + 16 channels, fewer than feature_dims:
   # all kept, on a grid of 32 px / 4.

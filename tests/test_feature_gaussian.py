@@ -39,6 +39,33 @@ def test_moments_match_numpy_mean_and_regularised_covariance_in_any_order():
                              atol=1e-5)
 
 
+def test_shrinkage_adds_the_mean_variance_over_all_cells_to_each_diagonal():
+  rng = np.random.default_rng(1)
+  # Cells of very different scales; one nearly constant (the case it is for).
+  scales = np.array([1.0, 3.0, 1e-3])[None, :, None, None]
+  features = rng.normal(size=(9, 3, 1, 4)) * scales + 2.0
+  moments = feature_gaussian.FeatureMoments()
+  moments.add(features)
+  shrinkage = 0.1
+  mean, precision = moments.statistics(shrinkage)
+  covariances = [np.cov(features[:, h, 0], rowvar=False) for h in range(3)]
+  # v: the mean of the unbiased variances over every cell and channel.
+  v = np.mean([np.diag(c) for c in covariances])
+  for h in range(3):
+    expected = np.linalg.inv(
+        covariances[h]
+        + (feature_gaussian.REGULARIZATION + shrinkage * v) * np.eye(4))
+    np.testing.assert_allclose(precision[h, 0], expected, rtol=1e-3,
+                               atol=1e-4)
+  np.testing.assert_allclose(mean, features.mean(0), rtol=1e-6)
+  # No shrinkage is the map as it was, bit for bit.
+  plain = moments.statistics()
+  zero = moments.statistics(0.0)
+  np.testing.assert_array_equal(plain[1], zero[1])
+  assert feature_gaussian.SHRUNK_MAP.settings.shrinkage == shrinkage
+  assert feature_gaussian.MAP.settings.shrinkage == 0.0
+
+
 def test_no_normal_features_is_an_error():
   with pytest.raises(ValueError, match='no normal images'):
     feature_gaussian.FeatureMoments().statistics()

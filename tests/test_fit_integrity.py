@@ -55,7 +55,7 @@ def _fitted_maps(seed: int = 0) -> fitting.FittedMaps:
                 precision=rng.random((2, 2, 4, 4), np.float32)),
             # The largest file.
             'feature_knn': dict(bank=rng.random((1024, 32), np.float32))},
-      normalisers={'feature_gaussian': (0.5, 0.25)},
+      normalisers={'feature_gaussian': (0.5, 0.25, 0.4, 1.5)},
       thresholds={'residual': (1.0, 2.0, 0.5),
                   'feature_gaussian': (3.0, 4.0, 1.0)})
 

@@ -88,6 +88,8 @@ def test_module_dataclass_defaults_agree_with_the_table():
   assert features.dims == settings.default('eval.feature_dims')
   assert (features.grid_divisor
           == settings.default('eval.feature_grid_divisor'))
+  assert (feature_gaussian.SHRINKAGE
+          == settings.default('eval.feature_shrinkage'))
   knn = feature_knn.KnnSettings()
   for name in ('stages', 'grid_divisor', 'bank_size', 'chunk'):
     assert getattr(knn, name) == settings.default(f'eval.knn_{name}'), name

@@ -21,6 +21,7 @@ fit and ``predict.py`` need only the headline.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -95,13 +96,18 @@ def fitted_settings(eval_config: ml_collections.ConfigDict
 
   Empty without ``eval.calibrate`` (the pass over the normal training
   images); else every registered fitted map with its default settings, the
-  feature maps' from ``config.eval`` (``feature_knn`` only with a bank).
+  feature maps' from ``config.eval`` (``feature_gaussian_shrunk``: the
+  features of ``feature_gaussian`` and ``eval.feature_shrinkage``;
+  ``feature_knn`` only with a bank).
   """
   if not eval_field(eval_config, 'calibrate'):
     return {}
   settings = {name: registry.spec(name).fitted.settings
               for name in registry.names('fitted')}
   settings[feature_gaussian.NAME] = feature_settings(eval_config)
+  settings[feature_gaussian.SHRUNK_NAME] = dataclasses.replace(
+      settings[feature_gaussian.NAME],
+      shrinkage=float(eval_field(eval_config, 'feature_shrinkage')))
   settings[feature_knn.NAME] = knn_settings(eval_config)
   return {name: value for name, value in settings.items()
           if name != feature_knn.NAME or value is not None}

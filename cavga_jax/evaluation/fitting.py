@@ -6,8 +6,9 @@
 * ``maps``: each fitted map's state by name (``fitted_map.FittedMap``:
   e.g. the per-pixel (mean, scale) of a ``<base>_calibrated`` map,
   ``feature_gaussian``'s (mean, precision), ``feature_knn``'s coreset);
-* ``normalisers``: (mean, std) of each part of the combined maps on the
-  held-out normal images,
+* ``normalisers``: (mean, std, median, tail) of each part of the combined
+  maps on the held-out normal images (``combined_maps.normalisers``: what
+  every rule needs),
 * ``thresholds``: per map (pixel threshold, image threshold, median pixel
   value) on the held-out normal images (``scoring.held_out_thresholds``).
 
@@ -47,7 +48,7 @@ class FittedMaps:
   it as an argument; ``to_tree`` gives the dict Orbax saves (``store``).
   """
   maps: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-  normalisers: dict[str, tuple[float, float]] = dataclasses.field(
+  normalisers: dict[str, tuple[float, ...]] = dataclasses.field(
       default_factory=dict)
   thresholds: dict[str, tuple[float, float, float]] = dataclasses.field(
       default_factory=dict)
@@ -74,7 +75,8 @@ class FittedMaps:
 
     Raises:
       ValueError: a tree of another layout, e.g. one saved before the maps
-        were units ('pixel', 'feature', 'knn_bank' at the top):
+        were units ('pixel', 'feature', 'knn_bank' at the top) or before
+        the combination rules (normalisers of (mean, std) only):
         ``store.load`` raises it as a ``FitError``, ``evaluate.py`` refits.
     """
     other = set(tree) - {'maps', 'normalisers', 'thresholds'}
@@ -82,6 +84,13 @@ class FittedMaps:
       raise ValueError(f'saved in an older layout, top-level '
                        f'{", ".join(sorted(other))}')
     host = jax.tree.map(np.asarray, tree)
+    statistics = len(combined_maps.STATISTICS)
+    short = sorted(k for k, v in host.get('normalisers', {}).items()
+                   if np.shape(v) != (statistics,))
+    if short:
+      raise ValueError(f'saved in an older layout, normalisers of '
+                       f'{", ".join(short)} without the '
+                       f'{"/".join(combined_maps.STATISTICS)} of each rule')
     return cls(
         maps=host.get('maps', {}),
         normalisers={k: tuple(float(x) for x in v)
@@ -117,7 +126,7 @@ def apply_fitted(fitted: FittedMaps, maps: dict[str, Array],
     spec = registry.spec(name)
     if spec.kind == 'combined':
       maps[name] = combined_maps.combine_parts(maps, fitted.normalisers,
-                                               spec.parts)
+                                               spec.parts, spec.rule)
     elif spec.kind == 'fitted':
       maps[name] = spec.fitted.apply(context, settings.get(name),
                                      fitted.maps[name], inputs[name])

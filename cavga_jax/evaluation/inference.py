@@ -56,11 +56,14 @@ def fitted_inputs(generator: models.CAVGAGenerator,
   ``settings``: {name: settings} of the fitted maps (``fitted_map``);
   ``x`` (B, S, S, C) in [-1, 1], ``maps`` {name: (B, S, S)} the batch maps
   (their parts). One encoder pass of ``variables`` gives the stages all of
-  them read; none when none reads any (``fn`` returns {} without maps).
+  them read, one plain pass of ``variables`` the 'feature_outputs' of
+  those that decode; none when none reads any (``fn`` returns {} without
+  maps).
   """
   units = {name: registry.spec(name).fitted for name in settings}
   stages = sorted({s for name, unit in units.items() if unit.stages
                    for s in unit.stages(settings[name])})
+  decodes = any(unit.decodes for unit in units.values())
 
   def fn(variables, x, maps):
     context = map_context(generator, map_settings, x.shape[1])
@@ -68,6 +71,10 @@ def fitted_inputs(generator: models.CAVGAGenerator,
     if stages:
       batch['stages'] = dict(zip(stages, generator.apply(
           variables, x, False, stages, method='encode_stages')))
+    if decodes:
+      # The same pass as ``forward``'s without Grad-CAM (rng None: mu).
+      batch['feature_outputs'] = dict(
+          generator.apply(variables, x, None, False), images=x)
     return {name: unit.inputs(context, settings[name], batch)
             for name, unit in units.items()}
 

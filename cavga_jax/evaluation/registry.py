@@ -12,8 +12,8 @@ A map is one of four kinds:
   z-scores of ``calibration``, ``feature_gaussian`` (PaDiM) and
   ``feature_knn`` (PatchCore). Their ``parts`` are the batch maps they
   read; those reading encoder stages need ``ENCODER``.
-* ``combined``: ``combined_maps``, standardised against the held-out normal
-  images' maps of their ``parts``.
+* ``combined``: ``combined_maps``, their ``parts`` normalised against the
+  held-out normal images' maps by their ``rule`` (``combined_maps.RULES``).
 * ``prior``: the positional baselines, the same map for every test image
   (only the evaluation on a labelled test set has them).
 
@@ -56,7 +56,9 @@ class MapSpec:
   """One map (module docstring).
 
   ``function``: a batch map's ``anomaly_maps.MapFn``; ``fitted``: a fitted
-  map's unit; ``parts``: the maps it is computed from (fitted, combined).
+  map's unit; ``parts``: the maps it is computed from (fitted, combined);
+  ``rule``: how a combined map normalises its parts
+  (``combined_maps.RULE_NAMES``).
   """
   name: str
   kind: str  # 'batch' | 'fitted' | 'combined' | 'prior'
@@ -66,6 +68,7 @@ class MapSpec:
   image_score: Callable[[jax.Array], jax.Array] = anomaly_maps.image_score
   function: anomaly_maps.MapFn | None = None
   fitted: fitted_map.FittedMap | None = None
+  rule: str = combined_maps.MEAN_Z
 
 
 def fitted_spec(unit: fitted_map.FittedMap) -> MapSpec:
@@ -98,8 +101,10 @@ def _builtin() -> list[MapSpec]:
                     function=anomaly_maps.weak_map(name))
             for name in attention_lib.WEAK_MAPS if name != 'latent']
   specs += [fitted_spec(unit) for unit in (
-      *calibration.MAPS, feature_gaussian.MAP, feature_knn.MAP)]
-  specs += [MapSpec(name, 'combined', False, parts=parts)
+      *calibration.MAPS, feature_gaussian.MAP, feature_gaussian.SHRUNK_MAP,
+      feature_knn.MAP)]
+  specs += [MapSpec(name, 'combined', False, parts=parts,
+                    rule=combined_maps.RULES[name])
             for name, parts in combined_maps.COMBINATIONS.items()]
   specs += [MapSpec(name, 'prior', True) for name in anomaly_maps.PRIORS]
   return specs
@@ -117,7 +122,8 @@ def register(map_spec: MapSpec | fitted_map.FittedMap) -> MapSpec:
   Its parts must be registered first. Returns its ``MapSpec``.
 
   Raises:
-    ValueError: the name is taken, or a part is unknown.
+    ValueError: the name is taken, a part is unknown, or a combined map's
+      rule is.
   """
   if isinstance(map_spec, fitted_map.FittedMap):
     map_spec = fitted_spec(map_spec)
@@ -126,6 +132,10 @@ def register(map_spec: MapSpec | fitted_map.FittedMap) -> MapSpec:
   unknown = [p for p in map_spec.parts if p not in _MAPS]
   if unknown:
     raise ValueError(f'{map_spec.name!r}: unknown parts {unknown}')
+  if map_spec.rule not in combined_maps.RULE_NAMES:
+    raise ValueError(f'{map_spec.name!r}: unknown combination rule '
+                     f'{map_spec.rule!r}; known: '
+                     f'{", ".join(combined_maps.RULE_NAMES)}')
   _MAPS[map_spec.name] = map_spec
   return map_spec
 
