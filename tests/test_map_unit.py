@@ -71,6 +71,17 @@ def _expected(images: np.ndarray, mean: np.ndarray
   return maps, np.asarray(anomaly_maps.image_score(jnp.asarray(maps)))
 
 
+def _predict(workdir: str, images: np.ndarray, folder, out
+             ) -> predict_lib.PredictSummary:
+  """predict.py's run (untrained fit, a CPU export) on ``images`` saved as
+  PNG files in ``folder``, writing to ``out``."""
+  folder.mkdir()
+  for i, image in enumerate(images):
+    Image.fromarray(image).save(folder / f'{i}.png')
+  return predict_lib.predict(workdir, str(folder), str(out),
+                             export_platforms=('cpu',), untrained=True)
+
+
 def test_a_registered_map_is_evaluated_saved_predicted_and_exported(
     registered, tmp_path):
   del registered
@@ -98,13 +109,8 @@ def test_a_registered_map_is_evaluated_saved_predicted_and_exported(
 
   # predict.py scores with it, and serializes the same scorer.
   images = test.images[:3]
-  folder = tmp_path / 'in'
-  folder.mkdir()
-  for i, image in enumerate(images):
-    Image.fromarray(image).save(folder / f'{i}.png')
   out = tmp_path / 'out'
-  summary = predict_lib.predict(workdir, str(folder), str(out),
-                                export_platforms=('cpu',), untrained=True)
+  summary = _predict(workdir, images, tmp_path / 'in', out)
   assert summary.scored == len(images) and not summary.skipped
   assert json.loads((out / predict_lib.SUMMARY_FILE).read_text())['map'] == NAME
   with open(out / predict_lib.SCORES_FILE) as f:
@@ -224,13 +230,8 @@ def test_combined_robust_untrained_is_evaluated_predicted_and_exported(
 
   _, test = data.get_datasets(config, workdir)
   images = test.images[:3]
-  folder = tmp_path / 'in'
-  folder.mkdir()
-  for i, image in enumerate(images):
-    Image.fromarray(image).save(folder / f'{i}.png')
   out = tmp_path / 'out'
-  summary = predict_lib.predict(workdir, str(folder), str(out),
-                                export_platforms=('cpu',), untrained=True)
+  summary = _predict(workdir, images, tmp_path / 'in', out)
   assert summary.scored == len(images)
   with open(out / predict_lib.SCORES_FILE) as f:
     predicted = np.array([float(r['score']) for r in csv.DictReader(f)])
