@@ -223,11 +223,23 @@ def _apply(context: fitted_map.Context, settings, state: dict[str, Any],
       distances, context.image_size, context.map_settings.residual_sigma)
 
 
+def _moments(settings: FeatureSettings) -> FeatureMoments:
+  del settings
+  return FeatureMoments()
+
+
+def _gathered(settings: FeatureSettings) -> tuple[Any, ...]:
+  """What the moments depend on: not the shrinkage, a ``finalize`` choice."""
+  return (settings.stages, settings.dims, settings.grid_divisor)
+
+
 def _unit(name: str, settings: FeatureSettings) -> fitted_map.FittedMap:
+  # Both Gaussians share one ``FeatureMoments`` when their features agree:
+  # the per-cell float64 outer products are the fit's largest host cost.
   return fitted_map.FittedMap(
-      name=name, inputs=_inputs, init=lambda settings: FeatureMoments(),
-      finalize=_finalize, apply=_apply,
-      stages=lambda settings: settings.stages, settings=settings)
+      name=name, inputs=_inputs, init=_moments, finalize=_finalize,
+      apply=_apply, stages=lambda settings: settings.stages,
+      settings=settings, shares=_gathered)
 
 
 MAP = _unit(NAME, FeatureSettings())

@@ -92,6 +92,11 @@ class FittedMap:
     settings: the default settings.
     bounded: the map is in [0, 1] by construction (``registry``).
     image_score: (B, S, S) -> (B,); the top-1 % mean by default.
+    shares: ``settings -> `` a hashable key of what the accumulator
+      gathers, or None. Maps with the same ``init`` and equal keys share
+      one accumulator, filled once (``feature_gaussian`` and
+      ``feature_gaussian_shrunk`` gather the same moments and differ only
+      in ``finalize``); ``finalize`` must then leave it unchanged.
   """
   name: str
   inputs: Callable[[Context, Any, dict[str, Any]], Array]
@@ -105,3 +110,4 @@ class FittedMap:
   settings: Any = None
   bounded: bool = False
   image_score: Callable[[Array], Array] = anomaly_maps.image_score
+  shares: Callable[[Any], Any] | None = None

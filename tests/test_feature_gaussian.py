@@ -1,5 +1,7 @@
 """The feature-Gaussian map (cavga_jax.feature_gaussian) and its evaluation."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -64,6 +66,37 @@ def test_shrinkage_adds_the_mean_variance_over_all_cells_to_each_diagonal():
   np.testing.assert_array_equal(plain[1], zero[1])
   assert feature_gaussian.SHRUNK_MAP.settings.shrinkage == shrinkage
   assert feature_gaussian.MAP.settings.shrinkage == 0.0
+
+
+def test_both_gaussians_share_one_accumulator_and_fit_as_if_alone(
+    monkeypatch):
+  rng = np.random.default_rng(2)
+  batches = [rng.normal(size=(5, 2, 2, 3)) for _ in range(3)]
+  adds = []
+  original = feature_gaussian.FeatureMoments.add
+  monkeypatch.setattr(feature_gaussian.FeatureMoments, 'add',
+                      lambda self, f: (adds.append(1), original(self, f)))
+  names = (feature_gaussian.NAME, feature_gaussian.SHRUNK_NAME)
+  settings = {feature_gaussian.NAME: feature_gaussian.MAP.settings,
+              feature_gaussian.SHRUNK_NAME: feature_gaussian.SHRUNK_MAP.settings}
+  both = fitting.fit_statistics(
+      ({name: b for name in names} for b in batches), settings, None)
+  assert len(adds) == len(batches)  # one accumulator, filled once
+  for name in names:
+    alone = fitting.fit_statistics(
+        ({name: b} for b in batches), {name: settings[name]}, None)
+    for key in ('mean', 'precision'):
+      np.testing.assert_array_equal(both.maps[name][key],
+                                    alone.maps[name][key])
+  assert not np.array_equal(both.maps[names[0]]['precision'],
+                            both.maps[names[1]]['precision'])
+  # Other features (another channel count) get their own accumulator.
+  other = dict(settings)
+  other[names[1]] = dataclasses.replace(settings[names[1]], dims=2)
+  adds.clear()
+  fitting.fit_statistics(({name: b for name in names} for b in batches),
+                         other, None)
+  assert len(adds) == 2 * len(batches)
 
 
 def test_no_normal_features_is_an_error():

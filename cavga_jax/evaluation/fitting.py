@@ -161,10 +161,18 @@ def fit_statistics(batches, settings: dict[str, Any],
   they come and is finalized (with a progress bar where long) at the end.
   """
   units = {name: registry.spec(name).fitted for name in settings}
-  accumulators = {name: unit.init(settings[name])
-                  for name, unit in units.items()}
+  # One accumulator per distinct (init, shares key); it is filled from the
+  # inputs of the first map that owns it (``FittedMap.shares``).
+  owners: dict[Any, tuple[str, Any]] = {}
+  accumulators = {}
+  for name, unit in units.items():
+    key = ((unit.init, unit.shares(settings[name])) if unit.shares
+           else ('own', name))
+    if key not in owners:
+      owners[key] = (name, unit.init(settings[name]))
+    accumulators[name] = owners[key][1]
   for out in batches:
-    for name, accumulator in accumulators.items():
+    for name, accumulator in owners.values():
       accumulator.add(out[name])
   return FittedMaps(maps={
       name: unit.finalize(accumulators[name], settings[name], mesh,
