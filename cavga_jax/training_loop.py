@@ -20,7 +20,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import ml_collections
 import numpy as np
 
 from cavga_jax import checkpointing
@@ -55,16 +54,11 @@ class LoopSettings:
   eval_every: int = 0
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> LoopSettings:
-    """``config.seed`` and the ``config.train`` fields (defaults if absent)."""
-    train = config.train
-    return cls(
-        num_steps=train.num_steps, batch_size=train.batch_size,
-        seed=config.seed, log_every=train.log_every,
-        checkpoint_every=train.checkpoint_every,
-        **{field: train.get(field, settings.default(f'train.{field}'))
-           for field in ('keep_checkpoints', 'prefetch', 'nonfinite',
-                         'max_consecutive_skips', 'eval_every')})
+  def from_settings(cls, seed: int, train: settings.TrainSettings
+                    ) -> LoopSettings:
+    """``config.seed`` and the typed ``config.train`` fields."""
+    return cls(seed=seed, **{field.name: getattr(train, field.name)
+                             for field in dataclasses.fields(train)})
 
 
 def _log_line(step: int, num_steps: int, metrics: dict[str, float],

@@ -574,7 +574,7 @@ def test_config_input_norm(tiny_config):
   from cavga_jax import config_checks  # pylint: disable=g-import-not-at-top
   tiny_config.model.input_norm = 'imagenet'
   config_checks.check_config(tiny_config)
-  assert models.build_models(tiny_config)[0].input_norm == 'imagenet'
+  assert train_lib.build_models(tiny_config)[0].input_norm == 'imagenet'
   tiny_config.model.input_norm = 'imagenet_rgb'
   with pytest.raises(errors.CavgaError,
                      match=r"config.model.input_norm='imagenet_rgb'"):
