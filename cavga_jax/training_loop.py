@@ -40,18 +40,19 @@ class LoopSettings:
   """How long to train and how often to log, checkpoint and evaluate.
 
   ``seed`` picks the batch order; ``nonfinite`` is a ``nonfinite.MODES``
-  policy; ``eval_every`` 0 records no learning curve.
+  policy; ``eval_every`` 0 records no learning curve. ``keep_checkpoints``
+  to ``eval_every`` default to ``settings.TrainSettings``'s.
   """
   num_steps: int
   batch_size: int
   seed: int = 0
   log_every: int = 100
   checkpoint_every: int = 1000
-  keep_checkpoints: int = 3
-  prefetch: int = 2
-  nonfinite: str = 'stop'
-  max_consecutive_skips: int = 10
-  eval_every: int = 0
+  keep_checkpoints: int = settings.default('train.keep_checkpoints')
+  prefetch: int = settings.default('train.prefetch')
+  nonfinite: str = settings.default('train.nonfinite')
+  max_consecutive_skips: int = settings.default('train.max_consecutive_skips')
+  eval_every: int = settings.default('train.eval_every')
 
   @classmethod
   def from_settings(cls, seed: int, train: settings.TrainSettings

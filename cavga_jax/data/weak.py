@@ -40,9 +40,10 @@ from cavga_jax.errors import DataError
 
 SPLIT_FILE = 'weak_split.json'
 SPLIT_VERSION = 1
-DEFAULT_FRACTION = 0.01
-DEFAULT_MIN_PER_DEFECT = 1
-DEFAULT_SEED = 0
+# config.data.weak_*'s defaults (settings.DataSettings).
+DEFAULT_FRACTION = settings.default('data.weak_fraction')
+DEFAULT_MIN_PER_DEFECT = settings.default('data.weak_min_per_defect')
+DEFAULT_SEED = settings.default('data.weak_seed')
 
 _log = logging.getLogger(__name__)
 
