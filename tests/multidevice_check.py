@@ -22,9 +22,9 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from cavga_jax import cavga_step  # pylint: disable=wrong-import-position
 from cavga_jax import data  # pylint: disable=wrong-import-position
-from cavga_jax import run_setup
+from cavga_jax import run_setup  # pylint: disable=wrong-import-position
 from cavga_jax import runtime  # pylint: disable=wrong-import-position
-from cavga_jax import settings
+from cavga_jax import settings  # pylint: disable=wrong-import-position
 from cavga_jax import sharding  # pylint: disable=wrong-import-position
 from cavga_jax import train_state  # pylint: disable=wrong-import-position
 from cavga_jax.errors import CavgaError  # pylint: disable=wrong-import-position
