@@ -31,6 +31,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from cavga_jax import cavga_step  # pylint: disable=wrong-import-position
 from cavga_jax import layers  # pylint: disable=wrong-import-position
+from cavga_jax import settings  # pylint: disable=wrong-import-position
 from cavga_jax import sharding  # pylint: disable=wrong-import-position
 from cavga_jax import train_state  # pylint: disable=wrong-import-position
 from cavga_jax.evaluation import inference  # pylint: disable=wrong-import-position
@@ -104,7 +105,7 @@ def make_step(config: ml_collections.ConfigDict, mode: str,
   batch = config.train.batch_size
   mesh = sharding.make_mesh()
   generator, discriminator, init_fn, state_sharding = train_state.setup(
-      config, mesh)
+      settings.from_config(config), mesh)
   state = init_fn(jax.random.key(0))
   images = np.random.default_rng(0).integers(
       0, 256, (batch, size, size, channels), dtype=np.uint8)

@@ -41,7 +41,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
 import benchmark  # pylint: disable=wrong-import-position
 from cavga_jax import layers  # pylint: disable=wrong-import-position
-from cavga_jax import models  # pylint: disable=wrong-import-position
+from cavga_jax import train_lib  # pylint: disable=wrong-import-position
 
 CONV_MODULES = (layers.Conv, layers.ConvTranspose4x4, layers.UpsampleConv3x3,
                 nn.Conv)
@@ -114,7 +114,7 @@ def main():
   args = parser.parse_args()
 
   config = benchmark.config_from_args(args)
-  generator, discriminator = models.build_models(config)
+  generator, discriminator = train_lib.build_models(config)
   options = benchmark.step_compiler_options(config, args.xla_defaults)
   size, channels = args.image_size, args.channels
   images = jnp.zeros((args.batch, size, size, channels), jnp.float32)

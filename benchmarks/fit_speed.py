@@ -31,11 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cavga_jax import anomaly_maps
+from cavga_jax import config_checks
 from cavga_jax import data
 from cavga_jax import eval_lib
 from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
 from cavga_jax import layers
+from cavga_jax import run_setup
 from cavga_jax import sharding
 from cavga_jax import train_state
 from cavga_jax.evaluation import evaluator as evaluator_lib
@@ -55,9 +57,9 @@ def _time_evaluation(config, maps: str) -> None:
   """Prints the seconds of ``Evaluator.fit`` and of the scored test pass."""
   config.eval.maps = maps
   tic = time.perf_counter()
-  _, evaluator, _, initial, _ = eval_lib.evaluation_setup(
-      config, '/tmp/fit_speed', untrained=True)
-  state = initial()
+  made, evaluator = eval_lib.evaluation_setup(config, '/tmp/fit_speed',
+                                              untrained=True)
+  state = made.state
   setup_s = time.perf_counter() - tic
   tic = time.perf_counter()
   fitted = evaluator.fit(state.gen_params, state.gen_batch_stats)
@@ -105,27 +107,29 @@ def main():
   if args.maps:
     _time_evaluation(config, args.maps)
     return
+  run = config_checks.check_config(config)
   mesh = sharding.make_mesh()
   tic = time.perf_counter()
-  train, test = data.get_datasets(config, '/tmp/fit_speed')
+  train, test = run_setup.load_datasets(run, '/tmp/fit_speed')
   load_s = time.perf_counter() - tic
-  generator, _, init_fn, state_sharding = train_state.setup(config, mesh)
-  state = train_state.initial_state(config, init_fn, state_sharding)
-  variables = {'params': state.gen_params,
-               'batch_stats': state.gen_batch_stats}
+  made = run_setup.setup(run, '/tmp/fit_speed', datasets=False, restore=True,
+                         untrained=True, mesh=mesh)
+  generator = made.generator
+  variables = made.state.generator_variables()
   fit, _ = fitting.split_held_out(evaluator_lib.normal_training_images(train),
-                                   config.eval.threshold_holdout)
-  knn = evaluator_lib.knn_settings(config.eval)
-  gaussian = evaluator_lib.feature_settings(config.eval)
+                                   run.eval.threshold_holdout)
+  knn = evaluator_lib.knn_settings(run.eval)
+  gaussian = evaluator_lib.feature_settings(run.eval)
   key = args.map
+  map_settings = evaluator_lib.map_settings(run.eval, test.images.shape[1])
   stage_fn = inference.fitted_inputs(
-      generator, evaluator_lib.map_settings(config.eval, test.images.shape[1]),
+      generator, map_settings,
       {key: knn if key == 'feature_knn' else gaussian})
   step = jax.jit(lambda v, images: stage_fn(
       v, train_state.images_to_float(images), {}),
                  compiler_options=layers.compiler_options(generator.conv_impl))
-  sigma = evaluator_lib.map_settings(config.eval, test.images.shape[1]).residual_sigma
-  batch = config.eval.batch_size
+  sigma = map_settings.residual_sigma
+  batch = run.eval.batch_size
 
   tic = time.perf_counter()
   fit_features = _features(step, variables, fit, batch, key)

@@ -77,19 +77,18 @@ def main():
   if args.image_size:
     config.data.image_size = args.image_size
   workdir = tempfile.mkdtemp(prefix='predict_speed_')
-  test_ds, evaluator, _, initial, _ = eval_lib.evaluation_setup(
-      config, workdir, untrained=True)
-  state = initial()
+  made, evaluator = eval_lib.evaluation_setup(config, workdir,
+                                              untrained=True)
+  test_ds, state = made.test_ds, made.state
   params, batch_stats = state.gen_params, state.gen_batch_stats
   tic = time.perf_counter()
   fitted = evaluator.fit(params, batch_stats)
   fit_s = time.perf_counter() - tic
 
+  variables = state.generator_variables()
   scorer = scorer_lib.build_scorer(
-      config, evaluator.generator, {'params': params, 'batch_stats': batch_stats},
-      evaluator.feature_variables or {'params': params,
-                                      'batch_stats': batch_stats},
-      fitted, 0)
+      made.run, evaluator.generator, variables,
+      made.feature_variables or variables, fitted, 0)
   images = test_ds.images[:args.batch]
 
   # benchmarks/benchmark.py --maps all's step on this model: every batch

@@ -39,7 +39,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     'CAVGAGenerator': ('models', 'CAVGAGenerator'),
     'Discriminator': ('backbones', 'Discriminator'),
-    'build_models': ('models', 'build_models'),
+    'build_models': ('train_lib', 'build_models'),
     'grad_cam': ('attention', 'grad_cam'),
     'class_grad_cam': ('attention', 'class_grad_cam'),
     'forward_with_attention': ('attention', 'forward_with_attention'),

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cavga_jax import attention
+from cavga_jax import settings
 
 Array = jax.Array
 TOP_FRACTION = 0.01
@@ -72,7 +73,7 @@ class MapSettings:
     ssim_window: SSIM window size in pixels (odd).
   """
   residual_sigma: float = 4.0
-  ssim_window: int = 11
+  ssim_window: int = settings.default('eval.ssim_window')
 
 
 MapFn = Callable[[dict[str, Array], MapSettings], Array]

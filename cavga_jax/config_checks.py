@@ -1,12 +1,14 @@
 """Validation of a run configuration before anything expensive happens.
 
-``check_config(config)`` is called by every training program
-(``runtime.prepare_run``), by the evaluations and by the command-line
-programs (``runtime.run_program``) before data is loaded or a program is
-compiled; it is the one place a config field is validated. It imports only
-the modules that own the constants and builders it checks (models, layers,
-losses, synthesis, anomaly maps, calibration, data, the VAE, the non-finite
-policy), never a training or evaluation module. Each problem raises
+``check_config(config)`` is called by every program (training, evaluation,
+the scorer) before data is loaded or a program is compiled: it reads the
+config into typed settings (``settings.from_config``), checks them and
+returns them, so it is the one place a config field is validated and the
+config is read once. It checks by field and shape arithmetic alone (it
+builds no network: ``models.resolved_widths``, ``vae.check_image_size``)
+and imports only the modules that own the constants it checks (models,
+layers, losses, anomaly maps, data, the VAE, the non-finite policy), never
+a training or evaluation module. Each problem raises
 ``CavgaError`` with one line naming the field, its value and what is
 expected, instead of a ``ZeroDivisionError`` or an XLA error many seconds
 later.
@@ -34,7 +36,6 @@ from cavga_jax import models
 from cavga_jax import nonfinite
 from cavga_jax import pretrained
 from cavga_jax import settings
-from cavga_jax import synthesis
 from cavga_jax import vae
 from cavga_jax.errors import CavgaError
 from cavga_jax.evaluation import registry
@@ -42,27 +43,24 @@ from cavga_jax.evaluation import registry
 SCHEDULES = ('constant', 'cosine')
 TASKS = ('cavga', 'vae')
 
-_MISSING = object()
 
+def _get(run: Any, field: str) -> Any:
+  """The value of ``field`` ('section.name') in typed settings (``run``).
 
-def _get(config: ml_collections.ConfigDict, field: str,
-         default: Any = _MISSING) -> Any:
-  """The field's value; if absent, ``default`` if given, else the library's
-  default (``settings``), else CavgaError ('missing')."""
-  if default is _MISSING:
-    return settings.get(config, field)
-  node = config
+  Raises:
+    CavgaError: a field of ``settings.VAE_REQUIRED`` that is None (absent
+      from the config), e.g. a metric's sample size with the sprites data.
+  """
+  node = run
   for part in field.split('.'):
-    try:
-      node = node[part]
-    except (KeyError, AttributeError, TypeError):
-      return default
+    node = node[part] if isinstance(node, dict) else getattr(node, part)
+  if node is None and field in settings.VAE_REQUIRED:
+    raise CavgaError(f'config.{field} is missing')
   return node
 
 
-def _check_int(config, field: str, minimum: int, default: Any = _MISSING
-               ) -> None:
-  value = _get(config, field, default)
+def _check_int(config, field: str, minimum: int) -> None:
+  value = _get(config, field)
   if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
       or value < minimum):
     raise CavgaError(f'config.{field}={value!r} must be an integer >= '
@@ -70,9 +68,8 @@ def _check_int(config, field: str, minimum: int, default: Any = _MISSING
 
 
 def _check_number(config, field: str, minimum: float = 0.0,
-                  below: float | None = None, default: Any = _MISSING
-                  ) -> None:
-  value = _get(config, field, default)
+                  below: float | None = None) -> None:
+  value = _get(config, field)
   valid = (isinstance(value, numbers.Real) and not isinstance(value, bool)
            and math.isfinite(value) and value >= minimum
            and (below is None or value < below))
@@ -82,26 +79,23 @@ def _check_number(config, field: str, minimum: float = 0.0,
                      f'{minimum}{upper}')
 
 
-def _check_choice(config, field: str, choices: tuple[str, ...],
-                  default: Any = _MISSING) -> None:
-  value = _get(config, field, default)
+def _check_choice(config, field: str, choices: tuple[str, ...]) -> None:
+  value = _get(config, field)
   if value not in choices:
     raise CavgaError(f'config.{field}={value!r} must be one of '
                      f'{", ".join(repr(c) for c in choices)}')
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises CavgaError (one line) for the first invalid field of ``config``.
+def check_config(config: ml_collections.ConfigDict
+                 ) -> settings.RunSettings | settings.VaeRunSettings:
+  """Reads ``config`` into typed settings, checks them and returns them.
 
-  Checks the fields that training and evaluation read. Both tasks: seed,
-  loss weights, optimizer settings, train and eval sizes and intervals, the
-  non-finite loss policy. ``config.task='cavga'`` (default,
-  ``configs/default.py``): dataset name, image size and channels; model
-  variant, latent, supervision, widths, dtype and input normalisation (the
-  ``pretrained`` file is not read: evaluation never needs it). ``'vae'``
-  (the Liu et al. experiments of ``vae_lib``): dataset, VAE widths and
-  sizes, attention map, metric sample sizes. Absent optional fields take the
-  library's defaults (``settings``); absent required ones are reported.
+  ``config.task='cavga'`` (default, ``configs/default.py``) gives
+  ``settings.RunSettings``, checked by ``check``; ``'vae'`` (the Liu et al.
+  experiments of ``vae_lib``) gives ``settings.VaeRunSettings``, checked
+  against the VAE's fields (dataset, VAE widths and sizes, attention map,
+  metric sample sizes). Absent optional fields take the library's defaults
+  (``settings``); absent required ones are reported.
 
   Args:
     config: a full run configuration.
@@ -109,7 +103,39 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   Raises:
     CavgaError: naming the field, its value and the expected values.
   """
-  _check_choice(config, 'task', TASKS)
+  task = config.get('task', settings.default('task'))
+  if task not in TASKS:
+    raise CavgaError(f'config.task={task!r} must be one of '
+                     f'{", ".join(repr(t) for t in TASKS)}')
+  run = settings.from_config(config)
+  if task == 'vae':
+    _check_common(run)
+    _check_vae_config(run)
+  else:
+    check(run)
+  return run
+
+
+def check(run: settings.RunSettings) -> None:
+  """Raises CavgaError (one line) for the first invalid field of ``run``.
+
+  Checks the fields that training and evaluation read: seed, loss weights,
+  optimizer settings, train and eval sizes and intervals, the non-finite
+  loss policy; dataset name, image size and channels; model variant,
+  latent, supervision, widths, dtype and input normalisation (the
+  ``pretrained`` file is not read: evaluation never needs it), by field
+  arithmetic alone (no network is built); the maps' settings.
+
+  Raises:
+    CavgaError: naming the field, its value and the expected values.
+  """
+  _check_choice(run, 'task', TASKS)
+  _check_common(run)
+  _check_cavga_config(run)
+
+
+def _check_common(config) -> None:
+  """The fields both tasks share."""
   _check_int(config, 'seed', 0)
   for name in _get(config, 'loss_weights').keys():
     _check_number(config, f'loss_weights.{name}', 0.0)
@@ -135,10 +161,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _check_int(config, 'data.image_size', 1)
   _check_choice(config, 'data.channels', (1, 3))
   _check_int(config, 'data.num_workers', 0)
-  if _get(config, 'task') == 'vae':
-    _check_vae_config(config)
-  else:
-    _check_cavga_config(config)
 
 
 def _check_widths(config, field: str) -> None:
@@ -150,7 +172,7 @@ def _check_widths(config, field: str) -> None:
                      'positive integers (or () for the paper\'s widths)')
 
 
-def _check_cavga_config(config: ml_collections.ConfigDict) -> None:
+def _check_cavga_config(config: settings.RunSettings) -> None:
   _check_choice(config, 'data.name', data.KNOWN_DATASETS)
   for name in ('encoder_widths', 'decoder_widths', 'discriminator_widths'):
     _check_widths(config, f'model.{name}')
@@ -169,8 +191,8 @@ def _check_cavga_config(config: ml_collections.ConfigDict) -> None:
                      f'({models.NUM_ENCODER_STAGES} = the last feature map)')
   _check_choice(config, 'model.attention_norm', models.ATTENTION_NORMS)
   # The variant, supervision, the widths' lengths and the image size's
-  # stride are the model builder's to check (cheap: no parameters are made).
-  models.build_models(config)
+  # stride, by the model builder's own arithmetic (no network is built).
+  models.resolved_widths(config.model, config.data.image_size)
   weights = _get(config, 'model.pretrained')
   variant = _get(config, 'model.variant')
   if weights in pretrained.NAMED_WEIGHTS and (
@@ -189,7 +211,7 @@ def _check_cavga_config(config: ml_collections.ConfigDict) -> None:
   _check_loss_terms(config)
 
 
-def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
+def _check_eval_maps(config: settings.RunSettings) -> None:
   """The headline map and the map settings of ``anomaly_maps``."""
   fitted_maps = registry.names('fitted', 'combined')
   _check_choice(config, 'eval.map', registry.headline_names())
@@ -238,7 +260,7 @@ def _check_eval_maps(config: ml_collections.ConfigDict) -> None:
   _check_int(config, 'train.eval_every', 0)
 
 
-def _check_stages(config: ml_collections.ConfigDict, field: str) -> None:
+def _check_stages(config: settings.RunSettings, field: str) -> None:
   """Increasing encoder stages in 1..NUM_ENCODER_STAGES (the feature maps)."""
   stages = _get(config, field)
   if (not isinstance(stages, (tuple, list)) or not stages
@@ -250,7 +272,7 @@ def _check_stages(config: ml_collections.ConfigDict, field: str) -> None:
                      f'stages in 1..{models.NUM_ENCODER_STAGES}, e.g. (1, 2)')
 
 
-def _check_weak_quota(config: ml_collections.ConfigDict) -> None:
+def _check_weak_quota(config: settings.RunSettings) -> None:
   """CAVGA_w's labelled anomalies per batch (``data.quota_batch_indices``)."""
   field = 'data.weak_anomalies_per_batch'
   _check_int(config, field, 0)
@@ -267,31 +289,25 @@ def _check_weak_quota(config: ml_collections.ConfigDict) -> None:
                      f'labelled anomalies), got {supervision!r}; set it to 0')
 
 
-def _check_synthetic(config: ml_collections.ConfigDict) -> None:
-  """Synthetic anomalies (``config.data.synthetic``, CAVGA_w only)."""
-  fields = _get(config, 'data.synthetic', None)
-  if fields is not None and not hasattr(fields, 'items'):
-    raise CavgaError(f'config.data.synthetic={fields!r} must be a ConfigDict')
-  try:
-    settings = synthesis.settings_from_fields(
-        dict(fields.items()) if fields is not None else None)
-  except (ValueError, TypeError) as e:
-    raise CavgaError(f'config.data.synthetic: {e}') from None
-  if settings is None:
+def _check_synthetic(config: settings.RunSettings) -> None:
+  """Synthetic anomalies (``config.data.synthetic``, CAVGA_w only; its
+  fields are checked by ``settings.from_config``)."""
+  synthetic = config.data.synthetic
+  if synthetic is None:
     return
   supervision = _get(config, 'model.supervision')
   if supervision != 'weak':
     raise CavgaError(
-        f'config.data.synthetic.fraction={settings.fraction!r} needs '
+        f'config.data.synthetic.fraction={synthetic.fraction!r} needs '
         "config.model.supervision='weak' (the classifier learns from the "
         f'synthetic labels), got {supervision!r}; start from '
         'configs/mvtec_synthetic.py')
 
 
-def _check_loss_terms(config: ml_collections.ConfigDict) -> None:
+def _check_loss_terms(config: settings.RunSettings) -> None:
   """Every term of the configured CAVGA objective has a loss weight."""
   supervision = _get(config, 'model.supervision')
-  synthetic = _get(config, 'data.synthetic.fraction') > 0
+  synthetic = config.data.synthetic is not None
   weights = _get(config, 'loss_weights')
   missing = [name for name in losses.objective_terms(supervision, synthetic)
              if name not in weights]
@@ -303,7 +319,7 @@ def _check_loss_terms(config: ml_collections.ConfigDict) -> None:
         f"config.model.supervision='{supervision}'{hint}")
 
 
-def _check_vae_config(config: ml_collections.ConfigDict) -> None:
+def _check_vae_config(config: settings.VaeRunSettings) -> None:
   _check_choice(config, 'data.name', vae.DATASETS)
   _check_widths(config, 'model.encoder_widths')
   _check_choice(config, 'model.conv_impl', layers.CONV_IMPLS)
@@ -320,4 +336,5 @@ def _check_vae_config(config: ml_collections.ConfigDict) -> None:
       _check_int(config, f'eval.{name}', 1)
     for name in ('factor_vae_num_variance', 'mig_num_samples'):
       _check_int(config, f'eval.{name}', 2)
-  vae.build_vae(config)
+  vae.check_image_size(_get(config, 'model.encoder_widths'),
+                       _get(config, 'data.image_size'))

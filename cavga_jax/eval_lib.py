@@ -39,16 +39,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Callable
+from typing import Any
 
-import jax
 import ml_collections
 
 from cavga_jax import checkpointing
 from cavga_jax import config_checks
 from cavga_jax import data
-from cavga_jax import sharding
-from cavga_jax import train_state
+from cavga_jax import run_setup
+from cavga_jax import settings
 from cavga_jax import workdirs
 from cavga_jax.errors import CavgaError
 from cavga_jax.errors import DataError
@@ -82,35 +81,31 @@ def summary(result: dict[str, Any], out_dir: str) -> str:
 
 
 def evaluation_setup(config: ml_collections.ConfigDict, workdir: str,
-                     untrained: bool = False):
-  """(test set, evaluator, init fn, initial state fn, mesh) of a run's config.
+                     untrained: bool = False, restore: bool = True
+                     ) -> tuple[run_setup.RunSetup, evaluator_lib.Evaluator]:
+  """(setup, evaluator) of a run's config: the one read of the config.
 
-  The initial state fn gives ``train_state.initial_state``, the state the
-  run started from; with ``eval.feature_weights='initial'`` the evaluator
-  takes the feature maps' features from it.
+  ``setup`` (``run_setup.setup``) holds the typed settings, the datasets,
+  the networks, the evaluated state (with ``restore``: the newest
+  checkpoint, or ``untrained`` the state the run started from) and, with
+  ``eval.feature_weights='initial'``, the variables the evaluator takes the
+  feature maps' features from.
 
   Raises:
     CavgaError: an invalid config or, unless ``untrained``, one that differs
       from the workdir's ``config.json`` in a field of the model, data or
       objective (``workdirs.check_rerun``).
   """
-  config_checks.check_config(config)
+  run = config_checks.check_config(config)
   if not untrained:
     workdirs.check_rerun(config, workdir, 'evaluate.py')
-  mesh = sharding.make_mesh()
-  train_ds, test_ds = data.get_datasets(config, workdir)
-  check_test_set(test_ds)
-  generator, _, init_fn, state_sharding = train_state.setup(config, mesh)
-  initial = lambda: train_state.initial_state(config, init_fn, state_sharding)
-  feature_variables = None
-  if evaluator_lib.eval_field(config.eval, 'feature_weights') == 'initial':
-    state = initial()
-    feature_variables = {'params': state.gen_params,
-                         'batch_stats': state.gen_batch_stats}
+  made = run_setup.setup(run, workdir, restore=restore, untrained=untrained,
+                         check_test_set=check_test_set)
   evaluator = evaluator_lib.Evaluator(
-      generator, test_ds, config.eval, mesh,
-      evaluator_lib.normal_training_images(train_ds), feature_variables)
-  return test_ds, evaluator, init_fn, initial, mesh
+      made.generator, made.test_ds, run.eval, made.mesh,
+      evaluator_lib.normal_training_images(made.train_ds),
+      made.feature_variables)
+  return made, evaluator
 
 
 # metrics.json's field for a test set without defect images (its metrics
@@ -172,17 +167,17 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str
   Returns:
     The curve records, in step order.
   """
-  test_ds, evaluator, init_fn, _, mesh = evaluation_setup(config, workdir)
-  if not test_ds.labels.any():
-    raise DataError(_no_defects(test_ds, 'a learning curve of the pixel '
-                                'metrics needs defect images'))
+  made, evaluator = evaluation_setup(config, workdir, restore=False)
+  if not made.test_ds.labels.any():
+    raise DataError(_no_defects(made.test_ds, 'a learning curve of the '
+                                'pixel metrics needs defect images'))
   with workdirs.lock(workdir, 'evaluate.py', workdirs.EVALUATE_LOCK_FILE):
-    return _curve(config, workdir, evaluator,
-                  train_state.abstract_state(init_fn, mesh))
+    return _curve(config, made.run, workdir, evaluator,
+                  made.abstract_state())
 
 
-def _curve(config: ml_collections.ConfigDict, workdir: str,
-           evaluator: evaluator_lib.Evaluator, target: Any
+def _curve(config: ml_collections.ConfigDict, run: settings.RunSettings,
+           workdir: str, evaluator: evaluator_lib.Evaluator, target: Any
            ) -> list[dict[str, Any]]:
   """``evaluate_checkpoints`` with the evaluation lock held."""
   manager = checkpointing.make_manager(workdir)
@@ -196,35 +191,24 @@ def _curve(config: ml_collections.ConfigDict, workdir: str,
   records = []
   for step in steps:
     state = checkpointing.restore(manager, step, target)
-    fitted = fitted_maps(config, workdir, evaluator, state, step)
+    fitted = fitted_maps(config, run.eval, workdir, evaluator, state, step)
     result, _ = evaluator(state.gen_params, state.gen_batch_stats, fitted)
     records.append(outputs.curve_record(step, result))
     outputs.append_curve_point(path, records[-1])
   return records
 
 
-def evaluated_state(workdir: str, init_fn: Callable,
-                    initial: Callable[[], Any], mesh: jax.sharding.Mesh,
-                    untrained: bool = False) -> tuple[Any, int]:
-  """(train state, step): the newest checkpoint of ``workdir``, or with
-  ``untrained`` the state training starts from (``initial()``: the run's
-  initialisation key and ``model.pretrained``; step 0).
-  """
-  if untrained:
-    return initial(), 0
-  return checkpointing.restore_for_eval(
-      workdir, train_state.abstract_state(init_fn, mesh))
-
-
-def fitted_maps(config: ml_collections.ConfigDict, workdir: str,
+def fitted_maps(config: ml_collections.ConfigDict,
+                eval_settings: settings.EvalSettings, workdir: str,
                 evaluator: evaluator_lib.Evaluator, state: Any, step: int,
                 untrained: bool = False, refit: bool = False):
   """The maps fitted for ``state``: loaded from ``store`` when saved there
-  under the same key (and not ``refit``), else fitted and saved. A saved
-  fit that is unreadable or fails its checksum is fitted again, saying why.
+  under the same key (and not ``refit``), else fitted and saved (with
+  ``config`` as their ``config.json``). A saved fit that is unreadable or
+  fails its checksum is fitted again, saying why.
   """
   directory = store.fitted_dir(workdir, step, untrained)
-  key = store.fit_key(config.eval, step, state, evaluator.image_size,
+  key = store.fit_key(eval_settings, step, state, evaluator.image_size,
                       evaluator.num_normal_images)
   fitted = None
   if not refit:
@@ -266,28 +250,24 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     The metrics dict (also logged).
   """
-  test_ds, evaluator, init_fn, initial, mesh = evaluation_setup(
-      config, workdir, untrained)
+  made, evaluator = evaluation_setup(config, workdir, untrained)
   with workdirs.lock(workdir, 'evaluate.py', workdirs.EVALUATE_LOCK_FILE):
-    return _evaluate(config, workdir, untrained, refit, test_ds, evaluator,
-                     init_fn, initial, mesh)
+    return _evaluate(config, workdir, untrained, refit, made, evaluator)
 
 
 def _evaluate(config: ml_collections.ConfigDict, workdir: str,
-              untrained: bool, refit: bool, test_ds: data.AnomalyDataset,
-              evaluator: evaluator_lib.Evaluator, init_fn: Callable,
-              initial: Callable[[], Any], mesh: jax.sharding.Mesh
-              ) -> dict[str, Any]:
+              untrained: bool, refit: bool, made: run_setup.RunSetup,
+              evaluator: evaluator_lib.Evaluator) -> dict[str, Any]:
   """``evaluate`` after its setup, with the evaluation lock held."""
-  state, step = evaluated_state(workdir, init_fn, initial, mesh, untrained)
+  state, step, test_ds = made.state, made.step, made.test_ds
   if untrained:
     logging.info('evaluating the untrained networks (seed %d) on %d test '
-                 'images', config.seed, test_ds.num_examples)
+                 'images', made.run.seed, test_ds.num_examples)
   else:
     logging.info('evaluating checkpoint %d on %d test images', step,
                  test_ds.num_examples)
-  fitted = fitted_maps(config, workdir, evaluator, state, step, untrained,
-                       refit)
+  fitted = fitted_maps(config, made.run.eval, workdir, evaluator, state, step,
+                       untrained, refit)
   result, predictions = evaluator(state.gen_params, state.gen_batch_stats,
                                   fitted)
   result['checkpoint_step'] = step
@@ -298,7 +278,7 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str,
                        + '.png')
   out_dir = output_dir(workdir, untrained)
   outputs.write_outputs(
-      out_dir, result, predictions, test_ds, config.eval.num_panels,
+      out_dir, result, predictions, test_ds, made.run.eval.num_panels,
       fitted.thresholds,
       os.path.join('..', os.path.basename(curve))
       if os.path.exists(curve) else None)

@@ -50,6 +50,7 @@ import threadpoolctl
 
 from cavga_jax import anomaly_maps
 from cavga_jax import fitted_map
+from cavga_jax import settings
 
 Array = jax.Array
 NAME = 'feature_gaussian'
@@ -57,14 +58,14 @@ SHRUNK_NAME = 'feature_gaussian_shrunk'
 # The grid is image_size // 4 cells a side (PaDiM's ResNet layer1 grid):
 # fine enough for thin defects, coarse enough that the per-cell covariances
 # stay small (at 256 px: 64 x 64 cells).
-GRID_DIVISOR = 4
+GRID_DIVISOR = settings.default('eval.feature_grid_divisor')
 # Added to every covariance's diagonal (PaDiM's 0.01): about 200 normal
 # images cannot fix a 100 x 100 covariance alone.
 REGULARIZATION = 0.01
 # feature_gaussian_shrunk's shrinkage towards the global feature scale, a
 # share of the mean per-cell variance (config.eval.feature_shrinkage): the
 # value of issue 36's experiment (scripts/fine_defect_variants.py).
-SHRINKAGE = 0.1
+SHRINKAGE = settings.default('eval.feature_shrinkage')
 # The channel subset is drawn once with this seed, so every evaluation of
 # every run (and the statistics and the test pass) use the same channels.
 CHANNEL_SEED = 0
@@ -87,8 +88,8 @@ class FeatureSettings:
       variance (``FeatureMoments.statistics``); 0 for ``feature_gaussian``,
       ``SHRINKAGE`` by default for ``feature_gaussian_shrunk``.
   """
-  stages: tuple[int, ...] = (1, 2)
-  dims: int = 100
+  stages: tuple[int, ...] = settings.default('eval.feature_stages')
+  dims: int = settings.default('eval.feature_dims')
   grid_divisor: int = GRID_DIVISOR
   shrinkage: float = 0.0
 

@@ -45,6 +45,7 @@ import numpy as np
 from cavga_jax import anomaly_maps
 from cavga_jax import feature_gaussian
 from cavga_jax import fitted_map
+from cavga_jax import settings
 from cavga_jax import sharding
 
 Array = jax.Array
@@ -63,11 +64,11 @@ class KnnSettings:
     chunk: test patches per block of the distance computation.
     neighbourhood: side of the local average pooling (1 = none).
   """
-  stages: tuple[int, ...] = (2, 3)
-  grid_divisor: int = 8
-  bank_size: int = 4096
+  stages: tuple[int, ...] = settings.default('eval.knn_stages')
+  grid_divisor: int = settings.default('eval.knn_grid_divisor')
+  bank_size: int = settings.default('eval.knn_bank_size')
   projection_dims: int = 128
-  chunk: int = 4096
+  chunk: int = settings.default('eval.knn_chunk')
   neighbourhood: int = 3
 
 

@@ -2,8 +2,9 @@
 
 `CAVGAGenerator` assembles an encoder and a decoder of `backbones` (CAVGA-E:
 `efficientnet`'s encoder) with the latent heads and CAVGA_w's classifier;
-`build_models` builds it and `backbones.Discriminator` from a run config, with
-the paper's widths per variant (`PAPER_WIDTHS`). Images are NHWC in [-1, 1];
+`build_models` builds it and `backbones.Discriminator` from the typed model
+settings (`settings.ModelSettings`), with the paper's widths per variant
+(`PAPER_WIDTHS`). Images are NHWC in [-1, 1];
 BatchNorm behaves as `backbones` says.
 
 The generator is split in the places where CAVGA needs to reach inside it:
@@ -261,32 +262,28 @@ def _check_choice(field: str, value, choices: tuple[str, ...]) -> None:
                      f'{", ".join(repr(c) for c in choices)}')
 
 
-def build_models(config) -> tuple[CAVGAGenerator, backbones.Discriminator]:
-  """Generator and discriminator from a full config (``model`` and ``data``).
+def resolved_widths(model: settings.ModelSettings, image_size: int
+                    ) -> tuple[str, dict[str, tuple[int, ...]]]:
+  """(encoder backbone, widths) of ``model``, checked by arithmetic alone.
 
-  Empty width tuples in ``config.model`` select the paper's widths for the
-  variant (``PAPER_WIDTHS``). CAVGA-E's encoder is the EfficientNet-Lite
-  network whose ImageNet weights ``config.model.pretrained`` names (Lite0
-  for none; ``efficientnet.network_for``), its widths that network's.
-  ``config.model.supervision == 'weak'`` adds the CAVGA_w classifier to the
-  generator.
+  Empty width tuples select the paper's widths for the variant
+  (``PAPER_WIDTHS``). CAVGA-E's encoder is the EfficientNet-Lite network
+  whose ImageNet weights ``model.pretrained`` names (Lite0 for none;
+  ``efficientnet.network_for``), its widths that network's. Builds no
+  network: ``config_checks`` calls it to check a config.
 
   Raises:
     CavgaError: an unknown variant or supervision, widths of the wrong
       length (or, for 'E', other than the network's), or an image size the
-      variant's stride does not divide (the config checks of
-      ``config_checks`` rely on these).
+      variant's stride does not divide.
   """
-  model_config = config.model
-  variant = model_config.variant
+  variant = model.variant
   _check_choice('model.variant', variant, VARIANTS)
-  backbone = efficientnet.network_for(model_config.get(
-      'pretrained', settings.default('model.pretrained')))
+  backbone = efficientnet.network_for(model.pretrained)
   paper_widths = dict(PAPER_WIDTHS[variant])
   if variant == 'E':
     paper_widths['encoder_widths'] = efficientnet.stage_widths(backbone)
-  widths = {name: tuple(model_config.get(
-      name, settings.default(f'model.{name}')) or default)
+  widths = {name: tuple(getattr(model, name) or default)
             for name, default in paper_widths.items()}
   expected = dict(encoder_widths=4, decoder_widths=len(
       PAPER_WIDTHS[variant]['decoder_widths']), discriminator_widths=4)
@@ -301,38 +298,44 @@ def build_models(config) -> tuple[CAVGAGenerator, backbones.Discriminator]:
         f'config.model.encoder_widths={widths["encoder_widths"]}: CAVGA-E\'s '
         f'{efficientnet.NETWORKS[backbone].title} stages are '
         f'{paper_widths["encoder_widths"]}; use ()')
-  supervision = model_config.get('supervision',
-                                 settings.default('model.supervision'))
-  _check_choice('model.supervision', supervision, SUPERVISIONS)
-  size = config.data.image_size
+  _check_choice('model.supervision', model.supervision, SUPERVISIONS)
   stride = STRIDES[variant]
-  if size % stride:
-    raise CavgaError(f'config.data.image_size={size} must be a multiple of '
-                     f'{stride} for CAVGA-{variant}')
-  dtype = jnp.dtype(model_config.get(
-      'compute_dtype', settings.default('model.compute_dtype')))
-  conv_impl = layers.resolve_conv_impl(model_config.get(
-      'conv_impl', settings.default('model.conv_impl')))
+  if image_size % stride:
+    raise CavgaError(f'config.data.image_size={image_size} must be a '
+                     f'multiple of {stride} for CAVGA-{variant}')
+  return backbone, widths
+
+
+def build_models(model: settings.ModelSettings, image_size: int,
+                 channels: int = 3
+                 ) -> tuple[CAVGAGenerator, backbones.Discriminator]:
+  """Generator and discriminator of ``model`` for (S, S, C) images.
+
+  ``model.supervision == 'weak'`` adds the CAVGA_w classifier to the
+  generator; the widths are ``resolved_widths``'s. From a run config:
+  ``run_setup.build_models(config)`` (``cavga_jax.build_models``).
+
+  Raises:
+    CavgaError: as ``resolved_widths``.
+  """
+  backbone, widths = resolved_widths(model, image_size)
+  dtype = jnp.dtype(model.compute_dtype)
+  conv_impl = layers.resolve_conv_impl(model.conv_impl)
   generator = CAVGAGenerator(
-      variant=variant,
+      variant=model.variant,
       backbone=backbone,
-      image_size=size,
-      latent=model_config.latent,
-      latent_channels=model_config.latent_channels,
-      latent_dim=model_config.get('latent_dim',
-                                 settings.default('model.latent_dim')),
-      image_channels=settings.get(config, 'data.channels'),
+      image_size=image_size,
+      latent=model.latent,
+      latent_channels=model.latent_channels,
+      latent_dim=model.latent_dim,
+      image_channels=channels,
       encoder_widths=widths['encoder_widths'],
       decoder_widths=widths['decoder_widths'],
-      with_classifier=supervision == 'weak',
-      input_norm=model_config.get('input_norm',
-                                 settings.default('model.input_norm')),
-      attention_score=model_config.get(
-          'attention_score', settings.default('model.attention_score')),
-      attention_stage=model_config.get(
-          'attention_stage', settings.default('model.attention_stage')),
-      attention_norm=model_config.get(
-          'attention_norm', settings.default('model.attention_norm')),
+      with_classifier=model.supervision == 'weak',
+      input_norm=model.input_norm,
+      attention_score=model.attention_score,
+      attention_stage=model.attention_stage,
+      attention_norm=model.attention_norm,
       dtype=dtype, conv_impl=conv_impl)
   discriminator = backbones.Discriminator(widths['discriminator_widths'],
                                           dtype, conv_impl)

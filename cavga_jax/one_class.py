@@ -74,14 +74,14 @@ def run_one_class(config: ml_collections.ConfigDict, workdir: str,
     'mean_image_auroc', 'mean_detection_accuracy_minmax'} (of ``s_a``);
     the means skip NaN.
   """
-  name = config.data.name
+  data = settings.from_config(config).data
+  name = data.name
   if name not in tfds_data.ONE_CLASS_DATASETS:
     raise DataError(
         f'config.data.name: one-class runs need one of '
         f'{", ".join(tfds_data.ONE_CLASS_DATASETS)}, got {name!r}')
   classes = list(range(tfds_data.NUM_CLASSES) if classes is None else classes)
-  names = tfds_data.class_names(name, config.data.get('root', None) or None,
-                                bool(settings.get(config, 'data.download')))
+  names = tfds_data.class_names(name, data.root or None, bool(data.download))
   os.makedirs(workdir, exist_ok=True)
   rows = []
   for c in classes:

@@ -105,7 +105,7 @@ def task_program(programs: Mapping[str, Callable[[Any, str], Any]]
     CavgaError: a task without a program (one line, as ``config_checks``).
   """
   def program(config, workdir):
-    task = settings.get(config, 'task')
+    task = config.get('task', settings.default('task'))
     if task not in programs:
       raise CavgaError(f'config.task={task!r} must be one of '
                        f'{", ".join(repr(t) for t in programs)}')

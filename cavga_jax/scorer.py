@@ -26,12 +26,11 @@ import ml_collections
 import numpy as np
 
 from cavga_jax import anomaly_maps
-from cavga_jax import checkpointing
 from cavga_jax import config_checks
 from cavga_jax import layers
 from cavga_jax import models
-from cavga_jax import settings as config_settings
-from cavga_jax import sharding
+from cavga_jax import run_setup
+from cavga_jax import settings
 from cavga_jax import train_state
 from cavga_jax import workdirs
 from cavga_jax.errors import CavgaError
@@ -45,7 +44,7 @@ Array = jax.Array
 
 
 def make_score_fn(generator: models.CAVGAGenerator,
-                  eval_config: ml_collections.ConfigDict, image_size: int,
+                  eval_settings: settings.EvalSettings, image_size: int,
                   headline: str) -> Callable[[Any, Array], tuple[Array, Array]]:
   """``score(state, images) -> (maps (B, S, S), scores (B,))`` (pure).
 
@@ -59,23 +58,23 @@ def make_score_fn(generator: models.CAVGAGenerator,
   if spec.kind == 'prior':
     raise CavgaError(f'{headline!r} is a test-set baseline, not a map a new '
                      'image can be scored with')
-  settings = evaluator_lib.map_settings(eval_config, image_size)
+  map_settings = evaluator_lib.map_settings(eval_settings, image_size)
   needs = registry.needs([headline])
   closure = registry.closure([headline])
   fitted = {name: value for name, value in
-            evaluator_lib.fitted_settings(eval_config).items()
+            evaluator_lib.fitted_settings(eval_settings).items()
             if name in closure}
-  inputs_fn = inference.fitted_inputs(generator, settings, fitted)
+  inputs_fn = inference.fitted_inputs(generator, map_settings, fitted)
   functions = registry.batch_functions(generator.with_classifier)
   batch_functions = {n: functions[n] for n in registry.batch_maps([headline])}
-  context = inference.map_context(generator, settings, image_size)
+  context = inference.map_context(generator, map_settings, image_size)
 
   def score(state, images):
     x = train_state.images_to_float(images)
     variables = state['variables']
     outputs = inference.forward(generator, variables['params'],
                                 variables['batch_stats'], x, needs)
-    maps = anomaly_maps.compute_maps(outputs, batch_functions, settings)
+    maps = anomaly_maps.compute_maps(outputs, batch_functions, map_settings)
     if spec.kind in ('fitted', 'combined'):
       inputs = inputs_fn(state['feature_variables'], x, maps)
       maps = fitting.apply_fitted(state['fitted'], maps, inputs, [headline],
@@ -208,15 +207,10 @@ def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None,
   if config.get('task', 'cavga') != 'cavga':
     raise CavgaError(f"{workdir}: task {config.task!r}; predict.py scores "
                      'CAVGA runs')
-  config_checks.check_config(config)
-  mesh = sharding.make_mesh()
-  generator, _, init_fn, state_sharding = train_state.setup(config, mesh)
-  initial = lambda: train_state.initial_state(config, init_fn, state_sharding)
-  if untrained:
-    state, step = initial(), 0
-  else:
-    state, step = checkpointing.restore_for_eval(
-        workdir, train_state.abstract_state(init_fn, mesh))
+  run = config_checks.check_config(config)
+  made = run_setup.setup(run, workdir, datasets=False, restore=True,
+                         untrained=untrained)
+  state, step = made.state, made.step
   directory = store.fitted_dir(workdir, step, untrained)
   saved = store.saved_key(directory)
   if saved is None:
@@ -226,7 +220,7 @@ def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None,
                      f'evaluate.py --workdir={workdir} --config=...{flag}` '
                      'first (it fits them on the normal training images and '
                      'saves them there)')
-  expected = store.fit_key(config.eval, step, state,
+  expected = store.fit_key(run.eval, step, state,
                            saved['image_size'], saved['num_normal_images'])
   changed = store.differing_fields(saved, expected)
   if changed:
@@ -235,42 +229,38 @@ def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None,
                      f'); run `python evaluate.py --workdir={workdir} '
                      '--config=...` with the run\'s config to refit them')
   fitted = store.load(directory)
-  headline = evaluator_lib.eval_field(config.eval, 'map')
+  headline = run.eval.map
   if headline not in fitted.thresholds:
     raise CavgaError(f'{directory}: no held-out thresholds for {headline!r} '
                      '(config.eval.threshold_holdout is 0?); predict.py '
                      'decides at them')
-  variables = {'params': state.gen_params,
-               'batch_stats': state.gen_batch_stats}
-  feature_variables = variables
-  if evaluator_lib.eval_field(config.eval, 'feature_weights') == 'initial':
-    start = state if untrained else initial()
-    feature_variables = {'params': start.gen_params,
-                         'batch_stats': start.gen_batch_stats}
-  return build_scorer(config, generator, variables, feature_variables, fitted,
-                      step)
+  variables = state.generator_variables()
+  feature_variables = made.feature_variables or variables
+  return build_scorer(run, made.generator, variables, feature_variables,
+                      fitted, step)
 
 
-def build_scorer(config: ml_collections.ConfigDict,
+def build_scorer(run: settings.RunSettings,
                  generator: models.CAVGAGenerator, variables: Any,
                  feature_variables: Any, fitted: fitting.FittedMaps,
                  step: int) -> Scorer:
   """The ``Scorer`` of ``config.eval.map`` from networks and fitted maps.
 
+  ``run``: the run's typed settings (``settings.from_config``).
   ``variables`` / ``feature_variables``: {'params', 'batch_stats'} of the
   scored networks and of the encoder the feature maps read.
   """
-  headline = evaluator_lib.eval_field(config.eval, 'map')
-  image_size = int(config.data.image_size)
+  headline = run.eval.map
+  image_size = int(run.data.image_size)
   return Scorer(
       headline=headline, image_size=image_size,
-      channels=int(config_settings.get(config, 'data.channels')),
+      channels=int(run.data.channels),
       thresholds=tuple(fitted.thresholds[headline]),
       # On the device once, not with every call (the feature Gaussians
       # alone are 164 MB at configs/mvtec.py's 64 x 64 cells).
       state=jax.device_put(dict(variables=variables,
                                 feature_variables=feature_variables,
                                 fitted=fitted)),
-      score_fn=make_score_fn(generator, config.eval, image_size, headline),
+      score_fn=make_score_fn(generator, run.eval, image_size, headline),
       step=step,
       compiler_options=layers.compiler_options(generator.conv_impl))

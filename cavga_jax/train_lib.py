@@ -21,12 +21,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cavga_jax import backbones
 from cavga_jax import cavga_step
 from cavga_jax import checkpointing
 from cavga_jax import config_checks
 from cavga_jax import data
 from cavga_jax import layers
 from cavga_jax import models
+from cavga_jax import run_setup
 from cavga_jax import runtime
 from cavga_jax import settings
 from cavga_jax import sharding
@@ -71,27 +73,39 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       ``TrainingError`` for non-finite losses.
   """
   # An invalid config stops before the lock creates the workdir.
-  config_checks.check_config(config)
+  run = config_checks.check_config(config)
   with workdirs.lock(workdir, 'train.py'):
-    return _train(config, workdir, overwrite)
+    mesh = runtime.prepare_run(config, workdir, overwrite)
+    return _train(run, workdir, mesh)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str,
-           overwrite: bool) -> train_state.TrainState:
-  """``train`` with the workdir locked."""
-  mesh = runtime.prepare_run(config, workdir, overwrite)
-  supervision = settings.get(config, 'model.supervision')
-  synthetic = synthesis.settings_from_fields(config.data.get('synthetic'))
-  train_ds, test_ds = data.get_datasets(config, workdir)
+def build_models(config: ml_collections.ConfigDict
+                 ) -> tuple[models.CAVGAGenerator, backbones.Discriminator]:
+  """Generator and discriminator of a run config (``cavga_jax.build_models``).
 
-  generator, discriminator, init_fn, state_sharding = train_state.setup(
-      config, mesh)
-  _, step_rng = train_state.run_keys(config.seed)
-  loop_settings = training_loop.LoopSettings.from_config(config)
+  Reads its model and data sections into typed settings
+  (``settings.section``) and builds ``models.build_models`` of them.
+  """
+  data_settings = settings.section(config, 'data')
+  return models.build_models(settings.section(config, 'model'),
+                             data_settings.image_size, data_settings.channels)
+
+
+def _train(run: settings.RunSettings, workdir: str,
+           mesh: jax.sharding.Mesh) -> train_state.TrainState:
+  """``train`` with the workdir locked and prepared."""
+  supervision = run.model.supervision
+  synthetic = run.data.synthetic
+  made = run_setup.setup(run, workdir, feature_variables=False, mesh=mesh)
+  train_ds, test_ds = made.train_ds, made.test_ds
+  generator, init_fn = made.generator, made.init_fn
+  state_sharding = made.state_sharding
+  _, step_rng = train_state.run_keys(run.seed)
+  loop_settings = training_loop.LoopSettings.from_settings(run.seed, run.train)
   batch_size = loop_settings.batch_size
   jitted_step = jax.jit(
-      cavga_step.make_train_step(generator, discriminator,
-                                 dict(config.loss_weights),
+      cavga_step.make_train_step(generator, made.discriminator,
+                                 dict(run.loss_weights),
                                  loop_settings.nonfinite, synthetic),
       donate_argnums=0,
       out_shardings=(state_sharding, sharding.replicated(mesh)),
@@ -103,16 +117,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
 
   host_slice = sharding.host_batch_slice(batch_size)
   images, labels = train_ds.images, train_ds.labels
-  description = (f'CAVGA-{config.model.variant}_{supervision} '
-                 f'({config.model.latent} latent) on {train_ds.num_examples} '
+  description = (f'CAVGA-{run.model.variant}_{supervision} '
+                 f'({run.model.latent} latent) on {train_ds.num_examples} '
                  f'images ({int(labels.sum())} anomalous)')
-  quota = settings.get(config, 'data.weak_anomalies_per_batch')
+  quota = run.data.weak_anomalies_per_batch
   index_fn = None
   if quota:
     # CAVGA_w: uniform batches would almost never hold one of the few
     # labelled anomalies, leaving the classifier nothing to learn from.
     index_fn = functools.partial(data.quota_batch_indices, labels, batch_size,
-                                 quota, seed=config.seed)
+                                 quota, seed=run.seed)
     description += f', {quota} anomalous per batch'
   if synthetic is not None:
     description += (f', {synthetic.num_synthetic(batch_size)} synthetic '
@@ -124,17 +138,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   # A resumed run's checkpoint replaces the whole state in training_loop, so
   # the pretrained file is not read then.
   if checkpointing.has_checkpoint(workdir):
-    state = init_fn(train_state.run_keys(config.seed)[0])
+    state = init_fn(train_state.run_keys(run.seed)[0])
   else:
-    state = train_state.initial_state(config, init_fn, state_sharding)
-    if config.model.get('pretrained'):
-      logging.info('encoder initialised from %s', config.model.pretrained)
+    state = made.initial_state()
+    if run.model.pretrained:
+      logging.info('encoder initialised from %s', run.model.pretrained)
   return training_loop.training_loop(
       loop_settings, workdir, state, train_step, train_ds.num_examples,
       lambda idx: (sharding.shard_batch(images[idx[host_slice]], mesh),
                    sharding.shard_batch(labels[idx[host_slice]], mesh)),
       step_rng, ('g_loss', 'd_loss'), description, index_fn=index_fn,
-      eval_fn=_curve_fn(config, generator, test_ds,
+      eval_fn=_curve_fn(run.eval, run.train.eval_every, generator, test_ds,
                         evaluator_lib.normal_training_images(train_ds), mesh))
 
 
@@ -142,7 +156,7 @@ SYNTHETIC_EXAMPLES_FILE = 'synthetic_examples.png'
 
 
 def _write_synthetic_examples(path: str, images: np.ndarray,
-                              settings: synthesis.SynthesisSettings,
+                              synthetic: synthesis.SynthesisSettings,
                               rng: Array, num: int = 8) -> None:
   """A panel of synthetic training examples: clean | synthetic | mask rows.
 
@@ -151,7 +165,7 @@ def _write_synthetic_examples(path: str, images: np.ndarray,
   """
   clean = train_state.images_to_float(jnp.asarray(images[:num]))
   altered, masks, _ = jax.jit(synthesis.synthesize, static_argnums=2)(
-      rng, clean, dataclasses.replace(settings, fraction=1.0))
+      rng, clean, dataclasses.replace(synthetic, fraction=1.0))
   training_pictures.save_synthetic_panel(
       path, np.asarray(images[:num]),
       np.asarray((altered + 1.0) * 127.5).round().clip(0, 255).astype(
@@ -159,15 +173,15 @@ def _write_synthetic_examples(path: str, images: np.ndarray,
   logging.info('wrote synthetic training examples to %s', path)
 
 
-def _curve_fn(config: ml_collections.ConfigDict,
+def _curve_fn(eval_settings: settings.EvalSettings, eval_every: int,
               generator: models.CAVGAGenerator,
               test_ds: data.AnomalyDataset, normal_images: np.ndarray,
               mesh: jax.sharding.Mesh
               ) -> Callable[[Any, int], dict[str, Any]] | None:
   """The learning-curve evaluation of ``config.train.eval_every`` (or None)."""
-  if not settings.get(config, 'train.eval_every'):
+  if not eval_every:
     return None
-  evaluator = evaluator_lib.Evaluator(generator, test_ds, config.eval, mesh,
+  evaluator = evaluator_lib.Evaluator(generator, test_ds, eval_settings, mesh,
                                      normal_images)
 
   def eval_fn(state, step):

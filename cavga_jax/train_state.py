@@ -2,7 +2,7 @@
 
 ``TrainState`` holds everything a resumed run needs (generator and
 discriminator parameters, BatchNorm statistics and Optax states); ``setup``
-builds the models and the jitted initialiser from a config, and
+builds the models and the jitted initialiser from typed settings, and
 ``abstract_state`` gives the allocation-free restore target that training,
 evaluation and the learning curves share.
 """
@@ -15,7 +15,6 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from cavga_jax import backbones
@@ -40,15 +39,17 @@ class TrainState:
   gen_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   disc_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
+  def generator_variables(self) -> dict[str, PyTree]:
+    """The generator's Flax variables: ``generator.apply``'s first argument."""
+    return {'params': self.gen_params, 'batch_stats': self.gen_batch_stats}
 
-def make_optimizer(opt_config: ml_collections.ConfigDict,
+
+def make_optimizer(optimizer: settings.OptimizerSettings,
                    num_steps: int) -> optax.GradientTransformation:
   """Adam (lr 2e-4, b1 0.5 by default) with optional warmup/cosine decay and clipping."""
-  lr = opt_config.learning_rate
-  warmup = opt_config.get('warmup_steps',
-                          settings.default('optimizer.warmup_steps'))
-  if opt_config.get('schedule',
-                    settings.default('optimizer.schedule')) == 'cosine':
+  lr = optimizer.learning_rate
+  warmup = optimizer.warmup_steps
+  if optimizer.schedule == 'cosine':
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, lr, warmup, max(num_steps, warmup + 1))
   elif warmup:
@@ -57,9 +58,8 @@ def make_optimizer(opt_config: ml_collections.ConfigDict,
         [warmup])
   else:
     schedule = lr
-  adam = optax.adam(schedule, b1=opt_config.b1, b2=opt_config.b2)
-  clip = opt_config.get('grad_clip_norm',
-                        settings.default('optimizer.grad_clip_norm'))
+  adam = optax.adam(schedule, b1=optimizer.b1, b2=optimizer.b2)
+  clip = optimizer.grad_clip_norm
   return optax.chain(optax.clip_by_global_norm(clip), adam) if clip else adam
 
 
@@ -106,17 +106,18 @@ def run_keys(seed: int) -> tuple[Array, Array]:
   return init_key, step_key
 
 
-def initial_state(config: ml_collections.ConfigDict,
+def initial_state(seed: int, pretrained: str,
                   init_fn: Callable[[Array], TrainState],
                   state_sharding: jax.sharding.Sharding) -> TrainState:
-  """The state a fresh training run of ``config`` starts from.
+  """The state a fresh training run starts from.
 
-  ``init_fn`` (``setup``) with the run's initialisation key, then the
-  ImageNet encoder of ``config.model.pretrained`` if set: what
-  ``train_lib.train`` trains and ``evaluate.py --untrained`` evaluates.
+  ``init_fn`` (``setup``) with the initialisation key of ``seed``
+  (``config.seed``), then the ImageNet encoder of ``pretrained``
+  (``config.model.pretrained``) if set: what ``train_lib.train`` trains and
+  ``evaluate.py --untrained`` evaluates.
   """
-  state = init_fn(run_keys(config.seed)[0])
-  path = config.model.get('pretrained')
+  state = init_fn(run_keys(seed)[0])
+  path = pretrained
   if path:
     state = with_pretrained_encoder(state, path, state_sharding)
   return state
@@ -148,7 +149,7 @@ def with_pretrained_encoder(state: TrainState, path: str,
   """
   from cavga_jax import pretrained  # pylint: disable=g-import-not-at-top
   gen_vars = pretrained.load_pretrained_encoder(
-      {'params': state.gen_params, 'batch_stats': state.gen_batch_stats}, path)
+      state.generator_variables(), path)
   # Adam's zeros do not depend on the parameter values, but an optimizer whose
   # state does (or a later change of make_optimizer) must see the new ones.
   gen_opt_state = jax.jit(state.gen_tx.init, out_shardings=state_sharding)(
@@ -178,16 +179,17 @@ def images_to_float(images: Array) -> Array:
       f'{dtype}')
 
 
-def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+def setup(run: settings.RunSettings, mesh: jax.sharding.Mesh):
   """Models, the jitted state initialiser, and the replicated state sharding."""
-  generator, discriminator = models.build_models(config)
-  num_steps = config.train.num_steps
+  generator, discriminator = models.build_models(
+      run.model, run.data.image_size, run.data.channels)
+  num_steps = run.train.num_steps
   init_fn = functools.partial(
       create_train_state, generator, discriminator,
-      image_size=config.data.image_size,
-      channels=settings.get(config, 'data.channels'),
-      gen_tx=make_optimizer(config.optimizer, num_steps),
-      disc_tx=make_optimizer(config.optimizer, num_steps))
+      image_size=run.data.image_size,
+      channels=run.data.channels,
+      gen_tx=make_optimizer(run.optimizer, num_steps),
+      disc_tx=make_optimizer(run.optimizer, num_steps))
   state_sharding = sharding.replicated(mesh)
   init_fn = jax.jit(init_fn, out_shardings=state_sharding)
   return generator, discriminator, init_fn, state_sharding

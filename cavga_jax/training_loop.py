@@ -20,7 +20,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import ml_collections
 import numpy as np
 
 from cavga_jax import checkpointing
@@ -41,30 +40,26 @@ class LoopSettings:
   """How long to train and how often to log, checkpoint and evaluate.
 
   ``seed`` picks the batch order; ``nonfinite`` is a ``nonfinite.MODES``
-  policy; ``eval_every`` 0 records no learning curve.
+  policy; ``eval_every`` 0 records no learning curve. ``keep_checkpoints``
+  to ``eval_every`` default to ``settings.TrainSettings``'s.
   """
   num_steps: int
   batch_size: int
   seed: int = 0
   log_every: int = 100
   checkpoint_every: int = 1000
-  keep_checkpoints: int = 3
-  prefetch: int = 2
-  nonfinite: str = 'stop'
-  max_consecutive_skips: int = 10
-  eval_every: int = 0
+  keep_checkpoints: int = settings.default('train.keep_checkpoints')
+  prefetch: int = settings.default('train.prefetch')
+  nonfinite: str = settings.default('train.nonfinite')
+  max_consecutive_skips: int = settings.default('train.max_consecutive_skips')
+  eval_every: int = settings.default('train.eval_every')
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> LoopSettings:
-    """``config.seed`` and the ``config.train`` fields (defaults if absent)."""
-    train = config.train
-    return cls(
-        num_steps=train.num_steps, batch_size=train.batch_size,
-        seed=config.seed, log_every=train.log_every,
-        checkpoint_every=train.checkpoint_every,
-        **{field: train.get(field, settings.default(f'train.{field}'))
-           for field in ('keep_checkpoints', 'prefetch', 'nonfinite',
-                         'max_consecutive_skips', 'eval_every')})
+  def from_settings(cls, seed: int, train: settings.TrainSettings
+                    ) -> LoopSettings:
+    """``config.seed`` and the typed ``config.train`` fields."""
+    return cls(seed=seed, **{field.name: getattr(train, field.name)
+                             for field in dataclasses.fields(train)})
 
 
 def _log_line(step: int, num_steps: int, metrics: dict[str, float],

@@ -22,11 +22,10 @@ methods ``encode``, ``latent_params`` and ``decode`` have the signatures of
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import ml_collections
 
 from cavga_jax import layers
 from cavga_jax import models
@@ -121,21 +120,25 @@ class ConvVAE(nn.Module):
                 logits=self.decode(z, train))
 
 
-def build_vae(config: ml_collections.ConfigDict) -> ConvVAE:
-  """The ConvVAE of ``config.model`` and ``config.data``.
+def check_image_size(encoder_widths: Any, image_size: int) -> None:
+  """Raises CavgaError if the encoder cannot halve ``image_size`` that often."""
+  widths = tuple(encoder_widths)
+  if not widths or image_size % 2 ** len(widths):
+    raise CavgaError(
+        f'config.data.image_size={image_size} must be a multiple of '
+        f'{2 ** len(widths)} for config.model.encoder_widths={widths}')
+
+
+def build_vae(model: settings.VaeModelSettings, image_size: int,
+              channels: int = 1) -> ConvVAE:
+  """The ConvVAE of ``model`` (``config.model``) for (S, S, C) images.
 
   Raises:
     CavgaError: an image size the encoder cannot halve that often.
   """
-  widths = tuple(config.model.encoder_widths)
-  size = config.data.image_size
-  if not widths or size % 2 ** len(widths):
-    raise CavgaError(
-        f'config.data.image_size={size} must be a multiple of '
-        f'{2 ** len(widths)} for config.model.encoder_widths={widths}')
-  return ConvVAE(image_size=size,
-                 image_channels=settings.get(config, 'data.channels'),
-                 encoder_widths=widths, hidden=config.model.hidden,
-                 latent_dim=config.model.latent_dim,
-                 conv_impl=layers.resolve_conv_impl(
-                     settings.get(config, 'model.conv_impl')))
+  widths = tuple(model.encoder_widths)
+  check_image_size(widths, image_size)
+  return ConvVAE(image_size=image_size, image_channels=channels,
+                 encoder_widths=widths, hidden=model.hidden,
+                 latent_dim=model.latent_dim,
+                 conv_impl=layers.resolve_conv_impl(model.conv_impl))

@@ -83,9 +83,9 @@ def make_explain_step(model: vae.ConvVAE, attention_map: str = 'mean'
   return explain_step
 
 
-def _disentanglement_metrics(config, model, explain_step, params, factors,
-                             mesh, out_dir: str) -> dict[str, float]:
-  eval_config = config.eval
+def _disentanglement_metrics(eval_settings: settings.VaeEvalSettings, model,
+                             explain_step, params, factors, mesh,
+                             out_dir: str) -> dict[str, float]:
 
   @functools.partial(jax.jit, compiler_options=layers.compiler_options(
       model.conv_impl))
@@ -97,18 +97,17 @@ def _disentanglement_metrics(config, model, explain_step, params, factors,
   def representation_fn(images: np.ndarray) -> np.ndarray:
     return np.asarray(encode_mu(images))
 
-  seed = eval_config.get('metric_seed',
-                         settings.default('eval.metric_seed', 'vae'))
+  seed = eval_settings.metric_seed
   result = {}
   factor_vae = disentanglement.factor_vae_score(
       representation_fn, factors, np.random.default_rng(seed),
-      num_train=eval_config.factor_vae_num_train,
-      num_eval=eval_config.factor_vae_num_eval,
-      num_variance_estimate=eval_config.factor_vae_num_variance)
+      num_train=eval_settings.factor_vae_num_train,
+      num_eval=eval_settings.factor_vae_num_eval,
+      num_variance_estimate=eval_settings.factor_vae_num_variance)
   result.update({f'factor_vae_{k}': v for k, v in factor_vae.items()})
   mig = disentanglement.mig_score(
       representation_fn, factors, np.random.default_rng(seed + 1),
-      num_samples=eval_config.mig_num_samples)
+      num_samples=eval_settings.mig_num_samples)
   result['mig'] = mig['mig']
   result.update({f'mig_{name}': gap
                  for name, gap in mig['mig_per_factor'].items()})
@@ -117,10 +116,10 @@ def _disentanglement_metrics(config, model, explain_step, params, factors,
   result['mutual_info'] = np.round(mig['mutual_info'], 4).tolist()
   # Losses and panels on a fixed sample.
   rng = np.random.default_rng(seed + 2)
-  indices = factors.sample_indices(eval_config.num_loss_samples, rng)
+  indices = factors.sample_indices(eval_settings.num_loss_samples, rng)
   images = factors.images(indices)
   predictions = inference.predict(lambda batch: explain_step(params, batch),
-                                  images, eval_config.batch_size, mesh)
+                                  images, eval_settings.batch_size, mesh)
   result['mean_negative_elbo'] = float(predictions['score'].mean())
   result['attention_disentanglement_loss'] = float(predictions['ad'].mean())
   result['attention_overlap_loss'] = float(
@@ -129,7 +128,7 @@ def _disentanglement_metrics(config, model, explain_step, params, factors,
   # fraction of (image, unit) maps that are not tells the two apart.
   result['nonzero_unit_maps'] = float(
       losses.live_unit_share(predictions['units']))
-  _write_unit_panels(out_dir, images, predictions, eval_config.num_panels)
+  _write_unit_panels(out_dir, images, predictions, eval_settings.num_panels)
   return result
 
 
@@ -160,21 +159,22 @@ def pseudo_masks(images: np.ndarray, normal_mean: np.ndarray,
   return strokes & (normal_mean < support)[None]
 
 
-def _explain_class_split(config, test: data.AnomalyDataset,
+def _explain_class_split(run: settings.VaeRunSettings,
+                         test: data.AnomalyDataset,
                          normal_mean: np.ndarray
                          ) -> tuple[data.AnomalyDataset, dict[str, Any]]:
   """The normal test images and those of ``config.eval.explain_class``.
 
   Their masks are the ``pseudo_masks`` (all False for normal images).
   """
-  explain_class = config.eval.explain_class
-  names = tfds_data.class_names(config.data.name, config.data.root or None,
-                                settings.get(config, 'data.download'))
-  if not 0 <= explain_class < len(names) or (
-      explain_class == config.data.normal_class):
+  explain_class = run.eval.explain_class
+  names = tfds_data.class_names(run.data.name, run.data.root or None,
+                                run.data.download)
+  if explain_class is None or not 0 <= explain_class < len(names) or (
+      explain_class == run.data.normal_class):
     raise CavgaError(f'config.eval.explain_class={explain_class} must be a '
                      f'class in [0, {len(names)}) other than '
-                     f'config.data.normal_class={config.data.normal_class}')
+                     f'config.data.normal_class={run.data.normal_class}')
   target = names[explain_class]
   keep = np.flatnonzero([d in (data.folder.NORMAL_DEFECT, target)
                          for d in test.defect_types])
@@ -182,7 +182,7 @@ def _explain_class_split(config, test: data.AnomalyDataset,
     raise CavgaError(f'config.eval.explain_class={explain_class}: no test '
                      f'image of class {target!r}')
   images, labels = test.images[keep], test.labels[keep]
-  masks = pseudo_masks(images, normal_mean, config.eval.pseudo_mask_support)
+  masks = pseudo_masks(images, normal_mean, run.eval.pseudo_mask_support)
   masks[labels == 0] = False
   subset = data.AnomalyDataset(
       images=images, masks=masks, labels=labels,
@@ -191,23 +191,24 @@ def _explain_class_split(config, test: data.AnomalyDataset,
   return subset, dict(explain_class=explain_class, explain_class_name=target)
 
 
-def _localization_metrics(config, explain_step, params, training_data, mesh,
-                          out_dir: str, step: int) -> dict[str, Any]:
+def _localization_metrics(run: settings.VaeRunSettings, explain_step, params,
+                          training_data, mesh, out_dir: str, step: int
+                          ) -> dict[str, Any]:
   """docs/protocol.md section 4's metrics, the attention map as the anomaly
   map."""
   test, result = training_data.test, dict(checkpoint_step=step)
-  if config.data.name in vae.ONE_CLASS_DATASETS:
-    test, info = _explain_class_split(config, test, training_data.normal_mean)
+  if run.data.name in vae.ONE_CLASS_DATASETS:
+    test, info = _explain_class_split(run, test, training_data.normal_mean)
     result.update(info)
   predictions = inference.predict(lambda batch: explain_step(params, batch),
-                                  test.images, config.eval.batch_size, mesh)
+                                  test.images, run.eval.batch_size, mesh)
   result.update(num_test_images=test.num_examples,
                 num_anomalous_images=int(test.labels.sum()))
   result.update(pixel_metrics.localization_metrics(predictions['anomaly_map'],
                                              test.masks, test.labels))
   result.update(image_metrics.detection_metrics(predictions['score'], test.labels))
   eval_outputs.write_outputs(out_dir, result, predictions, test,
-                         config.eval.num_panels)
+                         run.eval.num_panels)
   return result
 
 
@@ -219,28 +220,29 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
     CavgaError: an invalid config, or one that differs from the run's
       ``config.json`` in a field of the model, data or objective.
   """
-  config_checks.check_config(config)
+  run = config_checks.check_config(config)
   workdirs.check_rerun(config, workdir, 'evaluate.py')
   mesh = sharding.make_mesh()
-  training_data = vae_lib.TrainingData(config, workdir)
-  model, init_fn, _ = vae_lib.setup(config, mesh)
+  training_data = vae_lib.TrainingData(run, workdir)
+  model, init_fn, _ = vae_lib.setup(run, mesh)
   state, step = checkpointing.restore_for_eval(
       workdir, train_state.abstract_state(init_fn, mesh))
-  explain_step = jax.jit(make_explain_step(model, config.eval.map),
+  explain_step = jax.jit(make_explain_step(model, run.eval.map),
                          compiler_options=layers.compiler_options(
                              model.conv_impl))
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
   start = time.perf_counter()
   if training_data.factors is not None:
-    result = _disentanglement_metrics(config, model, explain_step, state.params,
-                                      training_data.factors, mesh, out_dir)
+    result = _disentanglement_metrics(run.eval, model, explain_step,
+                                      state.params, training_data.factors,
+                                      mesh, out_dir)
     result['checkpoint_step'] = step
     if sharding.is_primary_process():
       with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
         json.dump(result, f, indent=2, sort_keys=True)
   else:
-    result = _localization_metrics(config, explain_step, state.params,
+    result = _localization_metrics(run, explain_step, state.params,
                                    training_data, mesh, out_dir, step)
   logging.info('evaluated checkpoint %d in %.1f s: %s', step,
                time.perf_counter() - start, json.dumps(result, sort_keys=True))

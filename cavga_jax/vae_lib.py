@@ -73,11 +73,11 @@ class VAEState:
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
 
-def create_state(config: ml_collections.ConfigDict, model: vae.ConvVAE,
+def create_state(run: settings.VaeRunSettings, model: vae.ConvVAE,
                  rng: Array) -> VAEState:
-  size, channels = config.data.image_size, config.data.channels
+  size, channels = run.data.image_size, run.data.channels
   params = model.init(rng, jnp.zeros((1, size, size, channels)))['params']
-  tx = train_state.make_optimizer(config.optimizer, config.train.num_steps)
+  tx = train_state.make_optimizer(run.optimizer, run.train.num_steps)
   return VAEState(step=jnp.zeros((), jnp.int32), params=params,
                   opt_state=tx.init(params), tx=tx)
 
@@ -162,25 +162,25 @@ def make_train_step(model: vae.ConvVAE, beta: float, ad_weight: float,
 class TrainingData:
   """What training and evaluation read: an image getter and its size."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    name = config.data.name
+  def __init__(self, run: settings.VaeRunSettings, workdir: str):
+    data_settings = run.data
+    name = data_settings.name
     self.factors: factor_dataset.FactorDataset | None = None
     self.test: data.AnomalyDataset | None = None
     if name in sprites.SPRITES_DATASETS:
-      if config.data.image_size != sprite_renderer.IMAGE_SIZE:
+      if data_settings.image_size != sprite_renderer.IMAGE_SIZE:
         raise CavgaError(f'config.data.image_size must be '
                          f'{sprite_renderer.IMAGE_SIZE} for {name}, got '
-                         f'{config.data.image_size}')
+                         f'{data_settings.image_size}')
       self.factors = sprites.load_sprites(
-          name, config.data.root or None,
-          settings.get(config, 'data.download'),
-          scales=settings.get(config, 'data.scales'),
-          orientations=settings.get(config, 'data.orientations'),
-          positions=settings.get(config, 'data.positions'))
+          name, data_settings.root or None, data_settings.download,
+          scales=data_settings.scales,
+          orientations=data_settings.orientations,
+          positions=data_settings.positions)
       self.num_examples = self.factors.num_examples
       self.images = self.factors.images
     elif name in vae.ONE_CLASS_DATASETS + vae.FOLDER_DATASETS:
-      train_ds, self.test = data.get_datasets(config, workdir)
+      train_ds, self.test = data.get_datasets(data_settings, workdir, run.seed)
       self.num_examples = train_ds.num_examples
       self.images = lambda idx: train_ds.images[idx]
       self.normal_mean = train_ds.images.mean(axis=(0, 3)) / 255.0
@@ -190,11 +190,11 @@ class TrainingData:
           f'(known: {", ".join(vae.DATASETS)})')
 
 
-def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+def setup(run: settings.VaeRunSettings, mesh: jax.sharding.Mesh):
   """The VAE, the jitted state initialiser and the replicated sharding."""
-  model = vae.build_vae(config)
+  model = vae.build_vae(run.model, run.data.image_size, run.data.channels)
   state_sharding = sharding.replicated(mesh)
-  init_fn = jax.jit(functools.partial(create_state, config, model),
+  init_fn = jax.jit(functools.partial(create_state, run, model),
                     out_shardings=state_sharding)
   return model, init_fn, state_sharding
 
@@ -211,31 +211,32 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   non-finite policy of ``config.train.nonfinite``. The run holds
   ``<workdir>/.lock`` as ``train.py``'s CAVGA runs do (``workdirs.lock``).
   """
-  config_checks.check_config(config)  # before the lock creates the workdir
+  # Before the lock creates the workdir.
+  run = config_checks.check_config(config)
   with workdirs.lock(workdir, 'train.py'):
-    return _train(config, workdir, overwrite)
+    mesh = runtime.prepare_run(config, workdir, overwrite)
+    return _train(run, workdir, mesh)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str,
-           overwrite: bool) -> VAEState:
-  """``train`` with the workdir locked."""
-  mesh = runtime.prepare_run(config, workdir, overwrite)
-  loop_settings = training_loop.LoopSettings.from_config(config)
-  training_data = TrainingData(config, workdir)
-  model, init_fn, state_sharding = setup(config, mesh)
-  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-  weights = config.loss_weights
-  ad_variant = settings.get(config, 'loss.ad_variant')
+def _train(run: settings.VaeRunSettings, workdir: str,
+           mesh: jax.sharding.Mesh) -> VAEState:
+  """``train`` with the workdir locked and prepared."""
+  loop_settings = training_loop.LoopSettings.from_settings(run.seed, run.train)
+  training_data = TrainingData(run, workdir)
+  model, init_fn, state_sharding = setup(run, mesh)
+  init_rng, step_rng = jax.random.split(jax.random.key(run.seed))
+  weights = run.loss_weights
+  ad_variant = run.loss.ad_variant
   train_step = jax.jit(
-      make_train_step(model, weights.beta, weights.ad,
+      make_train_step(model, weights['beta'], weights['ad'],
                       loop_settings.nonfinite, ad_variant),
       donate_argnums=0,
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       compiler_options=layers.compiler_options(model.conv_impl))
   host_slice = sharding.host_batch_slice(loop_settings.batch_size)
-  description = (f'a beta-VAE (beta {weights.beta:g}, L_AD ({ad_variant}) '
-                 f'weight {weights.ad:g}, latent {config.model.latent_dim}) on '
-                 f'{config.data.name} ({training_data.num_examples} images)')
+  description = (f'a beta-VAE (beta {weights["beta"]:g}, L_AD ({ad_variant}) '
+                 f'weight {weights["ad"]:g}, latent {run.model.latent_dim}) on '
+                 f'{run.data.name} ({training_data.num_examples} images)')
   return training_loop.training_loop(
       loop_settings, workdir, init_fn(init_rng), train_step,
       training_data.num_examples,

@@ -26,12 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from cavga_jax import attention
-from cavga_jax import checkpointing
+from cavga_jax import config_checks
 from cavga_jax import data
 from cavga_jax import layers
 from cavga_jax import pixel_metrics
+from cavga_jax import run_setup
 from cavga_jax import runtime
-from cavga_jax import sharding
 from cavga_jax import train_state
 
 _CONFIG = runtime.define_config_flag('The run configuration.')
@@ -42,11 +42,10 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   config = _CONFIG.value
-  mesh = sharding.make_mesh()
-  _, test = data.get_datasets(config, _WORKDIR.value)
-  generator, _, init_fn, _ = train_state.setup(config, mesh)
-  state, step = checkpointing.restore_for_eval(
-      _WORKDIR.value, train_state.abstract_state(init_fn, mesh))
+  made = run_setup.setup(config_checks.check_config(config), _WORKDIR.value,
+                         restore=True)
+  test, generator, state, step = (made.test_ds, made.generator, made.state,
+                                  made.step)
   params, stats = state.gen_params, state.gen_batch_stats
 
   @functools.partial(jax.jit, compiler_options=layers.compiler_options(

@@ -32,15 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from cavga_jax import anomaly_maps
+from cavga_jax import config_checks
 from cavga_jax import data
-from cavga_jax import eval_lib
 from cavga_jax import feature_gaussian
 from cavga_jax import image_metrics
 from cavga_jax import layers
 from cavga_jax import pixel_metrics
+from cavga_jax import run_setup
 from cavga_jax import runtime
-from cavga_jax import sharding
-from cavga_jax import train_state
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import inference
@@ -119,28 +118,26 @@ def _knn_radius(normal: np.ndarray, test: np.ndarray, radius: int
 def main(argv):
   del argv
   config = _CONFIG.value
-  mesh = sharding.make_mesh()
-  train, test = data.get_datasets(config, _WORKDIR.value)
-  generator, _, init_fn, state_sharding = train_state.setup(config, mesh)
-  state, step = eval_lib.evaluated_state(
-      _WORKDIR.value, init_fn,
-      lambda: train_state.initial_state(config, init_fn, state_sharding),
-      mesh, _UNTRAINED.value)
+  run = config_checks.check_config(config)
+  made = run_setup.setup(run, _WORKDIR.value, restore=True,
+                         untrained=_UNTRAINED.value)
+  mesh, train, test = made.mesh, made.train_ds, made.test_ds
+  generator, state, step = made.generator, made.state, made.step
   fit, _ = fitting.split_held_out(evaluator_lib.normal_training_images(train),
-                                   config.eval.get('threshold_holdout', 0.1))
-  map_settings = evaluator_lib.map_settings(config.eval, test.images.shape[1])
+                                   run.eval.threshold_holdout)
+  map_settings = evaluator_lib.map_settings(run.eval, test.images.shape[1])
 
   def features(divisor: int) -> list[np.ndarray]:
     """(N, g, g, dims) encoder features of ``feature_gaussian`` at grid /
     divisor: of the normal fit images, then of the test images (one jit)."""
     normal_step = jax.jit(inference.make_normal_step(
         generator, map_settings, {feature_gaussian.NAME: dataclasses.replace(
-            evaluator_lib.feature_settings(config.eval),
+            evaluator_lib.feature_settings(run.eval),
             grid_divisor=divisor)}),
         compiler_options=layers.compiler_options(generator.conv_impl))
     return [inference.predict(
         lambda batch: normal_step(state.gen_params, state.gen_batch_stats,
-                                  batch), images, config.eval.batch_size,
+                                  batch), images, run.eval.batch_size,
         mesh)[feature_gaussian.NAME]
             for images in (fit, test)]
 

@@ -52,13 +52,14 @@ import numpy as np
 
 from cavga_jax import anomaly_maps
 from cavga_jax import calibration
+from cavga_jax import config_checks
 from cavga_jax import data
 from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
 from cavga_jax import image_metrics
 from cavga_jax import layers
 from cavga_jax import pixel_metrics
-from cavga_jax import sharding
+from cavga_jax import run_setup
 from cavga_jax import train_state
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import fitting
@@ -105,13 +106,13 @@ def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
   config = _CONFIG.value
-  mesh = sharding.make_mesh()
-  train, test = data.get_datasets(config, _WORKDIR.value)
-  generator, _, init_fn, state_sharding = train_state.setup(config, mesh)
-  state = train_state.initial_state(config, init_fn, state_sharding)
-  variables = {'params': state.gen_params, 'batch_stats': state.gen_batch_stats}
+  run = config_checks.check_config(config)
+  made = run_setup.setup(run, _WORKDIR.value, restore=True, untrained=True)
+  mesh, train, test = made.mesh, made.train_ds, made.test_ds
+  generator = made.generator
+  variables = made.state.generator_variables()
   size = test.images.shape[1]
-  settings = evaluator_lib.map_settings(config.eval, size)
+  settings = evaluator_lib.map_settings(run.eval, size)
   gauss_channels = feature_gaussian.select_channels(
       [generator.encoder_widths[s - 1] for s in (1, 2, 3)], 100)
   grid, fine_grid = size // 4, size // 2
@@ -138,15 +139,15 @@ def main(argv):
       generator.conv_impl))
 
   def passes(images, what):
-    for i in range(0, len(images), config.eval.batch_size):
-      batch = images[i:i + config.eval.batch_size]
+    for i in range(0, len(images), run.eval.batch_size):
+      batch = images[i:i + run.eval.batch_size]
       yield {k: np.asarray(v) for k, v in forward(batch).items()}
       logging.info('%s: %d/%d', what, min(i + len(batch), len(images)),
                    len(images))
 
   fit, held_out = fitting.split_held_out(
       evaluator_lib.normal_training_images(train),
-      config.eval.get('threshold_holdout', 0.1))
+      run.eval.threshold_holdout)
   timings = {}
   tic = time.perf_counter()
   moments = {k: feature_gaussian.FeatureMoments() for k in ('gauss', 'fine')}

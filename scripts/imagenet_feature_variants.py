@@ -28,13 +28,14 @@ import numpy as np
 
 from cavga_jax import anomaly_maps
 from cavga_jax import combined_maps
+from cavga_jax import config_checks
 from cavga_jax import data
 from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
 from cavga_jax import image_metrics
 from cavga_jax import layers
 from cavga_jax import pixel_metrics
-from cavga_jax import sharding
+from cavga_jax import run_setup
 from cavga_jax import train_state
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import fitting
@@ -59,12 +60,11 @@ VARIANTS = {
 def main(argv):
   del argv
   config = _CONFIG.value
-  mesh = sharding.make_mesh()
-  train, test = data.get_datasets(config, _WORKDIR.value)
-  generator, _, init_fn, state_sharding = train_state.setup(config, mesh)
-  state = train_state.initial_state(config, init_fn, state_sharding)
-  variables = {'params': state.gen_params,
-               'batch_stats': state.gen_batch_stats}
+  run = config_checks.check_config(config)
+  made = run_setup.setup(run, _WORKDIR.value, restore=True, untrained=True)
+  mesh, train, test = made.mesh, made.train_ds, made.test_ds
+  generator = made.generator
+  variables = made.state.generator_variables()
   stages_fn = jax.jit(
       lambda v, images: generator.apply(
           v, train_state.images_to_float(images), False, (1, 2, 3),
@@ -72,11 +72,11 @@ def main(argv):
       compiler_options=layers.compiler_options(generator.conv_impl))
   fit, held_out = fitting.split_held_out(
       evaluator_lib.normal_training_images(train),
-      config.eval.get('threshold_holdout', 0.1))
+      run.eval.threshold_holdout)
 
   def stage_outputs(images):
     outs = [stages_fn(variables, b)[:3] for b, _ in
-            data.eval_batches(images, config.eval.batch_size)]
+            data.eval_batches(images, run.eval.batch_size)]
     n = len(images)
     return [np.concatenate([np.asarray(o[s]) for o in outs])[:n]
             for s in range(3)]
@@ -86,7 +86,7 @@ def main(argv):
              (('fit', fit), ('held_out', held_out), ('test', test.images))}
   extraction_s = time.perf_counter() - tic
   size = test.images.shape[1]
-  sigma = evaluator_lib.map_settings(config.eval, size).residual_sigma
+  sigma = evaluator_lib.map_settings(run.eval, size).residual_sigma
   result = dict(extraction_s=extraction_s, variants={})
   maps_of = {}
   variants = {k: v for k, v in VARIANTS.items()

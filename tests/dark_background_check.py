@@ -42,6 +42,8 @@ import pytest
 from cavga_jax import combined_maps
 from cavga_jax import data
 from cavga_jax import eval_lib
+from cavga_jax import run_setup
+from cavga_jax import settings
 from cavga_jax.data import dark_objects
 from configs import tiny_efficientnet
 
@@ -61,7 +63,8 @@ def evaluation(tmp_path_factory):
   config.eval.num_panels = 0
   workdir = str(tmp_path_factory.mktemp('dark_objects'))
   result = eval_lib.evaluate(config, workdir, untrained=True)
-  _, test_ds = data.get_datasets(config, workdir)  # generated above
+  _, test_ds = run_setup.load_datasets(settings.from_config(config),
+                                       workdir)  # generated above
   return test_ds, result
 
 

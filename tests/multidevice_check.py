@@ -22,7 +22,9 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from cavga_jax import cavga_step  # pylint: disable=wrong-import-position
 from cavga_jax import data  # pylint: disable=wrong-import-position
+from cavga_jax import run_setup  # pylint: disable=wrong-import-position
 from cavga_jax import runtime  # pylint: disable=wrong-import-position
+from cavga_jax import settings  # pylint: disable=wrong-import-position
 from cavga_jax import sharding  # pylint: disable=wrong-import-position
 from cavga_jax import train_state  # pylint: disable=wrong-import-position
 from cavga_jax.errors import CavgaError  # pylint: disable=wrong-import-position
@@ -31,9 +33,10 @@ from cavga_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=w
 
 def run(config, workdir, devices, num_steps=3):
   mesh = sharding.make_mesh(devices)
-  train_ds, test_ds = data.get_datasets(config, workdir)
+  train_ds, test_ds = run_setup.load_datasets(settings.from_config(config),
+                                              workdir)
   generator, discriminator, init_fn, state_sharding = train_state.setup(
-      config, mesh)
+      settings.from_config(config), mesh)
   state = init_fn(jax.random.key(config.seed))
   step = jax.jit(cavga_step.make_train_step(generator, discriminator,
                                            dict(config.loss_weights)),
@@ -52,12 +55,13 @@ def run(config, workdir, devices, num_steps=3):
 def evaluate(config, workdir, devices, state):
   """(predictions, metrics) of evaluate.py's evaluator on ``devices``."""
   mesh = sharding.make_mesh(devices)
-  train_ds, test_ds = data.get_datasets(config, workdir)
-  generator, _, _, _ = train_state.setup(config, mesh)
+  train_ds, test_ds = run_setup.load_datasets(settings.from_config(config),
+                                              workdir)
+  generator, _, _, _ = train_state.setup(settings.from_config(config), mesh)
   params, batch_stats = sharding.replicate(
       (state.gen_params, state.gen_batch_stats), mesh)
   evaluator = evaluator_lib.Evaluator(
-      generator, test_ds, config.eval, mesh,
+      generator, test_ds, settings.from_config(config).eval, mesh,
       evaluator_lib.normal_training_images(train_ds))
   result, predictions = evaluator(params, batch_stats)
   return predictions, result

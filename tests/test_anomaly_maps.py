@@ -11,8 +11,9 @@ from cavga_jax import anomaly_maps
 from cavga_jax import attention
 from cavga_jax import config_checks
 from cavga_jax import explain
-from cavga_jax import models
 from cavga_jax import pixel_metrics
+from cavga_jax import settings
+from cavga_jax import train_lib
 from cavga_jax.errors import CavgaError
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import fitting
@@ -152,7 +153,7 @@ def _generator(**attention_settings):
       model=dict(variant='D', latent='conv', latent_channels=4,
                  encoder_widths=(4, 8, 8, 8), decoder_widths=(8, 8, 4, 4),
                  discriminator_widths=(4, 4, 4, 4), **attention_settings)))
-  generator, _ = models.build_models(config)
+  generator, _ = train_lib.build_models(config)
   x = _images((3, 32, 32, 3), seed=1)
   variables = generator.init({'params': jax.random.key(2)}, x, None,
                              train=False)
@@ -374,6 +375,8 @@ def test_default_blur_scales_with_the_image_size(tiny_config):
   assert tiny_config.eval.residual_sigma is None
   config_checks.check_config(tiny_config)
   for size, sigma in ((256, 4.0), (128, 2.0), (64, 1.0)):
-    assert evaluator_lib.map_settings(tiny_config.eval, size).residual_sigma == sigma
+    assert evaluator_lib.map_settings(settings.from_config(tiny_config).eval,
+                                      size).residual_sigma == sigma
   tiny_config.eval.residual_sigma = 3.0
-  assert evaluator_lib.map_settings(tiny_config.eval, 64).residual_sigma == 3.0
+  assert evaluator_lib.map_settings(settings.from_config(tiny_config).eval,
+                                    64).residual_sigma == 3.0

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cavga_jax import attention
-from cavga_jax import models
+from cavga_jax import train_lib
 
 
 def _features(shape=(3, 4, 5, 6), seed=0):
@@ -97,7 +97,7 @@ def test_forward_with_attention_on_the_generator():
       model=dict(variant='D', latent='conv', latent_channels=8,
                  encoder_widths=(8, 8, 16, 16), decoder_widths=(16, 8, 8, 8),
                  discriminator_widths=(8, 8, 8, 8))))
-  generator, _ = models.build_models(config)
+  generator, _ = train_lib.build_models(config)
   x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1,
                          maxval=1)
   variables = generator.init({'params': jax.random.key(1)}, x, None,

@@ -7,7 +7,8 @@ import pytest
 from cavga_jax import calibration
 from cavga_jax import config_checks
 from cavga_jax import fitted_map
-from cavga_jax import models
+from cavga_jax import settings as settings_lib
+from cavga_jax import train_lib
 from cavga_jax.errors import CavgaError
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import fitting
@@ -95,13 +96,14 @@ def test_calibrated_headline_needs_calibration(tiny_config):
 def test_normal_step_gives_the_eval_steps_maps_and_features(tiny_config):
   # The pass over the normal images skips Grad-CAM but must measure the same
   # maps and features as the test pass.
-  generator, _ = models.build_models(tiny_config)
+  generator, _ = train_lib.build_models(tiny_config)
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3),
                                              dtype=np.uint8)
   variables = jax.jit(generator.init, static_argnums=(2, 3))(
       jax.random.key(0), images.astype(np.float32), None, False)
-  settings = evaluator_lib.map_settings(tiny_config.eval, images.shape[1])
-  fitted = evaluator_lib.fitted_settings(tiny_config.eval)
+  eval_settings = settings_lib.from_config(tiny_config).eval
+  settings = evaluator_lib.map_settings(eval_settings, images.shape[1])
+  fitted = evaluator_lib.fitted_settings(eval_settings)
   args = (variables['params'], variables['batch_stats'], images)
   full = jax.jit(inference.make_eval_step(generator, settings, fitted))(*args)
   normal = jax.jit(inference.make_normal_step(generator, settings,
@@ -128,5 +130,6 @@ def test_normal_step_gives_the_eval_steps_maps_and_features(tiny_config):
                              full['maps']['attention'], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(paper['score'], full['score'], rtol=1e-6)
   tiny_config.eval.calibrate = False
-  assert evaluator_lib.feature_settings(tiny_config.eval) is None
-  assert evaluator_lib.fitted_settings(tiny_config.eval) == {}
+  eval_settings = settings_lib.from_config(tiny_config).eval
+  assert evaluator_lib.feature_settings(eval_settings) is None
+  assert evaluator_lib.fitted_settings(eval_settings) == {}

@@ -18,16 +18,15 @@ import numpy as np
 import pytest
 
 from configs import tiny_efficientnet
-from cavga_jax import efficientnet
 from cavga_jax import config_checks
+from cavga_jax import efficientnet
 from cavga_jax import errors
-from cavga_jax import eval_lib
-from cavga_jax import models
 from cavga_jax import pretrained
+from cavga_jax import run_setup
+from cavga_jax import settings
 from cavga_jax import torch_pickle
 from cavga_jax import torch_weights
 from cavga_jax import train_lib
-from cavga_jax import train_state
 from conftest import tree_equal
 from conftest import train_with_interruption
 
@@ -55,7 +54,7 @@ def _generator(image_size=64, channels=3, weights=NAME, shapes_only=False):
   config.data.image_size = image_size
   config.data.channels = channels
   config.model.pretrained = weights
-  generator, _ = models.build_models(config)
+  generator, _ = train_lib.build_models(config)
   init = lambda key, x: generator.init(key, x, None, False)
   x = jnp.zeros((1, image_size, image_size, channels))
   variables = (jax.eval_shape(init, jax.random.key(0), x) if shapes_only
@@ -169,7 +168,7 @@ def test_lite2_stage_widths_and_mismatches_are_one_line_errors():
   with pytest.raises(errors.CavgaError,
                      match=r'EfficientNet-Lite2 stages are \(24, 48, 120, '
                      r'1280\); use \(\)'):
-    models.build_models(config)
+    train_lib.build_models(config)
   # Lite2's weights on another variant: the config check says which.
   config = tiny_efficientnet.get_config()
   config.model.pretrained = LITE2
@@ -205,7 +204,7 @@ def test_grayscale_stem_sums_the_rgb_kernel(imagenet_arrays):
 
 
 def test_imagenet_weights_need_variant_e(tiny_config):
-  generator, _ = models.build_models(tiny_config)  # variant D
+  generator, _ = train_lib.build_models(tiny_config)  # variant D
   variables = jax.eval_shape(
       lambda key, x: generator.init(key, x, None, False), jax.random.key(0),
       jnp.zeros((1, 32, 32, 3)))
@@ -259,11 +258,10 @@ def test_untrained_evaluation_starts_where_training_starts(tmp_path,
   monkeypatch.setattr(train_lib.training_loop, 'training_loop', capture)
   train_lib.train(config, str(tmp_path / 'train'))
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
-  _, _, init_fn, state_sharding = train_state.setup(config, mesh)
-  untrained, step = eval_lib.evaluated_state(
-      str(tmp_path / 'eval'), init_fn,
-      lambda: train_state.initial_state(config, init_fn, state_sharding),
-      mesh, untrained=True)
+  made = run_setup.setup(settings.from_config(config), str(tmp_path / 'eval'),
+                         datasets=False, restore=True, untrained=True,
+                         mesh=mesh)
+  untrained, step = made.state, made.step
   assert step == 0
   assert tree_equal(untrained, captured['state'])
   # ... and that state holds the ImageNet encoder.

@@ -25,6 +25,7 @@ from cavga_jax import eval_lib
 from cavga_jax import predict_lib
 from cavga_jax import runtime
 from cavga_jax import scorer as scorer_lib
+from cavga_jax import settings
 from cavga_jax import sharding
 from cavga_jax import train_lib
 from cavga_jax import train_state
@@ -63,10 +64,13 @@ def _fitted_maps(seed: int = 0) -> fitting.FittedMaps:
 def _state(seed: int = 0) -> types.SimpleNamespace:
   """Stands in for a train state: what fit_key and a fit read of it."""
   rng = np.random.default_rng(seed)
-  return types.SimpleNamespace(
+  state = types.SimpleNamespace(
       gen_params={'conv': {'kernel': rng.random((3, 3, 2, 4), np.float32)}},
       gen_batch_stats={'bn': {'mean': rng.random(4, np.float32),
                               'var': rng.random(4, np.float32)}})
+  state.generator_variables = lambda: {'params': state.gen_params,
+                                       'batch_stats': state.gen_batch_stats}
+  return state
 
 
 def _flip_bytes(directory: str) -> None:
@@ -112,7 +116,8 @@ _BAD_JSON = {'empty': b'', 'not json': b'{"step": 4,', 'a list': b'[1, 2]',
 @pytest.mark.parametrize('damage', list(_DAMAGE))
 def test_a_damaged_fit_fails_its_checksum_on_load(tmp_path, damage):
   directory = str(tmp_path / 'fitted' / 'step_4')
-  key = store.fit_key(tiny.get_config().eval, 4, _state(), 32, 16)
+  key = store.fit_key(settings.from_config(tiny.get_config()).eval, 4,
+                      _state(), 32, 16)
   store.save(directory, _fitted_maps(), key)
   assert store.load(directory, key).thresholds['residual'] == (1.0, 2.0, 0.5)
   _DAMAGE[damage](directory)
@@ -124,7 +129,8 @@ def test_a_damaged_fit_fails_its_checksum_on_load(tmp_path, damage):
 @pytest.mark.parametrize('content', list(_BAD_JSON) + ['old format'])
 def test_an_unreadable_fit_json_is_a_fit_error(tmp_path, content):
   directory = str(tmp_path / 'fitted' / 'step_4')
-  key = store.fit_key(tiny.get_config().eval, 4, _state(), 32, 16)
+  key = store.fit_key(settings.from_config(tiny.get_config()).eval, 4,
+                      _state(), 32, 16)
   store.save(directory, _fitted_maps(), key)
   path = os.path.join(directory, store.KEY_FILE)
   with open(path, 'wb') as f:
@@ -138,14 +144,16 @@ def test_an_unreadable_fit_json_is_a_fit_error(tmp_path, content):
 
 def test_the_key_covers_params_and_batch_stats_bit_for_bit():
   config = tiny.get_config()
-  key = store.fit_key(config.eval, 4, _state(), 32, 16)
-  assert key == store.fit_key(config.eval, 4, _state(), 32, 16)
+  key = store.fit_key(settings.from_config(config).eval, 4, _state(), 32, 16)
+  assert key == store.fit_key(settings.from_config(config).eval, 4, _state(),
+                              32, 16)
   for tree in ('gen_params', 'gen_batch_stats'):
     state = _state()
     leaf = jax.tree.leaves(getattr(state, tree))[0]
     leaf.view(np.uint32)[0] ^= 1  # one bit of one float
     assert store.differing_fields(
-        key, store.fit_key(config.eval, 4, state, 32, 16)) == [
+        key, store.fit_key(settings.from_config(config).eval, 4, state, 32,
+                           16)) == [
             'variables_sha256'], tree
 
 
@@ -168,26 +176,28 @@ class _Evaluator:
 
 def test_evaluate_refits_a_damaged_fit_saying_why(tmp_path, caplog):
   config, workdir, state = tiny.get_config(), str(tmp_path), _state()
+  run = settings.from_config(config)
   evaluator = _Evaluator()
-  fitted = eval_lib.fitted_maps(config, workdir, evaluator, state, 4)
+  fitted = eval_lib.fitted_maps(config, run.eval, workdir, evaluator, state, 4)
   assert evaluator.fits == 1
-  eval_lib.fitted_maps(config, workdir, evaluator, state, 4)
+  eval_lib.fitted_maps(config, run.eval, workdir, evaluator, state, 4)
   assert evaluator.fits == 1  # reused
   directory = store.fitted_dir(workdir, 4)
   _flip_bytes(os.path.join(directory, 'state'))
   with caplog.at_level(logging.WARNING):
-    refitted = eval_lib.fitted_maps(config, workdir, evaluator, state, 4)
+    refitted = eval_lib.fitted_maps(config, run.eval, workdir, evaluator,
+                                    state, 4)
   assert evaluator.fits == 2
   assert f'refitting the maps: {directory}/state: the fitted maps fail their ' \
       'checksum' in caplog.text
   np.testing.assert_array_equal(refitted.maps['feature_knn']['bank'],
                                 fitted.maps['feature_knn']['bank'])
-  assert store.load(directory, store.fit_key(config.eval, 4, state, 32,
+  assert store.load(directory, store.fit_key(run.eval, 4, state, 32,
                                              16)) is not None
   (pathlib.Path(directory) / store.KEY_FILE).write_text('')
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    eval_lib.fitted_maps(config, workdir, evaluator, state, 4)
+    eval_lib.fitted_maps(config, run.eval, workdir, evaluator, state, 4)
   assert evaluator.fits == 3
   assert 'fit.json: empty file' in caplog.text
 
@@ -222,7 +232,7 @@ def test_predict_py_names_an_empty_config_json_in_one_line(tmp_path):
 
 def _abstract_state(config):
   mesh = sharding.make_mesh()
-  _, _, init_fn, _ = train_state.setup(config, mesh)
+  _, _, init_fn, _ = train_state.setup(settings.from_config(config), mesh)
   return train_state.abstract_state(init_fn, mesh)
 
 
@@ -267,7 +277,8 @@ def test_predict_stops_on_a_damaged_fit_naming_it(tmp_path):
   state, step = checkpointing.restore_for_eval(workdir,
                                                _abstract_state(config))
   directory = store.fitted_dir(workdir, step)
-  store.save(directory, _fitted_maps(), store.fit_key(config.eval, step,
+  store.save(directory, _fitted_maps(),
+             store.fit_key(settings.from_config(config).eval, step,
                                                       state, 32, 16))
   assert scorer_lib.load_scorer(workdir).thresholds == (3.0, 4.0, 1.0)
   _flip_bytes(os.path.join(directory, 'state'))
@@ -287,6 +298,12 @@ def _normal_test_set(num: int = 4) -> data.AnomalyDataset:
       masks=np.zeros((num, 32, 32), bool), labels=np.zeros(num, np.int32),
       defect_types=('good',) * num,
       paths=tuple(f'/data/part/test/good/{i}.png' for i in range(num)))
+
+
+def _made(test_ds: data.AnomalyDataset) -> types.SimpleNamespace:
+  """What ``eval_lib.evaluate`` reads of ``run_setup.setup``'s result."""
+  return types.SimpleNamespace(run=settings.from_config(tiny.get_config()),
+                               test_ds=test_ds, state=_state(), step=0)
 
 
 class _ScoringEvaluator(_Evaluator):
@@ -310,8 +327,8 @@ def test_a_test_set_without_defects_gives_null_metrics_saying_why(
   test_ds = _normal_test_set()
   evaluator = _ScoringEvaluator()
   evaluator.dataset = test_ds
-  monkeypatch.setattr(eval_lib, 'evaluation_setup', lambda *args: (
-      test_ds, evaluator, None, _state, None))
+  monkeypatch.setattr(eval_lib, 'evaluation_setup', lambda *args, **kwargs: (
+      _made(test_ds), evaluator))
   result = eval_lib.evaluate(tiny.get_config(), str(tmp_path), untrained=True)
   with open(tmp_path / eval_lib.UNTRAINED_DIR / 'metrics.json') as f:
     text = f.read()
@@ -406,8 +423,8 @@ def test_a_second_writer_stops_naming_the_process_that_holds_the_workdir(
   # An evaluation may run beside training, not beside another evaluation.
   evaluator = _ScoringEvaluator()
   evaluator.dataset = _normal_test_set()
-  monkeypatch.setattr(eval_lib, 'evaluation_setup', lambda *args: (
-      evaluator.dataset, evaluator, None, _state, None))
+  monkeypatch.setattr(eval_lib, 'evaluation_setup', lambda *args, **kwargs: (
+      _made(evaluator.dataset), evaluator))
   with _held(workdir / workdirs.EVALUATE_LOCK_FILE) as pid:
     with pytest.raises(CavgaError, match=f'pid {pid} on host'):
       eval_lib.evaluate(tiny_config, str(workdir), untrained=True)

@@ -10,7 +10,7 @@ import pytest
 from cavga_jax import cavga_step
 from cavga_jax import config_checks
 from cavga_jax import layers
-from cavga_jax import models
+from cavga_jax import train_lib
 from cavga_jax import train_state
 from cavga_jax.errors import CavgaError
 from configs import default
@@ -183,7 +183,7 @@ def test_cpu_train_step_convolutions_take_the_eigen_form(variant):
   config.data.image_size = 128
   config.model.encoder_widths = config.model.decoder_widths = ()
   config.model.discriminator_widths = ()
-  generator, discriminator = models.build_models(config)
+  generator, discriminator = train_lib.build_models(config)
   state = jax.eval_shape(
       lambda key: train_state.create_train_state(
           generator, discriminator, key, image_size=128, channels=3),
@@ -209,9 +209,9 @@ def test_models_agree_across_conv_impls_and_lax_supports_forward_mode(
   if variant == 'R':
     config.model.decoder_widths = (32, 16, 16, 8, 8)
   config.model.conv_impl = 'phase'
-  generator, discriminator = models.build_models(config)
+  generator, discriminator = train_lib.build_models(config)
   config.model.conv_impl = 'lax'
-  lax_generator, lax_discriminator = models.build_models(config)
+  lax_generator, lax_discriminator = train_lib.build_models(config)
   assert (generator.conv_impl, lax_generator.conv_impl) == ('phase', 'lax')
   x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1,
                          maxval=1)

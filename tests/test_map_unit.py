@@ -12,13 +12,14 @@ import pytest
 
 from cavga_jax import anomaly_maps
 from cavga_jax import combined_maps
-from cavga_jax import data
 from cavga_jax import eval_lib
 from cavga_jax import export
 from cavga_jax import fitted_map
-from cavga_jax import models
 from cavga_jax import predict_lib
+from cavga_jax import run_setup
+from cavga_jax import settings
 from cavga_jax import sharding
+from cavga_jax import train_lib
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import registry
@@ -94,13 +95,13 @@ def test_a_registered_map_is_evaluated_saved_predicted_and_exported(
   assert metrics['pixel_auroc'] == metrics['maps'][NAME]['pixel_auroc']
   # An evaluation of every map (eval.maps='all') fits it beside the others.
   assert {NAME, 'feature_gaussian'} <= set(
-      evaluator_lib.fitted_settings(config.eval))
+      evaluator_lib.fitted_settings(settings.from_config(config).eval))
 
   # The saved fit holds its state (checksummed in fit.json like the others):
   # the mean of the normal images it was fitted on.
   fitted = store.load(store.fitted_dir(workdir, 0, untrained=True))
   assert fitted.available() == (NAME,) and NAME in fitted.thresholds
-  train, test = data.get_datasets(config, workdir)
+  train, test = run_setup.load_datasets(settings.from_config(config), workdir)
   fit_images, _ = fitting.split_held_out(
       evaluator_lib.normal_training_images(train),
       config.eval.threshold_holdout)
@@ -187,8 +188,9 @@ def test_initial_ssim_reads_the_feature_networks_decoder(tiny_config,
   """initial_ssim_calibrated of networks A while B are evaluated equals
   residual_ssim_smooth_calibrated of A evaluated (feature_weights='initial':
   A is the run's initial state, so training cannot change the map)."""
-  train, test = data.get_datasets(tiny_config, str(tmp_path))
-  generator, _ = models.build_models(tiny_config)
+  train, test = run_setup.load_datasets(settings.from_config(tiny_config),
+                                        str(tmp_path))
+  generator, _ = train_lib.build_models(tiny_config)
   init = jax.jit(generator.init, static_argnums=(2, 3))
   x = test.images[:1].astype(np.float32)
   initial, trained = (init(jax.random.key(k), x, None, False) for k in (0, 1))
@@ -198,7 +200,8 @@ def test_initial_ssim_reads_the_feature_networks_decoder(tiny_config,
   def maps(headline, variables, feature_variables):
     tiny_config.eval.map = headline
     tiny_config.eval.maps = 'headline'
-    evaluator = evaluator_lib.Evaluator(generator, test, tiny_config.eval,
+    evaluator = evaluator_lib.Evaluator(generator, test,
+                                        settings.from_config(tiny_config).eval,
                                         mesh, normal, feature_variables)
     _, predictions = evaluator(variables['params'], variables['batch_stats'])
     return predictions['maps'][headline]
@@ -228,7 +231,7 @@ def test_combined_robust_untrained_is_evaluated_predicted_and_exported(
   assert all(len(v) == len(combined_maps.STATISTICS)
              for v in fitted.normalisers.values())
 
-  _, test = data.get_datasets(config, workdir)
+  _, test = run_setup.load_datasets(settings.from_config(config), workdir)
   images = test.images[:3]
   out = tmp_path / 'out'
   summary = _predict(workdir, images, tmp_path / 'in', out)

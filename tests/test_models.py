@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from cavga_jax import models
+from cavga_jax import train_lib
 from cavga_jax.errors import CavgaError
 
 
@@ -22,7 +22,7 @@ def _config(variant, size, channels=3, latent='conv'):
 
 
 def _shapes(variant, size, channels=3, latent='conv'):
-  generator, discriminator = models.build_models(
+  generator, discriminator = train_lib.build_models(
       _config(variant, size, channels, latent))
   x = jnp.zeros((2, size, size, channels))
   gen_vars = jax.eval_shape(
@@ -71,7 +71,7 @@ def test_flat_latent():
 
 
 def test_reconstruction_in_tanh_range_and_eval_decodes_mu():
-  generator, _ = models.build_models(_config('D', 32))
+  generator, _ = train_lib.build_models(_config('D', 32))
   x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1,
                          maxval=1)
   variables = generator.init({'params': jax.random.key(1)}, x, None,
@@ -91,4 +91,4 @@ def test_bad_model_config(field, value, message):
   section, name = field.split('.')
   config[section][name] = value
   with pytest.raises(CavgaError, match=message):
-    models.build_models(config)
+    train_lib.build_models(config)

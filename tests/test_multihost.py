@@ -12,6 +12,8 @@ import numpy as np
 
 from cavga_jax import data
 from cavga_jax import eval_lib
+from cavga_jax import run_setup
+from cavga_jax import settings
 from cavga_jax import train_lib
 from cavga_jax.evaluation import scoring
 from cavga_jax.evaluation import store
@@ -121,7 +123,8 @@ def test_two_processes_equal_one_and_only_process_0_writes(tmp_path):
                                atol=1e-5, err_msg=name)
   # The metrics of the two processes are those of their maps, computed in
   # one process (so exactly equal), with the thresholds they fitted.
-  _, test_ds = data.get_datasets(config, str(workdir))
+  _, test_ds = run_setup.load_datasets(settings.from_config(config),
+                                       str(workdir))
   scored = scoring.compute_metrics(predictions, test_ds, config.eval.map,
                                    fitted.thresholds)
   scored = _flat(json.loads(json.dumps(scored)))

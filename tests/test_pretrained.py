@@ -572,9 +572,10 @@ def test_input_norm_applies_to_the_encoder_input_only():
 
 def test_config_input_norm(tiny_config):
   from cavga_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from cavga_jax import train_lib  # pylint: disable=g-import-not-at-top
   tiny_config.model.input_norm = 'imagenet'
   config_checks.check_config(tiny_config)
-  assert models.build_models(tiny_config)[0].input_norm == 'imagenet'
+  assert train_lib.build_models(tiny_config)[0].input_norm == 'imagenet'
   tiny_config.model.input_norm = 'imagenet_rgb'
   with pytest.raises(errors.CavgaError,
                      match=r"config.model.input_norm='imagenet_rgb'"):

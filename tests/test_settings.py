@@ -57,10 +57,25 @@ def test_every_field_of_default_py_is_the_library_default():
   # Every required field is in the documented config too.
   assert settings.REQUIRED <= set(fields)
   # The three the issue found differing.
-  config = ml_collections.ConfigDict()
-  assert settings.get(config, 'eval.map') == 'feature_gaussian'
-  assert settings.get(config, 'model.latent_dim') == 512
-  assert settings.get(config, 'data.num_workers') == 8
+  assert settings.default('eval.map') == 'feature_gaussian'
+  assert settings.default('model.latent_dim') == 512
+  assert settings.default('data.num_workers') == 8
+  # The defaults are the dataclasses' (written once).
+  assert settings.EvalSettings(batch_size=1, num_panels=0).map == (
+      'feature_gaussian')
+
+
+def test_typed_settings_hold_every_field_of_default_py():
+  config = default.get_config()
+  run = settings.from_config(config)
+  for field, value in _fields(config).items():
+    if field == 'data.synthetic':
+      assert run.data.synthetic is None  # fraction 0: off
+      continue
+    node = run
+    for part in field.split('.'):
+      node = node[part] if isinstance(node, dict) else getattr(node, part)
+    assert node == (dict(value) if field == 'loss_weights' else value), field
 
 
 def test_library_defaults_of_cavga_task_appear_in_default_py():
@@ -129,13 +144,29 @@ def test_a_config_built_in_python_gets_the_library_defaults():
   minimal = _required_only(full)
   assert 'map' not in minimal.eval and 'latent_dim' not in minimal.model
   config_checks.check_config(minimal)
-  assert models.build_models(minimal) == models.build_models(full)
-  assert (training_loop.LoopSettings.from_config(minimal)
-          == training_loop.LoopSettings.from_config(full))
-  assert (evaluator_lib.map_settings(minimal.eval, 64)
-          == evaluator_lib.map_settings(full.eval, 64))
-  assert (evaluator_lib.feature_settings(minimal.eval)
-          == evaluator_lib.feature_settings(full.eval))
+  assert settings.from_config(minimal) == settings.from_config(full)
+  assert train_lib.build_models(minimal) == train_lib.build_models(full)
+  loop = training_loop.LoopSettings.from_settings
+  assert (loop(minimal.seed, settings.from_config(minimal).train)
+          == loop(full.seed, settings.from_config(full).train))
+  assert (evaluator_lib.map_settings(settings.from_config(minimal).eval, 64)
+          == evaluator_lib.map_settings(settings.from_config(full).eval, 64))
+  assert (evaluator_lib.feature_settings(settings.from_config(minimal).eval)
+          == evaluator_lib.feature_settings(settings.from_config(full).eval))
+
+
+def test_checking_a_config_builds_no_network(monkeypatch):
+  def no_networks(*args, **kwargs):
+    raise AssertionError('config_checks built a network')
+
+  monkeypatch.setattr(models, 'build_models', no_networks)
+  monkeypatch.setattr(models.CAVGAGenerator, '__init__', no_networks)
+  for get_config in (default.get_config, dsprites.get_config):
+    config_checks.check_config(get_config())
+  config = default.get_config()
+  config.data.image_size = 60  # not a multiple of CAVGA-D's stride
+  with pytest.raises(CavgaError, match='multiple of 16 for CAVGA-D'):
+    config_checks.check_config(config)
 
 
 def test_a_missing_required_field_is_reported():
@@ -146,6 +177,9 @@ def test_a_missing_required_field_is_reported():
     config_checks.check_config(config)
   with pytest.raises(KeyError):
     settings.default('model.latent_channels')
+  with pytest.raises(CavgaError, match='config.model.latent_channels is '
+                     'missing'):
+    settings.from_config(config)
 
 
 def test_a_run_checks_its_config_once(tiny_config, tmp_path, monkeypatch):

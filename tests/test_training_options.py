@@ -6,7 +6,6 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -14,6 +13,8 @@ import pytest
 from cavga_jax import cavga_step
 from cavga_jax import data
 from cavga_jax import eval_lib
+from cavga_jax import run_setup
+from cavga_jax import settings
 from cavga_jax import sharding
 from cavga_jax import train_state
 from conftest import REPO_ROOT
@@ -22,8 +23,8 @@ LR = 1e-2
 
 
 def _optimizer(**fields):
-  return ml_collections.ConfigDict(dict(learning_rate=LR, b1=0.5, b2=0.999,
-                                        **fields))
+  return settings.OptimizerSettings(learning_rate=LR, b1=0.5, b2=0.999,
+                                    **fields)
 
 
 def _step_sizes(tx, grads):
@@ -86,7 +87,8 @@ def test_grad_clip_norm_clips_the_gradient_adam_sees():
 def test_train_step_with_the_flat_latent(tiny_config):
   tiny_config.model.latent = 'flat'
   mesh = sharding.make_mesh()
-  generator, discriminator, init_fn, _ = train_state.setup(tiny_config, mesh)
+  generator, discriminator, init_fn, _ = train_state.setup(
+      settings.from_config(tiny_config), mesh)
   state = init_fn(jax.random.key(0))
   assert state.gen_params['mu']['kernel'].shape[-1] == (
       tiny_config.model.latent_dim)
@@ -144,7 +146,8 @@ def test_a_few_images_of_each_real_category_load_and_evaluate(
   # 64 px: KolektorSDD's and BSData's thinnest defects vanish from the
   # masks at 32 px.
   tiny_config.data.image_size = 64
-  train_ds, test_ds = data.get_datasets(tiny_config, str(tmp_path))
+  train_ds, test_ds = run_setup.load_datasets(
+      settings.from_config(tiny_config), str(tmp_path))
   assert train_ds.images.shape == (3, 64, 64, 3)
   assert train_ds.images.dtype == np.uint8 and not train_ds.labels.any()
   defects = sorted(os.listdir(source / 'test'))

@@ -1,11 +1,11 @@
 """CAVGA_w: L_bce, L_cga, class Grad-CAM, the weak split, train + evaluate."""
 
+import dataclasses
 import json
 import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -16,6 +16,7 @@ from cavga_jax import config_checks
 from cavga_jax import data
 from cavga_jax import eval_lib
 from cavga_jax import losses
+from cavga_jax import settings
 from cavga_jax import sharding
 from cavga_jax import train_lib
 from cavga_jax import train_state
@@ -111,7 +112,8 @@ def _weak_generator():
   # The tiny CAVGA_w models and state initialiser of train_lib.train, so the
   # compiled initialiser is shared (compilation cache) with the training test.
   config = tiny_weak.get_config()
-  generator, _, init_fn, _ = train_state.setup(config, sharding.make_mesh())
+  generator, _, init_fn, _ = train_state.setup(settings.from_config(config),
+                                               sharding.make_mesh())
   state = init_fn(jax.random.key(1))
   variables = {'params': state.gen_params, 'batch_stats': state.gen_batch_stats}
   x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3), minval=-1,
@@ -218,9 +220,9 @@ def test_weak_split_moves_a_few_anomalies_without_leaking():
 
 def test_weak_split_file_is_written_and_checked(tmp_path):
   test = _test_split({'crack': 6, 'hole': 3})
-  config = ml_collections.ConfigDict(dict(data=dict(
-      weak_fraction=0.01, weak_min_per_defect=2, weak_seed=3)))
-  train_w, test_w = weak.apply_weak_split(config, str(tmp_path),
+  data_settings = settings.DataSettings(image_size=32, weak_fraction=0.01,
+                                        weak_min_per_defect=2, weak_seed=3)
+  train_w, test_w = weak.apply_weak_split(data_settings, str(tmp_path),
                                           _train_split(), test)
   with open(tmp_path / weak.SPLIT_FILE) as f:
     record = json.load(f)
@@ -228,10 +230,10 @@ def test_weak_split_file_is_written_and_checked(tmp_path):
   assert record['num_test_after'] == test_w.num_examples == 5 + 9 - 4
   assert record['seed'] == 3
   # The same config reproduces the file; another selection is refused.
-  weak.apply_weak_split(config, str(tmp_path), _train_split(), test)
-  config.data.weak_seed = 4
+  weak.apply_weak_split(data_settings, str(tmp_path), _train_split(), test)
+  data_settings = dataclasses.replace(data_settings, weak_seed=4)
   with pytest.raises(DataError, match='differs from the one this workdir'):
-    weak.apply_weak_split(config, str(tmp_path), _train_split(), test)
+    weak.apply_weak_split(data_settings, str(tmp_path), _train_split(), test)
 
 
 def test_weak_split_needs_anomalies():

@@ -1,6 +1,7 @@
 """Datasets for cavga_jax: MVTec AD folders, the generated default, batching.
 
-`get_datasets(config, workdir)` is the entry point used by training and
+`get_datasets(data_settings, workdir, seed,
+              supervision)` is the entry point used by training and
 evaluation; it returns the (train, test) splits as in-memory
 `AnomalyDataset`s.
 """
@@ -14,7 +15,6 @@ import time
 
 import jax
 from jax.experimental import multihost_utils
-import ml_collections
 
 from cavga_jax import settings
 from cavga_jax import sharding
@@ -60,62 +60,61 @@ def _summary(dataset: AnomalyDataset) -> str:
   return ', '.join(f'{name}={count}' for name, count in sorted(counts.items()))
 
 
-def get_datasets(config: ml_collections.ConfigDict,
-                 workdir: str) -> tuple[AnomalyDataset, AnomalyDataset]:
+def get_datasets(data: settings.DataSettings, workdir: str, seed: int = 0,
+                 supervision: str = 'unsupervised'
+                 ) -> tuple[AnomalyDataset, AnomalyDataset]:
   """Loads (or generates, then loads) the train and test splits.
 
-  Config fields read (under `config.data`): `name` ('generated', 'mvtec' or
+  Fields read (of `data`, `config.data`): `name` ('generated', 'mvtec' or
   a one-class TFDS name, see `tfds_data.one_class_datasets`),
-  `root`, `category`, `image_size`, `channels` and optionally `num_workers`;
-  for 'generated' also `generated_seed` (default `config.seed`),
+  `root`, `category`, `image_size`, `channels` and `num_workers`;
+  for 'generated' also `generated_seed` (None: `seed`),
   `num_train`, `num_test_good`, `num_test_per_defect` (`category`
   'dark_objects' is that scene, any other the textures:
-  `generated.SCENES`). With `config.model.supervision == 'weak'` a few
+  `generated.SCENES`). With `supervision == 'weak'` (CAVGA_w) a few
   labelled test anomalies move to the train split (`cavga_jax.data.weak`;
   reads `weak_fraction`, `weak_min_per_defect`, `weak_seed` and writes
   `<workdir>/weak_split.json`).
 
   Args:
-    config: the run configuration.
+    data: the typed data settings (`settings.from_config(config).data`).
     workdir: run folder; the generated dataset goes to `<workdir>/data` when
-      `config.data.root` is unset.
+      `data.root` is unset.
+    seed: the run's seed (`config.seed`).
+    supervision: `config.model.supervision`.
 
   Returns:
-    (train, test): images (N, S, S, C) uint8 with S = config.data.image_size
-    and C = config.data.channels.
+    (train, test): images (N, S, S, C) uint8 with S = data.image_size
+    and C = data.channels.
 
   Raises:
     DataError: unknown dataset name, unset root for 'mvtec', or any problem
       with the files.
   """
-  data = config.data
-  name = data.get('name', settings.default('data.name'))
-  root = data.get('root', settings.default('data.root'))
+  name = data.name
+  root = data.root
   image_size = int(data.image_size)
-  channels = int(data.get('channels', settings.default('data.channels')))
-  num_workers = int(data.get('num_workers',
-                             settings.default('data.num_workers')))
+  channels = int(data.channels)
+  num_workers = int(data.num_workers)
 
   if name in tfds_data.ONE_CLASS_DATASETS:
-    if (config.get('model') or {}).get('supervision') == 'weak':
+    if supervision == 'weak':
       # One-class benchmarks have no labelled anomalies to move into training.
       raise DataError(f'config.data.name={name!r}: one-class TFDS datasets '
                       "support only config.model.supervision='unsupervised'")
     start = time.perf_counter()
-    splits = tfds_data.one_class_datasets(config)
+    splits = tfds_data.one_class_datasets(data)
     _log.info('Loaded one-class %s (normal class %s): train %d, test %d (%s) '
               'in %.2f s', name,
-              data.get('normal_class', settings.default('data.normal_class')),
+              data.normal_class,
               splits[0].num_examples, splits[1].num_examples,
               _summary(splits[1]), time.perf_counter() - start)
     return splits
   if name == 'generated':
     root = root or os.path.join(workdir, 'data')
-    category = (data.get('category', settings.default('data.category'))
-                or settings.default('data.category'))
-    seed = data.get('generated_seed', settings.default('data.generated_seed'))
-    if seed is None:
-      seed = config.seed
+    category = data.category or settings.default('data.category')
+    if data.generated_seed is not None:
+      seed = data.generated_seed
     start = time.perf_counter()
     if sharding.is_primary_process():
       generate_dataset(
@@ -123,13 +122,9 @@ def get_datasets(config: ml_collections.ConfigDict,
           seed=int(seed),
           image_size=image_size,
           category=category,
-          num_train=int(data.get('num_train',
-                                 settings.default('data.num_train'))),
-          num_test_good=int(data.get('num_test_good',
-                                     settings.default('data.num_test_good'))),
-          num_test_per_defect=int(data.get(
-              'num_test_per_defect',
-              settings.default('data.num_test_per_defect'))))
+          num_train=int(data.num_train),
+          num_test_good=int(data.num_test_good),
+          num_test_per_defect=int(data.num_test_per_defect))
     if jax.process_count() > 1:
       # The other processes read the folder once process 0 has written it.
       multihost_utils.sync_global_devices('cavga_jax generated dataset')
@@ -140,7 +135,7 @@ def get_datasets(config: ml_collections.ConfigDict,
       raise DataError(
           f'config.data.root is not set: set --config.data.root to the folder '
           f'that holds the MVTec AD category folders (got {root!r})')
-    category = data.get('category', None)
+    category = data.category
     if not category:
       raise DataError(f'{root}: config.data.category is not set')
   else:
@@ -156,9 +151,8 @@ def get_datasets(config: ml_collections.ConfigDict,
               os.path.join(root, category), dataset.num_examples,
               _summary(dataset), time.perf_counter() - start)
     splits.append(dataset)
-  model = config.get('model', None)
-  if model is not None and model.get('supervision', None) == 'weak':
+  if supervision == 'weak':
     # CAVGA_w: a few labelled test anomalies move to training (audited in
     # <workdir>/weak_split.json).
-    return apply_weak_split(config, workdir, splits[0], splits[1])
+    return apply_weak_split(data, workdir, splits[0], splits[1])
   return splits[0], splits[1]

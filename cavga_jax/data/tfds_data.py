@@ -26,7 +26,6 @@ import concurrent.futures
 import logging
 from typing import Any
 
-import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -267,21 +266,15 @@ def load_one_class(name: str, normal_class: int, image_size: int,
   return splits[0], splits[1]
 
 
-def one_class_datasets(config: ml_collections.ConfigDict
+def one_class_datasets(data: settings.DataSettings
                        ) -> tuple[AnomalyDataset, AnomalyDataset]:
-  """`load_one_class` from the config (used by `data.get_datasets`).
+  """`load_one_class` from the data settings (used by `data.get_datasets`).
 
-  Fields read under `config.data`: `name`, `normal_class`, `image_size`,
-  `channels`, `root` (TFDS data_dir, '' for TFDS's default), optionally
-  `download` (default True) and `num_workers` (default 8).
+  Fields read (`config.data`): `name`, `normal_class`, `image_size`,
+  `channels`, `root` (TFDS data_dir, '' for TFDS's default), `download` and
+  `num_workers`.
   """
-  data = config.data
   return load_one_class(
-      data.name,
-      data.get('normal_class', settings.default('data.normal_class')),
-      int(data.image_size),
-      int(data.get('channels', settings.default('data.channels'))),
-      data_dir=data.get('root', None) or None,
-      download=bool(data.get('download', settings.default('data.download'))),
-      num_workers=int(data.get('num_workers',
-                               settings.default('data.num_workers'))))
+      data.name, data.normal_class, int(data.image_size), int(data.channels),
+      data_dir=data.root or None, download=bool(data.download),
+      num_workers=int(data.num_workers))

@@ -31,7 +31,6 @@ import logging
 import os
 import zlib
 
-import ml_collections
 import numpy as np
 
 from cavga_jax import settings
@@ -41,9 +40,10 @@ from cavga_jax.errors import DataError
 
 SPLIT_FILE = 'weak_split.json'
 SPLIT_VERSION = 1
-DEFAULT_FRACTION = 0.01
-DEFAULT_MIN_PER_DEFECT = 1
-DEFAULT_SEED = 0
+# config.data.weak_*'s defaults (settings.DataSettings).
+DEFAULT_FRACTION = settings.default('data.weak_fraction')
+DEFAULT_MIN_PER_DEFECT = settings.default('data.weak_min_per_defect')
+DEFAULT_SEED = settings.default('data.weak_seed')
 
 _log = logging.getLogger(__name__)
 
@@ -196,14 +196,14 @@ def split(train: AnomalyDataset, test: AnomalyDataset,
   return WeakSplit(train=new_train, test=new_test, moved=moved, record=record)
 
 
-def apply_weak_split(config: ml_collections.ConfigDict, workdir: str,
+def apply_weak_split(data: settings.DataSettings, workdir: str,
                      train: AnomalyDataset, test: AnomalyDataset
                      ) -> tuple[AnomalyDataset, AnomalyDataset]:
-  """``split`` with the config's settings, audited in the workdir.
+  """``split`` with the data settings, audited in the workdir.
 
-  Config fields (under ``config.data``, all optional): ``weak_fraction``
-  (default 0.01), ``weak_min_per_defect`` (1), ``weak_seed`` (0; independent
-  of ``config.seed`` so runs with several training seeds share one test set).
+  Fields of ``data`` (``config.data``): ``weak_fraction`` (default 0.01),
+  ``weak_min_per_defect`` (1), ``weak_seed`` (0; independent of
+  ``config.seed`` so runs with several training seeds share one test set).
 
   Writes the audit file when it is absent (process 0 only); when present (a
   resumed run, ``evaluate.py``) checks that the recomputed split moves the
@@ -216,14 +216,9 @@ def apply_weak_split(config: ml_collections.ConfigDict, workdir: str,
     DataError: the recomputed split differs from the workdir's file, or the
       file is unreadable.
   """
-  data = config.data
-  result = split(train, test,
-                 fraction=float(data.get(
-                     'weak_fraction', settings.default('data.weak_fraction'))),
-                 min_per_defect=data.get(
-                     'weak_min_per_defect',
-                     settings.default('data.weak_min_per_defect')),
-                 seed=data.get('weak_seed', settings.default('data.weak_seed')))
+  result = split(train, test, fraction=float(data.weak_fraction),
+                 min_per_defect=data.weak_min_per_defect,
+                 seed=data.weak_seed)
   path = os.path.join(workdir, SPLIT_FILE)
   if os.path.exists(path):
     check_split_file(path, result.record)

@@ -28,7 +28,6 @@ import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
 from cavga_jax import anomaly_maps
@@ -37,61 +36,55 @@ from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
 from cavga_jax import layers
 from cavga_jax import models
-from cavga_jax import settings as config_settings
+from cavga_jax import settings
 from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import inference
 from cavga_jax.evaluation import registry
 from cavga_jax.evaluation import scoring
 
 
-def eval_field(eval_config: ml_collections.ConfigDict, name: str):
-  """``eval.<name>``, or the library's default (``settings``)."""
-  return eval_config.get(name, config_settings.default(f'eval.{name}'))
-
-
-def map_settings(eval_config: ml_collections.ConfigDict, image_size: int
+def map_settings(eval_settings: settings.EvalSettings, image_size: int
                  ) -> anomaly_maps.MapSettings:
   """``anomaly_maps.MapSettings`` from ``config.eval`` for one image size.
 
   ``eval.residual_sigma`` None (``configs/default.py``) is
   ``anomaly_maps.RELATIVE_SIGMA * image_size`` pixels.
   """
-  sigma = eval_config.get('residual_sigma')
+  sigma = eval_settings.residual_sigma
   if sigma is None:
     sigma = anomaly_maps.RELATIVE_SIGMA * image_size
   return anomaly_maps.MapSettings(
       residual_sigma=float(sigma),
-      ssim_window=int(eval_field(eval_config, 'ssim_window')))
+      ssim_window=int(eval_settings.ssim_window))
 
 
-def feature_settings(eval_config: ml_collections.ConfigDict
+def feature_settings(eval_settings: settings.EvalSettings
                      ) -> feature_gaussian.FeatureSettings | None:
   """The feature map's settings, or None without ``eval.calibrate`` (the
   feature map needs the pass over the normal training images)."""
-  if not eval_field(eval_config, 'calibrate'):
+  if not eval_settings.calibrate:
     return None
   return feature_gaussian.FeatureSettings(
-      stages=tuple(int(s) for s in eval_field(eval_config, 'feature_stages')),
-      dims=int(eval_field(eval_config, 'feature_dims')),
-      grid_divisor=int(eval_field(eval_config, 'feature_grid_divisor')))
+      stages=tuple(int(s) for s in eval_settings.feature_stages),
+      dims=int(eval_settings.feature_dims),
+      grid_divisor=int(eval_settings.feature_grid_divisor))
 
 
-def knn_settings(eval_config: ml_collections.ConfigDict
+def knn_settings(eval_settings: settings.EvalSettings
                  ) -> feature_knn.KnnSettings | None:
   """The feature-kNN map's settings, or None (no ``eval.calibrate``, or
   ``eval.knn_bank_size`` 0)."""
-  bank_size = int(eval_field(eval_config, 'knn_bank_size'))
-  if not eval_field(eval_config, 'calibrate') or bank_size <= 0:
+  bank_size = int(eval_settings.knn_bank_size)
+  if not eval_settings.calibrate or bank_size <= 0:
     return None
   return feature_knn.KnnSettings(
-      stages=tuple(int(s) for s in eval_field(eval_config, 'knn_stages')),
-      grid_divisor=int(eval_field(eval_config, 'knn_grid_divisor')),
+      stages=tuple(int(s) for s in eval_settings.knn_stages),
+      grid_divisor=int(eval_settings.knn_grid_divisor),
       bank_size=bank_size,
-      chunk=int(eval_field(eval_config, 'knn_chunk')))
+      chunk=int(eval_settings.knn_chunk))
 
 
-def fitted_settings(eval_config: ml_collections.ConfigDict
-                    ) -> dict[str, Any]:
+def fitted_settings(eval_settings: settings.EvalSettings) -> dict[str, Any]:
   """{name: settings} of the fitted maps an evaluation fits (``fitted_map``).
 
   Empty without ``eval.calibrate`` (the pass over the normal training
@@ -100,16 +93,16 @@ def fitted_settings(eval_config: ml_collections.ConfigDict
   features of ``feature_gaussian`` and ``eval.feature_shrinkage``;
   ``feature_knn`` only with a bank).
   """
-  if not eval_field(eval_config, 'calibrate'):
+  if not eval_settings.calibrate:
     return {}
-  settings = {name: registry.spec(name).fitted.settings
-              for name in registry.names('fitted')}
-  settings[feature_gaussian.NAME] = feature_settings(eval_config)
-  settings[feature_gaussian.SHRUNK_NAME] = dataclasses.replace(
-      settings[feature_gaussian.NAME],
-      shrinkage=float(eval_field(eval_config, 'feature_shrinkage')))
-  settings[feature_knn.NAME] = knn_settings(eval_config)
-  return {name: value for name, value in settings.items()
+  fitted = {name: registry.spec(name).fitted.settings
+            for name in registry.names('fitted')}
+  fitted[feature_gaussian.NAME] = feature_settings(eval_settings)
+  fitted[feature_gaussian.SHRUNK_NAME] = dataclasses.replace(
+      fitted[feature_gaussian.NAME],
+      shrinkage=float(eval_settings.feature_shrinkage))
+  fitted[feature_knn.NAME] = knn_settings(eval_settings)
+  return {name: value for name, value in fitted.items()
           if name != feature_knn.NAME or value is not None}
 
 
@@ -128,8 +121,8 @@ class Evaluator:
   Args:
     generator: the generator module.
     dataset: the test set.
-    eval_config: ``config.eval`` (batch_size, map, maps, the map settings,
-      calibrate, the feature and kNN fields, threshold_holdout,
+    eval_settings: the typed ``config.eval`` (batch_size, map, maps, the
+      map settings, calibrate, the feature and kNN fields, threshold_holdout,
       threshold_quantile).
     mesh: the device mesh the batches are sharded over.
     normal_images: (N, S, S, C) uint8 normal training images. A share
@@ -144,25 +137,25 @@ class Evaluator:
 
   def __init__(self, generator: models.CAVGAGenerator,
                dataset: data.AnomalyDataset,
-               eval_config: ml_collections.ConfigDict,
+               eval_settings: settings.EvalSettings,
                mesh: jax.sharding.Mesh,
                normal_images: np.ndarray | None = None,
                feature_variables: Any = None):
     self.generator, self.dataset, self.mesh = generator, dataset, mesh
-    self.batch_size = int(eval_config.batch_size)
-    self.headline = eval_field(eval_config, 'map')
-    self.quantile = float(eval_field(eval_config, 'threshold_quantile'))
+    self.batch_size = int(eval_settings.batch_size)
+    self.headline = eval_settings.map
+    self.quantile = float(eval_settings.threshold_quantile)
     self.image_size = dataset.images.shape[1]
-    self.settings = map_settings(eval_config, self.image_size)
+    self.settings = map_settings(eval_settings, self.image_size)
     self.feature_variables = feature_variables
     # The maps evaluated (None: all) and what they read.
     self.names = None
     self.batch_names = tuple(registry.batch_functions(
         generator.with_classifier))
     # {name: settings} of the fitted maps (``fitted_settings``).
-    fitted = fitted_settings(eval_config)
+    fitted = fitted_settings(eval_settings)
     attention = True
-    if eval_field(eval_config, 'maps') == 'headline':
+    if eval_settings.maps == 'headline':
       self.names = registry.closure([self.headline])
       self.batch_names = registry.batch_maps(self.names)
       attention = registry.ATTENTION in registry.needs(self.names)
@@ -184,7 +177,7 @@ class Evaluator:
     self.fit_images = self.held_out = None
     if normal_images is not None:
       self.fit_images, self.held_out = fitting.split_held_out(
-          normal_images, eval_field(eval_config, 'threshold_holdout'))
+          normal_images, eval_settings.threshold_holdout)
       if not fitted:
         self.fit_images = None
     # What a fit of these settings holds: the maps fitted on fit_images

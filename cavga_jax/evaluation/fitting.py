@@ -102,7 +102,7 @@ class FittedMaps:
 def apply_fitted(fitted: FittedMaps, maps: dict[str, Array],
                  inputs: dict[str, Array], names: Sequence[str],
                  context: fitted_map.Context,
-                 settings: dict[str, Any]) -> dict[str, Array]:
+                 per_map: dict[str, Any]) -> dict[str, Array]:
   """The fitted and combined maps ``names`` of one batch (pure jnp).
 
   Args:
@@ -114,7 +114,7 @@ def apply_fitted(fitted: FittedMaps, maps: dict[str, Array],
     names: the maps to compute, each in ``fitted.available()``; parts come
       first (``registry.closure``), a part not in ``maps`` is computed too.
     context: what the fitted maps read besides their inputs.
-    settings: {name: settings} of the fitted maps (``fitted_map``).
+    per_map: {name: settings} of the fitted maps (``fitted_map``).
 
   Returns:
     name -> (B, S, S) float32 for every name of ``names`` and their parts.
@@ -128,7 +128,7 @@ def apply_fitted(fitted: FittedMaps, maps: dict[str, Array],
       maps[name] = combined_maps.combine_parts(maps, fitted.normalisers,
                                                spec.parts, spec.rule)
     elif spec.kind == 'fitted':
-      maps[name] = spec.fitted.apply(context, settings.get(name),
+      maps[name] = spec.fitted.apply(context, per_map.get(name),
                                      fitted.maps[name], inputs[name])
     else:
       raise ValueError(f'{name!r} is not a fitted map')

@@ -31,7 +31,6 @@ import shutil
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -92,20 +91,20 @@ def tree_sha256(tree: Any) -> str:
   return digest.hexdigest()
 
 
-def fit_key(eval_config: ml_collections.ConfigDict, step: int, state: Any,
+def fit_key(eval_settings: Any, step: int, state: Any,
             image_size: int, num_normal: int) -> dict[str, Any]:
   """The JSON-able identity of a fit (module docstring).
 
+  ``eval_settings``: the typed ``config.eval`` (``settings.EvalSettings``).
   ``state``: the train state the maps are fitted for; the key holds the
   SHA-256 of its ``gen_params`` and ``gen_batch_stats``.
   """
   fields = {}
   for name in FIT_FIELDS:
-    value = eval_config.get(name)
+    value = getattr(eval_settings, name)
     fields[name] = list(value) if isinstance(value, tuple) else value
-  variables = {'params': state.gen_params,
-               'batch_stats': state.gen_batch_stats}
-  return dict(step=int(step), variables_sha256=tree_sha256(variables),
+  return dict(step=int(step),
+              variables_sha256=tree_sha256(state.generator_variables()),
               image_size=int(image_size), num_normal_images=int(num_normal),
               eval=fields)
 
