@@ -47,6 +47,8 @@ import ml_collections
 from cavga_jax import checkpointing
 from cavga_jax import config_checks
 from cavga_jax import data
+from cavga_jax import detector
+from cavga_jax import detector_lib
 from cavga_jax import sharding
 from cavga_jax import train_state
 from cavga_jax import workdirs
@@ -107,9 +109,13 @@ def evaluation_setup(config: ml_collections.ConfigDict, workdir: str,
     state = initial()
     feature_variables = {'params': state.gen_params,
                          'batch_stats': state.gen_batch_stats}
+  # The detector train.py trained (none with ``untrained``: the map is
+  # then the initial network, the control).
+  trained = None if untrained else detector_lib.trained_state(config, workdir)
   evaluator = evaluator_lib.Evaluator(
       generator, test_ds, config.eval, mesh,
-      evaluator_lib.normal_training_images(train_ds), feature_variables)
+      evaluator_lib.normal_training_images(train_ds), feature_variables,
+      None if trained is None else {detector.NAME: trained[0]})
   return test_ds, evaluator, init_fn, initial, mesh
 
 
@@ -225,7 +231,7 @@ def fitted_maps(config: ml_collections.ConfigDict, workdir: str,
   """
   directory = store.fitted_dir(workdir, step, untrained)
   key = store.fit_key(config.eval, step, state, evaluator.image_size,
-                      evaluator.num_normal_images)
+                      evaluator.num_normal_images, evaluator.trained)
   fitted = None
   if not refit:
     try:

@@ -28,6 +28,8 @@ import numpy as np
 from cavga_jax import anomaly_maps
 from cavga_jax import checkpointing
 from cavga_jax import config_checks
+from cavga_jax import detector
+from cavga_jax import detector_lib
 from cavga_jax import layers
 from cavga_jax import models
 from cavga_jax import settings as config_settings
@@ -226,8 +228,11 @@ def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None,
                      f'evaluate.py --workdir={workdir} --config=...{flag}` '
                      'first (it fits them on the normal training images and '
                      'saves them there)')
-  expected = store.fit_key(config.eval, step, state,
-                           saved['image_size'], saved['num_normal_images'])
+  trained = None if untrained else detector_lib.trained_state(config, workdir)
+  expected = store.fit_key(
+      config.eval, step, state, saved['image_size'],
+      saved['num_normal_images'],
+      None if trained is None else {detector.NAME: trained[0]})
   changed = store.differing_fields(saved, expected)
   if changed:
     raise CavgaError(f'{directory}: the maps were fitted with other '

@@ -102,6 +102,17 @@ DEFAULTS: dict[str, Any] = {
     'eval.knn_chunk': 4096,
     'eval.threshold_holdout': 0.1,
     'eval.threshold_quantile': 0.999,
+    'detector.num_steps': 0,
+    'detector.batch_size': 4096,
+    'detector.hidden': 1024,
+    'detector.noise_std': 0.25,
+    'detector.margin': 0.5,
+    'detector.learning_rate': 2e-4,
+    'detector.adaptor_learning_rate': 1e-4,
+    'detector.weight_decay': 1e-5,
+    'detector.validate_every': 0,
+    'detector.checkpoint_every': 500,
+    'detector.log_every': 100,
 }
 
 # config.task='vae' (configs/dsprites.py): where it differs from DEFAULTS or

@@ -25,6 +25,7 @@ from cavga_jax import cavga_step
 from cavga_jax import checkpointing
 from cavga_jax import config_checks
 from cavga_jax import data
+from cavga_jax import detector_lib
 from cavga_jax import layers
 from cavga_jax import models
 from cavga_jax import runtime
@@ -129,13 +130,25 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     state = train_state.initial_state(config, init_fn, state_sharding)
     if config.model.get('pretrained'):
       logging.info('encoder initialised from %s', config.model.pretrained)
-  return training_loop.training_loop(
+  state = training_loop.training_loop(
       loop_settings, workdir, state, train_step, train_ds.num_examples,
       lambda idx: (sharding.shard_batch(images[idx[host_slice]], mesh),
                    sharding.shard_batch(labels[idx[host_slice]], mesh)),
       step_rng, ('g_loss', 'd_loss'), description, index_fn=index_fn,
       eval_fn=_curve_fn(config, generator, test_ds,
                         evaluator_lib.normal_training_images(train_ds), mesh))
+  # The trained detector (config.detector.num_steps > 0) on the features the
+  # evaluation reads: the initial encoder's with eval.feature_weights=
+  # 'initial', else the trained one's.
+  if detector_lib.settings_from_config(config).train.num_steps > 0:
+    source = state
+    if evaluator_lib.eval_field(config.eval, 'feature_weights') == 'initial':
+      source = train_state.initial_state(config, init_fn, state_sharding)
+    detector_lib.train(
+        config, workdir, generator,
+        {'params': source.gen_params, 'batch_stats': source.gen_batch_stats},
+        evaluator_lib.normal_training_images(train_ds), mesh)
+  return state
 
 
 SYNTHETIC_EXAMPLES_FILE = 'synthetic_examples.png'

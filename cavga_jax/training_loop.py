@@ -164,6 +164,9 @@ def training_loop(settings: LoopSettings, workdir: str,
   if start_step >= num_steps:
     logging.info('already trained for %d steps (config.train.num_steps=%d)',
                  start_step, num_steps)
+    if manager.latest_step() is None:
+      # num_steps 0: the initial state is the checkpoint evaluate.py reads.
+      checkpointing.save(manager, start_step, state)
     return state
 
   batch_size = settings.batch_size

@@ -33,6 +33,7 @@ import numpy as np
 
 from cavga_jax import anomaly_maps
 from cavga_jax import data
+from cavga_jax import detector
 from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
 from cavga_jax import layers
@@ -90,6 +91,16 @@ def knn_settings(eval_config: ml_collections.ConfigDict
       chunk=int(eval_field(eval_config, 'knn_chunk')))
 
 
+def detector_settings(eval_config: ml_collections.ConfigDict
+                      ) -> detector.DetectorSettings:
+  """The trained detector's map settings: the features of
+  ``feature_gaussian`` (``eval.feature_stages``, ``eval.feature_grid_divisor``),
+  all channels."""
+  return detector.DetectorSettings(
+      stages=tuple(int(s) for s in eval_field(eval_config, 'feature_stages')),
+      grid_divisor=int(eval_field(eval_config, 'feature_grid_divisor')))
+
+
 def fitted_settings(eval_config: ml_collections.ConfigDict
                     ) -> dict[str, Any]:
   """{name: settings} of the fitted maps an evaluation fits (``fitted_map``).
@@ -109,6 +120,7 @@ def fitted_settings(eval_config: ml_collections.ConfigDict
       settings[feature_gaussian.NAME],
       shrinkage=float(eval_field(eval_config, 'feature_shrinkage')))
   settings[feature_knn.NAME] = knn_settings(eval_config)
+  settings[detector.NAME] = detector_settings(eval_config)
   return {name: value for name, value in settings.items()
           if name != feature_knn.NAME or value is not None}
 
@@ -140,6 +152,9 @@ class Evaluator:
       the feature maps take their features from, whatever the evaluated
       parameters (``eval.feature_weights='initial'``); None = the evaluated
       ones.
+    trained: {name: state} of fitted maps trained by ``train.py`` (the
+      ``feature_detector`` of ``detector_lib.trained_state``): the fit
+      takes these states instead of fitting them.
   """
 
   def __init__(self, generator: models.CAVGAGenerator,
@@ -147,8 +162,10 @@ class Evaluator:
                eval_config: ml_collections.ConfigDict,
                mesh: jax.sharding.Mesh,
                normal_images: np.ndarray | None = None,
-               feature_variables: Any = None):
+               feature_variables: Any = None,
+               trained: dict[str, Any] | None = None):
     self.generator, self.dataset, self.mesh = generator, dataset, mesh
+    self.trained = dict(trained or {})
     self.batch_size = int(eval_config.batch_size)
     self.headline = eval_field(eval_config, 'map')
     self.quantile = float(eval_field(eval_config, 'threshold_quantile'))
@@ -222,7 +239,8 @@ class Evaluator:
               lambda batch: self.normal_step(params, batch_stats, batch,
                                              self.feature_variables),
               self.fit_images, self.batch_size, self.mesh,
-              'normal training images'), self.fitted_settings, self.mesh)
+              'normal training images'), self.fitted_settings, self.mesh,
+          self.trained)
     if self.held_out is not None:
       held_out = self._predict(params, batch_stats, fitted, self.held_out,
                                'held-out normal training images')
