@@ -225,21 +225,31 @@ def train_on_cells(settings: Settings, workdir: str, cells: np.ndarray,
       index_fn=index_fn, eval_fn=eval_fn)
 
 
-def trained_state(config: ml_collections.ConfigDict, workdir: str
+def trained_state(config: ml_collections.ConfigDict, workdir: str,
+                  step: int | None = None
                   ) -> tuple[dict[str, Any], int] | None:
-  """(the newest detector checkpoint's map state, its step), or None when
-  the run trained no detector."""
+  """(a detector checkpoint's map state, its step), or None when the run
+  trained no detector. ``step`` None: the newest checkpoint."""
+  del config  # The checkpoint holds everything the map needs.
   directory = detector_dir(workdir)
   if not checkpointing.has_checkpoint(directory):
     return None
   manager = checkpointing.make_manager(directory)
   try:
-    step = manager.latest_step()
+    step = manager.latest_step() if step is None else step
     restored = manager.restore(step)
   finally:
     manager.close()
   tree = restored if isinstance(restored, dict) else restored.__dict__
   state = {k: jax.tree.map(np.asarray, tree[k])
            for k in ('params', 'batch_stats', 'mean', 'std')}
-  del config
   return state, int(step)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the detector checkpoints kept in ``workdir``."""
+  manager = checkpointing.make_manager(detector_dir(workdir))
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
