@@ -21,14 +21,17 @@ training when ``config.detector.num_steps > 0``:
    replicated) with Orbax checkpoints in ``<workdir>/detector/checkpoints``
    and exact resume.
 
-``trained_state(config, workdir)`` gives ``evaluate.py`` the newest
-checkpoint's map state (or None), which replaces the untrained detector of
-the fit. ``settings_from_config`` is the one place the config is read.
+``trained_state(config, workdir)`` gives ``evaluate.py`` the map state of
+the kept checkpoint with the best synthetic-validation pixel AUROC
+(``selected_step``; test data never selects), which replaces the untrained
+detector of the fit. ``settings_from_config`` is the one place the config
+is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -49,11 +52,16 @@ from cavga_jax import training_loop
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import inference
+from cavga_jax.evaluation import outputs
 
 DETECTOR_DIR = 'detector'
 # The validation's synthetic anomalies: one per held-out image, drawn with
 # this key, of the library's default kinds and sizes.
 VALIDATION_SEED = 1234
+# The validation record's name and the metric that selects the checkpoint
+# evaluate.py uses (``selected_step``).
+VALIDATION = 'synthetic_validation'
+SELECTION_METRIC = 'pixel_auroc'
 # The detector's noise keys: this stream of the run's step key.
 _STEP_STREAM = 0xDE7
 
@@ -176,7 +184,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, generator,
         inference.map_context(generator, maps, image_size))
 
     def eval_fn(state, step):
-      return dict(step=step, maps={'synthetic_validation': validate(state)})
+      return dict(step=step, maps={VALIDATION: validate(state)})
 
   return train_on_cells(settings, workdir, cells, mean, std, mesh, eval_fn,
                         f'on {len(fit_images)} images')
@@ -229,14 +237,14 @@ def trained_state(config: ml_collections.ConfigDict, workdir: str,
                   step: int | None = None
                   ) -> tuple[dict[str, Any], int] | None:
   """(a detector checkpoint's map state, its step), or None when the run
-  trained no detector. ``step`` None: the newest checkpoint."""
+  trained no detector. ``step`` None: ``selected_step``'s."""
   del config  # The checkpoint holds everything the map needs.
   directory = detector_dir(workdir)
   if not checkpointing.has_checkpoint(directory):
     return None
+  step = selected_step(workdir) if step is None else step
   manager = checkpointing.make_manager(directory)
   try:
-    step = manager.latest_step() if step is None else step
     restored = manager.restore(step)
   finally:
     manager.close()
@@ -244,6 +252,30 @@ def trained_state(config: ml_collections.ConfigDict, workdir: str,
   state = {k: jax.tree.map(np.asarray, tree[k])
            for k in ('params', 'batch_stats', 'mean', 'std')}
   return state, int(step)
+
+
+def validation_scores(workdir: str) -> dict[int, dict[str, float]]:
+  """step -> the synthetic validation logged at it (``train``)."""
+  path = os.path.join(detector_dir(workdir), outputs.CURVE_FILE)
+  scores = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        record = json.loads(line)
+        scores[int(record['step'])] = record['maps'][VALIDATION]
+  return scores
+
+
+def selected_step(workdir: str) -> int:
+  """The kept checkpoint with the best synthetic-validation pixel AUROC
+  (``SELECTION_METRIC``; the later one on a tie), the newest when none was
+  validated: model selection without test data."""
+  steps = checkpoint_steps(workdir)
+  scores = validation_scores(workdir)
+  scored = [s for s in steps if s in scores]
+  if not scored:
+    return steps[-1]
+  return max(scored, key=lambda s: (scores[s][SELECTION_METRIC], s))
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

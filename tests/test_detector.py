@@ -3,6 +3,7 @@ its path through train.py, evaluate.py, predict.py and the export."""
 
 import csv
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -80,8 +81,15 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, resumed.map_state(),
                full.map_state())
   state, step = detector_lib.trained_state(None, str(tmp_path / 'full'))
-  assert step == 6
+  assert step == 6  # no validation logged: the newest
   jax.tree.map(np.testing.assert_array_equal, state, full.map_state())
+  # The synthetic validation selects among the kept checkpoints (3, 6).
+  curve = tmp_path / 'full' / detector_lib.DETECTOR_DIR / 'eval_curve.jsonl'
+  curve.write_text(''.join(
+      json.dumps(dict(step=s, maps={detector_lib.VALIDATION: dict(
+          pixel_auroc=p)})) + '\n' for s, p in ((3, 0.9), (6, 0.8))))
+  assert detector_lib.selected_step(str(tmp_path / 'full')) == 3
+  assert detector_lib.trained_state(None, str(tmp_path / 'full'))[1] == 3
 
 
 def test_registered_with_the_feature_maps_features():
