@@ -16,12 +16,14 @@ What it computes, for one image:
   normal training images (part of the state); SimpleNet's WideResNet
   features are average-pooled to a fixed scale, Lite0's ReLU6 stages are
   not, and a noise scale means something only on standardised features;
-* the feature adaptor: one linear layer (plain parameters), initialised to the identity
+* the feature adaptor: one linear layer (plain parameters, no bias: the
+  discriminator's BatchNorm removes any shift), initialised to the identity
   (SimpleNet's ``Projection`` with ``pre_proj=1``; SimpleNet initialises it
   randomly, xavier_normal: with the adaptor's small learning rate a random
   projection stays nearly random for the few hundred steps a CPU affords,
   so it starts from the features themselves);
-* the discriminator (``Discriminator``): Linear(D, hidden) + BatchNorm + LeakyReLU(0.2) +
+* the discriminator (``Discriminator``): Linear(D, hidden; no bias, which
+  BatchNorm removes) + BatchNorm + LeakyReLU(0.2) +
   Linear(hidden, 1, no bias) (SimpleNet's ``dsc_layers=2, dsc_hidden=
   1024``); the map is ``-D`` per cell, bilinear to image size and blurred
   like the other feature maps; the image score is the map's maximum
@@ -112,7 +114,10 @@ class Discriminator(nn.Module):
 
   @nn.compact
   def __call__(self, adapted: Array, train: bool = False) -> Array:
-    h = nn.Dense(self.hidden, kernel_init=nn.initializers.xavier_normal(),
+    # No bias: BatchNorm removes it (its gradient is rounding noise, which
+    # Adam would turn into steps of lr).
+    h = nn.Dense(self.hidden, use_bias=False,
+                 kernel_init=nn.initializers.xavier_normal(),
                  name='hidden')(adapted)
     h = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                      epsilon=1e-5, name='norm')(h)
@@ -127,15 +132,16 @@ def init_variables(settings: DetectorSettings, dims: int) -> dict[str, Any]:
   detector on ``dims`` channels (the adaptor the identity)."""
   variables = Discriminator(settings.hidden).init(
       jax.random.key(settings.seed), jnp.zeros((2, dims)), False)
-  adaptor = {'kernel': jnp.eye(dims, dtype=jnp.float32),
-             'bias': jnp.zeros((dims,), jnp.float32)}
+  # No bias: a shift of all cells is removed by the BatchNorm after the
+  # first layer, so its gradient would be rounding noise (see there).
+  adaptor = {'kernel': jnp.eye(dims, dtype=jnp.float32)}
   return {'params': {'adaptor': adaptor,
                      'discriminator': variables['params']},
           'batch_stats': variables['batch_stats']}
 
 
 def _adapt(params: Any, features: Array) -> Array:
-  return features @ params['adaptor']['kernel'] + params['adaptor']['bias']
+  return features @ params['adaptor']['kernel']
 
 
 def _discriminate(params: Any, batch_stats: Any, adapted: Array,
