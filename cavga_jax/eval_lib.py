@@ -231,7 +231,8 @@ def fitted_maps(config: ml_collections.ConfigDict, workdir: str,
   """
   directory = store.fitted_dir(workdir, step, untrained)
   key = store.fit_key(config.eval, step, state, evaluator.image_size,
-                      evaluator.num_normal_images, evaluator.trained)
+                      evaluator.num_normal_images,
+                      getattr(evaluator, 'trained', None))
   fitted = None
   if not refit:
     try:
