@@ -118,7 +118,9 @@ def training_loop(settings: LoopSettings, workdir: str,
     workdir: checkpoints go to ``<workdir>/checkpoints``, metrics to
       ``<workdir>/train_metrics.jsonl``.
     state: the freshly initialised state (a flax struct with ``step``); the
-      newest checkpoint, if any, replaces it.
+      newest checkpoint, if any, replaces it. With ``num_steps`` 0 and no
+      checkpoint it is saved as checkpoint 0 (``configs/mvtec.py`` trains
+      no VAE-GAN; evaluate.py reads the initial networks from it).
     train_step: the jitted ``(state, batch, rng) -> (state, metrics)``;
       metrics hold float scalars incl. ``nonfinite`` and ``loss_keys``.
     num_examples: size of the training set; batches are
