@@ -46,6 +46,10 @@ COMBINATIONS = {
                      'residual_ssim_smooth_calibrated'),
     'combined_robust': ('feature_gaussian_shrunk', 'feature_knn',
                         'initial_ssim_calibrated'),
+    # combined_robust and the trained detector (detector.py, issue 36
+    # item 4), measured beside it.
+    'combined_detector': ('feature_gaussian_shrunk', 'feature_knn',
+                          'initial_ssim_calibrated', 'feature_detector'),
 }
 # Combination name -> its rule (module docstring).
 RULES = {
@@ -53,6 +57,7 @@ RULES = {
     'combined_knn_ssim': MEAN_Z,
     'combined_all': MEAN_Z,
     'combined_robust': MEAN_TAIL,
+    'combined_detector': MEAN_TAIL,
 }
 NAMES = tuple(COMBINATIONS)
 

@@ -180,6 +180,7 @@ def _check_cavga_config(config: settings.RunSettings) -> None:
   _check_choice(config, 'model.compute_dtype', models.COMPUTE_DTYPES)
   _check_choice(config, 'model.input_norm', models.INPUT_NORMS)
   _check_choice(config, 'model.conv_impl', layers.CONV_IMPLS)
+  _check_detector(config)
   _check_int(config, 'model.latent_channels', 1)
   _check_int(config, 'model.latent_dim', 1)
   _check_choice(config, 'model.attention_score', models.ATTENTION_SCORES)
@@ -209,6 +210,17 @@ def _check_cavga_config(config: settings.RunSettings) -> None:
   _check_weak_quota(config)
   _check_synthetic(config)
   _check_loss_terms(config)
+
+
+def _check_detector(config: settings.RunSettings) -> None:
+  """The trained detector's fields (``config.detector``, ``detector``)."""
+  for field in ('num_steps', 'validate_every'):
+    _check_int(config, f'detector.{field}', 0)
+  for field in ('batch_size', 'hidden', 'checkpoint_every', 'log_every'):
+    _check_int(config, f'detector.{field}', 1)
+  for field in ('noise_std', 'margin', 'learning_rate',
+                'adaptor_learning_rate', 'weight_decay'):
+    _check_number(config, f'detector.{field}', 0.0)
 
 
 def _check_eval_maps(config: settings.RunSettings) -> None:

@@ -27,6 +27,8 @@ import numpy as np
 
 from cavga_jax import anomaly_maps
 from cavga_jax import config_checks
+from cavga_jax import detector
+from cavga_jax import detector_lib
 from cavga_jax import layers
 from cavga_jax import models
 from cavga_jax import run_setup
@@ -220,8 +222,11 @@ def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None,
                      f'evaluate.py --workdir={workdir} --config=...{flag}` '
                      'first (it fits them on the normal training images and '
                      'saves them there)')
-  expected = store.fit_key(run.eval, step, state,
-                           saved['image_size'], saved['num_normal_images'])
+  trained = None if untrained else detector_lib.trained_state(workdir)
+  expected = store.fit_key(
+      run.eval, step, state, saved['image_size'],
+      saved['num_normal_images'],
+      None if trained is None else {detector.NAME: trained[0]})
   changed = store.differing_fields(saved, expected)
   if changed:
     raise CavgaError(f'{directory}: the maps were fitted with other '

@@ -132,6 +132,23 @@ class EvalSettings:
 
 
 @_frozen
+class DetectorSettings:
+  """``config.detector``: the trained detector (``detector``,
+  ``detector_lib``); ``num_steps`` 0 trains none."""
+  num_steps: int = 0
+  batch_size: int = 4096
+  hidden: int = 1024
+  noise_std: float = 0.25
+  margin: float = 0.5
+  learning_rate: float = 2e-4
+  adaptor_learning_rate: float = 1e-4
+  weight_decay: float = 1e-5
+  validate_every: int = 0
+  checkpoint_every: int = 500
+  log_every: int = 100
+
+
+@_frozen
 class RunSettings:
   """A CAVGA run's whole configuration, typed (``from_config``)."""
   seed: int
@@ -141,6 +158,7 @@ class RunSettings:
   optimizer: OptimizerSettings
   train: TrainSettings
   eval: EvalSettings
+  detector: DetectorSettings = DetectorSettings()
   task: str = 'cavga'
 
 
@@ -203,7 +221,7 @@ class VaeRunSettings:
 # Section name -> its dataclass, per task.
 SECTIONS = {'data': DataSettings, 'model': ModelSettings,
             'optimizer': OptimizerSettings, 'train': TrainSettings,
-            'eval': EvalSettings}
+            'eval': EvalSettings, 'detector': DetectorSettings}
 VAE_SECTIONS = {'data': VaeDataSettings, 'model': VaeModelSettings,
                 'loss': VaeLossSettings, 'optimizer': OptimizerSettings,
                 'train': TrainSettings, 'eval': VaeEvalSettings}

@@ -26,6 +26,7 @@ from cavga_jax import cavga_step
 from cavga_jax import checkpointing
 from cavga_jax import config_checks
 from cavga_jax import data
+from cavga_jax import detector_lib
 from cavga_jax import layers
 from cavga_jax import models
 from cavga_jax import run_setup
@@ -143,13 +144,23 @@ def _train(run: settings.RunSettings, workdir: str,
     state = made.initial_state()
     if run.model.pretrained:
       logging.info('encoder initialised from %s', run.model.pretrained)
-  return training_loop.training_loop(
+  state = training_loop.training_loop(
       loop_settings, workdir, state, train_step, train_ds.num_examples,
       lambda idx: (sharding.shard_batch(images[idx[host_slice]], mesh),
                    sharding.shard_batch(labels[idx[host_slice]], mesh)),
       step_rng, ('g_loss', 'd_loss'), description, index_fn=index_fn,
       eval_fn=_curve_fn(run.eval, run.train.eval_every, generator, test_ds,
                         evaluator_lib.normal_training_images(train_ds), mesh))
+  # The trained detector (config.detector.num_steps > 0) on the features the
+  # evaluation reads: the initial encoder's with eval.feature_weights=
+  # 'initial', else the trained one's.
+  if run.detector.num_steps > 0:
+    source = state
+    if run.eval.feature_weights == 'initial':
+      source = made.initial_state()
+    detector_lib.train(run, workdir, generator, source.generator_variables(),
+                       evaluator_lib.normal_training_images(train_ds), mesh)
+  return state
 
 
 SYNTHETIC_EXAMPLES_FILE = 'synthetic_examples.png'

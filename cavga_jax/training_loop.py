@@ -113,7 +113,9 @@ def training_loop(settings: LoopSettings, workdir: str,
     workdir: checkpoints go to ``<workdir>/checkpoints``, metrics to
       ``<workdir>/train_metrics.jsonl``.
     state: the freshly initialised state (a flax struct with ``step``); the
-      newest checkpoint, if any, replaces it.
+      newest checkpoint, if any, replaces it. With ``num_steps`` 0 and no
+      checkpoint it is saved as checkpoint 0 (``configs/mvtec.py`` trains
+      no VAE-GAN; evaluate.py reads the initial networks from it).
     train_step: the jitted ``(state, batch, rng) -> (state, metrics)``;
       metrics hold float scalars incl. ``nonfinite`` and ``loss_keys``.
     num_examples: size of the training set; batches are
@@ -159,6 +161,9 @@ def training_loop(settings: LoopSettings, workdir: str,
   if start_step >= num_steps:
     logging.info('already trained for %d steps (config.train.num_steps=%d)',
                  start_step, num_steps)
+    if manager.latest_step() is None:
+      # num_steps 0: the initial state is the checkpoint evaluate.py reads.
+      checkpointing.save(manager, start_step, state)
     return state
 
   batch_size = settings.batch_size

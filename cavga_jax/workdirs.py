@@ -58,7 +58,9 @@ MAY_DIFFER = (
     'train.num_steps', 'train.log_every', 'train.checkpoint_every',
     'train.keep_checkpoints', 'train.prefetch', 'train.eval_every',
     'train.nonfinite', 'train.max_consecutive_skips', 'eval',
-    'data.num_workers', 'model.conv_impl',
+    'data.num_workers', 'model.conv_impl', 'detector.num_steps',
+    'detector.validate_every', 'detector.checkpoint_every',
+    'detector.log_every',
 )
 
 # What a run writes into its workdir, deleted by start_over. The generated

@@ -161,4 +161,24 @@ def get_config() -> ml_collections.ConfigDict:
   # and 'detection_accuracy_held_out' (0 = off).
   config.eval.threshold_holdout = 0.1
   config.eval.threshold_quantile = 0.999
+
+  # The trained detector, map 'feature_detector' (cavga_jax/detector.py,
+  # SimpleNet on the feature maps' frozen features, eval.feature_stages):
+  # train.py trains it after CAVGA for num_steps steps (0 = not trained;
+  # the map is then the initial network) into <workdir>/detector/.
+  config.detector = ml_collections.ConfigDict()
+  config.detector.num_steps = 0
+  config.detector.batch_size = 4096  # feature cells per step
+  config.detector.hidden = 1024  # the discriminator's hidden width
+  # The negatives' Gaussian noise, in units of each channel's std.
+  config.detector.noise_std = 0.25
+  config.detector.margin = 0.5  # the truncated L1 loss's margin
+  config.detector.learning_rate = 2e-4  # discriminator (Adam)
+  config.detector.adaptor_learning_rate = 1e-4  # adaptor (AdamW)
+  config.detector.weight_decay = 1e-5  # discriminator L2
+  # Synthetic validation on the held-out normal images every N steps
+  # (0 = at the end), <workdir>/detector/eval_curve.jsonl.
+  config.detector.validate_every = 0
+  config.detector.checkpoint_every = 500
+  config.detector.log_every = 100
   return config

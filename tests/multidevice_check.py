@@ -22,6 +22,8 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from cavga_jax import cavga_step  # pylint: disable=wrong-import-position
 from cavga_jax import data  # pylint: disable=wrong-import-position
+from cavga_jax import detector  # pylint: disable=wrong-import-position
+from cavga_jax import detector_lib  # pylint: disable=wrong-import-position
 from cavga_jax import run_setup  # pylint: disable=wrong-import-position
 from cavga_jax import runtime  # pylint: disable=wrong-import-position
 from cavga_jax import settings  # pylint: disable=wrong-import-position
@@ -67,6 +69,21 @@ def evaluate(config, workdir, devices, state):
   return predictions, result
 
 
+def train_detector(workdir, devices):
+  """The detector's map state after 4 sharded steps on ``devices``."""
+  cells = np.random.default_rng(0).normal(1.0, 2.0, (256, 8)).astype(
+      np.float32)
+  settings = detector_lib.Settings(
+      map=detector.DetectorSettings(hidden=16),
+      train=detector.TrainSettings(num_steps=4, batch_size=64,
+                                   checkpoint_every=4, log_every=4),
+      seed=0, eval_batch_size=8, threshold_holdout=0.1)
+  state = detector_lib.train_on_cells(
+      settings, workdir, cells, cells.mean(0), cells.std(0),
+      sharding.make_mesh(devices))
+  return jax.device_get(state.map_state())
+
+
 def batch_size_error(config, workdir):
   """The one-line error of train.py for a batch 8 devices cannot split."""
   config = config.copy_and_resolve_references()
@@ -92,8 +109,13 @@ def main(workdir, config_name='tiny', num_steps='3'):
   # Evaluation of the same parameters on 1 and on 8 devices.
   one += evaluate(config, workdir, jax.devices()[:1], one[0])
   eight += evaluate(config, workdir, jax.devices(), one[0])
+  detector_one = train_detector(os.path.join(workdir, 'det1'),
+                                jax.devices()[:1])
+  detector_eight = train_detector(os.path.join(workdir, 'det8'),
+                                  jax.devices())
   print(json.dumps(dict(
       num_devices=[1, 8],
+      detector=max_abs_diff(detector_one, detector_eight),
       batch_size_error=batch_size_error(config,
                                         os.path.join(workdir, 'batch_12')),
       params=max_abs_diff(one[0].gen_params, eight[0].gen_params),

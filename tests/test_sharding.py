@@ -25,7 +25,7 @@ def eight_devices(tmp_path_factory):
 
 # The maps the 8-device evaluation must cover: the default headline, the
 # calibrated ones (fitted on the normal training images like it).
-_FITTED_MAPS = ('feature_gaussian', 'residual_calibrated',
+_FITTED_MAPS = ('feature_gaussian', 'feature_detector', 'residual_calibrated',
                 'residual_ssim_smooth_calibrated', 'residual_x_ssim_calibrated')
 
 
@@ -42,6 +42,9 @@ def test_eight_devices_equal_one_device(eight_devices):
   # (a missing all-reduce, a wrong batch slice) also shows in the losses.
   assert result['disc_params'] < 1e-4
   assert result['batch_stats'] < 1e-4
+  # The trained detector's sharded step (feature cells split over the
+  # devices, one BatchNorm batch): Adam's first steps as above.
+  assert result['detector'] < 1e-4
   # evaluate.py's evaluator on both meshes, the default headline map.
   assert result['headline'] == ['feature_gaussian', 'feature_gaussian']
   assert set(_FITTED_MAPS) <= set(result['anomaly_maps'])

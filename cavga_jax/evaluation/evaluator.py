@@ -32,6 +32,7 @@ import numpy as np
 
 from cavga_jax import anomaly_maps
 from cavga_jax import data
+from cavga_jax import detector
 from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
 from cavga_jax import layers
@@ -84,6 +85,16 @@ def knn_settings(eval_settings: settings.EvalSettings
       chunk=int(eval_settings.knn_chunk))
 
 
+def detector_settings(eval_settings: settings.EvalSettings
+                      ) -> detector.DetectorSettings:
+  """The trained detector's map settings: the features of
+  ``feature_gaussian`` (``eval.feature_stages``, ``eval.feature_grid_divisor``),
+  all channels."""
+  return detector.DetectorSettings(
+      stages=tuple(int(s) for s in eval_settings.feature_stages),
+      grid_divisor=int(eval_settings.feature_grid_divisor))
+
+
 def fitted_settings(eval_settings: settings.EvalSettings) -> dict[str, Any]:
   """{name: settings} of the fitted maps an evaluation fits (``fitted_map``).
 
@@ -102,6 +113,7 @@ def fitted_settings(eval_settings: settings.EvalSettings) -> dict[str, Any]:
       fitted[feature_gaussian.NAME],
       shrinkage=float(eval_settings.feature_shrinkage))
   fitted[feature_knn.NAME] = knn_settings(eval_settings)
+  fitted[detector.NAME] = detector_settings(eval_settings)
   return {name: value for name, value in fitted.items()
           if name != feature_knn.NAME or value is not None}
 
@@ -133,6 +145,9 @@ class Evaluator:
       the feature maps take their features from, whatever the evaluated
       parameters (``eval.feature_weights='initial'``); None = the evaluated
       ones.
+    trained: {name: state} of fitted maps trained by ``train.py`` (the
+      ``feature_detector`` of ``detector_lib.trained_state``): the fit
+      takes these states instead of fitting them.
   """
 
   def __init__(self, generator: models.CAVGAGenerator,
@@ -140,8 +155,10 @@ class Evaluator:
                eval_settings: settings.EvalSettings,
                mesh: jax.sharding.Mesh,
                normal_images: np.ndarray | None = None,
-               feature_variables: Any = None):
+               feature_variables: Any = None,
+               trained: dict[str, Any] | None = None):
     self.generator, self.dataset, self.mesh = generator, dataset, mesh
+    self.trained = dict(trained or {})
     self.batch_size = int(eval_settings.batch_size)
     self.headline = eval_settings.map
     self.quantile = float(eval_settings.threshold_quantile)
@@ -161,6 +178,11 @@ class Evaluator:
       attention = registry.ATTENTION in registry.needs(self.names)
       fitted = {name: value for name, value in fitted.items()
                 if name in self.names}
+    if (detector.NAME not in self.trained
+        and detector.NAME not in registry.closure([self.headline])):
+      # An untrained detector is only a control: scored when it is the
+      # headline (or a part of it), not in every evaluation of all maps.
+      fitted.pop(detector.NAME, None)
     self.fitted_settings = fitted
     self.add_fitted_maps = jax.jit(functools.partial(
         fitting.add_fitted_maps, settings=fitted, names=self.names,
@@ -215,7 +237,8 @@ class Evaluator:
               lambda batch: self.normal_step(params, batch_stats, batch,
                                              self.feature_variables),
               self.fit_images, self.batch_size, self.mesh,
-              'normal training images'), self.fitted_settings, self.mesh)
+              'normal training images'), self.fitted_settings, self.mesh,
+          self.trained)
     if self.held_out is not None:
       held_out = self._predict(params, batch_stats, fitted, self.held_out,
                                'held-out normal training images')

@@ -153,14 +153,20 @@ def split_held_out(normal_images: np.ndarray, fraction: float
 
 
 def fit_statistics(batches, settings: dict[str, Any],
-                   mesh: jax.sharding.Mesh | None) -> FittedMaps:
+                   mesh: jax.sharding.Mesh | None,
+                   trained: dict[str, Any] | None = None) -> FittedMaps:
   """The fitted maps' states from ``make_normal_step`` outputs, batch by batch.
 
   ``batches`` yields host dicts {name: inputs} for every map of
   ``settings`` ({name: settings}); each map's accumulator takes them as
   they come and is finalized (with a progress bar where long) at the end.
+  ``trained``: {name: state} of maps trained elsewhere (``train.py``'s
+  detector), taken as they are.
   """
-  units = {name: registry.spec(name).fitted for name in settings}
+  trained = {name: state for name, state in (trained or {}).items()
+             if name in settings}
+  units = {name: registry.spec(name).fitted for name in settings
+           if name not in trained}
   # One accumulator per distinct (init, shares key); it is filled from the
   # inputs of the first map that owns it (``FittedMap.shares``).
   owners: dict[Any, tuple[str, Any]] = {}
@@ -175,9 +181,11 @@ def fit_statistics(batches, settings: dict[str, Any],
     for name, accumulator in owners.values():
       accumulator.add(out[name])
   return FittedMaps(maps={
-      name: unit.finalize(accumulators[name], settings[name], mesh,
-                          inference.progress)
-      for name, unit in units.items()})
+      **{name: unit.finalize(accumulators[name], settings[name], mesh,
+                             inference.progress)
+         for name, unit in units.items()},
+      **{name: jax.tree.map(np.asarray, state)
+         for name, state in trained.items()}})
 
 
 def fit_held_out(fitted: FittedMaps, held_out: dict[str, Any],

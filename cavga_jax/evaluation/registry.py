@@ -39,6 +39,7 @@ from cavga_jax import anomaly_maps
 from cavga_jax import attention as attention_lib
 from cavga_jax import calibration
 from cavga_jax import combined_maps
+from cavga_jax import detector
 from cavga_jax import feature_gaussian
 from cavga_jax import feature_knn
 from cavga_jax import fitted_map
@@ -102,7 +103,7 @@ def _builtin() -> list[MapSpec]:
             for name in attention_lib.WEAK_MAPS if name != 'latent']
   specs += [fitted_spec(unit) for unit in (
       *calibration.MAPS, feature_gaussian.MAP, feature_gaussian.SHRUNK_MAP,
-      feature_knn.MAP)]
+      feature_knn.MAP, detector.MAP)]
   specs += [MapSpec(name, 'combined', False, parts=parts,
                     rule=combined_maps.RULES[name])
             for name, parts in combined_maps.COMBINATIONS.items()]

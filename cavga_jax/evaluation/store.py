@@ -92,21 +92,27 @@ def tree_sha256(tree: Any) -> str:
 
 
 def fit_key(eval_settings: Any, step: int, state: Any,
-            image_size: int, num_normal: int) -> dict[str, Any]:
+            image_size: int, num_normal: int,
+            trained: dict[str, Any] | None = None) -> dict[str, Any]:
   """The JSON-able identity of a fit (module docstring).
 
   ``eval_settings``: the typed ``config.eval`` (``settings.EvalSettings``).
   ``state``: the train state the maps are fitted for; the key holds the
-  SHA-256 of its ``gen_params`` and ``gen_batch_stats``.
+  SHA-256 of its ``gen_params`` and ``gen_batch_stats``. ``trained``:
+  {name: state} of maps trained by ``train.py`` (the detector); with any,
+  the key adds ``trained_sha256`` (a retrained detector refits).
   """
   fields = {}
   for name in FIT_FIELDS:
     value = getattr(eval_settings, name)
     fields[name] = list(value) if isinstance(value, tuple) else value
-  return dict(step=int(step),
-              variables_sha256=tree_sha256(state.generator_variables()),
-              image_size=int(image_size), num_normal_images=int(num_normal),
-              eval=fields)
+  key = dict(step=int(step),
+             variables_sha256=tree_sha256(state.generator_variables()),
+             image_size=int(image_size), num_normal_images=int(num_normal),
+             eval=fields)
+  if trained:
+    key['trained_sha256'] = tree_sha256(trained)
+  return key
 
 
 def save(directory: str, fitted: FittedMaps, key: dict[str, Any],
