@@ -289,5 +289,5 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str,
       fitted.thresholds,
       os.path.join('..', os.path.basename(curve))
       if os.path.exists(curve) else None)
-  logging.info('%s', summary(result, out_dir))
+  # The caller reports it (evaluate.py prints ``summary``).
   return result

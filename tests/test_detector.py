@@ -14,6 +14,7 @@ from cavga_jax import detector_lib
 from cavga_jax import eval_lib
 from cavga_jax import export
 from cavga_jax import predict_lib
+from cavga_jax import settings as settings_lib
 from cavga_jax import sharding
 from cavga_jax import train_lib
 from cavga_jax.evaluation import evaluator as evaluator_lib
@@ -97,16 +98,17 @@ def test_registered_with_the_feature_maps_features():
   assert spec.kind == 'fitted' and registry.ENCODER in spec.needs
   config = tiny.get_config()
   config.eval.feature_stages = (1, 2, 3)
-  settings = evaluator_lib.fitted_settings(config.eval)[detector.NAME]
+  eval_settings = settings_lib.from_config(config).eval
+  settings = evaluator_lib.fitted_settings(eval_settings)[detector.NAME]
   assert settings.stages == (1, 2, 3)
   # A trained state replaces the fit; the fit key then names it.
   trained = {'mean': np.ones(3, np.float32)}
   fitted = fitting.fit_statistics(iter([]), {detector.NAME: settings}, None,
                                   {detector.NAME: trained})
   assert fitted.maps[detector.NAME] == trained
-  eval_state = type('S', (), dict(gen_params={}, gen_batch_stats={}))
-  plain = store.fit_key(config.eval, 0, eval_state, 32, 4)
-  keyed = store.fit_key(config.eval, 0, eval_state, 32, 4,
+  eval_state = type('S', (), dict(generator_variables=lambda self: {}))()
+  plain = store.fit_key(eval_settings, 0, eval_state, 32, 4)
+  keyed = store.fit_key(eval_settings, 0, eval_state, 32, 4,
                         {detector.NAME: trained})
   assert store.differing_fields(plain, keyed) == ['trained_sha256']
 

@@ -25,7 +25,9 @@ def eight_devices(tmp_path_factory):
 
 # The maps the 8-device evaluation must cover: the default headline, the
 # calibrated ones (fitted on the normal training images like it).
-_FITTED_MAPS = ('feature_gaussian', 'feature_detector', 'residual_calibrated',
+# feature_detector is scored only once trained (or as the headline): its
+# 8-device check is the sharded training ('detector' below).
+_FITTED_MAPS = ('feature_gaussian', 'residual_calibrated',
                 'residual_ssim_smooth_calibrated', 'residual_x_ssim_calibrated')
 
 
