@@ -221,6 +221,12 @@ def image_score(anomaly_maps: Array) -> Array:
   return jnp.mean(jax.lax.top_k(flat, k)[0], axis=1)
 
 
+def max_score(anomaly_maps: Array) -> Array:
+  """(B, S, S) -> (B,): each map's maximum (PatchCore's and SimpleNet's
+  image score)."""
+  return jnp.max(anomaly_maps, axis=(1, 2))
+
+
 def compute_maps(outputs: dict[str, Array], functions: dict[str, MapFn],
                  settings: MapSettings) -> dict[str, Array]:
   """Every map of ``functions``: name -> (B, S, S) float32."""

@@ -54,6 +54,7 @@ import optax
 from cavga_jax import anomaly_maps
 from cavga_jax import feature_gaussian
 from cavga_jax import fitted_map
+from cavga_jax import nonfinite
 from cavga_jax import settings as settings_lib
 
 Array = jax.Array
@@ -262,8 +263,7 @@ def make_train_step(train: TrainSettings):
         state.params, state.batch_stats, x, noise, train.margin)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in
-                                  jax.tree.leaves(grads)]))
+    finite = nonfinite.tree_all_finite(grads)
     metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
     return dataclasses.replace(state, step=state.step + 1, params=params,
                                batch_stats=batch_stats,
@@ -341,13 +341,8 @@ def _apply(context: fitted_map.Context, settings, state: dict[str, Any],
       context.map_settings.residual_sigma)
 
 
-def max_score(maps: Array) -> Array:
-  """(B, S, S) -> (B,): the maximum (SimpleNet's image score)."""
-  return jnp.max(maps.reshape(maps.shape[0], -1), axis=1)
-
-
 MAP = fitted_map.FittedMap(
     name=NAME, inputs=_inputs, init=lambda settings: ChannelMoments(),
     finalize=_finalize, apply=_apply,
     stages=lambda settings: settings.stages, settings=DetectorSettings(),
-    image_score=max_score)
+    image_score=anomaly_maps.max_score)

@@ -126,8 +126,9 @@ def validation_fn(clean: np.ndarray, synthetic: np.ndarray,
     map_state = state.map_state()
     clean_maps = np.asarray(apply(map_state, clean))
     maps = np.asarray(apply(map_state, synthetic))
-    scores = np.concatenate([np.asarray(detector.max_score(clean_maps)),
-                             np.asarray(detector.max_score(maps))])
+    score = detector.MAP.image_score
+    scores = np.concatenate([np.asarray(score(clean_maps)),
+                             np.asarray(score(maps))])
     labels = np.r_[np.zeros(len(clean)), np.ones(len(synthetic))]
     return dict(
         pixel_auroc=pixel_metrics.pixel_auroc(maps, masks),
@@ -247,6 +248,14 @@ def trained_state(workdir: str, step: int | None = None
   state = {k: jax.tree.map(np.asarray, tree[k])
            for k in ('params', 'batch_stats', 'mean', 'std')}
   return state, int(step)
+
+
+def trained_maps(workdir: str) -> dict[str, dict[str, Any]]:
+  """{``feature_detector``: the selected checkpoint's map state}, or {}
+  when the run trained no detector: what the evaluation's fit and the
+  scorer's fit key take as trained maps."""
+  trained = trained_state(workdir)
+  return {} if trained is None else {detector.NAME: trained[0]}
 
 
 def validation_scores(workdir: str) -> dict[int, dict[str, float]]:

@@ -46,7 +46,6 @@ import ml_collections
 from cavga_jax import checkpointing
 from cavga_jax import config_checks
 from cavga_jax import data
-from cavga_jax import detector
 from cavga_jax import detector_lib
 from cavga_jax import run_setup
 from cavga_jax import settings
@@ -105,12 +104,11 @@ def evaluation_setup(config: ml_collections.ConfigDict, workdir: str,
                          check_test_set=check_test_set)
   # The detector train.py trained (none with ``untrained``: the map is
   # then the initial network, the control).
-  trained = None if untrained else detector_lib.trained_state(workdir)
   evaluator = evaluator_lib.Evaluator(
       made.generator, made.test_ds, run.eval, made.mesh,
       evaluator_lib.normal_training_images(made.train_ds),
       made.feature_variables,
-      None if trained is None else {detector.NAME: trained[0]})
+      {} if untrained else detector_lib.trained_maps(workdir))
   return made, evaluator
 
 
@@ -216,7 +214,7 @@ def fitted_maps(config: ml_collections.ConfigDict,
   directory = store.fitted_dir(workdir, step, untrained)
   key = store.fit_key(eval_settings, step, state, evaluator.image_size,
                       evaluator.num_normal_images,
-                      getattr(evaluator, 'trained', None))
+                      evaluator.trained)
   fitted = None
   if not refit:
     try:

@@ -311,12 +311,7 @@ def _apply(context: fitted_map.Context, settings: KnnSettings,
       distances, context.image_size, context.map_settings.residual_sigma)
 
 
-def image_score(maps: Array) -> Array:
-  """(B, S, S) -> (B,): PatchCore's image score, the map's maximum."""
-  return jnp.max(maps, axis=(1, 2))
-
-
 MAP = fitted_map.FittedMap(
     name=NAME, inputs=_inputs, init=lambda settings: PatchPool(),
     finalize=_finalize, apply=_apply, stages=lambda settings: settings.stages,
-    settings=KnnSettings(), image_score=image_score)
+    settings=KnnSettings(), image_score=anomaly_maps.max_score)

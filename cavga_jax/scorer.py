@@ -27,7 +27,6 @@ import numpy as np
 
 from cavga_jax import anomaly_maps
 from cavga_jax import config_checks
-from cavga_jax import detector
 from cavga_jax import detector_lib
 from cavga_jax import layers
 from cavga_jax import models
@@ -222,11 +221,10 @@ def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None,
                      f'evaluate.py --workdir={workdir} --config=...{flag}` '
                      'first (it fits them on the normal training images and '
                      'saves them there)')
-  trained = None if untrained else detector_lib.trained_state(workdir)
   expected = store.fit_key(
       run.eval, step, state, saved['image_size'],
       saved['num_normal_images'],
-      None if trained is None else {detector.NAME: trained[0]})
+      {} if untrained else detector_lib.trained_maps(workdir))
   changed = store.differing_fields(saved, expected)
   if changed:
     raise CavgaError(f'{directory}: the maps were fitted with other '

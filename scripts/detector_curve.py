@@ -51,20 +51,13 @@ def main(argv):
   context = inference.map_context(generator, maps_settings, image_size)
   apply = jax.jit(lambda state, f: detector.MAP.apply(context, None, state,
                                                       f))
-  directory = detector_lib.detector_dir(workdir)
-  validation = {}
-  curve = os.path.join(directory, 'eval_curve.jsonl')
-  if os.path.exists(curve):
-    with open(curve) as f:
-      for line in f:
-        record = json.loads(line)
-        validation[record['step']] = record['maps']['synthetic_validation']
+  validation = detector_lib.validation_scores(workdir)
   records = []
   for step in detector_lib.checkpoint_steps(workdir):
     state, _ = detector_lib.trained_state(workdir, step)
     maps = np.concatenate([np.asarray(apply(state, features[i:i + 16]))
                            for i in range(0, len(features), 16)])
-    scores = np.asarray(detector.max_score(maps))
+    scores = np.asarray(detector.MAP.image_score(maps))
     test = dict(pixel_auroc=pixel_metrics.pixel_auroc(maps, test_ds.masks),
                 aupro=pixel_metrics.aupro(maps, test_ds.masks),
                 image_auroc=image_metrics.image_auroc(scores,
@@ -72,7 +65,8 @@ def main(argv):
     records.append(dict(step=step, validation=validation.get(step),
                         test=test))
     print(json.dumps(records[-1]), flush=True)
-  with open(os.path.join(directory, 'test_curve.jsonl'), 'w') as f:
+  with open(os.path.join(detector_lib.detector_dir(workdir), 'test_curve.jsonl'),
+            'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in records)
 
 

@@ -160,6 +160,7 @@ def test_the_key_covers_params_and_batch_stats_bit_for_bit():
 class _Evaluator:
   """What fitted_maps reads of an evaluator; counts the fits."""
   image_size, num_normal_images = 32, 16
+  trained = {}  # no trained detector
 
   def __init__(self):
     self.fits = 0
