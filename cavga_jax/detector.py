@@ -345,4 +345,4 @@ MAP = fitted_map.FittedMap(
     name=NAME, inputs=_inputs, init=lambda settings: ChannelMoments(),
     finalize=_finalize, apply=_apply,
     stages=lambda settings: settings.stages, settings=DetectorSettings(),
-    image_score=anomaly_maps.max_score)
+    image_score=anomaly_maps.max_score, trained=True)

@@ -97,6 +97,10 @@ class FittedMap:
       one accumulator, filled once (``feature_gaussian`` and
       ``feature_gaussian_shrunk`` gather the same moments and differ only
       in ``finalize``); ``finalize`` must then leave it unchanged.
+    trained: its state is trained by a program (``train.py``) and handed to
+      the evaluation (``Evaluator(trained=...)``); without one, ``finalize``
+      gives the untrained control, which an evaluation computes only when
+      its headline is or contains the map.
   """
   name: str
   inputs: Callable[[Context, Any, dict[str, Any]], Array]
@@ -111,3 +115,4 @@ class FittedMap:
   bounded: bool = False
   image_score: Callable[[Array], Array] = anomaly_maps.image_score
   shares: Callable[[Any], Any] | None = None
+  trained: bool = False

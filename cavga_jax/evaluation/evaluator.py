@@ -178,11 +178,12 @@ class Evaluator:
       attention = registry.ATTENTION in registry.needs(self.names)
       fitted = {name: value for name, value in fitted.items()
                 if name in self.names}
-    if (detector.NAME not in self.trained
-        and detector.NAME not in registry.closure([self.headline])):
-      # An untrained detector is only a control: scored when it is the
-      # headline (or a part of it), not in every evaluation of all maps.
-      fitted.pop(detector.NAME, None)
+    # An untrained map of a program (``FittedMap.trained``) is only a
+    # control: scored when the headline is or contains it.
+    headline_closure = registry.closure([self.headline])
+    fitted = {name: value for name, value in fitted.items()
+              if not registry.spec(name).fitted.trained
+              or name in self.trained or name in headline_closure}
     self.fitted_settings = fitted
     self.add_fitted_maps = jax.jit(functools.partial(
         fitting.add_fitted_maps, settings=fitted, names=self.names,
