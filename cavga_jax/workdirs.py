@@ -65,11 +65,13 @@ MAY_DIFFER = (
 
 # What a run writes into its workdir, deleted by start_over. The generated
 # dataset (<workdir>/data) is not: generate_dataset replaces a folder it
-# wrote when its parameters change and never touches any other.
+# wrote when its parameters change and never touches any other. 'detector'
+# is detector_lib.DETECTOR_DIR (the trained detector's checkpoints: left
+# behind, a new run would resume the old run's detector).
 RUN_OUTPUTS = (
     'checkpoints', CONFIG_FILE, 'train_metrics.jsonl', 'eval_curve.jsonl',
     'eval_curve.png', 'eval', 'eval_untrained', 'synthetic_examples.png',
-    'weak_split.json',
+    'weak_split.json', 'detector',
 )
 
 

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from cavga_jax import detector_lib
 from cavga_jax import eval_lib
 from cavga_jax import train_lib
 from cavga_jax import workdirs
@@ -109,11 +110,12 @@ def test_which_fields_define_a_run(tiny_config, field, value, defining):
 
 
 def test_start_over_deletes_only_run_outputs(tmp_path):
-  for name in ('checkpoints/2', 'eval/panels', 'data/textures', 'notes'):
+  for name in ('checkpoints/2', 'eval/panels', 'data/textures', 'notes',
+               f'{detector_lib.DETECTOR_DIR}/checkpoints/4'):
     (tmp_path / name).mkdir(parents=True)
   for name in ('config.json', 'train_metrics.jsonl', 'notes/mine.txt'):
     (tmp_path / name).write_text('x')
   deleted = workdirs.start_over(str(tmp_path))
-  assert sorted(deleted) == ['checkpoints', 'config.json', 'eval',
+  assert sorted(deleted) == ['checkpoints', 'config.json', 'detector', 'eval',
                              'train_metrics.jsonl']
   assert sorted(os.listdir(tmp_path)) == ['data', 'notes']
