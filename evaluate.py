@@ -24,9 +24,9 @@ import json
 from absl import app
 from absl import flags
 
-from cavga_jax import eval_lib
-from cavga_jax import runtime
-from cavga_jax import vae_eval_lib
+from cavga_jax.programs import evaluate as eval_lib
+from cavga_jax.programs import evaluate_vae as vae_eval_lib
+from cavga_jax.programs import runtime
 
 _CONFIG = runtime.define_config_flag(
     'The configuration the model was trained with.')

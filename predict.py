@@ -9,8 +9,9 @@ fitted. Writes OUT (default <workdir>/predict): scores.csv (per scored
 file its image score, the decision at the held-out image threshold and the
 maximum of its map), overlays/ and masks/ (one PNG each per image, at the
 image's own size, or reduced for images over
-predict_lib.MAX_OUTPUT_PIXELS), predict.json, with --export the serialized
-scorer (scorer/, cavga_jax.export), and predict_manifest.json (every file
+cavga_jax.programs.predict.MAX_OUTPUT_PIXELS), predict.json, with --export the
+serialized
+scorer (scorer/, cavga_jax.deploy.export), and predict_manifest.json (every file
 it writes, listed before they are written; --overwrite deletes only those).
 
 Exit status: 0 when every file was scored; 2 when some were skipped (an
@@ -24,8 +25,8 @@ that cannot be loaded).
 from absl import app
 from absl import flags
 
-from cavga_jax import predict_lib
-from cavga_jax import runtime
+from cavga_jax.programs import predict as predict_lib
+from cavga_jax.programs import runtime
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The trained workdir.')
 _INPUT = flags.DEFINE_string(

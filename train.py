@@ -16,9 +16,9 @@ from absl import app
 from absl import flags
 import jax
 
-from cavga_jax import runtime
-from cavga_jax import train_lib
-from cavga_jax import vae_lib
+from cavga_jax.programs import runtime
+from cavga_jax.programs import train as train_lib
+from cavga_jax.programs import train_vae as vae_lib
 
 _CONFIG = runtime.define_config_flag('Training configuration file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, '

@@ -363,10 +363,10 @@ def _positive(value: Any) -> Optional[float]:
 
 
 def _smoke_widths(variant: str) -> dict[str, tuple[int, ...]]:
-  from cavga_jax import models  # pylint: disable=g-import-not-at-top
+  from cavga_jax.models import cavga  # pylint: disable=g-import-not-at-top
   return {name: tuple(max(SMOKE_MIN_WIDTH, w // SMOKE_WIDTH_DIVISOR)
                       for w in widths)
-          for name, widths in models.PAPER_WIDTHS[variant].items()}
+          for name, widths in cavga.PAPER_WIDTHS[variant].items()}
 
 
 def measure_jax_step(args, variant: str, mode: str, dtype: str,
@@ -381,8 +381,8 @@ def measure_jax_step(args, variant: str, mode: str, dtype: str,
     dtype: the compute dtype, 'float32' or 'bfloat16'.
     environment: the ENVIRONMENT_KEYS dict (its peak FLOP/s).
   """
-  import jax  # pylint: disable=g-import-not-at-top
   import benchmark  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
 
   # benchmark.py's own config and timing, so both scripts measure the same.
   config = benchmark.config_from_args(argparse.Namespace(
@@ -476,6 +476,7 @@ def bottle_config(args):
   """configs/mvtec.py for the short run (generated data under --smoke)."""
   from configs import mvtec  # pylint: disable=g-import-not-at-top
   from configs import tiny  # pylint: disable=g-import-not-at-top
+
   # configs/mvtec.py is CAVGA-E; this run times the paper's CAVGA-R.
   config = mvtec.paper_cavga_r(mvtec.get_config())
   config.model.variant = SMOKE_BOTTLE_VARIANT if args.smoke else 'R'
@@ -504,8 +505,8 @@ def bottle_config(args):
 
 def run_bottle(args, budget: _Budget) -> dict[str, Any]:
   """The ``bottle`` part: BOTTLE_KEYS."""
-  from cavga_jax import eval_lib  # pylint: disable=g-import-not-at-top
-  from cavga_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from cavga_jax.programs import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+  from cavga_jax.programs import train as train_lib  # pylint: disable=g-import-not-at-top
   config = bottle_config(args)
   result = _row(BOTTLE_KEYS, variant=config.model.variant,
                 image_size=args.bottle_image_size,

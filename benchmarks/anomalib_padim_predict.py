@@ -37,13 +37,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 import platform
 import resource
 import shutil
 import statistics
 import sys
 import time
-from pathlib import Path
 
 PEER_DIR = Path(__file__).resolve().parents[2] / "shared" / "peer" / "anomalib"
 if not PEER_DIR.is_dir():  # worktrees live in /work/<name>; fall back to the shared folder's absolute path
@@ -105,15 +105,16 @@ def main() -> None:  # noqa: PLR0915
     import tempfile
 
     import anomalib
-    import lightning
-    import timm
-    import torchvision
-    from anomalib.data import MVTecAD, PredictDataset
+    from anomalib.data import MVTecAD
+    from anomalib.data import PredictDataset
     from anomalib.data.utils import read_image
     from anomalib.engine import Engine
     from anomalib.models import Padim
+    import lightning
     from lightning.pytorch import seed_everything
+    import timm
     from torch.utils.data import DataLoader
+    import torchvision
     from torchvision.transforms.v2.functional import resize
 
     seed_everything(a.seed, workers=True)

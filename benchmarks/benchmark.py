@@ -29,12 +29,12 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from cavga_jax import cavga_step  # pylint: disable=wrong-import-position
-from cavga_jax import layers  # pylint: disable=wrong-import-position
-from cavga_jax import settings  # pylint: disable=wrong-import-position
 from cavga_jax import sharding  # pylint: disable=wrong-import-position
-from cavga_jax import train_state  # pylint: disable=wrong-import-position
+from cavga_jax import typed_config  # pylint: disable=wrong-import-position
 from cavga_jax.evaluation import inference  # pylint: disable=wrong-import-position
+from cavga_jax.models import layers  # pylint: disable=wrong-import-position
+from cavga_jax.training import cavga_step  # pylint: disable=wrong-import-position
+from cavga_jax.training import train_state  # pylint: disable=wrong-import-position
 from configs import default  # pylint: disable=wrong-import-position
 
 PAPER_MAPS = ('attention',)  # the eval step the PyTorch peer times
@@ -105,7 +105,7 @@ def make_step(config: ml_collections.ConfigDict, mode: str,
   batch = config.train.batch_size
   mesh = sharding.make_mesh()
   generator, discriminator, init_fn, state_sharding = train_state.setup(
-      settings.from_config(config), mesh)
+      typed_config.from_config(config), mesh)
   state = init_fn(jax.random.key(0))
   images = np.random.default_rng(0).integers(
       0, 256, (batch, size, size, channels), dtype=np.uint8)

@@ -35,13 +35,13 @@ from typing import Sequence
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import benchmark  # pylint: disable=wrong-import-position
 import flax.linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
-import benchmark  # pylint: disable=wrong-import-position
-from cavga_jax import layers  # pylint: disable=wrong-import-position
-from cavga_jax import train_lib  # pylint: disable=wrong-import-position
+from cavga_jax.models import layers  # pylint: disable=wrong-import-position
+from cavga_jax.programs import train as train_lib  # pylint: disable=wrong-import-position
 
 CONV_MODULES = (layers.Conv, layers.ConvTranspose4x4, layers.UpsampleConv3x3,
                 nn.Conv)

@@ -30,19 +30,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cavga_jax import anomaly_maps
 from cavga_jax import config_checks
 from cavga_jax import data
-from cavga_jax import eval_lib
-from cavga_jax import feature_gaussian
-from cavga_jax import feature_knn
-from cavga_jax import layers
-from cavga_jax import run_setup
 from cavga_jax import sharding
-from cavga_jax import train_state
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import inference
+from cavga_jax.maps import anomaly_maps
+from cavga_jax.maps import feature_gaussian
+from cavga_jax.maps import feature_knn
+from cavga_jax.models import layers
+from cavga_jax.programs import evaluate as eval_lib
+from cavga_jax.training import run_setup
+from cavga_jax.training import train_state
 
 
 def _features(step, variables, images, batch_size, key):

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from cavga_jax import pixel_metrics
+from cavga_jax.metrics import pixel_metrics
 
 
 def synthetic_category(num_images: int, size: int, seed: int = 0):

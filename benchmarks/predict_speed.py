@@ -40,10 +40,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from cavga_jax import eval_lib  # pylint: disable=wrong-import-position
-from cavga_jax import predict_lib  # pylint: disable=wrong-import-position
-from cavga_jax import scorer as scorer_lib  # pylint: disable=wrong-import-position
+from cavga_jax.deploy import scorer as scorer_lib  # pylint: disable=wrong-import-position
 from cavga_jax.evaluation import inference  # pylint: disable=wrong-import-position
+from cavga_jax.programs import evaluate as eval_lib  # pylint: disable=wrong-import-position
+from cavga_jax.programs import predict as predict_lib  # pylint: disable=wrong-import-position
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -103,7 +103,9 @@ def main():
   def full_step():
     out = evaluator.eval_step(params, batch_stats, images,
                               evaluator.feature_variables)
-    return jax.tree.map(np.asarray, evaluator.add_fitted_maps(out, fitted))
+    return jax.tree.map(
+        np.asarray, evaluator.outputs_with_fitted_maps(out, fitted)
+    )
 
   def score():
     return scorer.score(images)

@@ -2,10 +2,10 @@
 
 ``check_config(config)`` is called by every program (training, evaluation,
 the scorer) before data is loaded or a program is compiled: it reads the
-config into typed settings (``settings.from_config``), checks them and
+config into typed settings (``typed_config.from_config``), checks them and
 returns them, so it is the one place a config field is validated and the
 config is read once. It checks by field and shape arithmetic alone (it
-builds no network: ``models.resolved_widths``, ``vae.check_image_size``)
+builds no network: ``cavga.resolved_widths``, ``conv_vae.check_image_size``)
 and imports only the modules that own the constants it checks (models,
 layers, losses, anomaly maps, data, the VAE, the non-finite policy), never
 a training or evaluation module. Each problem raises
@@ -28,17 +28,17 @@ from typing import Any
 import ml_collections
 
 from cavga_jax import data
-from cavga_jax import feature_gaussian
-from cavga_jax import feature_knn
-from cavga_jax import layers
-from cavga_jax import losses
-from cavga_jax import models
 from cavga_jax import nonfinite
-from cavga_jax import pretrained
-from cavga_jax import settings
-from cavga_jax import vae
+from cavga_jax import typed_config
 from cavga_jax.errors import CavgaError
 from cavga_jax.evaluation import registry
+from cavga_jax.maps import feature_gaussian
+from cavga_jax.maps import feature_knn
+from cavga_jax.models import cavga
+from cavga_jax.models import layers
+from cavga_jax.training import losses
+from cavga_jax.vae import conv_vae
+from cavga_jax.weights import pretrained
 
 SCHEDULES = ('constant', 'cosine')
 TASKS = ('cavga', 'vae')
@@ -48,13 +48,13 @@ def _get(run: Any, field: str) -> Any:
   """The value of ``field`` ('section.name') in typed settings (``run``).
 
   Raises:
-    CavgaError: a field of ``settings.VAE_REQUIRED`` that is None (absent
+    CavgaError: a field of ``typed_config.VAE_REQUIRED`` that is None (absent
       from the config), e.g. a metric's sample size with the sprites data.
   """
   node = run
   for part in field.split('.'):
     node = node[part] if isinstance(node, dict) else getattr(node, part)
-  if node is None and field in settings.VAE_REQUIRED:
+  if node is None and field in typed_config.VAE_REQUIRED:
     raise CavgaError(f'config.{field} is missing')
   return node
 
@@ -87,12 +87,12 @@ def _check_choice(config, field: str, choices: tuple[str, ...]) -> None:
 
 
 def check_config(config: ml_collections.ConfigDict
-                 ) -> settings.RunSettings | settings.VaeRunSettings:
+                 ) -> typed_config.RunSettings | typed_config.VaeRunSettings:
   """Reads ``config`` into typed settings, checks them and returns them.
 
   ``config.task='cavga'`` (default, ``configs/default.py``) gives
-  ``settings.RunSettings``, checked by ``check``; ``'vae'`` (the Liu et al.
-  experiments of ``vae_lib``) gives ``settings.VaeRunSettings``, checked
+  ``typed_config.RunSettings``, checked by ``check``; ``'vae'`` (the Liu et al.
+  experiments of ``vae_lib``) gives ``typed_config.VaeRunSettings``, checked
   against the VAE's fields (dataset, VAE widths and sizes, attention map,
   metric sample sizes). Absent optional fields take the library's defaults
   (``settings``); absent required ones are reported.
@@ -103,11 +103,11 @@ def check_config(config: ml_collections.ConfigDict
   Raises:
     CavgaError: naming the field, its value and the expected values.
   """
-  task = config.get('task', settings.default('task'))
+  task = config.get('task', typed_config.default('task'))
   if task not in TASKS:
     raise CavgaError(f'config.task={task!r} must be one of '
                      f'{", ".join(repr(t) for t in TASKS)}')
-  run = settings.from_config(config)
+  run = typed_config.from_config(config)
   if task == 'vae':
     _check_common(run)
     _check_vae_config(run)
@@ -116,7 +116,7 @@ def check_config(config: ml_collections.ConfigDict
   return run
 
 
-def check(run: settings.RunSettings) -> None:
+def check(run: typed_config.RunSettings) -> None:
   """Raises CavgaError (one line) for the first invalid field of ``run``.
 
   Checks the fields that training and evaluation read: seed, loss weights,
@@ -172,28 +172,28 @@ def _check_widths(config, field: str) -> None:
                      'positive integers (or () for the paper\'s widths)')
 
 
-def _check_cavga_config(config: settings.RunSettings) -> None:
+def _check_cavga_config(config: typed_config.RunSettings) -> None:
   _check_choice(config, 'data.name', data.KNOWN_DATASETS)
   for name in ('encoder_widths', 'decoder_widths', 'discriminator_widths'):
     _check_widths(config, f'model.{name}')
-  _check_choice(config, 'model.latent', models.LATENTS)
-  _check_choice(config, 'model.compute_dtype', models.COMPUTE_DTYPES)
-  _check_choice(config, 'model.input_norm', models.INPUT_NORMS)
+  _check_choice(config, 'model.latent', cavga.LATENTS)
+  _check_choice(config, 'model.compute_dtype', cavga.COMPUTE_DTYPES)
+  _check_choice(config, 'model.input_norm', cavga.INPUT_NORMS)
   _check_choice(config, 'model.conv_impl', layers.CONV_IMPLS)
   _check_detector(config)
   _check_int(config, 'model.latent_channels', 1)
   _check_int(config, 'model.latent_dim', 1)
-  _check_choice(config, 'model.attention_score', models.ATTENTION_SCORES)
+  _check_choice(config, 'model.attention_score', cavga.ATTENTION_SCORES)
   _check_int(config, 'model.attention_stage', 1)
   stage = _get(config, 'model.attention_stage')
-  if stage > models.NUM_ENCODER_STAGES:
+  if stage > cavga.NUM_ENCODER_STAGES:
     raise CavgaError(f'config.model.attention_stage={stage!r} must be an '
-                     f'encoder stage in 1..{models.NUM_ENCODER_STAGES} '
-                     f'({models.NUM_ENCODER_STAGES} = the last feature map)')
-  _check_choice(config, 'model.attention_norm', models.ATTENTION_NORMS)
+                     f'encoder stage in 1..{cavga.NUM_ENCODER_STAGES} '
+                     f'({cavga.NUM_ENCODER_STAGES} = the last feature map)')
+  _check_choice(config, 'model.attention_norm', cavga.ATTENTION_NORMS)
   # The variant, supervision, the widths' lengths and the image size's
   # stride, by the model builder's own arithmetic (no network is built).
-  models.resolved_widths(config.model, config.data.image_size)
+  cavga.resolved_widths(config.model, config.data.image_size)
   weights = _get(config, 'model.pretrained')
   variant = _get(config, 'model.variant')
   if weights in pretrained.NAMED_WEIGHTS and (
@@ -212,7 +212,7 @@ def _check_cavga_config(config: settings.RunSettings) -> None:
   _check_loss_terms(config)
 
 
-def _check_detector(config: settings.RunSettings) -> None:
+def _check_detector(config: typed_config.RunSettings) -> None:
   """The trained detector's fields (``config.detector``, ``detector``)."""
   for field in ('num_steps', 'validate_every'):
     _check_int(config, f'detector.{field}', 0)
@@ -223,7 +223,7 @@ def _check_detector(config: settings.RunSettings) -> None:
     _check_number(config, f'detector.{field}', 0.0)
 
 
-def _check_eval_maps(config: settings.RunSettings) -> None:
+def _check_eval_maps(config: typed_config.RunSettings) -> None:
   """The headline map and the map settings of ``anomaly_maps``."""
   fitted_maps = registry.names('fitted', 'combined')
   _check_choice(config, 'eval.map', registry.headline_names())
@@ -272,19 +272,19 @@ def _check_eval_maps(config: settings.RunSettings) -> None:
   _check_int(config, 'train.eval_every', 0)
 
 
-def _check_stages(config: settings.RunSettings, field: str) -> None:
+def _check_stages(config: typed_config.RunSettings, field: str) -> None:
   """Increasing encoder stages in 1..NUM_ENCODER_STAGES (the feature maps)."""
   stages = _get(config, field)
   if (not isinstance(stages, (tuple, list)) or not stages
       or any(isinstance(s, bool) or not isinstance(s, numbers.Integral)
              for s in stages)
       or list(stages) != sorted(set(stages))
-      or not 1 <= stages[0] <= stages[-1] <= models.NUM_ENCODER_STAGES):
+      or not 1 <= stages[0] <= stages[-1] <= cavga.NUM_ENCODER_STAGES):
     raise CavgaError(f'config.{field}={stages!r} must be increasing encoder '
-                     f'stages in 1..{models.NUM_ENCODER_STAGES}, e.g. (1, 2)')
+                     f'stages in 1..{cavga.NUM_ENCODER_STAGES}, e.g. (1, 2)')
 
 
-def _check_weak_quota(config: settings.RunSettings) -> None:
+def _check_weak_quota(config: typed_config.RunSettings) -> None:
   """CAVGA_w's labelled anomalies per batch (``data.quota_batch_indices``)."""
   field = 'data.weak_anomalies_per_batch'
   _check_int(config, field, 0)
@@ -301,9 +301,9 @@ def _check_weak_quota(config: settings.RunSettings) -> None:
                      f'labelled anomalies), got {supervision!r}; set it to 0')
 
 
-def _check_synthetic(config: settings.RunSettings) -> None:
+def _check_synthetic(config: typed_config.RunSettings) -> None:
   """Synthetic anomalies (``config.data.synthetic``, CAVGA_w only; its
-  fields are checked by ``settings.from_config``)."""
+  fields are checked by ``typed_config.from_config``)."""
   synthetic = config.data.synthetic
   if synthetic is None:
     return
@@ -316,7 +316,7 @@ def _check_synthetic(config: settings.RunSettings) -> None:
         'configs/mvtec_synthetic.py')
 
 
-def _check_loss_terms(config: settings.RunSettings) -> None:
+def _check_loss_terms(config: typed_config.RunSettings) -> None:
   """Every term of the configured CAVGA objective has a loss weight."""
   supervision = _get(config, 'model.supervision')
   synthetic = config.data.synthetic is not None
@@ -331,22 +331,22 @@ def _check_loss_terms(config: settings.RunSettings) -> None:
         f"config.model.supervision='{supervision}'{hint}")
 
 
-def _check_vae_config(config: settings.VaeRunSettings) -> None:
-  _check_choice(config, 'data.name', vae.DATASETS)
+def _check_vae_config(config: typed_config.VaeRunSettings) -> None:
+  _check_choice(config, 'data.name', conv_vae.DATASETS)
   _check_widths(config, 'model.encoder_widths')
   _check_choice(config, 'model.conv_impl', layers.CONV_IMPLS)
   _check_int(config, 'model.hidden', 1)
   _check_int(config, 'model.latent_dim', 1)
   for name in ('beta', 'ad'):
     _check_number(config, f'loss_weights.{name}', 0.0)
-  _check_choice(config, 'eval.map', vae.ATTENTION_MAPS)
+  _check_choice(config, 'eval.map', conv_vae.ATTENTION_MAPS)
   _check_choice(config, 'loss.ad_variant', losses.AD_VARIANTS)
-  if _get(config, 'data.name') in vae.SPRITES_DATASETS:
+  if _get(config, 'data.name') in conv_vae.SPRITES_DATASETS:
     # The disentanglement metrics, computed on the factor datasets only.
     for name in ('factor_vae_num_train', 'factor_vae_num_eval',
                  'num_loss_samples'):
       _check_int(config, f'eval.{name}', 1)
     for name in ('factor_vae_num_variance', 'mig_num_samples'):
       _check_int(config, f'eval.{name}', 2)
-  vae.check_image_size(_get(config, 'model.encoder_widths'),
+  conv_vae.check_image_size(_get(config, 'model.encoder_widths'),
                        _get(config, 'data.image_size'))

@@ -39,7 +39,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from cavga_jax import settings
+from cavga_jax import typed_config
 from cavga_jax.errors import CavgaError
 
 CONFIG_FILE = 'config.json'
@@ -66,7 +66,7 @@ MAY_DIFFER = (
 # What a run writes into its workdir, deleted by start_over. The generated
 # dataset (<workdir>/data) is not: generate_dataset replaces a folder it
 # wrote when its parameters change and never touches any other. 'detector'
-# is detector_lib.DETECTOR_DIR (the trained detector's checkpoints: left
+# is detector_training.DETECTOR_DIR (the trained detector's checkpoints: left
 # behind, a new run would resume the old run's detector).
 RUN_OUTPUTS = (
     'checkpoints', CONFIG_FILE, 'train_metrics.jsonl', 'eval_curve.jsonl',
@@ -104,14 +104,14 @@ def differing_fields(saved: dict[str, Any], config: Any
     config: the new run configuration.
   """
   old, new = _flatten(saved), _flatten(_json_tree(config))
-  task = new.get('task', settings.default('task'))
+  task = new.get('task', typed_config.default('task'))
   missing = object()
 
   def value(values, field):
     if field in values:
       return values[field]
-    if settings.has_default(field, task):
-      return json.loads(json.dumps(settings.default(field, task)))
+    if typed_config.has_default(field, task):
+      return json.loads(json.dumps(typed_config.default(field, task)))
     return missing
 
   defining, allowed = {}, {}

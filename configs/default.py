@@ -25,7 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_test_good = 30
   config.data.num_test_per_defect = 20
   config.data.num_workers = 8  # image decoding threads (mvtec folders, TFDS)
-  # Synthetic anomalies for CAVGA_w (cavga_jax.synthesis; fraction 0 = off,
+  # Synthetic anomalies for CAVGA_w (cavga_jax.training.synthesis; fraction 0 =
+  # off,
   # configs/mvtec_synthetic.py turns them on): the share of each batch made
   # anomalous, mask and fill kinds drawn uniformly, the mask's share of the
   # image (log-uniform), the blending opacity, and what the VAE losses do
@@ -57,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay float32)
   # Convolutions: 'auto' = 'phase' (custom-VJP rewrites, fast gradients on
   # XLA:CPU, reverse mode only) on the CPU and 'lax' (XLA's own, forward mode
-  # too) on GPU/TPU; both agree to float rounding (cavga_jax.layers).
+  # too) on GPU/TPU; both agree to float rounding (cavga_jax.models.layers).
   config.model.conv_impl = 'auto'
   # How the Grad-CAM attention A is formed, in training (L_ae) and
   # evaluation; the defaults are the paper's (attention.forward_with_attention):
@@ -108,9 +109,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.num_panels = 8
   # The headline map: metrics.json's flat keys (pixel_auroc, iou, aupro,
   # image_auroc, ...; docs/protocol.md section 4) are its; every map's
-  # metrics are in metrics.json's 'maps' (cavga_jax.anomaly_maps). 'feature_gaussian' (per-cell Mahalanobis
+  # metrics are in metrics.json's 'maps' (cavga_jax.maps.anomaly_maps).
+  # 'feature_gaussian' (per-cell Mahalanobis
   # distance of the encoder's stage 1-2 features against the normal training
-  # images, cavga_jax.feature_gaussian) was the best map at the final
+  # images, cavga_jax.maps.feature_gaussian) was the best map at the final
   # checkpoint on MVTec bottle at the current blur (128 px: pixel AUROC /
   # AU-PRO 0.955 / 0.854); on KolektorSDD 'residual_calibrated' leads at
   # that blur (0.865 / 0.492 against 0.856 / 0.452; its earlier lead there
@@ -132,9 +134,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.ssim_window = 11  # SSIM window (px) of the residual_ssim map
   # One pass over the normal training images adds the maps measured against
   # them: '<map>_calibrated' z-scores of the residual maps
-  # (cavga_jax.calibration) and 'feature_gaussian', the per-cell Mahalanobis
+  # (cavga_jax.maps.calibration) and 'feature_gaussian', the per-cell
+  # Mahalanobis
   # distance of the encoder features of stages feature_stages, feature_dims
-  # channels kept (cavga_jax.feature_gaussian).
+  # channels kept (cavga_jax.maps.feature_gaussian).
   config.eval.calibrate = True
   config.eval.feature_stages = (1, 2)
   config.eval.feature_dims = 100
@@ -147,7 +150,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 'initial': the encoder the run started from (model.pretrained), so
   # CAVGA training cannot degrade the ImageNet features they rely on.
   config.eval.feature_weights = 'evaluated'
-  # 'feature_knn' (cavga_jax.feature_knn, PatchCore): patch features of
+  # 'feature_knn' (cavga_jax.maps.feature_knn, PatchCore): patch features of
   # encoder stages knn_stages on a grid of image_size / knn_grid_divisor,
   # a greedy coreset of knn_bank_size of them (0 = off), distances
   # computed knn_chunk test patches at a time.
@@ -162,7 +165,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.threshold_holdout = 0.1
   config.eval.threshold_quantile = 0.999
 
-  # The trained detector, map 'feature_detector' (cavga_jax/detector.py,
+  # The trained detector, map 'feature_detector' (cavga_jax/maps/detector.py,
   # SimpleNet on the feature maps' frozen features, eval.feature_stages):
   # train.py trains it after CAVGA for num_steps steps (0 = not trained;
   # the map is then the initial network) into <workdir>/detector/.

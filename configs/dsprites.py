@@ -5,7 +5,7 @@
       --config.loss_weights.ad=1.0
   python evaluate.py --config=configs/dsprites.py --workdir=runs/dsprites/ad
 
-Evaluation writes the FactorVAE metric and MIG (`cavga_jax.disentanglement`)
+Evaluation writes the FactorVAE metric and MIG (`cavga_jax.vae.disentanglement`)
 to `<workdir>/eval/metrics.json` and one row of per-unit attention maps per
 panel. `data.name='rendered_sprites'` (default) renders the dSprites factor
 grid procedurally (no download); `'dsprites'` reads the TFDS dataset
@@ -18,7 +18,9 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.task = 'vae'  # cavga_jax.vae_lib (train.py and evaluate.py dispatch)
+  config.task = (
+      'vae'  # cavga_jax.programs.train_vae (train.py and evaluate.py dispatch)
+  )
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
@@ -32,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.image_size = 64
   config.data.channels = 1
 
-  # The beta-VAE of Higgins et al. / Burgess et al. (cavga_jax.vae).
+  # The beta-VAE of Higgins et al. / Burgess et al. (cavga_jax.vae.conv_vae).
   config.model = ml_collections.ConfigDict()
   config.model.encoder_widths = (32, 32, 64, 64)
   config.model.hidden = 256
@@ -41,7 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # rec + beta * kl + ad * L_AD (per-image sums, batch mean).
   config.loss_weights = ml_collections.ConfigDict(dict(beta=4.0, ad=0.0))
-  # Which L_AD (cavga_jax.losses.AD_VARIANTS): 'paper' (docs/protocol.md
+  # Which L_AD (cavga_jax.training.losses.AD_VARIANTS): 'paper'
+  # (docs/protocol.md
   # section 3, a soft IoU of the ReLU'd unit maps; all-zero maps minimise it) or
   # 'distribution' (overlap of the raw cams as spatial distributions, which
   # switching a map off cannot lower).

@@ -8,7 +8,8 @@ explains the test images of `eval.explain_class` (7) among the normal test
 images: per-unit Grad-CAM maps of `mu`, the anomaly map `eval.map` ('mean'
 of the unit maps, Liu et al.'s), image AUROC of the negative ELBO, and
 pixel metrics against a pseudo-mask (strokes outside the normal class's
-support; `cavga_jax.vae_lib`). Data comes from TFDS (see the README for the
+support; `cavga_jax.programs.train_vae`). Data comes from TFDS (see the README
+for the
 one-time preparation); images are resized 28 -> 32 px.
 """
 

@@ -3,7 +3,8 @@
   python train.py --config=configs/explain_textures.py --workdir=runs/explain_textures
   python evaluate.py --config=configs/explain_textures.py --workdir=runs/explain_textures
 
-The VAE of `cavga_jax.vae` trained on the normal textures; evaluation scores
+The VAE of `cavga_jax.vae.conv_vae` trained on the normal textures; evaluation
+scores
 its attention map (`eval.map`: 'mean' of the unit maps or 'sum') against
 the exact defect masks with the same protocol and metrics as CAVGA
 (`configs/default.py`), so the two methods compare on the same data.

@@ -45,7 +45,7 @@ three categories (docs/results.md, "A trained detector"), so it is not
 trained by default. ``--config.detector.num_steps=1000`` trains it as
 measured there (4,096 feature cells per step, 11-14 minutes on the
 shared 2-core machine, a synthetic validation every 250 steps in
-``<workdir>/detector/eval_curve.jsonl``; cavga_jax/detector.py), and
+``<workdir>/detector/eval_curve.jsonl``; cavga_jax/maps/detector.py), and
 ``--config.eval.map=combined_detector`` makes it a fourth part of the
 headline. CAVGA's VAE-GAN as the paper trains it (20,000 steps, days on a
 CPU): ``configs/mvtec_paper.py``.

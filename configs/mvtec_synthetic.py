@@ -7,7 +7,8 @@
 
 No defect image is labelled or moved out of the test set: half of every
 batch becomes synthetic anomalies inside the train step
-(``cavga_jax.synthesis``: Perlin / polygon / scratch masks filled from another
+(``cavga_jax.training.synthesis``: Perlin / polygon / scratch masks filled from
+another
 image, the same image elsewhere, a procedural texture or a colour shift), with
 exact masks. The objective is CAVGA_w's ``rec + kl + adv + 0.001 bce + 0.01
 cga`` plus ``0.1 mask``, the Dice loss of the anomalous-class map A^ca against

@@ -41,7 +41,7 @@ def weak_settings(
   config.data.weak_anomalies_per_batch = 2
   # Headline map: 'weak_anomalous' (A^ca) | 'weak_not_normal' (1 - A^cn) |
   # 'weak_complementary' ((1 - A^cn + A^ca) / 2) | 'attention' (1 - A of
-  # sum(mu)) | any other map of cavga_jax.anomaly_maps.
+  # sum(mu)) | any other map of cavga_jax.maps.anomaly_maps.
   config.eval.map = 'weak_anomalous'
   return config
 

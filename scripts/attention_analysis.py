@@ -25,14 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cavga_jax import attention
 from cavga_jax import config_checks
 from cavga_jax import data
-from cavga_jax import layers
-from cavga_jax import pixel_metrics
-from cavga_jax import run_setup
-from cavga_jax import runtime
-from cavga_jax import train_state
+from cavga_jax.metrics import pixel_metrics
+from cavga_jax.models import attention
+from cavga_jax.models import layers
+from cavga_jax.programs import runtime
+from cavga_jax.training import run_setup
+from cavga_jax.training import train_state
 
 _CONFIG = runtime.define_config_flag('The run configuration.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The trained workdir.')

@@ -39,11 +39,11 @@ import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cavga_jax import eval_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cavga_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cavga_jax import train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cavga_jax.errors import CavgaError  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cavga_jax.errors import DataError  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cavga_jax.programs import evaluate as eval_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cavga_jax.programs import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cavga_jax.programs import train as train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = runtime.define_config_flag(
     'Configuration file (configs/mvtec.py, ...); data.name, root and '

@@ -9,7 +9,7 @@ Usage:
 Non-glaucoma images train (800 held out as normal test images, chosen by
 ``--seed``); glaucoma images are the anomalous test images, their attention
 maps binarised at ``--threshold`` x the map's maximum the ground truth. The
-conversion itself is ``cavga_jax.converters.convert_lag``.
+conversion itself is ``cavga_jax.data.converters.convert_lag``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 from typing import Sequence
 
 from cavga_jax import errors
-from cavga_jax.converters import lag
+from cavga_jax.data.converters import lag
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,7 @@ Usage:
 
 One category per scene; every 5th frame by default (``--frame_step``).
 Needs PyAV: ``pip install 'cavga_jax[converters]'``. The conversion itself
-is ``cavga_jax.converters.convert_mstc``.
+is ``cavga_jax.data.converters.convert_mstc``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 from typing import Sequence
 
 from cavga_jax import errors
-from cavga_jax.converters import mstc
+from cavga_jax.data.converters import mstc
 
 
 def main(argv: Sequence[str] | None = None) -> int:

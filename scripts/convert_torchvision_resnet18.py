@@ -9,8 +9,9 @@ Usage:
 
 ``.pth`` input (torchvision ``ResNet18_Weights.IMAGENET1K_V1``) and
 ``.safetensors`` input (e.g. ``timm/resnet18.a1_in1k``) need neither torch nor
-a network (``cavga_jax.torch_pickle`` reads the .pth). Train with ``--config.model.pretrained=resnet18_imagenet.npz``.
-The conversion itself is ``cavga_jax.torch_weights.convert_file``.
+a network (``cavga_jax.weights.torch_pickle`` reads the .pth). Train with
+``--config.model.pretrained=resnet18_imagenet.npz``.
+The conversion itself is ``cavga_jax.weights.torch_weights.convert_file``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 from typing import Sequence
 
 from cavga_jax import errors
-from cavga_jax import torch_weights
+from cavga_jax.weights import torch_weights
 
 
 def main(argv: Sequence[str] | None = None) -> int:

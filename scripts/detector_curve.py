@@ -20,14 +20,14 @@ import jax
 import numpy as np
 
 from cavga_jax import config_checks
-from cavga_jax import detector
-from cavga_jax import detector_lib
-from cavga_jax import image_metrics
-from cavga_jax import pixel_metrics
-from cavga_jax import runtime
-from cavga_jax import run_setup
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import inference
+from cavga_jax.maps import detector
+from cavga_jax.metrics import image_metrics
+from cavga_jax.metrics import pixel_metrics
+from cavga_jax.programs import runtime
+from cavga_jax.training import detector_training
+from cavga_jax.training import run_setup
 
 _CONFIG = runtime.define_config_flag('The run configuration.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The trained workdir.')
@@ -39,22 +39,22 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   runtime.enable_compilation_cache()
   run = config_checks.check_config(config)
-  settings = detector_lib.settings_from_run(run)
+  settings = detector_training.settings_from_run(run)
   made = run_setup.setup(run, workdir, feature_variables=False)
   mesh, generator, test_ds = made.mesh, made.generator, made.test_ds
   variables = made.initial_state().generator_variables()
   image_size = test_ds.images.shape[1]
   maps_settings = evaluator_lib.map_settings(run.eval, image_size)
-  features = detector_lib.compute_features(
+  features = detector_training.compute_features(
       generator, variables, test_ds.images, settings.map, maps_settings,
       settings.eval_batch_size, mesh, 'test images')
   context = inference.map_context(generator, maps_settings, image_size)
   apply = jax.jit(lambda state, f: detector.MAP.apply(context, None, state,
                                                       f))
-  validation = detector_lib.validation_scores(workdir)
+  validation = detector_training.validation_scores(workdir)
   records = []
-  for step in detector_lib.checkpoint_steps(workdir):
-    state, _ = detector_lib.trained_state(workdir, step)
+  for step in detector_training.checkpoint_steps(workdir):
+    state, _ = detector_training.trained_state(workdir, step)
     maps = np.concatenate([np.asarray(apply(state, features[i:i + 16]))
                            for i in range(0, len(features), 16)])
     scores = np.asarray(detector.MAP.image_score(maps))
@@ -65,8 +65,10 @@ def main(argv):
     records.append(dict(step=step, validation=validation.get(step),
                         test=test))
     print(json.dumps(records[-1]), flush=True)
-  with open(os.path.join(detector_lib.detector_dir(workdir), 'test_curve.jsonl'),
-            'w') as f:
+  with open(
+      os.path.join(detector_training.detector_dir(workdir), 'test_curve.jsonl'),
+      'w',
+  ) as f:
     f.writelines(json.dumps(r) + '\n' for r in records)
 
 

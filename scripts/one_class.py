@@ -17,8 +17,8 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cavga_jax import one_class  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cavga_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cavga_jax.programs import one_class  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cavga_jax.programs import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = runtime.define_config_flag(
     'One-class configuration (configs/mnist.py, ...).')

@@ -66,7 +66,7 @@ def train_with_interruption(config, workdir: str, first_steps: int = 3):
   resumed run restarts at the checkpoint before and redoes those steps.
   """
   from cavga_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from cavga_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from cavga_jax.programs import train as train_lib  # pylint: disable=g-import-not-at-top
   interrupted = config.copy_and_resolve_references()
   interrupted.train.num_steps = first_steps
   train_lib.train(interrupted, workdir)
@@ -79,8 +79,9 @@ def train_with_interruption(config, workdir: str, first_steps: int = 3):
 def dataset_from_masks(masks):
   """A test set of blank images with these (N, S, S) masks; images with a
   defect pixel are labelled anomalous ('crack'), the rest normal."""
-  from cavga_jax import data  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from cavga_jax import data  # pylint: disable=g-import-not-at-top
   labels = masks.reshape(len(masks), -1).any(axis=1).astype(int)
   return data.AnomalyDataset(
       images=np.zeros(masks.shape + (3,), np.uint8), masks=masks,
@@ -102,7 +103,7 @@ def compilation_cache(tmp_path_factory):
   temporary folders share a parent) and the subprocesses tests start (the
   JAX_* variables) reuse each other's programs.
   """
-  from cavga_jax import runtime  # pylint: disable=g-import-not-at-top
+  from cavga_jax.programs import runtime  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.getbasetemp()
   if os.environ.get('PYTEST_XDIST_WORKER'):
     root = root.parent

@@ -39,12 +39,12 @@ held-out normal images, docs/results.md).
 import numpy as np
 import pytest
 
-from cavga_jax import combined_maps
 from cavga_jax import data
-from cavga_jax import eval_lib
-from cavga_jax import run_setup
-from cavga_jax import settings
+from cavga_jax import typed_config
 from cavga_jax.data import dark_objects
+from cavga_jax.maps import combined_maps
+from cavga_jax.programs import evaluate as eval_lib
+from cavga_jax.training import run_setup
 from configs import tiny_efficientnet
 
 
@@ -63,7 +63,7 @@ def evaluation(tmp_path_factory):
   config.eval.num_panels = 0
   workdir = str(tmp_path_factory.mktemp('dark_objects'))
   result = eval_lib.evaluate(config, workdir, untrained=True)
-  _, test_ds = run_setup.load_datasets(settings.from_config(config),
+  _, test_ds = run_setup.load_datasets(typed_config.from_config(config),
                                        workdir)  # generated above
   return test_ds, result
 

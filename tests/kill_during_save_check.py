@@ -28,9 +28,9 @@ sys.path.insert(0, REPO_ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from orbax.checkpoint._src.path import atomicity
 
-from cavga_jax import runtime
-from cavga_jax import train_lib
 from cavga_jax.data import pipeline
+from cavga_jax.programs import runtime
+from cavga_jax.programs import train as train_lib
 from configs import tiny
 
 

@@ -20,25 +20,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from cavga_jax import cavga_step  # pylint: disable=wrong-import-position
 from cavga_jax import data  # pylint: disable=wrong-import-position
-from cavga_jax import detector  # pylint: disable=wrong-import-position
-from cavga_jax import detector_lib  # pylint: disable=wrong-import-position
-from cavga_jax import run_setup  # pylint: disable=wrong-import-position
-from cavga_jax import runtime  # pylint: disable=wrong-import-position
-from cavga_jax import settings  # pylint: disable=wrong-import-position
 from cavga_jax import sharding  # pylint: disable=wrong-import-position
-from cavga_jax import train_state  # pylint: disable=wrong-import-position
+from cavga_jax import typed_config  # pylint: disable=wrong-import-position
 from cavga_jax.errors import CavgaError  # pylint: disable=wrong-import-position
 from cavga_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=wrong-import-position
+from cavga_jax.maps import detector  # pylint: disable=wrong-import-position
+from cavga_jax.programs import runtime  # pylint: disable=wrong-import-position
+from cavga_jax.training import cavga_step  # pylint: disable=wrong-import-position
+from cavga_jax.training import detector_training  # pylint: disable=wrong-import-position
+from cavga_jax.training import run_setup  # pylint: disable=wrong-import-position
+from cavga_jax.training import train_state  # pylint: disable=wrong-import-position
 
 
 def run(config, workdir, devices, num_steps=3):
   mesh = sharding.make_mesh(devices)
-  train_ds, test_ds = run_setup.load_datasets(settings.from_config(config),
+  train_ds, test_ds = run_setup.load_datasets(typed_config.from_config(config),
                                               workdir)
   generator, discriminator, init_fn, state_sharding = train_state.setup(
-      settings.from_config(config), mesh)
+      typed_config.from_config(config), mesh)
   state = init_fn(jax.random.key(config.seed))
   step = jax.jit(cavga_step.make_train_step(generator, discriminator,
                                            dict(config.loss_weights)),
@@ -57,13 +57,13 @@ def run(config, workdir, devices, num_steps=3):
 def evaluate(config, workdir, devices, state):
   """(predictions, metrics) of evaluate.py's evaluator on ``devices``."""
   mesh = sharding.make_mesh(devices)
-  train_ds, test_ds = run_setup.load_datasets(settings.from_config(config),
+  train_ds, test_ds = run_setup.load_datasets(typed_config.from_config(config),
                                               workdir)
-  generator, _, _, _ = train_state.setup(settings.from_config(config), mesh)
+  generator, _, _, _ = train_state.setup(typed_config.from_config(config), mesh)
   params, batch_stats = sharding.replicate(
       (state.gen_params, state.gen_batch_stats), mesh)
   evaluator = evaluator_lib.Evaluator(
-      generator, test_ds, settings.from_config(config).eval, mesh,
+      generator, test_ds, typed_config.from_config(config).eval, mesh,
       evaluator_lib.normal_training_images(train_ds))
   result, predictions = evaluator(params, batch_stats)
   return predictions, result
@@ -73,12 +73,12 @@ def train_detector(workdir, devices):
   """The detector's map state after 4 sharded steps on ``devices``."""
   cells = np.random.default_rng(0).normal(1.0, 2.0, (256, 8)).astype(
       np.float32)
-  settings = detector_lib.Settings(
+  settings = detector_training.Settings(
       map=detector.DetectorSettings(hidden=16),
       train=detector.TrainSettings(num_steps=4, batch_size=64,
                                    checkpoint_every=4, log_every=4),
       seed=0, eval_batch_size=8, threshold_holdout=0.1)
-  state = detector_lib.train_on_cells(
+  state = detector_training.train_on_cells(
       settings, workdir, cells, cells.mean(0), cells.std(0),
       sharding.make_mesh(devices))
   return jax.device_get(state.map_state())

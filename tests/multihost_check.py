@@ -21,10 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from cavga_jax.evaluation import artifacts  # pylint: disable=wrong-import-position
+from cavga_jax.programs import evaluate as eval_lib  # pylint: disable=wrong-import-position
+from cavga_jax.programs import train as train_lib  # pylint: disable=wrong-import-position
 from configs import tiny_weak  # pylint: disable=wrong-import-position
-from cavga_jax import eval_lib  # pylint: disable=wrong-import-position
-from cavga_jax import train_lib  # pylint: disable=wrong-import-position
-from cavga_jax.evaluation import outputs  # pylint: disable=wrong-import-position
 
 
 def config_for_test():
@@ -38,14 +38,14 @@ def config_for_test():
 def capture_predictions() -> dict:
   """The predictions the next evaluation writes (filled when it writes)."""
   captured = {}
-  write = outputs.write_outputs
+  write = artifacts.write_outputs
 
   def capturing(out_dir, result, predictions, *args, **kwargs):
     captured.update(predictions)
-    outputs.write_outputs = write
+    artifacts.write_outputs = write
     return write(out_dir, result, predictions, *args, **kwargs)
 
-  outputs.write_outputs = capturing
+  artifacts.write_outputs = capturing
   return captured
 
 

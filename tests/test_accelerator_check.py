@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from conftest import load_script, REPO_ROOT
+from conftest import load_script
+from conftest import REPO_ROOT
 
 PEER = os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'peer',
                     'cavga_torch.py')

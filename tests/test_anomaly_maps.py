@@ -1,4 +1,4 @@
-"""Anomaly maps (cavga_jax.anomaly_maps) and the attention variants."""
+"""Anomaly maps (cavga_jax.maps.anomaly_maps) and the attention variants."""
 
 import jax
 import jax.numpy as jnp
@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cavga_jax import anomaly_maps
-from cavga_jax import attention
 from cavga_jax import config_checks
-from cavga_jax import explain
-from cavga_jax import pixel_metrics
-from cavga_jax import settings
-from cavga_jax import train_lib
+from cavga_jax import typed_config
 from cavga_jax.errors import CavgaError
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import scoring
+from cavga_jax.maps import anomaly_maps
+from cavga_jax.metrics import pixel_metrics
+from cavga_jax.models import attention
+from cavga_jax.programs import train as train_lib
+from cavga_jax.vae import explain
 from conftest import dataset_from_masks
 
 SETTINGS = anomaly_maps.MapSettings(residual_sigma=0.0)
@@ -375,8 +375,12 @@ def test_default_blur_scales_with_the_image_size(tiny_config):
   assert tiny_config.eval.residual_sigma is None
   config_checks.check_config(tiny_config)
   for size, sigma in ((256, 4.0), (128, 2.0), (64, 1.0)):
-    assert evaluator_lib.map_settings(settings.from_config(tiny_config).eval,
-                                      size).residual_sigma == sigma
+    assert (
+        evaluator_lib.map_settings(
+            typed_config.from_config(tiny_config).eval, size
+        ).residual_sigma
+        == sigma
+    )
   tiny_config.eval.residual_sigma = 3.0
-  assert evaluator_lib.map_settings(settings.from_config(tiny_config).eval,
+  assert evaluator_lib.map_settings(typed_config.from_config(tiny_config).eval,
                                     64).residual_sigma == 3.0

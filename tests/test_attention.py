@@ -6,8 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cavga_jax import attention
-from cavga_jax import train_lib
+from cavga_jax.models import attention
+from cavga_jax.programs import train as train_lib
 
 
 def _features(shape=(3, 4, 5, 6), seed=0):

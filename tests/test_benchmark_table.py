@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from cavga_jax import data
-from cavga_jax import train_lib
 from cavga_jax.errors import DataError
-from conftest import load_script, REPO_ROOT
+from cavga_jax.programs import train as train_lib
+from conftest import load_script
+from conftest import REPO_ROOT
 
 CATEGORIES = ('cat_a', 'cat_b')
 

@@ -4,15 +4,15 @@ import jax
 import numpy as np
 import pytest
 
-from cavga_jax import calibration
 from cavga_jax import config_checks
-from cavga_jax import fitted_map
-from cavga_jax import settings as settings_lib
-from cavga_jax import train_lib
+from cavga_jax import typed_config
 from cavga_jax.errors import CavgaError
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import inference
+from cavga_jax.maps import calibration
+from cavga_jax.maps import fitted_map
+from cavga_jax.programs import train as train_lib
 
 
 def _normal_maps(rng, n=12, size=8):
@@ -71,7 +71,7 @@ def test_calibration_finds_a_defect_that_the_raw_residual_misses():
   moments = calibration.PixelMoments()
   moments.add(normal)
   mean, scale = moments.statistics()
-  predictions = fitting.add_fitted_maps(
+  predictions = fitting.outputs_with_fitted_maps(
       {'maps': dict(residual=test), 'map_scores': {},
        inference.INPUTS: {'residual_calibrated': test}},
       fitting.FittedMaps(
@@ -101,7 +101,7 @@ def test_normal_step_gives_the_eval_steps_maps_and_features(tiny_config):
                                              dtype=np.uint8)
   variables = jax.jit(generator.init, static_argnums=(2, 3))(
       jax.random.key(0), images.astype(np.float32), None, False)
-  eval_settings = settings_lib.from_config(tiny_config).eval
+  eval_settings = typed_config.from_config(tiny_config).eval
   settings = evaluator_lib.map_settings(eval_settings, images.shape[1])
   fitted = evaluator_lib.fitted_settings(eval_settings)
   args = (variables['params'], variables['batch_stats'], images)
@@ -130,6 +130,6 @@ def test_normal_step_gives_the_eval_steps_maps_and_features(tiny_config):
                              full['maps']['attention'], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(paper['score'], full['score'], rtol=1e-6)
   tiny_config.eval.calibrate = False
-  eval_settings = settings_lib.from_config(tiny_config).eval
+  eval_settings = typed_config.from_config(tiny_config).eval
   assert evaluator_lib.feature_settings(eval_settings) is None
   assert evaluator_lib.fitted_settings(eval_settings) == {}

@@ -10,9 +10,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from cavga_jax.converters import lag
-from cavga_jax.converters import mstc
 from cavga_jax.data import folder
+from cavga_jax.data.converters import lag
+from cavga_jax.data.converters import mstc
 from cavga_jax.errors import DataError
 from conftest import load_script
 

@@ -14,7 +14,7 @@ from PIL import Image
 import pytest
 
 from cavga_jax import data as data_lib
-from cavga_jax import settings
+from cavga_jax import typed_config
 from cavga_jax.data import dark_objects
 from cavga_jax.data import folder
 from cavga_jax.data import generated
@@ -688,7 +688,7 @@ def _config(**data) -> ml_collections.ConfigDict:
 
 def test_get_datasets_generated(tmp_path, caplog):
   caplog.set_level('INFO')
-  train, test = data_lib.get_datasets(settings.section(_config(), 'data'),
+  train, test = data_lib.get_datasets(typed_config.section(_config(), 'data'),
                                       str(tmp_path))
   assert (tmp_path / 'data' / 'textures' / generated.MARKER_NAME).is_file()
   assert train.images.shape == (4, 16, 16, 3)
@@ -697,7 +697,7 @@ def test_get_datasets_generated(tmp_path, caplog):
   # generated_seed overrides config.seed.
   config = _config(root=str(tmp_path / 'other'))
   config.data.generated_seed = 5
-  train5, _ = data_lib.get_datasets(settings.section(config, 'data'),
+  train5, _ = data_lib.get_datasets(typed_config.section(config, 'data'),
                                     str(tmp_path))
   expected = textures.normal_image(5, 'train', 0, 16)
   np.testing.assert_array_equal(train5.images[0], expected)
@@ -705,7 +705,7 @@ def test_get_datasets_generated(tmp_path, caplog):
 
 def test_get_datasets_generated_dark_objects(tmp_path):
   train, test = data_lib.get_datasets(
-      settings.section(_config(category='dark_objects'), 'data'),
+      typed_config.section(_config(category='dark_objects'), 'data'),
       str(tmp_path))
   assert train.images.shape == (4, 16, 16, 3)
   assert sorted(set(test.defect_types)) == sorted(
@@ -718,7 +718,7 @@ def test_get_datasets_mvtec(tmp_path):
   _make_category(tmp_path)
   config = _config(name='mvtec', root=str(tmp_path), category='widget',
                    image_size=8, channels=1)
-  train, test = data_lib.get_datasets(settings.section(config, 'data'),
+  train, test = data_lib.get_datasets(typed_config.section(config, 'data'),
                                       str(tmp_path / 'work'))
   assert train.images.shape == (3, 8, 8, 1)
   assert test.defect_types == ('crack', 'crack', 'good', 'good')
@@ -734,7 +734,7 @@ def test_get_datasets_errors(tmp_path, data, keyword):
   config.data.root = None
   config.data.update(data)
   with pytest.raises(DataError, match=keyword):
-    data_lib.get_datasets(settings.section(config, 'data'), str(tmp_path))
+    data_lib.get_datasets(typed_config.section(config, 'data'), str(tmp_path))
 
 
 # ---------------------------------------------------------------------------

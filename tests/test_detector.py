@@ -9,23 +9,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cavga_jax import detector
-from cavga_jax import detector_lib
-from cavga_jax import eval_lib
-from cavga_jax import export
-from cavga_jax import predict_lib
-from cavga_jax import settings as settings_lib
 from cavga_jax import sharding
-from cavga_jax import train_lib
+from cavga_jax import typed_config
+from cavga_jax.deploy import export
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import registry
 from cavga_jax.evaluation import store
+from cavga_jax.maps import detector
+from cavga_jax.programs import evaluate as eval_lib
+from cavga_jax.programs import predict as predict_lib
+from cavga_jax.programs import train as train_lib
+from cavga_jax.training import detector_training
 from configs import tiny
 
 _TRAIN = detector.TrainSettings(num_steps=6, batch_size=64, log_every=2,
                                 checkpoint_every=3, noise_std=0.5)
-_SETTINGS = detector_lib.Settings(
+_SETTINGS = detector_training.Settings(
     map=detector.DetectorSettings(hidden=16), train=_TRAIN, seed=0,
     eval_batch_size=8, threshold_holdout=0.1)
 
@@ -39,7 +39,7 @@ def _train(workdir, num_steps, cells):
   settings = dataclasses.replace(
       _SETTINGS, train=dataclasses.replace(_TRAIN, num_steps=num_steps))
   mean, std = cells.mean(0), cells.std(0)
-  return detector_lib.train_on_cells(settings, str(workdir), cells, mean,
+  return detector_training.train_on_cells(settings, str(workdir), cells, mean,
                                      std, sharding.make_mesh())
 
 
@@ -81,16 +81,18 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
   assert int(resumed.step) == 6
   jax.tree.map(np.testing.assert_array_equal, resumed.map_state(),
                full.map_state())
-  state, step = detector_lib.trained_state(str(tmp_path / 'full'))
+  state, step = detector_training.trained_state(str(tmp_path / 'full'))
   assert step == 6  # no validation logged: the newest
   jax.tree.map(np.testing.assert_array_equal, state, full.map_state())
   # The synthetic validation selects among the kept checkpoints (3, 6).
-  curve = tmp_path / 'full' / detector_lib.DETECTOR_DIR / 'eval_curve.jsonl'
+  curve = (
+      tmp_path / 'full' / detector_training.DETECTOR_DIR / 'eval_curve.jsonl'
+  )
   curve.write_text(''.join(
-      json.dumps(dict(step=s, maps={detector_lib.VALIDATION: dict(
+      json.dumps(dict(step=s, maps={detector_training.VALIDATION: dict(
           pixel_auroc=p)})) + '\n' for s, p in ((3, 0.9), (6, 0.8))))
-  assert detector_lib.selected_step(str(tmp_path / 'full')) == 3
-  assert detector_lib.trained_state(str(tmp_path / 'full'))[1] == 3
+  assert detector_training.selected_step(str(tmp_path / 'full')) == 3
+  assert detector_training.trained_state(str(tmp_path / 'full'))[1] == 3
 
 
 def test_registered_with_the_feature_maps_features():
@@ -98,7 +100,7 @@ def test_registered_with_the_feature_maps_features():
   assert spec.kind == 'fitted' and registry.ENCODER in spec.needs
   config = tiny.get_config()
   config.eval.feature_stages = (1, 2, 3)
-  eval_settings = settings_lib.from_config(config).eval
+  eval_settings = typed_config.from_config(config).eval
   settings = evaluator_lib.fitted_settings(eval_settings)[detector.NAME]
   assert settings.stages == (1, 2, 3)
   # A trained state replaces the fit; the fit key then names it.
@@ -124,7 +126,7 @@ def test_trained_by_train_py_then_evaluated_predicted_and_exported(tmp_path):
   config.eval.maps = 'headline'
   workdir = str(tmp_path / 'run')
   train_lib.train(config, workdir)
-  trained, step = detector_lib.trained_state(workdir)
+  trained, step = detector_training.trained_state(workdir)
   assert step == 4
   metrics = eval_lib.evaluate(config, workdir)
   assert metrics['map'] == detector.NAME and 'prior_normal' in metrics['maps']
@@ -132,7 +134,7 @@ def test_trained_by_train_py_then_evaluated_predicted_and_exported(tmp_path):
   fitted = store.load(store.fitted_dir(workdir, 0))
   jax.tree.map(np.testing.assert_array_equal, fitted.maps[detector.NAME],
                trained)
-  curve = (tmp_path / 'run' / detector_lib.DETECTOR_DIR /
+  curve = (tmp_path / 'run' / detector_training.DETECTOR_DIR /
            'eval_curve.jsonl').read_text()
   assert 'synthetic_validation' in curve
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
 
-from cavga_jax import disentanglement
 from cavga_jax.data import factor_dataset
 from cavga_jax.data import sprites
+from cavga_jax.vae import disentanglement
 
 _SIZES = (3, 4, 5, 6)
 

@@ -17,18 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny_efficientnet
 from cavga_jax import config_checks
-from cavga_jax import efficientnet
 from cavga_jax import errors
-from cavga_jax import pretrained
-from cavga_jax import run_setup
-from cavga_jax import settings
-from cavga_jax import torch_pickle
-from cavga_jax import torch_weights
-from cavga_jax import train_lib
-from conftest import tree_equal
+from cavga_jax import typed_config
+from cavga_jax.models import efficientnet
+from cavga_jax.programs import train as train_lib
+from cavga_jax.training import run_setup
+from cavga_jax.weights import pretrained
+from cavga_jax.weights import torch_pickle
+from cavga_jax.weights import torch_weights
+from configs import tiny_efficientnet
 from conftest import train_with_interruption
+from conftest import tree_equal
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden')
 NAME = pretrained.EFFICIENTNET_LITE0_IMAGENET
@@ -258,9 +258,14 @@ def test_untrained_evaluation_starts_where_training_starts(tmp_path,
   monkeypatch.setattr(train_lib.training_loop, 'training_loop', capture)
   train_lib.train(config, str(tmp_path / 'train'))
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
-  made = run_setup.setup(settings.from_config(config), str(tmp_path / 'eval'),
-                         datasets=False, restore=True, untrained=True,
-                         mesh=mesh)
+  made = run_setup.setup(
+      typed_config.from_config(config),
+      str(tmp_path / 'eval'),
+      datasets=False,
+      restore=True,
+      untrained=True,
+      mesh=mesh,
+  )
   untrained, step = made.state, made.step
   assert step == 0
   assert tree_equal(untrained, captured['state'])

@@ -7,23 +7,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cavga_jax import attention
-from cavga_jax import explain
-from cavga_jax import losses
-from cavga_jax import models
-from cavga_jax import vae
+from cavga_jax.models import attention
+from cavga_jax.models import cavga
+from cavga_jax.training import losses
+from cavga_jax.vae import conv_vae
+from cavga_jax.vae import explain
 
 
 def _vae_and_images(latent_dim=5, batch=3, seed=0):
-  model = vae.ConvVAE(image_size=16, image_channels=1, encoder_widths=(4, 6),
-                      hidden=8, latent_dim=latent_dim)
+  model = conv_vae.ConvVAE(
+      image_size=16,
+      image_channels=1,
+      encoder_widths=(4, 6),
+      hidden=8,
+      latent_dim=latent_dim,
+  )
   images = jax.random.uniform(jax.random.key(seed), (batch, 16, 16, 1))
   variables = model.init(jax.random.key(1), images)
   return model, variables, images
 
 
 def _conv_generator_and_images(batch=2):
-  model = models.CAVGAGenerator(
+  model = cavga.CAVGAGenerator(
       variant='D', image_size=32, latent='conv', latent_channels=3,
       image_channels=3, encoder_widths=(4, 4, 8, 8),
       decoder_widths=(8, 8, 4, 4))

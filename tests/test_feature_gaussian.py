@@ -1,4 +1,4 @@
-"""The feature-Gaussian map (cavga_jax.feature_gaussian) and its evaluation."""
+"""The feature-Gaussian map (maps.feature_gaussian) and its evaluation."""
 
 import dataclasses
 
@@ -6,15 +6,15 @@ import jax
 import numpy as np
 import pytest
 
-from cavga_jax import anomaly_maps
 from cavga_jax import config_checks
-from cavga_jax import feature_gaussian
-from cavga_jax import fitted_map
-from cavga_jax import models
-from cavga_jax import pixel_metrics
 from cavga_jax.errors import CavgaError
 from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import inference
+from cavga_jax.maps import anomaly_maps
+from cavga_jax.maps import feature_gaussian
+from cavga_jax.maps import fitted_map
+from cavga_jax.metrics import pixel_metrics
+from cavga_jax.models import cavga
 from conftest import dataset_from_masks
 
 
@@ -148,7 +148,7 @@ def test_features_unusual_for_their_cell_find_the_defect():
   moments = feature_gaussian.FeatureMoments()
   moments.add(normal)
   mean, precision = moments.statistics()
-  predictions = fitting.add_fitted_maps(
+  predictions = fitting.outputs_with_fitted_maps(
       {'maps': {}, 'map_scores': {},
        inference.INPUTS: {feature_gaussian.NAME: test.astype(np.float32)}},
       fitting.FittedMaps(maps={feature_gaussian.NAME: dict(
@@ -168,7 +168,7 @@ def test_features_unusual_for_their_cell_find_the_defect():
 def test_encode_stages_equal_encode_up_to_each_stage():
   # ResNet: stage 1 includes the stem, so continuing from a stage must skip
   # it (the DCGAN encoder shares the start/stop loop).
-  generator = models.CAVGAGenerator(
+  generator = cavga.CAVGAGenerator(
       variant='R', image_size=32, latent_channels=4,
       encoder_widths=(4, 8, 8, 16), decoder_widths=(16, 8, 8, 4, 4),
       conv_impl='lax')

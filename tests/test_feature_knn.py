@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from scipy.spatial import distance
 
-from cavga_jax import anomaly_maps
-from cavga_jax import combined_maps
-from cavga_jax import feature_knn
-from cavga_jax import fitted_map
 from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import inference
+from cavga_jax.maps import anomaly_maps
+from cavga_jax.maps import combined_maps
+from cavga_jax.maps import feature_knn
+from cavga_jax.maps import fitted_map
 
 
 def _brute_force_greedy(x: np.ndarray, size: int, start: int) -> np.ndarray:
@@ -76,7 +76,7 @@ def test_knn_map_of_the_evaluator_equals_brute_force():
   rng = np.random.default_rng(4)
   bank = rng.normal(size=(30, 6)).astype(np.float32)
   features = rng.normal(size=(2, 4, 4, 6)).astype(np.float32)
-  predictions = fitting.add_fitted_maps(
+  predictions = fitting.outputs_with_fitted_maps(
       {'maps': {}, 'map_scores': {},
        inference.INPUTS: {feature_knn.NAME: features}},
       fitting.FittedMaps(maps={feature_knn.NAME: dict(bank=bank)}),

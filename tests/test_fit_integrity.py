@@ -21,19 +21,19 @@ import pytest
 
 from cavga_jax import checkpointing
 from cavga_jax import data
-from cavga_jax import eval_lib
-from cavga_jax import predict_lib
-from cavga_jax import runtime
-from cavga_jax import scorer as scorer_lib
-from cavga_jax import settings
 from cavga_jax import sharding
-from cavga_jax import train_lib
-from cavga_jax import train_state
+from cavga_jax import typed_config
 from cavga_jax import workdirs
+from cavga_jax.deploy import scorer as scorer_lib
 from cavga_jax.errors import CavgaError
 from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import scoring
 from cavga_jax.evaluation import store
+from cavga_jax.programs import evaluate as eval_lib
+from cavga_jax.programs import predict as predict_lib
+from cavga_jax.programs import runtime
+from cavga_jax.programs import train as train_lib
+from cavga_jax.training import train_state
 from configs import tiny
 
 
@@ -116,7 +116,7 @@ _BAD_JSON = {'empty': b'', 'not json': b'{"step": 4,', 'a list': b'[1, 2]',
 @pytest.mark.parametrize('damage', list(_DAMAGE))
 def test_a_damaged_fit_fails_its_checksum_on_load(tmp_path, damage):
   directory = str(tmp_path / 'fitted' / 'step_4')
-  key = store.fit_key(settings.from_config(tiny.get_config()).eval, 4,
+  key = store.fit_key(typed_config.from_config(tiny.get_config()).eval, 4,
                       _state(), 32, 16)
   store.save(directory, _fitted_maps(), key)
   assert store.load(directory, key).thresholds['residual'] == (1.0, 2.0, 0.5)
@@ -129,7 +129,7 @@ def test_a_damaged_fit_fails_its_checksum_on_load(tmp_path, damage):
 @pytest.mark.parametrize('content', list(_BAD_JSON) + ['old format'])
 def test_an_unreadable_fit_json_is_a_fit_error(tmp_path, content):
   directory = str(tmp_path / 'fitted' / 'step_4')
-  key = store.fit_key(settings.from_config(tiny.get_config()).eval, 4,
+  key = store.fit_key(typed_config.from_config(tiny.get_config()).eval, 4,
                       _state(), 32, 16)
   store.save(directory, _fitted_maps(), key)
   path = os.path.join(directory, store.KEY_FILE)
@@ -144,15 +144,18 @@ def test_an_unreadable_fit_json_is_a_fit_error(tmp_path, content):
 
 def test_the_key_covers_params_and_batch_stats_bit_for_bit():
   config = tiny.get_config()
-  key = store.fit_key(settings.from_config(config).eval, 4, _state(), 32, 16)
-  assert key == store.fit_key(settings.from_config(config).eval, 4, _state(),
-                              32, 16)
+  key = store.fit_key(
+      typed_config.from_config(config).eval, 4, _state(), 32, 16
+  )
+  assert key == store.fit_key(
+      typed_config.from_config(config).eval, 4, _state(), 32, 16
+  )
   for tree in ('gen_params', 'gen_batch_stats'):
     state = _state()
     leaf = jax.tree.leaves(getattr(state, tree))[0]
     leaf.view(np.uint32)[0] ^= 1  # one bit of one float
     assert store.differing_fields(
-        key, store.fit_key(settings.from_config(config).eval, 4, state, 32,
+        key, store.fit_key(typed_config.from_config(config).eval, 4, state, 32,
                            16)) == [
             'variables_sha256'], tree
 
@@ -177,7 +180,7 @@ class _Evaluator:
 
 def test_evaluate_refits_a_damaged_fit_saying_why(tmp_path, caplog):
   config, workdir, state = tiny.get_config(), str(tmp_path), _state()
-  run = settings.from_config(config)
+  run = typed_config.from_config(config)
   evaluator = _Evaluator()
   fitted = eval_lib.fitted_maps(config, run.eval, workdir, evaluator, state, 4)
   assert evaluator.fits == 1
@@ -233,7 +236,7 @@ def test_predict_py_names_an_empty_config_json_in_one_line(tmp_path):
 
 def _abstract_state(config):
   mesh = sharding.make_mesh()
-  _, _, init_fn, _ = train_state.setup(settings.from_config(config), mesh)
+  _, _, init_fn, _ = train_state.setup(typed_config.from_config(config), mesh)
   return train_state.abstract_state(init_fn, mesh)
 
 
@@ -279,7 +282,7 @@ def test_predict_stops_on_a_damaged_fit_naming_it(tmp_path):
                                                _abstract_state(config))
   directory = store.fitted_dir(workdir, step)
   store.save(directory, _fitted_maps(),
-             store.fit_key(settings.from_config(config).eval, step,
+             store.fit_key(typed_config.from_config(config).eval, step,
                                                       state, 32, 16))
   assert scorer_lib.load_scorer(workdir).thresholds == (3.0, 4.0, 1.0)
   _flip_bytes(os.path.join(directory, 'state'))
@@ -303,7 +306,7 @@ def _normal_test_set(num: int = 4) -> data.AnomalyDataset:
 
 def _made(test_ds: data.AnomalyDataset) -> types.SimpleNamespace:
   """What ``eval_lib.evaluate`` reads of ``run_setup.setup``'s result."""
-  return types.SimpleNamespace(run=settings.from_config(tiny.get_config()),
+  return types.SimpleNamespace(run=typed_config.from_config(tiny.get_config()),
                                test_ds=test_ds, state=_state(), step=0)
 
 

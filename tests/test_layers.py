@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cavga_jax import cavga_step
 from cavga_jax import config_checks
-from cavga_jax import layers
-from cavga_jax import train_lib
-from cavga_jax import train_state
 from cavga_jax.errors import CavgaError
+from cavga_jax.models import layers
+from cavga_jax.programs import train as train_lib
+from cavga_jax.training import cavga_step
+from cavga_jax.training import train_state
 from configs import default
 from configs import tiny
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cavga_jax import losses
+from cavga_jax.training import losses
 
 
 def test_reconstruction_loss():

@@ -10,20 +10,20 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from cavga_jax import anomaly_maps
-from cavga_jax import combined_maps
-from cavga_jax import eval_lib
-from cavga_jax import export
-from cavga_jax import fitted_map
-from cavga_jax import predict_lib
-from cavga_jax import run_setup
-from cavga_jax import settings
 from cavga_jax import sharding
-from cavga_jax import train_lib
+from cavga_jax import typed_config
+from cavga_jax.deploy import export
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import registry
 from cavga_jax.evaluation import store
+from cavga_jax.maps import anomaly_maps
+from cavga_jax.maps import combined_maps
+from cavga_jax.maps import fitted_map
+from cavga_jax.programs import evaluate as eval_lib
+from cavga_jax.programs import predict as predict_lib
+from cavga_jax.programs import train as train_lib
+from cavga_jax.training import run_setup
 from configs import tiny
 
 NAME = 'mean_deviation'
@@ -95,13 +95,15 @@ def test_a_registered_map_is_evaluated_saved_predicted_and_exported(
   assert metrics['pixel_auroc'] == metrics['maps'][NAME]['pixel_auroc']
   # An evaluation of every map (eval.maps='all') fits it beside the others.
   assert {NAME, 'feature_gaussian'} <= set(
-      evaluator_lib.fitted_settings(settings.from_config(config).eval))
+      evaluator_lib.fitted_settings(typed_config.from_config(config).eval))
 
   # The saved fit holds its state (checksummed in fit.json like the others):
   # the mean of the normal images it was fitted on.
   fitted = store.load(store.fitted_dir(workdir, 0, untrained=True))
   assert fitted.available() == (NAME,) and NAME in fitted.thresholds
-  train, test = run_setup.load_datasets(settings.from_config(config), workdir)
+  train, test = run_setup.load_datasets(
+      typed_config.from_config(config), workdir
+  )
   fit_images, _ = fitting.split_held_out(
       evaluator_lib.normal_training_images(train),
       config.eval.threshold_holdout)
@@ -188,7 +190,7 @@ def test_initial_ssim_reads_the_feature_networks_decoder(tiny_config,
   """initial_ssim_calibrated of networks A while B are evaluated equals
   residual_ssim_smooth_calibrated of A evaluated (feature_weights='initial':
   A is the run's initial state, so training cannot change the map)."""
-  train, test = run_setup.load_datasets(settings.from_config(tiny_config),
+  train, test = run_setup.load_datasets(typed_config.from_config(tiny_config),
                                         str(tmp_path))
   generator, _ = train_lib.build_models(tiny_config)
   init = jax.jit(generator.init, static_argnums=(2, 3))
@@ -200,9 +202,14 @@ def test_initial_ssim_reads_the_feature_networks_decoder(tiny_config,
   def maps(headline, variables, feature_variables):
     tiny_config.eval.map = headline
     tiny_config.eval.maps = 'headline'
-    evaluator = evaluator_lib.Evaluator(generator, test,
-                                        settings.from_config(tiny_config).eval,
-                                        mesh, normal, feature_variables)
+    evaluator = evaluator_lib.Evaluator(
+        generator,
+        test,
+        typed_config.from_config(tiny_config).eval,
+        mesh,
+        normal,
+        feature_variables,
+    )
     _, predictions = evaluator(variables['params'], variables['batch_stats'])
     return predictions['maps'][headline]
 
@@ -231,7 +238,7 @@ def test_combined_robust_untrained_is_evaluated_predicted_and_exported(
   assert all(len(v) == len(combined_maps.STATISTICS)
              for v in fitted.normalisers.values())
 
-  _, test = run_setup.load_datasets(settings.from_config(config), workdir)
+  _, test = run_setup.load_datasets(typed_config.from_config(config), workdir)
   images = test.images[:3]
   out = tmp_path / 'out'
   summary = _predict(workdir, images, tmp_path / 'in', out)

@@ -1,4 +1,4 @@
-"""Tests for cavga_jax.pixel_metrics and cavga_jax.image_metrics."""
+"""Tests for cavga_jax.metrics: pixel_metrics and image_metrics."""
 
 import json
 import math
@@ -9,8 +9,8 @@ import pytest
 from scipy import ndimage
 from sklearn import metrics as sk_metrics
 
-from cavga_jax import image_metrics
-from cavga_jax import pixel_metrics
+from cavga_jax.metrics import image_metrics
+from cavga_jax.metrics import pixel_metrics
 from conftest import load_script
 
 _LOCALIZATION_KEYS = {

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cavga_jax import cavga_step
-from cavga_jax import settings
 from cavga_jax import sharding
-from cavga_jax import train_state
+from cavga_jax import typed_config
+from cavga_jax.training import cavga_step
+from cavga_jax.training import train_state
 from configs import tiny
 
 
@@ -16,7 +16,7 @@ def _one_step(compute_dtype):
   config.model.compute_dtype = compute_dtype
   mesh = sharding.make_mesh()
   generator, discriminator, init_fn, _ = train_state.setup(
-      settings.from_config(config), mesh)
+      typed_config.from_config(config), mesh)
   state = init_fn(jax.random.key(0))
   step = jax.jit(cavga_step.make_train_step(generator, discriminator,
                                            dict(config.loss_weights)))

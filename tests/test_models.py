@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from cavga_jax import train_lib
 from cavga_jax.errors import CavgaError
+from cavga_jax.programs import train as train_lib
 
 
 def _count(tree):

@@ -11,12 +11,12 @@ import jax
 import numpy as np
 
 from cavga_jax import data
-from cavga_jax import eval_lib
-from cavga_jax import run_setup
-from cavga_jax import settings
-from cavga_jax import train_lib
+from cavga_jax import typed_config
 from cavga_jax.evaluation import scoring
 from cavga_jax.evaluation import store
+from cavga_jax.programs import evaluate as eval_lib
+from cavga_jax.programs import train as train_lib
+from cavga_jax.training import run_setup
 from conftest import load_script
 
 _SCRIPT = os.path.join(os.path.dirname(__file__), 'multihost_check.py')
@@ -123,7 +123,7 @@ def test_two_processes_equal_one_and_only_process_0_writes(tmp_path):
                                atol=1e-5, err_msg=name)
   # The metrics of the two processes are those of their maps, computed in
   # one process (so exactly equal), with the thresholds they fitted.
-  _, test_ds = run_setup.load_datasets(settings.from_config(config),
+  _, test_ds = run_setup.load_datasets(typed_config.from_config(config),
                                        str(workdir))
   scored = scoring.compute_metrics(predictions, test_ds, config.eval.map,
                                    fitted.thresholds)

@@ -15,19 +15,19 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from cavga_jax import attention
 from cavga_jax import data
-from cavga_jax import eval_lib
-from cavga_jax import export
-from cavga_jax import predict_lib
-from cavga_jax import run_setup
-from cavga_jax import scorer as scorer_lib
-from cavga_jax import settings
-from cavga_jax import train_lib
+from cavga_jax import typed_config
+from cavga_jax.deploy import export
+from cavga_jax.deploy import scorer as scorer_lib
 from cavga_jax.errors import CavgaError
 from cavga_jax.evaluation import inference
 from cavga_jax.evaluation import registry
 from cavga_jax.evaluation import store
+from cavga_jax.models import attention
+from cavga_jax.programs import evaluate as eval_lib
+from cavga_jax.programs import predict as predict_lib
+from cavga_jax.programs import train as train_lib
+from cavga_jax.training import run_setup
 from configs import tiny
 from conftest import REPO_ROOT
 
@@ -197,7 +197,7 @@ def test_a_corrupted_fit_is_never_scored_normal(trained, monkeypatch,
   scorer = dataclasses.replace(scorer, state=dict(
       scorer.state, fitted=dataclasses.replace(
           fitted, maps=dict(fitted.maps, feature_gaussian=gaussian))))
-  images = run_setup.load_datasets(settings.from_config(config),
+  images = run_setup.load_datasets(typed_config.from_config(config),
                                    workdir)[1].images[:2]
   anomalous, finite = scorer.decide(*scorer.score(images))
   assert anomalous.all() and not finite.any()
@@ -238,7 +238,9 @@ def test_predict_never_writes_into_the_input_or_over_an_earlier_output(
 def test_scorer_maps_equal_the_evaluation_and_skip_what_they_do_not_need(
     trained, monkeypatch):
   config, workdir, _ = trained
-  _, test_ds = run_setup.load_datasets(settings.from_config(config), workdir)
+  _, test_ds = run_setup.load_datasets(
+      typed_config.from_config(config), workdir
+  )
   scores_csv = os.path.join(workdir, 'eval', 'scores.csv')
   with open(scores_csv) as f:
     evaluated = np.array([float(r[f'score_{config.eval.map}'])
@@ -259,7 +261,9 @@ def test_untrained_scorer_uses_the_untrained_fit(trained):
   with pytest.raises(CavgaError, match='--untrained'):
     scorer_lib.load_scorer(workdir, untrained=True)
   eval_lib.evaluate(config, workdir, untrained=True)
-  _, test_ds = run_setup.load_datasets(settings.from_config(config), workdir)
+  _, test_ds = run_setup.load_datasets(
+      typed_config.from_config(config), workdir
+  )
   with open(os.path.join(workdir, eval_lib.UNTRAINED_DIR, 'scores.csv')) as f:
     evaluated = np.array([float(r[f'score_{config.eval.map}'])
                           for r in csv.DictReader(f)])
@@ -286,7 +290,7 @@ def test_registry_declares_what_each_map_reads():
     registry.spec('no_such_map')
   with pytest.raises(CavgaError, match='baseline'):
     scorer_lib.make_score_fn(
-        None, settings.from_config(tiny.get_config()).eval, 32, 'prior')
+        None, typed_config.from_config(tiny.get_config()).eval, 32, 'prior')
 
 
 _FRESH_PROCESS = """
@@ -311,7 +315,9 @@ def test_exported_scorer_equals_the_library_in_a_process_without_it(
     trained, tmp_path):
   config, workdir, _ = trained
   scorer = scorer_lib.load_scorer(workdir)
-  _, test_ds = run_setup.load_datasets(settings.from_config(config), workdir)
+  _, test_ds = run_setup.load_datasets(
+      typed_config.from_config(config), workdir
+  )
   images = test_ds.images[:3]
   maps, scores = scorer.score(images)
   np.savez(tmp_path / 'expected.npz', images=images, maps=maps, scores=scores,

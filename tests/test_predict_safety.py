@@ -20,13 +20,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from cavga_jax import export
-from cavga_jax import predict_lib
-from cavga_jax import predict_output
-from cavga_jax import scorer as scorer_lib
 from cavga_jax.data import folder
 from cavga_jax.data import images as images_lib
+from cavga_jax.deploy import export
+from cavga_jax.deploy import predict_output
+from cavga_jax.deploy import scorer as scorer_lib
 from cavga_jax.errors import CavgaError
+from cavga_jax.programs import predict as predict_lib
 from conftest import REPO_ROOT
 
 SIZE = 16

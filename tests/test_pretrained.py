@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from safetensors import numpy as safetensors_numpy
 
-from cavga_jax import backbones
 from cavga_jax import errors
-from cavga_jax import models
-from cavga_jax import pretrained
-from cavga_jax import torch_weights
+from cavga_jax.models import backbones
+from cavga_jax.models import cavga
+from cavga_jax.weights import pretrained
+from cavga_jax.weights import torch_weights
 from conftest import load_script
 
 _IMAGE_SIZE = 64
@@ -41,7 +41,8 @@ _BN_EPS = 1e-5
 def _torchvision_resnet18_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
   """Random weights with torchvision resnet18's state_dict keys and shapes.
 
-  Written out independently of cavga_jax.torch_weights so that a mistake in its
+  Written out independently of cavga_jax.weights.torch_weights so that a
+  mistake in its
   key table is not mirrored here. He-scaled convs and BN statistics near 1
   keep activations O(1) through all 8 blocks, so tolerances stay tight.
 
@@ -174,8 +175,8 @@ def converted_npz(tmp_path_factory, state_dict) -> tuple[pathlib.Path, dict]:
 
 
 @pytest.fixture(scope='module')
-def generator() -> models.CAVGAGenerator:
-  return models.CAVGAGenerator(variant='R', image_size=_IMAGE_SIZE)
+def generator() -> cavga.CAVGAGenerator:
+  return cavga.CAVGAGenerator(variant='R', image_size=_IMAGE_SIZE)
 
 
 @pytest.fixture(scope='module')
@@ -202,7 +203,7 @@ def loaded(variables, converted_npz) -> dict:
 def _abstract_variables(**generator_kwargs) -> dict:
   """Zero variables of a generator variant, shapes only (no slow init)."""
   channels = generator_kwargs.pop('input_channels', 3)
-  model = models.CAVGAGenerator(image_size=_IMAGE_SIZE, **generator_kwargs)
+  model = cavga.CAVGAGenerator(image_size=_IMAGE_SIZE, **generator_kwargs)
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0),
                          jnp.zeros((1, _IMAGE_SIZE, _IMAGE_SIZE, channels)),
@@ -458,9 +459,9 @@ def test_train_loads_encoder_and_evaluate_needs_no_file(
     tmp_path, tiny_config, converted_npz):
   # Imported here: eval_lib and train_lib are not needed by the tests above.
   from cavga_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from cavga_jax import eval_lib  # pylint: disable=g-import-not-at-top
   from cavga_jax import sharding  # pylint: disable=g-import-not-at-top
-  from cavga_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from cavga_jax.programs import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
+  from cavga_jax.programs import train as train_lib  # pylint: disable=g-import-not-at-top
 
   arrays = converted_npz[1]
   npz_path = tmp_path / 'resnet18_imagenet.npz'
@@ -512,7 +513,7 @@ def test_train_loads_encoder_and_evaluate_needs_no_file(
 
 
 def test_train_reports_missing_pretrained_file(tmp_path, tiny_config):
-  from cavga_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from cavga_jax.programs import train as train_lib  # pylint: disable=g-import-not-at-top
   missing = tmp_path / 'missing.npz'
   config = _pretrained_tiny_config(tiny_config, missing)
   config.train.num_steps = 0
@@ -528,7 +529,7 @@ def test_train_reports_missing_pretrained_file(tmp_path, tiny_config):
 def test_imagenet_input_norm_by_hand():
   x = np.zeros((1, 2, 2, 3), np.float32)
   x[..., 0], x[..., 1], x[..., 2] = 1.0, 0.0, -1.0  # u = 1, 0.5, 0 in [0, 1]
-  out = np.asarray(models.normalize_input(jnp.asarray(x), 'imagenet'))
+  out = np.asarray(cavga.normalize_input(jnp.asarray(x), 'imagenet'))
   # (u - mean) / std: (1 - 0.485) / 0.229, (0.5 - 0.456) / 0.224,
   # (0 - 0.406) / 0.225.
   np.testing.assert_allclose(out[0, 0, 0], [2.2489083, 0.19642857, -1.8044444],
@@ -537,24 +538,24 @@ def test_imagenet_input_norm_by_hand():
   # 1 channel: mean 0.449 and std 0.226 of the RGB values; u = 0.5 and 1.
   gray = np.array([0.0, 1.0], np.float32).reshape(1, 1, 2, 1)
   np.testing.assert_allclose(
-      np.asarray(models.normalize_input(jnp.asarray(gray), 'imagenet')
+      np.asarray(cavga.normalize_input(jnp.asarray(gray), 'imagenet')
                  ).ravel(), [0.22566372, 2.4380531], rtol=1e-6)
-  assert models.normalize_input(x, 'none') is x
+  assert cavga.normalize_input(x, 'none') is x
   with pytest.raises(ValueError, match='input_norm'):
-    models.normalize_input(x, 'imagnet')
+    cavga.normalize_input(x, 'imagnet')
 
 
 def test_input_norm_applies_to_the_encoder_input_only():
   kwargs = dict(variant='D', image_size=16, encoder_widths=(4, 4, 4, 4),
                 decoder_widths=(4, 4, 4, 4), latent_channels=2)
-  plain = models.CAVGAGenerator(**kwargs)
-  imagenet = models.CAVGAGenerator(input_norm='imagenet', **kwargs)
+  plain = cavga.CAVGAGenerator(**kwargs)
+  imagenet = cavga.CAVGAGenerator(input_norm='imagenet', **kwargs)
   x = jnp.asarray(np.random.default_rng(3).uniform(
       -1, 1, (2, 16, 16, 3)).astype(np.float32))
   # The normalisation has no parameters: both share these variables.
   variables = jax.jit(lambda k: plain.init(k, x, None, False))(
       jax.random.key(0))
-  normalized = models.normalize_input(x, 'imagenet')
+  normalized = cavga.normalize_input(x, 'imagenet')
   out = imagenet.apply(variables, x, None, False)
   expected = plain.apply(variables, normalized, None, False)
   # The encoder sees exactly the normalised images ...
@@ -572,7 +573,7 @@ def test_input_norm_applies_to_the_encoder_input_only():
 
 def test_config_input_norm(tiny_config):
   from cavga_jax import config_checks  # pylint: disable=g-import-not-at-top
-  from cavga_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from cavga_jax.programs import train as train_lib  # pylint: disable=g-import-not-at-top
   tiny_config.model.input_norm = 'imagenet'
   config_checks.check_config(tiny_config)
   assert train_lib.build_models(tiny_config)[0].input_norm == 'imagenet'

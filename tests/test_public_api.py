@@ -23,9 +23,11 @@ def test_every_public_name_resolves():
 
 def test_import_is_lazy():
   # The package import itself loads no training, data or evaluation code.
-  code = ('import sys, cavga_jax; '
-          'print(any(m.startswith(("cavga_jax.train_lib", "cavga_jax.data", '
-          '"cavga_jax.eval_lib", "cavga_jax.evaluation")) for m in sys.modules))')
+  code = (
+      'import sys, cavga_jax; '
+      'print(any(m.startswith(("cavga_jax.programs", "cavga_jax.data", '
+      '"cavga_jax.training", "cavga_jax.evaluation")) for m in sys.modules))'
+  )
   out = subprocess.run([sys.executable, '-c', code], capture_output=True,
                        text=True, check=True).stdout.strip()
   assert out == 'False'

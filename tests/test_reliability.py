@@ -16,11 +16,12 @@ import pytest
 
 from cavga_jax import checkpointing
 from cavga_jax import config_checks
-from cavga_jax import runtime
-from cavga_jax import train_lib
-from cavga_jax import training_loop
 from cavga_jax.errors import CavgaError
-from conftest import REPO_ROOT, tree_equal
+from cavga_jax.programs import runtime
+from cavga_jax.programs import train as train_lib
+from cavga_jax.training import training_loop
+from conftest import REPO_ROOT
+from conftest import tree_equal
 
 _KILL_SCRIPT = os.path.join(REPO_ROOT, 'tests', 'kill_during_save_check.py')
 

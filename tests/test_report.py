@@ -13,8 +13,8 @@ from PIL import Image
 from PIL import ImageDraw
 import pytest
 
-from cavga_jax import visualize
 from cavga_jax.evaluation import report
+from cavga_jax.evaluation import visualize
 
 LONG_NAMES = ('residual_ssim_calibrated', 'combined_knn_ssim', 'attention',
               'prior_normal', 'feature_knn_calibrated')

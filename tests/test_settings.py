@@ -1,21 +1,21 @@
-"""The library's defaults (cavga_jax.settings) are configs/default.py's."""
+"""The library's defaults (cavga_jax.typed_config) are configs/default.py's."""
 
 import ml_collections
 import pytest
 
-from cavga_jax import anomaly_maps
 from cavga_jax import config_checks
-from cavga_jax import feature_gaussian
-from cavga_jax import feature_knn
-from cavga_jax import models
-from cavga_jax import runtime
-from cavga_jax import settings
-from cavga_jax import synthesis
-from cavga_jax import train_lib
-from cavga_jax import training_loop
+from cavga_jax import typed_config
 from cavga_jax.data import weak
 from cavga_jax.errors import CavgaError
 from cavga_jax.evaluation import evaluator as evaluator_lib
+from cavga_jax.maps import anomaly_maps
+from cavga_jax.maps import feature_gaussian
+from cavga_jax.maps import feature_knn
+from cavga_jax.models import cavga
+from cavga_jax.programs import runtime
+from cavga_jax.programs import train as train_lib
+from cavga_jax.training import synthesis
+from cavga_jax.training import training_loop
 from configs import default
 from configs import dsprites
 
@@ -39,35 +39,35 @@ def _fields(config, prefix=''):
 def test_every_field_of_default_py_is_the_library_default():
   fields = _fields(default.get_config())
   for field, value in fields.items():
-    if field in settings.REQUIRED:
+    if field in typed_config.REQUIRED:
       continue
     if field == 'data.synthetic':
       # Off by default; its other fields are SynthesisSettings's.
       value = dict(value)
-      assert value.pop('fraction') == settings.default(
+      assert value.pop('fraction') == typed_config.default(
           'data.synthetic.fraction')
       expected = synthesis.SynthesisSettings()
       for name, v in value.items():
         v = tuple(v) if isinstance(v, (list, tuple)) else v
         assert v == getattr(expected, name), f'data.synthetic.{name}'
       continue
-    assert settings.has_default(field), (
+    assert typed_config.has_default(field), (
         f'configs/default.py sets {field}, the library has no default for it')
-    assert settings.default(field) == value, field
+    assert typed_config.default(field) == value, field
   # Every required field is in the documented config too.
-  assert settings.REQUIRED <= set(fields)
+  assert typed_config.REQUIRED <= set(fields)
   # The three the issue found differing.
-  assert settings.default('eval.map') == 'feature_gaussian'
-  assert settings.default('model.latent_dim') == 512
-  assert settings.default('data.num_workers') == 8
+  assert typed_config.default('eval.map') == 'feature_gaussian'
+  assert typed_config.default('model.latent_dim') == 512
+  assert typed_config.default('data.num_workers') == 8
   # The defaults are the dataclasses' (written once).
-  assert settings.EvalSettings(batch_size=1, num_panels=0).map == (
+  assert typed_config.EvalSettings(batch_size=1, num_panels=0).map == (
       'feature_gaussian')
 
 
 def test_typed_settings_hold_every_field_of_default_py():
   config = default.get_config()
-  run = settings.from_config(config)
+  run = typed_config.from_config(config)
   for field, value in _fields(config).items():
     if field == 'data.synthetic':
       assert run.data.synthetic is None  # fraction 0: off
@@ -86,45 +86,47 @@ def test_library_defaults_of_cavga_task_appear_in_default_py():
   elsewhere = {'data.weak_anomalies_per_batch', 'data.weak_fraction',
                'data.weak_min_per_defect', 'data.weak_seed',
                'data.generated_seed', 'data.normal_class', 'data.download'}
-  assert set(settings.DEFAULTS) - fields == elsewhere
+  assert set(typed_config.DEFAULTS) - fields == elsewhere
 
 
 def test_vae_defaults_are_configs_dsprites_values():
   fields = _fields(dsprites.get_config())
-  for field, value in settings.VAE_DEFAULTS.items():
+  for field, value in typed_config.VAE_DEFAULTS.items():
     assert fields[field] == value, field
-  assert settings.VAE_REQUIRED <= set(fields)
-  assert settings.default('eval.map', 'vae') == 'mean'
+  assert typed_config.VAE_REQUIRED <= set(fields)
+  assert typed_config.default('eval.map', 'vae') == 'mean'
 
 
 def test_module_dataclass_defaults_agree_with_the_table():
   features = feature_gaussian.FeatureSettings()
-  assert features.stages == settings.default('eval.feature_stages')
-  assert features.dims == settings.default('eval.feature_dims')
+  assert features.stages == typed_config.default('eval.feature_stages')
+  assert features.dims == typed_config.default('eval.feature_dims')
   assert (features.grid_divisor
-          == settings.default('eval.feature_grid_divisor'))
+          == typed_config.default('eval.feature_grid_divisor'))
   assert (feature_gaussian.SHRINKAGE
-          == settings.default('eval.feature_shrinkage'))
+          == typed_config.default('eval.feature_shrinkage'))
   knn = feature_knn.KnnSettings()
   for name in ('stages', 'grid_divisor', 'bank_size', 'chunk'):
-    assert getattr(knn, name) == settings.default(f'eval.knn_{name}'), name
+    assert getattr(knn, name) == typed_config.default(f'eval.knn_{name}'), name
   assert (anomaly_maps.MapSettings().ssim_window
-          == settings.default('eval.ssim_window'))
-  assert models.NUM_ENCODER_STAGES == settings.default('model.attention_stage')
-  assert weak.DEFAULT_FRACTION == settings.default('data.weak_fraction')
+          == typed_config.default('eval.ssim_window'))
+  assert cavga.NUM_ENCODER_STAGES == typed_config.default(
+      'model.attention_stage'
+  )
+  assert weak.DEFAULT_FRACTION == typed_config.default('data.weak_fraction')
   assert (weak.DEFAULT_MIN_PER_DEFECT
-          == settings.default('data.weak_min_per_defect'))
-  assert weak.DEFAULT_SEED == settings.default('data.weak_seed')
+          == typed_config.default('data.weak_min_per_defect'))
+  assert weak.DEFAULT_SEED == typed_config.default('data.weak_seed')
   loop = training_loop.LoopSettings(num_steps=1, batch_size=1)
   for name in ('keep_checkpoints', 'prefetch', 'nonfinite',
                'max_consecutive_skips', 'eval_every'):
-    assert getattr(loop, name) == settings.default(f'train.{name}'), name
+    assert getattr(loop, name) == typed_config.default(f'train.{name}'), name
 
 
 def _required_only(config):
-  """``config`` with only its ``settings.REQUIRED`` fields (and sections)."""
+  """``config`` with only its required fields (and sections)."""
   out = ml_collections.ConfigDict()
-  for field in sorted(settings.REQUIRED):
+  for field in sorted(typed_config.REQUIRED):
     *parents, name = field.split('.')
     node = out
     for parent in parents:
@@ -144,23 +146,25 @@ def test_a_config_built_in_python_gets_the_library_defaults():
   minimal = _required_only(full)
   assert 'map' not in minimal.eval and 'latent_dim' not in minimal.model
   config_checks.check_config(minimal)
-  assert settings.from_config(minimal) == settings.from_config(full)
+  assert typed_config.from_config(minimal) == typed_config.from_config(full)
   assert train_lib.build_models(minimal) == train_lib.build_models(full)
   loop = training_loop.LoopSettings.from_settings
-  assert (loop(minimal.seed, settings.from_config(minimal).train)
-          == loop(full.seed, settings.from_config(full).train))
-  assert (evaluator_lib.map_settings(settings.from_config(minimal).eval, 64)
-          == evaluator_lib.map_settings(settings.from_config(full).eval, 64))
-  assert (evaluator_lib.feature_settings(settings.from_config(minimal).eval)
-          == evaluator_lib.feature_settings(settings.from_config(full).eval))
+  assert (loop(minimal.seed, typed_config.from_config(minimal).train)
+          == loop(full.seed, typed_config.from_config(full).train))
+  assert evaluator_lib.map_settings(
+      typed_config.from_config(minimal).eval, 64
+  ) == evaluator_lib.map_settings(typed_config.from_config(full).eval, 64)
+  assert evaluator_lib.feature_settings(
+      typed_config.from_config(minimal).eval
+  ) == evaluator_lib.feature_settings(typed_config.from_config(full).eval)
 
 
 def test_checking_a_config_builds_no_network(monkeypatch):
   def no_networks(*args, **kwargs):
     raise AssertionError('config_checks built a network')
 
-  monkeypatch.setattr(models, 'build_models', no_networks)
-  monkeypatch.setattr(models.CAVGAGenerator, '__init__', no_networks)
+  monkeypatch.setattr(cavga, 'build_models', no_networks)
+  monkeypatch.setattr(cavga.CAVGAGenerator, '__init__', no_networks)
   for get_config in (default.get_config, dsprites.get_config):
     config_checks.check_config(get_config())
   config = default.get_config()
@@ -176,10 +180,10 @@ def test_a_missing_required_field_is_reported():
                      'missing'):
     config_checks.check_config(config)
   with pytest.raises(KeyError):
-    settings.default('model.latent_channels')
+    typed_config.default('model.latent_channels')
   with pytest.raises(CavgaError, match='config.model.latent_channels is '
                      'missing'):
-    settings.from_config(config)
+    typed_config.from_config(config)
 
 
 def test_a_run_checks_its_config_once(tiny_config, tmp_path, monkeypatch):

@@ -7,15 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import train_with_interruption, tree_equal
 from cavga_jax import config_checks
-from cavga_jax import eval_lib
-from cavga_jax import losses
-from cavga_jax import synthesis
-from cavga_jax import cavga_step
-from cavga_jax import train_lib
 from cavga_jax.errors import CavgaError
+from cavga_jax.programs import evaluate as eval_lib
+from cavga_jax.programs import train as train_lib
+from cavga_jax.training import cavga_step
+from cavga_jax.training import losses
+from cavga_jax.training import synthesis
 from configs import tiny_synthetic
+from conftest import train_with_interruption
+from conftest import tree_equal
 
 SIZE = 32
 

@@ -10,11 +10,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cavga_jax import data as data_lib
-from cavga_jax import one_class
-from cavga_jax import run_setup
-from cavga_jax import settings
+from cavga_jax import typed_config
 from cavga_jax.data import tfds_data
 from cavga_jax.errors import DataError
+from cavga_jax.programs import one_class
+from cavga_jax.training import run_setup
 from configs import tiny_one_class
 
 _NUM_EXAMPLES = 24
@@ -63,7 +63,7 @@ def test_get_datasets_dispatches_one_class(mock_tfds, tmp_path):
   del mock_tfds
   config = tiny_one_class.get_config()
   config.data.normal_class = _common_class('mnist')
-  train, test = run_setup.load_datasets(settings.from_config(config),
+  train, test = run_setup.load_datasets(typed_config.from_config(config),
                                         str(tmp_path))
   assert train.images.shape[1:] == (32, 32, 1)
   assert test.num_examples == _NUM_EXAMPLES

@@ -9,17 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import train_with_interruption, tree_equal
-from cavga_jax import cavga_step
 from cavga_jax import checkpointing
 from cavga_jax import nonfinite
-from cavga_jax import settings
 from cavga_jax import sharding
-from cavga_jax import train_lib
-from cavga_jax import train_state
-from cavga_jax import training_loop
+from cavga_jax import typed_config
 from cavga_jax.errors import TrainingError
-
+from cavga_jax.programs import train as train_lib
+from cavga_jax.training import cavga_step
+from cavga_jax.training import train_state
+from cavga_jax.training import training_loop
+from conftest import train_with_interruption
+from conftest import tree_equal
 
 
 def test_train_step_lowers_the_loss(tiny_config):
@@ -29,7 +29,7 @@ def test_train_step_lowers_the_loss(tiny_config):
   tiny_config.optimizer.learning_rate = 1e-3
   mesh = sharding.make_mesh()
   generator, discriminator, init_fn, _ = train_state.setup(
-      settings.from_config(tiny_config), mesh)
+      typed_config.from_config(tiny_config), mesh)
   state = init_fn(jax.random.key(0))
   step = jax.jit(cavga_step.make_train_step(
       generator, discriminator, dict(tiny_config.loss_weights)),

@@ -10,20 +10,20 @@ import numpy as np
 import optax
 import pytest
 
-from cavga_jax import cavga_step
 from cavga_jax import data
-from cavga_jax import eval_lib
-from cavga_jax import run_setup
-from cavga_jax import settings
 from cavga_jax import sharding
-from cavga_jax import train_state
+from cavga_jax import typed_config
+from cavga_jax.programs import evaluate as eval_lib
+from cavga_jax.training import cavga_step
+from cavga_jax.training import run_setup
+from cavga_jax.training import train_state
 from conftest import REPO_ROOT
 
 LR = 1e-2
 
 
 def _optimizer(**fields):
-  return settings.OptimizerSettings(learning_rate=LR, b1=0.5, b2=0.999,
+  return typed_config.OptimizerSettings(learning_rate=LR, b1=0.5, b2=0.999,
                                     **fields)
 
 
@@ -88,7 +88,7 @@ def test_train_step_with_the_flat_latent(tiny_config):
   tiny_config.model.latent = 'flat'
   mesh = sharding.make_mesh()
   generator, discriminator, init_fn, _ = train_state.setup(
-      settings.from_config(tiny_config), mesh)
+      typed_config.from_config(tiny_config), mesh)
   state = init_fn(jax.random.key(0))
   assert state.gen_params['mu']['kernel'].shape[-1] == (
       tiny_config.model.latent_dim)
@@ -147,7 +147,7 @@ def test_a_few_images_of_each_real_category_load_and_evaluate(
   # masks at 32 px.
   tiny_config.data.image_size = 64
   train_ds, test_ds = run_setup.load_datasets(
-      settings.from_config(tiny_config), str(tmp_path))
+      typed_config.from_config(tiny_config), str(tmp_path))
   assert train_ds.images.shape == (3, 64, 64, 3)
   assert train_ds.images.dtype == np.uint8 and not train_ds.labels.any()
   defects = sorted(os.listdir(source / 'test'))

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from cavga_jax import errors
-from cavga_jax import pretrained
-from cavga_jax import torch_pickle
+from cavga_jax.weights import pretrained
+from cavga_jax.weights import torch_pickle
 from conftest import load_script
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden')

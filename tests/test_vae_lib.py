@@ -10,19 +10,19 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cavga_jax import checkpointing
-from cavga_jax import settings
 from cavga_jax import sharding
-from cavga_jax import train_state
-from cavga_jax import vae_eval_lib
-from cavga_jax import vae_lib
+from cavga_jax import typed_config
 from cavga_jax.errors import CavgaError
+from cavga_jax.programs import evaluate_vae as vae_eval_lib
+from cavga_jax.programs import train_vae as vae_lib
+from cavga_jax.training import train_state
 from configs import tiny_dsprites
 from configs import tiny_explain_mnist
 
 
 def _params(workdir, config):
   mesh = sharding.make_mesh()
-  _, init_fn, _ = vae_lib.setup(settings.from_config(config), mesh)
+  _, init_fn, _ = vae_lib.setup(typed_config.from_config(config), mesh)
   state, _ = checkpointing.restore_for_eval(
       str(workdir), train_state.abstract_state(init_fn, mesh))
   return jax.device_get(state.params)

@@ -9,21 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import train_with_interruption, tree_equal
-from cavga_jax import attention
 from cavga_jax import checkpointing
 from cavga_jax import config_checks
 from cavga_jax import data
-from cavga_jax import eval_lib
-from cavga_jax import losses
-from cavga_jax import settings
 from cavga_jax import sharding
-from cavga_jax import train_lib
-from cavga_jax import train_state
+from cavga_jax import typed_config
 from cavga_jax.data import weak
 from cavga_jax.errors import CavgaError
 from cavga_jax.errors import DataError
+from cavga_jax.models import attention
+from cavga_jax.programs import evaluate as eval_lib
+from cavga_jax.programs import train as train_lib
+from cavga_jax.training import losses
+from cavga_jax.training import train_state
 from configs import tiny_weak
+from conftest import train_with_interruption
+from conftest import tree_equal
 
 NORMAL_LOGITS, ANOMALOUS_LOGITS = [2.0, 0.0], [0.0, 2.0]
 
@@ -112,7 +113,7 @@ def _weak_generator():
   # The tiny CAVGA_w models and state initialiser of train_lib.train, so the
   # compiled initialiser is shared (compilation cache) with the training test.
   config = tiny_weak.get_config()
-  generator, _, init_fn, _ = train_state.setup(settings.from_config(config),
+  generator, _, init_fn, _ = train_state.setup(typed_config.from_config(config),
                                                sharding.make_mesh())
   state = init_fn(jax.random.key(1))
   variables = {'params': state.gen_params, 'batch_stats': state.gen_batch_stats}
@@ -220,7 +221,7 @@ def test_weak_split_moves_a_few_anomalies_without_leaking():
 
 def test_weak_split_file_is_written_and_checked(tmp_path):
   test = _test_split({'crack': 6, 'hole': 3})
-  data_settings = settings.DataSettings(image_size=32, weak_fraction=0.01,
+  data_settings = typed_config.DataSettings(image_size=32, weak_fraction=0.01,
                                         weak_min_per_defect=2, weak_seed=3)
   train_w, test_w = weak.apply_weak_split(data_settings, str(tmp_path),
                                           _train_split(), test)

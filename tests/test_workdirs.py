@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from cavga_jax import detector_lib
-from cavga_jax import eval_lib
-from cavga_jax import train_lib
 from cavga_jax import workdirs
 from cavga_jax.errors import CavgaError
+from cavga_jax.programs import evaluate as eval_lib
+from cavga_jax.programs import train as train_lib
+from cavga_jax.training import detector_training
 
 
 def _snapshot(workdir):
@@ -111,7 +111,7 @@ def test_which_fields_define_a_run(tiny_config, field, value, defining):
 
 def test_start_over_deletes_only_run_outputs(tmp_path):
   for name in ('checkpoints/2', 'eval/panels', 'data/textures', 'notes',
-               f'{detector_lib.DETECTOR_DIR}/checkpoints/4'):
+               f'{detector_training.DETECTOR_DIR}/checkpoints/4'):
     (tmp_path / name).mkdir(parents=True)
   for name in ('config.json', 'train_metrics.jsonl', 'notes/mine.txt'):
     (tmp_path / name).write_text('x')

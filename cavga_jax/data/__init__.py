@@ -16,8 +16,8 @@ import time
 import jax
 from jax.experimental import multihost_utils
 
-from cavga_jax import settings
 from cavga_jax import sharding
+from cavga_jax import typed_config
 from cavga_jax.data import tfds_data
 from cavga_jax.data.folder import AnomalyDataset
 from cavga_jax.data.folder import IMAGE_EXTENSIONS
@@ -60,7 +60,7 @@ def _summary(dataset: AnomalyDataset) -> str:
   return ', '.join(f'{name}={count}' for name, count in sorted(counts.items()))
 
 
-def get_datasets(data: settings.DataSettings, workdir: str, seed: int = 0,
+def get_datasets(data: typed_config.DataSettings, workdir: str, seed: int = 0,
                  supervision: str = 'unsupervised'
                  ) -> tuple[AnomalyDataset, AnomalyDataset]:
   """Loads (or generates, then loads) the train and test splits.
@@ -77,7 +77,7 @@ def get_datasets(data: settings.DataSettings, workdir: str, seed: int = 0,
   `<workdir>/weak_split.json`).
 
   Args:
-    data: the typed data settings (`settings.from_config(config).data`).
+    data: the typed data settings (`typed_config.from_config(config).data`).
     workdir: run folder; the generated dataset goes to `<workdir>/data` when
       `data.root` is unset.
     seed: the run's seed (`config.seed`).
@@ -112,7 +112,7 @@ def get_datasets(data: settings.DataSettings, workdir: str, seed: int = 0,
     return splits
   if name == 'generated':
     root = root or os.path.join(workdir, 'data')
-    category = data.category or settings.default('data.category')
+    category = data.category or typed_config.default('data.category')
     if data.generated_seed is not None:
       seed = data.generated_seed
     start = time.perf_counter()

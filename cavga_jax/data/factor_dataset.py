@@ -1,6 +1,6 @@
 """The interface of datasets with discrete ground-truth factors of variation.
 
-Disentanglement metrics (`cavga_jax.disentanglement`) read images and their
+Disentanglement metrics (`cavga_jax.vae.disentanglement`) read images and their
 factors through `FactorDataset` and sample examples that share one factor
 value; `sprites` provides the dSprites sources.
 """

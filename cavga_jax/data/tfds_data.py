@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cavga_jax import settings
+from cavga_jax import typed_config
 from cavga_jax.data.folder import AnomalyDataset
 from cavga_jax.data.folder import check_image_format
 from cavga_jax.data.folder import NORMAL_DEFECT
@@ -266,7 +266,7 @@ def load_one_class(name: str, normal_class: int, image_size: int,
   return splits[0], splits[1]
 
 
-def one_class_datasets(data: settings.DataSettings
+def one_class_datasets(data: typed_config.DataSettings
                        ) -> tuple[AnomalyDataset, AnomalyDataset]:
   """`load_one_class` from the data settings (used by `data.get_datasets`).
 

@@ -33,17 +33,17 @@ import zlib
 
 import numpy as np
 
-from cavga_jax import settings
 from cavga_jax import sharding
+from cavga_jax import typed_config
 from cavga_jax.data.folder import AnomalyDataset
 from cavga_jax.errors import DataError
 
 SPLIT_FILE = 'weak_split.json'
 SPLIT_VERSION = 1
-# config.data.weak_*'s defaults (settings.DataSettings).
-DEFAULT_FRACTION = settings.default('data.weak_fraction')
-DEFAULT_MIN_PER_DEFECT = settings.default('data.weak_min_per_defect')
-DEFAULT_SEED = settings.default('data.weak_seed')
+# config.data.weak_*'s defaults (typed_config.DataSettings).
+DEFAULT_FRACTION = typed_config.default('data.weak_fraction')
+DEFAULT_MIN_PER_DEFECT = typed_config.default('data.weak_min_per_defect')
+DEFAULT_SEED = typed_config.default('data.weak_seed')
 
 _log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def split(train: AnomalyDataset, test: AnomalyDataset,
   return WeakSplit(train=new_train, test=new_test, moved=moved, record=record)
 
 
-def apply_weak_split(data: settings.DataSettings, workdir: str,
+def apply_weak_split(data: typed_config.DataSettings, workdir: str,
                      train: AnomalyDataset, test: AnomalyDataset
                      ) -> tuple[AnomalyDataset, AnomalyDataset]:
   """``split`` with the data settings, audited in the workdir.

@@ -30,21 +30,21 @@ from typing import Any
 import jax
 import numpy as np
 
-from cavga_jax import anomaly_maps
 from cavga_jax import data
-from cavga_jax import detector
-from cavga_jax import feature_gaussian
-from cavga_jax import feature_knn
-from cavga_jax import layers
-from cavga_jax import models
-from cavga_jax import settings
+from cavga_jax import typed_config
 from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import inference
 from cavga_jax.evaluation import registry
 from cavga_jax.evaluation import scoring
+from cavga_jax.maps import anomaly_maps
+from cavga_jax.maps import detector
+from cavga_jax.maps import feature_gaussian
+from cavga_jax.maps import feature_knn
+from cavga_jax.models import cavga
+from cavga_jax.models import layers
 
 
-def map_settings(eval_settings: settings.EvalSettings, image_size: int
+def map_settings(eval_settings: typed_config.EvalSettings, image_size: int
                  ) -> anomaly_maps.MapSettings:
   """``anomaly_maps.MapSettings`` from ``config.eval`` for one image size.
 
@@ -59,7 +59,7 @@ def map_settings(eval_settings: settings.EvalSettings, image_size: int
       ssim_window=int(eval_settings.ssim_window))
 
 
-def feature_settings(eval_settings: settings.EvalSettings
+def feature_settings(eval_settings: typed_config.EvalSettings
                      ) -> feature_gaussian.FeatureSettings | None:
   """The feature map's settings, or None without ``eval.calibrate`` (the
   feature map needs the pass over the normal training images)."""
@@ -71,7 +71,7 @@ def feature_settings(eval_settings: settings.EvalSettings
       grid_divisor=int(eval_settings.feature_grid_divisor))
 
 
-def knn_settings(eval_settings: settings.EvalSettings
+def knn_settings(eval_settings: typed_config.EvalSettings
                  ) -> feature_knn.KnnSettings | None:
   """The feature-kNN map's settings, or None (no ``eval.calibrate``, or
   ``eval.knn_bank_size`` 0)."""
@@ -85,7 +85,7 @@ def knn_settings(eval_settings: settings.EvalSettings
       chunk=int(eval_settings.knn_chunk))
 
 
-def detector_settings(eval_settings: settings.EvalSettings
+def detector_settings(eval_settings: typed_config.EvalSettings
                       ) -> detector.DetectorSettings:
   """The trained detector's map settings: the features of
   ``feature_gaussian`` (``eval.feature_stages``, ``eval.feature_grid_divisor``),
@@ -95,7 +95,7 @@ def detector_settings(eval_settings: settings.EvalSettings
       grid_divisor=int(eval_settings.feature_grid_divisor))
 
 
-def fitted_settings(eval_settings: settings.EvalSettings) -> dict[str, Any]:
+def fitted_settings(eval_settings: typed_config.EvalSettings) -> dict[str, Any]:
   """{name: settings} of the fitted maps an evaluation fits (``fitted_map``).
 
   Empty without ``eval.calibrate`` (the pass over the normal training
@@ -127,7 +127,8 @@ class Evaluator:
   """``evaluator(params, batch_stats[, fitted]) -> (metrics, predictions)``.
 
   Its jitted steps are attributes: ``eval_step`` and ``normal_step``
-  (``inference``) and ``add_fitted_maps(outputs, fitted)`` (``fitting``);
+  (``inference``) and ``outputs_with_fitted_maps(outputs, fitted)``
+  (``fitting``);
   ``fitted_settings`` is {name: settings} of the fitted maps it fits.
 
   Args:
@@ -146,13 +147,13 @@ class Evaluator:
       parameters (``eval.feature_weights='initial'``); None = the evaluated
       ones.
     trained: {name: state} of fitted maps trained by ``train.py`` (the
-      ``feature_detector`` of ``detector_lib.trained_state``): the fit
+      ``feature_detector`` of ``detector_training.trained_state``): the fit
       takes these states instead of fitting them.
   """
 
-  def __init__(self, generator: models.CAVGAGenerator,
+  def __init__(self, generator: cavga.CAVGAGenerator,
                dataset: data.AnomalyDataset,
-               eval_settings: settings.EvalSettings,
+               eval_settings: typed_config.EvalSettings,
                mesh: jax.sharding.Mesh,
                normal_images: np.ndarray | None = None,
                feature_variables: Any = None,
@@ -185,8 +186,8 @@ class Evaluator:
               if not registry.spec(name).fitted.trained
               or name in self.trained or name in headline_closure}
     self.fitted_settings = fitted
-    self.add_fitted_maps = jax.jit(functools.partial(
-        fitting.add_fitted_maps, settings=fitted, names=self.names,
+    self.outputs_with_fitted_maps = jax.jit(functools.partial(
+        fitting.outputs_with_fitted_maps, settings=fitted, names=self.names,
         context=inference.map_context(generator, self.settings,
                                       self.image_size)))
     options = layers.compiler_options(generator.conv_impl)
@@ -213,7 +214,9 @@ class Evaluator:
     def step(batch):
       out = self.eval_step(params, batch_stats, batch,
                             self.feature_variables)
-      return out if fitted is None else self.add_fitted_maps(out, fitted)
+      return (
+          out if fitted is None else self.outputs_with_fitted_maps(out, fitted)
+      )
 
     return inference.predict(step, images, self.batch_size, self.mesh, what)
 

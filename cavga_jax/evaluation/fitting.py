@@ -15,9 +15,10 @@
 The last two are shared post-processing, fitted after the maps.
 ``fit_statistics`` streams the normal training images in batches into each
 map's accumulator (memory is stated in the maps' modules), then
-``fit_held_out`` the held-out images for the normalisers and thresholds. ``apply_fitted`` is a pure jnp
+``fit_held_out`` the held-out images for the normalisers and thresholds.
+``fitted_batch_maps`` is a pure jnp
 function of one batch, so the evaluation, ``predict.py`` and the exported
-scorer (``cavga_jax.export``) compute the same maps.
+scorer (``cavga_jax.deploy.export``) compute the same maps.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cavga_jax import combined_maps
-from cavga_jax import fitted_map
 from cavga_jax.evaluation import inference
 from cavga_jax.evaluation import registry
 from cavga_jax.evaluation import scoring
+from cavga_jax.maps import combined_maps
+from cavga_jax.maps import fitted_map
 
 Array = jax.Array
 
@@ -99,7 +100,7 @@ class FittedMaps:
                     for k, v in host.get('thresholds', {}).items()})
 
 
-def apply_fitted(fitted: FittedMaps, maps: dict[str, Array],
+def fitted_batch_maps(fitted: FittedMaps, maps: dict[str, Array],
                  inputs: dict[str, Array], names: Sequence[str],
                  context: fitted_map.Context,
                  per_map: dict[str, Any]) -> dict[str, Array]:
@@ -209,7 +210,7 @@ def fit_held_out(fitted: FittedMaps, held_out: dict[str, Any],
   combined = [name for name in fitted.available()
               if name in combinations]
   # Combined maps read only their parts.
-  maps = apply_fitted(fitted, held_out['maps'], {}, combined,
+  maps = fitted_batch_maps(fitted, held_out['maps'], {}, combined,
                       fitted_map.Context(0), {})
   scores = registry.image_scores({name: maps[name] for name in combined})
   for name in combined:
@@ -224,7 +225,7 @@ def _float32(values: dict[str, tuple[float, ...]]
   return {k: tuple(float(np.float32(x)) for x in v) for k, v in values.items()}
 
 
-def add_fitted_maps(out: dict[str, Any], fitted: FittedMaps,
+def outputs_with_fitted_maps(out: dict[str, Any], fitted: FittedMaps,
                     context: fitted_map.Context, settings: dict[str, Any],
                     names: Sequence[str] | None = None) -> dict[str, Any]:
   """A step's outputs with the maps of ``fitted`` added (pure; jit it).
@@ -239,7 +240,9 @@ def add_fitted_maps(out: dict[str, Any], fitted: FittedMaps,
                 if names is None or n in names)
   out = dict(out)
   inputs = out.pop(inference.INPUTS, {})
-  maps = apply_fitted(fitted, out['maps'], inputs, names, context, settings)
+  maps = fitted_batch_maps(
+      fitted, out['maps'], inputs, names, context, settings
+  )
   out['maps'] = maps
   out['map_scores'] = dict(out['map_scores'], **registry.image_scores(
       {n: maps[n] for n in names}))

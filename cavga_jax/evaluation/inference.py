@@ -22,14 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from cavga_jax import anomaly_maps
-from cavga_jax import attention
 from cavga_jax import data
-from cavga_jax import fitted_map
-from cavga_jax import models
 from cavga_jax import sharding
-from cavga_jax import train_state
 from cavga_jax.evaluation import registry
+from cavga_jax.maps import anomaly_maps
+from cavga_jax.maps import fitted_map
+from cavga_jax.models import attention
+from cavga_jax.models import cavga
+from cavga_jax.training import train_state
 
 Array = jax.Array
 
@@ -38,7 +38,7 @@ Array = jax.Array
 INPUTS = 'fitted_inputs'
 
 
-def map_context(generator: models.CAVGAGenerator,
+def map_context(generator: cavga.CAVGAGenerator,
                 map_settings: anomaly_maps.MapSettings, image_size: int
                 ) -> fitted_map.Context:
   """The ``fitted_map.Context`` of ``generator``'s maps at ``image_size``."""
@@ -46,7 +46,7 @@ def map_context(generator: models.CAVGAGenerator,
                             tuple(generator.encoder_widths))
 
 
-def fitted_inputs(generator: models.CAVGAGenerator,
+def fitted_inputs(generator: cavga.CAVGAGenerator,
                   map_settings: anomaly_maps.MapSettings,
                   settings: dict[str, Any]
                   ) -> Callable[[Any, Array, dict[str, Array]],
@@ -81,7 +81,7 @@ def fitted_inputs(generator: models.CAVGAGenerator,
   return fn
 
 
-def forward(generator: models.CAVGAGenerator, params: Any, batch_stats: Any,
+def forward(generator: cavga.CAVGAGenerator, params: Any, batch_stats: Any,
             x: Array, needs: frozenset[str]) -> dict[str, Array]:
   """The generator outputs that ``needs`` (``registry``) ask for, and 'images'.
 
@@ -106,7 +106,7 @@ def to_uint8(images: Array) -> Array:
   return jnp.round((images + 1.0) * 127.5).clip(0, 255).astype(jnp.uint8)
 
 
-def make_eval_step(generator: models.CAVGAGenerator,
+def make_eval_step(generator: cavga.CAVGAGenerator,
                    settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
                    fitted: dict[str, Any] | None = None,
                    map_names: Sequence[str] | None = None,
@@ -154,7 +154,7 @@ def make_eval_step(generator: models.CAVGAGenerator,
                    if k in outputs})
     if generator.with_classifier:
       result['p_anomalous'] = jax.nn.softmax(
-          outputs['logits'])[:, models.ANOMALOUS]
+          outputs['logits'])[:, cavga.ANOMALOUS]
     if fitted:
       result[INPUTS] = inputs_fn(
           feature_variables or {'params': params, 'batch_stats': batch_stats},
@@ -164,7 +164,7 @@ def make_eval_step(generator: models.CAVGAGenerator,
   return eval_step
 
 
-def make_normal_step(generator: models.CAVGAGenerator,
+def make_normal_step(generator: cavga.CAVGAGenerator,
                      settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
                      fitted: dict[str, Any] | None = None
                      ) -> Callable[..., dict[str, Any]]:

@@ -35,14 +35,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from cavga_jax import anomaly_maps
-from cavga_jax import attention as attention_lib
-from cavga_jax import calibration
-from cavga_jax import combined_maps
-from cavga_jax import detector
-from cavga_jax import feature_gaussian
-from cavga_jax import feature_knn
-from cavga_jax import fitted_map
+from cavga_jax.maps import anomaly_maps
+from cavga_jax.maps import calibration
+from cavga_jax.maps import combined_maps
+from cavga_jax.maps import detector
+from cavga_jax.maps import feature_gaussian
+from cavga_jax.maps import feature_knn
+from cavga_jax.maps import fitted_map
+from cavga_jax.models import attention as attention_lib
 
 # What a map reads from the forward pass.
 ATTENTION = 'attention'            # Grad-CAM (second-order graph, slow)

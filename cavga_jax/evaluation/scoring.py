@@ -3,8 +3,9 @@
 ``compute_metrics`` gives ``metrics.json``: the headline map's metrics as
 flat keys, ``s_a``'s detection metrics under keys suffixed
 ``_reconstruction``, and ``maps.<name>.<metric>`` for every map (the pixel
-metrics of ``cavga_jax.pixel_metrics`` and the detection metrics of
-``cavga_jax.image_metrics`` on the map's own image score). Every accuracy
+metrics of ``cavga_jax.metrics.pixel_metrics`` and the detection metrics of
+``cavga_jax.metrics.image_metrics`` on the map's own image score). Every
+accuracy
 names its threshold: ``_minmax`` (the paper's: score min-max normalised over
 the test set, > 0.5), ``_held_out`` (the held-out normal images' quantile,
 ``held_out_thresholds``), ``_argmax`` (CAVGA_w's classifier).
@@ -20,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from cavga_jax import anomaly_maps
 from cavga_jax import data
-from cavga_jax import image_metrics
-from cavga_jax import pixel_metrics
 from cavga_jax.evaluation import registry
+from cavga_jax.maps import anomaly_maps
+from cavga_jax.metrics import image_metrics
+from cavga_jax.metrics import pixel_metrics
 
 
 def held_out_thresholds(held_out: dict[str, Any], quantile: float

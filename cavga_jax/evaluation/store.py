@@ -96,7 +96,7 @@ def fit_key(eval_settings: Any, step: int, state: Any,
             trained: dict[str, Any] | None = None) -> dict[str, Any]:
   """The JSON-able identity of a fit (module docstring).
 
-  ``eval_settings``: the typed ``config.eval`` (``settings.EvalSettings``).
+  ``eval_settings``: the typed ``config.eval`` (``typed_config.EvalSettings``).
   ``state``: the train state the maps are fitted for; the key holds the
   SHA-256 of its ``gen_params`` and ``gen_batch_stats``. ``trained``:
   {name: state} of maps trained by ``train.py`` (the detector); with any,
