@@ -46,7 +46,9 @@ Array = jax.Array
 
 def make_score_fn(generator: models.CAVGAGenerator,
                   eval_settings: settings.EvalSettings, image_size: int,
-                  headline: str) -> Callable[[Any, Array], tuple[Array, Array]]:
+                  headline: str,
+                  detector_config: settings.DetectorSettings | None = None
+                  ) -> Callable[[Any, Array], tuple[Array, Array]]:
   """``score(state, images) -> (maps (B, S, S), scores (B,))`` (pure).
 
   ``state`` is ``{'variables', 'feature_variables', 'fitted'}``:
@@ -63,7 +65,8 @@ def make_score_fn(generator: models.CAVGAGenerator,
   needs = registry.needs([headline])
   closure = registry.closure([headline])
   fitted = {name: value for name, value in
-            evaluator_lib.fitted_settings(eval_settings).items()
+            evaluator_lib.fitted_settings(eval_settings,
+                                          detector_config).items()
             if name in closure}
   inputs_fn = inference.fitted_inputs(generator, map_settings, fitted)
   functions = registry.batch_functions(generator.with_classifier)
@@ -264,6 +267,7 @@ def build_scorer(run: settings.RunSettings,
       state=jax.device_put(dict(variables=variables,
                                 feature_variables=feature_variables,
                                 fitted=fitted)),
-      score_fn=make_score_fn(generator, run.eval, image_size, headline),
+      score_fn=make_score_fn(generator, run.eval, image_size, headline,
+                             run.detector),
       step=step,
       compiler_options=layers.compiler_options(generator.conv_impl))
