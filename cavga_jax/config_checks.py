@@ -221,6 +221,14 @@ def _check_detector(config: typed_config.RunSettings) -> None:
   for field in ('noise_std', 'margin', 'learning_rate',
                 'adaptor_learning_rate', 'weight_decay'):
     _check_number(config, f'detector.{field}', 0.0)
+  # The neighbourhood each cell's features are averaged over is centred on
+  # the cell, so its side is odd.
+  aggregate = _get(config, 'detector.aggregate')
+  if (isinstance(aggregate, bool) or not isinstance(aggregate, numbers.Integral)
+      or aggregate < 1 or aggregate % 2 == 0):
+    raise CavgaError(f'config.detector.aggregate={aggregate!r} must be an odd '
+                     'integer >= 1 (the side of the neighbourhood each cell is '
+                     'averaged over, centred on it; 1: none)')
 
 
 def _check_eval_maps(config: typed_config.RunSettings) -> None:

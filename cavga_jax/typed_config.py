@@ -138,6 +138,7 @@ class DetectorSettings:
   num_steps: int = 0
   batch_size: int = 4096
   hidden: int = 1024
+  aggregate: int = 3
   noise_std: float = 0.25
   margin: float = 0.5
   learning_rate: float = 2e-4

@@ -173,6 +173,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.detector.num_steps = 0
   config.detector.batch_size = 4096  # feature cells per step
   config.detector.hidden = 1024  # the discriminator's hidden width
+  # Each cell's features are averaged over its aggregate x aggregate
+  # neighbourhood (odd; 1: none; SimpleNet's patchsize 3).
+  config.detector.aggregate = 3
   # The negatives' Gaussian noise, in units of each channel's std.
   config.detector.noise_std = 0.25
   config.detector.margin = 0.5  # the truncated L1 loss's margin

@@ -38,7 +38,6 @@ images only):
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import time

@@ -8,10 +8,13 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from cavga_jax import config_checks
 from cavga_jax import sharding
 from cavga_jax import typed_config
 from cavga_jax.deploy import export
+from cavga_jax.errors import CavgaError
 from cavga_jax.evaluation import evaluator as evaluator_lib
 from cavga_jax.evaluation import fitting
 from cavga_jax.evaluation import registry
@@ -93,6 +96,43 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
           pixel_auroc=p)})) + '\n' for s, p in ((3, 0.9), (6, 0.8))))
   assert detector_training.selected_step(str(tmp_path / 'full')) == 3
   assert detector_training.trained_state(str(tmp_path / 'full'))[1] == 3
+
+
+def test_aggregate_one_is_the_identity_and_three_a_local_mean():
+  features = jnp.asarray(np.random.default_rng(0).normal(
+      size=(2, 5, 5, 4)).astype(np.float32))
+  np.testing.assert_array_equal(detector.aggregate(features, 1), features)
+  mean = detector.aggregate(features, 3)
+  np.testing.assert_allclose(mean[:, 2, 2],
+                             features[:, 1:4, 1:4].mean(axis=(1, 2)),
+                             rtol=1e-5, atol=1e-6)
+  # A corner averages its 2 x 2 cells (the padding is not counted).
+  np.testing.assert_allclose(mean[:, 0, 0],
+                             features[:, :2, :2].mean(axis=(1, 2)),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_aggregate_flows_from_the_config_to_training_and_evaluation():
+  config = tiny.get_config()
+  run = typed_config.from_config(config)
+  assert detector_training.settings_from_run(run).map.aggregate == 3
+  assert detector.DetectorSettings().aggregate == run.detector.aggregate == 3
+  config.detector.aggregate = 1
+  config.detector.hidden = 256
+  run = config_checks.check_config(config)
+  trained = detector_training.settings_from_run(run).map
+  assert (trained.aggregate, trained.hidden) == (1, 256)
+  # The evaluation (and the scorer) reads the features as the training did.
+  evaluated = evaluator_lib.fitted_settings(run.eval, run.detector)
+  assert evaluated[detector.NAME] == trained
+
+
+@pytest.mark.parametrize('value', [0, 2, 4, -1, True])
+def test_a_bad_aggregate_is_refused(value):
+  config = tiny.get_config()
+  config.detector.aggregate = value
+  with pytest.raises(CavgaError, match='config.detector.aggregate'):
+    config_checks.check_config(config)
 
 
 def test_registered_with_the_feature_maps_features():

@@ -10,7 +10,6 @@ trained run's fit)."""
 import csv
 import hashlib
 import json
-import os
 import pathlib
 import subprocess
 import sys

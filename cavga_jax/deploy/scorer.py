@@ -47,7 +47,9 @@ Array = jax.Array
 
 def make_score_fn(generator: cavga.CAVGAGenerator,
                   eval_settings: typed_config.EvalSettings, image_size: int,
-                  headline: str) -> Callable[[Any, Array], tuple[Array, Array]]:
+                  headline: str,
+                  detector_config: typed_config.DetectorSettings | None = None
+                  ) -> Callable[[Any, Array], tuple[Array, Array]]:
   """``score(state, images) -> (maps (B, S, S), scores (B,))`` (pure).
 
   ``state`` is ``{'variables', 'feature_variables', 'fitted'}``:
@@ -64,7 +66,8 @@ def make_score_fn(generator: cavga.CAVGAGenerator,
   needs = registry.needs([headline])
   closure = registry.closure([headline])
   fitted = {name: value for name, value in
-            evaluator_lib.fitted_settings(eval_settings).items()
+            evaluator_lib.fitted_settings(eval_settings,
+                                          detector_config).items()
             if name in closure}
   inputs_fn = inference.fitted_inputs(generator, map_settings, fitted)
   functions = registry.batch_functions(generator.with_classifier)
@@ -266,6 +269,7 @@ def build_scorer(run: typed_config.RunSettings,
       state=jax.device_put(dict(variables=variables,
                                 feature_variables=feature_variables,
                                 fitted=fitted)),
-      score_fn=make_score_fn(generator, run.eval, image_size, headline),
+      score_fn=make_score_fn(generator, run.eval, image_size, headline,
+                             run.detector),
       step=step,
       compiler_options=layers.compiler_options(generator.conv_impl))

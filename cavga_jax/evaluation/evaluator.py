@@ -85,17 +85,25 @@ def knn_settings(eval_settings: typed_config.EvalSettings
       chunk=int(eval_settings.knn_chunk))
 
 
-def detector_settings(eval_settings: typed_config.EvalSettings
+def detector_settings(eval_settings: typed_config.EvalSettings,
+                      detector_config: typed_config.DetectorSettings | None = None
                       ) -> detector.DetectorSettings:
   """The trained detector's map settings: the features of
   ``feature_gaussian`` (``eval.feature_stages``, ``eval.feature_grid_divisor``),
-  all channels."""
+  all channels, aggregated and read as ``detector_config`` (the run's
+  ``config.detector``: ``aggregate``, ``hidden``; None: their defaults) says.
+  The evaluation must aggregate as the training did."""
+  detector_config = detector_config or typed_config.DetectorSettings()
   return detector.DetectorSettings(
       stages=tuple(int(s) for s in eval_settings.feature_stages),
-      grid_divisor=int(eval_settings.feature_grid_divisor))
+      grid_divisor=int(eval_settings.feature_grid_divisor),
+      aggregate=int(detector_config.aggregate),
+      hidden=int(detector_config.hidden))
 
 
-def fitted_settings(eval_settings: typed_config.EvalSettings) -> dict[str, Any]:
+def fitted_settings(eval_settings: typed_config.EvalSettings,
+                    detector_config: typed_config.DetectorSettings | None = None
+                    ) -> dict[str, Any]:
   """{name: settings} of the fitted maps an evaluation fits (``fitted_map``).
 
   Empty without ``eval.calibrate`` (the pass over the normal training
@@ -113,7 +121,7 @@ def fitted_settings(eval_settings: typed_config.EvalSettings) -> dict[str, Any]:
       fitted[feature_gaussian.NAME],
       shrinkage=float(eval_settings.feature_shrinkage))
   fitted[feature_knn.NAME] = knn_settings(eval_settings)
-  fitted[detector.NAME] = detector_settings(eval_settings)
+  fitted[detector.NAME] = detector_settings(eval_settings, detector_config)
   return {name: value for name, value in fitted.items()
           if name != feature_knn.NAME or value is not None}
 
@@ -149,6 +157,8 @@ class Evaluator:
     trained: {name: state} of fitted maps trained by ``train.py`` (the
       ``feature_detector`` of ``detector_training.trained_state``): the fit
       takes these states instead of fitting them.
+    detector_config: the run's ``config.detector`` (its ``aggregate`` and
+      ``hidden`` shape the detector's map; None: the defaults).
   """
 
   def __init__(self, generator: cavga.CAVGAGenerator,
@@ -157,7 +167,8 @@ class Evaluator:
                mesh: jax.sharding.Mesh,
                normal_images: np.ndarray | None = None,
                feature_variables: Any = None,
-               trained: dict[str, Any] | None = None):
+               trained: dict[str, Any] | None = None,
+               detector_config: typed_config.DetectorSettings | None = None):
     self.generator, self.dataset, self.mesh = generator, dataset, mesh
     self.trained = dict(trained or {})
     self.batch_size = int(eval_settings.batch_size)
@@ -171,7 +182,7 @@ class Evaluator:
     self.batch_names = tuple(registry.batch_functions(
         generator.with_classifier))
     # {name: settings} of the fitted maps (``fitted_settings``).
-    fitted = fitted_settings(eval_settings)
+    fitted = fitted_settings(eval_settings, detector_config)
     attention = True
     if eval_settings.maps == 'headline':
       self.names = registry.closure([self.headline])

@@ -28,7 +28,6 @@ import math
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cavga_jax.evaluation import inference

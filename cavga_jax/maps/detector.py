@@ -10,8 +10,9 @@ What it computes, for one image:
 * features: the encoder stages ``stages`` (those of ``feature_gaussian``:
   ``eval.feature_stages``), resized to one grid of ``image_size //
   grid_divisor`` cells and concatenated (all channels, no random subset),
-  then averaged over each cell's 3 x 3 neighbourhood (SimpleNet's
-  ``patchsize=3`` aggregation, PatchCore's ``patchify``);
+  then averaged over each cell's ``aggregate`` x ``aggregate``
+  neighbourhood (``config.detector.aggregate``, default 3: SimpleNet's
+  ``patchsize=3`` aggregation, PatchCore's ``patchify``; 1: none);
 * standardised per channel with the mean and standard deviation of the
   normal training images (part of the state); SimpleNet's WideResNet
   features are average-pooled to a fixed scale, Lite0's ReLU6 stages are
@@ -75,13 +76,13 @@ class DetectorSettings:
     stages: encoder stages (1..4) the features come from.
     grid_divisor: the grid is image size / this many cells a side.
     aggregate: side of the neighbourhood each cell's features are averaged
-      over (1: none).
+      over (1: none; odd, so that it is centred on the cell).
     hidden: the discriminator's hidden width.
     seed: the initialisation key of an untrained detector.
   """
   stages: tuple[int, ...] = (1, 2)
   grid_divisor: int = feature_gaussian.GRID_DIVISOR
-  aggregate: int = 3
+  aggregate: int = _DEFAULTS.aggregate
   hidden: int = _DEFAULTS.hidden
   seed: int = 0
 

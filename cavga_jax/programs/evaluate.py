@@ -108,7 +108,8 @@ def evaluation_setup(config: ml_collections.ConfigDict, workdir: str,
       made.generator, made.test_ds, run.eval, made.mesh,
       evaluator_lib.normal_training_images(made.train_ds),
       made.feature_variables,
-      {} if untrained else detector_training.trained_maps(workdir))
+      {} if untrained else detector_training.trained_maps(workdir),
+      detector_config=run.detector)
   return made, evaluator
 
 

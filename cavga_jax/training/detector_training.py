@@ -82,8 +82,7 @@ def settings_from_run(run: typed_config.RunSettings) -> Settings:
   train = detector.TrainSettings(
       **{name: getattr(run.detector, name) for name in fields})
   return Settings(
-      map=dataclasses.replace(evaluator_lib.detector_settings(run.eval),
-                              hidden=run.detector.hidden),
+      map=evaluator_lib.detector_settings(run.eval, run.detector),
       train=train, seed=int(run.seed),
       eval_batch_size=int(run.eval.batch_size),
       threshold_holdout=float(run.eval.threshold_holdout))
