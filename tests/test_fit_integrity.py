@@ -164,6 +164,7 @@ class _Evaluator:
   """What fitted_maps reads of an evaluator; counts the fits."""
   image_size, num_normal_images = 32, 16
   trained = {}  # no trained detector
+  detector_config = None  # the detector's defaults
 
   def __init__(self):
     self.fits = 0
@@ -459,3 +460,17 @@ def test_a_stale_lock_is_taken_over_and_released_on_error(
     with workdirs.lock(str(workdir), 'train.py'):
       pass
   assert (workdir / workdirs.LOCK_FILE).read_text() == 'my notes'
+
+
+def test_the_key_covers_the_detectors_shape():
+  # An untrained detector's fit saved with another aggregation or width
+  # would be applied with this run's: the key holds both, so it refits.
+  eval_settings = typed_config.from_config(tiny.get_config()).eval
+  default = store.fit_key(eval_settings, 4, _state(), 32, 16)
+  assert default == store.fit_key(eval_settings, 4, _state(), 32, 16, None,
+                                  typed_config.DetectorSettings())
+  for changed in (dict(aggregate=1), dict(hidden=256)):
+    other = store.fit_key(eval_settings, 4, _state(), 32, 16, None,
+                          typed_config.DetectorSettings(**changed))
+    assert store.differing_fields(default, other) == [
+        f'detector.{next(iter(changed))}']

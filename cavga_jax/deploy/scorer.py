@@ -229,7 +229,8 @@ def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None,
   expected = store.fit_key(
       run.eval, step, state, saved['image_size'],
       saved['num_normal_images'],
-      {} if untrained else detector_training.trained_maps(workdir))
+      {} if untrained else detector_training.trained_maps(workdir),
+      run.detector)
   changed = store.differing_fields(saved, expected)
   if changed:
     raise CavgaError(f'{directory}: the maps were fitted with other '

@@ -171,6 +171,7 @@ class Evaluator:
                detector_config: typed_config.DetectorSettings | None = None):
     self.generator, self.dataset, self.mesh = generator, dataset, mesh
     self.trained = dict(trained or {})
+    self.detector_config = detector_config
     self.batch_size = int(eval_settings.batch_size)
     self.headline = eval_settings.map
     self.quantile = float(eval_settings.threshold_quantile)

@@ -35,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cavga_jax import sharding
+from cavga_jax import typed_config
 from cavga_jax import workdirs
 from cavga_jax.errors import CavgaError
 from cavga_jax.evaluation.fitting import FittedMaps
@@ -91,9 +92,14 @@ def tree_sha256(tree: Any) -> str:
   return digest.hexdigest()
 
 
+# The config.detector fields a fit depends on (the detector map's shape).
+DETECTOR_FIELDS = ('aggregate', 'hidden')
+
+
 def fit_key(eval_settings: Any, step: int, state: Any,
             image_size: int, num_normal: int,
-            trained: dict[str, Any] | None = None) -> dict[str, Any]:
+            trained: dict[str, Any] | None = None,
+            detector_settings: Any = None) -> dict[str, Any]:
   """The JSON-able identity of a fit (module docstring).
 
   ``eval_settings``: the typed ``config.eval`` (``typed_config.EvalSettings``).
@@ -102,6 +108,7 @@ def fit_key(eval_settings: Any, step: int, state: Any,
   {name: state} of maps trained by ``train.py`` (the detector); with any,
   the key adds ``trained_sha256`` (a retrained detector refits).
   """
+  detector_settings = detector_settings or typed_config.DetectorSettings()
   fields = {}
   for name in FIT_FIELDS:
     value = getattr(eval_settings, name)
@@ -109,7 +116,9 @@ def fit_key(eval_settings: Any, step: int, state: Any,
   key = dict(step=int(step),
              variables_sha256=tree_sha256(state.generator_variables()),
              image_size=int(image_size), num_normal_images=int(num_normal),
-             eval=fields)
+             eval=fields,
+             detector={name: int(getattr(detector_settings, name))
+                       for name in DETECTOR_FIELDS})
   if trained:
     key['trained_sha256'] = tree_sha256(trained)
   return key
@@ -191,10 +200,13 @@ def load(directory: str, key: dict[str, Any] | None = None
 
 def differing_fields(saved: dict[str, Any], key: dict[str, Any]
                      ) -> list[str]:
-  """The fields (``eval.<name>`` for the evaluation's) where two keys differ."""
+  """The fields (``eval.<name>``, ``detector.<name>`` for the config's)
+  where two keys differ."""
   saved, key = json.loads(json.dumps(saved)), json.loads(json.dumps(key))
-  flat = lambda k: {f'eval.{n}': v for n, v in k.get('eval', {}).items()} | {
-      n: v for n, v in k.items() if n != 'eval'}
+  sections = ('eval', 'detector')
+  flat = lambda k: {f'{s}.{n}': v for s in sections
+                    for n, v in k.get(s, {}).items()} | {
+                        n: v for n, v in k.items() if n not in sections}
   saved, key = flat(saved), flat(key)
   return sorted(n for n in set(saved) | set(key) if saved.get(n) != key.get(n))
 

@@ -214,8 +214,8 @@ def fitted_maps(config: ml_collections.ConfigDict,
   """
   directory = store.fitted_dir(workdir, step, untrained)
   key = store.fit_key(eval_settings, step, state, evaluator.image_size,
-                      evaluator.num_normal_images,
-                      evaluator.trained)
+                      evaluator.num_normal_images, evaluator.trained,
+                      evaluator.detector_config)
   fitted = None
   if not refit:
     try:
