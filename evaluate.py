@@ -50,8 +50,8 @@ _CACHE = runtime.define_compilation_cache_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # config.task -> program: CAVGA, or the Liu et al. VAE experiments.
-_PROGRAM = runtime.task_program({'cavga': eval_lib.evaluate,
-                                 'vae': vae_eval_lib.evaluate})
+_PROGRAM = runtime.task_program(
+    {'cavga': eval_lib.evaluate, 'vae': vae_eval_lib.evaluate})
 
 
 def main(argv):
@@ -73,14 +73,15 @@ def main(argv):
   elif _UNTRAINED.value or _REFIT.value:
     if _CONFIG.value.get('task', 'cavga') != 'cavga':
       raise app.UsageError('--untrained and --refit are for CAVGA configs')
-    program = functools.partial(eval_lib.evaluate, untrained=_UNTRAINED.value,
-                                refit=_REFIT.value)
+    program = functools.partial(
+        eval_lib.evaluate, untrained=_UNTRAINED.value, refit=_REFIT.value)
   result = runtime.run_program(program, _CONFIG.value, _WORKDIR.value,
                                _CACHE.value)
   if cavga and not _ALL_CHECKPOINTS.value:
     # metrics.json has every number; the headline's are the ones to read.
-    print(eval_lib.summary(result, eval_lib.output_dir(
-        _WORKDIR.value, _UNTRAINED.value)))
+    print(
+        eval_lib.summary(result,
+                         eval_lib.output_dir(_WORKDIR.value, _UNTRAINED.value)))
   else:
     print(json.dumps(result, indent=2, sort_keys=True))
 

@@ -57,9 +57,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   summary = runtime.run_program(
       lambda _, workdir: predict_lib.predict(
-          workdir, _INPUT.value, _OUTPUT.value, _OVERWRITE.value,
-          _BATCH_SIZE.value, _EXPORT.value, _UNTRAINED.value),
-      None, _WORKDIR.value, _CACHE.value)
+          workdir, _INPUT.value, _OUTPUT.value, _OVERWRITE.value, _BATCH_SIZE.
+          value, _EXPORT.value, _UNTRAINED.value), None, _WORKDIR.value,
+      _CACHE.value)
   print(f'scored {summary.scored} images into {summary.output}'
         + (f'; skipped {len(summary.skipped)}:' if summary.skipped else ''))
   for _, reason in summary.skipped:

@@ -21,11 +21,13 @@ from cavga_jax.programs import train as train_lib
 from cavga_jax.programs import train_vae as vae_lib
 
 _CONFIG = runtime.define_config_flag('Training configuration file.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, '
-                               'logs and the generated dataset.')
-_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call '
-                               'jax.distributed.initialize() first (multi-host '
-                               'GPU clusters and TPU pod slices).')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory for checkpoints, '
+    'logs and the generated dataset.')
+_MULTIHOST = flags.DEFINE_bool(
+    'multihost', False, 'Call '
+    'jax.distributed.initialize() first (multi-host '
+    'GPU clusters and TPU pod slices).')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'With --multihost on GPU hosts outside Slurm '
     'or Open MPI: host:port of process 0 (TPU, Slurm, Open MPI: auto).')
@@ -48,9 +50,9 @@ def main(argv):
                                _PROCESS_ID.value)
   # config.task -> program: CAVGA, or the Liu et al. VAE experiments.
   program = runtime.task_program({
-      'cavga': functools.partial(train_lib.train,
-                                 overwrite=_OVERWRITE.value),
-      'vae': functools.partial(vae_lib.train, overwrite=_OVERWRITE.value)})
+      'cavga': functools.partial(train_lib.train, overwrite=_OVERWRITE.value),
+      'vae': functools.partial(vae_lib.train, overwrite=_OVERWRITE.value)
+  })
   runtime.run_program(program, _CONFIG.value, _WORKDIR.value, _CACHE.value)
 
 

@@ -69,32 +69,29 @@ JSON_FILE = 'accelerator_check.json'
 MARKDOWN_FILE = 'accelerator_check.md'
 
 # The key sets of the JSON file, the same for a full and a --smoke run.
-TOP_KEYS = ('schema', 'smoke', 'argv', 'started_utc', 'elapsed_s',
-            'budget_s', 'environment', 'settings', 'torch_peer', 'jax_steps',
-            'bottle', 'comparison', 'peak_device_bytes', 'skipped', 'errors')
-ENVIRONMENT_KEYS = ('platform', 'device_kind', 'device_count', 'jax',
-                    'jaxlib', 'flax', 'python', 'cpu_threads',
+TOP_KEYS = ('schema', 'smoke', 'argv', 'started_utc', 'elapsed_s', 'budget_s',
+            'environment', 'settings', 'torch_peer', 'jax_steps', 'bottle',
+            'comparison', 'peak_device_bytes', 'skipped', 'errors')
+ENVIRONMENT_KEYS = ('platform', 'device_kind', 'device_count', 'jax', 'jaxlib',
+                    'flax', 'python', 'cpu_threads',
                     'jax_default_matmul_precision', 'peak_flops_per_s')
 SETTINGS_KEYS = ('image_size', 'batch', 'steps', 'warmup', 'latent_channels',
-                 'widths', 'bottle_image_size', 'bottle_steps',
-                 'bottle_batch')
+                 'widths', 'bottle_image_size', 'bottle_steps', 'bottle_batch')
 TORCH_PEER_KEYS = ('status', 'reason', 'python', 'torch', 'device',
                    'cudnn_benchmark', 'tf32', 'rows')
 TORCH_ROW_KEYS = ('variant', 'mode', 'dtype', 'status', 'reason',
                   'images_per_s', 'step_ms_median', 'step_ms_all',
                   'first_call_s', 'peak_device_bytes')
-JAX_ROW_KEYS = ('variant', 'mode', 'dtype', 'status', 'reason',
-                'images_per_s', 'step_ms_median', 'step_ms_all', 'lower_s',
-                'compile_s', 'first_call_s', 'flops_per_step_lowered',
+JAX_ROW_KEYS = ('variant', 'mode', 'dtype', 'status', 'reason', 'images_per_s',
+                'step_ms_median', 'step_ms_all', 'lower_s', 'compile_s',
+                'first_call_s', 'flops_per_step_lowered',
                 'flops_per_step_compiled', 'flops_per_image',
                 'bytes_accessed_per_step', 'achieved_flops_per_s',
-                'peak_flops_per_s', 'fraction_of_peak',
-                'fraction_of_tf32_peak', 'program_bytes',
-                'peak_device_bytes_so_far')
-BOTTLE_KEYS = ('status', 'reason', 'data', 'variant', 'image_size',
-               'num_steps', 'batch', 'train_wall_s', 'images_per_s',
-               'steps_per_s', 'eval_wall_s', 'num_test_images', 'headline',
-               'maps')
+                'peak_flops_per_s', 'fraction_of_peak', 'fraction_of_tf32_peak',
+                'program_bytes', 'peak_device_bytes_so_far')
+BOTTLE_KEYS = ('status', 'reason', 'data', 'variant', 'image_size', 'num_steps',
+               'batch', 'train_wall_s', 'images_per_s', 'steps_per_s',
+               'eval_wall_s', 'num_test_images', 'headline', 'maps')
 COMPARISON_KEYS = ('variant', 'mode', 'jax_dtype', 'jax_images_per_s',
                    'torch_images_per_s', 'jax_over_torch')
 
@@ -103,10 +100,24 @@ MODES = ('train', 'eval')
 DTYPES = ('float32', 'bfloat16')
 
 # Full run and --smoke sizes; a flag left unset takes these.
-FULL = dict(image_size=256, batch=64, steps=10, warmup=3, latent_channels=128,
-            bottle_image_size=256, bottle_steps=200, bottle_batch=32)
-SMOKE = dict(image_size=64, batch=2, steps=1, warmup=1, latent_channels=8,
-             bottle_image_size=64, bottle_steps=4, bottle_batch=2)
+FULL = dict(
+    image_size=256,
+    batch=64,
+    steps=10,
+    warmup=3,
+    latent_channels=128,
+    bottle_image_size=256,
+    bottle_steps=200,
+    bottle_batch=32)
+SMOKE = dict(
+    image_size=64,
+    batch=2,
+    steps=1,
+    warmup=1,
+    latent_channels=8,
+    bottle_image_size=64,
+    bottle_steps=4,
+    bottle_batch=2)
 # XLA:CPU compiles an R train step in 10-30 s whatever the widths, so
 # --smoke measures only these JAX rows (both modes, both dtypes; the others
 # are recorded as skipped) and trains CAVGA-D in the bottle part.
@@ -130,8 +141,8 @@ TORCH_MAX_S = 150.0
 _HOPPER_SXM = dict(bfloat16=989.4e12, float32=66.9e12, tfloat32=494.7e12)
 PEAK_FLOPS = (
     (('H200',), _HOPPER_SXM),
-    (('H100', 'PCIe'), dict(bfloat16=756.0e12, float32=51.2e12,
-                            tfloat32=378.0e12)),
+    (('H100', 'PCIe'),
+     dict(bfloat16=756.0e12, float32=51.2e12, tfloat32=378.0e12)),
     (('H100',), _HOPPER_SXM),
     (('A100',), dict(bfloat16=312.0e12, float32=19.5e12, tfloat32=156.0e12)),
 )
@@ -189,8 +200,10 @@ class _Budget:
 
 def _progress(budget: _Budget, text: str) -> None:
   # The long parts log little of their own: one line per finished piece.
-  print(f'[accelerator_check {budget.elapsed():.0f} s] {text}',
-        file=sys.stderr, flush=True)
+  print(
+      f'[accelerator_check {budget.elapsed():.0f} s] {text}',
+      file=sys.stderr,
+      flush=True)
 
 
 def _error_text(error: BaseException) -> str:
@@ -214,8 +227,12 @@ def _torch_worker(args) -> None:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    print(json.dumps(dict(status='skipped', reason=(
-        f'torch not importable by {sys.executable}: {e}'))), flush=True)
+    print(
+        json.dumps(
+            dict(
+                status='skipped',
+                reason=(f'torch not importable by {sys.executable}: {e}'))),
+        flush=True)
     return
   spec = importlib.util.spec_from_file_location('cavga_torch', args.peer)
   peer = importlib.util.module_from_spec(spec)
@@ -224,13 +241,18 @@ def _torch_worker(args) -> None:
   if device.type == 'cuda':
     # The usual fast setting: cuDNN picks the best algorithm per shape.
     torch.backends.cudnn.benchmark = True
-  print(json.dumps(dict(
-      status='ok', torch=torch.__version__, device=(
-          torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'),
-      cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
-      tf32=dict(cudnn=bool(torch.backends.cudnn.allow_tf32),
-                matmul=bool(torch.backends.cuda.matmul.allow_tf32)))),
-        flush=True)
+  print(
+      json.dumps(
+          dict(
+              status='ok',
+              torch=torch.__version__,
+              device=(torch.cuda.get_device_name(0)
+                      if device.type == 'cuda' else 'cpu'),
+              cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
+              tf32=dict(
+                  cudnn=bool(torch.backends.cudnn.allow_tf32),
+                  matmul=bool(torch.backends.cuda.matmul.allow_tf32)))),
+      flush=True)
 
   def sync():
     if device.type == 'cuda':
@@ -269,9 +291,11 @@ def _torch_worker(args) -> None:
       times.append(time.perf_counter() - tic)
     median = statistics.median(times)
     return dict(
-        status='ok', images_per_s=args.batch / median,
+        status='ok',
+        images_per_s=args.batch / median,
         step_ms_median=1000 * median,
-        step_ms_all=[round(1000 * t, 2) for t in times], first_call_s=first,
+        step_ms_all=[round(1000 * t, 2) for t in times],
+        first_call_s=first,
         peak_device_bytes=(torch.cuda.max_memory_allocated()
                            if device.type == 'cuda' else None))
 
@@ -282,8 +306,15 @@ def _torch_worker(args) -> None:
       except Exception as e:  # pylint: disable=broad-except
         # E.g. out of memory: the other rows still run.
         values = dict(status='failed', reason=_error_text(e))
-      print(json.dumps(_row(TORCH_ROW_KEYS, variant=variant, mode=mode,
-                            dtype='float32', **values)), flush=True)
+      print(
+          json.dumps(
+              _row(
+                  TORCH_ROW_KEYS,
+                  variant=variant,
+                  mode=mode,
+                  dtype='float32',
+                  **values)),
+          flush=True)
       if device.type == 'cuda':
         torch.cuda.empty_cache()
 
@@ -298,9 +329,14 @@ def run_torch_peer(args, budget: _Budget) -> dict[str, Any]:
     done = {(r['variant'], r['mode']) for r in result['rows']}
     for variant, mode in pending:
       if (variant, mode) not in done:
-        result['rows'].append(_row(
-            TORCH_ROW_KEYS, variant=variant, mode=mode, dtype='float32',
-            status='skipped', reason=reason))
+        result['rows'].append(
+            _row(
+                TORCH_ROW_KEYS,
+                variant=variant,
+                mode=mode,
+                dtype='float32',
+                status='skipped',
+                reason=reason))
     return result
 
   if not args.peer or not os.path.isfile(args.peer):
@@ -308,27 +344,36 @@ def run_torch_peer(args, budget: _Budget) -> dict[str, Any]:
   reason = budget.exhausted_reason()
   if reason:
     return finish('skipped', reason)
-  command = [args.torch_python, os.path.abspath(__file__), '--torch_worker',
-             '--peer', args.peer, '--image_size', str(args.image_size),
-             '--batch', str(args.batch), '--steps', str(args.steps),
-             '--warmup', str(args.warmup), '--latent_channels',
-             str(args.latent_channels), '--variants', ','.join(VARIANTS),
-             '--modes', ','.join(MODES)]
+  command = [
+      args.torch_python,
+      os.path.abspath(__file__), '--torch_worker', '--peer', args.peer,
+      '--image_size',
+      str(args.image_size), '--batch',
+      str(args.batch), '--steps',
+      str(args.steps), '--warmup',
+      str(args.warmup), '--latent_channels',
+      str(args.latent_channels), '--variants', ','.join(VARIANTS), '--modes',
+      ','.join(MODES)
+  ]
   timed_out = False
   try:
-    process = subprocess.run(command, capture_output=True, text=True,
-                             timeout=max(min(budget.left(), TORCH_MAX_S), 1.0),
-                             check=False)
+    process = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=max(min(budget.left(), TORCH_MAX_S), 1.0),
+        check=False)
     stdout, stderr, code = process.stdout, process.stderr, process.returncode
   except subprocess.TimeoutExpired as e:
     timed_out = True
-    stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (
-        e.stdout or '')
-    stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (
-        e.stderr or '')
+    stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout
+                                                                    or '')
+    stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr
+                                                                    or '')
     code = None
-  lines = [json.loads(line) for line in stdout.splitlines()
-           if line.startswith('{')]
+  lines = [
+      json.loads(line) for line in stdout.splitlines() if line.startswith('{')
+  ]
   if lines and lines[0].get('status') == 'skipped':
     return finish('skipped', lines[0]['reason'])
   if lines:
@@ -337,8 +382,9 @@ def run_torch_peer(args, budget: _Budget) -> dict[str, Any]:
       result[key] = header.get(key)
     result['rows'] = lines[1:]
   if timed_out:
-    return finish('failed', 'torch worker ran past its time limit; '
-                  f'stderr: {stderr[-500:]}')
+    return finish(
+        'failed', 'torch worker ran past its time limit; '
+        f'stderr: {stderr[-500:]}')
   if code:
     return finish('failed', f'torch worker exited {code}: {stderr[-1000:]}')
   return finish('ok', None)
@@ -364,9 +410,11 @@ def _positive(value: Any) -> Optional[float]:
 
 def _smoke_widths(variant: str) -> dict[str, tuple[int, ...]]:
   from cavga_jax.models import cavga  # pylint: disable=g-import-not-at-top
-  return {name: tuple(max(SMOKE_MIN_WIDTH, w // SMOKE_WIDTH_DIVISOR)
-                      for w in widths)
-          for name, widths in cavga.PAPER_WIDTHS[variant].items()}
+  return {
+      name:
+          tuple(max(SMOKE_MIN_WIDTH, w // SMOKE_WIDTH_DIVISOR) for w in widths)
+      for name, widths in cavga.PAPER_WIDTHS[variant].items()
+  }
 
 
 def measure_jax_step(args, variant: str, mode: str, dtype: str,
@@ -385,9 +433,14 @@ def measure_jax_step(args, variant: str, mode: str, dtype: str,
   import jax  # pylint: disable=g-import-not-at-top
 
   # benchmark.py's own config and timing, so both scripts measure the same.
-  config = benchmark.config_from_args(argparse.Namespace(
-      image_size=args.image_size, channels=3, variant=variant,
-      latent_channels=args.latent_channels, dtype=dtype, batch=args.batch))
+  config = benchmark.config_from_args(
+      argparse.Namespace(
+          image_size=args.image_size,
+          channels=3,
+          variant=variant,
+          latent_channels=args.latent_channels,
+          dtype=dtype,
+          batch=args.batch))
   if args.smoke:
     for name, widths in _smoke_widths(variant).items():
       config.model[name] = widths
@@ -403,9 +456,9 @@ def measure_jax_step(args, variant: str, mode: str, dtype: str,
   memory = compiled.memory_analysis()
   program_bytes = None
   if memory is not None:
-    program_bytes = (memory.argument_size_in_bytes
-                     + memory.output_size_in_bytes
-                     + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    program_bytes = (
+        memory.argument_size_in_bytes + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   # The compiled executable runs the steps: no second compilation.
   first, times = benchmark.time_calls(
       benchmark.make_runner(compiled, inputs, mode), args.steps, args.warmup)
@@ -420,25 +473,32 @@ def measure_jax_step(args, variant: str, mode: str, dtype: str,
   tf32_peak = peaks.get('tfloat32') if dtype == 'float32' else None
   stats = jax.devices()[0].memory_stats()
   return _row(
-      JAX_ROW_KEYS, variant=variant, mode=mode, dtype=dtype, status='ok',
-      images_per_s=args.batch / median, step_ms_median=1000 * median,
-      step_ms_all=[round(1000 * t, 2) for t in times], lower_s=lower_s,
-      compile_s=compile_s, first_call_s=first,
+      JAX_ROW_KEYS,
+      variant=variant,
+      mode=mode,
+      dtype=dtype,
+      status='ok',
+      images_per_s=args.batch / median,
+      step_ms_median=1000 * median,
+      step_ms_all=[round(1000 * t, 2) for t in times],
+      lower_s=lower_s,
+      compile_s=compile_s,
+      first_call_s=first,
       flops_per_step_lowered=_positive(lowered_cost.get('flops')),
       flops_per_step_compiled=_positive(compiled_cost.get('flops')),
       flops_per_image=flops / args.batch if flops else None,
-      bytes_accessed_per_step=_positive(
-          lowered_cost.get('bytes accessed')),
-      achieved_flops_per_s=achieved, peak_flops_per_s=peak,
+      bytes_accessed_per_step=_positive(lowered_cost.get('bytes accessed')),
+      achieved_flops_per_s=achieved,
+      peak_flops_per_s=peak,
       fraction_of_peak=achieved / peak if achieved and peak else None,
-      fraction_of_tf32_peak=(achieved / tf32_peak
-                             if achieved and tf32_peak else None),
+      fraction_of_tf32_peak=(achieved
+                             / tf32_peak if achieved and tf32_peak else None),
       program_bytes=program_bytes,
       peak_device_bytes_so_far=(stats or {}).get('peak_bytes_in_use'))
 
 
-def run_jax_steps(args, dtype: str, budget: _Budget,
-                  environment: dict[str, Any],
+def run_jax_steps(args, dtype: str, budget: _Budget, environment: dict[str,
+                                                                       Any],
                   errors: list[str]) -> list[dict[str, Any]]:
   """The JAX_ROW_KEYS rows of one dtype, R and D, train and eval."""
   rows = []
@@ -448,16 +508,28 @@ def run_jax_steps(args, dtype: str, budget: _Budget,
       if args.smoke and (variant, mode, dtype) not in SMOKE_JAX_ROWS:
         reason = f'--smoke measures only {SMOKE_JAX_ROWS}'
       if reason:
-        rows.append(_row(JAX_ROW_KEYS, variant=variant, mode=mode,
-                         dtype=dtype, status='skipped', reason=reason))
+        rows.append(
+            _row(
+                JAX_ROW_KEYS,
+                variant=variant,
+                mode=mode,
+                dtype=dtype,
+                status='skipped',
+                reason=reason))
         continue
       try:
         rows.append(measure_jax_step(args, variant, mode, dtype, environment))
       except Exception as e:  # pylint: disable=broad-except
         # One failing program (e.g. out of memory) must not cost the others.
         errors.append(f'jax {variant} {mode} {dtype}: {_error_text(e)}')
-        rows.append(_row(JAX_ROW_KEYS, variant=variant, mode=mode,
-                         dtype=dtype, status='failed', reason=_error_text(e)))
+        rows.append(
+            _row(
+                JAX_ROW_KEYS,
+                variant=variant,
+                mode=mode,
+                dtype=dtype,
+                status='failed',
+                reason=_error_text(e)))
       row = rows[-1]
       detail = row['reason'] if row['status'] != 'ok' else (
           f'{row["images_per_s"]:.1f} img/s, compile {row["compile_s"]:.1f} s')
@@ -508,15 +580,22 @@ def run_bottle(args, budget: _Budget) -> dict[str, Any]:
   from cavga_jax.programs import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
   from cavga_jax.programs import train as train_lib  # pylint: disable=g-import-not-at-top
   config = bottle_config(args)
-  result = _row(BOTTLE_KEYS, variant=config.model.variant,
-                image_size=args.bottle_image_size,
-                num_steps=args.bottle_steps, batch=args.bottle_batch, maps={})
-  result['data'] = (config.data.name if config.data.name == 'generated'
-                    else os.path.join(config.data.root, config.data.category))
+  result = _row(
+      BOTTLE_KEYS,
+      variant=config.model.variant,
+      image_size=args.bottle_image_size,
+      num_steps=args.bottle_steps,
+      batch=args.bottle_batch,
+      maps={})
+  result['data'] = (
+      config.data.name if config.data.name == 'generated' else os.path.join(
+          config.data.root, config.data.category))
   if config.data.name != 'generated' and not os.path.isdir(result['data']):
-    result.update(status='skipped', reason=(
-        f'no bottle data: {result["data"]!r} is not a folder (--data_root='
-        f'{args.data_root!r})'))
+    result.update(
+        status='skipped',
+        reason=(
+            f'no bottle data: {result["data"]!r} is not a folder (--data_root='
+            f'{args.data_root!r})'))
     return result
   reason = budget.exhausted_reason(0.0 if args.smoke else BOTTLE_MIN_LEFT_S)
   if reason:
@@ -536,11 +615,14 @@ def run_bottle(args, budget: _Budget) -> dict[str, Any]:
     metrics = eval_lib.evaluate(config, workdir)
     result['eval_wall_s'] = time.perf_counter() - tic
     result.update(
-        status='ok', num_test_images=metrics['num_test_images'],
-        headline=metrics['map'], maps={
-            name: {k: v for k, v in values.items()
-                   if isinstance(v, (int, float))}
-            for name, values in metrics['maps'].items()})
+        status='ok',
+        num_test_images=metrics['num_test_images'],
+        headline=metrics['map'],
+        maps={
+            name: {
+                k: v for k, v in values.items() if isinstance(v, (int, float))
+            } for name, values in metrics['maps'].items()
+        })
   finally:
     if not args.workdir:
       shutil.rmtree(workdir, ignore_errors=True)
@@ -559,9 +641,13 @@ def environment_info() -> dict[str, Any]:
   import jaxlib  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   return _row(
-      ENVIRONMENT_KEYS, platform=device.platform,
-      device_kind=device.device_kind, device_count=jax.device_count(),
-      jax=jax.__version__, jaxlib=jaxlib.__version__, flax=flax.__version__,
+      ENVIRONMENT_KEYS,
+      platform=device.platform,
+      device_kind=device.device_kind,
+      device_count=jax.device_count(),
+      jax=jax.__version__,
+      jaxlib=jaxlib.__version__,
+      flax=flax.__version__,
       python=platform.python_version(),
       cpu_threads=len(os.sched_getaffinity(0)),
       jax_default_matmul_precision=jax.config.jax_default_matmul_precision,
@@ -582,11 +668,15 @@ def comparison(report: dict[str, Any]) -> list[dict[str, Any]]:
   for row in report['jax_steps']:
     other = torch_speed.get((row['variant'], row['mode']))
     if row['status'] == 'ok' and other:
-      rows.append(_row(
-          COMPARISON_KEYS, variant=row['variant'], mode=row['mode'],
-          jax_dtype=row['dtype'], jax_images_per_s=row['images_per_s'],
-          torch_images_per_s=other,
-          jax_over_torch=row['images_per_s'] / other))
+      rows.append(
+          _row(
+              COMPARISON_KEYS,
+              variant=row['variant'],
+              mode=row['mode'],
+              jax_dtype=row['dtype'],
+              jax_images_per_s=row['images_per_s'],
+              torch_images_per_s=other,
+              jax_over_torch=row['images_per_s'] / other))
   return rows
 
 
@@ -604,8 +694,8 @@ def markdown(report: dict[str, Any]) -> str:
       f'{report["started_utc"]}, {env.get("device_kind")} '
       f'({env.get("platform")}, {env.get("device_count")} device(s)), JAX '
       f'{env.get("jax")}, flax {env.get("flax")}, '
-      f'{report["elapsed_s"]:.0f} s of --budget_s {report["budget_s"]:.0f}'
-      + (', **--smoke**' if report['smoke'] else '') + '.', '',
+      f'{report["elapsed_s"]:.0f} s of --budget_s {report["budget_s"]:.0f}' +
+      (', **--smoke**' if report['smoke'] else '') + '.', '',
       f'Steps: {settings["image_size"]} px, batch {settings["batch"]}, '
       f'median of {settings["steps"]} steps after {settings["warmup"]} '
       'warm-up steps, random init, synthetic inputs. Peak FLOP/s: '
@@ -615,7 +705,8 @@ def markdown(report: dict[str, Any]) -> str:
       '## JAX train and eval steps', '',
       '| variant | mode | dtype | img/s | step ms | compile s | GFLOP/img |'
       ' TFLOP/s | % of peak | % of TF32 peak | program MiB | status |',
-      '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
+      '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|'
+  ]
   for r in report['jax_steps']:
     fraction = r['fraction_of_peak']
     tf32 = r['fraction_of_tf32_peak']
@@ -629,46 +720,52 @@ def markdown(report: dict[str, Any]) -> str:
         f'{_fmt(r["program_bytes"], 2**20, 0)} | {r["status"]} '
         f'{r["reason"] or ""} |')
   peer = report['torch_peer']
-  lines += ['', '## PyTorch peer (float32, channels-last)', '',
-            f'{peer["status"]}{": " + peer["reason"] if peer["reason"] else ""}'
-            f'; torch {peer["torch"]} on {peer["device"]}, cudnn.benchmark '
-            f'{peer["cudnn_benchmark"]}, TF32 {peer["tf32"]}.', '',
-            '| variant | mode | img/s | step ms | peak MiB | status |',
-            '|---|---|---:|---:|---:|---|']
+  lines += [
+      '', '## PyTorch peer (float32, channels-last)', '',
+      f'{peer["status"]}{": " + peer["reason"] if peer["reason"] else ""}'
+      f'; torch {peer["torch"]} on {peer["device"]}, cudnn.benchmark '
+      f'{peer["cudnn_benchmark"]}, TF32 {peer["tf32"]}.', '',
+      '| variant | mode | img/s | step ms | peak MiB | status |',
+      '|---|---|---:|---:|---:|---|'
+  ]
   for r in peer['rows']:
     lines.append(
         f'| {r["variant"]} | {r["mode"]} | {_fmt(r["images_per_s"])} | '
         f'{_fmt(r["step_ms_median"])} | '
         f'{_fmt(r["peak_device_bytes"], 2**20, 0)} | {r["status"]} |')
   if report['comparison']:
-    lines += ['', '| variant | mode | JAX dtype | JAX img/s | torch img/s |'
-              ' JAX / torch |', '|---|---|---|---:|---:|---:|']
+    lines += [
+        '', '| variant | mode | JAX dtype | JAX img/s | torch img/s |'
+        ' JAX / torch |', '|---|---|---|---:|---:|---:|'
+    ]
     for r in report['comparison']:
-      lines.append(
-          f'| {r["variant"]} | {r["mode"]} | {r["jax_dtype"]} | '
-          f'{_fmt(r["jax_images_per_s"])} | '
-          f'{_fmt(r["torch_images_per_s"])} | '
-          f'**{_fmt(r["jax_over_torch"], digits=2)}** |')
+      lines.append(f'| {r["variant"]} | {r["mode"]} | {r["jax_dtype"]} | '
+                   f'{_fmt(r["jax_images_per_s"])} | '
+                   f'{_fmt(r["torch_images_per_s"])} | '
+                   f'**{_fmt(r["jax_over_torch"], digits=2)}** |')
   bottle = report['bottle']
-  lines += ['', f'## CAVGA-{bottle["variant"]}_u on bottle, every map', '',
-            f'{bottle["status"]}'
-            f'{": " + bottle["reason"] if bottle["reason"] else ""}; data '
-            f'{bottle["data"]}, {bottle["image_size"]} px, '
-            f'{bottle["num_steps"]} steps of batch {bottle["batch"]}: '
-            f'{_fmt(bottle["steps_per_s"], digits=2)} steps/s '
-            f'({_fmt(bottle["images_per_s"])} img/s after the first '
-            f'interval), train {_fmt(bottle["train_wall_s"])} s with '
-            f'compilation, evaluation {_fmt(bottle["eval_wall_s"])} s, '
-            f'{bottle["num_test_images"]} test images, headline map '
-            f'{bottle["headline"]}.', '',
-            '| map | pixel AUROC | AU-PRO | image AUROC |',
-            '|---|---:|---:|---:|']
+  lines += [
+      '', f'## CAVGA-{bottle["variant"]}_u on bottle, every map', '',
+      f'{bottle["status"]}'
+      f'{": " + bottle["reason"] if bottle["reason"] else ""}; data '
+      f'{bottle["data"]}, {bottle["image_size"]} px, '
+      f'{bottle["num_steps"]} steps of batch {bottle["batch"]}: '
+      f'{_fmt(bottle["steps_per_s"], digits=2)} steps/s '
+      f'({_fmt(bottle["images_per_s"])} img/s after the first '
+      f'interval), train {_fmt(bottle["train_wall_s"])} s with '
+      f'compilation, evaluation {_fmt(bottle["eval_wall_s"])} s, '
+      f'{bottle["num_test_images"]} test images, headline map '
+      f'{bottle["headline"]}.', '',
+      '| map | pixel AUROC | AU-PRO | image AUROC |', '|---|---:|---:|---:|'
+  ]
   for name, values in (bottle['maps'] or {}).items():
     lines.append(f'| {name} | {_fmt(values.get("pixel_auroc"), digits=3)} | '
                  f'{_fmt(values.get("aupro"), digits=3)} | '
                  f'{_fmt(values.get("image_auroc"), digits=3)} |')
-  lines += ['', f'Peak device memory: '
-            f'{_fmt(report["peak_device_bytes"], 2**30, 2)} GiB.']
+  lines += [
+      '', f'Peak device memory: '
+      f'{_fmt(report["peak_device_bytes"], 2**30, 2)} GiB.'
+  ]
   if report['skipped']:
     lines += ['', 'Skipped:', ''] + [f'* {s}' for s in report['skipped']]
   if report['errors']:
@@ -679,8 +776,9 @@ def markdown(report: dict[str, Any]) -> str:
 def write_report(report: dict[str, Any], out: str) -> None:
   """Writes JSON_FILE and MARKDOWN_FILE under ``out`` (atomically each)."""
   report = _finite(report)
-  for name, text in ((JSON_FILE, json.dumps(report, indent=1)),
-                     (MARKDOWN_FILE, markdown(report))):
+  for name, text in ((JSON_FILE, json.dumps(report,
+                                            indent=1)), (MARKDOWN_FILE,
+                                                         markdown(report))):
     path = os.path.join(out, name)
     with open(path + '.tmp', 'w') as f:
       f.write(text)
@@ -706,24 +804,34 @@ def run_check(args, argv: Sequence[str]) -> dict[str, Any]:
   os.makedirs(args.out, exist_ok=True)
   report = {k: None for k in TOP_KEYS}
   report.update(
-      schema=1, smoke=args.smoke, argv=list(argv), budget_s=args.budget_s,
-      started_utc=datetime.datetime.now(datetime.timezone.utc).strftime(
-          '%Y-%m-%d %H:%M UTC'),
-      environment=_row(ENVIRONMENT_KEYS), jax_steps=[], comparison=[],
-      skipped=[], errors=[], bottle=_row(
-          BOTTLE_KEYS, status='pending', reason='not started', maps={}),
-      settings=_row(SETTINGS_KEYS, **{k: getattr(args, k) for k in (
-          set(SETTINGS_KEYS) - {'widths'})}, widths=(
-              'paper / ' + str(SMOKE_WIDTH_DIVISOR) if args.smoke
-              else 'paper')))
+      schema=1,
+      smoke=args.smoke,
+      argv=list(argv),
+      budget_s=args.budget_s,
+      started_utc=datetime.datetime.now(
+          datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+      environment=_row(ENVIRONMENT_KEYS),
+      jax_steps=[],
+      comparison=[],
+      skipped=[],
+      errors=[],
+      bottle=_row(BOTTLE_KEYS, status='pending', reason='not started', maps={}),
+      settings=_row(
+          SETTINGS_KEYS,
+          **{k: getattr(args, k) for k in (set(SETTINGS_KEYS) - {'widths'})},
+          widths=('paper / '
+                  + str(SMOKE_WIDTH_DIVISOR) if args.smoke else 'paper')))
   report['torch_peer'] = run_torch_peer(args, budget)
-  _progress(budget, f'torch_peer: {report["torch_peer"]["status"]} '
-            f'{report["torch_peer"]["reason"] or ""}')
+  _progress(
+      budget, f'torch_peer: {report["torch_peer"]["status"]} '
+      f'{report["torch_peer"]["reason"] or ""}')
   if report['torch_peer']['status'] == 'failed':
     report['errors'].append(f'torch_peer: {report["torch_peer"]["reason"]}')
   report['errors'] += [
       f'torch_peer {r["variant"]} {r["mode"]}: {r["reason"]}'
-      for r in report['torch_peer']['rows'] if r['status'] == 'failed']
+      for r in report['torch_peer']['rows']
+      if r['status'] == 'failed'
+  ]
   # Only now may JAX initialise its backend (see the module docstring).
   import jax  # pylint: disable=g-import-not-at-top
   report['environment'] = environment_info()
@@ -738,21 +846,20 @@ def run_check(args, argv: Sequence[str]) -> dict[str, Any]:
 
   checkpoint()
   report['jax_steps'] += run_jax_steps(args, 'float32', budget,
-                                       report['environment'],
-                                       report['errors'])
+                                       report['environment'], report['errors'])
   checkpoint()
   try:
     report['bottle'] = run_bottle(args, budget)
   except Exception as e:  # pylint: disable=broad-except
     report['errors'].append(f'bottle: {_error_text(e)}')
-    report['bottle'] = _row(BOTTLE_KEYS, status='failed',
-                            reason=_error_text(e), maps={})
-  _progress(budget, f'bottle: {report["bottle"]["status"]} '
-            f'{report["bottle"]["reason"] or ""}')
+    report['bottle'] = _row(
+        BOTTLE_KEYS, status='failed', reason=_error_text(e), maps={})
+  _progress(
+      budget, f'bottle: {report["bottle"]["status"]} '
+      f'{report["bottle"]["reason"] or ""}')
   checkpoint()
   report['jax_steps'] += run_jax_steps(args, 'bfloat16', budget,
-                                       report['environment'],
-                                       report['errors'])
+                                       report['environment'], report['errors'])
   checkpoint()
   return report
 
@@ -760,28 +867,42 @@ def run_check(args, argv: Sequence[str]) -> dict[str, Any]:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', help='folder for the JSON and markdown files')
-  parser.add_argument('--smoke', action='store_true',
-                      help='tiny sizes, generated data: seconds on a CPU')
-  parser.add_argument('--budget_s', type=float, default=420.0,
-                      help='parts that would start later are skipped')
-  parser.add_argument('--peer', default='',
-                      help='path to cavga_torch.py (the PyTorch peer)')
-  parser.add_argument('--torch_python', default=sys.executable,
-                      help='python that imports torch, for the peer')
-  parser.add_argument('--data_root', default='',
-                      help='folder holding bottle/ (MVTec AD layout)')
-  parser.add_argument('--workdir', default='',
-                      help='bottle run folder (default: a temporary one)')
+  parser.add_argument(
+      '--smoke',
+      action='store_true',
+      help='tiny sizes, generated data: seconds on a CPU')
+  parser.add_argument(
+      '--budget_s',
+      type=float,
+      default=420.0,
+      help='parts that would start later are skipped')
+  parser.add_argument(
+      '--peer', default='', help='path to cavga_torch.py (the PyTorch peer)')
+  parser.add_argument(
+      '--torch_python',
+      default=sys.executable,
+      help='python that imports torch, for the peer')
+  parser.add_argument(
+      '--data_root',
+      default='',
+      help='folder holding bottle/ (MVTec AD layout)')
+  parser.add_argument(
+      '--workdir',
+      default='',
+      help='bottle run folder (default: a temporary one)')
   for name, value in FULL.items():
-    parser.add_argument(f'--{name}', type=int, default=None,
-                        help=f'default {value}, --smoke {SMOKE[name]}')
+    parser.add_argument(
+        f'--{name}',
+        type=int,
+        default=None,
+        help=f'default {value}, --smoke {SMOKE[name]}')
   # The torch worker subprocess (run_torch_peer) only.
-  parser.add_argument('--torch_worker', action='store_true',
-                      help=argparse.SUPPRESS)
-  parser.add_argument('--variants', default=','.join(VARIANTS),
-                      help=argparse.SUPPRESS)
-  parser.add_argument('--modes', default=','.join(MODES),
-                      help=argparse.SUPPRESS)
+  parser.add_argument(
+      '--torch_worker', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument(
+      '--variants', default=','.join(VARIANTS), help=argparse.SUPPRESS)
+  parser.add_argument(
+      '--modes', default=','.join(MODES), help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   for name, value in (SMOKE if args.smoke else FULL).items():
     if getattr(args, name) is None:

@@ -74,14 +74,15 @@ def time_calls(fn, steps, warmup):
 def step_compiler_options(config: ml_collections.ConfigDict,
                           xla_defaults: bool) -> dict[str, str] | None:
   """``jax.jit``'s compiler options of the benchmarked programs."""
-  return (None if xla_defaults else
-          layers.compiler_options(config.model.conv_impl))
+  return (None
+          if xla_defaults else layers.compiler_options(config.model.conv_impl))
 
 
-def make_step(config: ml_collections.ConfigDict, mode: str,
-              eval_maps: Sequence[str] | None = PAPER_MAPS,
-              xla_defaults: bool = False
-              ) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+def make_step(
+    config: ml_collections.ConfigDict,
+    mode: str,
+    eval_maps: Sequence[str] | None = PAPER_MAPS,
+    xla_defaults: bool = False) -> tuple[Callable[..., Any], tuple[Any, ...]]:
   """The jitted step of ``mode`` and the inputs of one call, on a fixed batch.
 
   Args:
@@ -114,13 +115,14 @@ def make_step(config: ml_collections.ConfigDict, mode: str,
   if mode == 'train':
     step = jax.jit(
         cavga_step.make_train_step(generator, discriminator,
-                                  dict(config.loss_weights)),
+                                   dict(config.loss_weights)),
         donate_argnums=0,
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         compiler_options=options)
     return step, (state, images, jax.random.key(1))
-  step = jax.jit(inference.make_eval_step(generator, map_names=eval_maps),
-                 compiler_options=options)
+  step = jax.jit(
+      inference.make_eval_step(generator, map_names=eval_maps),
+      compiler_options=options)
   return step, (state.gen_params, state.gen_batch_stats, images)
 
 
@@ -153,9 +155,10 @@ def build_step(args) -> Callable[[], Any]:
       command-line flags.
   """
   eval_maps = None if args.maps == 'all' else PAPER_MAPS
-  return make_runner(*make_step(config_from_args(args), args.mode, eval_maps,
-                                args.xla_defaults),
-                     args.mode)
+  return make_runner(
+      *make_step(
+          config_from_args(args), args.mode, eval_maps, args.xla_defaults),
+      args.mode)
 
 
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,14 +169,19 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--latent-channels', type=int, default=128)
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--mode', default='train', choices=['train', 'eval'])
-  parser.add_argument('--dtype', default='float32',
-                      choices=['float32', 'bfloat16'])
-  parser.add_argument('--maps', default='paper', choices=['paper', 'all'],
-                      help="eval: the paper's 1 - A only (the peer's work) "
-                      'or every anomaly map')
-  parser.add_argument('--xla-defaults', action='store_true',
-                      help="XLA's default compiler options, not "
-                      "layers.compiler_options (CPU: YNNPACK convolutions)")
+  parser.add_argument(
+      '--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument(
+      '--maps',
+      default='paper',
+      choices=['paper', 'all'],
+      help="eval: the paper's 1 - A only (the peer's work) "
+      'or every anomaly map')
+  parser.add_argument(
+      '--xla-defaults',
+      action='store_true',
+      help="XLA's default compiler options, not "
+      "layers.compiler_options (CPU: YNNPACK convolutions)")
 
 
 def main():
@@ -189,21 +197,31 @@ def main():
   device = jax.devices()[0]
   memory = {}
   if device.platform != 'cpu' and device.memory_stats():
-    memory['peak_device_bytes'] = device.memory_stats().get(
-        'peak_bytes_in_use')
+    memory['peak_device_bytes'] = device.memory_stats().get('peak_bytes_in_use')
   memory['max_rss_bytes'] = resource.getrusage(
       resource.RUSAGE_SELF).ru_maxrss * 1024
-  print(json.dumps(dict(
-      framework='jax', variant=args.variant, mode=args.mode,
-      image_size=args.image_size, batch=args.batch, dtype=args.dtype,
-      maps=args.maps if args.mode == 'eval' else None,
-      xla_defaults=args.xla_defaults,
-      images_per_s=args.batch / median, step_ms_median=1000 * median,
-      step_ms_all=[round(1000 * t, 1) for t in times],
-      first_call_s=first, devices=jax.device_count(),
-      device_kind=device.device_kind, platform=device.platform,
-      cpu_threads=len(os.sched_getaffinity(0)), jax=jax.__version__,
-      python=platform.python_version(), **memory)))
+  print(
+      json.dumps(
+          dict(
+              framework='jax',
+              variant=args.variant,
+              mode=args.mode,
+              image_size=args.image_size,
+              batch=args.batch,
+              dtype=args.dtype,
+              maps=args.maps if args.mode == 'eval' else None,
+              xla_defaults=args.xla_defaults,
+              images_per_s=args.batch / median,
+              step_ms_median=1000 * median,
+              step_ms_all=[round(1000 * t, 1) for t in times],
+              first_call_s=first,
+              devices=jax.device_count(),
+              device_kind=device.device_kind,
+              platform=device.platform,
+              cpu_threads=len(os.sched_getaffinity(0)),
+              jax=jax.__version__,
+              python=platform.python_version(),
+              **memory)))
 
 
 if __name__ == '__main__':

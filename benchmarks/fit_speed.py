@@ -57,8 +57,8 @@ def _time_evaluation(config, maps: str) -> None:
   """Prints the seconds of ``Evaluator.fit`` and of the scored test pass."""
   config.eval.maps = maps
   tic = time.perf_counter()
-  made, evaluator = eval_lib.evaluation_setup(config, '/tmp/fit_speed',
-                                              untrained=True)
+  made, evaluator = eval_lib.evaluation_setup(
+      config, '/tmp/fit_speed', untrained=True)
   state = made.state
   setup_s = time.perf_counter() - tic
   tic = time.perf_counter()
@@ -67,14 +67,22 @@ def _time_evaluation(config, maps: str) -> None:
   tic = time.perf_counter()
   result, _ = evaluator(state.gen_params, state.gen_batch_stats, fitted)
   score_s = time.perf_counter() - tic
-  print(json.dumps(dict(
-      maps=maps, headline=result['map'], setup_s=round(setup_s, 1),
-      fit_s=round(fit_s, 1), score_s=round(score_s, 1),
-      fit_plus_score_s=round(fit_s + score_s, 1),
-      maps_scored=len(result['maps']), fitted=list(fitted.available()),
-      pixel_auroc=result['pixel_auroc'], aupro=result['aupro'],
-      image_auroc=result['image_auroc'], devices=jax.device_count(),
-      first_call_included=True)))
+  print(
+      json.dumps(
+          dict(
+              maps=maps,
+              headline=result['map'],
+              setup_s=round(setup_s, 1),
+              fit_s=round(fit_s, 1),
+              score_s=round(score_s, 1),
+              fit_plus_score_s=round(fit_s + score_s, 1),
+              maps_scored=len(result['maps']),
+              fitted=list(fitted.available()),
+              pixel_auroc=result['pixel_auroc'],
+              aupro=result['aupro'],
+              image_auroc=result['image_auroc'],
+              devices=jax.device_count(),
+              first_call_included=True)))
 
 
 def main():
@@ -82,17 +90,22 @@ def main():
   parser.add_argument('--config', default='mvtec')
   parser.add_argument('--root', required=True)
   parser.add_argument('--category', required=True)
-  parser.add_argument('--map', default='feature_knn',
-                      choices=['feature_knn', 'feature_gaussian'])
-  parser.add_argument('--knn-stages', default=None,
-                      help='e.g. 2,3 (default: the config\'s)')
+  parser.add_argument(
+      '--map',
+      default='feature_knn',
+      choices=['feature_knn', 'feature_gaussian'])
+  parser.add_argument(
+      '--knn-stages', default=None, help='e.g. 2,3 (default: the config\'s)')
   parser.add_argument('--knn-grid-divisor', type=int, default=None)
   parser.add_argument('--knn-bank-size', type=int, default=None)
-  parser.add_argument('--image-size', type=int, default=None,
-                      help="default: the config's")
-  parser.add_argument('--maps', default=None, choices=['headline', 'all'],
-                      help='time the whole evaluation of config.eval.maps '
-                      'instead')
+  parser.add_argument(
+      '--image-size', type=int, default=None, help="default: the config's")
+  parser.add_argument(
+      '--maps',
+      default=None,
+      choices=['headline', 'all'],
+      help='time the whole evaluation of config.eval.maps '
+      'instead')
   args = parser.parse_args()
   config = importlib.import_module(f'configs.{args.config}').get_config()
   config.data.root, config.data.category = args.root, args.category
@@ -112,22 +125,26 @@ def main():
   tic = time.perf_counter()
   train, test = run_setup.load_datasets(run, '/tmp/fit_speed')
   load_s = time.perf_counter() - tic
-  made = run_setup.setup(run, '/tmp/fit_speed', datasets=False, restore=True,
-                         untrained=True, mesh=mesh)
+  made = run_setup.setup(
+      run,
+      '/tmp/fit_speed',
+      datasets=False,
+      restore=True,
+      untrained=True,
+      mesh=mesh)
   generator = made.generator
   variables = made.state.generator_variables()
-  fit, _ = fitting.split_held_out(evaluator_lib.normal_training_images(train),
-                                   run.eval.threshold_holdout)
+  fit, _ = fitting.split_held_out(
+      evaluator_lib.normal_training_images(train), run.eval.threshold_holdout)
   knn = evaluator_lib.knn_settings(run.eval)
   gaussian = evaluator_lib.feature_settings(run.eval)
   key = args.map
   map_settings = evaluator_lib.map_settings(run.eval, test.images.shape[1])
   stage_fn = inference.fitted_inputs(
-      generator, map_settings,
-      {key: knn if key == 'feature_knn' else gaussian})
-  step = jax.jit(lambda v, images: stage_fn(
-      v, train_state.images_to_float(images), {}),
-                 compiler_options=layers.compiler_options(generator.conv_impl))
+      generator, map_settings, {key: knn if key == 'feature_knn' else gaussian})
+  step = jax.jit(
+      lambda v, images: stage_fn(v, train_state.images_to_float(images), {}),
+      compiler_options=layers.compiler_options(generator.conv_impl))
   sigma = map_settings.residual_sigma
   batch = run.eval.batch_size
 
@@ -147,25 +164,33 @@ def main():
     statistics = moments.statistics()
   statistics_s = time.perf_counter() - tic
   tic = time.perf_counter()
-  test_features = np.concatenate(_features(step, variables, test.images,
-                                           batch, key))
+  test_features = np.concatenate(
+      _features(step, variables, test.images, batch, key))
   if args.map == 'feature_knn':
-    cells = np.asarray(feature_knn.nearest_distances(test_features, bank,
-                                                    knn.chunk))
+    cells = np.asarray(
+        feature_knn.nearest_distances(test_features, bank, knn.chunk))
   else:
-    cells = feature_gaussian.mahalanobis(jnp.asarray(test_features),
-                                         *map(jnp.asarray, statistics))
-  maps = np.asarray(anomaly_maps.upsample_and_blur(
-      jnp.asarray(cells), test.images.shape[1], sigma))
+    cells = feature_gaussian.mahalanobis(
+        jnp.asarray(test_features), *map(jnp.asarray, statistics))
+  maps = np.asarray(
+      anomaly_maps.upsample_and_blur(
+          jnp.asarray(cells), test.images.shape[1], sigma))
   test_s = time.perf_counter() - tic
-  print(json.dumps(dict(
-      map=args.map, category=args.category, fit_images=len(fit),
-      test_images=len(test.images), load_s=round(load_s, 2),
-      fit_features_s=round(features_s, 2),
-      fit_statistics_s=round(statistics_s, 2),
-      fit_s=round(features_s + statistics_s, 2), test_s=round(test_s, 2),
-      map_shape=list(maps.shape), devices=jax.device_count(),
-      first_call_included=True)))
+  print(
+      json.dumps(
+          dict(
+              map=args.map,
+              category=args.category,
+              fit_images=len(fit),
+              test_images=len(test.images),
+              load_s=round(load_s, 2),
+              fit_features_s=round(features_s, 2),
+              fit_statistics_s=round(statistics_s, 2),
+              fit_s=round(features_s + statistics_s, 2),
+              test_s=round(test_s, 2),
+              map_shape=list(maps.shape),
+              devices=jax.device_count(),
+              first_call_included=True)))
 
 
 if __name__ == '__main__':

@@ -64,51 +64,78 @@ def main():
   parser.add_argument('--steps', type=int, default=1000)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--warmup', type=int, default=20)
-  parser.add_argument('--mvtec_root', default='',
-                      help='also time load_split on <root>/<category>')
+  parser.add_argument(
+      '--mvtec_root',
+      default='',
+      help='also time load_split on <root>/<category>')
   parser.add_argument('--category', default='bottle')
-  parser.add_argument('--tfds_name', default='',
-                      help='also time load_one_class on this prepared TFDS '
-                           'dataset (mnist, fashion_mnist, cifar10)')
+  parser.add_argument(
+      '--tfds_name',
+      default='',
+      help='also time load_one_class on this prepared TFDS '
+      'dataset (mnist, fashion_mnist, cifar10)')
   parser.add_argument('--tfds_data_dir', default='')
   args = parser.parse_args()
 
   mesh = sharding.make_mesh()
-  common = dict(date=datetime.date.today().isoformat(),
-                machine=f'{platform.machine()} {os.cpu_count()} cpus',
-                device=str(jax.devices()[0].device_kind),
-                num_devices=mesh.size, jax=jax.__version__)
+  common = dict(
+      date=datetime.date.today().isoformat(),
+      machine=f'{platform.machine()} {os.cpu_count()} cpus',
+      device=str(jax.devices()[0].device_kind),
+      num_devices=mesh.size,
+      jax=jax.__version__)
   rng = np.random.default_rng(0)
   for name, shape in _SHAPES.items():
-    images = rng.integers(0, 256, (shape['num'], shape['size'], shape['size'],
-                                   shape['channels']), np.uint8)
+    images = rng.integers(
+        0, 256, (shape['num'], shape['size'], shape['size'], shape['channels']),
+        np.uint8)
     for put in ('device_put', 'host'):
       put_fn = ((lambda b: sharding.shard_batch(b, mesh))
                 if put == 'device_put' else None)
       speed = statistics.median(
-          _time_batches(images, shape['batch'], args.steps, args.warmup,
-                        put_fn) for _ in range(args.repeats))
-      print(json.dumps(dict(common, data=name, put=put, batch=shape['batch'],
-                            images_per_s=round(speed, 1),
-                            mb_per_s=round(speed * images[0].nbytes / 1e6,
-                                           1))), flush=True)
+          _time_batches(images, shape['batch'], args.steps, args.warmup, put_fn)
+          for _ in range(args.repeats))
+      print(
+          json.dumps(
+              dict(
+                  common,
+                  data=name,
+                  put=put,
+                  batch=shape['batch'],
+                  images_per_s=round(speed, 1),
+                  mb_per_s=round(speed * images[0].nbytes / 1e6, 1))),
+          flush=True)
   if args.mvtec_root:
     tic = time.perf_counter()
     split = data.load_split(args.mvtec_root, args.category, 'train', 256, 3)
     elapsed = time.perf_counter() - tic
-    print(json.dumps(dict(common, data=f'load_split {args.category} 256px',
-                          images=split.num_examples,
-                          images_per_s=round(split.num_examples / elapsed,
-                                             1))), flush=True)
+    print(
+        json.dumps(
+            dict(
+                common,
+                data=f'load_split {args.category} 256px',
+                images=split.num_examples,
+                images_per_s=round(split.num_examples / elapsed, 1))),
+        flush=True)
   if args.tfds_name:
     tic = time.perf_counter()
     train, test = tfds_data.load_one_class(
-        args.tfds_name, 0, 32, 3 if args.tfds_name == 'cifar10' else 1,
-        data_dir=args.tfds_data_dir or None, download=False)
+        args.tfds_name,
+        0,
+        32,
+        3 if args.tfds_name == 'cifar10' else 1,
+        data_dir=args.tfds_data_dir or None,
+        download=False)
     elapsed = time.perf_counter() - tic
-    print(json.dumps(dict(common, data=f'load_one_class {args.tfds_name}',
-                          train=train.num_examples, test=test.num_examples,
-                          seconds=round(elapsed, 2))), flush=True)
+    print(
+        json.dumps(
+            dict(
+                common,
+                data=f'load_one_class {args.tfds_name}',
+                train=train.num_examples,
+                test=test.num_examples,
+                seconds=round(elapsed, 2))),
+        flush=True)
 
 
 if __name__ == '__main__':

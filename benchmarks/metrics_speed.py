@@ -53,13 +53,19 @@ def main():
       tic = time.perf_counter()
       result = pixel_metrics.localization_metrics(anomaly_map, masks, labels)
       times.append(time.perf_counter() - tic)
-    print(json.dumps(dict(
-        benchmark='localization_metrics', map=kind, images=args.images,
-        size=args.size, seconds_median=round(statistics.median(times), 3),
-        seconds_all=[round(t, 3) for t in times],
-        pixel_auroc=result['pixel_auroc'], aupro=result['aupro'],
-        machine=platform.processor() or platform.machine(),
-        date=datetime.date.today().isoformat())))
+    print(
+        json.dumps(
+            dict(
+                benchmark='localization_metrics',
+                map=kind,
+                images=args.images,
+                size=args.size,
+                seconds_median=round(statistics.median(times), 3),
+                seconds_all=[round(t, 3) for t in times],
+                pixel_auroc=result['pixel_auroc'],
+                aupro=result['aupro'],
+                machine=platform.processor() or platform.machine(),
+                date=datetime.date.today().isoformat())))
 
 
 if __name__ == '__main__':

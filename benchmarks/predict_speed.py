@@ -58,27 +58,27 @@ def _median_seconds(fn, repeats: int) -> float:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--config', default='mvtec',
-                      help='a module of configs/')
+  parser.add_argument('--config', default='mvtec', help='a module of configs/')
   parser.add_argument('--root', required=True)
   parser.add_argument('--category', required=True)
-  parser.add_argument('--image-size', type=int, default=None,
-                      help="default: the config's")
+  parser.add_argument(
+      '--image-size', type=int, default=None, help="default: the config's")
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--rounds', type=int, default=5)
-  parser.add_argument('--repeats', type=int, default=2,
-                      help='calls of each step per round (median)')
+  parser.add_argument(
+      '--repeats',
+      type=int,
+      default=2,
+      help='calls of each step per round (median)')
   args = parser.parse_args()
 
-  config = importlib.import_module(
-      f'configs.{args.config}').get_config()
+  config = importlib.import_module(f'configs.{args.config}').get_config()
   config.data.root, config.data.category = args.root, args.category
   config.eval.batch_size = args.batch
   if args.image_size:
     config.data.image_size = args.image_size
   workdir = tempfile.mkdtemp(prefix='predict_speed_')
-  made, evaluator = eval_lib.evaluation_setup(config, workdir,
-                                              untrained=True)
+  made, evaluator = eval_lib.evaluation_setup(config, workdir, untrained=True)
   test_ds, state = made.test_ds, made.state
   params, batch_stats = state.gen_params, state.gen_batch_stats
   tic = time.perf_counter()
@@ -86,15 +86,16 @@ def main():
   fit_s = time.perf_counter() - tic
 
   variables = state.generator_variables()
-  scorer = scorer_lib.build_scorer(
-      made.run, evaluator.generator, variables,
-      made.feature_variables or variables, fitted, 0)
+  scorer = scorer_lib.build_scorer(made.run, evaluator.generator, variables,
+                                   made.feature_variables or variables, fitted,
+                                   0)
   images = test_ds.images[:args.batch]
 
   # benchmarks/benchmark.py --maps all's step on this model: every batch
   # map, no encoder features and no fitted maps.
-  all_maps_step = jax.jit(inference.make_eval_step(evaluator.generator),
-                          compiler_options=scorer.compiler_options)
+  all_maps_step = jax.jit(
+      inference.make_eval_step(evaluator.generator),
+      compiler_options=scorer.compiler_options)
 
   # All to host arrays, as predict.py and evaluate.py use them.
   def all_maps():
@@ -103,16 +104,15 @@ def main():
   def full_step():
     out = evaluator.eval_step(params, batch_stats, images,
                               evaluator.feature_variables)
-    return jax.tree.map(
-        np.asarray, evaluator.outputs_with_fitted_maps(out, fitted)
-    )
+    return jax.tree.map(np.asarray,
+                        evaluator.outputs_with_fitted_maps(out, fitted))
 
   def score():
     return scorer.score(images)
 
   compile_s = {}
-  steps = (('scorer', score), ('full_eval_step', full_step),
-           ('all_maps_step', all_maps))
+  steps = (('scorer', score), ('full_eval_step', full_step), ('all_maps_step',
+                                                              all_maps))
   for name, fn in steps:
     tic = time.perf_counter()
     jax.block_until_ready(fn())
@@ -121,8 +121,10 @@ def main():
   for _ in range(args.rounds):
     for name, fn in steps:
       rounds[name].append(_median_seconds(fn, args.repeats))
-  per_s = {name: args.batch / statistics.median(times)
-           for name, times in rounds.items()}
+  per_s = {
+      name: args.batch / statistics.median(times)
+      for name, times in rounds.items()
+  }
 
   # predict.py's whole loop over the test images' files.
   files, root = predict_lib.list_inputs(
@@ -133,22 +135,31 @@ def main():
   rows, _ = predict_lib.score_files(scorer, files, root, output, args.batch)
   predict_s = time.perf_counter() - tic
   device = jax.devices()[0]
-  print(json.dumps(dict(
-      config=args.config, category=args.category, map=scorer.headline,
-      image_size=scorer.image_size, batch=args.batch,
-      num_normal_images=evaluator.num_normal_images, fit_s=round(fit_s, 2),
-      scorer_images_per_s=round(per_s['scorer'], 3),
-      full_eval_step_images_per_s=round(per_s['full_eval_step'], 3),
-      all_maps_step_images_per_s=round(per_s['all_maps_step'], 3),
-      ratio=round(per_s['scorer'] / per_s['full_eval_step'], 2),
-      ratio_all_maps_step=round(per_s['scorer'] / per_s['all_maps_step'], 2),
-      round_s={k: [round(t, 3) for t in v] for k, v in rounds.items()},
-      first_call_s={k: round(v, 2) for k, v in compile_s.items()},
-      predict_py_images=len(rows),
-      predict_py_images_per_s=round(len(rows) / predict_s, 3),
-      platform=device.platform, device_kind=device.device_kind,
-      cpu_threads=len(os.sched_getaffinity(0)), jax=jax.__version__,
-      python=platform.python_version())))
+  print(
+      json.dumps(
+          dict(
+              config=args.config,
+              category=args.category,
+              map=scorer.headline,
+              image_size=scorer.image_size,
+              batch=args.batch,
+              num_normal_images=evaluator.num_normal_images,
+              fit_s=round(fit_s, 2),
+              scorer_images_per_s=round(per_s['scorer'], 3),
+              full_eval_step_images_per_s=round(per_s['full_eval_step'], 3),
+              all_maps_step_images_per_s=round(per_s['all_maps_step'], 3),
+              ratio=round(per_s['scorer'] / per_s['full_eval_step'], 2),
+              ratio_all_maps_step=round(
+                  per_s['scorer'] / per_s['all_maps_step'], 2),
+              round_s={k: [round(t, 3) for t in v] for k, v in rounds.items()},
+              first_call_s={k: round(v, 2) for k, v in compile_s.items()},
+              predict_py_images=len(rows),
+              predict_py_images_per_s=round(len(rows) / predict_s, 3),
+              platform=device.platform,
+              device_kind=device.device_kind,
+              cpu_threads=len(os.sched_getaffinity(0)),
+              jax=jax.__version__,
+              python=platform.python_version())))
 
 
 if __name__ == '__main__':

@@ -80,10 +80,11 @@ def _kind(lines: list[str], batch: int) -> str:
     return 'matmul'
   if opcodes & {'reduce', 'reduce-window', 'select-and-scatter'}:
     return 'reduction'
-  if opcodes <= {'copy', 'transpose', 'pad', 'slice', 'concatenate',
-                 'dynamic-slice', 'dynamic-update-slice', 'reshape',
-                 'bitcast', 'broadcast', 'gather', 'parameter', 'constant',
-                 'tuple', 'get-tuple-element'}:
+  if opcodes <= {
+      'copy', 'transpose', 'pad', 'slice', 'concatenate', 'dynamic-slice',
+      'dynamic-update-slice', 'reshape', 'bitcast', 'broadcast', 'gather',
+      'parameter', 'constant', 'tuple', 'get-tuple-element'
+  }:
     return 'copy_transpose_pad'
   return 'elementwise_fusion' if len(opcodes) > 1 else 'other'
 
@@ -97,9 +98,10 @@ def main():
 
   out = tempfile.mkdtemp(prefix='cavga_profile_')
   # The optimised HLO names the ops the trace shows.
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             f' --xla_dump_to={out}/hlo --xla_dump_hlo_as_text'
-                             ' --xla_dump_hlo_pass_re=^$')
+  os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '')
+      + f' --xla_dump_to={out}/hlo --xla_dump_hlo_as_text'
+      ' --xla_dump_hlo_pass_re=^$')
   run = benchmark.build_step(args)
   jax.block_until_ready(run())
   jax.block_until_ready(run())
@@ -115,7 +117,8 @@ def main():
       glob.glob(f'{out}/hlo/*jit_{step_name}*after_optimizations.txt'),
       key=os.path.getsize)
   instructions, computations = _parse_hlo(open(hlo_files[-1]).read())
-  trace_file = glob.glob(f'{out}/trace/plugins/profile/*/perfetto_trace.json.gz')
+  trace_file = glob.glob(
+      f'{out}/trace/plugins/profile/*/perfetto_trace.json.gz')
   events = json.load(gzip.open(trace_file[0]))
   events = events['traceEvents'] if isinstance(events, dict) else events
   per_op = collections.Counter()
@@ -130,20 +133,34 @@ def main():
     kind = _kind([line] + computations.get(called, []), args.batch)
     by_kind[kind] += ms
     if len(top) < args.top:
-      op_names = _OP_NAME.findall(' '.join([line] + computations.get(called,
-                                                                     [])))
-      top.append(dict(op=name, kind=kind, ms=round(ms, 1),
-                      jax_op=(op_names[-1] if op_names else '')[-120:]))
+      op_names = _OP_NAME.findall(' '.join([line]
+                                           + computations.get(called, [])))
+      top.append(
+          dict(
+              op=name,
+              kind=kind,
+              ms=round(ms, 1),
+              jax_op=(op_names[-1] if op_names else '')[-120:]))
   step_ms = 1000 * statistics.median(times)
   total = sum(by_kind.values())
-  print(json.dumps(dict(
-      variant=args.variant, mode=args.mode, image_size=args.image_size,
-      batch=args.batch, dtype=args.dtype, step_ms_median=round(step_ms, 1),
-      op_ms_sum=round(total, 1), unattributed_ms=round(step_ms - total, 1),
-      by_kind={k: dict(ms=round(v, 1), share=round(v / total, 3))
-               for k, v in by_kind.most_common()},
-      top=top, cpu_threads=len(os.sched_getaffinity(0)),
-      jax=jax.__version__)))
+  print(
+      json.dumps(
+          dict(
+              variant=args.variant,
+              mode=args.mode,
+              image_size=args.image_size,
+              batch=args.batch,
+              dtype=args.dtype,
+              step_ms_median=round(step_ms, 1),
+              op_ms_sum=round(total, 1),
+              unattributed_ms=round(step_ms - total, 1),
+              by_kind={
+                  k: dict(ms=round(v, 1), share=round(v / total, 3))
+                  for k, v in by_kind.most_common()
+              },
+              top=top,
+              cpu_threads=len(os.sched_getaffinity(0)),
+              jax=jax.__version__)))
 
 
 if __name__ == '__main__':

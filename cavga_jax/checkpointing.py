@@ -31,7 +31,8 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def make_manager(workdir: str, max_to_keep: int = 3,
+def make_manager(workdir: str,
+                 max_to_keep: int = 3,
                  cleanup_tmp: bool = False) -> ocp.CheckpointManager:
   """A manager keeping the ``max_to_keep`` newest checkpoints.
 
@@ -43,8 +44,7 @@ def make_manager(workdir: str, max_to_keep: int = 3,
       not a reader such as ``evaluate.py`` running beside training.
   """
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True,
-      cleanup_tmp_directories=cleanup_tmp)
+      max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=cleanup_tmp)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
@@ -69,37 +69,47 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
   except Exception as e:  # pylint: disable=broad-except
     # Orbax and TensorStore raise many types, with tracebacks of hundreds of
     # lines, for a target that does not fit and for damaged files alike.
-    raise _restore_error(os.path.join(os.fspath(manager.directory),
-                                      str(step)), abstract, e) from None
+    raise _restore_error(
+        os.path.join(os.fspath(manager.directory), str(step)), abstract,
+        e) from None
 
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """{'gen_params.encoder.conv0.kernel': shape} of a pytree's leaves (the
   names Orbax gives them: dict keys, attribute names, sequence indices)."""
+
   def name(path):
-    return '.'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(
-        k, 'idx', k)))) for k in path)
-  return {name(path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return '.'.join(
+        str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+        for k in path)
+
+  return {
+      name(path): tuple(leaf.shape)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _restore_error(path: str, abstract: Any, error: Exception) -> CavgaError:
   """Why checkpoint ``path`` did not restore into ``abstract``, one line."""
   try:  # A manager saves its one item as '<step>/default'.
     with ocp.StandardCheckpointer() as checkpointer:
-      saved = _leaf_shapes(checkpointer.metadata(
-          os.path.join(path, 'default')).item_metadata)
+      saved = _leaf_shapes(
+          checkpointer.metadata(os.path.join(path, 'default')).item_metadata)
   except Exception:  # pylint: disable=broad-except
     saved = None  # The metadata is damaged too.
   if saved:
     wanted = _leaf_shapes(abstract)
-    differing = [f'{n} is {saved[n]} in the checkpoint, {wanted[n]} with '
-                 'this config' for n in wanted if n in saved
-                 and saved[n] != wanted[n]]
-    differing += [f'{n} is not in the checkpoint'
-                  for n in wanted if n not in saved]
-    differing += [f'{n} is in the checkpoint, not with this config'
-                  for n in saved if n not in wanted]
+    differing = [
+        f'{n} is {saved[n]} in the checkpoint, {wanted[n]} with '
+        'this config' for n in wanted if n in saved and saved[n] != wanted[n]
+    ]
+    differing += [
+        f'{n} is not in the checkpoint' for n in wanted if n not in saved
+    ]
+    differing += [
+        f'{n} is in the checkpoint, not with this config' for n in saved
+        if n not in wanted
+    ]
     if differing:
       workdir = os.path.dirname(os.path.dirname(path))
       return CavgaError(

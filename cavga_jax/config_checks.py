@@ -67,12 +67,15 @@ def _check_int(config, field: str, minimum: int) -> None:
                      f'{minimum}')
 
 
-def _check_number(config, field: str, minimum: float = 0.0,
+def _check_number(config,
+                  field: str,
+                  minimum: float = 0.0,
                   below: float | None = None) -> None:
   value = _get(config, field)
-  valid = (isinstance(value, numbers.Real) and not isinstance(value, bool)
-           and math.isfinite(value) and value >= minimum
-           and (below is None or value < below))
+  valid = (
+      isinstance(value, numbers.Real) and not isinstance(value, bool)
+      and math.isfinite(value) and value >= minimum
+      and (below is None or value < below))
   if not valid:
     upper = f' and < {below}' if below is not None else ''
     raise CavgaError(f'config.{field}={value!r} must be a finite number >= '
@@ -86,8 +89,9 @@ def _check_choice(config, field: str, choices: tuple[str, ...]) -> None:
                      f'{", ".join(repr(c) for c in choices)}')
 
 
-def check_config(config: ml_collections.ConfigDict
-                 ) -> typed_config.RunSettings | typed_config.VaeRunSettings:
+def check_config(
+    config: ml_collections.ConfigDict
+) -> typed_config.RunSettings | typed_config.VaeRunSettings:
   """Reads ``config`` into typed settings, checks them and returns them.
 
   ``config.task='cavga'`` (default, ``configs/default.py``) gives
@@ -196,13 +200,13 @@ def _check_cavga_config(config: typed_config.RunSettings) -> None:
   cavga.resolved_widths(config.model, config.data.image_size)
   weights = _get(config, 'model.pretrained')
   variant = _get(config, 'model.variant')
-  if weights in pretrained.NAMED_WEIGHTS and (
-      pretrained.NAMED_WEIGHTS[weights] != variant):
-    raise CavgaError(f'config.model.pretrained={weights!r} needs '
-                     f"config.model.variant='{pretrained.NAMED_WEIGHTS[weights]}'"
-                     f', got {variant!r}')
-  if (_get(config, 'eval.feature_weights') == 'initial'
-      and not weights):
+  if weights in pretrained.NAMED_WEIGHTS and (pretrained.NAMED_WEIGHTS[weights]
+                                              != variant):
+    raise CavgaError(
+        f'config.model.pretrained={weights!r} needs '
+        f"config.model.variant='{pretrained.NAMED_WEIGHTS[weights]}'"
+        f', got {variant!r}')
+  if (_get(config, 'eval.feature_weights') == 'initial' and not weights):
     raise CavgaError("config.eval.feature_weights='initial' takes the feature "
                      'maps from the ImageNet encoder a run starts from; set '
                      'config.model.pretrained')
@@ -218,8 +222,8 @@ def _check_detector(config: typed_config.RunSettings) -> None:
     _check_int(config, f'detector.{field}', 0)
   for field in ('batch_size', 'hidden', 'checkpoint_every', 'log_every'):
     _check_int(config, f'detector.{field}', 1)
-  for field in ('noise_std', 'margin', 'learning_rate',
-                'adaptor_learning_rate', 'weight_decay'):
+  for field in ('noise_std', 'margin', 'learning_rate', 'adaptor_learning_rate',
+                'weight_decay'):
     _check_number(config, f'detector.{field}', 0.0)
   # The neighbourhood each cell's features are averaged over is centred on
   # the cell, so its side is odd.
@@ -283,10 +287,9 @@ def _check_eval_maps(config: typed_config.RunSettings) -> None:
 def _check_stages(config: typed_config.RunSettings, field: str) -> None:
   """Increasing encoder stages in 1..NUM_ENCODER_STAGES (the feature maps)."""
   stages = _get(config, field)
-  if (not isinstance(stages, (tuple, list)) or not stages
-      or any(isinstance(s, bool) or not isinstance(s, numbers.Integral)
-             for s in stages)
-      or list(stages) != sorted(set(stages))
+  if (not isinstance(stages, (tuple, list)) or not stages or any(
+      isinstance(s, bool) or not isinstance(s, numbers.Integral)
+      for s in stages) or list(stages) != sorted(set(stages))
       or not 1 <= stages[0] <= stages[-1] <= cavga.NUM_ENCODER_STAGES):
     raise CavgaError(f'config.{field}={stages!r} must be increasing encoder '
                      f'stages in 1..{cavga.NUM_ENCODER_STAGES}, e.g. (1, 2)')
@@ -329,14 +332,15 @@ def _check_loss_terms(config: typed_config.RunSettings) -> None:
   supervision = _get(config, 'model.supervision')
   synthetic = config.data.synthetic is not None
   weights = _get(config, 'loss_weights')
-  missing = [name for name in losses.objective_terms(supervision, synthetic)
-             if name not in weights]
+  missing = [
+      name for name in losses.objective_terms(supervision, synthetic)
+      if name not in weights
+  ]
   if missing:
     hint = (' (start from configs/mvtec_weak.py or configs/tiny_weak.py)'
             if supervision == 'weak' else '')
-    raise CavgaError(
-        f'config.loss_weights has no {", ".join(missing)} for '
-        f"config.model.supervision='{supervision}'{hint}")
+    raise CavgaError(f'config.loss_weights has no {", ".join(missing)} for '
+                     f"config.model.supervision='{supervision}'{hint}")
 
 
 def _check_vae_config(config: typed_config.VaeRunSettings) -> None:
@@ -356,5 +360,5 @@ def _check_vae_config(config: typed_config.VaeRunSettings) -> None:
       _check_int(config, f'eval.{name}', 1)
     for name in ('factor_vae_num_variance', 'mig_num_samples'):
       _check_int(config, f'eval.{name}', 2)
-  conv_vae.check_image_size(_get(config, 'model.encoder_widths'),
-                       _get(config, 'data.image_size'))
+  conv_vae.check_image_size(
+      _get(config, 'model.encoder_widths'), _get(config, 'data.image_size'))

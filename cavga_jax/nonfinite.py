@@ -47,8 +47,8 @@ def keep_state_unless_finite(finite: Array, new_state: Any, state: Any) -> Any:
   skipped step costs no host synchronisation; advancing ``step`` makes the
   next step draw the next batch and noise.
   """
-  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                      new_state, state)
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                      state)
   return kept.replace(step=state.step + 1)
 
 
@@ -62,8 +62,8 @@ class NonFiniteGuard:
   """
 
   def __init__(self, mode: str, max_consecutive_skips: int,
-               describe_checkpoint: Callable[[], str],
-               loss_keys: tuple[str, ...]):
+               describe_checkpoint: Callable[[], str], loss_keys: tuple[str,
+                                                                        ...]):
     check_mode(mode)
     self._mode = mode
     self._loss_keys = loss_keys
@@ -75,8 +75,8 @@ class NonFiniteGuard:
     self.skipped_total = 0
 
   def add(self, step: int, metrics: dict[str, Array]) -> None:
-    self._pending.append((step, {k: metrics[k] for k in (
-        'nonfinite',) + self._loss_keys}))
+    self._pending.append(
+        (step, {k: metrics[k] for k in ('nonfinite',) + self._loss_keys}))
     while self._pending and self._pending[0][1]['nonfinite'].is_ready():
       self._process(*self._pending.popleft())
 
@@ -92,8 +92,8 @@ class NonFiniteGuard:
     if not float(flags['nonfinite']):
       self.consecutive = 0
       return
-    losses_text = ', '.join(f'{k} {float(flags[k]):.4g}'
-                            for k in self._loss_keys)
+    losses_text = ', '.join(
+        f'{k} {float(flags[k]):.4g}' for k in self._loss_keys)
     if self._mode == 'stop':
       raise TrainingError(
           f'non-finite loss or gradients at step {step} ({losses_text}); '
@@ -103,9 +103,9 @@ class NonFiniteGuard:
     self.consecutive += 1
     self.skipped += 1
     self.skipped_total += 1
-    logging.warning('step %d: non-finite loss or gradients (%s), update '
-                    'skipped (%d in a row)', step, losses_text,
-                    self.consecutive)
+    logging.warning(
+        'step %d: non-finite loss or gradients (%s), update '
+        'skipped (%d in a row)', step, losses_text, self.consecutive)
     if self.consecutive >= self._max_skips:
       raise TrainingError(
           f'{self.consecutive} consecutive steps up to step {step} had '

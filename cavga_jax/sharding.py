@@ -51,8 +51,8 @@ def check_batch_size(batch_size: int, mesh: Mesh, name: str) -> None:
 
 def shard_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
   """This host's slice of the global batch -> a global array sharded on 'data'."""
-  return jax.make_array_from_process_local_data(batch_sharding(mesh),
-                                                local_batch)
+  return jax.make_array_from_process_local_data(
+      batch_sharding(mesh), local_batch)
 
 
 def host_batch_slice(batch_size: int) -> slice:

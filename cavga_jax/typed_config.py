@@ -221,12 +221,16 @@ class VaeRunSettings:
 
 
 # Section name -> its dataclass, per task.
-SECTIONS = {'data': DataSettings, 'model': ModelSettings,
-            'optimizer': OptimizerSettings, 'train': TrainSettings,
-            'eval': EvalSettings, 'detector': DetectorSettings}
-VAE_SECTIONS = {'data': VaeDataSettings, 'model': VaeModelSettings,
-                'loss': VaeLossSettings, 'optimizer': OptimizerSettings,
-                'train': TrainSettings, 'eval': VaeEvalSettings}
+SECTIONS = {
+    'data': DataSettings, 'model': ModelSettings,
+    'optimizer': OptimizerSettings, 'train': TrainSettings,
+    'eval': EvalSettings, 'detector': DetectorSettings
+}
+VAE_SECTIONS = {
+    'data': VaeDataSettings, 'model': VaeModelSettings, 'loss': VaeLossSettings,
+    'optimizer': OptimizerSettings, 'train': TrainSettings,
+    'eval': VaeEvalSettings
+}
 _TOP_DEFAULTS = {'task': 'cavga'}
 
 
@@ -241,8 +245,8 @@ def _dataclass_default(field: dataclasses.Field) -> Any:
   return field.default_factory()
 
 
-def _fields_table(sections: dict[str, type]
-                  ) -> tuple[dict[str, Any], frozenset[str]]:
+def _fields_table(
+    sections: dict[str, type]) -> tuple[dict[str, Any], frozenset[str]]:
   """(dotted field -> default, required fields) of a task's sections."""
   defaults, required = dict(_TOP_DEFAULTS), {'seed', 'loss_weights'}
   for section, cls in sections.items():
@@ -266,12 +270,18 @@ DEFAULTS, REQUIRED = _fields_table(SECTIONS)
 VAE_DEFAULTS: dict[str, Any] = {
     field: value
     for field, value in _fields_table(VAE_SECTIONS)[0].items()
-    if value is not None and DEFAULTS.get(field, None) != value}
+    if value is not None and DEFAULTS.get(field, None) != value
+}
 
 VAE_REQUIRED = frozenset({
-    'data.name', 'model.encoder_widths', 'model.hidden', 'model.latent_dim',
-    'eval.factor_vae_num_train', 'eval.factor_vae_num_eval',
-    'eval.factor_vae_num_variance', 'eval.mig_num_samples',
+    'data.name',
+    'model.encoder_widths',
+    'model.hidden',
+    'model.latent_dim',
+    'eval.factor_vae_num_train',
+    'eval.factor_vae_num_eval',
+    'eval.factor_vae_num_variance',
+    'eval.mig_num_samples',
     'eval.num_loss_samples',
 })
 
@@ -371,12 +381,15 @@ def from_config(config: Any) -> RunSettings | VaeRunSettings:
     values['loss_weights'] = {k: _plain(v) for k, v in weights.items()}
   if task != 'vae':
     return RunSettings(
-        task=task, **values,
-        **{name: _section(config, name, cls)
-           for name, cls in SECTIONS.items()})
+        task=task,
+        **values,
+        **{name: _section(config, name, cls) for name, cls in SECTIONS.items()})
   if _lookup(_lookup(config, 'data'), 'name') is _ABSENT:
     raise CavgaError('config.data.name is missing')
   return VaeRunSettings(
-      task=task, **values,
-      **{name: _section(config, name, cls)
-         for name, cls in VAE_SECTIONS.items()})
+      task=task,
+      **values,
+      **{
+          name: _section(config, name, cls)
+          for name, cls in VAE_SECTIONS.items()
+      })

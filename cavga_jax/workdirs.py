@@ -55,11 +55,20 @@ MAX_JSON_BYTES = 1 << 20
 # optimizer.schedule='cosine' the decay follows train.num_steps, so a longer
 # run changes the learning rates of the steps after the resumed one.
 MAY_DIFFER = (
-    'train.num_steps', 'train.log_every', 'train.checkpoint_every',
-    'train.keep_checkpoints', 'train.prefetch', 'train.eval_every',
-    'train.nonfinite', 'train.max_consecutive_skips', 'eval',
-    'data.num_workers', 'model.conv_impl', 'detector.num_steps',
-    'detector.validate_every', 'detector.checkpoint_every',
+    'train.num_steps',
+    'train.log_every',
+    'train.checkpoint_every',
+    'train.keep_checkpoints',
+    'train.prefetch',
+    'train.eval_every',
+    'train.nonfinite',
+    'train.max_consecutive_skips',
+    'eval',
+    'data.num_workers',
+    'model.conv_impl',
+    'detector.num_steps',
+    'detector.validate_every',
+    'detector.checkpoint_every',
     'detector.log_every',
 )
 
@@ -69,9 +78,16 @@ MAY_DIFFER = (
 # is detector_training.DETECTOR_DIR (the trained detector's checkpoints: left
 # behind, a new run would resume the old run's detector).
 RUN_OUTPUTS = (
-    'checkpoints', CONFIG_FILE, 'train_metrics.jsonl', 'eval_curve.jsonl',
-    'eval_curve.png', 'eval', 'eval_untrained', 'synthetic_examples.png',
-    'weak_split.json', 'detector',
+    'checkpoints',
+    CONFIG_FILE,
+    'train_metrics.jsonl',
+    'eval_curve.jsonl',
+    'eval_curve.png',
+    'eval',
+    'eval_untrained',
+    'synthetic_examples.png',
+    'weak_split.json',
+    'detector',
 )
 
 
@@ -94,9 +110,9 @@ def _may_differ(field: str) -> bool:
   return any(field == f or field.startswith(f + '.') for f in MAY_DIFFER)
 
 
-def differing_fields(saved: dict[str, Any], config: Any
-                     ) -> tuple[dict[str, tuple[Any, Any]],
-                                dict[str, tuple[Any, Any]]]:
+def differing_fields(
+    saved: dict[str, Any], config: Any
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
   """(defining, allowed): {field: (saved value, new value)} that differ.
 
   Args:
@@ -144,8 +160,8 @@ def check_rerun(config: Any, workdir: str, program: str = 'train.py') -> None:
                            'over')
   defining, allowed = differing_fields(saved, config)
   if allowed:
-    logging.info('%s: %s differ from %s (allowed)', program,
-                 _describe(allowed), path)
+    logging.info('%s: %s differ from %s (allowed)', program, _describe(allowed),
+                 path)
   if defining:
     hint = ('use another --workdir, or --overwrite to start over'
             if program == 'train.py' else
@@ -175,8 +191,7 @@ def start_over(workdir: str) -> list[str]:
       continue
     deleted.append(name)
   if deleted:
-    logging.info('--overwrite: deleted %s from %s', ', '.join(deleted),
-                 workdir)
+    logging.info('--overwrite: deleted %s from %s', ', '.join(deleted), workdir)
   return deleted
 
 
@@ -188,6 +203,7 @@ def read_json_object(path: str, hint: str = '') -> dict[str, Any]:
       larger than ``MAX_JSON_BYTES``, not JSON, not an object), then
       ``hint``.
   """
+
   def error(problem):
     return CavgaError(f'{path}: {problem}' + (f'; {hint}' if hint else ''))
 
@@ -260,8 +276,7 @@ def lock(workdir: str, program: str, name: str = LOCK_FILE) -> Iterator[None]:
         refused = e
     if jax.process_count() > 1:
       # Every process learns whether process 0 holds it: none goes on alone.
-      held = multihost_utils.broadcast_one_to_all(
-          np.int32(refused is None))
+      held = multihost_utils.broadcast_one_to_all(np.int32(refused is None))
       if not int(held):
         raise refused or CavgaError(f'{workdir}: process 0 could not lock '
                                     'the workdir; its log says why')
@@ -310,9 +325,9 @@ def _take(fd: int, path: str, workdir: str, program: str) -> bool:
   except OSError as e:
     if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
       raise
-    logging.warning('%s: this filesystem cannot lock files (%s); nothing '
-                    'stops a second %s on this workdir', path, e.strerror,
-                    program)
+    logging.warning(
+        '%s: this filesystem cannot lock files (%s); nothing '
+        'stops a second %s on this workdir', path, e.strerror, program)
     return False
   left = os.pread(fd, 4096, 0)
   if left.strip():
@@ -321,11 +336,15 @@ def _take(fd: int, path: str, workdir: str, program: str) -> bool:
       fcntl.flock(fd, fcntl.LOCK_UN)
       raise CavgaError(f'{path}: not a lock file of cavga_jax (it is not '
                        'empty and names no process); move it away')
-    logging.warning('%s: taking over the lock of %s, which ended without '
-                    'releasing it', path, holder)
-  record = json.dumps(dict(
-      program=program, pid=os.getpid(), host=socket.gethostname(),
-      since=datetime.datetime.now().isoformat(timespec='seconds')))
+    logging.warning(
+        '%s: taking over the lock of %s, which ended without '
+        'releasing it', path, holder)
+  record = json.dumps(
+      dict(
+          program=program,
+          pid=os.getpid(),
+          host=socket.gethostname(),
+          since=datetime.datetime.now().isoformat(timespec='seconds')))
   os.ftruncate(fd, 0)
   os.pwrite(fd, record.encode() + b'\n', 0)
   return True

@@ -32,11 +32,16 @@ def get_config() -> ml_collections.ConfigDict:
   # image (log-uniform), the blending opacity, and what the VAE losses do
   # with synthetic images ('clean': reconstruct the clean image;
   # 'normal_only': skip them).
-  config.data.synthetic = ml_collections.ConfigDict(dict(
-      fraction=0.0, masks=('perlin', 'polygon', 'scratch'),
-      fills=('other_image', 'cutpaste', 'texture', 'shift'),
-      min_area=0.005, max_area=0.1, min_opacity=0.5, max_opacity=1.0,
-      reconstruction='clean'))
+  config.data.synthetic = ml_collections.ConfigDict(
+      dict(
+          fraction=0.0,
+          masks=('perlin', 'polygon', 'scratch'),
+          fills=('other_image', 'cutpaste', 'texture', 'shift'),
+          min_area=0.005,
+          max_area=0.1,
+          min_opacity=0.5,
+          max_opacity=1.0,
+          reconstruction='clean'))
 
   config.model = ml_collections.ConfigDict()
   # 'R' (ResNet-18 + residual decoder) | 'D' (DCGAN) | 'E' (EfficientNet-Lite).

@@ -42,14 +42,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   config = _CONFIG.value
-  made = run_setup.setup(config_checks.check_config(config), _WORKDIR.value,
-                         restore=True)
+  made = run_setup.setup(
+      config_checks.check_config(config), _WORKDIR.value, restore=True)
   test, generator, state, step = (made.test_ds, made.generator, made.state,
                                   made.step)
   params, stats = state.gen_params, state.gen_batch_stats
 
-  @functools.partial(jax.jit, compiler_options=layers.compiler_options(
-      generator.conv_impl))
+  @functools.partial(
+      jax.jit, compiler_options=layers.compiler_options(generator.conv_impl))
   def analyse(images):
     x = train_state.images_to_float(images)
     outputs, _ = attention.forward_with_attention(
@@ -65,12 +65,16 @@ def main(argv):
     alpha = grads.mean(axis=(1, 2))  # (B, k)
     size = images.shape[1]
     up = lambda m: jax.image.resize(m, (m.shape[0], size, size), 'bilinear')
-    return dict(alpha=alpha, attention=up(outputs['attention']),
-                norm=up(jnp.linalg.norm(features, axis=-1)),
-                projection=up(jnp.einsum('bhwk,bk->bhw', features, alpha)))
+    return dict(
+        alpha=alpha,
+        attention=up(outputs['attention']),
+        norm=up(jnp.linalg.norm(features, axis=-1)),
+        projection=up(jnp.einsum('bhwk,bk->bhw', features, alpha)))
 
-  parts = [jax.tree.map(lambda v, n=n: v[:n], jax.device_get(analyse(images)))
-           for images, n in data.eval_batches(test, config.eval.batch_size)]
+  parts = [
+      jax.tree.map(lambda v, n=n: v[:n], jax.device_get(analyse(images)))
+      for images, n in data.eval_batches(test, config.eval.batch_size)
+  ]
   out = jax.tree.map(lambda *values: np.concatenate(values), *parts)
   kernel = np.asarray(params['mu']['kernel']).reshape(
       -1, config.model.latent_channels)
@@ -78,8 +82,8 @@ def main(argv):
   result = dict(
       checkpoint_step=step,
       alpha_spread_across_images=float(out['alpha'].std(axis=0).max()),
-      alpha_minus_kernel_row_sum=float(np.abs(
-          out['alpha'] - kernel.sum(axis=1)).max()),
+      alpha_minus_kernel_row_sum=float(
+          np.abs(out['alpha'] - kernel.sum(axis=1)).max()),
       pixel_auroc_A=pixel_metrics.pixel_auroc(out['attention'], masks),
       pixel_auroc_1_minus_A=pixel_metrics.pixel_auroc(1 - out['attention'],
                                                       masks),

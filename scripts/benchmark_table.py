@@ -48,24 +48,27 @@ from cavga_jax.programs import train as train_lib  # pylint: disable=g-import-no
 _CONFIG = runtime.define_config_flag(
     'Configuration file (configs/mvtec.py, ...); data.name, root and '
     'category are set per category.')
-_ROOT = flags.DEFINE_string('root', None, 'MVTec-layout dataset root '
-                            '(default: config.data.root).')
-_CATEGORIES = flags.DEFINE_list('categories', None, 'Categories to run '
-                                '(default: every folder under --root with '
-                                'train/good).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Benchmark folder; category '
-                               'c runs in <workdir>/<c>.')
-_TITLE = flags.DEFINE_string('title', None, 'Table title (default: the '
-                             "root folder's name).")
+_ROOT = flags.DEFINE_string(
+    'root', None, 'MVTec-layout dataset root '
+    '(default: config.data.root).')
+_CATEGORIES = flags.DEFINE_list(
+    'categories', None, 'Categories to run '
+    '(default: every folder under --root with '
+    'train/good).')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Benchmark folder; category '
+    'c runs in <workdir>/<c>.')
+_TITLE = flags.DEFINE_string(
+    'title', None, 'Table title (default: the '
+    "root folder's name).")
 _CACHE = runtime.define_compilation_cache_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # (metrics.json key, column title): the paper's Table 3 metrics.
-METRICS = (('iou', 'IoU'), ('pixel_auroc', 'pixel AUROC'),
-           ('aupro', 'AU-PRO'),
+METRICS = (('iou', 'IoU'), ('pixel_auroc', 'pixel AUROC'), ('aupro', 'AU-PRO'),
            ('detection_accuracy_minmax', 'detection accuracy'),
-           ('image_auroc', 'image AUROC'),
-           ('image_auroc_reconstruction', 'image AUROC s_a'))
+           ('image_auroc', 'image AUROC'), ('image_auroc_reconstruction',
+                                            'image AUROC s_a'))
 TIMES = ('train_s', 'eval_s')
 TABLE = 'benchmark_table'
 _TIMES_FILE = 'benchmark_times.json'
@@ -75,8 +78,9 @@ def find_categories(root: str) -> list[str]:
   """The sorted names of the folders under ``root`` with a train/good folder."""
   if not os.path.isdir(root):
     raise DataError(f'{root}: dataset root folder does not exist')
-  found = sorted(c for c in os.listdir(root)
-                 if os.path.isdir(os.path.join(root, c, 'train', 'good')))
+  found = sorted(
+      c for c in os.listdir(root)
+      if os.path.isdir(os.path.join(root, c, 'train', 'good')))
   if not found:
     raise DataError(f'{root}: no category folder with train/good under it')
   return found
@@ -103,9 +107,11 @@ def _cell(value: float | None, digits: int) -> str:
 def format_table(result: dict[str, Any]) -> str:
   """The Markdown table of a ``run_benchmark`` result."""
   titles = [title for _, title in METRICS] + ['map', 'train s', 'eval s']
-  lines = [f'# {result["title"]}: {result["num_steps"]} steps, map '
-           f'{result["map"]}', '', '| category | ' + ' | '.join(titles) + ' |',
-           '|---|' + '---|' * len(titles)]
+  lines = [
+      f'# {result["title"]}: {result["num_steps"]} steps, map '
+      f'{result["map"]}', '', '| category | ' + ' | '.join(titles) + ' |',
+      '|---|' + '---|' * len(titles)
+  ]
   for row in result['rows'] + [result['mean']]:
     cells = ([_cell(row[k], 4) for k, _ in METRICS] + [row['map']]
              + [_cell(row[k], 1) for k in TIMES])
@@ -147,7 +153,8 @@ def _run_category(config: ml_collections.ConfigDict, run_dir: str,
   return metrics, times
 
 
-def run_benchmark(config: ml_collections.ConfigDict, workdir: str,
+def run_benchmark(config: ml_collections.ConfigDict,
+                  workdir: str,
                   root: str | None = None,
                   categories: Sequence[str] | None = None,
                   title: str | None = None) -> dict[str, Any]:
@@ -185,9 +192,11 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str,
     raise DataError(f'{root}: unknown categories {", ".join(unknown)} '
                     f'(categories found: {", ".join(found)})')
   os.makedirs(workdir, exist_ok=True)
-  result = {'title': title or os.path.basename(os.path.abspath(root)),
-            'root': os.path.abspath(root), 'map': config.eval.map,
-            'num_steps': config.train.num_steps, 'rows': []}
+  result = {
+      'title': title or os.path.basename(os.path.abspath(root)),
+      'root': os.path.abspath(root), 'map': config.eval.map,
+      'num_steps': config.train.num_steps, 'rows': []
+  }
   for i, category in enumerate(categories):
     run_config = config.copy_and_resolve_references()
     run_config.data.name = 'mvtec'
@@ -195,17 +204,20 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str,
     run_config.data.category = category
     run_dir = os.path.join(workdir, category)
     metrics, times = _run_category(
-        run_config, run_dir,
-        f'category {i + 1}/{len(categories)} {category}')
+        run_config, run_dir, f'category {i + 1}/{len(categories)} {category}')
     row = {'category': category, 'map': metrics['map']}
     row.update({k: float(metrics[k]) for k, _ in METRICS})
     row.update(times)
-    row.update(checkpoint_step=metrics['checkpoint_step'],
-               num_test_images=metrics['num_test_images'], workdir=run_dir)
+    row.update(
+        checkpoint_step=metrics['checkpoint_step'],
+        num_test_images=metrics['num_test_images'],
+        workdir=run_dir)
     result['rows'].append(row)
     result['mean'] = {'category': 'mean', 'map': config.eval.map}
-    result['mean'].update({k: _mean([r[k] for r in result['rows']])
-                           for k in [k for k, _ in METRICS] + list(TIMES)})
+    result['mean'].update({
+        k: _mean([r[k] for r in result['rows']])
+        for k in [k for k, _ in METRICS] + list(TIMES)
+    })
     _write(workdir, result)
   return result
 

@@ -26,32 +26,46 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs the conversion; returns 0, or 1 with a one-line error on stderr."""
   parser = argparse.ArgumentParser(
       description='Convert LAG (non_glaucoma/image, suspicious_glaucoma/'
-                  '{image,attention_map}) to the MVTec AD folder layout.')
-  parser.add_argument('--source', required=True,
-                      help='LAG root holding non_glaucoma/ and '
-                           'suspicious_glaucoma/')
-  parser.add_argument('--output', required=True,
-                      help='dataset root to create (config.data.root)')
+      '{image,attention_map}) to the MVTec AD folder layout.')
+  parser.add_argument(
+      '--source',
+      required=True,
+      help='LAG root holding non_glaucoma/ and '
+      'suspicious_glaucoma/')
+  parser.add_argument(
+      '--output',
+      required=True,
+      help='dataset root to create (config.data.root)')
   parser.add_argument('--category', default=lag.DEFAULT_CATEGORY)
-  parser.add_argument('--num_test_normal', type=int,
-                      default=lag.DEFAULT_NUM_TEST_NORMAL,
-                      help='non-glaucoma images held out for the test split '
-                           '(default %(default)s)')
-  parser.add_argument('--seed', type=int, default=0,
-                      help='seed of the held-out choice')
-  parser.add_argument('--threshold', type=float,
-                      default=lag.DEFAULT_THRESHOLD,
-                      help='attention-map binarisation threshold, relative '
-                           'to each map\'s maximum (default %(default)s)')
+  parser.add_argument(
+      '--num_test_normal',
+      type=int,
+      default=lag.DEFAULT_NUM_TEST_NORMAL,
+      help='non-glaucoma images held out for the test split '
+      '(default %(default)s)')
+  parser.add_argument(
+      '--seed', type=int, default=0, help='seed of the held-out choice')
+  parser.add_argument(
+      '--threshold',
+      type=float,
+      default=lag.DEFAULT_THRESHOLD,
+      help='attention-map binarisation threshold, relative '
+      'to each map\'s maximum (default %(default)s)')
   parser.add_argument('--num_workers', type=int, default=4)
-  parser.add_argument('--overwrite', action='store_true',
-                      help='replace an existing output folder')
+  parser.add_argument(
+      '--overwrite',
+      action='store_true',
+      help='replace an existing output folder')
   args = parser.parse_args(argv)
   try:
     summary = lag.convert_lag(
-        args.source, args.output, category=args.category,
-        num_test_normal=args.num_test_normal, seed=args.seed,
-        threshold=args.threshold, overwrite=args.overwrite,
+        args.source,
+        args.output,
+        category=args.category,
+        num_test_normal=args.num_test_normal,
+        seed=args.seed,
+        threshold=args.threshold,
+        overwrite=args.overwrite,
         num_workers=args.num_workers)
   except errors.CavgaError as e:
     print(f'error: {e}', file=sys.stderr)

@@ -26,32 +26,47 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs the conversion; returns 0, or 1 with a one-line error on stderr."""
   parser = argparse.ArgumentParser(
       description='Convert ShanghaiTech Campus (training/videos, testing/'
-                  'frames, testing/test_*_mask) to mSTC in the MVTec AD '
-                  'folder layout, one category per scene.')
-  parser.add_argument('--source', required=True,
-                      help='STC root holding training/ and testing/')
-  parser.add_argument('--output', required=True,
-                      help='dataset root to create (config.data.root)')
-  parser.add_argument('--frame_step', type=int,
-                      default=mstc.DEFAULT_FRAME_STEP,
-                      help='keep every k-th frame (default %(default)s)')
-  parser.add_argument('--scenes', default='',
-                      help='comma-separated scene ids, e.g. 01,04 (default: '
-                           'every scene with training videos and test clips)')
+      'frames, testing/test_*_mask) to mSTC in the MVTec AD '
+      'folder layout, one category per scene.')
+  parser.add_argument(
+      '--source', required=True, help='STC root holding training/ and testing/')
+  parser.add_argument(
+      '--output',
+      required=True,
+      help='dataset root to create (config.data.root)')
+  parser.add_argument(
+      '--frame_step',
+      type=int,
+      default=mstc.DEFAULT_FRAME_STEP,
+      help='keep every k-th frame (default %(default)s)')
+  parser.add_argument(
+      '--scenes',
+      default='',
+      help='comma-separated scene ids, e.g. 01,04 (default: '
+      'every scene with training videos and test clips)')
   parser.add_argument('--image_format', default='jpg', choices=['jpg', 'png'])
-  parser.add_argument('--resize', type=int, default=0,
-                      help='resize frames and masks to N x N (0: keep size)')
+  parser.add_argument(
+      '--resize',
+      type=int,
+      default=0,
+      help='resize frames and masks to N x N (0: keep size)')
   parser.add_argument('--num_workers', type=int, default=4)
-  parser.add_argument('--overwrite', action='store_true',
-                      help='replace an existing output folder')
+  parser.add_argument(
+      '--overwrite',
+      action='store_true',
+      help='replace an existing output folder')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format='%(message)s')
   scenes = [s.strip() for s in args.scenes.split(',') if s.strip()]
   try:
     summary = mstc.convert_mstc(
-        args.source, args.output, frame_step=args.frame_step,
-        scenes=scenes or None, image_format=args.image_format,
-        resize=args.resize, overwrite=args.overwrite,
+        args.source,
+        args.output,
+        frame_step=args.frame_step,
+        scenes=scenes or None,
+        image_format=args.image_format,
+        resize=args.resize,
+        overwrite=args.overwrite,
         num_workers=args.num_workers)
   except errors.CavgaError as e:
     print(f'error: {e}', file=sys.stderr)

@@ -37,12 +37,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   """
   parser = argparse.ArgumentParser(
       description='Convert torchvision/timm resnet18 ImageNet weights (.pth '
-                  'or .safetensors) to a cavga_jax encoder .npz.')
-  parser.add_argument('--input', required=True,
-                      help='resnet18-f37072fd.pth or '
-                           'model.safetensors')
-  parser.add_argument('--output', required=True,
-                      help='.npz to write, for --config.model.pretrained')
+      'or .safetensors) to a cavga_jax encoder .npz.')
+  parser.add_argument(
+      '--input',
+      required=True,
+      help='resnet18-f37072fd.pth or '
+      'model.safetensors')
+  parser.add_argument(
+      '--output',
+      required=True,
+      help='.npz to write, for --config.model.pretrained')
   args = parser.parse_args(argv)
   try:
     arrays = torch_weights.convert_file(args.input, args.output)
@@ -50,8 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 1
   n_params = sum(a.size for k, a in arrays.items() if k.startswith('params/'))
-  n_stats = sum(a.size for k, a in arrays.items()
-                if k.startswith('batch_stats/'))
+  n_stats = sum(
+      a.size for k, a in arrays.items() if k.startswith('batch_stats/'))
   print(f'wrote {args.output}: {len(arrays)} tensors, {n_params:,} '
         f'parameters, {n_stats:,} batch-norm statistics (float32)')
   return 0

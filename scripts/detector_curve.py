@@ -45,25 +45,27 @@ def main(argv):
   variables = made.initial_state().generator_variables()
   image_size = test_ds.images.shape[1]
   maps_settings = evaluator_lib.map_settings(run.eval, image_size)
-  features = detector_training.compute_features(
-      generator, variables, test_ds.images, settings.map, maps_settings,
-      settings.eval_batch_size, mesh, 'test images')
+  features = detector_training.compute_features(generator, variables,
+                                                test_ds.images, settings.map,
+                                                maps_settings,
+                                                settings.eval_batch_size, mesh,
+                                                'test images')
   context = inference.map_context(generator, maps_settings, image_size)
-  apply = jax.jit(lambda state, f: detector.MAP.apply(context, None, state,
-                                                      f))
+  apply = jax.jit(lambda state, f: detector.MAP.apply(context, None, state, f))
   validation = detector_training.validation_scores(workdir)
   records = []
   for step in detector_training.checkpoint_steps(workdir):
     state, _ = detector_training.trained_state(workdir, step)
-    maps = np.concatenate([np.asarray(apply(state, features[i:i + 16]))
-                           for i in range(0, len(features), 16)])
+    maps = np.concatenate([
+        np.asarray(apply(state, features[i:i + 16]))
+        for i in range(0, len(features), 16)
+    ])
     scores = np.asarray(detector.MAP.image_score(maps))
-    test = dict(pixel_auroc=pixel_metrics.pixel_auroc(maps, test_ds.masks),
-                aupro=pixel_metrics.aupro(maps, test_ds.masks),
-                image_auroc=image_metrics.image_auroc(scores,
-                                                      test_ds.labels))
-    records.append(dict(step=step, validation=validation.get(step),
-                        test=test))
+    test = dict(
+        pixel_auroc=pixel_metrics.pixel_auroc(maps, test_ds.masks),
+        aupro=pixel_metrics.aupro(maps, test_ds.masks),
+        image_auroc=image_metrics.image_auroc(scores, test_ds.labels))
+    records.append(dict(step=step, validation=validation.get(step), test=test))
     print(json.dumps(records[-1]), flush=True)
   with open(
       os.path.join(detector_training.detector_dir(workdir), 'test_curve.jsonl'),

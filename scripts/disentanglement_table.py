@@ -53,8 +53,8 @@ def main():
   parser.add_argument('runs', nargs='+', metavar='group=workdir')
   args = parser.parse_args()
   groups = collections.defaultdict(list)
-  header = '| ' + ' | '.join(['run', 'seed', 'step'] +
-                             [title for _, title, _ in COLUMNS]) + ' |'
+  header = '| ' + ' | '.join(['run', 'seed', 'step']
+                             + [title for _, title, _ in COLUMNS]) + ' |'
   print(header)
   print('|---|---:|---:|' + '---:|' * len(COLUMNS))
   for run in args.runs:
@@ -70,8 +70,9 @@ def main():
   print('| group | runs | ' + ' | '.join(t for _, t, _ in COLUMNS) + ' |')
   print('|---|---:|' + '---:|' * len(COLUMNS))
   for group, runs in groups.items():
-    cells = [_cell([m[key] for m in runs], digits)
-             for key, _, digits in COLUMNS]
+    cells = [
+        _cell([m[key] for m in runs], digits) for key, _, digits in COLUMNS
+    ]
     print(f'| {group} | {len(runs)} | ' + ' | '.join(cells) + ' |')
 
 

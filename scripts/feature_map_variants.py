@@ -57,89 +57,101 @@ _RADII = flags.DEFINE_list('radii', ['0', '1'], 'kNN radii in cells.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _scores(distances: np.ndarray, sigma: float, test: data.AnomalyDataset
-            ) -> dict[str, float]:
+def _scores(distances: np.ndarray, sigma: float,
+            test: data.AnomalyDataset) -> dict[str, float]:
   """Metrics of (N, g, g) cell distances, bilinear to image size and blurred."""
   maps = anomaly_maps.upsample_and_blur(distances, test.images.shape[1], sigma)
   return dict(
-      pixel_auroc=round(pixel_metrics.pixel_auroc(np.asarray(maps),
-                                                  test.masks), 3),
+      pixel_auroc=round(
+          pixel_metrics.pixel_auroc(np.asarray(maps), test.masks), 3),
       aupro=round(pixel_metrics.aupro(np.asarray(maps), test.masks), 3),
-      image_auroc=round(image_metrics.image_auroc(
-          np.asarray(anomaly_maps.image_score(maps)), test.labels), 3))
+      image_auroc=round(
+          image_metrics.image_auroc(
+              np.asarray(anomaly_maps.image_score(maps)), test.labels), 3))
 
 
 @jax.jit
 def _nearest(queries: jax.Array, bank: jax.Array) -> jax.Array:
   """(Q, d), (M, d) -> (Q,) Euclidean distance to the nearest bank row."""
-  squared = (jnp.sum(queries ** 2, 1)[:, None] - 2 * queries @ bank.T
-             + jnp.sum(bank ** 2, 1)[None])
+  squared = (
+      jnp.sum(queries**2, 1)[:, None] - 2 * queries @ bank.T
+      + jnp.sum(bank**2, 1)[None])
   return jnp.sqrt(jnp.maximum(squared.min(axis=1), 0.0))
 
 
-def _knn_free(normal: np.ndarray, test: np.ndarray, bank_size: int
-              ) -> np.ndarray:
+def _knn_free(normal: np.ndarray, test: np.ndarray,
+              bank_size: int) -> np.ndarray:
   flat = normal.reshape(-1, normal.shape[-1])
-  rows = np.random.default_rng(0).choice(len(flat), min(bank_size, len(flat)),
-                                         replace=False)
+  rows = np.random.default_rng(0).choice(
+      len(flat), min(bank_size, len(flat)), replace=False)
   bank = jnp.asarray(flat[rows])
   queries = test.reshape(-1, test.shape[-1])
-  nearest = np.concatenate([np.asarray(_nearest(jnp.asarray(queries[i:i + 4096]),
-                                                bank))
-                            for i in range(0, len(queries), 4096)])
+  nearest = np.concatenate([
+      np.asarray(_nearest(jnp.asarray(queries[i:i + 4096]), bank))
+      for i in range(0, len(queries), 4096)
+  ])
   return nearest.reshape(test.shape[:3])
 
 
-def _whiten(normal: np.ndarray, test: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray]:
+def _whiten(normal: np.ndarray,
+            test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   flat = normal.reshape(-1, normal.shape[-1]).astype(np.float64)
   mean = flat.mean(axis=0)
-  covariance = (np.cov(flat - mean, rowvar=False)
-                + feature_gaussian.REGULARIZATION * np.eye(flat.shape[1]))
+  covariance = (
+      np.cov(flat - mean, rowvar=False)
+      + feature_gaussian.REGULARIZATION * np.eye(flat.shape[1]))
   values, vectors = np.linalg.eigh(covariance)
   whitening = (vectors / np.sqrt(values)) @ vectors.T
-  return tuple(((f - mean) @ whitening).astype(np.float32)
-               for f in (normal, test))
+  return tuple(
+      ((f - mean) @ whitening).astype(np.float32) for f in (normal, test))
 
 
-def _knn_radius(normal: np.ndarray, test: np.ndarray, radius: int
-                ) -> np.ndarray:
+def _knn_radius(normal: np.ndarray, test: np.ndarray,
+                radius: int) -> np.ndarray:
   grid = normal.shape[1]
-  padded = np.pad(normal, ((0, 0), (radius, radius), (radius, radius), (0, 0)),
-                  mode='edge')
+  padded = np.pad(
+      normal, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode='edge')
   # _nearest at every cell: (Q, g, g, d) queries, (n, g, g, d) banks.
   per_cell = jax.vmap(jax.vmap(_nearest, (1, 1), 1), (1, 1), 1)
   queries = jnp.asarray(test)
-  return np.asarray(functools.reduce(jnp.minimum, (
-      per_cell(queries, jnp.asarray(padded[:, dy:dy + grid, dx:dx + grid]))
-      for dy in range(2 * radius + 1) for dx in range(2 * radius + 1))))
+  return np.asarray(
+      functools.reduce(
+          jnp.minimum,
+          (per_cell(queries, jnp.asarray(padded[:, dy:dy + grid, dx:dx + grid]))
+           for dy in range(2 * radius + 1)
+           for dx in range(2 * radius + 1))))
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
   run = config_checks.check_config(config)
-  made = run_setup.setup(run, _WORKDIR.value, restore=True,
-                         untrained=_UNTRAINED.value)
+  made = run_setup.setup(
+      run, _WORKDIR.value, restore=True, untrained=_UNTRAINED.value)
   mesh, train, test = made.mesh, made.train_ds, made.test_ds
   generator, state, step = made.generator, made.state, made.step
-  fit, _ = fitting.split_held_out(evaluator_lib.normal_training_images(train),
-                                   run.eval.threshold_holdout)
+  fit, _ = fitting.split_held_out(
+      evaluator_lib.normal_training_images(train), run.eval.threshold_holdout)
   map_settings = evaluator_lib.map_settings(run.eval, test.images.shape[1])
 
   def features(divisor: int) -> list[np.ndarray]:
     """(N, g, g, dims) encoder features of ``feature_gaussian`` at grid /
     divisor: of the normal fit images, then of the test images (one jit)."""
-    normal_step = jax.jit(inference.make_normal_step(
-        generator, map_settings, {feature_gaussian.NAME: dataclasses.replace(
-            evaluator_lib.feature_settings(run.eval),
-            grid_divisor=divisor)}),
+    normal_step = jax.jit(
+        inference.make_normal_step(
+            generator, map_settings, {
+                feature_gaussian.NAME:
+                    dataclasses.replace(
+                        evaluator_lib.feature_settings(run.eval),
+                        grid_divisor=divisor)
+            }),
         compiler_options=layers.compiler_options(generator.conv_impl))
-    return [inference.predict(
-        lambda batch: normal_step(state.gen_params, state.gen_batch_stats,
-                                  batch), images, run.eval.batch_size,
-        mesh)[feature_gaussian.NAME]
-            for images in (fit, test)]
+    return [
+        inference.predict(
+            lambda batch: normal_step(state.gen_params, state.gen_batch_stats,
+                                      batch), images, run.eval.batch_size,
+            mesh)[feature_gaussian.NAME] for images in (fit, test)
+    ]
 
   result = dict(checkpoint_step=step, untrained=_UNTRAINED.value)
   default_sigma = map_settings.residual_sigma
@@ -147,8 +159,9 @@ def main(argv):
     normal, tested = features(divisor)
     moments = feature_gaussian.FeatureMoments()
     moments.add(normal)
-    distances = np.asarray(feature_gaussian.mahalanobis(
-        jnp.asarray(tested), *map(jnp.asarray, moments.statistics())))
+    distances = np.asarray(
+        feature_gaussian.mahalanobis(
+            jnp.asarray(tested), *map(jnp.asarray, moments.statistics())))
     for sigma in map(float, _SIGMAS.value):
       result[f'gaussian_grid{divisor}_sigma{sigma:g}'] = _scores(
           distances, sigma, test)

@@ -66,8 +66,9 @@ from cavga_jax.training import train_state
 _CONFIG = config_flags.DEFINE_config_file('config')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/fine', 'data workdir')
 _OUT = flags.DEFINE_string('out', 'fine.json', 'JSON to write')
-_SHRINK = flags.DEFINE_float('shrink', 0.1, 'relative shrinkage of the '
-                             'shrunk Gaussians (times the mean variance)')
+_SHRINK = flags.DEFINE_float(
+    'shrink', 0.1, 'relative shrinkage of the '
+    'shrunk Gaussians (times the mean variance)')
 
 FINE_POOL = 250_000
 PART_SETS = {
@@ -119,7 +120,10 @@ def main(argv):
   def forward(images):
     x = train_state.images_to_float(images)
     stages, inter = generator.apply(
-        variables, x, False, (1, 2, 3), method='encode_stages',
+        variables,
+        x,
+        False, (1, 2, 3),
+        method='encode_stages',
         capture_intermediates=lambda m, _: m.name == 'blocks_0_0')
     stride2 = inter['intermediates']['encoder']['blocks_0_0']['__call__'][0]
     outputs = generator.apply(variables, x, None, False)
@@ -134,8 +138,8 @@ def main(argv):
         knn_fine=feature_knn.patch_features(fine, fine_grid),
         ssim=ssim)
 
-  forward = jax.jit(forward, compiler_options=layers.compiler_options(
-      generator.conv_impl))
+  forward = jax.jit(
+      forward, compiler_options=layers.compiler_options(generator.conv_impl))
 
   def passes(images, what):
     for i in range(0, len(images), run.eval.batch_size):
@@ -145,8 +149,7 @@ def main(argv):
                    len(images))
 
   fit, held_out = fitting.split_held_out(
-      evaluator_lib.normal_training_images(train),
-      run.eval.threshold_holdout)
+      evaluator_lib.normal_training_images(train), run.eval.threshold_holdout)
   timings = {}
   tic = time.perf_counter()
   moments = {k: feature_gaussian.FeatureMoments() for k in ('gauss', 'fine')}
@@ -160,55 +163,68 @@ def main(argv):
     pixel.add(out['ssim'])
   timings['fit_pass_s'] = time.perf_counter() - tic
   tic = time.perf_counter()
-  stats = {'gauss': gaussian_statistics(moments['gauss'], None),
-           'gauss_shrink': gaussian_statistics(moments['gauss'],
-                                               _SHRINK.value),
-           'gauss_fine': gaussian_statistics(moments['fine'], _SHRINK.value)}
+  stats = {
+      'gauss': gaussian_statistics(moments['gauss'], None),
+      'gauss_shrink': gaussian_statistics(moments['gauss'], _SHRINK.value),
+      'gauss_fine': gaussian_statistics(moments['fine'], _SHRINK.value)
+  }
   timings['gaussian_fit_s'] = time.perf_counter() - tic
   tic = time.perf_counter()
-  banks = {'knn': pools['knn'].memory_bank(
-      feature_knn.KnnSettings(bank_size=4096), feature_knn.coreset_key(),
-      mesh)}
+  banks = {
+      'knn':
+          pools['knn'].memory_bank(
+              feature_knn.KnnSettings(bank_size=4096),
+              feature_knn.coreset_key(), mesh)
+  }
   fine_pool = pools['knn_fine']
   all_fine = np.concatenate(fine_pool._batches)  # pylint: disable=protected-access
   rng = np.random.default_rng(0)
-  subset = all_fine[rng.choice(len(all_fine), min(FINE_POOL, len(all_fine)),
-                               replace=False)]
+  subset = all_fine[rng.choice(
+      len(all_fine), min(FINE_POOL, len(all_fine)), replace=False)]
   sub_pool = feature_knn.PatchPool()
   sub_pool.add(subset[:, None, None, :])
   banks['knn_fine'] = sub_pool.memory_bank(
-      feature_knn.KnnSettings(bank_size=4096), feature_knn.coreset_key(),
-      mesh)
+      feature_knn.KnnSettings(bank_size=4096), feature_knn.coreset_key(), mesh)
   del all_fine, subset, pools, fine_pool, sub_pool
   timings['coreset_s'] = time.perf_counter() - tic
   ssim_mean, ssim_scale = pixel.statistics()
 
   def maps_of(images, what):
-    result = {k: [] for k in ('gauss', 'gauss_shrink', 'gauss_fine', 'knn',
-                              'knn_fine', 'ssim')}
+    result = {
+        k: [] for k in ('gauss', 'gauss_shrink', 'gauss_fine', 'knn', 'knn_fine',
+                       'ssim')
+    }
     for out in passes(images, what):
       for name, key in (('gauss', 'gauss'), ('gauss_shrink', 'gauss'),
                         ('gauss_fine', 'gauss_fine')):
         mean, precision = stats[name]
         cells = feature_gaussian.mahalanobis(
             jnp.asarray(out[key]), jnp.asarray(mean), jnp.asarray(precision))
-        result[name].append(np.asarray(anomaly_maps.upsample_and_blur(
-            cells, size, settings.residual_sigma)))
+        result[name].append(
+            np.asarray(
+                anomaly_maps.upsample_and_blur(cells, size,
+                                               settings.residual_sigma)))
       for name in ('knn', 'knn_fine'):
         cells = feature_knn.nearest_distances(out[name], banks[name])
-        result[name].append(np.asarray(anomaly_maps.upsample_and_blur(
-            cells, size, settings.residual_sigma)))
-      result['ssim'].append(calibration.calibrate(out['ssim'], ssim_mean,
-                                                  ssim_scale))
+        result[name].append(
+            np.asarray(
+                anomaly_maps.upsample_and_blur(cells, size,
+                                               settings.residual_sigma)))
+      result['ssim'].append(
+          calibration.calibrate(out['ssim'], ssim_mean, ssim_scale))
     return {k: np.concatenate(v) for k, v in result.items()}
 
   tic = time.perf_counter()
   held_maps = maps_of(held_out, 'held-out')
   test_maps = maps_of(test.images, 'test')
   timings['score_pass_s'] = time.perf_counter() - tic
-  result = dict(category=config.data.category, image_size=size,
-                shrink=_SHRINK.value, timings=timings, parts={},
-                combined={})
+  result = dict(
+      category=config.data.category,
+      image_size=size,
+      shrink=_SHRINK.value,
+      timings=timings,
+      parts={},
+      combined={})
   for name, maps in test_maps.items():
     result['parts'][name] = scores(maps, test)
     print(name, json.dumps(result['parts'][name]), flush=True)
@@ -234,8 +250,8 @@ def combine(rule, held, test_maps):
       low, high = normal.mean(), normal.mean() + normal.std()
     normalised.append((maps - low) / max(high - low, 1e-12))
   stacked = np.stack(normalised)
-  return (stacked.max(axis=0) if rule == 'max_z' else
-          stacked.mean(axis=0)).astype(np.float32)
+  return (stacked.max(axis=0) if rule == 'max_z' else stacked.mean(
+      axis=0)).astype(np.float32)
 
 
 def scores(test_maps, test):

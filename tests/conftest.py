@@ -19,8 +19,8 @@ import pytest
 # its backend; subprocesses inherit it. CAVGA_TEST_XLA_OPT=1 keeps XLA's
 # default level.
 if os.environ.get('CAVGA_TEST_XLA_OPT') != '1':
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_backend_optimization_level=0').strip()
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                             + ' --xla_backend_optimization_level=0').strip()
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -50,10 +50,9 @@ def tree_equal(a, b) -> bool:
   a_leaves = jax.tree_util.tree_flatten_with_path(a)[0]
   b_leaves = jax.tree_util.tree_flatten_with_path(b)[0]
   paths = [jax.tree_util.keystr(path) for path, _ in a_leaves]
-  return (paths == [jax.tree_util.keystr(path) for path, _ in b_leaves]
-          and all(x.shape == y.shape and x.dtype == y.dtype
-                  and bool(jnp.array_equal(x, y))
-                  for (_, x), (_, y) in zip(a_leaves, b_leaves)))
+  return (paths == [jax.tree_util.keystr(path) for path, _ in b_leaves] and all(
+      x.shape == y.shape and x.dtype == y.dtype and bool(jnp.array_equal(x, y))
+      for (_, x), (_, y) in zip(a_leaves, b_leaves)))
 
 
 def train_with_interruption(config, workdir: str, first_steps: int = 3):
@@ -71,8 +70,8 @@ def train_with_interruption(config, workdir: str, first_steps: int = 3):
   interrupted.train.num_steps = first_steps
   train_lib.train(interrupted, workdir)
   if first_steps % config.train.checkpoint_every:
-    shutil.rmtree(os.path.join(checkpointing.checkpoint_dir(workdir),
-                               str(first_steps)))
+    shutil.rmtree(
+        os.path.join(checkpointing.checkpoint_dir(workdir), str(first_steps)))
   return train_lib.train(config, workdir)
 
 
@@ -84,7 +83,8 @@ def dataset_from_masks(masks):
   from cavga_jax import data  # pylint: disable=g-import-not-at-top
   labels = masks.reshape(len(masks), -1).any(axis=1).astype(int)
   return data.AnomalyDataset(
-      images=np.zeros(masks.shape + (3,), np.uint8), masks=masks,
+      images=np.zeros(masks.shape + (3,), np.uint8),
+      masks=masks,
       labels=labels,
       defect_types=tuple('crack' if l else 'good' for l in labels),
       paths=tuple(f'/x/{i}.png' for i in range(len(masks))))
@@ -108,7 +108,8 @@ def compilation_cache(tmp_path_factory):
   if os.environ.get('PYTEST_XDIST_WORKER'):
     root = root.parent
   cache_dir = str(root / 'xla_cache')
-  os.environ.update(JAX_COMPILATION_CACHE_DIR=cache_dir,
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  os.environ.update(
+      JAX_COMPILATION_CACHE_DIR=cache_dir,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   runtime.enable_compilation_cache(cache_dir)

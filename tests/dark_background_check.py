@@ -63,8 +63,8 @@ def evaluation(tmp_path_factory):
   config.eval.num_panels = 0
   workdir = str(tmp_path_factory.mktemp('dark_objects'))
   result = eval_lib.evaluate(config, workdir, untrained=True)
-  _, test_ds = run_setup.load_datasets(typed_config.from_config(config),
-                                       workdir)  # generated above
+  _, test_ds = run_setup.load_datasets(
+      typed_config.from_config(config), workdir)  # generated above
   return test_ds, result
 
 
@@ -74,8 +74,8 @@ def _auroc(result, name):
 
 def test_dark_objects_are_what_the_issue_describes(evaluation):
   test_ds, result = evaluation
-  assert sorted(set(test_ds.defect_types)) == sorted(
-      dark_objects.DEFECT_TYPES + ('good',))
+  assert sorted(set(test_ds.defect_types)) == sorted(dark_objects.DEFECT_TYPES
+                                                     + ('good',))
   # Mostly black background: the share of dark pixels in the normal images.
   normal = test_ds.images[test_ds.labels == 0].astype(np.float64)
   background = normal.mean(axis=-1) < 40
@@ -86,7 +86,8 @@ def test_dark_objects_are_what_the_issue_describes(evaluation):
 
 
 @pytest.mark.xfail(
-    strict=True, raises=AssertionError,
+    strict=True,
+    raises=AssertionError,
     reason='issue 36: feature_gaussian trails feature_knn on an unaligned '
     'object on a noisy dark background (0.810 against 0.902)')
 def test_feature_gaussian_is_close_to_knn(evaluation):
@@ -100,7 +101,8 @@ def test_feature_gaussian_is_close_to_knn(evaluation):
 
 
 @pytest.mark.xfail(
-    strict=True, raises=AssertionError,
+    strict=True,
+    raises=AssertionError,
     reason='issue 36: combined_features scores 0.866 against its part '
     'feature_knn 0.902')
 def test_combined_maps_do_not_lose_to_their_best_part(evaluation):

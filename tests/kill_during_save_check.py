@@ -75,8 +75,10 @@ def _kill_at_step(n: int) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--workdir', required=True)
-  parser.add_argument('--kill_at', required=True,
-                      help='save:N (N-th save, 1-based) or step:N (0-based)')
+  parser.add_argument(
+      '--kill_at',
+      required=True,
+      help='save:N (N-th save, 1-based) or step:N (0-based)')
   parser.add_argument('--num_steps', type=int, default=4)
   parser.add_argument('--checkpoint_every', type=int, default=2)
   parser.add_argument('--compilation_cache', default='')

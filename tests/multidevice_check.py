@@ -13,8 +13,9 @@ import json
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
-                           + ' --xla_force_host_platform_device_count=8')
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '')
+    + ' --xla_force_host_platform_device_count=8')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -35,14 +36,15 @@ from cavga_jax.training import train_state  # pylint: disable=wrong-import-posit
 
 def run(config, workdir, devices, num_steps=3):
   mesh = sharding.make_mesh(devices)
-  train_ds, test_ds = run_setup.load_datasets(typed_config.from_config(config),
-                                              workdir)
+  train_ds, test_ds = run_setup.load_datasets(
+      typed_config.from_config(config), workdir)
   generator, discriminator, init_fn, state_sharding = train_state.setup(
       typed_config.from_config(config), mesh)
   state = init_fn(jax.random.key(config.seed))
-  step = jax.jit(cavga_step.make_train_step(generator, discriminator,
-                                           dict(config.loss_weights)),
-                 out_shardings=(state_sharding, sharding.replicated(mesh)))
+  step = jax.jit(
+      cavga_step.make_train_step(generator, discriminator,
+                                 dict(config.loss_weights)),
+      out_shardings=(state_sharding, sharding.replicated(mesh)))
   losses = []
   for i in range(num_steps):
     idx = data.epoch_permutation_indices(train_ds.num_examples,
@@ -57,13 +59,14 @@ def run(config, workdir, devices, num_steps=3):
 def evaluate(config, workdir, devices, state):
   """(predictions, metrics) of evaluate.py's evaluator on ``devices``."""
   mesh = sharding.make_mesh(devices)
-  train_ds, test_ds = run_setup.load_datasets(typed_config.from_config(config),
-                                              workdir)
+  train_ds, test_ds = run_setup.load_datasets(
+      typed_config.from_config(config), workdir)
   generator, _, _, _ = train_state.setup(typed_config.from_config(config), mesh)
   params, batch_stats = sharding.replicate(
       (state.gen_params, state.gen_batch_stats), mesh)
   evaluator = evaluator_lib.Evaluator(
-      generator, test_ds, typed_config.from_config(config).eval, mesh,
+      generator, test_ds,
+      typed_config.from_config(config).eval, mesh,
       evaluator_lib.normal_training_images(train_ds))
   result, predictions = evaluator(params, batch_stats)
   return predictions, result
@@ -71,16 +74,17 @@ def evaluate(config, workdir, devices, state):
 
 def train_detector(workdir, devices):
   """The detector's map state after 4 sharded steps on ``devices``."""
-  cells = np.random.default_rng(0).normal(1.0, 2.0, (256, 8)).astype(
-      np.float32)
+  cells = np.random.default_rng(0).normal(1.0, 2.0, (256, 8)).astype(np.float32)
   settings = detector_training.Settings(
       map=detector.DetectorSettings(hidden=16),
-      train=detector.TrainSettings(num_steps=4, batch_size=64,
-                                   checkpoint_every=4, log_every=4),
-      seed=0, eval_batch_size=8, threshold_holdout=0.1)
-  state = detector_training.train_on_cells(
-      settings, workdir, cells, cells.mean(0), cells.std(0),
-      sharding.make_mesh(devices))
+      train=detector.TrainSettings(
+          num_steps=4, batch_size=64, checkpoint_every=4, log_every=4),
+      seed=0,
+      eval_batch_size=8,
+      threshold_holdout=0.1)
+  state = detector_training.train_on_cells(settings, workdir, cells,
+                                           cells.mean(0), cells.std(0),
+                                           sharding.make_mesh(devices))
   return jax.device_get(state.map_state())
 
 
@@ -96,9 +100,10 @@ def batch_size_error(config, workdir):
 
 
 def max_abs_diff(a, b):
-  return max(float(np.max(np.abs(np.asarray(x, np.float64)
-                                 - np.asarray(y, np.float64))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+      float(
+          np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def main(workdir, config_name='tiny', num_steps='3'):
@@ -109,29 +114,38 @@ def main(workdir, config_name='tiny', num_steps='3'):
   # Evaluation of the same parameters on 1 and on 8 devices.
   one += evaluate(config, workdir, jax.devices()[:1], one[0])
   eight += evaluate(config, workdir, jax.devices(), one[0])
-  detector_one = train_detector(os.path.join(workdir, 'det1'),
-                                jax.devices()[:1])
-  detector_eight = train_detector(os.path.join(workdir, 'det8'),
-                                  jax.devices())
-  print(json.dumps(dict(
-      num_devices=[1, 8],
-      detector=max_abs_diff(detector_one, detector_eight),
-      batch_size_error=batch_size_error(config,
-                                        os.path.join(workdir, 'batch_12')),
-      params=max_abs_diff(one[0].gen_params, eight[0].gen_params),
-      disc_params=max_abs_diff(one[0].disc_params, eight[0].disc_params),
-      batch_stats=max_abs_diff(one[0].gen_batch_stats,
-                               eight[0].gen_batch_stats),
-      losses=max((abs(a[k] - b[k]) for a, b in zip(one[1], eight[1])
-                  for k in a), default=None),  # None: no step was run
-      # Per map: the largest difference relative to the map's range.
-      anomaly_maps={name: max_abs_diff(one[2]['maps'][name],
-                                       eight[2]['maps'][name])
-                    / max(float(np.ptp(one[2]['maps'][name])), 1e-12)
-                    for name in one[2]['maps']},
-      headline=[one[3]['map'], eight[3]['map']],
-      metrics={k: [v, flat_metrics(eight[3])[k]]
-               for k, v in flat_metrics(one[3]).items()})))
+  detector_one = train_detector(
+      os.path.join(workdir, 'det1'),
+      jax.devices()[:1])
+  detector_eight = train_detector(os.path.join(workdir, 'det8'), jax.devices())
+  print(
+      json.dumps(
+          dict(
+              num_devices=[1, 8],
+              detector=max_abs_diff(detector_one, detector_eight),
+              batch_size_error=batch_size_error(
+                  config, os.path.join(workdir, 'batch_12')),
+              params=max_abs_diff(one[0].gen_params, eight[0].gen_params),
+              disc_params=max_abs_diff(one[0].disc_params,
+                                       eight[0].disc_params),
+              batch_stats=max_abs_diff(one[0].gen_batch_stats,
+                                       eight[0].gen_batch_stats),
+              losses=max((abs(a[k] - b[k])
+                          for a, b in zip(one[1], eight[1])
+                          for k in a),
+                         default=None),  # None: no step was run
+              # Per map: the largest difference relative to the map's range.
+              anomaly_maps={
+                  name:
+                      max_abs_diff(one[2]['maps'][name], eight[2]['maps'][name])
+                      / max(float(np.ptp(one[2]['maps'][name])), 1e-12)
+                  for name in one[2]['maps']
+              },
+              headline=[one[3]['map'], eight[3]['map']],
+              metrics={
+                  k: [v, flat_metrics(eight[3])[k]]
+                  for k, v in flat_metrics(one[3]).items()
+              })))
 
 
 def flat_metrics(result):

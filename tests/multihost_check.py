@@ -52,11 +52,15 @@ def capture_predictions() -> dict:
 def save_predictions(path, predictions):
   """The scored predictions to ``path`` (npz): 'maps/<name>',
   'map_scores/<name>', 'score' and 'p_anomalous'."""
-  arrays = {f'{group}/{name}': np.asarray(values)
-            for group in ('maps', 'map_scores')
-            for name, values in predictions[group].items()}
-  arrays.update({k: np.asarray(predictions[k])
-                 for k in ('score', 'p_anomalous') if k in predictions})
+  arrays = {
+      f'{group}/{name}': np.asarray(values) for group in ('maps', 'map_scores')
+      for name, values in predictions[group].items()
+  }
+  arrays.update({
+      k: np.asarray(predictions[k])
+      for k in ('score', 'p_anomalous')
+      if k in predictions
+  })
   np.savez(path, **arrays)
 
 
@@ -75,8 +79,10 @@ def load_predictions(path):
 
 def main(process_id, port, workdir, record_path):
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
-                             num_processes=2, process_id=process_id)
+  jax.distributed.initialize(
+      coordinator_address=f'127.0.0.1:{port}',
+      num_processes=2,
+      process_id=process_id)
   assert jax.process_count() == 2 and jax.device_count() == 2
   workdir = os.path.abspath(workdir)
   written = []
@@ -99,11 +105,12 @@ def main(process_id, port, workdir, record_path):
   finally:
     builtins.open = real_open
   save_predictions(record_path + '.npz', predictions)
-  leaves = [np.asarray(x).tolist() for x in
-            jax.tree.leaves(jax.device_get(state.gen_params))]
+  leaves = [
+      np.asarray(x).tolist()
+      for x in jax.tree.leaves(jax.device_get(state.gen_params))
+  ]
   with open(record_path, 'w') as f:
-    json.dump({'written': written, 'gen_params': leaves, 'metrics': result},
-              f)
+    json.dump({'written': written, 'gen_params': leaves, 'metrics': result}, f)
   jax.distributed.shutdown()
 
 

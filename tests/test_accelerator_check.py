@@ -8,8 +8,8 @@ import pytest
 from conftest import load_script
 from conftest import REPO_ROOT
 
-PEER = os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'peer',
-                    'cavga_torch.py')
+PEER = os.path.join(
+    os.path.dirname(REPO_ROOT), 'shared', 'peer', 'cavga_torch.py')
 
 
 @pytest.fixture(scope='module')
@@ -26,21 +26,22 @@ def _assert_keys(check, report):
   assert tuple(report['bottle']) == check.BOTTLE_KEYS
   # Every (variant, mode, dtype) has a row, measured or not.
   assert sorted((r['variant'], r['mode'], r['dtype'])
-                for r in report['jax_steps']) == sorted(
-                    (v, m, d) for v in check.VARIANTS for m in check.MODES
-                    for d in check.DTYPES)
+                for r in report['jax_steps']) == sorted((v, m, d)
+                                                        for v in check.VARIANTS
+                                                        for m in check.MODES
+                                                        for d in check.DTYPES)
   assert all(tuple(r) == check.JAX_ROW_KEYS for r in report['jax_steps'])
   assert sorted((r['variant'], r['mode'])
                 for r in report['torch_peer']['rows']) == sorted(
                     (v, m) for v in check.VARIANTS for m in check.MODES)
-  assert all(tuple(r) == check.TORCH_ROW_KEYS
-             for r in report['torch_peer']['rows'])
+  assert all(
+      tuple(r) == check.TORCH_ROW_KEYS for r in report['torch_peer']['rows'])
   assert all(tuple(r) == check.COMPARISON_KEYS for r in report['comparison'])
 
 
 def _load(out):
-  assert sorted(os.listdir(out)) == ['accelerator_check.json',
-                                     'accelerator_check.md']
+  assert sorted(
+      os.listdir(out)) == ['accelerator_check.json', 'accelerator_check.md']
   with open(os.path.join(out, 'accelerator_check.json')) as f:
     return json.load(f)
 
@@ -57,8 +58,8 @@ def test_smoke_measures_every_part_with_the_full_runs_keys(check, tmp_path):
   _assert_keys(check, report)
   assert report['smoke'] and not report['errors']
   measured = [r for r in report['jax_steps'] if r['status'] == 'ok']
-  assert {(r['variant'], r['mode'], r['dtype'])
-          for r in measured} == set(check.SMOKE_JAX_ROWS)
+  assert {(r['variant'], r['mode'], r['dtype']) for r in measured
+         } == set(check.SMOKE_JAX_ROWS)
   for row in measured:
     for key in ('images_per_s', 'step_ms_median', 'lower_s', 'compile_s',
                 'first_call_s', 'flops_per_step_lowered', 'flops_per_image',
@@ -86,12 +87,15 @@ def test_smoke_measures_every_part_with_the_full_runs_keys(check, tmp_path):
   assert '| D | train | float32 |' in text
 
 
-def test_no_budget_or_inputs_skips_every_part_with_the_same_keys(check,
-                                                                 tmp_path):
+def test_no_budget_or_inputs_skips_every_part_with_the_same_keys(
+    check, tmp_path):
   out = tmp_path / 'out'
-  check.main(['--out', str(out), '--budget_s', '0',
-              '--peer', str(tmp_path / 'missing.py'),
-              '--data_root', str(tmp_path / 'no_data')])
+  check.main([
+      '--out',
+      str(out), '--budget_s', '0', '--peer',
+      str(tmp_path / 'missing.py'), '--data_root',
+      str(tmp_path / 'no_data')
+  ])
   report = _load(out)
   _assert_keys(check, report)
   assert report['torch_peer']['status'] == 'skipped'
@@ -112,12 +116,21 @@ def test_helpers(check):
   assert check._cost([{'flops': 2.0}]) == {'flops': 2.0}
   assert check._cost({'flops': 2.0}) == {'flops': 2.0}
   assert check._finite({'a': [float('nan'), 1.0]}) == {'a': [None, 1.0]}
-  jax_row = check._row(check.JAX_ROW_KEYS, variant='R', mode='eval',
-                       dtype='bfloat16', status='ok', images_per_s=30.0)
-  torch_row = check._row(check.TORCH_ROW_KEYS, variant='R', mode='eval',
-                         status='ok', images_per_s=20.0)
-  report = dict(smoke=False, jax_steps=[jax_row],
-                torch_peer=dict(rows=[torch_row]))
+  jax_row = check._row(
+      check.JAX_ROW_KEYS,
+      variant='R',
+      mode='eval',
+      dtype='bfloat16',
+      status='ok',
+      images_per_s=30.0)
+  torch_row = check._row(
+      check.TORCH_ROW_KEYS,
+      variant='R',
+      mode='eval',
+      status='ok',
+      images_per_s=20.0)
+  report = dict(
+      smoke=False, jax_steps=[jax_row], torch_peer=dict(rows=[torch_row]))
   (row,) = check.comparison(report)
   assert row['jax_over_torch'] == 1.5 and row['jax_dtype'] == 'bfloat16'
   with pytest.raises(KeyError):

@@ -52,8 +52,8 @@ def test_constant_map_gives_pixel_auroc_one_half():
 
 def test_ssim_of_an_image_with_itself_is_one():
   images = _images()
-  np.testing.assert_allclose(anomaly_maps.ssim_map(images, images), 1.0,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      anomaly_maps.ssim_map(images, images), 1.0, atol=1e-5)
   outputs = dict(images=images, reconstruction=images)
   ssim_residual = anomaly_maps.residual_ssim_map(outputs, SETTINGS)
   assert ssim_residual.shape == (2, 16, 16)
@@ -70,34 +70,41 @@ def test_ssim_map_equals_dm_pix(window):
   images = _images((2, 24, 20, 3))
   other = jnp.clip(images + 0.3 * _images((2, 24, 20, 3), seed=1), -1, 1)
   half = window // 2
-  pad = lambda x: (jnp.pad(x, ((0, 0), (half, half), (half, half), (0, 0)),
-                           mode='reflect') + 1.0) / 2.0
-  expected = jnp.mean(dm_pix.ssim(pad(images), pad(other), max_val=1.0,
-                                  filter_size=window, return_map=True), -1)
-  np.testing.assert_allclose(anomaly_maps.ssim_map(images, other, window),
-                             expected, atol=2e-5)
+  pad = lambda x: (jnp.pad(
+      x, ((0, 0), (half, half), (half, half),
+          (0, 0)), mode='reflect') + 1.0) / 2.0
+  expected = jnp.mean(
+      dm_pix.ssim(
+          pad(images),
+          pad(other),
+          max_val=1.0,
+          filter_size=window,
+          return_map=True), -1)
+  np.testing.assert_allclose(
+      anomaly_maps.ssim_map(images, other, window), expected, atol=2e-5)
 
 
 def test_gaussian_blur_equals_scipy_with_mirror_padding():
   maps = np.asarray(_images((2, 30, 26, 1))[..., 0])
-  expected = np.stack([ndimage.gaussian_filter(m.astype(np.float64), 3.0,
-                                               mode='mirror', truncate=3.0)
-                       for m in maps])
-  np.testing.assert_allclose(anomaly_maps.gaussian_blur(maps, 3.0), expected,
-                             atol=1e-5)
+  expected = np.stack([
+      ndimage.gaussian_filter(
+          m.astype(np.float64), 3.0, mode='mirror', truncate=3.0) for m in maps
+  ])
+  np.testing.assert_allclose(
+      anomaly_maps.gaussian_blur(maps, 3.0), expected, atol=1e-5)
 
 
 def test_gaussian_blur_keeps_constants_and_spreads_a_peak():
   flat = jnp.full((1, 20, 20), 2.0)
-  np.testing.assert_allclose(anomaly_maps.gaussian_blur(flat, 2.0), 2.0,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      anomaly_maps.gaussian_blur(flat, 2.0), 2.0, rtol=1e-5)
   peak = jnp.zeros((1, 41, 41)).at[0, 20, 20].set(1.0)
   blurred = np.asarray(anomaly_maps.gaussian_blur(peak, 2.0))[0]
   assert blurred.sum() == pytest.approx(1.0, rel=1e-4)
   # A separable Gaussian kernel cut at 3 sigma (radius 6) and normalised.
   x = np.arange(41) - 20
-  g = np.where(np.abs(x) <= 6, np.exp(-x ** 2 / 8.0), 0.0)
-  expected = np.outer(g, g) / g.sum() ** 2
+  g = np.where(np.abs(x) <= 6, np.exp(-x**2 / 8.0), 0.0)
+  expected = np.outer(g, g) / g.sum()**2
   np.testing.assert_allclose(blurred, expected, atol=1e-6)
 
 
@@ -106,8 +113,8 @@ def test_image_score_is_the_mean_of_the_top_percent():
   maps[0].flat[:4] = [4.0, 3.0, 2.0, 1.0]
   maps[0].flat[4] = 0.5
   maps[1] = 0.25
-  np.testing.assert_allclose(anomaly_maps.image_score(jnp.asarray(maps)),
-                             [2.5, 0.25])
+  np.testing.assert_allclose(
+      anomaly_maps.image_score(jnp.asarray(maps)), [2.5, 0.25])
 
 
 def test_attention_maps_of_outputs():
@@ -118,79 +125,97 @@ def test_attention_maps_of_outputs():
   a = np.array([[1.0, 0.0], [0.5, 0.25]])  # asymmetric: transposes show
   unit_mean = np.array([[0.0, 0.2], [0.9, 1.0]])
   images = np.zeros((1, 4, 4, 1), np.float32)
-  reconstruction = np.linspace(-1, 1, 16, dtype=np.float32).reshape(
-      1, 4, 4, 1)
-  outputs = dict(images=jnp.asarray(images),
-                 reconstruction=jnp.asarray(reconstruction),
-                 attention=jnp.asarray(a[None], jnp.float32),
-                 attention_unit_mean=jnp.asarray(unit_mean[None],
-                                                 jnp.float32))
+  reconstruction = np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 4, 4, 1)
+  outputs = dict(
+      images=jnp.asarray(images),
+      reconstruction=jnp.asarray(reconstruction),
+      attention=jnp.asarray(a[None], jnp.float32),
+      attention_unit_mean=jnp.asarray(unit_mean[None], jnp.float32))
   expected = upsample @ (1.0 - a) @ upsample.T  # M = 1 - A at image size
-  np.testing.assert_allclose(anomaly_maps.attention_map(outputs, SETTINGS)[0],
-                             expected, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(
+      anomaly_maps.attention_map(outputs, SETTINGS)[0],
+      expected,
+      rtol=0,
+      atol=1e-6)
   np.testing.assert_allclose(
       anomaly_maps.attention_liu_map(outputs, SETTINGS)[0],
-      upsample @ (1.0 - unit_mean) @ upsample.T, rtol=0, atol=1e-6)
+      upsample @ (1.0 - unit_mean) @ upsample.T,
+      rtol=0,
+      atol=1e-6)
   # Unblurred (sigma 0): (1 - A) times the squared error, channel mean.
   np.testing.assert_allclose(
       anomaly_maps.attention_x_residual_map(outputs, SETTINGS)[0],
-      expected * reconstruction[0, :, :, 0] ** 2, rtol=0, atol=1e-6)
+      expected * reconstruction[0, :, :, 0]**2,
+      rtol=0,
+      atol=1e-6)
 
 
 def test_normalize_variants_by_hand():
   cam = jnp.array([[[-1.0, 0.0], [1.0, 3.0]]])
-  np.testing.assert_allclose(attention.normalize(cam, 'max'),
-                             [[[0.0, 0.0], [1 / 3, 1.0]]], rtol=1e-6)
-  np.testing.assert_allclose(attention.normalize(cam, 'minmax'),
-                             [[[0.0, 0.25], [0.5, 1.0]]], rtol=1e-6)
+  np.testing.assert_allclose(
+      attention.normalize(cam, 'max'), [[[0.0, 0.0], [1 / 3, 1.0]]], rtol=1e-6)
+  np.testing.assert_allclose(
+      attention.normalize(cam, 'minmax'), [[[0.0, 0.25], [0.5, 1.0]]],
+      rtol=1e-6)
   with pytest.raises(ValueError, match='norm'):
     attention.normalize(cam, 'softmax')
 
 
 def _generator(**attention_settings):
-  config = ml_collections.ConfigDict(dict(
-      data=dict(image_size=32, channels=3),
-      model=dict(variant='D', latent='conv', latent_channels=4,
-                 encoder_widths=(4, 8, 8, 8), decoder_widths=(8, 8, 4, 4),
-                 discriminator_widths=(4, 4, 4, 4), **attention_settings)))
+  config = ml_collections.ConfigDict(
+      dict(
+          data=dict(image_size=32, channels=3),
+          model=dict(
+              variant='D',
+              latent='conv',
+              latent_channels=4,
+              encoder_widths=(4, 8, 8, 8),
+              decoder_widths=(8, 8, 4, 4),
+              discriminator_widths=(4, 4, 4, 4),
+              **attention_settings)))
   generator, _ = train_lib.build_models(config)
   x = _images((3, 32, 32, 3), seed=1)
-  variables = generator.init({'params': jax.random.key(2)}, x, None,
+  variables = generator.init({'params': jax.random.key(2)},
+                             x,
+                             None,
                              train=False)
   return generator, variables, x
 
 
 def _forward(generator, variables, x):
   return attention.forward_with_attention(
-      generator, variables['params'], variables['batch_stats'], x, None,
-      train=False, unit_maps=True)[0]
+      generator,
+      variables['params'],
+      variables['batch_stats'],
+      x,
+      None,
+      train=False,
+      unit_maps=True)[0]
 
 
 def test_unit_mean_score_equals_liu_et_al_mean_map():
   generator, variables, x = _generator(attention_score='unit_mean')
   outputs = _forward(generator, variables, x)
   maps, _ = explain.explain(generator, variables, x)
-  np.testing.assert_allclose(outputs['attention'], maps.mean, rtol=1e-5,
-                             atol=1e-6)
-  np.testing.assert_allclose(outputs['attention_sum'], maps.sum, rtol=1e-5,
-                             atol=1e-6)
-  np.testing.assert_allclose(outputs['unit_attention'], maps.units,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      outputs['attention'], maps.mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      outputs['attention_sum'], maps.sum, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      outputs['unit_attention'], maps.units, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('stage,norm', [(2, 'max'), (3, 'minmax'),
                                         (4, 'minmax')])
-def test_attention_at_an_earlier_stage_matches_per_image_gradients(stage,
-                                                                   norm):
-  generator, variables, x = _generator(attention_stage=stage,
-                                       attention_norm=norm)
+def test_attention_at_an_earlier_stage_matches_per_image_gradients(stage, norm):
+  generator, variables, x = _generator(
+      attention_stage=stage, attention_norm=norm)
   outputs = _forward(generator, variables, x)
-  assert outputs['attention'].shape == (3, 32 // 2 ** stage,
-                                        32 // 2 ** stage)
+  assert outputs['attention'].shape == (3, 32 // 2**stage, 32 // 2**stage)
 
   def stage_features(image):
-    return generator.apply(variables, image[None], False, stage,
-                           method='encode')
+    return generator.apply(
+        variables, image[None], False, stage, method='encode')
 
   def sum_mu(f):
     top = generator.apply(variables, f, stage, False, method='encode_from')
@@ -207,16 +232,18 @@ def test_attention_at_an_earlier_stage_matches_per_image_gradients(stage,
       cam = np.maximum(cam, 0) / (np.maximum(cam, 0).max() + 1e-8)
     else:
       cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-8)
-    np.testing.assert_allclose(outputs['attention'][b], cam, rtol=1e-4,
-                               atol=1e-5)
-    np.testing.assert_allclose(outputs['attention_sum'][b], cam, rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        outputs['attention'][b], cam, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        outputs['attention_sum'][b], cam, rtol=1e-4, atol=1e-5)
   # The reconstruction does not depend on where the attention is taken.
   reference_generator, _, _ = _generator()
   reference = _forward(reference_generator, variables, x)
-  np.testing.assert_allclose(outputs['reconstruction'],
-                             reference['reconstruction'], rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      outputs['reconstruction'],
+      reference['reconstruction'],
+      rtol=1e-5,
+      atol=1e-6)
 
 
 def _dataset(maps_shape=(4, 8, 8)):
@@ -236,8 +263,8 @@ def test_compute_metrics_scores_every_map_and_the_prior():
       maps=dict(attention=noise, residual=perfect),
       map_scores=dict(attention=np.zeros(4), residual=perfect.max((1, 2))))
   result = scoring.compute_metrics(predictions, dataset, headline='residual')
-  assert set(result['maps']) == {'attention', 'residual', 'prior',
-                                 'prior_normal'}
+  assert set(
+      result['maps']) == {'attention', 'residual', 'prior', 'prior_normal'}
   residual = result['maps']['residual']
   assert residual['pixel_auroc'] == 1.0 and residual['aupro'] == 1.0
   # Normalised over the test set, the exact map has IoU 1 at 0.5.
@@ -266,7 +293,8 @@ def test_flat_metrics_are_the_headline_maps_and_accuracies_name_thresholds():
   predictions = dict(
       # s_a falls where the labels rise: its image AUROC is 0, the
       # headline's 1, so a flat key taken from s_a cannot pass.
-      score=np.array([0.4, 0.3, 0.2, 0.1]), maps=dict(residual=perfect),
+      score=np.array([0.4, 0.3, 0.2, 0.1]),
+      maps=dict(residual=perfect),
       map_scores=dict(residual=perfect.max((1, 2))),
       p_anomalous=np.array([0.9, 0.8, 0.7, 0.1]))
   result = scoring.compute_metrics(predictions, dataset, 'residual',
@@ -280,11 +308,13 @@ def test_flat_metrics_are_the_headline_maps_and_accuracies_name_thresholds():
   assert 'headline_detection' not in result
   # Every accuracy, flat or per map, says which threshold decided it.
   keys = set(result) | {k for m in result['maps'].values() for k in m}
-  accuracies = {k.removesuffix('_reconstruction') for k in keys
-                if 'accuracy' in k}
-  assert accuracies == {'detection_accuracy_minmax',
-                        'detection_accuracy_held_out',
-                        'classifier_accuracy_argmax'}
+  accuracies = {
+      k.removesuffix('_reconstruction') for k in keys if 'accuracy' in k
+  }
+  assert accuracies == {
+      'detection_accuracy_minmax', 'detection_accuracy_held_out',
+      'classifier_accuracy_argmax'
+  }
 
 
 def test_held_out_split_is_fixed_disjoint_and_keeps_an_image():
@@ -303,15 +333,16 @@ def test_held_out_split_is_fixed_disjoint_and_keeps_an_image():
 def test_thresholds_from_held_out_normal_images():
   dataset = _dataset()
   perfect = dataset.masks.astype(np.float32) * 3.0 + 1.0
-  held_out = dict(maps=dict(residual=np.linspace(0, 2, 200).reshape(2, 10, 10)),
-                  map_scores=dict(residual=np.array([0.5, 1.5])))
+  held_out = dict(
+      maps=dict(residual=np.linspace(0, 2, 200).reshape(2, 10, 10)),
+      map_scores=dict(residual=np.array([0.5, 1.5])))
   thresholds = scoring.held_out_thresholds(held_out, quantile=1.0)
   assert thresholds == {'residual': (2.0, 1.5, 1.0)}  # and the median
   predictions = dict(
-      score=np.array([0.1, 0.2, 0.3, 0.4]), maps=dict(residual=perfect),
+      score=np.array([0.1, 0.2, 0.3, 0.4]),
+      maps=dict(residual=perfect),
       map_scores=dict(residual=perfect.max((1, 2))))
-  result = scoring.compute_metrics(predictions, dataset, 'residual',
-                                    thresholds)
+  result = scoring.compute_metrics(predictions, dataset, 'residual', thresholds)
   residual = result['maps']['residual']
   # Defect pixels (4) are above the normal maximum 2, the others (1) below;
   # the image scores 4 and 1 split the same way at 1.5.
@@ -321,8 +352,8 @@ def test_thresholds_from_held_out_normal_images():
   assert result['iou_held_out'] == 1.0
   assert 'iou_held_out' not in result['maps']['prior']
   # A threshold below every pixel flags whole images: IoU = mask share.
-  low = scoring.compute_metrics(dict(predictions), dataset, 'residual',
-                                 {'residual': (0.0, 0.0)})
+  low = scoring.compute_metrics(
+      dict(predictions), dataset, 'residual', {'residual': (0.0, 0.0)})
   share = dataset.masks[dataset.labels == 1].mean(axis=(1, 2)).mean()
   assert low['maps']['residual']['iou_held_out'] == pytest.approx(share)
   assert low['maps']['residual']['detection_accuracy_held_out'] == np.mean(
@@ -339,8 +370,8 @@ def test_conv_latent_attention_is_a_fixed_linear_read_out_of_the_features():
       -1, generator.latent_channels).sum(axis=1)
   cam = np.maximum(np.einsum('bhwk,k->bhw', outputs['features'], w), 0)
   expected = cam / (cam.max(axis=(1, 2), keepdims=True) + 1e-8)
-  np.testing.assert_allclose(outputs['attention'], expected, rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      outputs['attention'], expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('field, value, expected', [
@@ -360,8 +391,8 @@ def test_conv_latent_attention_is_a_fixed_linear_read_out_of_the_features():
     ('eval.threshold_quantile', 1.5, 'threshold_quantile=1.5 must be in'),
     ('eval.threshold_quantile', -0.1, 'threshold_quantile=-0.1 must be a'),
 ])
-def test_bad_map_and_attention_settings_are_one_line_errors(tiny_config, field,
-                                                            value, expected):
+def test_bad_map_and_attention_settings_are_one_line_errors(
+    tiny_config, field, value, expected):
   section, name = field.split('.')
   tiny_config[section][name] = value
   with pytest.raises(CavgaError) as info:
@@ -375,12 +406,9 @@ def test_default_blur_scales_with_the_image_size(tiny_config):
   assert tiny_config.eval.residual_sigma is None
   config_checks.check_config(tiny_config)
   for size, sigma in ((256, 4.0), (128, 2.0), (64, 1.0)):
-    assert (
-        evaluator_lib.map_settings(
-            typed_config.from_config(tiny_config).eval, size
-        ).residual_sigma
-        == sigma
-    )
+    assert (evaluator_lib.map_settings(
+        typed_config.from_config(tiny_config).eval,
+        size).residual_sigma == sigma)
   tiny_config.eval.residual_sigma = 3.0
-  assert evaluator_lib.map_settings(typed_config.from_config(tiny_config).eval,
-                                    64).residual_sigma == 3.0
+  assert evaluator_lib.map_settings(
+      typed_config.from_config(tiny_config).eval, 64).residual_sigma == 3.0

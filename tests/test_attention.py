@@ -29,8 +29,8 @@ def test_linear_score_matches_hand_computation():
 
 
 def _nonlinear_score(params, f):
-  return jnp.sum(jnp.tanh(jnp.einsum('bhwk,kc->bhwc', f, params)) ** 2,
-                 axis=(1, 2, 3))
+  return jnp.sum(
+      jnp.tanh(jnp.einsum('bhwk,kc->bhwc', f, params))**2, axis=(1, 2, 3))
 
 
 def test_gradients_match_finite_differences():
@@ -49,8 +49,8 @@ def test_gradients_match_finite_differences():
                - score(minus.reshape(features.shape)).sum()) / (2 * eps)
     expected = attention.cam_from_gradients(features,
                                             fd.reshape(features.shape))
-    np.testing.assert_allclose(attention.grad_cam(score, features), expected,
-                               rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(
+        attention.grad_cam(score, features), expected, rtol=1e-6, atol=1e-8)
 
 
 def test_second_order_gradient_matches_finite_differences():
@@ -92,28 +92,37 @@ def test_localization_map():
 
 
 def test_forward_with_attention_on_the_generator():
-  config = ml_collections.ConfigDict(dict(
-      data=dict(image_size=32, channels=3),
-      model=dict(variant='D', latent='conv', latent_channels=8,
-                 encoder_widths=(8, 8, 16, 16), decoder_widths=(16, 8, 8, 8),
-                 discriminator_widths=(8, 8, 8, 8))))
+  config = ml_collections.ConfigDict(
+      dict(
+          data=dict(image_size=32, channels=3),
+          model=dict(
+              variant='D',
+              latent='conv',
+              latent_channels=8,
+              encoder_widths=(8, 8, 16, 16),
+              decoder_widths=(16, 8, 8, 8),
+              discriminator_widths=(8, 8, 8, 8))))
   generator, _ = train_lib.build_models(config)
-  x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1,
-                         maxval=1)
-  variables = generator.init({'params': jax.random.key(1)}, x, None,
+  x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1, maxval=1)
+  variables = generator.init({'params': jax.random.key(1)},
+                             x,
+                             None,
                              train=False)
-  outputs, stats = jax.jit(
-      lambda v: attention.forward_with_attention(
-          generator, v['params'], v['batch_stats'], x, jax.random.key(2),
-          train=True))(variables)
+  outputs, stats = jax.jit(lambda v: attention.forward_with_attention(
+      generator,
+      v['params'],
+      v['batch_stats'],
+      x,
+      jax.random.key(2),
+      train=True))(
+          variables)
   assert outputs['attention'].shape == (4, 2, 2)
   assert jax.tree.structure(stats) == jax.tree.structure(
       variables['batch_stats'])
   # Same map as Grad-CAM of sum(mu) computed directly from the features.
   direct = attention.grad_cam(
-      lambda f: generator.apply(
-          {'params': variables['params']}, f,
-          method='latent_params')[0].sum(axis=(1, 2, 3)),
+      lambda f: generator.apply({'params': variables['params']},
+                                f,
+                                method='latent_params')[0].sum(axis=(1, 2, 3)),
       outputs['features'])
-  np.testing.assert_allclose(outputs['attention'], direct, rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(outputs['attention'], direct, rtol=1e-5, atol=1e-6)

@@ -25,17 +25,24 @@ def script():
 def root(tmp_path_factory):
   root = tmp_path_factory.mktemp('mvtec')
   for seed, category in enumerate(CATEGORIES):
-    data.generate_dataset(str(root), seed=seed, image_size=32,
-                          category=category, num_train=16, num_test_good=4,
-                          num_test_per_defect=2)
+    data.generate_dataset(
+        str(root),
+        seed=seed,
+        image_size=32,
+        category=category,
+        num_train=16,
+        num_test_good=4,
+        num_test_per_defect=2)
   (root / 'not_a_category').mkdir()  # No train/good: not listed.
   return root
 
 
 def _run_main(script, monkeypatch, *args):
   """script.main as `python scripts/benchmark_table.py *args` runs it."""
-  argv = ['benchmark_table.py', '--config=configs/tiny.py',
-          '--compilation_cache=', *args]  # conftest's cache stays on.
+  argv = [
+      'benchmark_table.py', '--config=configs/tiny.py', '--compilation_cache=',
+      *args
+  ]  # conftest's cache stays on.
   monkeypatch.setattr(sys, 'argv', argv)  # config_flags reads overrides here.
   monkeypatch.chdir(REPO_ROOT)
   try:
@@ -69,12 +76,13 @@ def test_benchmark_table_then_rerun_skips(script, root, tmp_path, monkeypatch,
   table = (workdir / 'benchmark_table.md').read_text().splitlines()
   assert table[0] == '# tiny: 2 steps, map feature_gaussian'
   assert 'AU-PRO' in table[2] and 'eval s' in table[2]
-  assert [line.split(' | ')[0] for line in table[4:]] == [
-      '| cat_a', '| cat_b', '| mean']
+  assert [line.split(' | ')[0] for line in table[4:]
+         ] == ['| cat_a', '| cat_b', '| mean']
 
   # Finished categories are neither trained nor evaluated again.
   def fail(*unused_args):
     raise AssertionError('a finished category was run again')
+
   monkeypatch.setattr(train_lib, 'train', fail)
   monkeypatch.setattr(script.eval_lib, 'evaluate', fail)
   caplog.set_level('INFO', logger='absl')
@@ -92,8 +100,8 @@ def test_benchmark_table_then_rerun_skips(script, root, tmp_path, monkeypatch,
 def test_bad_root_or_category(script, root, tmp_path, tiny_config, categories,
                               message):
   bad_root = str(root) if categories else str(root / 'not_a_category')
-  with pytest.raises(DataError, match=message.replace('(', r'\(')
-                     .replace(')', r'\)')):
+  with pytest.raises(
+      DataError, match=message.replace('(', r'\(').replace(')', r'\)')):
     script.run_benchmark(tiny_config, str(tmp_path / 'bench'), bad_root,
                          categories)
   assert not (tmp_path / 'bench').exists()

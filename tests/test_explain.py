@@ -29,11 +29,15 @@ def _vae_and_images(latent_dim=5, batch=3, seed=0):
 
 def _conv_generator_and_images(batch=2):
   model = cavga.CAVGAGenerator(
-      variant='D', image_size=32, latent='conv', latent_channels=3,
-      image_channels=3, encoder_widths=(4, 4, 8, 8),
+      variant='D',
+      image_size=32,
+      latent='conv',
+      latent_channels=3,
+      image_channels=3,
+      encoder_widths=(4, 4, 8, 8),
       decoder_widths=(8, 8, 4, 4))
-  images = jax.random.uniform(jax.random.key(2), (batch, 32, 32, 3),
-                              minval=-1, maxval=1)
+  images = jax.random.uniform(
+      jax.random.key(2), (batch, 32, 32, 3), minval=-1, maxval=1)
   variables = model.init(jax.random.key(3), images, None, False)
   return model, variables, images
 
@@ -43,29 +47,35 @@ def _separate_unit_maps(model, variables, images):
   features = model.apply(variables, images, False, method='encode')
 
   def unit_score(k):
+
     def score(f):
       mu, _ = model.apply(variables, f, method='latent_params')
       return attention.unit_scores(mu)[:, k]
+
     return score
 
   mu, _ = model.apply(variables, features, method='latent_params')
   num_units = attention.unit_scores(mu).shape[1]
-  units = np.stack([attention.grad_cam(unit_score(k), features)
-                    for k in range(num_units)], axis=1)
+  units = np.stack(
+      [attention.grad_cam(unit_score(k), features) for k in range(num_units)],
+      axis=1)
 
   def sum_score(f):
-    return jnp.sum(model.apply(variables, f, method='latent_params')[0]
-                   .reshape(f.shape[0], -1), axis=1)
+    return jnp.sum(
+        model.apply(variables, f,
+                    method='latent_params')[0].reshape(f.shape[0], -1),
+        axis=1)
 
   return units, np.asarray(attention.grad_cam(sum_score, features))
 
 
-@pytest.mark.parametrize('make', [_vae_and_images, _conv_generator_and_images],
-                         ids=['flat_latent_vae', 'conv_latent_cavga'])
+@pytest.mark.parametrize(
+    'make', [_vae_and_images, _conv_generator_and_images],
+    ids=['flat_latent_vae', 'conv_latent_cavga'])
 def test_unit_maps_equal_separate_grad_cam(make):
   model, variables, images = make()
-  maps, outputs = jax.jit(
-      lambda v, x: explain.explain(model, v, x))(variables, images)
+  maps, outputs = jax.jit(lambda v, x: explain.explain(model, v, x))(variables,
+                                                                     images)
   units, sum_map = _separate_unit_maps(model, variables, images)
   assert maps.units.shape == units.shape
   np.testing.assert_allclose(maps.units, units, atol=1e-5)
@@ -99,23 +109,29 @@ def test_attention_disentanglement_loss_hand_computed():
   # Two maps: 2 * sum(min) / sum(a + b), averaged over the batch.
   b = rng.uniform(size=(4, 4))
   c = rng.uniform(size=(4, 4))
-  expected = np.mean([2 * np.minimum(a, b).sum() / (a + b).sum(),
-                      2 * np.minimum(a, c).sum() / (a + c).sum()])
+  expected = np.mean([
+      2 * np.minimum(a, b).sum() / (a + b).sum(), 2 * np.minimum(a, c).sum() /
+      (a + c).sum()
+  ])
   pairs = jnp.asarray(np.stack([np.stack([a, b]), np.stack([a, c])]))
-  np.testing.assert_allclose(losses.attention_disentanglement_loss(pairs),
-                             expected, rtol=1e-6)
+  np.testing.assert_allclose(
+      losses.attention_disentanglement_loss(pairs), expected, rtol=1e-6)
   # All-zero maps count 0, not NaN.
-  assert float(losses.attention_disentanglement_loss(
-      jnp.zeros((2, 3, 4, 4)))) == 0.0
+  assert float(losses.attention_disentanglement_loss(jnp.zeros(
+      (2, 3, 4, 4)))) == 0.0
 
 
 def test_attention_disentanglement_loss_sums_all_pairs():
   maps = np.random.default_rng(1).uniform(size=(2, 5, 3, 3))
-  per_image = [sum(2 * np.minimum(m[i], m[j]).sum() / (m[i] + m[j]).sum()
-                   for i, j in itertools.combinations(range(5), 2))
-               for m in maps]
-  np.testing.assert_allclose(losses.attention_disentanglement_loss(maps),
-                             np.mean(per_image), rtol=1e-6)
+  per_image = [
+      sum(2 * np.minimum(m[i], m[j]).sum() / (m[i] + m[j]).sum()
+          for i, j in itertools.combinations(range(5), 2))
+      for m in maps
+  ]
+  np.testing.assert_allclose(
+      losses.attention_disentanglement_loss(maps),
+      np.mean(per_image),
+      rtol=1e-6)
 
 
 def test_l_ad_trains_through_the_maps():
@@ -143,12 +159,13 @@ def _softmax(z):
 def test_distribution_variant_hand_cases():
   # Two positions: a cam peaked at 0, one peaked at 1, a flat (dead) one.
   peak_a, peak_b, flat = [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]
-  loss = lambda *cams: float(losses.attention_overlap_per_image(
-      jnp.asarray([cams], jnp.float32).reshape(1, len(cams), 1, 2))[0])
+  loss = lambda *cams: float(
+      losses.attention_overlap_per_image(
+          jnp.asarray([cams], jnp.float32).reshape(1, len(cams), 1, 2))[0])
   z = 0.5 / np.sqrt(0.25 + 1e-6)  # standardised peak
   p_a, p_b = _softmax(np.array([z, -z])), _softmax(np.array([-z, z]))
-  assert loss(peak_a, peak_b) == pytest.approx(np.minimum(p_a, p_b).sum(),
-                                               rel=1e-5)  # ~0.238
+  assert loss(peak_a, peak_b) == pytest.approx(
+      np.minimum(p_a, p_b).sum(), rel=1e-5)  # ~0.238
   assert loss(peak_a, peak_a) == pytest.approx(1.0, rel=1e-6)
   # The flat cam is the uniform distribution: it overlaps the peak by
   # 0.5 + 0.119, more than the disjoint peak does; switching a map off
@@ -172,8 +189,8 @@ def test_distribution_variant_trains_the_mu_head():
     return losses.attention_disentanglement_variant(maps, 'distribution')
 
   grads = jax.jit(jax.grad(l_ad))(variables['params'])
-  assert all(np.isfinite(float(jnp.linalg.norm(g)))
-             for g in jax.tree.leaves(grads))
+  assert all(
+      np.isfinite(float(jnp.linalg.norm(g))) for g in jax.tree.leaves(grads))
   assert float(jnp.linalg.norm(grads['mu']['kernel'])) > 0
   assert float(jnp.linalg.norm(grads['conv0']['kernel'])) > 0
   with pytest.raises(ValueError, match='ad_variant'):
@@ -183,8 +200,8 @@ def test_distribution_variant_trains_the_mu_head():
 def test_unit_cams_are_the_maps_before_relu_and_normalisation():
   model, variables, images = _vae_and_images()
   maps, _ = explain.explain(model, variables, images)
-  np.testing.assert_allclose(maps.units,
-                             attention.normalize(maps.unit_cams), atol=1e-6)
+  np.testing.assert_allclose(
+      maps.units, attention.normalize(maps.unit_cams), atol=1e-6)
 
 
 def test_live_unit_share_on_a_hand_made_batch():
@@ -204,14 +221,17 @@ def test_beta_vae_losses_hand_computed():
   bce = -(images * np.log(p) + (1 - images) * np.log(1 - p))
   np.testing.assert_allclose(
       losses.bernoulli_reconstruction_loss(images, logits),
-      bce.reshape(2, -1).sum(1).mean(), rtol=1e-5)
+      bce.reshape(2, -1).sum(1).mean(),
+      rtol=1e-5)
   mu, logvar = rng.normal(size=(2, 4)), rng.normal(size=(2, 4))
-  kl = 0.5 * (np.exp(logvar) + mu ** 2 - 1 - logvar)
-  np.testing.assert_allclose(losses.kl_divergence(mu, logvar),
-                             kl.sum(1).mean(), rtol=1e-5)
+  kl = 0.5 * (np.exp(logvar) + mu**2 - 1 - logvar)
+  np.testing.assert_allclose(
+      losses.kl_divergence(mu, logvar), kl.sum(1).mean(), rtol=1e-5)
   # The beta-VAE KL is the CAVGA per-element mean times the latent size.
-  np.testing.assert_allclose(losses.kl_divergence(mu, logvar),
-                             4 * losses.kl_loss(mu, logvar), rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.kl_divergence(mu, logvar),
+      4 * losses.kl_loss(mu, logvar),
+      rtol=1e-5)
 
 
 def test_conv_vae_shapes():

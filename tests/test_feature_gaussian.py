@@ -33,12 +33,13 @@ def test_moments_match_numpy_mean_and_regularised_covariance_in_any_order():
     for w in range(3):
       cells = features[:, h, w]
       np.testing.assert_allclose(mean[h, w], cells.mean(0), rtol=1e-5)
-      covariance = (np.cov(cells, rowvar=False)
-                    + feature_gaussian.REGULARIZATION * np.eye(4))
-      np.testing.assert_allclose(precision[h, w], np.linalg.inv(covariance),
-                                 rtol=1e-3, atol=1e-4)
-  np.testing.assert_allclose(backward.statistics()[1], precision, rtol=1e-4,
-                             atol=1e-5)
+      covariance = (
+          np.cov(cells, rowvar=False)
+          + feature_gaussian.REGULARIZATION * np.eye(4))
+      np.testing.assert_allclose(
+          precision[h, w], np.linalg.inv(covariance), rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(
+      backward.statistics()[1], precision, rtol=1e-4, atol=1e-5)
 
 
 def test_shrinkage_adds_the_mean_variance_over_all_cells_to_each_diagonal():
@@ -54,11 +55,10 @@ def test_shrinkage_adds_the_mean_variance_over_all_cells_to_each_diagonal():
   # v: the mean of the unbiased variances over every cell and channel.
   v = np.mean([np.diag(c) for c in covariances])
   for h in range(3):
-    expected = np.linalg.inv(
-        covariances[h]
-        + (feature_gaussian.REGULARIZATION + shrinkage * v) * np.eye(4))
-    np.testing.assert_allclose(precision[h, 0], expected, rtol=1e-3,
-                               atol=1e-4)
+    expected = np.linalg.inv(covariances[h]
+                             + (feature_gaussian.REGULARIZATION + shrinkage * v)
+                             * np.eye(4))
+    np.testing.assert_allclose(precision[h, 0], expected, rtol=1e-3, atol=1e-4)
   np.testing.assert_allclose(mean, features.mean(0), rtol=1e-6)
   # No shrinkage is the map as it was, bit for bit.
   plain = moments.statistics()
@@ -68,34 +68,34 @@ def test_shrinkage_adds_the_mean_variance_over_all_cells_to_each_diagonal():
   assert feature_gaussian.MAP.settings.shrinkage == 0.0
 
 
-def test_both_gaussians_share_one_accumulator_and_fit_as_if_alone(
-    monkeypatch):
+def test_both_gaussians_share_one_accumulator_and_fit_as_if_alone(monkeypatch):
   rng = np.random.default_rng(2)
   batches = [rng.normal(size=(5, 2, 2, 3)) for _ in range(3)]
   adds = []
   original = feature_gaussian.FeatureMoments.add
-  monkeypatch.setattr(feature_gaussian.FeatureMoments, 'add',
-                      lambda self, f: (adds.append(1), original(self, f)))
+  monkeypatch.setattr(feature_gaussian.FeatureMoments, 'add', lambda self, f:
+                      (adds.append(1), original(self, f)))
   names = (feature_gaussian.NAME, feature_gaussian.SHRUNK_NAME)
-  settings = {feature_gaussian.NAME: feature_gaussian.MAP.settings,
-              feature_gaussian.SHRUNK_NAME: feature_gaussian.SHRUNK_MAP.settings}
-  both = fitting.fit_statistics(
-      ({name: b for name in names} for b in batches), settings, None)
+  settings = {
+      feature_gaussian.NAME: feature_gaussian.MAP.settings,
+      feature_gaussian.SHRUNK_NAME: feature_gaussian.SHRUNK_MAP.settings
+  }
+  both = fitting.fit_statistics(({name: b for name in names} for b in batches),
+                                settings, None)
   assert len(adds) == len(batches)  # one accumulator, filled once
   for name in names:
-    alone = fitting.fit_statistics(
-        ({name: b} for b in batches), {name: settings[name]}, None)
+    alone = fitting.fit_statistics(({name: b} for b in batches),
+                                   {name: settings[name]}, None)
     for key in ('mean', 'precision'):
-      np.testing.assert_array_equal(both.maps[name][key],
-                                    alone.maps[name][key])
+      np.testing.assert_array_equal(both.maps[name][key], alone.maps[name][key])
   assert not np.array_equal(both.maps[names[0]]['precision'],
                             both.maps[names[1]]['precision'])
   # Other features (another channel count) get their own accumulator.
   other = dict(settings)
   other[names[1]] = dataclasses.replace(settings[names[1]], dims=2)
   adds.clear()
-  fitting.fit_statistics(({name: b for name in names} for b in batches),
-                         other, None)
+  fitting.fit_statistics(({name: b for name in names} for b in batches), other,
+                         None)
   assert len(adds) == 2 * len(batches)
 
 
@@ -109,21 +109,19 @@ def test_mahalanobis_by_hand():
   features = np.array([[[[2.0, 3.0]]], [[[0.0, 1.0]]]], np.float32)
   mean = np.array([[[0.0, 1.0]]], np.float32)
   precision = np.array([[np.diag([0.25, 1.0])]], np.float32)
-  distances = np.asarray(feature_gaussian.mahalanobis(features, mean,
-                                                      precision))
-  np.testing.assert_allclose(distances[:, 0, 0], [np.sqrt(5.0), 0.0],
-                             atol=1e-6)
+  distances = np.asarray(
+      feature_gaussian.mahalanobis(features, mean, precision))
+  np.testing.assert_allclose(distances[:, 0, 0], [np.sqrt(5.0), 0.0], atol=1e-6)
 
 
 def test_channel_subset_is_fixed_sorted_and_keeps_all_when_few():
   first = feature_gaussian.select_channels((64, 128), 100)
   assert len(first) == 100 and np.all(np.diff(first) > 0)
   assert first.max() < 192
-  np.testing.assert_array_equal(first,
-                                feature_gaussian.select_channels((64, 128),
-                                                                 100))
-  np.testing.assert_array_equal(feature_gaussian.select_channels((8, 16), 100),
-                                np.arange(24))
+  np.testing.assert_array_equal(
+      first, feature_gaussian.select_channels((64, 128), 100))
+  np.testing.assert_array_equal(
+      feature_gaussian.select_channels((8, 16), 100), np.arange(24))
 
 
 def _defect_dataset(n=4, size=16):
@@ -149,10 +147,12 @@ def test_features_unusual_for_their_cell_find_the_defect():
   moments.add(normal)
   mean, precision = moments.statistics()
   predictions = fitting.outputs_with_fitted_maps(
-      {'maps': {}, 'map_scores': {},
-       inference.INPUTS: {feature_gaussian.NAME: test.astype(np.float32)}},
-      fitting.FittedMaps(maps={feature_gaussian.NAME: dict(
-          mean=mean, precision=precision)}),
+      {
+          'maps': {}, 'map_scores': {},
+          inference.INPUTS: {feature_gaussian.NAME: test.astype(np.float32)}
+      },
+      fitting.FittedMaps(
+          maps={feature_gaussian.NAME: dict(mean=mean, precision=precision)}),
       fitted_map.Context(16, anomaly_maps.MapSettings(residual_sigma=0.0)),
       {feature_gaussian.NAME: feature_gaussian.FeatureSettings()})
   assert inference.INPUTS not in predictions
@@ -169,20 +169,24 @@ def test_encode_stages_equal_encode_up_to_each_stage():
   # ResNet: stage 1 includes the stem, so continuing from a stage must skip
   # it (the DCGAN encoder shares the start/stop loop).
   generator = cavga.CAVGAGenerator(
-      variant='R', image_size=32, latent_channels=4,
-      encoder_widths=(4, 8, 8, 16), decoder_widths=(16, 8, 8, 4, 4),
+      variant='R',
+      image_size=32,
+      latent_channels=4,
+      encoder_widths=(4, 8, 8, 16),
+      decoder_widths=(16, 8, 8, 4, 4),
       conv_impl='lax')
-  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1,
-                         maxval=1)
-  variables = jax.jit(generator.init, static_argnums=(2, 3))(
-      jax.random.key(1), x, None, False)
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+  variables = jax.jit(
+      generator.init, static_argnums=(2, 3))(jax.random.key(1), x, None, False)
 
   @jax.jit
   def both(variables, x):
-    stages = generator.apply(variables, x, False, (1, 2, 4),
-                             method='encode_stages')
-    expected = [generator.apply(variables, x, False, stage, method='encode')
-                for stage in (1, 2, 4)]
+    stages = generator.apply(
+        variables, x, False, (1, 2, 4), method='encode_stages')
+    expected = [
+        generator.apply(variables, x, False, stage, method='encode')
+        for stage in (1, 2, 4)
+    ]
     return stages, expected
 
   for output, expected in zip(*both(variables, x)):

@@ -49,16 +49,23 @@ def _one_line(error: BaseException, *names: str) -> str:
 def _fitted_maps(seed: int = 0) -> fitting.FittedMaps:
   rng = np.random.default_rng(seed)
   return fitting.FittedMaps(
-      maps={'residual_calibrated': dict(mean=rng.random((8, 8), np.float32),
-                                        scale=rng.random((8, 8), np.float32)),
-            'feature_gaussian': dict(
-                mean=rng.random((2, 2, 4), np.float32),
-                precision=rng.random((2, 2, 4, 4), np.float32)),
-            # The largest file.
-            'feature_knn': dict(bank=rng.random((1024, 32), np.float32))},
+      maps={
+          'residual_calibrated':
+              dict(
+                  mean=rng.random((8, 8), np.float32),
+                  scale=rng.random((8, 8), np.float32)),
+          'feature_gaussian':
+              dict(
+                  mean=rng.random((2, 2, 4), np.float32),
+                  precision=rng.random((2, 2, 4, 4), np.float32)),
+          # The largest file.
+          'feature_knn':
+              dict(bank=rng.random((1024, 32), np.float32))
+      },
       normalisers={'feature_gaussian': (0.5, 0.25, 0.4, 1.5)},
-      thresholds={'residual': (1.0, 2.0, 0.5),
-                  'feature_gaussian': (3.0, 4.0, 1.0)})
+      thresholds={
+          'residual': (1.0, 2.0, 0.5), 'feature_gaussian': (3.0, 4.0, 1.0)
+      })
 
 
 def _state(seed: int = 0) -> types.SimpleNamespace:
@@ -66,10 +73,15 @@ def _state(seed: int = 0) -> types.SimpleNamespace:
   rng = np.random.default_rng(seed)
   state = types.SimpleNamespace(
       gen_params={'conv': {'kernel': rng.random((3, 3, 2, 4), np.float32)}},
-      gen_batch_stats={'bn': {'mean': rng.random(4, np.float32),
-                              'var': rng.random(4, np.float32)}})
-  state.generator_variables = lambda: {'params': state.gen_params,
-                                       'batch_stats': state.gen_batch_stats}
+      gen_batch_stats={
+          'bn': {
+              'mean': rng.random(4, np.float32),
+              'var': rng.random(4, np.float32)
+          }
+      })
+  state.generator_variables = lambda: {
+      'params': state.gen_params, 'batch_stats': state.gen_batch_stats
+  }
   return state
 
 
@@ -109,15 +121,17 @@ _DAMAGE = {
     'state truncated': lambda d: _truncate_all(os.path.join(d, 'state')),
     'state missing': lambda d: shutil.rmtree(os.path.join(d, 'state')),
 }
-_BAD_JSON = {'empty': b'', 'not json': b'{"step": 4,', 'a list': b'[1, 2]',
-             'not utf-8': b'\xff\xfe{', 'null': b'null'}
+_BAD_JSON = {
+    'empty': b'', 'not json': b'{"step": 4,', 'a list': b'[1, 2]',
+    'not utf-8': b'\xff\xfe{', 'null': b'null'
+}
 
 
 @pytest.mark.parametrize('damage', list(_DAMAGE))
 def test_a_damaged_fit_fails_its_checksum_on_load(tmp_path, damage):
   directory = str(tmp_path / 'fitted' / 'step_4')
-  key = store.fit_key(typed_config.from_config(tiny.get_config()).eval, 4,
-                      _state(), 32, 16)
+  key = store.fit_key(
+      typed_config.from_config(tiny.get_config()).eval, 4, _state(), 32, 16)
   store.save(directory, _fitted_maps(), key)
   assert store.load(directory, key).thresholds['residual'] == (1.0, 2.0, 0.5)
   _DAMAGE[damage](directory)
@@ -129,13 +143,14 @@ def test_a_damaged_fit_fails_its_checksum_on_load(tmp_path, damage):
 @pytest.mark.parametrize('content', list(_BAD_JSON) + ['old format'])
 def test_an_unreadable_fit_json_is_a_fit_error(tmp_path, content):
   directory = str(tmp_path / 'fitted' / 'step_4')
-  key = store.fit_key(typed_config.from_config(tiny.get_config()).eval, 4,
-                      _state(), 32, 16)
+  key = store.fit_key(
+      typed_config.from_config(tiny.get_config()).eval, 4, _state(), 32, 16)
   store.save(directory, _fitted_maps(), key)
   path = os.path.join(directory, store.KEY_FILE)
   with open(path, 'wb') as f:
-    f.write(json.dumps(dict(key, params_checksum=1908.291)).encode()
-            if content == 'old format' else _BAD_JSON[content])
+    f.write(
+        json.dumps(dict(key, params_checksum=1908.291)).encode() if content ==
+        'old format' else _BAD_JSON[content])
   for read in (store.saved_key, lambda d: store.load(d, key)):
     with pytest.raises(store.FitError) as info:
       read(directory)
@@ -145,19 +160,17 @@ def test_an_unreadable_fit_json_is_a_fit_error(tmp_path, content):
 def test_the_key_covers_params_and_batch_stats_bit_for_bit():
   config = tiny.get_config()
   key = store.fit_key(
-      typed_config.from_config(config).eval, 4, _state(), 32, 16
-  )
+      typed_config.from_config(config).eval, 4, _state(), 32, 16)
   assert key == store.fit_key(
-      typed_config.from_config(config).eval, 4, _state(), 32, 16
-  )
+      typed_config.from_config(config).eval, 4, _state(), 32, 16)
   for tree in ('gen_params', 'gen_batch_stats'):
     state = _state()
     leaf = jax.tree.leaves(getattr(state, tree))[0]
     leaf.view(np.uint32)[0] ^= 1  # one bit of one float
     assert store.differing_fields(
-        key, store.fit_key(typed_config.from_config(config).eval, 4, state, 32,
-                           16)) == [
-            'variables_sha256'], tree
+        key,
+        store.fit_key(typed_config.from_config(config).eval, 4, state, 32,
+                      16)) == ['variables_sha256'], tree
 
 
 class _Evaluator:
@@ -190,8 +203,8 @@ def test_evaluate_refits_a_damaged_fit_saying_why(tmp_path, caplog):
   directory = store.fitted_dir(workdir, 4)
   _flip_bytes(os.path.join(directory, 'state'))
   with caplog.at_level(logging.WARNING):
-    refitted = eval_lib.fitted_maps(config, run.eval, workdir, evaluator,
-                                    state, 4)
+    refitted = eval_lib.fitted_maps(config, run.eval, workdir, evaluator, state,
+                                    4)
   assert evaluator.fits == 2
   assert f'refitting the maps: {directory}/state: the fitted maps fail their ' \
       'checksum' in caplog.text
@@ -226,9 +239,9 @@ def test_predict_py_names_an_empty_config_json_in_one_line(tmp_path):
   # What predict.py's main runs, in this process (a subprocess costs 15 s).
   with pytest.raises(SystemExit) as info:
     runtime.run_program(
-        lambda _, workdir: predict_lib.predict(
-            workdir, str(tmp_path / 'in'), str(tmp_path / 'out')),
-        None, str(tmp_path / 'run'), '')
+        lambda _, workdir: predict_lib.predict(workdir, str(tmp_path / 'in'),
+                                               str(tmp_path / 'out')), None,
+        str(tmp_path / 'run'), '')
   assert info.value.code == (
       f'error: {tmp_path / "run" / "config.json"}: empty file, expected a '
       'JSON object; it should hold the config the run was trained with '
@@ -245,8 +258,10 @@ def _checkpoint(workdir: str, config) -> None:
   """``workdir`` as train.py leaves it, with checkpoint 1: a state of
   ``config``'s shapes (zeros: compiling the initialiser takes a minute)."""
   manager = checkpointing.make_manager(workdir)
-  checkpointing.save(manager, 1, jax.tree.map(
-      lambda x: np.zeros(x.shape, x.dtype), _abstract_state(config)))
+  checkpointing.save(
+      manager, 1,
+      jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
+                   _abstract_state(config)))
   manager.close()
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -263,8 +278,9 @@ def test_a_checkpoint_that_no_longer_fits_the_config_is_one_line(tmp_path):
   step_dir = os.path.join(checkpointing.checkpoint_dir(workdir), '1')
   with pytest.raises(CavgaError) as info:
     scorer_lib.load_scorer(workdir)  # predict.py reads config.json
-  message = _one_line(info.value, step_dir, 'the config differs from the one '
-                      f'{os.path.abspath(workdir)} was trained with')
+  message = _one_line(
+      info.value, step_dir, 'the config differs from the one '
+      f'{os.path.abspath(workdir)} was trained with')
   assert 'is (3, 3, 8, 32) in the checkpoint, (3, 3, 16, 32) with this ' \
       'config' in message
   # Damaged files: one line too (a checkpoint's flipped array bytes go
@@ -279,18 +295,17 @@ def test_predict_stops_on_a_damaged_fit_naming_it(tmp_path):
   workdir = str(tmp_path / 'run')
   config = tiny.get_config()
   _checkpoint(workdir, config)
-  state, step = checkpointing.restore_for_eval(workdir,
-                                               _abstract_state(config))
+  state, step = checkpointing.restore_for_eval(workdir, _abstract_state(config))
   directory = store.fitted_dir(workdir, step)
-  store.save(directory, _fitted_maps(),
-             store.fit_key(typed_config.from_config(config).eval, step,
-                                                      state, 32, 16))
+  store.save(
+      directory, _fitted_maps(),
+      store.fit_key(typed_config.from_config(config).eval, step, state, 32, 16))
   assert scorer_lib.load_scorer(workdir).thresholds == (3.0, 4.0, 1.0)
   _flip_bytes(os.path.join(directory, 'state'))
   # What predict.py's main runs, in this process.
   with pytest.raises(SystemExit) as info:
-    runtime.run_program(lambda _, w: scorer_lib.load_scorer(w), None,
-                        workdir, '')
+    runtime.run_program(lambda _, w: scorer_lib.load_scorer(w), None, workdir,
+                        '')
   assert info.value.code == (
       f'error: {directory}/state: the fitted maps fail their checksum in '
       f'{directory}/fit.json (damaged or edited since evaluate.py saved '
@@ -300,15 +315,19 @@ def test_predict_stops_on_a_damaged_fit_naming_it(tmp_path):
 def _normal_test_set(num: int = 4) -> data.AnomalyDataset:
   return data.AnomalyDataset(
       images=np.full((num, 32, 32, 3), 128, np.uint8),
-      masks=np.zeros((num, 32, 32), bool), labels=np.zeros(num, np.int32),
+      masks=np.zeros((num, 32, 32), bool),
+      labels=np.zeros(num, np.int32),
       defect_types=('good',) * num,
       paths=tuple(f'/data/part/test/good/{i}.png' for i in range(num)))
 
 
 def _made(test_ds: data.AnomalyDataset) -> types.SimpleNamespace:
   """What ``eval_lib.evaluate`` reads of ``run_setup.setup``'s result."""
-  return types.SimpleNamespace(run=typed_config.from_config(tiny.get_config()),
-                               test_ds=test_ds, state=_state(), step=0)
+  return types.SimpleNamespace(
+      run=typed_config.from_config(tiny.get_config()),
+      test_ds=test_ds,
+      state=_state(),
+      step=0)
 
 
 class _ScoringEvaluator(_Evaluator):
@@ -317,11 +336,15 @@ class _ScoringEvaluator(_Evaluator):
   def __call__(self, params, batch_stats, fitted):
     del params, batch_stats
     rng, n = np.random.default_rng(0), self.dataset.num_examples
-    maps = {name: rng.random((n, 32, 32), np.float32)
-            for name in ('residual', 'feature_gaussian')}
+    maps = {
+        name: rng.random((n, 32, 32), np.float32)
+        for name in ('residual', 'feature_gaussian')
+    }
     predictions = dict(
-        maps=maps, map_scores={k: v.max(axis=(1, 2)) for k, v in maps.items()},
-        score=rng.random(n, np.float32), reconstruction=self.dataset.images)
+        maps=maps,
+        map_scores={k: v.max(axis=(1, 2)) for k, v in maps.items()},
+        score=rng.random(n, np.float32),
+        reconstruction=self.dataset.images)
     return scoring.compute_metrics(predictions, self.dataset,
                                    'feature_gaussian',
                                    fitted.thresholds), predictions
@@ -332,8 +355,8 @@ def test_a_test_set_without_defects_gives_null_metrics_saying_why(
   test_ds = _normal_test_set()
   evaluator = _ScoringEvaluator()
   evaluator.dataset = test_ds
-  monkeypatch.setattr(eval_lib, 'evaluation_setup', lambda *args, **kwargs: (
-      _made(test_ds), evaluator))
+  monkeypatch.setattr(eval_lib, 'evaluation_setup', lambda *args, **kwargs:
+                      (_made(test_ds), evaluator))
   result = eval_lib.evaluate(tiny.get_config(), str(tmp_path), untrained=True)
   with open(tmp_path / eval_lib.UNTRAINED_DIR / 'metrics.json') as f:
     text = f.read()
@@ -351,8 +374,10 @@ def test_a_test_set_without_defects_gives_null_metrics_saying_why(
   with caplog.at_level(logging.WARNING):
     eval_lib.check_test_set(test_ds)
   assert written[eval_lib.NO_DEFECTS_FIELD] in caplog.text
-  with pytest.raises(data.DataError, match='/data/part/test/good: the test '
-                     'set has no defect images .* a learning curve'):
+  with pytest.raises(
+      data.DataError,
+      match='/data/part/test/good: the test '
+      'set has no defect images .* a learning curve'):
     eval_lib.evaluate_checkpoints(tiny.get_config(), str(tmp_path))
 
 
@@ -360,7 +385,8 @@ def test_defect_images_without_defect_pixels_are_named(caplog):
   masks = np.zeros((4, 32, 32), bool)
   masks[2, 5:9, 5:9] = True
   test_ds = data.AnomalyDataset(
-      images=np.zeros((4, 32, 32, 3), np.uint8), masks=masks,
+      images=np.zeros((4, 32, 32, 3), np.uint8),
+      masks=masks,
       labels=np.array([0, 1, 1, 1], np.int32),
       defect_types=('good', 'crack', 'crack', 'crack'),
       paths=tuple(f'/data/part/test/{i}.png' for i in range(4)))
@@ -400,8 +426,10 @@ def _unreadable_data(config):
 @contextlib.contextmanager
 def _held(path):
   """Another live process holding the lock file ``path``; yields its pid."""
-  holder = subprocess.Popen([sys.executable, '-c', _HOLDER, str(path)],
-                            stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+      [sys.executable, '-c', _HOLDER, str(path)],
+      stdout=subprocess.PIPE,
+      text=True)
   try:
     assert holder.stdout.readline().strip() == 'holding'
     yield holder.pid
@@ -428,8 +456,9 @@ def test_a_second_writer_stops_naming_the_process_that_holds_the_workdir(
   # An evaluation may run beside training, not beside another evaluation.
   evaluator = _ScoringEvaluator()
   evaluator.dataset = _normal_test_set()
-  monkeypatch.setattr(eval_lib, 'evaluation_setup', lambda *args, **kwargs: (
-      _made(evaluator.dataset), evaluator))
+  monkeypatch.setattr(
+      eval_lib, 'evaluation_setup', lambda *args, **kwargs:
+      (_made(evaluator.dataset), evaluator))
   with _held(workdir / workdirs.EVALUATE_LOCK_FILE) as pid:
     with pytest.raises(CavgaError, match=f'pid {pid} on host'):
       eval_lib.evaluate(tiny_config, str(workdir), untrained=True)
@@ -442,9 +471,13 @@ def test_a_stale_lock_is_taken_over_and_released_on_error(
   workdir.mkdir()
   dead = subprocess.Popen([sys.executable, '-c', ''])
   dead.wait()
-  (workdir / workdirs.LOCK_FILE).write_text(json.dumps(dict(
-      program='train.py', pid=dead.pid, host=socket.gethostname(),
-      since='then')))
+  (workdir / workdirs.LOCK_FILE).write_text(
+      json.dumps(
+          dict(
+              program='train.py',
+              pid=dead.pid,
+              host=socket.gethostname(),
+              since='then')))
   with caplog.at_level(logging.WARNING), pytest.raises(
       data.DataError, match='/nonexistent/cavga_jax_data'):
     train_lib.train(_unreadable_data(tiny_config), str(workdir))
@@ -472,5 +505,5 @@ def test_the_key_covers_the_detectors_shape():
   for changed in (dict(aggregate=1), dict(hidden=256)):
     other = store.fit_key(eval_settings, 4, _state(), 32, 16, None,
                           typed_config.DetectorSettings(**changed))
-    assert store.differing_fields(default, other) == [
-        f'detector.{next(iter(changed))}']
+    assert store.differing_fields(default,
+                                  other) == [f'detector.{next(iter(changed))}']

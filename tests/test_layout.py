@@ -11,13 +11,15 @@ from conftest import REPO_ROOT
 PACKAGE = pathlib.Path(cavga_jax.__file__).parent
 
 # The programs: they take a run config; nothing below imports them.
-PROGRAMS = {'programs.train', 'programs.evaluate', 'programs.predict',
-            'programs.train_vae', 'programs.evaluate_vae', 'programs.one_class'}
+PROGRAMS = {
+    'programs.train', 'programs.evaluate', 'programs.predict',
+    'programs.train_vae', 'programs.evaluate_vae', 'programs.one_class'
+}
 # Modules that train or evaluate; the config checks must import none of them.
 PROGRAM_MODULES = PROGRAMS | {
     'programs.runtime', 'training.cavga_step', 'training.training_loop',
-    'training.detector_training', 'evaluation.evaluator',
-    'evaluation.inference'}
+    'training.detector_training', 'evaluation.evaluator', 'evaluation.inference'
+}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -38,9 +40,10 @@ def _imports() -> dict[str, set[str]]:
         for alias in node.names:
           full = f'{base}.{alias.name}' if base else alias.name
           # 'from cavga_jax.x import Name' imports module x.
-          targets.add(full if (PACKAGE / full.replace('.', '/')).with_suffix(
-              '.py').exists() or (PACKAGE / full.replace('.', '/')).is_dir()
-                      else base)
+          targets.add(
+              full if (PACKAGE
+                       / full.replace('.', '/')).with_suffix('.py').exists() or
+              (PACKAGE / full.replace('.', '/')).is_dir() else base)
     graph[name] = {t for t in targets if t and t != name}
   return graph
 
@@ -86,9 +89,11 @@ def test_long_modules_say_why():
 
 def test_no_module_below_the_programs_imports_one():
   graph = _imports()
-  offenders = {module: sorted(targets & PROGRAMS)
-               for module, targets in graph.items()
-               if module not in PROGRAMS and targets & PROGRAMS}
+  offenders = {
+      module: sorted(targets & PROGRAMS)
+      for module, targets in graph.items()
+      if module not in PROGRAMS and targets & PROGRAMS
+  }
   assert not offenders, offenders
 
 
@@ -99,8 +104,10 @@ def _layer_table() -> dict[str, set[str]]:
   rows = {}
   for line in table.splitlines()[2:]:
     layer, modules = line.strip('|').split('|', 1)
-    rows[layer.strip()] = {name for name in re.findall(
-        r'`([a-z_][a-z_.0-9]*)`', modules) if not name.endswith('.py')}
+    rows[layer.strip()] = {
+        name for name in re.findall(r'`([a-z_][a-z_.0-9]*)`', modules)
+        if not name.endswith('.py')
+    }
   return rows
 
 

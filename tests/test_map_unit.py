@@ -52,8 +52,11 @@ def _apply(context, settings, state, images):
 
 
 MEAN_DEVIATION = fitted_map.FittedMap(
-    name=NAME, inputs=lambda context, settings, batch: batch['images'],
-    init=lambda settings: _MeanImage(), finalize=_finalize, apply=_apply)
+    name=NAME,
+    inputs=lambda context, settings, batch: batch['images'],
+    init=lambda settings: _MeanImage(),
+    finalize=_finalize,
+    apply=_apply)
 
 
 @pytest.fixture
@@ -65,22 +68,22 @@ def registered():
     registry.unregister(NAME)  # no other test sees it
 
 
-def _expected(images: np.ndarray, mean: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray]:
+def _expected(images: np.ndarray,
+              mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(maps, image scores) of uint8 ``images``, in numpy."""
   maps = np.abs(images / 127.5 - 1.0 - mean).mean(axis=-1)
   return maps, np.asarray(anomaly_maps.image_score(jnp.asarray(maps)))
 
 
-def _predict(workdir: str, images: np.ndarray, folder, out
-             ) -> predict_lib.PredictSummary:
+def _predict(workdir: str, images: np.ndarray, folder,
+             out) -> predict_lib.PredictSummary:
   """predict.py's run (untrained fit, a CPU export) on ``images`` saved as
   PNG files in ``folder``, writing to ``out``."""
   folder.mkdir()
   for i, image in enumerate(images):
     Image.fromarray(image).save(folder / f'{i}.png')
-  return predict_lib.predict(workdir, str(folder), str(out),
-                             export_platforms=('cpu',), untrained=True)
+  return predict_lib.predict(
+      workdir, str(folder), str(out), export_platforms=('cpu',), untrained=True)
 
 
 def test_a_registered_map_is_evaluated_saved_predicted_and_exported(
@@ -102,8 +105,7 @@ def test_a_registered_map_is_evaluated_saved_predicted_and_exported(
   fitted = store.load(store.fitted_dir(workdir, 0, untrained=True))
   assert fitted.available() == (NAME,) and NAME in fitted.thresholds
   train, test = run_setup.load_datasets(
-      typed_config.from_config(config), workdir
-  )
+      typed_config.from_config(config), workdir)
   fit_images, _ = fitting.split_held_out(
       evaluator_lib.normal_training_images(train),
       config.eval.threshold_holdout)
@@ -143,9 +145,11 @@ def test_register_refuses_a_taken_name_and_unregister_undoes_it():
 
 def test_mean_tail_and_mean_z_match_numpy_and_a_constant_part_stays_finite():
   rng = np.random.default_rng(3)
-  normal = {'feature_gaussian_shrunk': rng.gamma(2.0, 1.5, (5, 16, 16)),
-            'feature_knn': rng.normal(-1.0, 0.5, (5, 16, 16)),
-            'initial_ssim_calibrated': np.full((5, 16, 16), 2.0)}
+  normal = {
+      'feature_gaussian_shrunk': rng.gamma(2.0, 1.5, (5, 16, 16)),
+      'feature_knn': rng.normal(-1.0, 0.5, (5, 16, 16)),
+      'initial_ssim_calibrated': np.full((5, 16, 16), 2.0)
+  }
   scales = combined_maps.normalisers(normal)
   test = {name: rng.normal(3.0, 2.0, (2, 16, 16)) for name in normal}
   parts = tuple(normal)
@@ -168,16 +172,18 @@ def test_mean_tail_and_mean_z_match_numpy_and_a_constant_part_stays_finite():
   robust = combined_maps.combine(test, scales)['combined_robust']
   np.testing.assert_array_equal(robust, tail)
   with pytest.raises(ValueError, match='unknown combination rule'):
-    registry.register(registry.MapSpec('bad', 'combined', False,
-                                       parts=parts, rule='max'))
+    registry.register(
+        registry.MapSpec('bad', 'combined', False, parts=parts, rule='max'))
 
 
 def test_a_fit_whose_normalisers_lack_a_rules_statistics_is_refused():
-  tree = fitting.FittedMaps(normalisers={'feature_knn': (0.0, 1.0, 0.1, 2.0)},
-                            thresholds={'feature_knn': (1.0, 2.0, 0.5)}
-                            ).to_tree()
-  assert fitting.FittedMaps.from_tree(tree).normalisers['feature_knn'] == (
-      0.0, 1.0, 0.1, 2.0)
+  tree = fitting.FittedMaps(
+      normalisers={'feature_knn': (0.0, 1.0, 0.1, 2.0)},
+      thresholds={'feature_knn': (1.0, 2.0, 0.5)}).to_tree()
+  assert fitting.FittedMaps.from_tree(tree).normalisers['feature_knn'] == (0.0,
+                                                                           1.0,
+                                                                           0.1,
+                                                                           2.0)
   # One saved before the combination rules: (mean, std) only. evaluate.py
   # refits it (store.load raises this as a FitError) instead of misreading.
   tree['normalisers']['feature_knn'] = np.array([0.0, 1.0])
@@ -185,13 +191,12 @@ def test_a_fit_whose_normalisers_lack_a_rules_statistics_is_refused():
     fitting.FittedMaps.from_tree(tree)
 
 
-def test_initial_ssim_reads_the_feature_networks_decoder(tiny_config,
-                                                          tmp_path):
+def test_initial_ssim_reads_the_feature_networks_decoder(tiny_config, tmp_path):
   """initial_ssim_calibrated of networks A while B are evaluated equals
   residual_ssim_smooth_calibrated of A evaluated (feature_weights='initial':
   A is the run's initial state, so training cannot change the map)."""
-  train, test = run_setup.load_datasets(typed_config.from_config(tiny_config),
-                                        str(tmp_path))
+  train, test = run_setup.load_datasets(
+      typed_config.from_config(tiny_config), str(tmp_path))
   generator, _ = train_lib.build_models(tiny_config)
   init = jax.jit(generator.init, static_argnums=(2, 3))
   x = test.images[:1].astype(np.float32)
@@ -215,10 +220,14 @@ def test_initial_ssim_reads_the_feature_networks_decoder(tiny_config,
 
   reference = maps('residual_ssim_smooth_calibrated', initial, None)
   np.testing.assert_allclose(
-      maps('initial_ssim_calibrated', trained, initial), reference,
-      rtol=1e-5, atol=1e-5)
-  assert not np.allclose(maps('residual_ssim_smooth_calibrated', trained,
-                              initial), reference, atol=1e-3)
+      maps('initial_ssim_calibrated', trained, initial),
+      reference,
+      rtol=1e-5,
+      atol=1e-5)
+  assert not np.allclose(
+      maps('residual_ssim_smooth_calibrated', trained, initial),
+      reference,
+      atol=1e-3)
 
 
 def test_combined_robust_untrained_is_evaluated_predicted_and_exported(
@@ -230,13 +239,14 @@ def test_combined_robust_untrained_is_evaluated_predicted_and_exported(
   assert metrics['pixel_auroc'] == (
       metrics['maps']['combined_robust']['pixel_auroc'])
   # Untrained, the initial decoder is the evaluated one.
-  assert (metrics['maps']['initial_ssim_calibrated']
-          == metrics['maps']['residual_ssim_smooth_calibrated'])
+  assert (metrics['maps']['initial_ssim_calibrated'] == metrics['maps']
+          ['residual_ssim_smooth_calibrated'])
   assert (metrics['maps']['feature_gaussian_shrunk']
           != metrics['maps']['feature_gaussian'])
   fitted = store.load(store.fitted_dir(workdir, 0, untrained=True))
-  assert all(len(v) == len(combined_maps.STATISTICS)
-             for v in fitted.normalisers.values())
+  assert all(
+      len(v) == len(combined_maps.STATISTICS)
+      for v in fitted.normalisers.values())
 
   _, test = run_setup.load_datasets(typed_config.from_config(config), workdir)
   images = test.images[:3]
@@ -246,10 +256,10 @@ def test_combined_robust_untrained_is_evaluated_predicted_and_exported(
   with open(out / predict_lib.SCORES_FILE) as f:
     predicted = np.array([float(r['score']) for r in csv.DictReader(f)])
   with open(tmp_path / 'run' / eval_lib.UNTRAINED_DIR / 'scores.csv') as f:
-    evaluated = np.array([float(r['score_combined_robust'])
-                          for r in csv.DictReader(f)])[:len(images)]
+    evaluated = np.array([
+        float(r['score_combined_robust']) for r in csv.DictReader(f)
+    ])[:len(images)]
   np.testing.assert_allclose(predicted, evaluated, rtol=1e-5, atol=1e-5)
   exported, _ = export.load(str(out / predict_lib.SCORER_DIR))
   _, exported_scores, _ = exported.call(images)
-  np.testing.assert_allclose(exported_scores, evaluated, rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(exported_scores, evaluated, rtol=1e-5, atol=1e-5)

@@ -91,10 +91,11 @@ def test_pixel_auroc_matches_sklearn():
 def test_pixel_auroc_with_ties_matches_sklearn():
   rng = np.random.default_rng(1)
   masks = rng.random((3, 8, 9)) < 0.3
-  maps = rng.integers(0, 4, size=(3, 8, 9)) + masks * rng.integers(0, 2, (3, 8, 9))
+  maps = rng.integers(
+      0, 4, size=(3, 8, 9)) + masks * rng.integers(0, 2, (3, 8, 9))
   expected = sk_metrics.roc_auc_score(masks.ravel(), maps.ravel())
-  assert pixel_metrics.pixel_auroc(maps, masks) == pytest.approx(expected,
-                                                                abs=1e-12)
+  assert pixel_metrics.pixel_auroc(maps, masks) == pytest.approx(
+      expected, abs=1e-12)
 
 
 def test_pixel_auroc_one_class_raises():
@@ -115,8 +116,8 @@ def test_shape_mismatch_raises():
 def test_accuracy_at_a_fixed_threshold():
   # Scores above 0.5 are called anomalous: 0.9 (1) right, 0.6 (0) wrong,
   # 0.5 (1) wrong (not strictly greater), 0.1 (0) right.
-  assert image_metrics.accuracy_at_threshold([0.9, 0.6, 0.5, 0.1],
-                                             [1, 0, 1, 0], 0.5) == 0.5
+  assert image_metrics.accuracy_at_threshold([0.9, 0.6, 0.5, 0.1], [1, 0, 1, 0],
+                                             0.5) == 0.5
   with pytest.raises(ValueError, match='labels must contain only'):
     image_metrics.accuracy_at_threshold([0.1, 0.2], [0, 2], 0.5)
 
@@ -146,20 +147,15 @@ def test_image_auroc_one_class_raises():
 
 def test_iou_at_threshold_hand_computed():
   maps = np.array([
-      [[0.9, 0.8, 0.1],
-       [0.2, 0.6, 0.5]],  # 0.5 is not > 0.5, so not predicted.
-      [[0.7, 0.3, 0.3],
-       [0.3, 0.3, 0.3]],
-      [[0.9, 0.9, 0.9],
-       [0.9, 0.9, 0.9]],  # Normal image: would have IoU 0 if counted.
+      [[0.9, 0.8, 0.1], [0.2, 0.6, 0.5]],  # 0.5 is not > 0.5, so not predicted.
+      [[0.7, 0.3, 0.3], [0.3, 0.3, 0.3]],
+      [[0.9, 0.9, 0.9], [0.9, 0.9,
+                         0.9]],  # Normal image: would have IoU 0 if counted.
   ])
   masks = np.array([
-      [[1, 0, 0],
-       [1, 1, 0]],
-      [[1, 1, 1],
-       [0, 0, 0]],
-      [[0, 0, 0],
-       [0, 0, 0]],
+      [[1, 0, 0], [1, 1, 0]],
+      [[1, 1, 1], [0, 0, 0]],
+      [[0, 0, 0], [0, 0, 0]],
   ])
   labels = np.array([1, 1, 0])
   # Image 0: P = {(0,0), (0,1), (1,1)}, G = {(0,0), (1,0), (1,1)};
@@ -205,18 +201,19 @@ def test_best_iou_is_max_over_grid_and_beats_fixed_threshold():
   maps = 0.6 * rng.random(masks.shape) + 0.4 * masks
   maps[5, 0, 0], maps[5, 0, 1] = 0.0, 1.0  # Grid range is exactly [0, 1].
 
-  iou, threshold = pixel_metrics.best_iou(maps, masks, labels,
-                                          num_thresholds=200)
+  iou, threshold = pixel_metrics.best_iou(
+      maps, masks, labels, num_thresholds=200)
   assert isinstance(iou, float) and isinstance(threshold, float)
   fixed = pixel_metrics.iou_at_threshold(maps, masks, labels, 0.5)
   assert iou >= fixed
   # The returned threshold reproduces the returned IoU ...
-  assert pixel_metrics.iou_at_threshold(
-      maps, masks, labels, threshold) == pytest.approx(iou, abs=1e-12)
+  assert pixel_metrics.iou_at_threshold(maps, masks, labels,
+                                        threshold) == pytest.approx(
+                                            iou, abs=1e-12)
   # ... which is the best over the grid plus 0.5.
   grid = np.append(np.linspace(0.0, 1.0, 200), 0.5)
-  brute = max(pixel_metrics.iou_at_threshold(maps, masks, labels, t)
-              for t in grid)
+  brute = max(
+      pixel_metrics.iou_at_threshold(maps, masks, labels, t) for t in grid)
   assert iou == pytest.approx(brute, abs=1e-12)
 
 
@@ -288,17 +285,19 @@ def test_aupro_at_an_fpr_limit_on_a_pixel_count(normal_pixels_allowed):
   masks = _blob_masks()
   maps = _noisy_maps(masks, seed=12)
   max_fpr = normal_pixels_allowed / np.count_nonzero(~masks)
-  assert pixel_metrics.aupro(maps, masks, max_fpr=max_fpr) == pytest.approx(
-      _brute_force_aupro(maps.astype(np.float64), masks, max_fpr), abs=1e-9)
+  assert pixel_metrics.aupro(
+      maps, masks, max_fpr=max_fpr) == pytest.approx(
+          _brute_force_aupro(maps.astype(np.float64), masks, max_fpr), abs=1e-9)
 
 
 def test_pixel_metrics_with_ties_match_sklearn():
   rng = np.random.default_rng(13)
   masks = rng.random((5, 16, 16)) < 0.15
-  maps = rng.integers(0, 6, size=masks.shape) + 2 * masks * rng.integers(
-      0, 2, size=masks.shape)
-  precision, recall, _ = sk_metrics.precision_recall_curve(masks.ravel(),
-                                                           maps.ravel())
+  maps = rng.integers(
+      0, 6, size=masks.shape) + 2 * masks * rng.integers(
+          0, 2, size=masks.shape)
+  precision, recall, _ = sk_metrics.precision_recall_curve(
+      masks.ravel(), maps.ravel())
   f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
   result = pixel_metrics.localization_metrics(maps, masks, np.ones(5))
   assert result['pixel_f1_max'] == pytest.approx(np.max(f1), abs=1e-12)
@@ -368,9 +367,8 @@ def test_detection_accuracy_hand_computed():
   assert isinstance(result, float)
   assert result == pytest.approx(0.75)
   # A lower threshold also flags the score 2 (normalised 0.2 > 0.15).
-  assert image_metrics.detection_accuracy(
-      [0.0, 1.0, 2.0, 10.0], [0, 0, 1, 1],
-      threshold=0.15) == pytest.approx(1.0)
+  assert image_metrics.detection_accuracy([0.0, 1.0, 2.0, 10.0], [0, 0, 1, 1],
+                                          threshold=0.15) == pytest.approx(1.0)
 
 
 def test_detection_accuracy_constant_scores_predict_normal():
@@ -409,8 +407,8 @@ def test_localization_metrics_normal_only_gives_nan(caplog):
 
 def test_localization_metrics_malformed_input_raises():
   with pytest.raises(ValueError, match='same shape'):
-    pixel_metrics.localization_metrics(np.zeros((2, 4, 4)),
-                                       np.zeros((2, 4, 3)), [0, 1])
+    pixel_metrics.localization_metrics(
+        np.zeros((2, 4, 4)), np.zeros((2, 4, 3)), [0, 1])
 
 
 def test_detection_metrics_keys_and_values(caplog):
@@ -426,15 +424,17 @@ def test_detection_metrics_keys_and_values(caplog):
   assert 'image_auroc' in caplog.text
 
 
-def test_metrics_speed_benchmark_runs_and_scores_like_sklearn(monkeypatch,
-                                                              capsys):
+def test_metrics_speed_benchmark_runs_and_scores_like_sklearn(
+    monkeypatch, capsys):
   script = load_script('benchmarks/metrics_speed.py')
-  monkeypatch.setattr(sys, 'argv', ['metrics_speed.py', '--images', '8',
-                                    '--size', '32', '--repeats', '1'])
+  monkeypatch.setattr(
+      sys, 'argv',
+      ['metrics_speed.py', '--images', '8', '--size', '32', '--repeats', '1'])
   script.main()
   lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [line['map'] for line in lines] == ['continuous', 'tied']
   masks, _, maps = script.synthetic_category(8, 32)
   for line in lines:
-    assert line['pixel_auroc'] == pytest.approx(sk_metrics.roc_auc_score(
-        masks.ravel(), maps[line['map']].ravel()), abs=1e-12)
+    assert line['pixel_auroc'] == pytest.approx(
+        sk_metrics.roc_auc_score(masks.ravel(), maps[line['map']].ravel()),
+        abs=1e-12)

@@ -18,8 +18,9 @@ def _one_step(compute_dtype):
   generator, discriminator, init_fn, _ = train_state.setup(
       typed_config.from_config(config), mesh)
   state = init_fn(jax.random.key(0))
-  step = jax.jit(cavga_step.make_train_step(generator, discriminator,
-                                           dict(config.loss_weights)))
+  step = jax.jit(
+      cavga_step.make_train_step(generator, discriminator,
+                                 dict(config.loss_weights)))
   images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), np.uint8)
   new_state, metrics = step(state, images, jax.random.key(1))
   return state, new_state, jax.device_get(metrics)
@@ -42,6 +43,6 @@ def test_bfloat16_compute_keeps_float32_state_and_close_losses():
   for name, value in metrics32.items():
     assert np.isfinite(metrics16[name]), name
     assert metrics16[name].dtype == np.float32, name
-    np.testing.assert_allclose(metrics16[name], value, rtol=0.05, atol=0.02,
-                               err_msg=name)
+    np.testing.assert_allclose(
+        metrics16[name], value, rtol=0.05, atol=0.02, err_msg=name)
   del state32

@@ -14,25 +14,30 @@ def _count(tree):
 
 
 def _config(variant, size, channels=3, latent='conv'):
-  return ml_collections.ConfigDict(dict(
-      data=dict(image_size=size, channels=channels),
-      model=dict(variant=variant, latent=latent, latent_channels=128,
-                 latent_dim=64, encoder_widths=(), decoder_widths=(),
-                 discriminator_widths=(), supervision='unsupervised')))
+  return ml_collections.ConfigDict(
+      dict(
+          data=dict(image_size=size, channels=channels),
+          model=dict(
+              variant=variant,
+              latent=latent,
+              latent_channels=128,
+              latent_dim=64,
+              encoder_widths=(),
+              decoder_widths=(),
+              discriminator_widths=(),
+              supervision='unsupervised')))
 
 
 def _shapes(variant, size, channels=3, latent='conv'):
   generator, discriminator = train_lib.build_models(
       _config(variant, size, channels, latent))
   x = jnp.zeros((2, size, size, channels))
-  gen_vars = jax.eval_shape(
-      lambda: generator.init({'params': jax.random.key(0)}, x,
-                             jax.random.key(1), train=False))
+  gen_vars = jax.eval_shape(lambda: generator.init(
+      {'params': jax.random.key(0)}, x, jax.random.key(1), train=False))
   outputs = jax.eval_shape(
-      lambda v: generator.apply(v, x, jax.random.key(1), train=False),
-      gen_vars)
-  disc_vars = jax.eval_shape(lambda: discriminator.init(jax.random.key(0), x,
-                                                        train=False))
+      lambda v: generator.apply(v, x, jax.random.key(1), train=False), gen_vars)
+  disc_vars = jax.eval_shape(
+      lambda: discriminator.init(jax.random.key(0), x, train=False))
   logits = jax.eval_shape(lambda v: discriminator.apply(v, x, train=False),
                           disc_vars)
   return gen_vars, disc_vars, outputs, logits
@@ -42,8 +47,7 @@ def _shapes(variant, size, channels=3, latent='conv'):
     ('R', 16_854_723, (2, 8, 8, 512)),
     ('D', 6_236_032, (2, 16, 16, 512)),
 ])
-def test_paper_models_match_the_pytorch_peer(variant, gen_count,
-                                             feature_shape):
+def test_paper_models_match_the_pytorch_peer(variant, gen_count, feature_shape):
   # Counts from ../shared/peer/README.md (256 px, latent 128).
   gen_vars, disc_vars, outputs, logits = _shapes(variant, 256)
   assert _count(gen_vars['params']) == gen_count
@@ -72,9 +76,10 @@ def test_flat_latent():
 
 def test_reconstruction_in_tanh_range_and_eval_decodes_mu():
   generator, _ = train_lib.build_models(_config('D', 32))
-  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1,
-                         maxval=1)
-  variables = generator.init({'params': jax.random.key(1)}, x, None,
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+  variables = generator.init({'params': jax.random.key(1)},
+                             x,
+                             None,
                              train=False)
   out = generator.apply(variables, x, None, train=False)
   assert jnp.all(jnp.abs(out['reconstruction']) <= 1)

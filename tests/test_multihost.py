@@ -33,13 +33,24 @@ def test_two_processes_equal_one_and_only_process_0_writes(tmp_path):
   workdir, port = tmp_path / 'shared', _free_port()
   records = [tmp_path / f'record_{i}.json' for i in range(2)]
   # One CPU device per process (the suite's other XLA flags kept).
-  env = dict(os.environ, XLA_FLAGS=' '.join(
-      flag for flag in os.environ.get('XLA_FLAGS', '').split()
-      if 'device_count' not in flag))
-  procs = [subprocess.Popen(
-      [sys.executable, _SCRIPT, str(i), str(port), str(workdir),
-       str(records[i])], env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  env = dict(
+      os.environ,
+      XLA_FLAGS=' '.join(
+          flag for flag in os.environ.get('XLA_FLAGS', '').split()
+          if 'device_count' not in flag))
+  procs = [
+      subprocess.Popen([
+          sys.executable, _SCRIPT,
+          str(i),
+          str(port),
+          str(workdir),
+          str(records[i])
+      ],
+                       env=env,
+                       stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE,
+                       text=True) for i in range(2)
+  ]
   outputs = [p.communicate(timeout=900) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
@@ -70,8 +81,12 @@ def test_two_processes_equal_one_and_only_process_0_writes(tmp_path):
   for got, want in zip(logs, expected_logs):
     for key in ('rec', 'kl', 'adv', 'bce', 'cga', 'g_loss', 'd_loss',
                 'cls_accuracy'):
-      np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6,
-                                 err_msg=f'step {got["step"]} {key}')
+      np.testing.assert_allclose(
+          got[key],
+          want[key],
+          rtol=1e-4,
+          atol=1e-6,
+          err_msg=f'step {got["step"]} {key}')
   # Both processes end with the same (replicated) parameters.
   for a, b in zip(primary['gen_params'], other['gen_params']):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -106,25 +121,29 @@ def test_two_processes_equal_one_and_only_process_0_writes(tmp_path):
   pairs = [(f'{group}/{name}', got, one_process[group][name])
            for group in ('maps', 'map_scores')
            for name, got in predictions[group].items()]
-  pairs += [(k, predictions[k], one_process[k])
-            for k in ('score', 'p_anomalous')]
+  pairs += [
+      (k, predictions[k], one_process[k]) for k in ('score', 'p_anomalous')
+  ]
   assert len(pairs) == len(saved[0].files)
   for key, got, want in pairs:
     want = np.asarray(want)
-    np.testing.assert_allclose(got, want, rtol=1e-4,
-                               atol=1e-4 * float(np.ptp(want) or 1.0),
-                               err_msg=key)
+    np.testing.assert_allclose(
+        got,
+        want,
+        rtol=1e-4,
+        atol=1e-4 * float(np.ptp(want) or 1.0),
+        err_msg=key)
   step = primary['metrics']['checkpoint_step']
   fitted = store.load(store.fitted_dir(str(workdir), step))
   refitted = store.load(store.fitted_dir(str(same_checkpoint), step))
   assert fitted.thresholds.keys() == refitted.thresholds.keys()
   for name, values in fitted.thresholds.items():
-    np.testing.assert_allclose(values, refitted.thresholds[name], rtol=1e-4,
-                               atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(
+        values, refitted.thresholds[name], rtol=1e-4, atol=1e-5, err_msg=name)
   # The metrics of the two processes are those of their maps, computed in
   # one process (so exactly equal), with the thresholds they fitted.
-  _, test_ds = run_setup.load_datasets(typed_config.from_config(config),
-                                       str(workdir))
+  _, test_ds = run_setup.load_datasets(
+      typed_config.from_config(config), str(workdir))
   scored = scoring.compute_metrics(predictions, test_ds, config.eval.map,
                                    fitted.thresholds)
   scored = _flat(json.loads(json.dumps(scored)))
@@ -133,14 +152,17 @@ def test_two_processes_equal_one_and_only_process_0_writes(tmp_path):
     assert 'maps.weak_anomalous.iou_held_out' in got
     assert got.keys() - {'checkpoint_step'} == scored.keys()
     for key, want in scored.items():
-      assert got[key] == want or (np.isnan(got[key]) and np.isnan(want)), (
-          key, got[key], want)
+      assert got[key] == want or (np.isnan(got[key])
+                                  and np.isnan(want)), (key, got[key], want)
 
 
 def _flat(result):
   """The numeric metrics, every map's as 'maps.<name>.<metric>'."""
-  flat = {k: v for k, v in result.items()
-          if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  flat = {
+      k: v
+      for k, v in result.items()
+      if isinstance(v, (int, float)) and not isinstance(v, bool)
+  }
   for name, values in result['maps'].items():
     flat.update({f'maps.{name}.{k}': v for k, v in values.items()})
   return flat

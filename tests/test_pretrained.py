@@ -32,7 +32,6 @@ from conftest import load_script
 _IMAGE_SIZE = 64
 _BN_EPS = 1e-5
 
-
 # ----------------------------------------------------------------------------
 # torchvision resnet18 stand-in and numpy reference forward pass.
 # ----------------------------------------------------------------------------
@@ -56,8 +55,8 @@ def _torchvision_resnet18_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
 
   def conv(name: str, out_ch: int, in_ch: int, k: int) -> None:
     std = math.sqrt(2.0 / (in_ch * k * k))
-    sd[f'{name}.weight'] = rng.normal(0, std, (out_ch, in_ch, k, k)).astype(
-        np.float32)
+    sd[f'{name}.weight'] = rng.normal(0, std,
+                                      (out_ch, in_ch, k, k)).astype(np.float32)
 
   def bn(name: str, ch: int) -> None:
     sd[f'{name}.weight'] = rng.uniform(0.5, 1.5, ch).astype(np.float32)
@@ -98,8 +97,7 @@ def _conv_nchw(x: np.ndarray, w: np.ndarray, stride: int,
   return np.einsum('nchwij,ocij->nohw', windows, w, optimize=True)
 
 
-def _bn_eval(x: np.ndarray, sd: dict[str, np.ndarray],
-             name: str) -> np.ndarray:
+def _bn_eval(x: np.ndarray, sd: dict[str, np.ndarray], name: str) -> np.ndarray:
   """Eval-mode BatchNorm2d on (N, C, H, W) with the running statistics."""
   c = lambda v: v[None, :, None, None].astype(np.float64)
   inv = 1.0 / np.sqrt(c(sd[f'{name}.running_var']) + _BN_EPS)
@@ -120,8 +118,8 @@ def _torch_stem(x: np.ndarray, sd: dict[str, np.ndarray]) -> np.ndarray:
   return _max_pool_3x3_s2_p1(np.maximum(_bn_eval(y, sd, 'bn1'), 0))
 
 
-def _torch_resnet18_features(x: np.ndarray,
-                             sd: dict[str, np.ndarray]) -> np.ndarray:
+def _torch_resnet18_features(x: np.ndarray, sd: dict[str,
+                                                     np.ndarray]) -> np.ndarray:
   """torchvision resnet18 up to layer4 (no avgpool/fc), eval mode, NCHW."""
   w = lambda name: sd[f'{name}.weight'].astype(np.float64)
   x = _torch_stem(x, sd)
@@ -129,12 +127,14 @@ def _torch_resnet18_features(x: np.ndarray,
     for block in range(2):
       p = f'layer{stage}.{block}'
       stride = 2 if stage > 1 and block == 0 else 1
-      y = np.maximum(_bn_eval(_conv_nchw(x, w(f'{p}.conv1'), stride, 1), sd,
-                              f'{p}.bn1'), 0)
+      y = np.maximum(
+          _bn_eval(_conv_nchw(x, w(f'{p}.conv1'), stride, 1), sd, f'{p}.bn1'),
+          0)
       y = _bn_eval(_conv_nchw(y, w(f'{p}.conv2'), 1, 1), sd, f'{p}.bn2')
       if f'{p}.downsample.0.weight' in sd:
-        x = _bn_eval(_conv_nchw(x, w(f'{p}.downsample.0'), stride, 0), sd,
-                     f'{p}.downsample.1')
+        x = _bn_eval(
+            _conv_nchw(x, w(f'{p}.downsample.0'), stride, 0), sd,
+            f'{p}.downsample.1')
       x = np.maximum(x + y, 0)
   return x
 
@@ -144,8 +144,8 @@ def _assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
   expected = np.asarray(expected)
   scale = float(np.max(np.abs(expected)))
   assert scale > 0
-  np.testing.assert_allclose(np.asarray(actual, np.float64), expected,
-                             rtol=1e-4, atol=1e-5 * scale)
+  np.testing.assert_allclose(
+      np.asarray(actual, np.float64), expected, rtol=1e-4, atol=1e-5 * scale)
 
 
 # ----------------------------------------------------------------------------
@@ -204,10 +204,9 @@ def _abstract_variables(**generator_kwargs) -> dict:
   """Zero variables of a generator variant, shapes only (no slow init)."""
   channels = generator_kwargs.pop('input_channels', 3)
   model = cavga.CAVGAGenerator(image_size=_IMAGE_SIZE, **generator_kwargs)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0),
-                         jnp.zeros((1, _IMAGE_SIZE, _IMAGE_SIZE, channels)),
-                         None, False))
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros(
+          (1, _IMAGE_SIZE, _IMAGE_SIZE, channels)), None, False))
   return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
@@ -223,9 +222,10 @@ def _flat(tree) -> dict[str, object]:
 def test_stand_in_matches_torchvision_resnet18(state_dict):
   # torchvision: len(resnet18().state_dict()) == 122, 11,689,512 parameters.
   assert len(state_dict) == 122
-  n_params = sum(v.size for k, v in state_dict.items()
-                 if not k.endswith(('running_mean', 'running_var',
-                                    'num_batches_tracked')))
+  n_params = sum(
+      v.size
+      for k, v in state_dict.items()
+      if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked')))
   assert n_params == 11_689_512
 
 
@@ -242,9 +242,8 @@ def test_script_writes_flax_paths(converted_npz, state_dict):
       state_dict['layer3.0.downsample.0.weight'].transpose(2, 3, 1, 0))
   bn_pairs = {'scale': 'weight', 'bias': 'bias'}
   for ours, theirs in bn_pairs.items():
-    np.testing.assert_array_equal(
-        arrays[f'params/encoder/layer4_1/bn2/{ours}'],
-        state_dict[f'layer4.1.bn2.{theirs}'])
+    np.testing.assert_array_equal(arrays[f'params/encoder/layer4_1/bn2/{ours}'],
+                                  state_dict[f'layer4.1.bn2.{theirs}'])
   np.testing.assert_array_equal(
       arrays['batch_stats/encoder/layer2_0/downsample_bn/mean'],
       state_dict['layer2.0.downsample.1.running_mean'])
@@ -266,7 +265,8 @@ def test_script_reports_what_it_wrote(tmp_path, state_dict, capsys):
 def test_script_fails_in_one_line(tmp_path, capsys):
   missing = tmp_path / 'nope.safetensors'
   assert _load_script().main(
-      ['--input', str(missing), '--output', str(tmp_path / 'o.npz')]) == 1
+      ['--input', str(missing), '--output',
+       str(tmp_path / 'o.npz')]) == 1
   err = capsys.readouterr().err
   assert str(missing) in err and len(err.strip().splitlines()) == 1
   assert not (tmp_path / 'o.npz').exists()
@@ -276,8 +276,9 @@ def test_unreadable_pth_is_one_line_naming_the_file(tmp_path):
   # .pth files are read without torch (torch_pickle); garbage is refused.
   pth = tmp_path / 'resnet18-f37072fd.pth'
   pth.write_bytes(b'not read')
-  with pytest.raises(errors.DataError,
-                     match='resnet18-f37072fd.pth: cannot read PyTorch') as e:
+  with pytest.raises(
+      errors.DataError,
+      match='resnet18-f37072fd.pth: cannot read PyTorch') as e:
     torch_weights.read_state_dict(str(pth))
   assert len(str(e.value).splitlines()) == 1
 
@@ -290,8 +291,8 @@ def test_convert_strips_data_parallel_prefix(state_dict):
 
 @pytest.mark.parametrize('change, message', [
     (lambda sd: sd.pop('layer3.1.bn2.running_var'), 'layer3.1.bn2.running_var'),
-    (lambda sd: sd.update({'layer5.0.conv1.weight': np.zeros((1,))}),
-     'unexpected keys layer5.0.conv1.weight'),
+    (lambda sd: sd.update({'layer5.0.conv1.weight': np.zeros(
+        (1,))}), 'unexpected keys layer5.0.conv1.weight'),
     (lambda sd: sd.update({'conv1.weight': np.zeros((64, 3, 3, 3))}),
      r'conv1.weight is \(64, 3, 3, 3\), expected \(64, 3, 7, 7\)'),
     (lambda sd: sd.update({'bn1.bias': np.full(64, np.nan)}), 'non-finite'),
@@ -310,8 +311,8 @@ def test_convert_rejects_bad_state_dicts(state_dict, change, message):
 
 def test_load_replaces_exactly_the_encoder(variables, loaded, converted_npz):
   _, arrays = converted_npz
-  assert (jax.tree_util.tree_structure(loaded) ==
-          jax.tree_util.tree_structure(variables))
+  assert (jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(
+      variables))
   before, after = _flat(variables), _flat(loaded)
   encoder_keys = {k for k in before if k.split('/')[1] == 'encoder'}
   assert encoder_keys == set(arrays)
@@ -324,16 +325,17 @@ def test_load_replaces_exactly_the_encoder(variables, loaded, converted_npz):
     else:
       assert new is old, key  # Untouched, not even copied.
   # The input was not modified in place.
-  assert not np.array_equal(np.asarray(before['params/encoder/conv1/kernel']),
-                            arrays['params/encoder/conv1/kernel'])
+  assert not np.array_equal(
+      np.asarray(before['params/encoder/conv1/kernel']),
+      arrays['params/encoder/conv1/kernel'])
 
 
 def test_load_keeps_frozen_dict(variables, converted_npz):
   frozen = frozen_dict.freeze(variables)
   out = pretrained.load_pretrained_encoder(frozen, str(converted_npz[0]))
   assert isinstance(out, frozen_dict.FrozenDict)
-  assert (jax.tree_util.tree_structure(frozen_dict.unfreeze(out)) ==
-          jax.tree_util.tree_structure(variables))
+  assert (jax.tree_util.tree_structure(
+      frozen_dict.unfreeze(out)) == jax.tree_util.tree_structure(variables))
 
 
 def test_conv1_kernel_is_torch_cross_correlation(state_dict, converted_npz):
@@ -343,8 +345,9 @@ def test_conv1_kernel_is_torch_cross_correlation(state_dict, converted_npz):
   kernel = converted_npz[1]['params/encoder/conv1/kernel']
   with jax.default_matmul_precision('highest'):  # No TF32 on GPUs.
     ours = conv.apply({'params': {'kernel': kernel}}, x)
-  theirs = _conv_nchw(x.transpose(0, 3, 1, 2).astype(np.float64),
-                      state_dict['conv1.weight'].astype(np.float64), 2, 3)
+  theirs = _conv_nchw(
+      x.transpose(0, 3, 1, 2).astype(np.float64),
+      state_dict['conv1.weight'].astype(np.float64), 2, 3)
   _assert_close(ours, theirs.transpose(0, 2, 3, 1))
 
 
@@ -362,8 +365,10 @@ def test_encoder_matches_torch_forward(state_dict, generator, loaded):
         lambda y: nn.max_pool(y, (3, 3), (2, 2), ((1, 1), (1, 1))),
     ])
     stem_vars = {
-        'params': {'layers_0': encoder_vars['params']['conv1'],
-                   'layers_1': encoder_vars['params']['bn1']},
+        'params': {
+            'layers_0': encoder_vars['params']['conv1'],
+            'layers_1': encoder_vars['params']['bn1']
+        },
         'batch_stats': {'layers_1': encoder_vars['batch_stats']['bn1']},
     }
     stem_out = stem.apply(stem_vars, x)
@@ -388,7 +393,7 @@ def test_grayscale_model_sums_rgb_kernel(converted_npz):
 @pytest.mark.parametrize('kwargs, message', [
     (dict(encoder_widths=(32, 64, 128, 256)), 'encoder_widths'),
     (dict(input_channels=2), r'conv1/kernel is \(7, 7, 3, 64\) in the file, '
-                             r'\(7, 7, 2, 64\) in the model'),
+     r'\(7, 7, 2, 64\) in the model'),
     (dict(variant='D'), "variant='R'"),
 ])
 def test_load_rejects_models_that_do_not_fit(converted_npz, kwargs, message):
@@ -404,8 +409,8 @@ def test_load_rejects_missing_entry(tmp_path, converted_npz, variables):
   del arrays['batch_stats/encoder/layer2_1/bn1/mean']
   path = tmp_path / 'partial.npz'
   np.savez(path, **arrays)
-  with pytest.raises(errors.DataError,
-                     match='lacks .*batch_stats/encoder/layer2_1/bn1/mean'):
+  with pytest.raises(
+      errors.DataError, match='lacks .*batch_stats/encoder/layer2_1/bn1/mean'):
     pretrained.load_pretrained_encoder(variables, str(path))
 
 
@@ -415,8 +420,8 @@ def test_load_rejects_wrong_shape(tmp_path, converted_npz, variables):
                                                             np.float32)
   path = tmp_path / 'wrong.npz'
   np.savez(path, **arrays)
-  with pytest.raises(errors.DataError,
-                     match=r'layer2_0/conv1/kernel is \(3, 3, 64, 64\)'):
+  with pytest.raises(
+      errors.DataError, match=r'layer2_0/conv1/kernel is \(3, 3, 64, 64\)'):
     pretrained.load_pretrained_encoder(variables, str(path))
 
 
@@ -455,8 +460,8 @@ def _pretrained_tiny_config(config, npz_path: pathlib.Path):
   return config
 
 
-def test_train_loads_encoder_and_evaluate_needs_no_file(
-    tmp_path, tiny_config, converted_npz):
+def test_train_loads_encoder_and_evaluate_needs_no_file(tmp_path, tiny_config,
+                                                        converted_npz):
   # Imported here: eval_lib and train_lib are not needed by the tests above.
   from cavga_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from cavga_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -470,10 +475,14 @@ def test_train_loads_encoder_and_evaluate_needs_no_file(
   config = _pretrained_tiny_config(tiny_config, npz_path)
 
   def encoder_of(state, collections=('params', 'batch_stats')):
-    variables = {'params': state.gen_params,
-                 'batch_stats': state.gen_batch_stats}
-    return {k: np.asarray(v) for k, v in _flat(variables).items()
-            if k.split('/')[:2] in [[c, 'encoder'] for c in collections]}
+    variables = {
+        'params': state.gen_params, 'batch_stats': state.gen_batch_stats
+    }
+    return {
+        k: np.asarray(v)
+        for k, v in _flat(variables).items()
+        if k.split('/')[:2] in [[c, 'encoder'] for c in collections]
+    }
 
   # num_steps=0: the state train returns is the initial one, encoder and BN
   # statistics exactly the file's, replicated like the rest of the state.
@@ -489,8 +498,8 @@ def test_train_loads_encoder_and_evaluate_needs_no_file(
   # The generator's Adam state belongs to the loaded parameters: zeros.
   assert all(not np.any(np.asarray(leaf))
              for leaf in jax.tree.leaves(state.gen_opt_state))
-  assert (jax.tree.structure(state.gen_opt_state) ==
-          jax.tree.structure(state.gen_tx.init(state.gen_params)))
+  assert (jax.tree.structure(state.gen_opt_state) == jax.tree.structure(
+      state.gen_tx.init(state.gen_params)))
 
   # One real step (lr 0) through the jitted train step and a checkpoint.
   config.train.num_steps = 1
@@ -532,26 +541,32 @@ def test_imagenet_input_norm_by_hand():
   out = np.asarray(cavga.normalize_input(jnp.asarray(x), 'imagenet'))
   # (u - mean) / std: (1 - 0.485) / 0.229, (0.5 - 0.456) / 0.224,
   # (0 - 0.406) / 0.225.
-  np.testing.assert_allclose(out[0, 0, 0], [2.2489083, 0.19642857, -1.8044444],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      out[0, 0, 0], [2.2489083, 0.19642857, -1.8044444], rtol=1e-6)
   assert out.shape == x.shape and out.dtype == np.float32
   # 1 channel: mean 0.449 and std 0.226 of the RGB values; u = 0.5 and 1.
   gray = np.array([0.0, 1.0], np.float32).reshape(1, 1, 2, 1)
   np.testing.assert_allclose(
-      np.asarray(cavga.normalize_input(jnp.asarray(gray), 'imagenet')
-                 ).ravel(), [0.22566372, 2.4380531], rtol=1e-6)
+      np.asarray(cavga.normalize_input(jnp.asarray(gray), 'imagenet')).ravel(),
+      [0.22566372, 2.4380531],
+      rtol=1e-6)
   assert cavga.normalize_input(x, 'none') is x
   with pytest.raises(ValueError, match='input_norm'):
     cavga.normalize_input(x, 'imagnet')
 
 
 def test_input_norm_applies_to_the_encoder_input_only():
-  kwargs = dict(variant='D', image_size=16, encoder_widths=(4, 4, 4, 4),
-                decoder_widths=(4, 4, 4, 4), latent_channels=2)
+  kwargs = dict(
+      variant='D',
+      image_size=16,
+      encoder_widths=(4, 4, 4, 4),
+      decoder_widths=(4, 4, 4, 4),
+      latent_channels=2)
   plain = cavga.CAVGAGenerator(**kwargs)
   imagenet = cavga.CAVGAGenerator(input_norm='imagenet', **kwargs)
-  x = jnp.asarray(np.random.default_rng(3).uniform(
-      -1, 1, (2, 16, 16, 3)).astype(np.float32))
+  x = jnp.asarray(
+      np.random.default_rng(3).uniform(-1, 1,
+                                       (2, 16, 16, 3)).astype(np.float32))
   # The normalisation has no parameters: both share these variables.
   variables = jax.jit(lambda k: plain.init(k, x, None, False))(
       jax.random.key(0))
@@ -559,13 +574,13 @@ def test_input_norm_applies_to_the_encoder_input_only():
   out = imagenet.apply(variables, x, None, False)
   expected = plain.apply(variables, normalized, None, False)
   # The encoder sees exactly the normalised images ...
-  np.testing.assert_allclose(out['features'], expected['features'],
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+      out['features'], expected['features'], rtol=1e-6, atol=1e-6)
   assert not np.allclose(out['features'],
                          plain.apply(variables, x, False, method='encode'))
   # ... and the decoder is unchanged: its output is still a tanh in [-1, 1].
-  np.testing.assert_allclose(out['reconstruction'],
-                             expected['reconstruction'], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+      out['reconstruction'], expected['reconstruction'], rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(
       imagenet.apply(variables, out['z'], False, method='decode'),
       plain.apply(variables, out['z'], False, method='decode'))
@@ -578,6 +593,6 @@ def test_config_input_norm(tiny_config):
   config_checks.check_config(tiny_config)
   assert train_lib.build_models(tiny_config)[0].input_norm == 'imagenet'
   tiny_config.model.input_norm = 'imagenet_rgb'
-  with pytest.raises(errors.CavgaError,
-                     match=r"config.model.input_norm='imagenet_rgb'"):
+  with pytest.raises(
+      errors.CavgaError, match=r"config.model.input_norm='imagenet_rgb'"):
     config_checks.check_config(tiny_config)

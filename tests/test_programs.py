@@ -20,10 +20,15 @@ MAPS = ('attention', 'attention_liu', 'residual', 'residual_ssim',
 
 
 def _run(script, *args, cache_dir):
-  return subprocess.run(
-      [sys.executable, os.path.join(REPO_ROOT, script),
-       f'--compilation_cache={cache_dir}', *args],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+  return subprocess.run([
+      sys.executable,
+      os.path.join(REPO_ROOT, script), f'--compilation_cache={cache_dir}', *args
+  ],
+                        cwd=REPO_ROOT,
+                        capture_output=True,
+                        text=True,
+                        timeout=600,
+                        check=False)
 
 
 @pytest.fixture(scope='module')
@@ -38,9 +43,13 @@ def trained_workdir(tmp_path_factory, cli_cache):
   workdir = tmp_path_factory.mktemp('run')
   cache = cli_cache
   args = ('--config=configs/tiny.py', f'--workdir={workdir}')
-  train = _run('train.py', *args, '--config.train.num_steps=2',
-               '--config.train.eval_every=1',
-               '--config.train.checkpoint_every=1', cache_dir=cache)
+  train = _run(
+      'train.py',
+      *args,
+      '--config.train.num_steps=2',
+      '--config.train.eval_every=1',
+      '--config.train.checkpoint_every=1',
+      cache_dir=cache)
   assert train.returncode == 0, train.stderr[-3000:]
   evaluate = _run('evaluate.py', *args, cache_dir=cache)
   assert evaluate.returncode == 0, evaluate.stderr[-3000:]
@@ -66,14 +75,15 @@ def test_train_then_evaluate_writes_metrics_and_panels(trained_workdir):
   overlays = os.listdir(workdir / 'eval' / 'overlays')
   assert len(overlays) == 8
   report = (workdir / 'eval' / 'report.html').read_text()
-  assert all(f'panels/{p}' in report for p in panels
-             if not p.endswith('_maps.png'))
+  assert all(
+      f'panels/{p}' in report for p in panels if not p.endswith('_maps.png'))
   assert all(f'overlays/{p}' in report for p in overlays)
   with open(workdir / 'eval' / 'scores.csv') as f:
     lines = f.readlines()
   assert len(lines) == 1 + 10
   # Every map's image score but the priors' (a constant 0).
-  assert all(f'score_{name}' in lines[0] for name in MAPS
+  assert all(f'score_{name}' in lines[0]
+             for name in MAPS
              if name not in ('prior', 'prior_normal'))
   assert 'score_prior' not in lines[0]
   # Every map with every metric; the flat keys hold the headline map's.
@@ -108,17 +118,20 @@ def test_learning_curve_has_every_map_at_every_eval_step(trained_workdir):
   assert 'eval at step 2' in train.stderr
 
 
-def test_all_checkpoints_scores_every_retained_checkpoint(trained_workdir,
-                                                         cli_cache, tmp_path):
+def test_all_checkpoints_scores_every_retained_checkpoint(
+    trained_workdir, cli_cache, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(trained_workdir[0], workdir)
   with open(workdir / 'eval_curve.jsonl') as f:
     during_training = [json.loads(line) for line in f]
   (workdir / 'eval_curve.jsonl').unlink()
   (workdir / 'eval_curve.png').unlink()
-  proc = _run('evaluate.py', '--config=configs/tiny.py',
-              f'--workdir={workdir}', '--all_checkpoints',
-              cache_dir=cli_cache)
+  proc = _run(
+      'evaluate.py',
+      '--config=configs/tiny.py',
+      f'--workdir={workdir}',
+      '--all_checkpoints',
+      cache_dir=cli_cache)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(workdir / 'eval_curve.jsonl') as f:
     records = [json.loads(line) for line in f]
@@ -141,8 +154,8 @@ def test_all_checkpoints_scores_every_retained_checkpoint(trained_workdir,
   assert records[0]['maps'] != records[1]['maps']
 
 
-def test_rerun_with_another_model_stops_unless_overwrite(trained_workdir,
-                                                        cli_cache, tmp_path):
+def test_rerun_with_another_model_stops_unless_overwrite(
+    trained_workdir, cli_cache, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(trained_workdir[0], workdir)
   config_json = (workdir / 'config.json').read_bytes()
@@ -172,15 +185,21 @@ def test_rerun_with_another_model_stops_unless_overwrite(trained_workdir,
 
 
 def test_evaluate_without_checkpoint_is_one_clear_line(tmp_path):
-  proc = _run('evaluate.py', '--config=configs/tiny.py',
-              f'--workdir={tmp_path}', cache_dir=tmp_path / 'cache')
+  proc = _run(
+      'evaluate.py',
+      '--config=configs/tiny.py',
+      f'--workdir={tmp_path}',
+      cache_dir=tmp_path / 'cache')
   assert proc.returncode == 1
   assert 'no checkpoint found' in proc.stderr
   assert 'Traceback' not in proc.stderr
   # The untrained control needs no checkpoint and writes beside eval/.
-  proc = _run('evaluate.py', '--config=configs/tiny.py',
-              f'--workdir={tmp_path}', '--untrained',
-              cache_dir=tmp_path / 'cache')
+  proc = _run(
+      'evaluate.py',
+      '--config=configs/tiny.py',
+      f'--workdir={tmp_path}',
+      '--untrained',
+      cache_dir=tmp_path / 'cache')
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / 'eval_untrained' / 'metrics.json') as f:
     result = json.load(f)
@@ -189,10 +208,12 @@ def test_evaluate_without_checkpoint_is_one_clear_line(tmp_path):
 
 
 def test_missing_dataset_root_is_one_clear_line(tmp_path):
-  proc = _run('train.py', '--config=configs/mvtec.py',
-              f'--workdir={tmp_path}',
-              f'--config.data.root={tmp_path}/nowhere',
-              cache_dir=tmp_path / 'cache')
+  proc = _run(
+      'train.py',
+      '--config=configs/mvtec.py',
+      f'--workdir={tmp_path}',
+      f'--config.data.root={tmp_path}/nowhere',
+      cache_dir=tmp_path / 'cache')
   assert proc.returncode == 1
   assert f'{tmp_path}/nowhere' in proc.stderr
   assert 'Traceback' not in proc.stderr
@@ -219,13 +240,18 @@ _BAD_CONFIG_FLAGS = [
 
 
 @pytest.mark.parametrize(
-    'program, override, expected', _BAD_CONFIG_FLAGS,
+    'program, override, expected',
+    _BAD_CONFIG_FLAGS,
     ids=[f'{p}:{o[9:]}' for p, o, _ in _BAD_CONFIG_FLAGS])
 def test_bad_config_flag_is_rejected_before_any_work(tmp_path, program,
                                                      override, expected):
   workdir = tmp_path / 'run'
-  proc = _run(program, '--config=configs/tiny.py', f'--workdir={workdir}',
-              override, cache_dir=tmp_path / 'cache')
+  proc = _run(
+      program,
+      '--config=configs/tiny.py',
+      f'--workdir={workdir}',
+      override,
+      cache_dir=tmp_path / 'cache')
   assert proc.returncode == 1
   assert expected in proc.stderr
   assert 'Traceback' not in proc.stderr
@@ -236,13 +262,18 @@ def test_feature_map_variants_reproduce_the_evaluated_map(trained_workdir):
   # The script's grid-/4 Gaussian at the default blur (tiny: 32 px / 64 =
   # 0.5 px) is evaluate.py's feature_gaussian on the same checkpoint.
   workdir, _, _ = trained_workdir
-  out = subprocess.run(
-      [sys.executable, os.path.join(REPO_ROOT, 'scripts',
-                                    'feature_map_variants.py'),
-       '--config=configs/tiny.py', f'--workdir={workdir}',
-       '--sigmas=0.5', '--grid_divisors=4', '--bank_size=64', '--radii=0'],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False,
-      env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+  out = subprocess.run([
+      sys.executable,
+      os.path.join(REPO_ROOT, 'scripts', 'feature_map_variants.py'),
+      '--config=configs/tiny.py', f'--workdir={workdir}', '--sigmas=0.5',
+      '--grid_divisors=4', '--bank_size=64', '--radii=0'
+  ],
+                       cwd=REPO_ROOT,
+                       capture_output=True,
+                       text=True,
+                       timeout=600,
+                       check=False,
+                       env=dict(os.environ, PYTHONPATH=REPO_ROOT))
   assert out.returncode == 0, out.stderr[-3000:]
   variants = json.loads(out.stdout)
   with open(workdir / 'eval' / 'metrics.json') as f:
@@ -257,11 +288,16 @@ def test_feature_map_variants_reproduce_the_evaluated_map(trained_workdir):
 
 def test_maps_table_rows_are_labelled_and_columns_chosen(trained_workdir):
   workdir, _, _ = trained_workdir
-  out = subprocess.run(
-      [sys.executable, os.path.join(REPO_ROOT, 'scripts', 'maps_table.py'),
-       f'w_ae=1={workdir}', '--maps=residual,prior',
-       '--metrics=pixel_auroc,aupro'],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True)
+  out = subprocess.run([
+      sys.executable,
+      os.path.join(REPO_ROOT, 'scripts', 'maps_table.py'), f'w_ae=1={workdir}',
+      '--maps=residual,prior', '--metrics=pixel_auroc,aupro'
+  ],
+                       cwd=REPO_ROOT,
+                       capture_output=True,
+                       text=True,
+                       timeout=60,
+                       check=True)
   with open(workdir / 'eval' / 'metrics.json') as f:
     maps = json.load(f)['maps']
   lines = out.stdout.splitlines()

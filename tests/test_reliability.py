@@ -25,12 +25,12 @@ from conftest import tree_equal
 
 _KILL_SCRIPT = os.path.join(REPO_ROOT, 'tests', 'kill_during_save_check.py')
 
-
 # ---------------------------------------------------------------------------
 # Config validation.
 
 
 def _set(field: str, value):
+
   def apply(config: ml_collections.ConfigDict) -> None:
     *parents, name = field.split('.')
     node = config
@@ -38,6 +38,7 @@ def _set(field: str, value):
       node = node[parent]
     with node.ignore_type():  # Configs built in Python are not type-checked.
       node[name] = value
+
   return apply
 
 
@@ -83,7 +84,8 @@ _BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize(
-    'field, value, expected', _BAD_CONFIGS,
+    'field, value, expected',
+    _BAD_CONFIGS,
     ids=[f'{f}={v!r}' for f, v, _ in _BAD_CONFIGS])
 def test_check_config_rejects_bad_values(tiny_config, field, value, expected):
   _set(field, value)(tiny_config)
@@ -95,8 +97,8 @@ def test_check_config_rejects_bad_values(tiny_config, field, value, expected):
 
 def test_check_config_accepts_every_shipped_config():
   configs_dir = pathlib.Path(REPO_ROOT) / 'configs'
-  names = sorted(p.stem for p in configs_dir.glob('*.py')
-                 if not p.stem.startswith('_'))
+  names = sorted(
+      p.stem for p in configs_dir.glob('*.py') if not p.stem.startswith('_'))
   assert 'default' in names and 'tiny' in names
   for name in names:
     module = __import__(f'configs.{name}', fromlist=['get_config'])
@@ -105,8 +107,10 @@ def test_check_config_accepts_every_shipped_config():
 
 def test_check_config_reports_a_loss_term_without_weight(tiny_config):
   del tiny_config.loss_weights['ae']
-  with pytest.raises(CavgaError, match="config.loss_weights has no ae for "
-                     "config.model.supervision='unsupervised'"):
+  with pytest.raises(
+      CavgaError,
+      match="config.loss_weights has no ae for "
+      "config.model.supervision='unsupervised'"):
     config_checks.check_config(tiny_config)
 
 
@@ -139,8 +143,10 @@ def test_config_flag_errors_are_one_line(override, expected):
 
 
 def test_config_flag_applies_overrides():
-  argv = ['train.py', f'--config={REPO_ROOT}/configs/tiny.py',
-          '--config.train.num_steps=7']
+  argv = [
+      'train.py', f'--config={REPO_ROOT}/configs/tiny.py',
+      '--config.train.num_steps=7'
+  ]
   flag_values = flags.FlagValues()
   holder = runtime.define_config_flag('config', flag_values, sys_argv=argv)
   flag_values(argv)
@@ -167,7 +173,6 @@ def test_truncate_metrics_log_drops_steps_after_the_checkpoint(tmp_path):
 # SIGKILL during a checkpoint save or a step, then resume.
 
 
-
 def _logged_losses(workdir: pathlib.Path) -> list[dict[str, float]]:
   with open(workdir / 'train_metrics.jsonl') as f:
     lines = [json.loads(line) for line in f]
@@ -182,8 +187,8 @@ def _final_checkpoint(workdir: pathlib.Path, target):
 
 
 def _tmp_folders(workdir: pathlib.Path) -> list[str]:
-  return sorted(p.name for p in (workdir / 'checkpoints').iterdir()
-                if 'tmp' in p.name)
+  return sorted(
+      p.name for p in (workdir / 'checkpoints').iterdir() if 'tmp' in p.name)
 
 
 @pytest.fixture(scope='module')
@@ -195,28 +200,36 @@ def uninterrupted(tmp_path_factory):
   return workdir, state
 
 
-@pytest.mark.parametrize('kill_at, checkpoint_every, left_behind', [
-    # Killed while committing the save of step 4, after the step-4 metrics
-    # line was logged: checkpoint 2 and an unfinished 4 remain.
-    ('save:2', 2, ['4.orbax-checkpoint-tmp']),
-    # Killed in the very first save (checkpoint_every=1): no complete
-    # checkpoint at all, and the resumed run (checkpoint_every=2) never
-    # saves step 1 again, so only the cleanup removes the unfinished save.
-    ('save:1', 1, ['1.orbax-checkpoint-tmp']),
-    # Killed between saves, while step 3 (index 2) may be running.
-    ('step:3', 2, []),
-])
-def test_sigkill_then_resume_equals_uninterrupted_run(
-    uninterrupted, tiny_config, tmp_path, kill_at, checkpoint_every,
-    left_behind):
+@pytest.mark.parametrize(
+    'kill_at, checkpoint_every, left_behind',
+    [
+        # Killed while committing the save of step 4, after the step-4 metrics
+        # line was logged: checkpoint 2 and an unfinished 4 remain.
+        ('save:2', 2, ['4.orbax-checkpoint-tmp']),
+        # Killed in the very first save (checkpoint_every=1): no complete
+        # checkpoint at all, and the resumed run (checkpoint_every=2) never
+        # saves step 1 again, so only the cleanup removes the unfinished save.
+        ('save:1', 1, ['1.orbax-checkpoint-tmp']),
+        # Killed between saves, while step 3 (index 2) may be running.
+        ('step:3', 2, []),
+    ])
+def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted,
+                                                      tiny_config, tmp_path,
+                                                      kill_at, checkpoint_every,
+                                                      left_behind):
   reference_dir, reference = uninterrupted
   workdir = tmp_path / 'run'
-  proc = subprocess.run(
-      [sys.executable, _KILL_SCRIPT, f'--workdir={workdir}',
-       f'--kill_at={kill_at}', f'--checkpoint_every={checkpoint_every}',
-       '--compilation_cache='
-       f'{jax.config.jax_compilation_cache_dir or ""}'],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+  proc = subprocess.run([
+      sys.executable, _KILL_SCRIPT, f'--workdir={workdir}',
+      f'--kill_at={kill_at}', f'--checkpoint_every={checkpoint_every}',
+      '--compilation_cache='
+      f'{jax.config.jax_compilation_cache_dir or ""}'
+  ],
+                        cwd=REPO_ROOT,
+                        capture_output=True,
+                        text=True,
+                        timeout=300,
+                        check=False)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   assert 'killing' in proc.stdout
 

@@ -24,10 +24,10 @@ def _blob(size: int, seed: int = 0) -> np.ndarray:
   """(size, size) float map: two bumps and noise, range about [-1, 3]."""
   yy, xx = np.mgrid[:size, :size] / size
   rng = np.random.default_rng(seed)
-  bumps = (3 * np.exp(-((yy - 0.4) ** 2 + (xx - 0.3) ** 2) / 0.02)
-           + 2 * np.exp(-((yy - 0.9) ** 2 + (xx - 1.0) ** 2) / 0.01))
-  return (bumps + 0.3 * rng.standard_normal((size, size)) - 0.5).astype(
-      np.float32)
+  bumps = (3 * np.exp(-((yy - 0.4)**2 + (xx - 0.3)**2) / 0.02)
+           + 2 * np.exp(-((yy - 0.9)**2 + (xx - 1.0)**2) / 0.01))
+  return (bumps + 0.3 * rng.standard_normal(
+      (size, size)) - 0.5).astype(np.float32)
 
 
 def _brute_force_boundary(mask: np.ndarray) -> np.ndarray:
@@ -38,8 +38,8 @@ def _brute_force_boundary(mask: np.ndarray) -> np.ndarray:
     for j in range(width):
       if mask[i, j]:
         out[i, j] = any(
-            0 <= i + di < height and 0 <= j + dj < width
-            and not mask[i + di, j + dj]
+            0 <= i + di < height and 0 <= j + dj < width and not mask[i + di,
+                                                                      j + dj]
             for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)))
   return out
 
@@ -51,22 +51,21 @@ def _brute_force_boundary(mask: np.ndarray) -> np.ndarray:
                                    (300, 200, 3)])
 def test_overlay_shape_and_dtype(shape):
   image = np.full(shape, 90, np.uint8)
-  out = visualize.overlay(image, _blob(1)[0, 0] + np.zeros(shape[:2]),
-                          -1.0, 3.0, threshold=1.0)
+  out = visualize.overlay(
+      image, _blob(1)[0, 0] + np.zeros(shape[:2]), -1.0, 3.0, threshold=1.0)
   scale = max(1, -(-128 // min(shape[:2])))
   assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
   assert out.shape[0] == shape[0] * scale
   assert out.shape[1] > shape[1] * scale  # the colour bar
 
 
-@pytest.mark.parametrize('size,threshold', [(128, 1.0), (128, 0.0),
-                                            (32, 0.5)])
+@pytest.mark.parametrize('size,threshold', [(128, 1.0), (128, 0.0), (32, 0.5)])
 def test_overlay_contour_is_exactly_the_boundary(size, threshold):
   # alpha 0 on a black image: the only white pixels are the contour.
   values = _blob(size)
   image = np.zeros((size, size, 3), np.uint8)
-  out = visualize.overlay(image, values, -1.0, 3.0, threshold=threshold,
-                          alpha=0.0)
+  out = visualize.overlay(
+      image, values, -1.0, 3.0, threshold=threshold, alpha=0.0)
   scale = max(1, 128 // size)
   picture = out[:, :size * scale]
   mask = np.kron(values > threshold, np.ones((scale, scale), bool))
@@ -80,8 +79,8 @@ def test_overlay_contour_is_two_pixels_on_big_pictures():
   yy, xx = np.mgrid[:512, :600]
   values = -np.hypot(yy - 200, xx - 300)
   image = np.zeros((512, 600, 3), np.uint8)
-  out = visualize.overlay(image, values, -400.0, 0.0, threshold=-100.0,
-                          alpha=0.0)
+  out = visualize.overlay(
+      image, values, -400.0, 0.0, threshold=-100.0, alpha=0.0)
   mask = values > -100.0
   ring = visualize.contour(mask) | visualize.contour(~mask)
   np.testing.assert_array_equal(np.all(out[:, :600] == 255, axis=-1), ring)
@@ -134,8 +133,15 @@ def test_headline_panel_layout_and_titles():
   image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
   values = _blob(32)
   truth = values > 1.5
-  out = visualize.headline_panel(image, image, values, -1.0, 3.0, 1.0, truth,
-                                 title='test/crack/000.png  score 0.93')
+  out = visualize.headline_panel(
+      image,
+      image,
+      values,
+      -1.0,
+      3.0,
+      1.0,
+      truth,
+      title='test/crack/000.png  score 0.93')
   no_truth = visualize.headline_panel(image, image, values, -1.0, 3.0, 1.0)
   tile = 128  # 32 px enlarged 4x
   map_width = visualize.overlay(image, values, -1.0, 3.0, 1.0).shape[1]
@@ -145,11 +151,10 @@ def test_headline_panel_layout_and_titles():
   # The prediction tile is values > threshold, white on black.
   x = 2 * (tile + visualize._GAP) + map_width + visualize._GAP
   prediction = out[-tile:, x:x + tile, 0]
-  np.testing.assert_array_equal(
-      prediction, np.kron(values > 1.0, np.ones((4, 4))) * 255)
-  np.testing.assert_array_equal(
-      out[-tile:, x + tile + visualize._GAP:, 0],
-      np.kron(truth, np.ones((4, 4))) * 255)
+  np.testing.assert_array_equal(prediction,
+                                np.kron(values > 1.0, np.ones((4, 4))) * 255)
+  np.testing.assert_array_equal(out[-tile:, x + tile + visualize._GAP:, 0],
+                                np.kron(truth, np.ones((4, 4))) * 255)
   # Column titles sit in the strip between the title line and the tiles.
   strip = out[:-tile]
   widths = [tile, tile, map_width, tile, tile]
@@ -171,8 +176,9 @@ def test_headline_titles_fit_their_tiles_by_textbbox():
 
 def test_map_grid_wraps_and_titles_do_not_overlap():
   image = np.full((16, 16, 3), 60, np.uint8)
-  maps = {name: np.clip(_blob(16, i) / 3, 0, 1)
-          for i, name in enumerate(LONG_NAMES)}
+  maps = {
+      name: np.clip(_blob(16, i) / 3, 0, 1) for i, name in enumerate(LONG_NAMES)
+  }
   out = visualize.map_grid(image, maps, columns=3, min_tile=64)
   bar = visualize.colour_bar(64, 0.0, 1.0).shape[1]
   assert out.dtype == np.uint8
@@ -184,8 +190,9 @@ def test_map_grid_wraps_and_titles_do_not_overlap():
   _assert_titles_inside_tiles(second, [64, 64], label)
   # The tiles are the blends of image and jet.
   first = out[label:label + 64, :64]
-  expected = visualize._blend(np.full((64, 64, 3), 60, np.uint8), np.kron(
-      maps[LONG_NAMES[0]], np.ones((4, 4))), 0.5)
+  expected = visualize._blend(
+      np.full((64, 64, 3), 60, np.uint8),
+      np.kron(maps[LONG_NAMES[0]], np.ones((4, 4))), 0.5)
   np.testing.assert_array_equal(first, expected)
 
 
@@ -198,22 +205,32 @@ def test_save_png_round_trips(tmp_path):
 
 # --- report -----------------------------------------------------------------
 
-
 METRICS = {
-    'map': 'combined', 'pixel_auroc': 0.95, 'aupro': 0.8,
-    'image_auroc': 0.9, 'iou': 0.4, 'checkpoint_step': 1200,
-    'num_test_images': 6, 'detection_accuracy_minmax': 0.83,
-    'detection_accuracy_held_out': 0.8, 'image_threshold_held_out': 0.51,
+    'map': 'combined',
+    'pixel_auroc': 0.95,
+    'aupro': 0.8,
+    'image_auroc': 0.9,
+    'iou': 0.4,
+    'checkpoint_step': 1200,
+    'num_test_images': 6,
+    'detection_accuracy_minmax': 0.83,
+    'detection_accuracy_held_out': 0.8,
+    'image_threshold_held_out': 0.51,
     'image_auroc_reconstruction': 0.75,
     'maps': {
-        'attention': {'pixel_auroc': 0.85, 'aupro': 0.6, 'image_auroc': 0.7,
-                      'iou_held_out': 0.2},
+        'attention': {
+            'pixel_auroc': 0.85, 'aupro': 0.6, 'image_auroc': 0.7,
+            'iou_held_out': 0.2
+        },
         'prior': {'pixel_auroc': 0.6},
-        'combined': {'pixel_auroc': 0.95, 'aupro': 0.8, 'image_auroc': 0.9,
-                     'iou_held_out': 0.4},
+        'combined': {
+            'pixel_auroc': 0.95, 'aupro': 0.8, 'image_auroc': 0.9,
+            'iou_held_out': 0.4
+        },
         'prior_normal': {'pixel_auroc': 0.7, 'aupro': 0.3},
-        'residual_ssim_calibrated': {'pixel_auroc': 0.65,
-                                     'aupro': float('nan')},
+        'residual_ssim_calibrated': {
+            'pixel_auroc': 0.65, 'aupro': float('nan')
+        },
     },
 }
 
@@ -265,22 +282,23 @@ def _rows(folder):
   rows = []
   for i, (defect, label, score) in enumerate(specs):
     name = f'panels/{i:02d} a#b&c.png'
-    visualize.save_png(os.path.join(folder, name),
-                       np.full((4, 4, 3), 40 * i, np.uint8))
-    rows.append({'image': name, 'path': f'/data/{defect}/{i:03d}&x.png',
-                 'defect_type': defect, 'label': label, 'score': score,
-                 'decision': score > 0.5})
+    visualize.save_png(
+        os.path.join(folder, name), np.full((4, 4, 3), 40 * i, np.uint8))
+    rows.append({
+        'image': name, 'path': f'/data/{defect}/{i:03d}&x.png',
+        'defect_type': defect, 'label': label, 'score': score,
+        'decision': score > 0.5
+    })
   return rows
 
 
 @pytest.fixture(name='page')
 def _page_fixture(tmp_path):
   rows = _rows(str(tmp_path))
-  visualize.save_png(str(tmp_path / 'curve.png'),
-                     np.zeros((4, 4, 3), np.uint8))
+  visualize.save_png(str(tmp_path / 'curve.png'), np.zeros((4, 4, 3), np.uint8))
   path = str(tmp_path / 'report.html')
-  report.write_report(path, METRICS, rows, curve_image='curve.png',
-                      title='bottle <test>')
+  report.write_report(
+      path, METRICS, rows, curve_image='curve.png', title='bottle <test>')
   with open(path, encoding='utf-8') as f:
     text = f.read()
   parser = _Page()
@@ -291,8 +309,10 @@ def _page_fixture(tmp_path):
 def test_report_metrics_table(page):
   _, _, parser, _ = page
   header, *body = parser.rows
-  assert header['cells'] == ['map', 'pixel_auroc', 'aupro', 'image_auroc',
-                             'iou_held_out', 'pixel_auroc vs prior_normal']
+  assert header['cells'] == [
+      'map', 'pixel_auroc', 'aupro', 'image_auroc', 'iou_held_out',
+      'pixel_auroc vs prior_normal'
+  ]
   names = [r['cells'][0] for r in body]
   assert names[0] == 'combined' and body[0]['class'] == 'headline'
   assert sorted(names) == sorted(METRICS['maps'])
@@ -317,10 +337,10 @@ def test_report_summary_names_the_headline_and_each_threshold(page):
 
 def test_report_images_sorted_and_present(page):
   path, text, parser, rows = page
-  scores = [f['caption'].split('score ')[1].split(' ')[0]
-            for f in parser.figures]
-  assert scores == ['0.9500', '0.9000', '0.7000', '0.4000', '0.1000',
-                    '\u2013']
+  scores = [
+      f['caption'].split('score ')[1].split(' ')[0] for f in parser.figures
+  ]
+  assert scores == ['0.9500', '0.9000', '0.7000', '0.4000', '0.1000', '\u2013']
   assert len(parser.figures) == len(rows)
   folder = os.path.dirname(path)
   assert parser.imgs[0] == 'curve.png'
@@ -356,25 +376,35 @@ def test_report_without_curve_or_baseline(tmp_path):
 
 
 def test_report_renders_in_headless_chromium(page, tmp_path):
-  browser = (shutil.which('chromium') or shutil.which('chromium-browser')
-             or shutil.which('google-chrome'))
+  browser = (
+      shutil.which('chromium') or shutil.which('chromium-browser')
+      or shutil.which('google-chrome'))
   if browser is None:
     pytest.skip('headless Chromium not installed (Debian: apt install '
                 'chromium); the HTML parser test above checks the page '
                 'structure')
   path, _, _, rows = page
   url = 'file://' + os.path.abspath(path)
-  flags = [browser, '--headless', '--no-sandbox', '--disable-gpu',
-           f'--user-data-dir={tmp_path / "profile"}']
-  dom = subprocess.run(flags + ['--dump-dom', url], capture_output=True,
-                       text=True, timeout=60, check=True).stdout
+  flags = [
+      browser, '--headless', '--no-sandbox', '--disable-gpu',
+      f'--user-data-dir={tmp_path / "profile"}'
+  ]
+  dom = subprocess.run(
+      flags + ['--dump-dom', url],
+      capture_output=True,
+      text=True,
+      timeout=60,
+      check=True).stdout
   parser = _Page()
   parser.feed(dom)
   assert len(parser.rows) == 1 + len(METRICS['maps'])
   assert len(parser.figures) == len(rows)
   assert len(parser.imgs) == len(rows) + 1
   shot = tmp_path / 'shot.png'
-  subprocess.run(flags + [f'--screenshot={shot}', '--window-size=1000,800',
-                          url], capture_output=True, timeout=60, check=True)
+  subprocess.run(
+      flags + [f'--screenshot={shot}', '--window-size=1000,800', url],
+      capture_output=True,
+      timeout=60,
+      check=True)
   pixels = np.asarray(Image.open(shot).convert('RGB'))
   assert pixels.std() > 1.0  # not blank

@@ -61,8 +61,8 @@ def test_every_field_of_default_py_is_the_library_default():
   assert typed_config.default('model.latent_dim') == 512
   assert typed_config.default('data.num_workers') == 8
   # The defaults are the dataclasses' (written once).
-  assert typed_config.EvalSettings(batch_size=1, num_panels=0).map == (
-      'feature_gaussian')
+  assert typed_config.EvalSettings(
+      batch_size=1, num_panels=0).map == ('feature_gaussian')
 
 
 def test_typed_settings_hold_every_field_of_default_py():
@@ -83,9 +83,11 @@ def test_library_defaults_of_cavga_task_appear_in_default_py():
   fields = set(_fields(default.get_config())) | {'data.synthetic.fraction'}
   # Fields of other configs (CAVGA_w, one-class TFDS data, a fixed
   # generated dataset); each is documented where it is used.
-  elsewhere = {'data.weak_anomalies_per_batch', 'data.weak_fraction',
-               'data.weak_min_per_defect', 'data.weak_seed',
-               'data.generated_seed', 'data.normal_class', 'data.download'}
+  elsewhere = {
+      'data.weak_anomalies_per_batch', 'data.weak_fraction',
+      'data.weak_min_per_defect', 'data.weak_seed', 'data.generated_seed',
+      'data.normal_class', 'data.download'
+  }
   assert set(typed_config.DEFAULTS) - fields == elsewhere
 
 
@@ -101,21 +103,20 @@ def test_module_dataclass_defaults_agree_with_the_table():
   features = feature_gaussian.FeatureSettings()
   assert features.stages == typed_config.default('eval.feature_stages')
   assert features.dims == typed_config.default('eval.feature_dims')
-  assert (features.grid_divisor
-          == typed_config.default('eval.feature_grid_divisor'))
-  assert (feature_gaussian.SHRINKAGE
-          == typed_config.default('eval.feature_shrinkage'))
+  assert (features.grid_divisor == typed_config.default(
+      'eval.feature_grid_divisor'))
+  assert (feature_gaussian.SHRINKAGE == typed_config.default(
+      'eval.feature_shrinkage'))
   knn = feature_knn.KnnSettings()
   for name in ('stages', 'grid_divisor', 'bank_size', 'chunk'):
     assert getattr(knn, name) == typed_config.default(f'eval.knn_{name}'), name
-  assert (anomaly_maps.MapSettings().ssim_window
-          == typed_config.default('eval.ssim_window'))
+  assert (anomaly_maps.MapSettings().ssim_window == typed_config.default(
+      'eval.ssim_window'))
   assert cavga.NUM_ENCODER_STAGES == typed_config.default(
-      'model.attention_stage'
-  )
+      'model.attention_stage')
   assert weak.DEFAULT_FRACTION == typed_config.default('data.weak_fraction')
-  assert (weak.DEFAULT_MIN_PER_DEFECT
-          == typed_config.default('data.weak_min_per_defect'))
+  assert (weak.DEFAULT_MIN_PER_DEFECT == typed_config.default(
+      'data.weak_min_per_defect'))
   assert weak.DEFAULT_SEED == typed_config.default('data.weak_seed')
   loop = training_loop.LoopSettings(num_steps=1, batch_size=1)
   for name in ('keep_checkpoints', 'prefetch', 'nonfinite',
@@ -149,17 +150,20 @@ def test_a_config_built_in_python_gets_the_library_defaults():
   assert typed_config.from_config(minimal) == typed_config.from_config(full)
   assert train_lib.build_models(minimal) == train_lib.build_models(full)
   loop = training_loop.LoopSettings.from_settings
-  assert (loop(minimal.seed, typed_config.from_config(minimal).train)
-          == loop(full.seed, typed_config.from_config(full).train))
-  assert evaluator_lib.map_settings(
-      typed_config.from_config(minimal).eval, 64
-  ) == evaluator_lib.map_settings(typed_config.from_config(full).eval, 64)
+  assert (loop(minimal.seed,
+               typed_config.from_config(minimal).train) == loop(
+                   full.seed,
+                   typed_config.from_config(full).train))
+  assert evaluator_lib.map_settings(typed_config.from_config(minimal).eval,
+                                    64) == evaluator_lib.map_settings(
+                                        typed_config.from_config(full).eval, 64)
   assert evaluator_lib.feature_settings(
-      typed_config.from_config(minimal).eval
-  ) == evaluator_lib.feature_settings(typed_config.from_config(full).eval)
+      typed_config.from_config(minimal).eval) == evaluator_lib.feature_settings(
+          typed_config.from_config(full).eval)
 
 
 def test_checking_a_config_builds_no_network(monkeypatch):
+
   def no_networks(*args, **kwargs):
     raise AssertionError('config_checks built a network')
 
@@ -176,13 +180,15 @@ def test_checking_a_config_builds_no_network(monkeypatch):
 def test_a_missing_required_field_is_reported():
   config = _required_only(default.get_config())
   del config.model['latent_channels']
-  with pytest.raises(CavgaError, match='config.model.latent_channels is '
-                     'missing'):
+  with pytest.raises(
+      CavgaError, match='config.model.latent_channels is '
+      'missing'):
     config_checks.check_config(config)
   with pytest.raises(KeyError):
     typed_config.default('model.latent_channels')
-  with pytest.raises(CavgaError, match='config.model.latent_channels is '
-                     'missing'):
+  with pytest.raises(
+      CavgaError, match='config.model.latent_channels is '
+      'missing'):
     typed_config.from_config(config)
 
 
@@ -192,6 +198,7 @@ def test_a_run_checks_its_config_once(tiny_config, tmp_path, monkeypatch):
   monkeypatch.setattr(config_checks, 'check_config',
                       lambda config: calls.append(1) or check(config))
   tiny_config.train.num_steps = 0  # Set up the run, train nothing.
-  runtime.run_program(runtime.task_program({'cavga': train_lib.train}),
-                      tiny_config, str(tmp_path / 'run'), '')
+  runtime.run_program(
+      runtime.task_program({'cavga': train_lib.train}), tiny_config,
+      str(tmp_path / 'run'), '')
   assert len(calls) == 1

@@ -15,10 +15,13 @@ from cavga_jax import sharding
 def eight_devices(tmp_path_factory):
   """multidevice_check.py's JSON (a subprocess with 8 forced CPU devices)."""
   script = os.path.join(os.path.dirname(__file__), 'multidevice_check.py')
-  proc = subprocess.run([sys.executable, script,
-                         str(tmp_path_factory.mktemp('eight'))],
-                        capture_output=True, text=True, timeout=600,
-                        check=False)
+  proc = subprocess.run(
+      [sys.executable, script,
+       str(tmp_path_factory.mktemp('eight'))],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 

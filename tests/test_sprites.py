@@ -23,8 +23,7 @@ def _mass_centre(images: np.ndarray) -> np.ndarray:
   return np.stack([rows, cols], axis=1)
 
 
-def _full_frame(ds: sprites.RenderedSprites, factors: np.ndarray
-                ) -> np.ndarray:
+def _full_frame(ds: sprites.RenderedSprites, factors: np.ndarray) -> np.ndarray:
   """Reference renderer: tests every pixel of the 64x64 frame (no window)."""
   out = np.zeros((len(factors), 64, 64, 1), np.uint8)
   grid = np.arange(64) + 0.5
@@ -42,8 +41,7 @@ def _full_frame(ds: sprites.RenderedSprites, factors: np.ndarray
 
 def test_rendered_grid_and_images():
   ds = sprites.RenderedSprites()
-  assert ds.factor_names == ('shape', 'scale', 'orientation', 'pos_x',
-                             'pos_y')
+  assert ds.factor_names == ('shape', 'scale', 'orientation', 'pos_x', 'pos_y')
   assert ds.factor_sizes == (3, 6, 40, 32, 32)
   assert ds.num_examples == 737_280 and ds.num_factors == 5
   indices = ds.sample_indices(40, np.random.default_rng(0))
@@ -54,11 +52,10 @@ def test_rendered_grid_and_images():
   np.testing.assert_array_equal(ds.images(indices), images)
   np.testing.assert_array_equal(ds.images(indices[7:9]), images[7:9])
   # dSprites's row-major order: shape slowest, pos_y fastest.
-  np.testing.assert_array_equal(ds.factors_of(np.array([0, 1, 32, 737_279])),
-                                [[0, 0, 0, 0, 0], [0, 0, 0, 0, 1],
-                                 [0, 0, 0, 1, 0], [2, 5, 39, 31, 31]])
-  np.testing.assert_array_equal(ds.indices_of(ds.factors_of(indices)),
-                                indices)
+  np.testing.assert_array_equal(
+      ds.factors_of(np.array([0, 1, 32, 737_279])),
+      [[0, 0, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 1, 0], [2, 5, 39, 31, 31]])
+  np.testing.assert_array_equal(ds.indices_of(ds.factors_of(indices)), indices)
   with pytest.raises(IndexError):
     ds.images(np.array([ds.num_examples]))
 
@@ -86,10 +83,10 @@ def _base(**changes) -> np.ndarray:
 def test_position_moves_the_mass_centre():
   ds = sprites.RenderedSprites()
   for shape in range(3):
-    xs = ds.images_of_factors(np.concatenate(
-        [_base(shape=shape, pos_x=x) for x in range(32)]))
-    ys = ds.images_of_factors(np.concatenate(
-        [_base(shape=shape, pos_y=y) for y in range(32)]))
+    xs = ds.images_of_factors(
+        np.concatenate([_base(shape=shape, pos_x=x) for x in range(32)]))
+    ys = ds.images_of_factors(
+        np.concatenate([_base(shape=shape, pos_y=y) for y in range(32)]))
     cx, cy = _mass_centre(xs), _mass_centre(ys)
     # pos_x moves the column only, pos_y the row only, about 1.2 px a step.
     assert (np.diff(cx[:, 1]) > 0.5).all() and np.ptp(cx[:, 0]) < 1.0
@@ -100,14 +97,14 @@ def test_position_moves_the_mass_centre():
 def test_scale_shape_and_orientation_change_the_image():
   ds = sprites.RenderedSprites()
   for shape in range(3):
-    counts = (ds.images_of_factors(np.concatenate(
-        [_base(shape=shape, scale=s) for s in range(6)])) > 0).sum(
-            axis=(1, 2, 3))
+    counts = (ds.images_of_factors(
+        np.concatenate([_base(shape=shape, scale=s) for s in range(6)]))
+              > 0).sum(axis=(1, 2, 3))
     assert (np.diff(counts) > 0).all()
     # Area grows with scale**2 (0.5 -> 1: 4x), up to pixelisation.
     assert 3.0 < counts[-1] / counts[0] < 5.0
-  shapes = ds.images_of_factors(np.concatenate(
-      [_base(shape=s) for s in range(3)]))
+  shapes = ds.images_of_factors(
+      np.concatenate([_base(shape=s) for s in range(3)]))
   areas = (shapes > 0).sum(axis=(1, 2, 3))
   assert areas[0] == 256  # a 16 x 16 square
   assert areas[0] > areas[2] > areas[1]  # square > heart > ellipse
@@ -117,8 +114,8 @@ def test_scale_shape_and_orientation_change_the_image():
   # Rotation keeps the area but changes the pixels; a full
   # turn (index 39 = 2 pi) is the identity, as in dSprites.
   for shape in range(3):
-    turned = ds.images_of_factors(np.concatenate(
-        [_base(shape=shape, orientation=o) for o in (0, 7, 39)]))
+    turned = ds.images_of_factors(
+        np.concatenate([_base(shape=shape, orientation=o) for o in (0, 7, 39)]))
     count = (turned > 0).sum(axis=(1, 2, 3))
     assert abs(count[1] / count[0] - 1) < 0.1
     # The rotation centre is the middle of the shape's bounding box: the
@@ -133,15 +130,18 @@ def test_every_image_is_non_empty_and_inside():
   ds = sprites.RenderedSprites()
   rng = np.random.default_rng(1)
   # Random examples plus the largest shapes at the four corners, all angles.
-  corners = np.array([[s, 5, o, x, y] for s in range(3) for o in range(40)
-                      for x in (0, 31) for y in (0, 31)])
-  factors = np.concatenate([ds.factors_of(ds.sample_indices(300, rng)),
-                            corners])
+  corners = np.array([[s, 5, o, x, y]
+                      for s in range(3)
+                      for o in range(40)
+                      for x in (0, 31)
+                      for y in (0, 31)])
+  factors = np.concatenate(
+      [ds.factors_of(ds.sample_indices(300, rng)), corners])
   images = ds.images_of_factors(factors)
   assert ((images > 0).sum(axis=(1, 2, 3)) >= 30).all()
   # Nothing touches the border ...
-  border = np.concatenate([images[:, 0], images[:, -1], images[:, :, 0],
-                           images[:, :, -1]], axis=1)
+  border = np.concatenate(
+      [images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]], axis=1)
   assert not border.any()
   # ... and the window each shape is drawn in cuts nothing off.
   np.testing.assert_array_equal(images, _full_frame(ds, factors))
@@ -194,8 +194,8 @@ def test_tfds_dsprites(mock_tfds):
   assert ds.num_examples == _NUM_EXAMPLES
   records = _tfds_records()
   np.testing.assert_array_equal(
-      ds.factors, [[int(r[name]) for name in sprites.TFDS_LABELS]
-                   for r in records])
+      ds.factors,
+      [[int(r[name]) for name in sprites.TFDS_LABELS] for r in records])
   indices = np.array([3, 0, 3, 47])
   images = ds.images(indices)
   assert images.shape == (4, 64, 64, 1) and images.dtype == np.uint8

@@ -22,8 +22,10 @@ SIZE = 32
 
 
 def _images(batch=6, seed=0, channels=3):
-  return jax.random.uniform(jax.random.key(seed), (batch, SIZE, SIZE, channels),
-                            minval=-0.3, maxval=0.3)
+  return jax.random.uniform(
+      jax.random.key(seed), (batch, SIZE, SIZE, channels),
+      minval=-0.3,
+      maxval=0.3)
 
 
 def _synthesize(key, images, **fields):
@@ -62,16 +64,20 @@ def test_mask_is_exactly_the_altered_region_for_a_distinct_fill():
   # A colour shift of at least 0.2 at full opacity changes every pixel of
   # a mid-gray image under the mask, and none outside it.
   images = jnp.zeros((4, SIZE, SIZE, 3))
-  out, masks, _ = _synthesize(jax.random.key(1), images, fills=('shift',),
-                              min_opacity=1.0, fraction=1.0)
+  out, masks, _ = _synthesize(
+      jax.random.key(1),
+      images,
+      fills=('shift',),
+      min_opacity=1.0,
+      fraction=1.0)
   changed = np.all(np.asarray(out) != 0.0, axis=-1)
   np.testing.assert_array_equal(changed, np.asarray(masks) == 1.0)
 
 
 def test_gray_images_get_gray_fills():
   gray = jnp.repeat(_images(channels=1), 3, axis=-1)
-  out, masks, _ = _synthesize(jax.random.key(2), gray, fills=('texture',),
-                              fraction=1.0)
+  out, masks, _ = _synthesize(
+      jax.random.key(2), gray, fills=('texture',), fraction=1.0)
   out = np.asarray(out)
   assert np.asarray(masks).sum() > 0
   np.testing.assert_allclose(out[..., 0], out[..., 1], atol=1e-6)
@@ -136,9 +142,12 @@ def test_normal_only_losses_ignore_the_synthetic_images():
   mu = jnp.zeros((2, 2, 2, 3)).at[1].set(5.0)
   logvar = jnp.zeros((2, 2, 2, 3))
   fake_logits = jnp.array([0.3, -7.0])
-  outputs = dict(reconstruction=recon, mu=mu, logvar=logvar,
-                 class_attention=jnp.zeros((2, 2, 2, 2)),
-                 logits=jnp.zeros((2, 2)))
+  outputs = dict(
+      reconstruction=recon,
+      mu=mu,
+      logvar=logvar,
+      class_attention=jnp.zeros((2, 2, 2, 2)),
+      logits=jnp.zeros((2, 2)))
   weights = jnp.array([1.0, 0.0])
   terms = cavga_step.weak_generator_loss_terms(
       outputs, images, fake_logits, jnp.array([0, 1]), vae_weights=weights)
@@ -147,13 +156,11 @@ def test_normal_only_losses_ignore_the_synthetic_images():
       float(jax.nn.softplus(-0.3)), rel=1e-6)
   assert float(losses.discriminator_loss(
       jnp.zeros(2), fake_logits, weights)) == pytest.approx(
-          float(2 * jax.nn.softplus(0.0) / 2 + jax.nn.softplus(0.3)),
-          rel=1e-6)
+          float(2 * jax.nn.softplus(0.0) / 2 + jax.nn.softplus(0.3)), rel=1e-6)
   # Unweighted, the second image counts.
-  plain = cavga_step.weak_generator_loss_terms(
-      outputs, images, fake_logits, jnp.array([0, 1]))
+  plain = cavga_step.weak_generator_loss_terms(outputs, images, fake_logits,
+                                               jnp.array([0, 1]))
   assert float(plain['rec']) > 0 and float(plain['kl']) > 0
-
 
 
 def test_tiny_synthetic_train_resume_and_evaluate(tmp_path):

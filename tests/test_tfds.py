@@ -40,8 +40,8 @@ def _common_class(name: str) -> int:
 def test_load_one_class(mock_tfds, name, channels):
   del mock_tfds
   normal = _common_class(name)
-  train, test = tfds_data.load_one_class(name, normal, 32, channels,
-                                         num_workers=1)
+  train, test = tfds_data.load_one_class(
+      name, normal, 32, channels, num_workers=1)
   train_labels, test_labels = _labels(name, 'train'), _labels(name, 'test')
   # Train: only the normal class; test: the full split, normal -> 0.
   assert train.images.shape == ((train_labels == normal).sum(), 32, 32,
@@ -63,8 +63,8 @@ def test_get_datasets_dispatches_one_class(mock_tfds, tmp_path):
   del mock_tfds
   config = tiny_one_class.get_config()
   config.data.normal_class = _common_class('mnist')
-  train, test = run_setup.load_datasets(typed_config.from_config(config),
-                                        str(tmp_path))
+  train, test = run_setup.load_datasets(
+      typed_config.from_config(config), str(tmp_path))
   assert train.images.shape[1:] == (32, 32, 1)
   assert test.num_examples == _NUM_EXAMPLES
   assert 'mnist' in data_lib.KNOWN_DATASETS
@@ -79,8 +79,12 @@ def test_get_datasets_dispatches_one_class(mock_tfds, tmp_path):
 ])
 def test_load_one_class_errors(mock_tfds, tmp_path, kwargs, message):
   del mock_tfds
-  args = dict(name='mnist', normal_class=0, image_size=32, channels=1,
-              data_dir=str(tmp_path))
+  args = dict(
+      name='mnist',
+      normal_class=0,
+      image_size=32,
+      channels=1,
+      data_dir=str(tmp_path))
   args.update(kwargs)
   with pytest.raises(DataError, match=message):
     tfds_data.load_one_class(**args)

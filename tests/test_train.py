@@ -31,14 +31,16 @@ def test_train_step_lowers_the_loss(tiny_config):
   generator, discriminator, init_fn, _ = train_state.setup(
       typed_config.from_config(tiny_config), mesh)
   state = init_fn(jax.random.key(0))
-  step = jax.jit(cavga_step.make_train_step(
-      generator, discriminator, dict(tiny_config.loss_weights)),
-                 donate_argnums=0)
+  step = jax.jit(
+      cavga_step.make_train_step(generator, discriminator,
+                                 dict(tiny_config.loss_weights)),
+      donate_argnums=0)
   # A fixed batch of smooth images the VAE can learn to reconstruct.
   grid = np.linspace(0, 255, 32)
   image = np.stack([np.add.outer(grid, grid) / 2] * 3, -1).astype(np.uint8)
-  images = jnp.asarray(np.stack([image, image[::-1], image[:, ::-1],
-                                 image.transpose(1, 0, 2)] * 2))
+  images = jnp.asarray(
+      np.stack([image, image[::-1], image[:, ::-1],
+                image.transpose(1, 0, 2)] * 2))
   history = []
   for _ in range(40):
     state, metrics = step(state, images, jax.random.key(1))
@@ -46,8 +48,9 @@ def test_train_step_lowers_the_loss(tiny_config):
   assert int(state.step) == 40
   assert history[-1]['rec'] < 0.7 * history[0]['rec']
   assert history[-1]['kl'] < history[0]['kl']
-  assert set(history[0]) == {'rec', 'kl', 'adv', 'ae', 'g_loss', 'd_loss',
-                              'nonfinite'}
+  assert set(history[0]) == {
+      'rec', 'kl', 'adv', 'ae', 'g_loss', 'd_loss', 'nonfinite'
+  }
   assert all(np.isfinite(v) for m in history for v in m.values())
   assert not any(m['nonfinite'] for m in history)
 
@@ -58,9 +61,8 @@ def test_train_step_lowers_the_loss(tiny_config):
 # took 100-200 s of CI's 1100 s to compile (R trains on one and on eight
 # devices in test_sharding).
 @pytest.mark.parametrize('first_steps', [2, 3])
-def test_resume_after_interrupt_equals_uninterrupted_run(tiny_config,
-                                                         tmp_path,
-                                                         first_steps):
+def test_resume_after_interrupt_equals_uninterrupted_run(
+    tiny_config, tmp_path, first_steps):
   full = train_lib.train(tiny_config, str(tmp_path / 'full'))
   resumed = train_with_interruption(tiny_config, str(tmp_path / 'resumed'),
                                     first_steps)
@@ -75,8 +77,8 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tiny_config,
     full_log = [json.loads(line) for line in f]
   assert [l['step'] for l in resumed_log] == [2, 4]
   for got, want in zip(resumed_log, full_log):
-    assert {k: v for k, v in got.items() if k != 'images_per_s'} == {
-        k: v for k, v in want.items() if k != 'images_per_s'}
+    assert {k: v for k, v in got.items() if k != 'images_per_s'
+           } == {k: v for k, v in want.items() if k != 'images_per_s'}
 
 
 def test_checkpoint_roundtrip(tiny_config, tmp_path):
@@ -98,12 +100,14 @@ def _inject_nan(monkeypatch, bad_step):
   original = cavga_step.make_train_step
 
   def make_train_step(generator, discriminator, loss_weights, *args):
+
     def train_step(state, images, rng, labels=None):
       weights = dict(loss_weights)
-      weights['rec'] = jnp.where(bad_step(state.step), jnp.nan,
-                                 loss_weights['rec'])
-      return original(generator, discriminator, weights, *args)(
-          state, images, rng, labels)
+      weights['rec'] = jnp.where(
+          bad_step(state.step), jnp.nan, loss_weights['rec'])
+      return original(generator, discriminator, weights, *args)(state, images,
+                                                                rng, labels)
+
     return train_step
 
   monkeypatch.setattr(cavga_step, 'make_train_step', make_train_step)
@@ -139,7 +143,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
   manager = checkpointing.make_manager(str(tmp_path))
   assert manager.all_steps() == [2]
   assert tree_equal(good_state,
-                     checkpointing.restore_latest(manager, good_state))
+                    checkpointing.restore_latest(manager, good_state))
   assert [line['step'] for line in _logged(tmp_path)] == [2]
 
 
@@ -152,17 +156,20 @@ def test_skip_mode_skips_non_finite_steps_and_stops_after_too_many(
   tiny_config.train.keep_checkpoints = 10
   # Updates 3, 5 and 6 (0-based steps 2, 4, 5) have a NaN loss.
   _inject_nan(monkeypatch, lambda step: jnp.isin(step, jnp.array([2, 4, 5])))
-  with pytest.raises(TrainingError, match=(
-      r'^2 consecutive steps up to step 6 had non-finite losses or gradients '
-      r'and were skipped \(train.max_consecutive_skips=2\); training stopped, '
-      r'the last good checkpoint \(step 5\)')):
+  with pytest.raises(
+      TrainingError,
+      match=(
+          r'^2 consecutive steps up to step 6 had non-finite losses or gradients '
+          r'and were skipped \(train.max_consecutive_skips=2\); training stopped, '
+          r'the last good checkpoint \(step 5\)')):
     train_lib.train(tiny_config, str(tmp_path))
 
   _, good_state = two_good_steps
   manager = checkpointing.make_manager(str(tmp_path))
   assert manager.all_steps() == [1, 2, 3, 4, 5]
-  after = {s: checkpointing.restore(manager, s, good_state)
-           for s in (2, 3, 4, 5)}
+  after = {
+      s: checkpointing.restore(manager, s, good_state) for s in (2, 3, 4, 5)
+  }
   # Finite steps are those of 'stop' mode (up to rounding: the program
   # differs, so XLA may fuse the batch-norm reductions differently).
   for x, y in zip(jax.tree.leaves(after[2]), jax.tree.leaves(good_state)):
@@ -173,8 +180,8 @@ def test_skip_mode_skips_non_finite_steps_and_stops_after_too_many(
   assert not tree_equal(after[4].gen_params, after[3].gen_params)
   assert tree_equal(after[5].replace(step=after[4].step), after[4])
   assert bool(nonfinite.tree_all_finite(after[5]))
-  assert [(line['step'], line['skipped']) for line in _logged(tmp_path)] == [
-      (2, 0), (4, 1)]
+  assert [(line['step'], line['skipped']) for line in _logged(tmp_path)
+         ] == [(2, 0), (4, 1)]
 
 
 def test_writes_config_and_metrics(tiny_config, tmp_path):

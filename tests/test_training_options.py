@@ -23,8 +23,8 @@ LR = 1e-2
 
 
 def _optimizer(**fields):
-  return typed_config.OptimizerSettings(learning_rate=LR, b1=0.5, b2=0.999,
-                                    **fields)
+  return typed_config.OptimizerSettings(
+      learning_rate=LR, b1=0.5, b2=0.999, **fields)
 
 
 def _step_sizes(tx, grads):
@@ -45,23 +45,26 @@ def test_warmup_and_cosine_schedules_set_the_step_size():
   constant = _step_sizes(train_state.make_optimizer(_optimizer(), 10), ones)
   np.testing.assert_allclose(constant, LR, rtol=1e-5)
   # Linear warmup from 0 over 4 steps, then constant.
-  warm = _step_sizes(train_state.make_optimizer(
-      _optimizer(warmup_steps=4), 10), ones)
-  np.testing.assert_allclose(warm, LR * np.minimum(np.arange(10) / 4, 1),
-                             rtol=1e-5, atol=1e-9)
+  warm = _step_sizes(
+      train_state.make_optimizer(_optimizer(warmup_steps=4), 10), ones)
+  np.testing.assert_allclose(
+      warm, LR * np.minimum(np.arange(10) / 4, 1), rtol=1e-5, atol=1e-9)
   # Warmup, then half a cosine from lr to 0 at num_steps.
-  cosine = _step_sizes(train_state.make_optimizer(
-      _optimizer(schedule='cosine', warmup_steps=2), 10), ones)
+  cosine = _step_sizes(
+      train_state.make_optimizer(
+          _optimizer(schedule='cosine', warmup_steps=2), 10), ones)
   t = np.arange(10)
-  expected = np.where(t < 2, LR * t / 2,
-                      LR * 0.5 * (1 + np.cos(np.pi * (t - 2) / 8)))
+  expected = np.where(t < 2, LR * t / 2, LR * 0.5 * (1 + np.cos(np.pi *
+                                                                (t - 2) / 8)))
   np.testing.assert_allclose(cosine, expected, rtol=1e-5, atol=1e-9)
   assert cosine[2] == pytest.approx(LR, rel=1e-5) and cosine[-1] < 0.05 * LR
 
 
 def test_grad_clip_norm_clips_the_gradient_adam_sees():
-  grads = [{'a': jnp.array([30.0, 40.0]), 'b': jnp.array(0.0)},  # norm 50
-           {'a': jnp.array([0.3, 0.4]), 'b': jnp.array(0.0)}]     # norm 0.5
+  grads = [
+      {'a': jnp.array([30.0, 40.0]), 'b': jnp.array(0.0)},  # norm 50
+      {'a': jnp.array([0.3, 0.4]), 'b': jnp.array(0.0)}
+  ]  # norm 0.5
   params = jax.tree.map(jnp.zeros_like, grads[0])
 
   def updates_of(tx, gradients):
@@ -71,8 +74,8 @@ def test_grad_clip_norm_clips_the_gradient_adam_sees():
       out.append(update)
     return out
 
-  clipped = updates_of(train_state.make_optimizer(
-      _optimizer(grad_clip_norm=1.0), 2), grads)
+  clipped = updates_of(
+      train_state.make_optimizer(_optimizer(grad_clip_norm=1.0), 2), grads)
   # The same as Adam on the gradients scaled to global norm <= 1 by hand.
   by_hand = [jax.tree.map(lambda x: x / 50.0, grads[0]), grads[1]]
   adam = updates_of(optax.adam(LR, b1=0.5, b2=0.999), by_hand)
@@ -92,10 +95,11 @@ def test_train_step_with_the_flat_latent(tiny_config):
   state = init_fn(jax.random.key(0))
   assert state.gen_params['mu']['kernel'].shape[-1] == (
       tiny_config.model.latent_dim)
-  step = jax.jit(cavga_step.make_train_step(
-      generator, discriminator, dict(tiny_config.loss_weights)))
-  images = jax.random.randint(jax.random.key(2), (8, 32, 32, 3), 0, 256
-                              ).astype(jnp.uint8)
+  step = jax.jit(
+      cavga_step.make_train_step(generator, discriminator,
+                                 dict(tiny_config.loss_weights)))
+  images = jax.random.randint(jax.random.key(2), (8, 32, 32, 3), 0,
+                              256).astype(jnp.uint8)
   new, metrics = step(state, images, jax.random.key(1))
   assert int(new.step) == 1 and not bool(metrics['nonfinite'])
   assert all(np.isfinite(float(v)) for v in metrics.values())
@@ -104,8 +108,9 @@ def test_train_step_with_the_flat_latent(tiny_config):
   for name in ('mu', 'logvar', 'flat_to_map'):
     assert not np.array_equal(new.gen_params[name]['kernel'],
                               state.gen_params[name]['kernel']), name
-  assert not jax.tree.all(jax.tree.map(
-      np.array_equal, new.gen_params['encoder'], state.gen_params['encoder']))
+  assert not jax.tree.all(
+      jax.tree.map(np.array_equal, new.gen_params['encoder'],
+                   state.gen_params['encoder']))
 
 
 # The real datasets under ../shared/data (MVTec layout): root, category.
@@ -123,16 +128,15 @@ def _few_images(source: pathlib.Path, target: pathlib.Path, num: int = 3):
       for name in sorted(os.listdir(source / split / defect))[:num]:
         os.symlink(source / split / defect / name,
                    target / split / defect / name)
-        mask = (source / 'ground_truth' / defect
-                / (pathlib.Path(name).stem + '_mask.png'))
+        mask = (
+            source / 'ground_truth' / defect /
+            (pathlib.Path(name).stem + '_mask.png'))
         if split == 'test' and defect != 'good':
-          (target / 'ground_truth' / defect).mkdir(parents=True,
-                                                   exist_ok=True)
+          (target / 'ground_truth' / defect).mkdir(parents=True, exist_ok=True)
           os.symlink(mask, target / 'ground_truth' / defect / mask.name)
 
 
-@pytest.mark.parametrize('root, category', _REAL,
-                         ids=[c for _, c in _REAL])
+@pytest.mark.parametrize('root, category', _REAL, ids=[c for _, c in _REAL])
 def test_a_few_images_of_each_real_category_load_and_evaluate(
     tiny_config, tmp_path, root, category):
   source = _SHARED / root / category

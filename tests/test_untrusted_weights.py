@@ -23,15 +23,19 @@ from conftest import load_script
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden')
 _MAGIC = 0x1950a86a20f9469cfc6c
-_SYSTEM = {'protocol_version': 1001, 'little_endian': True,
-           'type_sizes': {'short': 2, 'int': 4, 'long': 4}}
-_STORAGE_NAMES = {np.dtype(np.float32): 'FloatStorage',
-                  np.dtype(np.float16): 'HalfStorage',
-                  np.dtype(np.int64): 'LongStorage',
-                  np.dtype(np.bool_): 'BoolStorage'}
-
+_SYSTEM = {
+    'protocol_version': 1001, 'little_endian': True,
+    'type_sizes': {'short': 2, 'int': 4, 'long': 4}
+}
+_STORAGE_NAMES = {
+    np.dtype(np.float32): 'FloatStorage',
+    np.dtype(np.float16): 'HalfStorage',
+    np.dtype(np.int64): 'LongStorage',
+    np.dtype(np.bool_): 'BoolStorage'
+}
 
 # A minimal torch.save, opcode by opcode (protocol 2, as torch writes).
+
 
 def _global(module, name):
   return f'c{module}\n{name}\n'.encode()
@@ -42,14 +46,20 @@ def _data(obj):
   return pickle.dumps(obj, protocol=2)[2:-1]
 
 
-def _tensor(key, storage, offset, size, stride, legacy, numel=None,
+def _tensor(key,
+            storage,
+            offset,
+            size,
+            stride,
+            legacy,
+            numel=None,
             storage_name=None):
   """_rebuild_tensor_v2(storage ``key``, offset, size, stride, ...)."""
   pid = (b'(' + _data('storage')
          + _global('torch', storage_name or _STORAGE_NAMES[storage.dtype])
          + _data(key) + _data('cpu')
-         + _data(storage.size if numel is None else numel)
-         + (_data(None) if legacy else b'') + b'tQ')
+         + _data(storage.size if numel is None else numel) +
+         (_data(None) if legacy else b'') + b'tQ')
   return (_global('torch._utils', '_rebuild_tensor_v2') + b'(' + pid
           + _data(offset) + _data(size) + _data(stride) + _data(False)
           + _global('collections', 'OrderedDict') + b')RtR')
@@ -57,18 +67,24 @@ def _tensor(key, storage, offset, size, stride, legacy, numel=None,
 
 def _state_dict_record(entries):
   """A pickled {name: opcodes of its value} (a dict, as torch writes)."""
-  return (b'\x80\x02}(' + b''.join(_data(name) + value
-                                   for name, value in entries.items())
+  return (b'\x80\x02}('
+          + b''.join(_data(name) + value for name, value in entries.items())
           + b'u.')
 
 
 def _legacy(storages, views, records=None, counts=None):
   """The legacy format's bytes; ``records``/``counts`` replace parts."""
-  entries = {name: _tensor(key, storages[key], *view, legacy=True)
-             for name, (key, *view) in views.items()}
-  parts = [pickle.dumps(_MAGIC, 2), pickle.dumps(1001, 2),
-           pickle.dumps(_SYSTEM, 2), _state_dict_record(entries),
-           pickle.dumps(sorted(storages), 2)]
+  entries = {
+      name: _tensor(key, storages[key], *view, legacy=True)
+      for name, (key, *view) in views.items()
+  }
+  parts = [
+      pickle.dumps(_MAGIC, 2),
+      pickle.dumps(1001, 2),
+      pickle.dumps(_SYSTEM, 2),
+      _state_dict_record(entries),
+      pickle.dumps(sorted(storages), 2)
+  ]
   for index, record in (records or {}).items():
     parts[index] = record
   for key in sorted(storages):
@@ -86,32 +102,43 @@ def _zip(members, compression=zipfile.ZIP_STORED):
 
 
 def _zip_members(storages, views, data_pkl=None):
-  entries = {name: _tensor(key, storages[key], *view, legacy=False)
-             for name, (key, *view) in views.items()}
-  members = {'data.pkl': data_pkl or _state_dict_record(entries),
-             'byteorder': b'little', 'version': b'3\n'}
+  entries = {
+      name: _tensor(key, storages[key], *view, legacy=False)
+      for name, (key, *view) in views.items()
+  }
+  members = {
+      'data.pkl': data_pkl or _state_dict_record(entries),
+      'byteorder': b'little', 'version': b'3\n'
+  }
   members.update({f'data/{k}': a.tobytes() for k, a in storages.items()})
   return members
 
 
-_STORAGES = {'0': np.arange(12, dtype=np.float32) * 0.5,
-             '1': np.array([3, -1, 7], dtype=np.int64),
-             '2': np.array([1, 0, 1, 1], dtype=np.bool_)}
+_STORAGES = {
+    '0': np.arange(12, dtype=np.float32) * 0.5, '1': np.array([3, -1, 7],
+                                                              dtype=np.int64),
+    '2': np.array([1, 0, 1, 1], dtype=np.bool_)
+}
 # name: (storage key, offset, size, stride)
-_VIEWS = {'w': ('0', 0, (3, 4), (4, 1)), 't': ('0', 0, (4, 3), (1, 4)),
-          'tail': ('0', 8, (2, 2), (2, 1)), 'n': ('1', 1, (), ()),
-          'b': ('2', 0, (4,), (1,)),
-          # A length-1 dimension's stride never moves: torch leaves any.
-          'row': ('0', 4, (1, 4), (10 ** 30, 1)),
-          'empty': ('0', 12, (0, 5), (5, 1))}
+_VIEWS = {
+    'w': ('0', 0, (3, 4), (4, 1)),
+    't': ('0', 0, (4, 3), (1, 4)),
+    'tail': ('0', 8, (2, 2), (2, 1)),
+    'n': ('1', 1, (), ()),
+    'b': ('2', 0, (4,), (1,)),
+    # A length-1 dimension's stride never moves: torch leaves any.
+    'row': ('0', 4, (1, 4), (10**30, 1)),
+    'empty': ('0', 12, (0, 5), (5, 1))
+}
 
 
 def _expected():
   s = _STORAGES
-  return {'w': s['0'].reshape(3, 4), 't': s['0'].reshape(3, 4).T,
-          'tail': s['0'][8:].reshape(2, 2), 'n': np.array(-1),
-          'b': s['2'], 'row': s['0'][4:8].reshape(1, 4),
-          'empty': np.zeros((0, 5), np.float32)}
+  return {
+      'w': s['0'].reshape(3, 4), 't': s['0'].reshape(3, 4).T,
+      'tail': s['0'][8:].reshape(2, 2), 'n': np.array(-1), 'b': s['2'],
+      'row': s['0'][4:8].reshape(1, 4), 'empty': np.zeros((0, 5), np.float32)
+  }
 
 
 def _write(tmp_path, data, name='weights.pth'):
@@ -131,8 +158,9 @@ def _refused(path, match=None):
 
 @pytest.mark.parametrize('fmt', ['legacy', 'zip'])
 def test_the_test_writer_makes_files_the_reader_reads(tmp_path, fmt):
-  data = (_legacy(_STORAGES, _VIEWS) if fmt == 'legacy'
-          else _zip(_zip_members(_STORAGES, _VIEWS)))
+  data = (
+      _legacy(_STORAGES, _VIEWS) if fmt == 'legacy' else _zip(
+          _zip_members(_STORAGES, _VIEWS)))
   loaded = torch_pickle.load(_write(tmp_path, data))
   expected = _expected()
   assert list(loaded) == list(expected)
@@ -142,6 +170,7 @@ def test_the_test_writer_makes_files_the_reader_reads(tmp_path, fmt):
 
 
 # Payloads: a pickle record that, if run, creates ``marker``.
+
 
 def _exec_payload(marker):
   # GLOBAL builtins.exec + REDUCE (protocol 2).
@@ -171,12 +200,14 @@ def _inst_payload(marker):
           % str(marker).encode())
 
 
-_PAYLOADS = {'exec': _exec_payload, 'touch': _touch_payload,
-             'inst': _inst_payload}
+_PAYLOADS = {
+    'exec': _exec_payload, 'touch': _touch_payload, 'inst': _inst_payload
+}
 
-
-_RECORDS = ['legacy magic', 'legacy protocol', 'legacy system info',
-            'legacy state dict', 'legacy storage keys', 'zip data.pkl']
+_RECORDS = [
+    'legacy magic', 'legacy protocol', 'legacy system info',
+    'legacy state dict', 'legacy storage keys', 'zip data.pkl'
+]
 
 
 @pytest.mark.parametrize('payload', sorted(_PAYLOADS))
@@ -192,8 +223,8 @@ def test_code_in_any_pickle_record_never_runs(tmp_path, record, payload):
   assert not marker.exists()
 
 
-@pytest.mark.parametrize('member', ['byteorder', 'version', 'data/0',
-                                    '.data/serialization_id'])
+@pytest.mark.parametrize(
+    'member', ['byteorder', 'version', 'data/0', '.data/serialization_id'])
 def test_code_in_other_zip_members_is_never_unpickled(tmp_path, member):
   marker = tmp_path / 'ran'
   members = _zip_members(_STORAGES, _VIEWS)
@@ -208,17 +239,18 @@ def test_code_in_other_zip_members_is_never_unpickled(tmp_path, member):
 def test_code_in_a_nested_value_never_runs(tmp_path):
   # The payload inside the system info dict of a legacy file.
   marker = tmp_path / 'ran'
-  record = (b'\x80\x02}(' + _data('little_endian') + b'\x88'
-            + _data('x') + _exec_payload(marker)[2:-1] + b'u.')
-  _refused(_write(tmp_path, _legacy(_STORAGES, _VIEWS, records={2: record})),
-           match='refusing to load')
+  record = (b'\x80\x02}(' + _data('little_endian') + b'\x88' + _data('x')
+            + _exec_payload(marker)[2:-1] + b'u.')
+  _refused(
+      _write(tmp_path, _legacy(_STORAGES, _VIEWS, records={2: record})),
+      match='refusing to load')
   assert not marker.exists()
 
 
 def test_code_in_a_pth_never_runs_in_the_converter_script(tmp_path, capsys):
   marker = tmp_path / 'ran'
-  path = _write(tmp_path, _legacy(_STORAGES, _VIEWS,
-                                  records={0: _exec_payload(marker)}),
+  path = _write(tmp_path,
+                _legacy(_STORAGES, _VIEWS, records={0: _exec_payload(marker)}),
                 'resnet18-f37072fd.pth')
   out = tmp_path / 'out.npz'
   script = load_script('scripts/convert_torchvision_resnet18.py')
@@ -237,22 +269,24 @@ def _with_view(view, fmt, storages=None):
 
 
 @pytest.mark.parametrize('fmt', ['legacy', 'zip'])
-@pytest.mark.parametrize('view, match', [
-    (('0', 0, (10,), (1,)), 'does not fit its storage'),
-    (('0', 5, (2,), (1,)), 'reaches element 6'),
-    (('0', 7, (0,), (1,)), 'does not fit its storage'),
-    (('0', 0, (2, 3), (2 ** 60, 1)), 'reaches element'),
-    (('0', 0, (2,), (2 ** 62,)), 'reaches element'),  # strides * 4 overflow
-    (('0', 0, (2 ** 62,), (1,)), 'does not fit its storage'),
-    (('0', 0, (3, 2 ** 62), (0, 0)), 'does not fit its storage'),
-    (('0', -1, (2,), (1,)), 'offset, size or stride'),
-    (('0', 0, (2,), (-1,)), 'offset, size or stride'),
-    (('0', 0, (-2,), (1,)), 'offset, size or stride'),
-    (('0', 0, (2.0,), (1,)), 'offset, size or stride'),
-    (('0', 0, [2], [1]), 'offset, size or stride'),
-    (('0', 0, (1,) * 40, (1,) * 40), 'offset, size or stride'),
-    (('0', 0, (2, 2), (1,)), 'offset, size or stride'),
-])
+@pytest.mark.parametrize(
+    'view, match',
+    [
+        (('0', 0, (10,), (1,)), 'does not fit its storage'),
+        (('0', 5, (2,), (1,)), 'reaches element 6'),
+        (('0', 7, (0,), (1,)), 'does not fit its storage'),
+        (('0', 0, (2, 3), (2**60, 1)), 'reaches element'),
+        (('0', 0, (2,), (2**62,)), 'reaches element'),  # strides * 4 overflow
+        (('0', 0, (2**62,), (1,)), 'does not fit its storage'),
+        (('0', 0, (3, 2**62), (0, 0)), 'does not fit its storage'),
+        (('0', -1, (2,), (1,)), 'offset, size or stride'),
+        (('0', 0, (2,), (-1,)), 'offset, size or stride'),
+        (('0', 0, (-2,), (1,)), 'offset, size or stride'),
+        (('0', 0, (2.0,), (1,)), 'offset, size or stride'),
+        (('0', 0, [2], [1]), 'offset, size or stride'),
+        (('0', 0, (1,) * 40, (1,) * 40), 'offset, size or stride'),
+        (('0', 0, (2, 2), (1,)), 'offset, size or stride'),
+    ])
 def test_a_view_outside_its_storage_is_refused(tmp_path, fmt, view, match):
   _refused(_write(tmp_path, _with_view(view, fmt)), match=match)
 
@@ -263,22 +297,25 @@ def test_pickle_build_cannot_move_a_tensor_after_its_checks(tmp_path, fmt):
   tensor = _tensor('0', storage['0'], 0, (2,), (1,), legacy=fmt == 'legacy')
   moved = tensor + _data({'offset': 1000}) + b'b'  # BUILD sets attributes
   record = _state_dict_record({'x': moved})
-  data = (_legacy(storage, {}, records={3: record}) if fmt == 'legacy'
-          else _zip(_zip_members(storage, {}, data_pkl=record)))
+  data = (
+      _legacy(storage, {}, records={3: record}) if fmt == 'legacy' else _zip(
+          _zip_members(storage, {}, data_pkl=record)))
   _refused(_write(tmp_path, data), match='refusing to set attributes')
 
 
 def test_legacy_storage_counts_must_match_the_bytes(tmp_path):
   views = {'x': ('0', 0, (6,), (1,))}
   storage = {'0': np.arange(6, dtype=np.float32)}
-  _refused(_write(tmp_path, _legacy(storage, views, counts={'0': 5})),
-           match='holds 5 elements, its tensors say 6')
+  _refused(
+      _write(tmp_path, _legacy(storage, views, counts={'0': 5})),
+      match='holds 5 elements, its tensors say 6')
   # An element count past the end of the file (and its tensors saying so).
-  huge = 2 ** 61
-  entries = {'x': _tensor('0', storage['0'], 0, (6,), (1,), legacy=True,
-                          numel=huge)}
-  data = _legacy(storage, {}, records={3: _state_dict_record(entries)},
-                 counts={'0': huge})
+  huge = 2**61
+  entries = {
+      'x': _tensor('0', storage['0'], 0, (6,), (1,), legacy=True, numel=huge)
+  }
+  data = _legacy(
+      storage, {}, records={3: _state_dict_record(entries)}, counts={'0': huge})
   _refused(_write(tmp_path, data), match='truncated')
   _refused(_write(tmp_path, _legacy(storage, views)[:-4]), match='truncated')
 
@@ -298,35 +335,41 @@ def test_zip_storages_must_be_their_declared_size(tmp_path, change, match):
 
 def test_compressed_zip_members_are_refused(tmp_path):
   members = _zip_members(_STORAGES, _VIEWS)
-  _refused(_write(tmp_path, _zip(members, zipfile.ZIP_DEFLATED)),
-           match='is compressed')
+  _refused(
+      _write(tmp_path, _zip(members, zipfile.ZIP_DEFLATED)),
+      match='is compressed')
 
 
 def _pid(storage_type, key, numel, view=None):
   """A legacy persistent id: ('storage', type, key, 'cpu', numel, view)."""
-  return (b'(' + _data('storage') + _global('torch', storage_type)
-          + _data(key) + _data('cpu') + _data(numel) + _data(view) + b'tQ')
+  return (b'(' + _data('storage') + _global('torch', storage_type) + _data(key)
+          + _data('cpu') + _data(numel) + _data(view) + b'tQ')
 
 
 @pytest.mark.parametrize('fmt', ['legacy', 'zip'])
-@pytest.mark.parametrize('storage_id, match', [
-    (_pid('ComplexFloatStorage', '0', 6), 'refusing to load'),
-    (_pid('UntypedStorage', '0', 6), 'refusing to load'),
-    # A view of a storage (torch < 0.4): not read, rather than misplaced.
-    (_pid('FloatStorage', '0', 6, ('1', 2, 4)), 'storage views'),
-    (_pid('FloatStorage', 0, 6), 'without a key'),  # torch writes str keys
-    (_pid('FloatStorage', '0', -1), 'element count'),
-    (_data('storage') + b'Q', 'not a torch storage'),
-], ids=['complex', 'untyped', 'view', 'int key', 'negative numel', 'str'])
+@pytest.mark.parametrize(
+    'storage_id, match',
+    [
+        (_pid('ComplexFloatStorage', '0', 6), 'refusing to load'),
+        (_pid('UntypedStorage', '0', 6), 'refusing to load'),
+        # A view of a storage (torch < 0.4): not read, rather than misplaced.
+        (_pid('FloatStorage', '0', 6, ('1', 2, 4)), 'storage views'),
+        (_pid('FloatStorage', 0, 6), 'without a key'),  # torch writes str keys
+        (_pid('FloatStorage', '0', -1), 'element count'),
+        (_data('storage') + b'Q', 'not a torch storage'),
+    ],
+    ids=['complex', 'untyped', 'view', 'int key', 'negative numel', 'str'])
 def test_malformed_storage_ids_are_refused(tmp_path, fmt, storage_id, match):
   # 'x': _rebuild_tensor_v2(<storage_id>, 0, (6,), (1,), False, OrderedDict())
-  tensor = (_global('torch._utils', '_rebuild_tensor_v2') + b'(' + storage_id
-            + _data(0) + _data((6,)) + _data((1,)) + _data(False)
-            + _global('collections', 'OrderedDict') + b')RtR')
+  tensor = (
+      _global('torch._utils', '_rebuild_tensor_v2') + b'(' + storage_id
+      + _data(0) + _data((6,)) + _data((1,)) + _data(False)
+      + _global('collections', 'OrderedDict') + b')RtR')
   record = _state_dict_record({'x': tensor})
   storage = {'0': np.arange(6, dtype=np.float32)}
-  data = (_legacy(storage, {}, records={3: record}) if fmt == 'legacy'
-          else _zip(_zip_members(storage, {}, data_pkl=record)))
+  data = (
+      _legacy(storage, {}, records={3: record}) if fmt == 'legacy' else _zip(
+          _zip_members(storage, {}, data_pkl=record)))
   _refused(_write(tmp_path, data), match=match)
 
 
@@ -340,22 +383,26 @@ def test_bool_storages_hold_only_0_and_1(tmp_path):
 def test_views_repeating_a_storage_cannot_exhaust_memory(tmp_path):
   storage = {'0': np.arange(6, dtype=np.float32)}
   views = {f'x{i}': ('0', 0, (6,), (1,)) for i in range(5)}
-  _refused(_write(tmp_path, _zip(_zip_members(storage, views))),
-           match='more than 4 times')
+  _refused(
+      _write(tmp_path, _zip(_zip_members(storage, views))),
+      match='more than 4 times')
   # Tied weights (a storage viewed twice) are fine.
   tied = {f'x{i}': ('0', 0, (6,), (1,)) for i in range(2)}
-  assert len(torch_pickle.load(_write(tmp_path, _zip(
-      _zip_members(storage, tied))))) == 2
+  assert len(
+      torch_pickle.load(_write(tmp_path, _zip(_zip_members(storage,
+                                                           tied))))) == 2
 
 
 def test_sparse_pickle_memo_is_refused(tmp_path):
   # The C unpickler would size its memo by the index: 2 ** 32 entries.
   record = b'\x80\x02K\x01r\xff\xff\xff\xff.'
-  _refused(_write(tmp_path, _legacy(_STORAGES, _VIEWS, records={1: record})),
-           match='memo index')
+  _refused(
+      _write(tmp_path, _legacy(_STORAGES, _VIEWS, records={1: record})),
+      match='memo index')
 
 
 # Fuzzing: mutated files load arrays from their own bytes, or a DataError.
+
 
 def _substrings(data, size):
   return {data[i:i + size] for i in range(len(data) - size + 1)}
@@ -386,8 +433,8 @@ def _mutate(rng, data):
     del data[rng.integers(len(data)):]
   elif kind == 2:  # insert random bytes
     at = rng.integers(len(data) + 1)
-    data[at:at] = rng.integers(0, 256, rng.integers(1, 9)).astype(
-        np.uint8).tobytes()
+    data[at:at] = rng.integers(0, 256,
+                               rng.integers(1, 9)).astype(np.uint8).tobytes()
   else:  # delete a chunk
     at = rng.integers(len(data))
     del data[at:at + rng.integers(1, 9)]
@@ -409,8 +456,8 @@ def _fuzz(tmp_path, seeds, load, check, n=150, rng_seed=37):
         continue
       # pylint: disable=broad-except
       except Exception as e:  # the failure names the case to rerun
-        raise AssertionError(f'{name} mutation {i}: {type(e).__name__}: {e}'
-                             ) from e
+        raise AssertionError(
+            f'{name} mutation {i}: {type(e).__name__}: {e}') from e
       check(loaded, data)
 
 
@@ -425,8 +472,9 @@ def _member_mutation(rng, data, pick_pickle):
   with zipfile.ZipFile(io.BytesIO(data)) as archive:
     members = {i.filename: archive.read(i) for i in archive.infolist()}
   names = sorted(members)
-  name = (next(n for n in names if n.endswith('data.pkl')) if pick_pickle
-          else names[rng.integers(len(names))])
+  name = (
+      next(n for n in names if n.endswith('data.pkl'))
+      if pick_pickle else names[rng.integers(len(names))])
   members[name] = _mutate(rng, members[name])
   buffer = io.BytesIO()
   with zipfile.ZipFile(buffer, 'w') as archive:
@@ -440,24 +488,30 @@ def test_fuzzed_pth_files_load_their_own_bytes_or_fail_in_one_line(tmp_path):
   golden_zip = _golden('tiny_state_dict_zip.pth')
   ours_legacy = _legacy(_STORAGES, _VIEWS)
   ours_zip = _zip(_zip_members(_STORAGES, _VIEWS))
-  _fuzz(tmp_path, {
-      'golden legacy bytes': lambda rng: _mutate(rng, legacy),
-      'test writer legacy bytes': lambda rng: _mutate(rng, ours_legacy),
-      'golden zip bytes': lambda rng: _mutate(rng, golden_zip),
-      'golden zip data.pkl': lambda rng: _member_mutation(rng, golden_zip,
-                                                          True),
-      'test writer zip members': lambda rng: _member_mutation(rng, ours_zip,
-                                                              False),
-  }, torch_pickle.load, _check_loaded)
+  _fuzz(
+      tmp_path, {
+          'golden legacy bytes':
+              lambda rng: _mutate(rng, legacy),
+          'test writer legacy bytes':
+              lambda rng: _mutate(rng, ours_legacy),
+          'golden zip bytes':
+              lambda rng: _mutate(rng, golden_zip),
+          'golden zip data.pkl':
+              lambda rng: _member_mutation(rng, golden_zip, True),
+          'test writer zip members':
+              lambda rng: _member_mutation(rng, ours_zip, False),
+      }, torch_pickle.load, _check_loaded)
 
 
 # .npz weights (config.model.pretrained): pretrained.read_encoder_weights.
 
-_NPZ_ARRAYS = {'params/encoder/conv1/kernel':
-                   np.linspace(-1, 1, 108, dtype=np.float32).reshape(
-                       3, 3, 3, 4),
-               'batch_stats/encoder/bn1/mean': np.arange(4, dtype=np.float32),
-               'counts': np.array([1, 2], np.int64)}
+_NPZ_ARRAYS = {
+    'params/encoder/conv1/kernel':
+        np.linspace(-1, 1, 108, dtype=np.float32).reshape(3, 3, 3, 4),
+    'batch_stats/encoder/bn1/mean':
+        np.arange(4, dtype=np.float32), 'counts':
+            np.array([1, 2], np.int64)
+}
 
 
 def _npz(arrays, compressed=False):
@@ -481,15 +535,18 @@ def _read_npz_refused(path, match=None):
   assert len(str(e.value).splitlines()) == 1
 
 
-@pytest.mark.parametrize('member, match', [
-    # numpy would allocate 4 TB before finding 16 bytes.
-    (_npy("'<f4'", '(1000000000000,)', b'\0' * 16),
-     'holds 16 bytes, its header says'),
-    (_npy("'<f4'", '(4,)', b'\0' * 12), 'holds 12 bytes'),
-    (_npy("'<U3'", '(1,)', b'a\0\0\0' * 3), 'not numbers'),
-    (_npy("[('a', '<f4')]", '(1,)', b'\0' * 4), 'not numbers'),
-    (b'not an array at all', 'cannot read .npz'),
-], ids=['huge shape', 'short data', 'strings', 'structured', 'garbage'])
+@pytest.mark.parametrize(
+    'member, match',
+    [
+        # numpy would allocate 4 TB before finding 16 bytes.
+        (_npy("'<f4'", '(1000000000000,)',
+              b'\0' * 16), 'holds 16 bytes, its header says'),
+        (_npy("'<f4'", '(4,)', b'\0' * 12), 'holds 12 bytes'),
+        (_npy("'<U3'", '(1,)', b'a\0\0\0' * 3), 'not numbers'),
+        (_npy("[('a', '<f4')]", '(1,)', b'\0' * 4), 'not numbers'),
+        (b'not an array at all', 'cannot read .npz'),
+    ],
+    ids=['huge shape', 'short data', 'strings', 'structured', 'garbage'])
 def test_malformed_npz_members_are_refused(tmp_path, member, match):
   members = {'ok.npy': _npz_member(_NPZ_ARRAYS['counts']), 'bad.npy': member}
   buffer = io.BytesIO()
@@ -506,6 +563,7 @@ def _npz_member(array):
 
 
 def _evil_npz(marker):
+
   class Exec:
 
     def __reduce__(self):
@@ -524,11 +582,14 @@ def _npz_with_text(marker):
   return buffer.getvalue()
 
 
-@pytest.mark.parametrize('make, match', [
-    (_npz_with_text, 'is not a .npy array'),
-    (_evil_npz, 'not numbers'),  # pickled objects: never unpickled
-    (lambda marker: _npz_member(np.zeros(3)), 'not a zip of .npy arrays'),
-], ids=['text member', 'pickled member', 'npy'])
+@pytest.mark.parametrize(
+    'make, match',
+    [
+        (_npz_with_text, 'is not a .npy array'),
+        (_evil_npz, 'not numbers'),  # pickled objects: never unpickled
+        (lambda marker: _npz_member(np.zeros(3)), 'not a zip of .npy arrays'),
+    ],
+    ids=['text member', 'pickled member', 'npy'])
 def test_npz_that_is_not_numeric_arrays_is_refused(tmp_path, make, match):
   marker = tmp_path / 'ran'
   path = _write(tmp_path, make(marker), 'w.npz')
@@ -538,10 +599,11 @@ def test_npz_that_is_not_numeric_arrays_is_refused(tmp_path, make, match):
 
 def test_non_finite_npz_weights_are_refused(tmp_path):
   # A NaN weight would make every score NaN.
-  variables = {'params': {'encoder': {'conv1': {
-      'kernel': np.zeros((3, 3, 3, 4), np.float32)}}},
-               'batch_stats': {'encoder': {'bn1': {
-                   'mean': np.zeros(4, np.float32)}}}}
+  variables = {
+      'params': {
+          'encoder': {'conv1': {'kernel': np.zeros((3, 3, 3, 4), np.float32)}}
+      }, 'batch_stats': {'encoder': {'bn1': {'mean': np.zeros(4, np.float32)}}}
+  }
   arrays = {k: v for k, v in _NPZ_ARRAYS.items() if k != 'counts'}
   loaded = pretrained.load_pretrained_encoder(
       variables, _write(tmp_path, _npz(arrays), 'w.npz'))
@@ -550,8 +612,8 @@ def test_non_finite_npz_weights_are_refused(tmp_path):
   arrays['batch_stats/encoder/bn1/mean'] = np.array([0, np.nan, 1, 2],
                                                     np.float32)
   path = _write(tmp_path, _npz(arrays), 'nan.npz')
-  with pytest.raises(errors.DataError,
-                     match='non-finite values in batch_stats/encoder/bn1'):
+  with pytest.raises(
+      errors.DataError, match='non-finite values in batch_stats/encoder/bn1'):
     pretrained.load_pretrained_encoder(variables, path)
 
 
@@ -564,8 +626,7 @@ def _check_npz_loaded(loaded, data, raw):
     _check_loaded(loaded, data)
 
 
-def test_fuzzed_npz_weights_load_their_own_bytes_or_fail_in_one_line(
-    tmp_path):
+def test_fuzzed_npz_weights_load_their_own_bytes_or_fail_in_one_line(tmp_path):
   stored = _npz(_NPZ_ARRAYS)
   compressed = _npz(_NPZ_ARRAYS, compressed=True)
   for data in (stored, compressed):  # the unmutated files read back
@@ -573,11 +634,12 @@ def test_fuzzed_npz_weights_load_their_own_bytes_or_fail_in_one_line(
     assert list(loaded) == list(_NPZ_ARRAYS)
     for key, value in _NPZ_ARRAYS.items():
       np.testing.assert_array_equal(loaded[key], value)
-  _fuzz(tmp_path, {
-      'stored bytes': lambda rng: _mutate(rng, stored),
-      'stored members': lambda rng: _member_mutation(rng, stored, False),
-  }, pretrained.read_encoder_weights,
-        lambda loaded, data: _check_npz_loaded(loaded, data, raw=True))
+  _fuzz(
+      tmp_path, {
+          'stored bytes': lambda rng: _mutate(rng, stored),
+          'stored members': lambda rng: _member_mutation(rng, stored, False),
+      }, pretrained.read_encoder_weights,
+      lambda loaded, data: _check_npz_loaded(loaded, data, raw=True))
   _fuzz(tmp_path, {
       'compressed bytes': lambda rng: _mutate(rng, compressed),
   }, pretrained.read_encoder_weights,

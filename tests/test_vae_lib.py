@@ -38,8 +38,8 @@ def dsprites_run(tmp_path_factory):
 
 def test_dsprites_train_and_evaluate(dsprites_run):
   workdir, config, result = dsprites_run
-  for key in ('factor_vae_train_accuracy', 'factor_vae_eval_accuracy',
-              'mig', 'attention_disentanglement_loss', 'mean_negative_elbo',
+  for key in ('factor_vae_train_accuracy', 'factor_vae_eval_accuracy', 'mig',
+              'attention_disentanglement_loss', 'mean_negative_elbo',
               'nonzero_unit_maps'):
     assert math.isfinite(result[key]), key
   assert 0 <= result['factor_vae_eval_accuracy'] <= 1
@@ -50,8 +50,7 @@ def test_dsprites_train_and_evaluate(dsprites_run):
     assert json.load(f)['mig'] == result['mig']
   panels = sorted(os.listdir(workdir / 'eval' / 'panels'))
   assert len(panels) == config.eval.num_panels
-  logged = [json.loads(line) for line in
-            open(workdir / 'train_metrics.jsonl')]
+  logged = [json.loads(line) for line in open(workdir / 'train_metrics.jsonl')]
   assert [m['step'] for m in logged] == [1, 2, 3]
   assert all(m['ad'] > 0 for m in logged)
   assert all(0 <= m['nonzero_unit_maps'] <= 1 for m in logged)
@@ -91,8 +90,9 @@ def test_distribution_variant_trains_and_changes_the_update(tmp_path):
   vae_lib.train(config, str(tmp_path / 'distribution'))
   config.loss.ad_variant = 'paper'
   vae_lib.train(config, str(tmp_path / 'paper'))
-  assert not np.allclose(_params(tmp_path / 'distribution', config)['mu'][
-      'kernel'], _params(tmp_path / 'paper', config)['mu']['kernel'])
+  assert not np.allclose(
+      _params(tmp_path / 'distribution', config)['mu']['kernel'],
+      _params(tmp_path / 'paper', config)['mu']['kernel'])
   config.loss.ad_variant = 'iou'
   with pytest.raises(CavgaError, match="config.loss.ad_variant='iou'"):
     vae_lib.train(config, str(tmp_path / 'bad'))

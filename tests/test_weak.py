@@ -42,13 +42,12 @@ def test_cga_loss_hand_case():
   ones, zeros = jnp.ones((2, 2)), jnp.zeros((2, 2))
   a_cn = jnp.stack([ones, jnp.array([[0.5, 1.0], [1.0, 1.0]]), zeros, zeros])
   a_ca = jnp.stack([zeros, jnp.array([[0.0, 0.5], [0.0, 0.0]]), ones, ones])
-  logits = jnp.array([NORMAL_LOGITS, NORMAL_LOGITS, NORMAL_LOGITS,
-                      ANOMALOUS_LOGITS])
+  logits = jnp.array(
+      [NORMAL_LOGITS, NORMAL_LOGITS, NORMAL_LOGITS, ANOMALOUS_LOGITS])
   # Image 0: perfect maps (0); image 1: mean([.5+0, 0+.5, 0, 0]) = 0.25;
   # image 2 is anomalous and image 3 is predicted anomalous: excluded.
   labels = jnp.array([0, 0, 1, 0])
-  value = losses.complementary_guided_attention_loss(a_cn, a_ca, logits,
-                                                     labels)
+  value = losses.complementary_guided_attention_loss(a_cn, a_ca, logits, labels)
   assert value == pytest.approx((0.0 + 0.25) / 4)  # divided by the batch size
 
 
@@ -83,8 +82,10 @@ def test_class_grad_cam_on_a_linear_classifier():
     np.testing.assert_allclose(maps[:, c], expected, rtol=1e-5, atol=1e-6)
     # The same map as single-score Grad-CAM of logit c.
     np.testing.assert_allclose(
-        maps[:, c], attention.grad_cam(lambda f: logit_fn(f)[:, c], features),
-        rtol=1e-5, atol=1e-6)
+        maps[:, c],
+        attention.grad_cam(lambda f: logit_fn(f)[:, c], features),
+        rtol=1e-5,
+        atol=1e-6)
 
 
 def test_class_grad_cam_second_order_matches_finite_differences():
@@ -96,8 +97,9 @@ def test_class_grad_cam_second_order_matches_finite_differences():
     def loss(p):
       logit_fn = lambda f: jnp.sum(jnp.tanh(f @ p), axis=(1, 2))
       maps, logits = attention.class_grad_cam(logit_fn, features)
-      return losses.complementary_guided_attention_loss(
-          maps[:, 0], maps[:, 1], jnp.zeros_like(logits), labels)
+      return losses.complementary_guided_attention_loss(maps[:, 0], maps[:, 1],
+                                                        jnp.zeros_like(logits),
+                                                        labels)
 
     grad = np.asarray(jax.grad(loss)(params))
     assert np.abs(grad).max() > 0
@@ -113,21 +115,19 @@ def _weak_generator():
   # The tiny CAVGA_w models and state initialiser of train_lib.train, so the
   # compiled initialiser is shared (compilation cache) with the training test.
   config = tiny_weak.get_config()
-  generator, _, init_fn, _ = train_state.setup(typed_config.from_config(config),
-                                               sharding.make_mesh())
+  generator, _, init_fn, _ = train_state.setup(
+      typed_config.from_config(config), sharding.make_mesh())
   state = init_fn(jax.random.key(1))
   variables = {'params': state.gen_params, 'batch_stats': state.gen_batch_stats}
-  x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3), minval=-1,
-                         maxval=1)
+  x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3), minval=-1, maxval=1)
   return generator, variables, x
 
 
 def test_forward_with_attention_gives_the_class_maps_of_the_logits():
   generator, variables, x = _weak_generator()
   params = variables['params']
-  forward = jax.jit(
-      lambda rng: attention.forward_with_attention(
-          generator, params, variables['batch_stats'], x, rng, train=False)[0])
+  forward = jax.jit(lambda rng: attention.forward_with_attention(
+      generator, params, variables['batch_stats'], x, rng, train=False)[0])
   for rng in (None, jax.random.key(2)):
     outputs = forward(rng)
     assert outputs['class_attention'].shape == (3, 2, 2, 2)
@@ -135,33 +135,35 @@ def test_forward_with_attention_gives_the_class_maps_of_the_logits():
     np.testing.assert_allclose(
         outputs['logits'],
         generator.apply({'params': params}, outputs['z'], method='classify'),
-        rtol=1e-5, atol=1e-6)
+        rtol=1e-5,
+        atol=1e-6)
     if rng is None:
       np.testing.assert_array_equal(outputs['z'], outputs['mu'])
 
       def logit_fn(f):
-        mu, _ = generator.apply({'params': params}, f,
-                                method='latent_params')
+        mu, _ = generator.apply({'params': params}, f, method='latent_params')
         return generator.apply({'params': params}, mu, method='classify')
 
       direct, _ = attention.class_grad_cam(logit_fn, outputs['features'])
-      np.testing.assert_allclose(outputs['class_attention'], direct,
-                                 rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(
+          outputs['class_attention'], direct, rtol=1e-5, atol=1e-6)
       # CAVGA_u's map is still there, unchanged.
       sum_mu = attention.grad_cam(
-          lambda f: generator.apply({'params': params}, f,
-                                    method='latent_params')[0].sum((1, 2, 3)),
+          lambda f: generator.apply(
+              {'params': params}, f, method='latent_params')[0].sum((1, 2, 3)),
           outputs['features'])
-      np.testing.assert_allclose(outputs['attention'], sum_mu, rtol=1e-5,
-                                 atol=1e-6)
+      np.testing.assert_allclose(
+          outputs['attention'], sum_mu, rtol=1e-5, atol=1e-6)
 
 
 def test_weak_localization_maps():
   class_attention = jnp.array([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # (1, 2, 1, 2)
-  outputs = dict(class_attention=class_attention,
-                 attention=jnp.array([[[0.25, 0.75]]]))
-  expected = {'anomalous': [0.0, 1.0], 'not_normal': [0.0, 1.0],
-              'complementary': [0.0, 1.0], 'latent': [0.75, 0.25]}
+  outputs = dict(
+      class_attention=class_attention, attention=jnp.array([[[0.25, 0.75]]]))
+  expected = {
+      'anomalous': [0.0, 1.0], 'not_normal': [0.0, 1.0],
+      'complementary': [0.0, 1.0], 'latent': [0.75, 0.25]
+  }
   for name in attention.WEAK_MAPS:
     m = attention.weak_localization_map(outputs, 2, name)
     assert m.shape == (1, 2, 2)
@@ -175,32 +177,35 @@ def _test_split(counts):
   defects = ['good'] * 5 + [d for d, n in counts.items() for _ in range(n)]
   names = [f'/data/cat/test/{d}/{i:03d}.png' for i, d in enumerate(defects)]
   n = len(defects)
-  images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones(
-      (1, 2, 2, 1), np.uint8)
+  images = np.arange(
+      n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
   return data.AnomalyDataset(
-      images=images, masks=np.zeros((n, 2, 2), bool),
+      images=images,
+      masks=np.zeros((n, 2, 2), bool),
       labels=np.array([d != 'good' for d in defects], np.int32),
-      defect_types=tuple(defects), paths=tuple(names))
+      defect_types=tuple(defects),
+      paths=tuple(names))
 
 
 def _train_split():
   return data.AnomalyDataset(
       images=np.full((4, 2, 2, 1), 200, np.uint8),
-      masks=np.zeros((4, 2, 2), bool), labels=np.zeros(4, np.int32),
+      masks=np.zeros((4, 2, 2), bool),
+      labels=np.zeros(4, np.int32),
       defect_types=('good',) * 4,
       paths=tuple(f'/data/cat/train/good/{i}.png' for i in range(4)))
 
 
 def test_weak_split_moves_a_few_anomalies_without_leaking():
   test = _test_split({'crack': 250, 'hole': 20, 'scratch': 1})
-  result = weak.split(_train_split(), test, fraction=0.01, min_per_defect=1,
-                      seed=0)
+  result = weak.split(
+      _train_split(), test, fraction=0.01, min_per_defect=1, seed=0)
   moved_paths = set(result.train.paths[4:])
   # crack: round(2.5) = 3 (halves round up); hole: max(1, round(0.2)) = 1;
   # scratch: its only image stays in the test set.
   per_defect = result.record['per_defect']
-  assert {d: c['moved'] for d, c in per_defect.items()} == {
-      'crack': 3, 'hole': 1, 'scratch': 0}
+  assert {d: c['moved'] for d, c in per_defect.items()
+         } == {'crack': 3, 'hole': 1, 'scratch': 0}
   assert len(moved_paths) == 4
   assert np.all(result.train.labels[4:] == 1)
   assert np.all(result.train.labels[:4] == 0)
@@ -211,18 +216,18 @@ def test_weak_split_moves_a_few_anomalies_without_leaking():
   for path, image in zip(result.train.paths[4:], result.train.images[4:]):
     assert int(image[0, 0, 0]) == test.paths.index(path) % 256
   # Deterministic, and a function of the seed.
-  again = weak.split(_train_split(), test, fraction=0.01, min_per_defect=1,
-                     seed=0)
+  again = weak.split(
+      _train_split(), test, fraction=0.01, min_per_defect=1, seed=0)
   np.testing.assert_array_equal(result.moved, again.moved)
-  other = weak.split(_train_split(), test, fraction=0.01, min_per_defect=1,
-                     seed=1)
+  other = weak.split(
+      _train_split(), test, fraction=0.01, min_per_defect=1, seed=1)
   assert not np.array_equal(result.moved, other.moved)
 
 
 def test_weak_split_file_is_written_and_checked(tmp_path):
   test = _test_split({'crack': 6, 'hole': 3})
-  data_settings = typed_config.DataSettings(image_size=32, weak_fraction=0.01,
-                                        weak_min_per_defect=2, weak_seed=3)
+  data_settings = typed_config.DataSettings(
+      image_size=32, weak_fraction=0.01, weak_min_per_defect=2, weak_seed=3)
   train_w, test_w = weak.apply_weak_split(data_settings, str(tmp_path),
                                           _train_split(), test)
   with open(tmp_path / weak.SPLIT_FILE) as f:
@@ -255,8 +260,10 @@ def test_quota_batch_indices_holds_the_quota_and_covers_the_normals(
   labels = _weak_labels(20, num_anomalous)
   batch_size, quota, seed = 8, 3, 5
   steps = 40
-  batches = [data.quota_batch_indices(labels, batch_size, quota, step, seed)
-             for step in range(steps)]
+  batches = [
+      data.quota_batch_indices(labels, batch_size, quota, step, seed)
+      for step in range(steps)
+  ]
   for step, idx in enumerate(batches):
     assert idx.shape == (batch_size,) and idx.dtype == np.int64
     assert np.all((idx >= 0) & (idx < labels.size))
@@ -302,12 +309,12 @@ def test_train_batches_draws_the_index_fn_batches_when_resumed():
   def index_fn(step):
     return data.quota_batch_indices(labels, 8, 2, step, 1)
 
-  with data.TrainBatches(images, 8, seed=1, start_step=3,
-                         index_fn=index_fn) as batches:
+  with data.TrainBatches(
+      images, 8, seed=1, start_step=3, index_fn=index_fn) as batches:
     for step in range(3, 7):
       np.testing.assert_array_equal(next(batches)[:, 0], index_fn(step))
-  with data.TrainBatches(images, 8, seed=1,
-                         index_fn=lambda step: np.arange(4)) as batches:
+  with data.TrainBatches(
+      images, 8, seed=1, index_fn=lambda step: np.arange(4)) as batches:
     with pytest.raises(DataError, match=r'shape \(4,\), expected \(8,\)'):
       next(batches)
 
@@ -320,8 +327,7 @@ def test_train_batches_draws_the_index_fn_batches_when_resumed():
     (2, 'unsupervised', "config.data.weak_anomalies_per_batch=2 needs "
      "config.model.supervision='weak'"),
 ])
-def test_check_config_rejects_bad_anomaly_quotas(quota, supervision,
-                                                 expected):
+def test_check_config_rejects_bad_anomaly_quotas(quota, supervision, expected):
   config = tiny_weak.get_config()
   config.data.weak_anomalies_per_batch = quota
   config.model.supervision = supervision
@@ -338,7 +344,6 @@ def test_weak_config_without_weak_loss_weights_is_a_clear_error(tmp_path):
   del config.loss_weights['cga']
   with pytest.raises(CavgaError, match='cga'):
     train_lib.train(config, str(tmp_path))
-
 
 
 def test_tiny_weak_train_resume_and_evaluate(tmp_path):
@@ -369,8 +374,9 @@ def test_tiny_weak_train_resume_and_evaluate(tmp_path):
         round(line['cls_accuracy'] * batch_size))
   with open(tmp_path / 'resumed' / 'train_metrics.jsonl') as f:
     resumed_logged = [json.loads(line) for line in f]
-  drop_speed = lambda lines: [{k: v for k, v in line.items()
-                               if k != 'images_per_s'} for line in lines]
+  drop_speed = lambda lines: [
+      {k: v for k, v in line.items() if k != 'images_per_s'} for line in lines
+  ]
   assert drop_speed(resumed_logged) == drop_speed(logged)
 
   with open(workdir / 'weak_split.json') as f:

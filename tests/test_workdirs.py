@@ -21,8 +21,8 @@ def _snapshot(workdir):
     for name in files:
       path = os.path.join(folder, name)
       with open(path, 'rb') as f:
-        out[os.path.relpath(path, workdir)] = hashlib.sha256(
-            f.read()).hexdigest()
+        out[os.path.relpath(path,
+                            workdir)] = hashlib.sha256(f.read()).hexdigest()
   return out
 
 
@@ -116,6 +116,7 @@ def test_start_over_deletes_only_run_outputs(tmp_path):
   for name in ('config.json', 'train_metrics.jsonl', 'notes/mine.txt'):
     (tmp_path / name).write_text('x')
   deleted = workdirs.start_over(str(tmp_path))
-  assert sorted(deleted) == ['checkpoints', 'config.json', 'detector', 'eval',
-                             'train_metrics.jsonl']
+  assert sorted(deleted) == [
+      'checkpoints', 'config.json', 'detector', 'eval', 'train_metrics.jsonl'
+  ]
   assert sorted(os.listdir(tmp_path)) == ['data', 'notes']

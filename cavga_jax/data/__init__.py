@@ -60,9 +60,11 @@ def _summary(dataset: AnomalyDataset) -> str:
   return ', '.join(f'{name}={count}' for name, count in sorted(counts.items()))
 
 
-def get_datasets(data: typed_config.DataSettings, workdir: str, seed: int = 0,
-                 supervision: str = 'unsupervised'
-                 ) -> tuple[AnomalyDataset, AnomalyDataset]:
+def get_datasets(
+    data: typed_config.DataSettings,
+    workdir: str,
+    seed: int = 0,
+    supervision: str = 'unsupervised') -> tuple[AnomalyDataset, AnomalyDataset]:
   """Loads (or generates, then loads) the train and test splits.
 
   Fields read (of `data`, `config.data`): `name` ('generated', 'mvtec' or
@@ -104,11 +106,11 @@ def get_datasets(data: typed_config.DataSettings, workdir: str, seed: int = 0,
                       "support only config.model.supervision='unsupervised'")
     start = time.perf_counter()
     splits = tfds_data.one_class_datasets(data)
-    _log.info('Loaded one-class %s (normal class %s): train %d, test %d (%s) '
-              'in %.2f s', name,
-              data.normal_class,
-              splits[0].num_examples, splits[1].num_examples,
-              _summary(splits[1]), time.perf_counter() - start)
+    _log.info(
+        'Loaded one-class %s (normal class %s): train %d, test %d (%s) '
+        'in %.2f s', name, data.normal_class, splits[0].num_examples,
+        splits[1].num_examples, _summary(splits[1]),
+        time.perf_counter() - start)
     return splits
   if name == 'generated':
     root = root or os.path.join(workdir, 'data')
@@ -129,7 +131,8 @@ def get_datasets(data: typed_config.DataSettings, workdir: str, seed: int = 0,
       # The other processes read the folder once process 0 has written it.
       multihost_utils.sync_global_devices('cavga_jax generated dataset')
     _log.info('Generated dataset ready at %s (%.2f s)',
-              os.path.join(root, category), time.perf_counter() - start)
+              os.path.join(root, category),
+              time.perf_counter() - start)
   elif name == 'mvtec':
     if not root:
       raise DataError(
@@ -145,11 +148,12 @@ def get_datasets(data: typed_config.DataSettings, workdir: str, seed: int = 0,
   splits = []
   for split in ('train', 'test'):
     start = time.perf_counter()
-    dataset = load_split(root, category, split, image_size, channels,
-                         num_workers=num_workers)
+    dataset = load_split(
+        root, category, split, image_size, channels, num_workers=num_workers)
     _log.info('Loaded %s split of %s: %d images (%s) in %.2f s', split,
               os.path.join(root, category), dataset.num_examples,
-              _summary(dataset), time.perf_counter() - start)
+              _summary(dataset),
+              time.perf_counter() - start)
     splits.append(dataset)
   if supervision == 'weak':
     # CAVGA_w: a few labelled test anomalies move to training (audited in

@@ -50,8 +50,8 @@ def _rng(seed: int, stream: str, index: int) -> np.random.Generator:
   if stream not in _STREAMS:
     raise DataError(f'unknown dark_objects stream {stream!r} (known: '
                     f'{", ".join(_STREAMS)})')
-  return np.random.default_rng([seed, _SCENE_STREAM, _STREAMS.index(stream),
-                                index])
+  return np.random.default_rng(
+      [seed, _SCENE_STREAM, _STREAMS.index(stream), index])
 
 
 def _family(seed: int) -> dict[str, np.ndarray | float]:
@@ -89,13 +89,13 @@ def _render(rng: np.random.Generator, family: dict, size: int):
   # The object's bounding disc (its farthest boundary point, a rounded
   # corner) plus a pixel stays inside the image, at any rotation.
   t = np.linspace(0, np.pi / 2, 91)
-  radius = np.hypot(a * np.cos(t) ** (2 / p), b * np.sin(t) ** (2 / p)).max()
+  radius = np.hypot(a * np.cos(t)**(2 / p), b * np.sin(t)**(2 / p)).max()
   margin = min(radius + 1, size / 2)
   cx, cy = rng.uniform(margin, size - margin, size=2)
   y, x = textures.pixel_grid(size)
   u = (x - cx) * np.cos(theta) + (y - cy) * np.sin(theta)
   v = -(x - cx) * np.sin(theta) + (y - cy) * np.cos(theta)
-  level = (np.abs(u / a) ** p + np.abs(v / b) ** p) ** (1 / p)
+  level = (np.abs(u / a)**p + np.abs(v / b)**p)**(1 / p)
   # About one pixel of antialiased edge: (level - 1) * b is close to the
   # distance outside the edge along the short axis.
   alpha = np.clip(0.5 - (level - 1) * b, 0.0, 1.0)
@@ -125,8 +125,8 @@ def normal_image(seed: int, stream: str, index: int,
   Returns:
     (image_size, image_size, 3) uint8 RGB image.
   """
-  scene, noise, _, _ = _render(_rng(seed, stream, index), _family(seed),
-                               image_size)
+  scene, noise, _, _ = _render(
+      _rng(seed, stream, index), _family(seed), image_size)
   return textures.to_uint8(scene + noise)
 
 
@@ -183,13 +183,13 @@ def _spot(rng, scene, alpha, background, family):
   solid = _solid(alpha)
   num_spots = int(rng.integers(1, 4))
   total = rng.uniform(0.006, 0.03) * size * size
-  radii = np.maximum(np.sqrt(total * rng.dirichlet(np.ones(num_spots))
-                             / np.pi), 0.75)
+  radii = np.maximum(
+      np.sqrt(total * rng.dirichlet(np.ones(num_spots)) / np.pi), 0.75)
   y, x = textures.pixel_grid(size)
   mask = np.zeros((size, size), bool)
   for r in radii:
     cx, cy = _object_point(rng, solid)
-    mask |= (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+    mask |= (x - cx)**2 + (y - cy)**2 <= r * r
   mask &= solid
   out = scene.copy()
   out[mask] = textures.saturated_colour(rng)
@@ -204,7 +204,7 @@ def _missing(rng, scene, alpha, background, family):
   cx, cy = _object_point(rng, edge if edge.any() else _solid(alpha))
   r = rng.uniform(0.06, 0.13) * size
   y, x = textures.pixel_grid(size)
-  bite = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+  bite = (x - cx)**2 + (y - cy)**2 <= r * r
   # The faint rim of the antialiased edge (under a quarter object) stays:
   # removing it would change some pixels by less than a grey level.
   mask = bite & (alpha >= 0.25)

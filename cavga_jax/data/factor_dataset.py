@@ -56,8 +56,8 @@ class FactorDataset(abc.ABC):
     return rng.integers(0, self.num_examples, size=n, dtype=np.int64)
 
   def sample_indices_with_fixed_factor(
-      self, factor: int, n: int, rng: np.random.Generator
-  ) -> tuple[int, np.ndarray]:
+      self, factor: int, n: int,
+      rng: np.random.Generator) -> tuple[int, np.ndarray]:
     """n examples that share one value of `factor`.
 
     The value is drawn uniformly among the values of `factor` present in the
@@ -90,8 +90,8 @@ class FactorDataset(abc.ABC):
     if factor not in cache:
       column = self.factors[:, factor]
       order = np.argsort(column, kind='stable')
-      values, starts, counts = np.unique(column[order], return_index=True,
-                                         return_counts=True)
+      values, starts, counts = np.unique(
+          column[order], return_index=True, return_counts=True)
       cache[factor] = (values, order.astype(np.int64), starts, counts)
     return cache[factor]
 
@@ -103,12 +103,11 @@ def check_count(n: int) -> None:
 
 def check_indices(indices: np.ndarray, num_examples: int) -> np.ndarray:
   indices = np.asarray(indices)
-  if indices.ndim != 1 or not (indices.size == 0 or np.issubdtype(
-      indices.dtype, np.integer)):
+  if indices.ndim != 1 or not (indices.size == 0
+                               or np.issubdtype(indices.dtype, np.integer)):
     raise ValueError(f'indices must be a 1-D integer array, got shape '
                      f'{indices.shape} and dtype {indices.dtype}')
   if indices.size and (indices.min() < 0 or indices.max() >= num_examples):
     raise IndexError(f'example indices must be in [0, {num_examples}), got '
                      f'[{indices.min()}, {indices.max()}]')
   return indices.astype(np.int64)
-

@@ -126,8 +126,7 @@ def _list_subfolders(folder: pathlib.Path) -> list[pathlib.Path]:
     entries = list(folder.iterdir())
   except OSError as e:
     raise DataError(f'{folder}: cannot list folder ({one_line(e)})') from None
-  folders = (p for p in entries
-             if p.is_dir() and not p.name.startswith('.'))
+  folders = (p for p in entries if p.is_dir() and not p.name.startswith('.'))
   return sorted(folders, key=lambda p: p.name)
 
 
@@ -263,8 +262,12 @@ def check_image_format(source: str, image_size: int, channels: int) -> None:
     raise DataError(f'{source}: image_size must be positive, got {image_size}')
 
 
-def load_split(root: str, category: str, split: str, image_size: int,
-               channels: int, num_workers: int = 8) -> AnomalyDataset:
+def load_split(root: str,
+               category: str,
+               split: str,
+               image_size: int,
+               channels: int,
+               num_workers: int = 8) -> AnomalyDataset:
   """Loads one split of a category in the MVTec AD layout.
 
   Images are converted to `channels` channels (3: RGB, grayscale expanded;
@@ -302,8 +305,9 @@ def load_split(root: str, category: str, split: str, image_size: int,
   split_path = category_path / split
   if not split_path.is_dir():
     raise DataError(f'{split_path}: split folder does not exist')
-  items = (_train_items(category_path) if split == 'train'
-           else _test_items(category_path))
+  items = (
+      _train_items(category_path)
+      if split == 'train' else _test_items(category_path))
   if not items:
     empty = split_path / NORMAL_DEFECT if split == 'train' else split_path
     raise DataError(f'{empty}: split has no images (extensions '

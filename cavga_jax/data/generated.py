@@ -106,31 +106,39 @@ def _write_dataset(folder: pathlib.Path, params: dict[str, object]) -> None:
   scene = _scene(params)
   for sub in ['train/good', 'test/good'] + [
       f'{kind}/{d}' for d in scene.DEFECT_TYPES
-      for kind in ('test', 'ground_truth')]:
+      for kind in ('test', 'ground_truth')
+  ]:
     (folder / sub).mkdir(parents=True, exist_ok=True)
   n = params['num_train']
   for i in range(n):
-    _save_png(scene.normal_image(seed, 'train', i, size),
-              folder / 'train' / 'good' / f'{_file_name(i, n)}.png')
+    _save_png(
+        scene.normal_image(seed, 'train', i, size),
+        folder / 'train' / 'good' / f'{_file_name(i, n)}.png')
   n = params['num_test_good']
   for i in range(n):
-    _save_png(scene.normal_image(seed, 'good', i, size),
-              folder / 'test' / 'good' / f'{_file_name(i, n)}.png')
+    _save_png(
+        scene.normal_image(seed, 'good', i, size),
+        folder / 'test' / 'good' / f'{_file_name(i, n)}.png')
   n = params['num_test_per_defect']
   for defect in scene.DEFECT_TYPES:
     for i in range(n):
       image, mask = scene.anomalous_image(seed, defect, i, size)
       name = _file_name(i, n)
       _save_png(image, folder / 'test' / defect / f'{name}.png')
-      _save_png(mask.astype(np.uint8) * 255,
-                folder / 'ground_truth' / defect / f'{name}_mask.png')
+      _save_png(
+          mask.astype(np.uint8) * 255,
+          folder / 'ground_truth' / defect / f'{name}_mask.png')
   # The marker goes last: its presence means every file above was written.
   with open(folder / MARKER_NAME, 'w', encoding='utf-8') as f:
     json.dump(params, f, indent=2, sort_keys=True)
 
 
-def generate_dataset(root: str, *, seed: int, image_size: int,
-                     category: str = 'textures', num_train: int = 200,
+def generate_dataset(root: str,
+                     *,
+                     seed: int,
+                     image_size: int,
+                     category: str = 'textures',
+                     num_train: int = 200,
                      num_test_good: int = 30,
                      num_test_per_defect: int = 20) -> pathlib.Path:
   """Writes the generated dataset to `<root>/<category>` unless it is there.
@@ -167,15 +175,17 @@ def generate_dataset(root: str, *, seed: int, image_size: int,
     raise DataError(f'{root_path}: invalid category name {category!r}')
   target = root_path / category
   for name, value, low in (('seed', seed, 0), ('image_size', image_size, 8),
-                           ('num_train', num_train, 1),
-                           ('num_test_good', num_test_good, 0),
+                           ('num_train', num_train, 1), ('num_test_good',
+                                                         num_test_good, 0),
                            ('num_test_per_defect', num_test_per_defect, 0)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-        value < low):
+    if isinstance(value, bool) or not isinstance(value,
+                                                 (int, np.integer)) or (value
+                                                                        < low):
       raise DataError(f'{target}: {name} must be an integer >= {low}, got '
                       f'{value!r}')
-  params = _parameters(int(seed), int(image_size), category, int(num_train),
-                       int(num_test_good), int(num_test_per_defect))
+  params = _parameters(
+      int(seed), int(image_size), category, int(num_train), int(num_test_good),
+      int(num_test_per_defect))
 
   if target.exists():
     if _is_complete(target, params):
@@ -189,8 +199,8 @@ def generate_dataset(root: str, *, seed: int, image_size: int,
 
   try:
     root_path.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{category}.tmp-',
-                                        dir=root_path))
+    tmp = pathlib.Path(
+        tempfile.mkdtemp(prefix=f'.{category}.tmp-', dir=root_path))
   except OSError as e:
     raise DataError(f'{root_path}: cannot create folder ({e})') from None
   try:
@@ -200,8 +210,8 @@ def generate_dataset(root: str, *, seed: int, image_size: int,
       # rename cannot replace a non-empty folder.
       if _is_complete(target, params):
         return target  # Another process finished first.
-      trash = pathlib.Path(tempfile.mkdtemp(prefix=f'.{category}.old-',
-                                            dir=root_path))
+      trash = pathlib.Path(
+          tempfile.mkdtemp(prefix=f'.{category}.old-', dir=root_path))
       try:
         os.replace(target, trash / category)
       except FileNotFoundError:

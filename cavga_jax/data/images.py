@@ -78,7 +78,9 @@ def _reducible(image: Image.Image, channels: int) -> Image.Image:
   return to_8bit(image, channels)
 
 
-def open_image(path: pathlib.Path, what: str, max_pixels: int | None = None,
+def open_image(path: pathlib.Path,
+               what: str,
+               max_pixels: int | None = None,
                channels: int = 3) -> Image.Image:
   """Opens and fully decodes an image, raising DataError on any problem.
 
@@ -100,8 +102,8 @@ def open_image(path: pathlib.Path, what: str, max_pixels: int | None = None,
     with Image.open(path) as image:
       factor = reduction_factor(image.size, max_pixels)
       if factor > 1:
-        image.draft(None, (-(-image.width // factor),
-                           -(-image.height // factor)))
+        image.draft(None,
+                    (-(-image.width // factor), -(-image.height // factor)))
       # Truncated files often open fine and only fail while decoding pixels,
       # so force the decode here where errors can be attributed to the file.
       image.load()
@@ -118,7 +120,8 @@ def open_image(path: pathlib.Path, what: str, max_pixels: int | None = None,
         f'({one_line(e)})') from None
 
 
-def read_image(path: str | pathlib.Path, channels: int,
+def read_image(path: str | pathlib.Path,
+               channels: int,
                max_pixels: int | None = None) -> Image.Image:
   """One image file of any supported format as 8-bit 'L' (1) or 'RGB' (3).
 

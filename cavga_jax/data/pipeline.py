@@ -19,8 +19,8 @@ from cavga_jax.errors import DataError
 
 
 def _check_int(name: str, value: int, low: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-      value < low):
+  if isinstance(
+      value, bool) or not isinstance(value, (int, np.integer)) or (value < low):
     raise DataError(f'{name} must be an integer >= {low}, got {value!r}')
   return int(value)
 
@@ -138,10 +138,12 @@ def quota_batch_indices(labels: np.ndarray, batch_size: int, quota: int,
         n, size, step,
         lambda e: np.random.default_rng([seed, e, tag]).permutation(n))]
 
-  batch = np.concatenate([stream(anomalous, quota, _ANOMALOUS_STREAM),
-                          stream(normal, batch_size - quota, _NORMAL_STREAM)])
-  order = np.random.default_rng([seed, step, _ORDER_STREAM]).permutation(
-      batch_size)
+  batch = np.concatenate([
+      stream(anomalous, quota, _ANOMALOUS_STREAM),
+      stream(normal, batch_size - quota, _NORMAL_STREAM)
+  ])
+  order = np.random.default_rng([seed, step,
+                                 _ORDER_STREAM]).permutation(batch_size)
   return batch[order].astype(np.int64)
 
 
@@ -151,8 +153,8 @@ _BATCH, _ERROR = 'batch', 'error'
 
 def _produce(images: np.ndarray, batch_size: int, seed: int, start_step: int,
              put_fn: Callable[[np.ndarray], Any] | None,
-             index_fn: Callable[[int], np.ndarray] | None,
-             out: queue.Queue, stop: threading.Event) -> None:
+             index_fn: Callable[[int], np.ndarray] | None, out: queue.Queue,
+             stop: threading.Event) -> None:
   """Producer thread body; holds no reference to the TrainBatches object."""
   num_examples = images.shape[0]
   cache: dict[int, np.ndarray] = {}
@@ -210,8 +212,12 @@ class TrainBatches:
   exception raised in the thread (e.g. by `put_fn`) is re-raised by `next()`.
   """
 
-  def __init__(self, images: np.ndarray, batch_size: int, seed: int,
-               start_step: int = 0, prefetch: int = 2,
+  def __init__(self,
+               images: np.ndarray,
+               batch_size: int,
+               seed: int,
+               start_step: int = 0,
+               prefetch: int = 2,
                put_fn: Callable[[np.ndarray], Any] | None = None,
                index_fn: Callable[[int], np.ndarray] | None = None):
     """Starts the producer thread.
@@ -330,8 +336,8 @@ def eval_batches(dataset: AnomalyDataset | np.ndarray,
     AnomalyDataset) of which the first num_valid are real.
   """
   batch_size = _check_int('batch_size', batch_size, 1)
-  images = dataset.images if isinstance(dataset, AnomalyDataset) else (
-      np.asarray(dataset))
+  images = dataset.images if isinstance(
+      dataset, AnomalyDataset) else (np.asarray(dataset))
   n = images.shape[0]
   for start in range(0, n, batch_size):
     batch = images[start:start + batch_size]

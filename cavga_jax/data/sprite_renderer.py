@@ -36,8 +36,8 @@ _PATCH = 2 * math.ceil(_MAX_RADIUS * _UNIT) + 3
 _RENDER_CHUNK = 256
 
 
-def factor_values(sizes: Sequence[int] = DSPRITES_FACTOR_SIZES
-                  ) -> tuple[np.ndarray, ...]:
+def factor_values(
+    sizes: Sequence[int] = DSPRITES_FACTOR_SIZES) -> tuple[np.ndarray, ...]:
   """The physical value of each factor index (the table in the module doc).
 
   Args:
@@ -62,7 +62,7 @@ def _inside(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.maximum(np.abs(u), np.abs(v)) <= 1.0
   if shape == 1:  # ellipse, long axis along u
     a, b = _ELLIPSE_AXES
-    return (u / a) ** 2 + (v / b) ** 2 <= 1.0
+    return (u / a)**2 + (v / b)**2 <= 1.0
   # Heart: (X^2 + Y^2 - 1)^3 <= X^2 Y^3 with Y up, pointing down in the image,
   # shifted so its bounding box is centred.
   x = u * _HEART_ZOOM
@@ -103,17 +103,18 @@ def render_sprites(shape: np.ndarray, scale: np.ndarray,
   # fits: its radius is at most _MAX_RADIUS * _UNIT < _PATCH / 2 - 1), then
   # pasted into the black image: 5-6x fewer pixels to test than 64 x 64.
   offsets = np.arange(_PATCH)
-  params = [np.asarray(p, np.float32)
-            for p in (scale, orientation, pos_x, pos_y)]
+  params = [
+      np.asarray(p, np.float32) for p in (scale, orientation, pos_x, pos_y)
+  ]
   for start in range(0, n, _RENDER_CHUNK):
     stop = min(start + _RENDER_CHUNK, n)
     s, theta, x, y = (p[start:stop] for p in params)
     cx = _MARGIN + x * span
     cy = _MARGIN + y * span
-    ox = np.clip(np.floor(cx).astype(np.int64) - _PATCH // 2, 0,
-                 IMAGE_SIZE - _PATCH)
-    oy = np.clip(np.floor(cy).astype(np.int64) - _PATCH // 2, 0,
-                 IMAGE_SIZE - _PATCH)
+    ox = np.clip(
+        np.floor(cx).astype(np.int64) - _PATCH // 2, 0, IMAGE_SIZE - _PATCH)
+    oy = np.clip(
+        np.floor(cy).astype(np.int64) - _PATCH // 2, 0, IMAGE_SIZE - _PATCH)
     # Pixel centre minus shape centre, in px.
     dx = ((ox[:, None] + offsets + 0.5) - cx[:, None])[:, None, :]  # (m,1,P)
     dy = ((oy[:, None] + offsets + 0.5) - cy[:, None])[:, :, None]  # (m,P,1)
@@ -122,7 +123,7 @@ def render_sprites(shape: np.ndarray, scale: np.ndarray,
     size = (_UNIT * s)[:, None, None]
     # Rotating the shape by +theta counter-clockwise on screen (y down) is
     # rotating the pixel offsets by -theta into the shape frame.
-    u = ((cos * dx - sin * dy) / size).astype(np.float32)   # (m, P, P)
+    u = ((cos * dx - sin * dy) / size).astype(np.float32)  # (m, P, P)
     v = ((sin * dx + cos * dy) / size).astype(np.float32)
     patch = np.empty(u.shape, np.uint8)
     for k in np.unique(shape[start:stop]):
@@ -132,4 +133,3 @@ def render_sprites(shape: np.ndarray, scale: np.ndarray,
     out[m, (oy[:, None] + offsets)[:, :, None],
         (ox[:, None] + offsets)[:, None, :], 0] = patch
   return out
-

@@ -80,12 +80,14 @@ class RenderedSprites(factor_dataset.FactorDataset):
 
   factor_names = FACTOR_NAMES
 
-  def __init__(self, scales: int = 6, orientations: int = 40,
+  def __init__(self,
+               scales: int = 6,
+               orientations: int = 40,
                positions: int = 32):
     for name, size in (('scales', scales), ('orientations', orientations),
                        ('positions', positions)):
-      if isinstance(size, bool) or not isinstance(
-          size, (int, np.integer)) or size < 1:
+      if isinstance(
+          size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise DataError(f'rendered_sprites: {name} must be a positive '
                         f'integer, got {size!r}')
     self.factor_sizes = (len(sprite_renderer.SHAPE_NAMES), int(scales),
@@ -111,34 +113,37 @@ class RenderedSprites(factor_dataset.FactorDataset):
 
   def indices_of(self, factors: np.ndarray) -> np.ndarray:
     """(n,) example indices of the (n, 5) int factor rows `factors`."""
-    return np.ravel_multi_index(tuple(np.asarray(factors).T),
-                                self.factor_sizes).astype(np.int64)
+    return np.ravel_multi_index(
+        tuple(np.asarray(factors).T), self.factor_sizes).astype(np.int64)
 
   def images_of_factors(self, factors: np.ndarray) -> np.ndarray:
     """(n, 64, 64, 1) uint8 images of the (n, 5) int factor rows `factors`."""
     factors = np.asarray(factors, np.int64)
     if factors.ndim != 2 or factors.shape[1] != len(self.factor_sizes):
       raise ValueError(f'factors must have shape (n, 5), got {factors.shape}')
-    if factors.size and ((factors < 0).any() or (
-        factors >= np.asarray(self.factor_sizes)).any()):
+    if factors.size and ((factors < 0).any() or
+                         (factors >= np.asarray(self.factor_sizes)).any()):
       raise IndexError(f'factor values must be in [0, size) with sizes '
                        f'{self.factor_sizes}')
-    return sprite_renderer.render_sprites(*(
-        values[column] for values, column in zip(self.values, factors.T)))
+    return sprite_renderer.render_sprites(
+        *(values[column] for values, column in zip(self.values, factors.T)))
 
   def images(self, indices: np.ndarray) -> np.ndarray:
     """(n, 64, 64, 1) uint8 images (0 or 255) of the examples `indices`."""
     return self.images_of_factors(self.factors_of(indices))
 
   def sample_indices_with_fixed_factor(
-      self, factor: int, n: int, rng: np.random.Generator
-  ) -> tuple[int, np.ndarray]:
+      self, factor: int, n: int,
+      rng: np.random.Generator) -> tuple[int, np.ndarray]:
     """As `FactorDataset`'s, drawing the free factors directly (no table)."""
     factor_dataset.check_count(n)
     factor = self._check_factor(factor)
     value = int(rng.integers(self.factor_sizes[factor]))
-    factors = np.stack([rng.integers(0, size, size=n, dtype=np.int64)
-                        for size in self.factor_sizes], axis=1)
+    factors = np.stack([
+        rng.integers(0, size, size=n, dtype=np.int64)
+        for size in self.factor_sizes
+    ],
+                       axis=1)
     factors[:, factor] = value
     return value, self.indices_of(factors)
 
@@ -187,20 +192,26 @@ class TfdsSprites(factor_dataset.FactorDataset):
 
   factor_names = FACTOR_NAMES
 
-  def __init__(self, data_dir: str | None = None, download: bool = True,
+  def __init__(self,
+               data_dir: str | None = None,
+               download: bool = True,
                split: str = 'train'):
     builder = tfds_data._builder(  # pylint: disable=protected-access
-        _TFDS_NAME, data_dir or None, download, known=(_TFDS_NAME,),
+        _TFDS_NAME,
+        data_dir or None,
+        download,
+        known=(_TFDS_NAME,),
         kind='ground-truth-factor')
     self._where = f'{builder.data_dir}: {_TFDS_NAME}/{split}'
     features = builder.info.features
-    missing = [name for name in TFDS_LABELS + ('image',)
-               if name not in features]
+    missing = [
+        name for name in TFDS_LABELS + ('image',) if name not in features
+    ]
     if missing:
       raise DataError(f'{self._where}: no feature {", ".join(missing)} '
                       f'(features: {", ".join(features)})')
-    self.factor_sizes = tuple(int(features[name].num_classes)
-                              for name in TFDS_LABELS)
+    self.factor_sizes = tuple(
+        int(features[name].num_classes) for name in TFDS_LABELS)
     self._source = tfds_data._split_source(  # pylint: disable=protected-access
         builder, split)
     self._factors = self._read_factors(builder, split)
@@ -228,8 +239,8 @@ class TfdsSprites(factor_dataset.FactorDataset):
       if len(source):
         _get_records(source, [0])
     except Exception as e:  # pylint: disable=broad-except
-      _log.info('%s: reading the labels with image decoding (%s)',
-                self._where, _one_line(e))
+      _log.info('%s: reading the labels with image decoding (%s)', self._where,
+                _one_line(e))
       source = self._source
     n = len(source)
     factors = np.empty((n, len(TFDS_LABELS)), np.int64)
@@ -269,10 +280,12 @@ class TfdsSprites(factor_dataset.FactorDataset):
     return out
 
 
-def load_sprites(name: str, data_dir: str | None = None,
-                 download: bool = True, scales: int = 6,
-                 orientations: int = 40, positions: int = 32
-                 ) -> factor_dataset.FactorDataset:
+def load_sprites(name: str,
+                 data_dir: str | None = None,
+                 download: bool = True,
+                 scales: int = 6,
+                 orientations: int = 40,
+                 positions: int = 32) -> factor_dataset.FactorDataset:
   """The ground-truth-factor dataset called `name`.
 
   Args:
@@ -293,8 +306,8 @@ def load_sprites(name: str, data_dir: str | None = None,
       'dsprites', or the dataset cannot be loaded.
   """
   if name == 'rendered_sprites':
-    return RenderedSprites(scales=scales, orientations=orientations,
-                           positions=positions)
+    return RenderedSprites(
+        scales=scales, orientations=orientations, positions=positions)
   if name == _TFDS_NAME:
     if ((scales, orientations, positions)
         != sprite_renderer.DSPRITES_FACTOR_SIZES[1:4]):

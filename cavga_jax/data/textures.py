@@ -46,15 +46,21 @@ def _family(seed: int) -> dict[str, np.ndarray]:
   rng = np.random.default_rng([seed, _FAMILY_STREAM])
   return {
       # A muted fabric-like colour, far from the saturated defect colours.
-      'colour': rng.uniform(0.3, 0.65, size=3),
+      'colour':
+          rng.uniform(0.3, 0.65, size=3),
       # Cycles per image width for warp, weft and twill, so the pattern
       # looks the same at every resolution.
-      'freq': np.array([rng.uniform(6, 9), rng.uniform(6, 9),
-                        rng.uniform(3, 5)]),
-      'angle': rng.uniform(0, np.pi) + np.array([0, np.pi / 2, np.pi / 4]),
-      'amp': np.array([0.09, 0.09, 0.05]),
+      'freq':
+          np.array([rng.uniform(6, 9),
+                    rng.uniform(6, 9),
+                    rng.uniform(3, 5)]),
+      'angle':
+          rng.uniform(0, np.pi) + np.array([0, np.pi / 2, np.pi / 4]),
+      'amp':
+          np.array([0.09, 0.09, 0.05]),
       # How strongly each grating tints each channel.
-      'tint': rng.uniform(0.6, 1.0, size=(3, 3)),
+      'tint':
+          rng.uniform(0.6, 1.0, size=(3, 3)),
   }
 
 
@@ -67,8 +73,8 @@ def _gratings(rng: np.random.Generator, size: int, freq: np.ndarray,
   out = np.zeros((size, size, 3))
   for k in range(len(freq)):
     phase = rng.uniform(0, 2 * np.pi)
-    wave = np.sin(2 * np.pi * freq[k] * (x * np.cos(angle[k])
-                                         + y * np.sin(angle[k])) + phase)
+    wave = np.sin(2 * np.pi * freq[k]
+                  * (x * np.cos(angle[k]) + y * np.sin(angle[k])) + phase)
     out += amp[k] * wave[..., None] * tint[k]
   return out
 
@@ -122,7 +128,7 @@ def segment_mask(size: int, p0: np.ndarray, p1: np.ndarray,
   dx = x - (p0[0] + t * d[0])
   dy = y - (p0[1] + t * d[1])
   # The 0.5 floor keeps 1 px lines connected at every angle.
-  return dx * dx + dy * dy <= max(width / 2, 0.5) ** 2
+  return dx * dx + dy * dy <= max(width / 2, 0.5)**2
 
 
 def _centre(rng: np.random.Generator, radius: float,
@@ -200,10 +206,11 @@ def _blob(rng: np.random.Generator, clean: np.ndarray,
   y, x = pixel_grid(size)
   u = (x - cx) * np.cos(theta) + (y - cy) * np.sin(theta)
   v = -(x - cx) * np.sin(theta) + (y - cy) * np.cos(theta)
-  mask = (u / a) ** 2 + (v / b) ** 2 <= 1.0
+  mask = (u / a)**2 + (v / b)**2 <= 1.0
   # A stain: a shifted colour with a finer, differently oriented grating.
-  colour = np.clip(family['colour'] + rng.choice([-1, 1], size=3)
-                   * rng.uniform(0.15, 0.3, size=3), 0, 1)
+  colour = np.clip(
+      family['colour']
+      + rng.choice([-1, 1], size=3) * rng.uniform(0.15, 0.3, size=3), 0, 1)
   paint = colour + _gratings(rng, size, rng.uniform(14, 22, size=2),
                              rng.uniform(0, np.pi, size=2),
                              np.array([0.08, 0.06]), np.ones((2, 3)))
@@ -227,7 +234,7 @@ def _spot(rng: np.random.Generator, clean: np.ndarray,
   mask = np.zeros((size, size), bool)
   for r in radii:
     cx, cy = _centre(rng, r, size)
-    mask |= (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+    mask |= (x - cx)**2 + (y - cy)**2 <= r * r
   paint = np.broadcast_to(saturated_colour(rng), (size, size, 3))
   return mask, paint
 
@@ -275,4 +282,3 @@ def anomalous_image(seed: int, defect: str, index: int,
   same = mask & np.all(image == clean, axis=-1)
   image[same, 0] ^= 0x80
   return image, mask
-

@@ -55,7 +55,9 @@ def _tfds():
   return tfds
 
 
-def _builder(name: str, data_dir: str | None, download: bool,
+def _builder(name: str,
+             data_dir: str | None,
+             download: bool,
              known: tuple[str, ...] = ONE_CLASS_DATASETS,
              kind: str = 'one-class') -> Any:
   """The TFDS builder of `name`, prepared in array_record format.
@@ -77,8 +79,7 @@ def _builder(name: str, data_dir: str | None, download: bool,
                     f'dataset (known: {", ".join(known)})')
   tfds = _tfds()
   try:
-    builder = tfds.builder(name, data_dir=data_dir,
-                           file_format='array_record')
+    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
     prepared = builder.is_prepared()
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f'{data_dir or "TFDS default data_dir"}: cannot open TFDS '
@@ -87,10 +88,9 @@ def _builder(name: str, data_dir: str | None, download: bool,
     return builder
   where = str(builder.data_dir)
   if not download:
-    raise DataError(
-        f'{where}: TFDS dataset {name} is not prepared there and '
-        f'config.data.download is False (set it to True, or point '
-        f'config.data.root at the data_dir that holds {name})')
+    raise DataError(f'{where}: TFDS dataset {name} is not prepared there and '
+                    f'config.data.download is False (set it to True, or point '
+                    f'config.data.root at the data_dir that holds {name})')
   _log.info('Preparing TFDS dataset %s in %s (download and conversion, once)',
             name, where)
   try:
@@ -106,8 +106,7 @@ def _builder(name: str, data_dir: str | None, download: bool,
         f'tensorflow` and rerun, or run `tfds build {name} '
         f'--file_format=array_record --data_dir=<dir>` where TensorFlow is '
         f'installed and set --config.data.root=<dir>; training and '
-        f'evaluation then read the prepared files without TensorFlow'
-    ) from None
+        f'evaluation then read the prepared files without TensorFlow') from None
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f'{where}: preparing TFDS dataset {name} failed '
                     f'({_one_line(e)})') from None
@@ -125,15 +124,17 @@ def _split_source(builder: Any, split: str) -> Any:
         f'({_one_line(e)})') from None
 
 
-def class_names(name: str, data_dir: str | None = None,
+def class_names(name: str,
+                data_dir: str | None = None,
                 download: bool = True) -> tuple[str, ...]:
   """The label names of a one-class dataset, e.g. ('airplane', ...) for CIFAR-10."""
   builder = _builder(name, data_dir, download)
   return tuple(builder.info.features['label'].names)
 
 
-def _read_split(source: Any, where: str, keep_class: int | None
-                ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+def _read_split(
+    source: Any, where: str,
+    keep_class: int | None) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
   """Reads a split in index order, keeping only `keep_class` (None: all).
 
   TFDS decodes the PNGs (with PIL or OpenCV, no TensorFlow). Skipping the
@@ -209,16 +210,20 @@ def _to_dataset(name: str, split: str, images: list[np.ndarray],
       images=out,
       masks=np.zeros((n, image_size, image_size), bool),
       labels=(labels != normal_class).astype(np.int32),
-      defect_types=tuple(NORMAL_DEFECT if c == normal_class else names[c]
-                         for c in labels),
+      defect_types=tuple(
+          NORMAL_DEFECT if c == normal_class else names[c] for c in labels),
       # Not files: '<dataset>/<split>/<record index>' identifies the image.
       paths=tuple(f'{name}/{split}/{i:05d}' for i in indices))
 
 
-def load_one_class(name: str, normal_class: int, image_size: int,
-                   channels: int, data_dir: str | None = None,
-                   download: bool = True, num_workers: int = 8
-                   ) -> tuple[AnomalyDataset, AnomalyDataset]:
+def load_one_class(
+    name: str,
+    normal_class: int,
+    image_size: int,
+    channels: int,
+    data_dir: str | None = None,
+    download: bool = True,
+    num_workers: int = 8) -> tuple[AnomalyDataset, AnomalyDataset]:
   """The one-class (train, test) splits of a TFDS classification dataset.
 
   Args:
@@ -256,18 +261,17 @@ def load_one_class(name: str, normal_class: int, image_size: int,
     images, labels, indices = _read_split(
         source, where, normal_class if split == 'train' else None)
     if not images:
-      raise DataError(
-          f'{where}: no image of class {normal_class} '
-          f'({names[normal_class]}) among {len(source)}' if split == 'train'
-          else f'{where}: the test split is empty')
-    splits.append(_to_dataset(name, split, images, labels, indices,
-                              normal_class, names, image_size, channels,
-                              num_workers))
+      raise DataError(f'{where}: no image of class {normal_class} '
+                      f'({names[normal_class]}) among {len(source)}' if split ==
+                      'train' else f'{where}: the test split is empty')
+    splits.append(
+        _to_dataset(name, split, images, labels, indices, normal_class, names,
+                    image_size, channels, num_workers))
   return splits[0], splits[1]
 
 
-def one_class_datasets(data: typed_config.DataSettings
-                       ) -> tuple[AnomalyDataset, AnomalyDataset]:
+def one_class_datasets(
+    data: typed_config.DataSettings) -> tuple[AnomalyDataset, AnomalyDataset]:
   """`load_one_class` from the data settings (used by `data.get_datasets`).
 
   Fields read (`config.data`): `name`, `normal_class`, `image_size`,
@@ -275,6 +279,10 @@ def one_class_datasets(data: typed_config.DataSettings
   `num_workers`.
   """
   return load_one_class(
-      data.name, data.normal_class, int(data.image_size), int(data.channels),
-      data_dir=data.root or None, download=bool(data.download),
+      data.name,
+      data.normal_class,
+      int(data.image_size),
+      int(data.channels),
+      data_dir=data.root or None,
+      download=bool(data.download),
       num_workers=int(data.num_workers))

@@ -80,7 +80,8 @@ def num_to_move(num_images: int, fraction: float, min_per_defect: int) -> int:
   return max(0, min(k, num_images - 1))
 
 
-def select_anomalies(test: AnomalyDataset, fraction: float = DEFAULT_FRACTION,
+def select_anomalies(test: AnomalyDataset,
+                     fraction: float = DEFAULT_FRACTION,
                      min_per_defect: int = DEFAULT_MIN_PER_DEFECT,
                      seed: int = DEFAULT_SEED) -> np.ndarray:
   """Indices of the test images that move to training (see module docstring).
@@ -116,13 +117,14 @@ def select_anomalies(test: AnomalyDataset, fraction: float = DEFAULT_FRACTION,
         'label, but the test split has none')
   moved = []
   for defect in sorted(by_defect):
-    indices = sorted(by_defect[defect],
-                     key=lambda i: image_key(test.paths[i], defect))
+    indices = sorted(
+        by_defect[defect], key=lambda i: image_key(test.paths[i], defect))
     k = num_to_move(len(indices), fraction, min_per_defect)
     if k < min_per_defect:
-      _log.warning('weak split: defect type %r has only %d test image(s); '
-                   'moving %d so that one stays in the test set', defect,
-                   len(indices), k)
+      _log.warning(
+          'weak split: defect type %r has only %d test image(s); '
+          'moving %d so that one stays in the test set', defect, len(indices),
+          k)
     rng = np.random.default_rng([int(seed), zlib.crc32(defect.encode())])
     chosen = rng.choice(len(indices), size=k, replace=False)
     moved.extend(indices[j] for j in chosen)
@@ -154,7 +156,8 @@ def _concat(a: AnomalyDataset, b: AnomalyDataset) -> AnomalyDataset:
       paths=a.paths + b.paths)
 
 
-def split(train: AnomalyDataset, test: AnomalyDataset,
+def split(train: AnomalyDataset,
+          test: AnomalyDataset,
           fraction: float = DEFAULT_FRACTION,
           min_per_defect: int = DEFAULT_MIN_PER_DEFECT,
           seed: int = DEFAULT_SEED) -> WeakSplit:
@@ -173,8 +176,9 @@ def split(train: AnomalyDataset, test: AnomalyDataset,
   new_train = _concat(train, _subset(test, moved))
   new_test = _subset(test, kept)
   per_defect = {}
-  anomalous_types = {d for d, label in zip(test.defect_types, test.labels)
-                     if label}
+  anomalous_types = {
+      d for d, label in zip(test.defect_types, test.labels) if label
+  }
   for defect in sorted(anomalous_types):
     available = sum(d == defect for d in test.defect_types)
     per_defect[defect] = dict(
@@ -190,15 +194,18 @@ def split(train: AnomalyDataset, test: AnomalyDataset,
       num_test_before=test.num_examples,
       num_test_after=new_test.num_examples,
       per_defect=per_defect,
-      moved=[dict(key=image_key(test.paths[i], test.defect_types[i]),
-                  defect_type=test.defect_types[i], path=test.paths[i])
-             for i in moved])
+      moved=[
+          dict(
+              key=image_key(test.paths[i], test.defect_types[i]),
+              defect_type=test.defect_types[i],
+              path=test.paths[i]) for i in moved
+      ])
   return WeakSplit(train=new_train, test=new_test, moved=moved, record=record)
 
 
-def apply_weak_split(data: typed_config.DataSettings, workdir: str,
-                     train: AnomalyDataset, test: AnomalyDataset
-                     ) -> tuple[AnomalyDataset, AnomalyDataset]:
+def apply_weak_split(
+    data: typed_config.DataSettings, workdir: str, train: AnomalyDataset,
+    test: AnomalyDataset) -> tuple[AnomalyDataset, AnomalyDataset]:
   """``split`` with the data settings, audited in the workdir.
 
   Fields of ``data`` (``config.data``): ``weak_fraction`` (default 0.01),
@@ -216,20 +223,24 @@ def apply_weak_split(data: typed_config.DataSettings, workdir: str,
     DataError: the recomputed split differs from the workdir's file, or the
       file is unreadable.
   """
-  result = split(train, test, fraction=float(data.weak_fraction),
-                 min_per_defect=data.weak_min_per_defect,
-                 seed=data.weak_seed)
+  result = split(
+      train,
+      test,
+      fraction=float(data.weak_fraction),
+      min_per_defect=data.weak_min_per_defect,
+      seed=data.weak_seed)
   path = os.path.join(workdir, SPLIT_FILE)
   if os.path.exists(path):
     check_split_file(path, result.record)
   elif sharding.is_primary_process():
     # The other processes compute the same split from the same config.
     write_split_file(path, result.record)
-  _log.info('weak split (%s): %d labelled anomalies moved from test to train '
-            '(%s); %d test images remain', path, result.moved.size,
-            ', '.join(f'{d}={c["moved"]}/{c["test_images"]}'
-                      for d, c in result.record['per_defect'].items()),
-            result.test.num_examples)
+  _log.info(
+      'weak split (%s): %d labelled anomalies moved from test to train '
+      '(%s); %d test images remain', path, result.moved.size,
+      ', '.join(f'{d}={c["moved"]}/{c["test_images"]}'
+                for d, c in result.record['per_defect'].items()),
+      result.test.num_examples)
   return result.train, result.test
 
 

@@ -60,8 +60,8 @@ def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
   return names
 
 
-def export_scorer(scorer: Scorer, platforms: Sequence[str] = ('cpu',)
-                  ) -> jax.export.Exported:
+def export_scorer(
+    scorer: Scorer, platforms: Sequence[str] = ('cpu',)) -> jax.export.Exported:
   """``scorer`` as a ``jax.export.Exported`` for ``platforms``.
 
   ``images (b, S, S, C) uint8 -> (maps (b, S, S), scores (b,),
@@ -70,8 +70,7 @@ def export_scorer(scorer: Scorer, platforms: Sequence[str] = ('cpu',)
   platforms = check_platforms(platforms)
   (batch,) = jax.export.symbolic_shape('b')
   images = jax.ShapeDtypeStruct(
-      (batch, scorer.image_size, scorer.image_size, scorer.channels),
-      jnp.uint8)
+      (batch, scorer.image_size, scorer.image_size, scorer.channels), jnp.uint8)
   state, image_threshold = scorer.state, scorer.thresholds[1]
 
   def score(x):
@@ -84,14 +83,19 @@ def export_scorer(scorer: Scorer, platforms: Sequence[str] = ('cpu',)
 def metadata(scorer: Scorer, platforms: Sequence[str]) -> dict[str, Any]:
   """What a user of the serialized scorer needs besides the program."""
   pixel, image, median = scorer.thresholds
-  return dict(headline=scorer.headline, image_size=scorer.image_size,
-              channels=scorer.channels, pixel_threshold=pixel,
-              image_threshold=image, median_normal_pixel=median,
-              checkpoint_step=scorer.step, platforms=list(platforms),
-              inputs='uint8 (b >= 1, image_size, image_size, channels)',
-              outputs='(map (b, image_size, image_size) float32, '
-                      'image score (b,) float32, anomalous (b,) bool: not '
-                      'at or below image_threshold, or not finite)')
+  return dict(
+      headline=scorer.headline,
+      image_size=scorer.image_size,
+      channels=scorer.channels,
+      pixel_threshold=pixel,
+      image_threshold=image,
+      median_normal_pixel=median,
+      checkpoint_step=scorer.step,
+      platforms=list(platforms),
+      inputs='uint8 (b >= 1, image_size, image_size, channels)',
+      outputs='(map (b, image_size, image_size) float32, '
+      'image score (b,) float32, anomalous (b,) bool: not '
+      'at or below image_threshold, or not finite)')
 
 
 def save(directory: str, scorer: Scorer,

@@ -140,28 +140,30 @@ def read_manifest(output: str) -> dict[str, Any] | None:
             and isinstance(written, dict)):
       raise ValueError('files, dirs or written of the wrong type')
   except (OSError, ValueError, KeyError) as e:
-    raise CavgaError(f'{path}: unreadable ({" ".join(str(e).split())}); '
-                     'predict.py deletes nothing it cannot account for: '
-                     'delete the folder yourself or choose another --output'
-                     ) from None
-  return dict(files=[_relative(e, path) for e in files],
-              dirs=[_relative(e, path) for e in dirs],
-              complete=tree.get('complete') is True,
-              written={_relative(k, path): v for k, v in written.items()})
+    raise CavgaError(
+        f'{path}: unreadable ({" ".join(str(e).split())}); '
+        'predict.py deletes nothing it cannot account for: '
+        'delete the folder yourself or choose another --output') from None
+  return dict(
+      files=[_relative(e, path) for e in files],
+      dirs=[_relative(e, path) for e in dirs],
+      complete=tree.get('complete') is True,
+      written={_relative(k, path): v for k, v in written.items()})
 
 
 def _inside(out: pathlib.Path, relative: str) -> pathlib.Path | None:
   """``out / relative`` if no folder on the way is a link (else None)."""
   path = out / relative
   parent = os.path.realpath(path.parent)
-  expected = os.path.join(os.path.realpath(out),
-                          *pathlib.PurePosixPath(relative).parent.parts)
+  expected = os.path.join(
+      os.path.realpath(out),
+      *pathlib.PurePosixPath(relative).parent.parts)
   return path if os.path.normpath(parent) == os.path.normpath(expected) \
       else None
 
 
-def _deletable(out: pathlib.Path, relative: str,
-               written: dict[str, Any]) -> bool:
+def _deletable(out: pathlib.Path, relative: str, written: dict[str,
+                                                               Any]) -> bool:
   """Whether the listed file is still the one predict.py wrote."""
   path = _inside(out, relative)
   if path is None or path.is_symlink() or not path.is_file():
@@ -182,8 +184,8 @@ def _write_manifest(out: pathlib.Path, tree: dict[str, Any]) -> None:
   os.replace(temporary, out / MANIFEST_FILE)
 
 
-def check_earlier(output: str, planned: Sequence[str], overwrite: bool
-                  ) -> tuple[dict[str, Any] | None, set[str]]:
+def check_earlier(output: str, planned: Sequence[str],
+                  overwrite: bool) -> tuple[dict[str, Any] | None, set[str]]:
   """What ``prepare`` will delete: (the earlier manifest, its deletable files).
 
   Reads, writes nothing.
@@ -195,7 +197,8 @@ def check_earlier(output: str, planned: Sequence[str], overwrite: bool
   """
   out = pathlib.Path(output)
   earlier = read_manifest(output)
-  others = sorted(p.name for p in out.iterdir()
+  others = sorted(p.name
+                  for p in out.iterdir()
                   if p.name != _TEMPORARY) if out.is_dir() else []
   if others and earlier is None:
     raise CavgaError(f'--output={output} is not empty and holds no '
@@ -211,8 +214,10 @@ def check_earlier(output: str, planned: Sequence[str], overwrite: bool
     raise CavgaError(f'--output={output} holds {what}; pass --overwrite to '
                      f'replace it (only the files its {MANIFEST_FILE} lists '
                      'are deleted)')
-  deletable = {f for f in (earlier['files'] if earlier else [])
-               if _deletable(out, f, earlier['written'])}
+  deletable = {
+      f for f in (earlier['files'] if earlier else [])
+      if _deletable(out, f, earlier['written'])
+  }
   for relative in planned:
     path = out / relative
     if _inside(out, relative) is None:
@@ -249,11 +254,14 @@ def prepare(output: str, planned: Sequence[str], overwrite: bool) -> None:
         except OSError:
           pass  # not empty: something else lives there
   out.mkdir(parents=True, exist_ok=True)
-  dirs = sorted({str(parent) for relative in planned
-                 for parent in pathlib.PurePosixPath(relative).parents
-                 if str(parent) != '.' and not (out / parent).exists()})
-  _write_manifest(out, dict(complete=False, files=list(planned), dirs=dirs,
-                            written={}))
+  dirs = sorted({
+      str(parent)
+      for relative in planned
+      for parent in pathlib.PurePosixPath(relative).parents
+      if str(parent) != '.' and not (out / parent).exists()
+  })
+  _write_manifest(
+      out, dict(complete=False, files=list(planned), dirs=dirs, written={}))
 
 
 def finish(output: str) -> None:
@@ -267,5 +275,10 @@ def finish(output: str) -> None:
     if path.is_file() and not path.is_symlink():
       stat = path.stat()
       written[relative] = [stat.st_size, stat.st_mtime_ns]
-  _write_manifest(out, dict(complete=True, files=sorted(written),
-                            dirs=manifest['dirs'], written=written))
+  _write_manifest(
+      out,
+      dict(
+          complete=True,
+          files=sorted(written),
+          dirs=manifest['dirs'],
+          written=written))

@@ -45,11 +45,13 @@ from cavga_jax.training import train_state
 Array = jax.Array
 
 
-def make_score_fn(generator: cavga.CAVGAGenerator,
-                  eval_settings: typed_config.EvalSettings, image_size: int,
-                  headline: str,
-                  detector_config: typed_config.DetectorSettings | None = None
-                  ) -> Callable[[Any, Array], tuple[Array, Array]]:
+def make_score_fn(
+    generator: cavga.CAVGAGenerator,
+    eval_settings: typed_config.EvalSettings,
+    image_size: int,
+    headline: str,
+    detector_config: typed_config.DetectorSettings | None = None
+) -> Callable[[Any, Array], tuple[Array, Array]]:
   """``score(state, images) -> (maps (B, S, S), scores (B,))`` (pure).
 
   ``state`` is ``{'variables', 'feature_variables', 'fitted'}``:
@@ -65,10 +67,10 @@ def make_score_fn(generator: cavga.CAVGAGenerator,
   map_settings = evaluator_lib.map_settings(eval_settings, image_size)
   needs = registry.needs([headline])
   closure = registry.closure([headline])
-  fitted = {name: value for name, value in
-            evaluator_lib.fitted_settings(eval_settings,
-                                          detector_config).items()
-            if name in closure}
+  fitted = {
+      name: value for name, value in evaluator_lib.fitted_settings(
+          eval_settings, detector_config).items() if name in closure
+  }
   inputs_fn = inference.fitted_inputs(generator, map_settings, fitted)
   functions = registry.batch_functions(generator.with_classifier)
   batch_functions = {n: functions[n] for n in registry.batch_maps([headline])}
@@ -82,16 +84,15 @@ def make_score_fn(generator: cavga.CAVGAGenerator,
     maps = anomaly_maps.compute_maps(outputs, batch_functions, map_settings)
     if spec.kind in ('fitted', 'combined'):
       inputs = inputs_fn(state['feature_variables'], x, maps)
-      maps = fitting.fitted_batch_maps(
-          state['fitted'], maps, inputs, [headline], context, fitted
-      )
+      maps = fitting.fitted_batch_maps(state['fitted'], maps, inputs,
+                                       [headline], context, fitted)
     return maps[headline], spec.image_score(maps[headline])
 
   return score
 
 
-def decide(maps: Array, scores: Array, image_threshold: float
-           ) -> tuple[Array, Array]:
+def decide(maps: Array, scores: Array,
+           image_threshold: float) -> tuple[Array, Array]:
   """(anomalous (B,) bool, finite (B,) bool) of maps (B, S, S), scores (B,).
 
   ``finite``: the score and every pixel of the map are finite.
@@ -128,8 +129,8 @@ class Scorer:
   compiler_options: dict[str, Any] | None = None
 
   def __post_init__(self):
-    self._jitted = jax.jit(self.score_fn,
-                           compiler_options=self.compiler_options)
+    self._jitted = jax.jit(
+        self.score_fn, compiler_options=self.compiler_options)
 
   def check_images(self, images: Any) -> None:
     """Raises CavgaError unless ``images`` is a (B >= 1, S, S, C) uint8 batch.
@@ -161,15 +162,15 @@ class Scorer:
     maps, scores = self._jitted(self.state, images)
     return np.asarray(maps), np.asarray(scores)
 
-  def decide(self, maps: np.ndarray, scores: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray]:
+  def decide(self, maps: np.ndarray,
+             scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(anomalous, finite) (B,) bool of ``score``'s outputs (``decide``)."""
     anomalous, finite = decide(maps, scores, self.thresholds[1])
     return np.asarray(anomalous), np.asarray(finite)
 
 
-def read_config(workdir: str, untrained: bool = False
-                ) -> ml_collections.ConfigDict:
+def read_config(workdir: str,
+                untrained: bool = False) -> ml_collections.ConfigDict:
   """The run's config as a ConfigDict (lists as tuples).
 
   ``<workdir>/config.json`` (``train.py`` writes it), or with ``untrained``
@@ -181,8 +182,9 @@ def read_config(workdir: str, untrained: bool = False
   if not os.path.exists(path):
     raise CavgaError(f'{path}: not found; run train.py and evaluate.py (or '
                      'evaluate.py --untrained) with this --workdir first')
-  tree = workdirs.read_json_object(path, 'it should hold the config the run '
-                                   'was trained with (train.py writes it)')
+  tree = workdirs.read_json_object(
+      path, 'it should hold the config the run '
+      'was trained with (train.py writes it)')
 
   def tuples(value):
     if isinstance(value, dict):
@@ -193,7 +195,8 @@ def read_config(workdir: str, untrained: bool = False
   return ml_collections.ConfigDict(tuples(tree))
 
 
-def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None,
+def load_scorer(workdir: str,
+                config: ml_collections.ConfigDict | None = None,
                 untrained: bool = False) -> Scorer:
   """The newest checkpoint of ``workdir`` and the maps fitted for it.
 
@@ -214,8 +217,8 @@ def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None,
     raise CavgaError(f"{workdir}: task {config.task!r}; predict.py scores "
                      'CAVGA runs')
   run = config_checks.check_config(config)
-  made = run_setup.setup(run, workdir, datasets=False, restore=True,
-                         untrained=untrained)
+  made = run_setup.setup(
+      run, workdir, datasets=False, restore=True, untrained=untrained)
   state, step = made.state, made.step
   directory = store.fitted_dir(workdir, step, untrained)
   saved = store.saved_key(directory)
@@ -227,16 +230,16 @@ def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None,
                      'first (it fits them on the normal training images and '
                      'saves them there)')
   expected = store.fit_key(
-      run.eval, step, state, saved['image_size'],
-      saved['num_normal_images'],
+      run.eval, step, state, saved['image_size'], saved['num_normal_images'],
       {} if untrained else detector_training.trained_maps(workdir),
       run.detector)
   changed = store.differing_fields(saved, expected)
   if changed:
-    raise CavgaError(f'{directory}: the maps were fitted with other '
-                     f'settings than {workdirs.CONFIG_FILE} ({", ".join(changed)}'
-                     f'); run `python evaluate.py --workdir={workdir} '
-                     '--config=...` with the run\'s config to refit them')
+    raise CavgaError(
+        f'{directory}: the maps were fitted with other '
+        f'settings than {workdirs.CONFIG_FILE} ({", ".join(changed)}'
+        f'); run `python evaluate.py --workdir={workdir} '
+        '--config=...` with the run\'s config to refit them')
   fitted = store.load(directory)
   headline = run.eval.map
   if headline not in fitted.thresholds:
@@ -245,14 +248,13 @@ def load_scorer(workdir: str, config: ml_collections.ConfigDict | None = None,
                      'decides at them')
   variables = state.generator_variables()
   feature_variables = made.feature_variables or variables
-  return build_scorer(run, made.generator, variables, feature_variables,
-                      fitted, step)
+  return build_scorer(run, made.generator, variables, feature_variables, fitted,
+                      step)
 
 
-def build_scorer(run: typed_config.RunSettings,
-                 generator: cavga.CAVGAGenerator, variables: Any,
-                 feature_variables: Any, fitted: fitting.FittedMaps,
-                 step: int) -> Scorer:
+def build_scorer(run: typed_config.RunSettings, generator: cavga.CAVGAGenerator,
+                 variables: Any, feature_variables: Any,
+                 fitted: fitting.FittedMaps, step: int) -> Scorer:
   """The ``Scorer`` of ``config.eval.map`` from networks and fitted maps.
 
   ``run``: the run's typed settings (``typed_config.from_config``).
@@ -262,14 +264,17 @@ def build_scorer(run: typed_config.RunSettings,
   headline = run.eval.map
   image_size = int(run.data.image_size)
   return Scorer(
-      headline=headline, image_size=image_size,
+      headline=headline,
+      image_size=image_size,
       channels=int(run.data.channels),
       thresholds=tuple(fitted.thresholds[headline]),
       # On the device once, not with every call (the feature Gaussians
       # alone are 164 MB at configs/mvtec.py's 64 x 64 cells).
-      state=jax.device_put(dict(variables=variables,
-                                feature_variables=feature_variables,
-                                fitted=fitted)),
+      state=jax.device_put(
+          dict(
+              variables=variables,
+              feature_variables=feature_variables,
+              fitted=fitted)),
       score_fn=make_score_fn(generator, run.eval, image_size, headline,
                              run.detector),
       step=step,

@@ -27,8 +27,7 @@ from cavga_jax.training import training_pictures
 CURVE_FILE = 'eval_curve.jsonl'
 
 
-def threshold_display_range(thresholds: Sequence[float]
-                            ) -> tuple[float, float]:
+def threshold_display_range(thresholds: Sequence[float]) -> tuple[float, float]:
   """(low, high) of a map's colour scale from its held-out thresholds.
 
   ``thresholds``: (pixel threshold t, image threshold, median m of normal
@@ -62,8 +61,10 @@ def display_maps(maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def panel_indices(num_examples: int, num_panels: int) -> np.ndarray:
   """Evenly spaced test indices, so panels show normal and every defect type."""
   num_panels = min(num_panels, num_examples)
-  return np.unique(np.linspace(0, num_examples - 1, num_panels).round()
-                   .astype(int)) if num_panels else np.zeros(0, int)
+  return np.unique(
+      np.linspace(0, num_examples - 1,
+                  num_panels).round().astype(int)) if num_panels else np.zeros(
+                      0, int)
 
 
 def write_scores_csv(path: str, dataset: data.AnomalyDataset,
@@ -71,14 +72,16 @@ def write_scores_csv(path: str, dataset: data.AnomalyDataset,
   """One row per test image: path, label, defect type and ``columns``."""
   with open(path, 'w') as f:
     f.write(','.join(['path', 'label', 'defect_type', *columns]) + '\n')
-    for i, (path_i, label, defect) in enumerate(zip(
-        dataset.paths, dataset.labels, dataset.defect_types)):
+    for i, (path_i, label, defect) in enumerate(
+        zip(dataset.paths, dataset.labels, dataset.defect_types)):
       values = ','.join(f'{v[i]:.6g}' for v in columns.values())
       f.write(f'{path_i},{label},{defect},{values}\n')
 
 
-def write_outputs(out_dir: str, result: dict[str, Any],
-                  predictions: dict[str, Any], dataset: data.AnomalyDataset,
+def write_outputs(out_dir: str,
+                  result: dict[str, Any],
+                  predictions: dict[str, Any],
+                  dataset: data.AnomalyDataset,
                   num_panels: int,
                   thresholds: dict[str, tuple[float, ...]] | None = None,
                   curve_image: str | None = None) -> None:
@@ -99,8 +102,10 @@ def write_outputs(out_dir: str, result: dict[str, Any],
   with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
     json.dump(result, f, indent=2, sort_keys=True)
   columns = {'score': predictions['score']}
-  columns.update({f'score_{name}': values for name, values in
-                  predictions.get('map_scores', {}).items()})
+  columns.update({
+      f'score_{name}': values
+      for name, values in predictions.get('map_scores', {}).items()
+  })
   if 'p_anomalous' in predictions:
     columns['p_anomalous'] = predictions['p_anomalous']
   write_scores_csv(os.path.join(out_dir, 'scores.csv'), dataset, columns)
@@ -111,10 +116,11 @@ def write_outputs(out_dir: str, result: dict[str, Any],
     headline = next(iter(maps))
   values = maps[headline]
   threshold = (thresholds or {}).get(headline)
-  low, high = (threshold_display_range(threshold) if threshold
-               else value_display_range(values))
-  image_scores = predictions.get('map_scores', {}).get(
-      headline, predictions['score'])
+  low, high = (
+      threshold_display_range(threshold)
+      if threshold else value_display_range(values))
+  image_scores = predictions.get('map_scores', {}).get(headline,
+                                                       predictions['score'])
   others = display_maps({k: v for k, v in maps.items() if k != headline})
   pixel_threshold = threshold[0] if threshold else (low + high) / 2
   panels = set(panel_indices(dataset.num_examples, num_panels).tolist())
@@ -124,11 +130,18 @@ def write_outputs(out_dir: str, result: dict[str, Any],
             f'{os.path.splitext(os.path.basename(dataset.paths[i]))[0]}')
     if i in panels:
       name = os.path.join('panels', stem + '.png')
-      visualize.save_png(os.path.join(out_dir, name), visualize.headline_panel(
-          dataset.images[i], predictions['reconstruction'][i], values[i], low,
-          high, pixel_threshold, dataset.masks[i],
-          title=f'{dataset.paths[i]} ({dataset.defect_types[i]})',
-          map_name=headline))
+      visualize.save_png(
+          os.path.join(out_dir, name),
+          visualize.headline_panel(
+              dataset.images[i],
+              predictions['reconstruction'][i],
+              values[i],
+              low,
+              high,
+              pixel_threshold,
+              dataset.masks[i],
+              title=f'{dataset.paths[i]} ({dataset.defect_types[i]})',
+              map_name=headline))
       if others:
         visualize.save_png(
             os.path.join(panel_dir, stem + '_maps.png'),
@@ -138,22 +151,30 @@ def write_outputs(out_dir: str, result: dict[str, Any],
       # The report shows every test image: the others as the headline map
       # over the image.
       name = os.path.join('overlays', stem + '.png')
-      visualize.save_png(os.path.join(out_dir, name), visualize.overlay(
-          dataset.images[i], values[i], low, high, pixel_threshold))
-    rows.append(dict(image=name, path=dataset.paths[i],
-                     defect_type=dataset.defect_types[i],
-                     label=int(dataset.labels[i]),
-                     score=float(image_scores[i])))
-  report.write_report(os.path.join(out_dir, 'report.html'), result, rows,
-                      curve_image)
-  logging.info('wrote %s (metrics.json, scores.csv, %d panels, report.html '
-               'of %d images)', out_dir, len(panels), len(rows))
+      visualize.save_png(
+          os.path.join(out_dir, name),
+          visualize.overlay(dataset.images[i], values[i], low, high,
+                            pixel_threshold))
+    rows.append(
+        dict(
+            image=name,
+            path=dataset.paths[i],
+            defect_type=dataset.defect_types[i],
+            label=int(dataset.labels[i]),
+            score=float(image_scores[i])))
+  report.write_report(
+      os.path.join(out_dir, 'report.html'), result, rows, curve_image)
+  logging.info(
+      'wrote %s (metrics.json, scores.csv, %d panels, report.html '
+      'of %d images)', out_dir, len(panels), len(rows))
 
 
 def curve_record(step: int, result: dict[str, Any]) -> dict[str, Any]:
   """One line of ``eval_curve.jsonl``: the step and every map's metrics."""
-  return dict(step=step, image_auroc_reconstruction=result[
-      'image_auroc_reconstruction'], maps=result['maps'])
+  return dict(
+      step=step,
+      image_auroc_reconstruction=result['image_auroc_reconstruction'],
+      maps=result['maps'])
 
 
 def append_curve_point(path: str, record: dict[str, Any]) -> None:
@@ -168,4 +189,3 @@ def append_curve_point(path: str, record: dict[str, Any]) -> None:
       for name, values in record['maps'].items())
   logging.info('eval at step %d (pixel AUROC / AU-PRO): %s', record['step'],
                summary)
-

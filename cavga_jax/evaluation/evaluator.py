@@ -44,8 +44,8 @@ from cavga_jax.models import cavga
 from cavga_jax.models import layers
 
 
-def map_settings(eval_settings: typed_config.EvalSettings, image_size: int
-                 ) -> anomaly_maps.MapSettings:
+def map_settings(eval_settings: typed_config.EvalSettings,
+                 image_size: int) -> anomaly_maps.MapSettings:
   """``anomaly_maps.MapSettings`` from ``config.eval`` for one image size.
 
   ``eval.residual_sigma`` None (``configs/default.py``) is
@@ -55,12 +55,12 @@ def map_settings(eval_settings: typed_config.EvalSettings, image_size: int
   if sigma is None:
     sigma = anomaly_maps.RELATIVE_SIGMA * image_size
   return anomaly_maps.MapSettings(
-      residual_sigma=float(sigma),
-      ssim_window=int(eval_settings.ssim_window))
+      residual_sigma=float(sigma), ssim_window=int(eval_settings.ssim_window))
 
 
-def feature_settings(eval_settings: typed_config.EvalSettings
-                     ) -> feature_gaussian.FeatureSettings | None:
+def feature_settings(
+    eval_settings: typed_config.EvalSettings
+) -> feature_gaussian.FeatureSettings | None:
   """The feature map's settings, or None without ``eval.calibrate`` (the
   feature map needs the pass over the normal training images)."""
   if not eval_settings.calibrate:
@@ -71,8 +71,8 @@ def feature_settings(eval_settings: typed_config.EvalSettings
       grid_divisor=int(eval_settings.feature_grid_divisor))
 
 
-def knn_settings(eval_settings: typed_config.EvalSettings
-                 ) -> feature_knn.KnnSettings | None:
+def knn_settings(
+    eval_settings: typed_config.EvalSettings) -> feature_knn.KnnSettings | None:
   """The feature-kNN map's settings, or None (no ``eval.calibrate``, or
   ``eval.knn_bank_size`` 0)."""
   bank_size = int(eval_settings.knn_bank_size)
@@ -85,9 +85,10 @@ def knn_settings(eval_settings: typed_config.EvalSettings
       chunk=int(eval_settings.knn_chunk))
 
 
-def detector_settings(eval_settings: typed_config.EvalSettings,
-                      detector_config: typed_config.DetectorSettings | None = None
-                      ) -> detector.DetectorSettings:
+def detector_settings(
+    eval_settings: typed_config.EvalSettings,
+    detector_config: typed_config.DetectorSettings | None = None
+) -> detector.DetectorSettings:
   """The trained detector's map settings: the features of
   ``feature_gaussian`` (``eval.feature_stages``, ``eval.feature_grid_divisor``),
   all channels, aggregated and read as ``detector_config`` (the run's
@@ -101,9 +102,10 @@ def detector_settings(eval_settings: typed_config.EvalSettings,
       hidden=int(detector_config.hidden))
 
 
-def fitted_settings(eval_settings: typed_config.EvalSettings,
-                    detector_config: typed_config.DetectorSettings | None = None
-                    ) -> dict[str, Any]:
+def fitted_settings(
+    eval_settings: typed_config.EvalSettings,
+    detector_config: typed_config.DetectorSettings | None = None
+) -> dict[str, Any]:
   """{name: settings} of the fitted maps an evaluation fits (``fitted_map``).
 
   Empty without ``eval.calibrate`` (the pass over the normal training
@@ -114,16 +116,21 @@ def fitted_settings(eval_settings: typed_config.EvalSettings,
   """
   if not eval_settings.calibrate:
     return {}
-  fitted = {name: registry.spec(name).fitted.settings
-            for name in registry.names('fitted')}
+  fitted = {
+      name: registry.spec(name).fitted.settings
+      for name in registry.names('fitted')
+  }
   fitted[feature_gaussian.NAME] = feature_settings(eval_settings)
   fitted[feature_gaussian.SHRUNK_NAME] = dataclasses.replace(
       fitted[feature_gaussian.NAME],
       shrinkage=float(eval_settings.feature_shrinkage))
   fitted[feature_knn.NAME] = knn_settings(eval_settings)
   fitted[detector.NAME] = detector_settings(eval_settings, detector_config)
-  return {name: value for name, value in fitted.items()
-          if name != feature_knn.NAME or value is not None}
+  return {
+      name: value
+      for name, value in fitted.items()
+      if name != feature_knn.NAME or value is not None
+  }
 
 
 def normal_training_images(train_ds: data.AnomalyDataset) -> np.ndarray:
@@ -161,7 +168,8 @@ class Evaluator:
       ``hidden`` shape the detector's map; None: the defaults).
   """
 
-  def __init__(self, generator: cavga.CAVGAGenerator,
+  def __init__(self,
+               generator: cavga.CAVGAGenerator,
                dataset: data.AnomalyDataset,
                eval_settings: typed_config.EvalSettings,
                mesh: jax.sharding.Mesh,
@@ -180,8 +188,8 @@ class Evaluator:
     self.feature_variables = feature_variables
     # The maps evaluated (None: all) and what they read.
     self.names = None
-    self.batch_names = tuple(registry.batch_functions(
-        generator.with_classifier))
+    self.batch_names = tuple(
+        registry.batch_functions(generator.with_classifier))
     # {name: settings} of the fitted maps (``fitted_settings``).
     fitted = fitted_settings(eval_settings, detector_config)
     attention = True
@@ -189,19 +197,26 @@ class Evaluator:
       self.names = registry.closure([self.headline])
       self.batch_names = registry.batch_maps(self.names)
       attention = registry.ATTENTION in registry.needs(self.names)
-      fitted = {name: value for name, value in fitted.items()
-                if name in self.names}
+      fitted = {
+          name: value for name, value in fitted.items() if name in self.names
+      }
     # An untrained map of a program (``FittedMap.trained``) is only a
     # control: scored when the headline is or contains it.
     headline_closure = registry.closure([self.headline])
-    fitted = {name: value for name, value in fitted.items()
-              if not registry.spec(name).fitted.trained
-              or name in self.trained or name in headline_closure}
+    fitted = {
+        name: value
+        for name, value in fitted.items()
+        if not registry.spec(name).fitted.trained or name in self.trained
+        or name in headline_closure
+    }
     self.fitted_settings = fitted
-    self.outputs_with_fitted_maps = jax.jit(functools.partial(
-        fitting.outputs_with_fitted_maps, settings=fitted, names=self.names,
-        context=inference.map_context(generator, self.settings,
-                                      self.image_size)))
+    self.outputs_with_fitted_maps = jax.jit(
+        functools.partial(
+            fitting.outputs_with_fitted_maps,
+            settings=fitted,
+            names=self.names,
+            context=inference.map_context(generator, self.settings,
+                                          self.image_size)))
     options = layers.compiler_options(generator.conv_impl)
     self.eval_step = jax.jit(
         inference.make_eval_step(generator, self.settings, fitted,
@@ -219,16 +234,14 @@ class Evaluator:
     # What a fit of these settings holds: the maps fitted on fit_images
     # and, with held-out images, a threshold for every map evaluated.
     self.fitted_names = () if self.fit_images is None else tuple(fitted)
-    self.num_normal_images = 0 if normal_images is None else len(
-        normal_images)
+    self.num_normal_images = 0 if normal_images is None else len(normal_images)
 
   def _predict(self, params, batch_stats, fitted, images, what):
+
     def step(batch):
-      out = self.eval_step(params, batch_stats, batch,
-                            self.feature_variables)
-      return (
-          out if fitted is None else self.outputs_with_fitted_maps(out, fitted)
-      )
+      out = self.eval_step(params, batch_stats, batch, self.feature_variables)
+      return (out if fitted is None else self.outputs_with_fitted_maps(
+          out, fitted))
 
     return inference.predict(step, images, self.batch_size, self.mesh, what)
 
@@ -238,9 +251,11 @@ class Evaluator:
     """
     lacking = [n for n in self.fitted_names if n not in fitted.available()]
     if self.held_out is not None:
-      lacking += [n for n in dict.fromkeys(
-          (self.headline, *self.batch_names, *self.fitted_names))
-                  if n not in fitted.thresholds]
+      lacking += [
+          n for n in dict.fromkeys((self.headline, *self.batch_names,
+                                    *self.fitted_names))
+          if n not in fitted.thresholds
+      ]
     return list(dict.fromkeys(lacking))
 
   def fit(self, params: Any, batch_stats: Any) -> fitting.FittedMaps:
@@ -250,8 +265,8 @@ class Evaluator:
     if self.fit_images is not None:
       fitted = fitting.fit_statistics(
           inference.host_batches(
-              lambda batch: self.normal_step(params, batch_stats, batch,
-                                             self.feature_variables),
+              lambda batch: self.normal_step(params, batch_stats, batch, self.
+                                             feature_variables),
               self.fit_images, self.batch_size, self.mesh,
               'normal training images'), self.fitted_settings, self.mesh,
           self.trained)
@@ -273,9 +288,12 @@ class Evaluator:
     predictions.pop(inference.INPUTS, None)  # without fitted maps to read them
     return predictions
 
-  def __call__(self, params: Any, batch_stats: Any,
-               fitted: fitting.FittedMaps | None = None
-               ) -> tuple[dict[str, Any], dict[str, Any]]:
+  def __call__(
+      self,
+      params: Any,
+      batch_stats: Any,
+      fitted: fitting.FittedMaps | None = None
+  ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metrics, predictions); fits first unless ``fitted`` is given."""
     if fitted is None:
       fitted = self.fit(params, batch_stats)

@@ -48,26 +48,27 @@ class FittedMaps:
   it as an argument; ``to_tree`` gives the dict Orbax saves (``store``).
   """
   maps: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-  normalisers: dict[str, tuple[float, ...]] = dataclasses.field(
-      default_factory=dict)
-  thresholds: dict[str, tuple[float, float, float]] = dataclasses.field(
-      default_factory=dict)
+  normalisers: dict[str, tuple[float,
+                               ...]] = dataclasses.field(default_factory=dict)
+  thresholds: dict[str, tuple[float, float,
+                              float]] = dataclasses.field(default_factory=dict)
 
   def available(self) -> tuple[str, ...]:
     """The registered fitted and combined maps this state can compute."""
     return tuple(
         name for name in registry.names('fitted', 'combined')
-        if name in self.maps or (
-            registry.spec(name).kind == 'combined'
-            and all(p in self.normalisers for p in registry.spec(name).parts)))
+        if name in self.maps or (registry.spec(name).kind == 'combined' and all(
+            p in self.normalisers for p in registry.spec(name).parts)))
 
   def to_tree(self) -> dict[str, Any]:
     """A nested dict of arrays (Orbax-savable); ``from_tree`` inverts it."""
-    return {'maps': self.maps,
-            'normalisers': {k: np.asarray(v, np.float64)
-                            for k, v in self.normalisers.items()},
-            'thresholds': {k: np.asarray(v, np.float64)
-                           for k, v in self.thresholds.items()}}
+    return {
+        'maps': self.maps, 'normalisers': {
+            k: np.asarray(v, np.float64) for k, v in self.normalisers.items()
+        }, 'thresholds': {
+            k: np.asarray(v, np.float64) for k, v in self.thresholds.items()
+        }
+    }
 
   @classmethod
   def from_tree(cls, tree: dict[str, Any]) -> FittedMaps:
@@ -93,16 +94,20 @@ class FittedMaps:
                        f'{"/".join(combined_maps.STATISTICS)} of each rule')
     return cls(
         maps=host.get('maps', {}),
-        normalisers={k: tuple(float(x) for x in v)
-                     for k, v in host.get('normalisers', {}).items()},
-        thresholds={k: tuple(float(x) for x in v)
-                    for k, v in host.get('thresholds', {}).items()})
+        normalisers={
+            k: tuple(float(x) for x in v)
+            for k, v in host.get('normalisers', {}).items()
+        },
+        thresholds={
+            k: tuple(float(x) for x in v)
+            for k, v in host.get('thresholds', {}).items()
+        })
 
 
 def fitted_batch_maps(fitted: FittedMaps, maps: dict[str, Array],
-                 inputs: dict[str, Array], names: Sequence[str],
-                 context: fitted_map.Context,
-                 per_map: dict[str, Any]) -> dict[str, Array]:
+                      inputs: dict[str, Array], names: Sequence[str],
+                      context: fitted_map.Context,
+                      per_map: dict[str, Any]) -> dict[str, Array]:
   """The fitted and combined maps ``names`` of one batch (pure jnp).
 
   Args:
@@ -135,16 +140,15 @@ def fitted_batch_maps(fitted: FittedMaps, maps: dict[str, Array],
   return maps
 
 
-def split_held_out(normal_images: np.ndarray, fraction: float
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
+def split_held_out(normal_images: np.ndarray,
+                   fraction: float) -> tuple[np.ndarray, np.ndarray | None]:
   """(images for the statistics, held-out images or None).
 
   ``ceil(fraction * N)`` images, chosen by a fixed permutation (seed 0, so
   every evaluation of a run holds out the same ones), are held out; at least
   one image stays for the statistics. None when nothing is held out.
   """
-  count = min(math.ceil(fraction * len(normal_images)),
-              len(normal_images) - 1)
+  count = min(math.ceil(fraction * len(normal_images)), len(normal_images) - 1)
   if count <= 0:
     return normal_images, None
   order = np.random.default_rng(0).permutation(len(normal_images))
@@ -152,7 +156,8 @@ def split_held_out(normal_images: np.ndarray, fraction: float
   return normal_images[keep], normal_images[np.sort(order[:count])]
 
 
-def fit_statistics(batches, settings: dict[str, Any],
+def fit_statistics(batches,
+                   settings: dict[str, Any],
                    mesh: jax.sharding.Mesh | None,
                    trained: dict[str, Any] | None = None) -> FittedMaps:
   """The fitted maps' states from ``make_normal_step`` outputs, batch by batch.
@@ -163,33 +168,45 @@ def fit_statistics(batches, settings: dict[str, Any],
   ``trained``: {name: state} of maps trained elsewhere (``train.py``'s
   detector), taken as they are.
   """
-  trained = {name: state for name, state in (trained or {}).items()
-             if name in settings}
-  units = {name: registry.spec(name).fitted for name in settings
-           if name not in trained}
+  trained = {
+      name: state for name, state in (trained or {}).items() if name in settings
+  }
+  units = {
+      name: registry.spec(name).fitted
+      for name in settings
+      if name not in trained
+  }
   # One accumulator per distinct (init, shares key); it is filled from the
   # inputs of the first map that owns it (``FittedMap.shares``).
   owners: dict[Any, tuple[str, Any]] = {}
   accumulators = {}
   for name, unit in units.items():
-    key = ((unit.init, unit.shares(settings[name])) if unit.shares
-           else ('own', name))
+    key = ((unit.init, unit.shares(settings[name])) if unit.shares else
+           ('own', name))
     if key not in owners:
       owners[key] = (name, unit.init(settings[name]))
     accumulators[name] = owners[key][1]
   for out in batches:
     for name, accumulator in owners.values():
       accumulator.add(out[name])
-  return FittedMaps(maps={
-      **{name: unit.finalize(accumulators[name], settings[name], mesh,
-                             inference.progress)
-         for name, unit in units.items()},
-      **{name: jax.tree.map(np.asarray, state)
-         for name, state in trained.items()}})
+  return FittedMaps(
+      maps={
+          **{
+              name:
+                  unit.finalize(accumulators[name], settings[name], mesh,
+                                inference.progress)
+              for name, unit in units.items()
+          }, **{
+              name: jax.tree.map(np.asarray, state)
+              for name, state in trained.items()
+          }
+      })
 
 
-def fit_held_out(fitted: FittedMaps, held_out: dict[str, Any],
-                 quantile: float, names: Sequence[str] | None = None) -> None:
+def fit_held_out(fitted: FittedMaps,
+                 held_out: dict[str, Any],
+                 quantile: float,
+                 names: Sequence[str] | None = None) -> None:
   """Adds the normalisers and thresholds from the held-out images' maps.
 
   ``held_out`` has 'maps' {name: (N, S, S)} (every batch and fitted map
@@ -198,35 +215,40 @@ def fit_held_out(fitted: FittedMaps, held_out: dict[str, Any],
   (``eval.maps='headline'``: the headline and its parts), None = all; only
   their combinations are fitted.
   """
-  combinations = {name: parts for name, parts in
-                  registry.combinations().items()
-                  if names is None or name in names}
+  combinations = {
+      name: parts
+      for name, parts in registry.combinations().items()
+      if names is None or name in names
+  }
   # float32-exact values, so a state restored as float32 equals the fit.
-  fitted.normalisers = _float32(combined_maps.normalisers(
-      {name: held_out['maps'][name] for name in
-       {p for parts in combinations.values() for p in parts}
-       if name in held_out['maps']}))
-  combined = [name for name in fitted.available()
-              if name in combinations]
+  fitted.normalisers = _float32(
+      combined_maps.normalisers({
+          name: held_out['maps'][name]
+          for name in {p for parts in combinations.values() for p in parts}
+          if name in held_out['maps']
+      }))
+  combined = [name for name in fitted.available() if name in combinations]
   # Combined maps read only their parts.
   maps = fitted_batch_maps(fitted, held_out['maps'], {}, combined,
-                      fitted_map.Context(0), {})
+                           fitted_map.Context(0), {})
   scores = registry.image_scores({name: maps[name] for name in combined})
   for name in combined:
     held_out['maps'][name] = np.asarray(maps[name])
     held_out['map_scores'][name] = np.asarray(scores[name])
-  fitted.thresholds = _float32(scoring.held_out_thresholds(held_out,
-                                                            quantile))
+  fitted.thresholds = _float32(scoring.held_out_thresholds(held_out, quantile))
 
 
-def _float32(values: dict[str, tuple[float, ...]]
-             ) -> dict[str, tuple[float, ...]]:
+def _float32(
+    values: dict[str, tuple[float, ...]]) -> dict[str, tuple[float, ...]]:
   return {k: tuple(float(np.float32(x)) for x in v) for k, v in values.items()}
 
 
-def outputs_with_fitted_maps(out: dict[str, Any], fitted: FittedMaps,
-                    context: fitted_map.Context, settings: dict[str, Any],
-                    names: Sequence[str] | None = None) -> dict[str, Any]:
+def outputs_with_fitted_maps(
+    out: dict[str, Any],
+    fitted: FittedMaps,
+    context: fitted_map.Context,
+    settings: dict[str, Any],
+    names: Sequence[str] | None = None) -> dict[str, Any]:
   """A step's outputs with the maps of ``fitted`` added (pure; jit it).
 
   ``out`` has 'maps', 'map_scores' and the fitted maps' 'inputs'
@@ -235,14 +257,12 @@ def outputs_with_fitted_maps(out: dict[str, Any], fitted: FittedMaps,
   maps. ``names``: the maps wanted (those of them ``fitted`` can compute
   are added); None = every map ``fitted`` can.
   """
-  names = tuple(n for n in fitted.available()
-                if names is None or n in names)
+  names = tuple(n for n in fitted.available() if names is None or n in names)
   out = dict(out)
   inputs = out.pop(inference.INPUTS, {})
-  maps = fitted_batch_maps(
-      fitted, out['maps'], inputs, names, context, settings
-  )
+  maps = fitted_batch_maps(fitted, out['maps'], inputs, names, context,
+                           settings)
   out['maps'] = maps
-  out['map_scores'] = dict(out['map_scores'], **registry.image_scores(
-      {n: maps[n] for n in names}))
+  out['map_scores'] = dict(out['map_scores'],
+                           **registry.image_scores({n: maps[n] for n in names}))
   return out

@@ -33,24 +33,22 @@ from cavga_jax.training import train_state
 
 Array = jax.Array
 
-
 # The key of the fitted maps' inputs in the steps' outputs: {name: inputs}.
 INPUTS = 'fitted_inputs'
 
 
 def map_context(generator: cavga.CAVGAGenerator,
-                map_settings: anomaly_maps.MapSettings, image_size: int
-                ) -> fitted_map.Context:
+                map_settings: anomaly_maps.MapSettings,
+                image_size: int) -> fitted_map.Context:
   """The ``fitted_map.Context`` of ``generator``'s maps at ``image_size``."""
   return fitted_map.Context(image_size, map_settings,
                             tuple(generator.encoder_widths))
 
 
-def fitted_inputs(generator: cavga.CAVGAGenerator,
-                  map_settings: anomaly_maps.MapSettings,
-                  settings: dict[str, Any]
-                  ) -> Callable[[Any, Array, dict[str, Array]],
-                                dict[str, Array]]:
+def fitted_inputs(
+    generator: cavga.CAVGAGenerator, map_settings: anomaly_maps.MapSettings,
+    settings: dict[str, Any]
+) -> Callable[[Any, Array, dict[str, Array]], dict[str, Array]]:
   """``fn(variables, x, maps) -> {name: inputs}`` of the fitted maps.
 
   ``settings``: {name: settings} of the fitted maps (``fitted_map``);
@@ -61,22 +59,29 @@ def fitted_inputs(generator: cavga.CAVGAGenerator,
   maps).
   """
   units = {name: registry.spec(name).fitted for name in settings}
-  stages = sorted({s for name, unit in units.items() if unit.stages
-                   for s in unit.stages(settings[name])})
+  stages = sorted({
+      s for name, unit in units.items() if unit.stages
+      for s in unit.stages(settings[name])
+  })
   decodes = any(unit.decodes for unit in units.values())
 
   def fn(variables, x, maps):
     context = map_context(generator, map_settings, x.shape[1])
     batch = dict(images=x, maps=maps, stages={})
     if stages:
-      batch['stages'] = dict(zip(stages, generator.apply(
-          variables, x, False, stages, method='encode_stages')))
+      batch['stages'] = dict(
+          zip(
+              stages,
+              generator.apply(
+                  variables, x, False, stages, method='encode_stages')))
     if decodes:
       # The same pass as ``forward``'s without Grad-CAM (rng None: mu).
       batch['feature_outputs'] = dict(
           generator.apply(variables, x, None, False), images=x)
-    return {name: unit.inputs(context, settings[name], batch)
-            for name, unit in units.items()}
+    return {
+        name: unit.inputs(context, settings[name], batch)
+        for name, unit in units.items()
+    }
 
   return fn
 
@@ -93,11 +98,16 @@ def forward(generator: cavga.CAVGAGenerator, params: Any, batch_stats: Any,
   outputs: dict[str, Array] = {}
   if registry.ATTENTION in needs:
     outputs, _ = attention.forward_with_attention(
-        generator, params, batch_stats, x, rng=None, train=False,
+        generator,
+        params,
+        batch_stats,
+        x,
+        rng=None,
+        train=False,
         unit_maps=registry.UNIT_MAPS in needs)
   elif registry.RECONSTRUCTION in needs:
-    outputs = generator.apply({'params': params, 'batch_stats': batch_stats},
-                              x, None, False)
+    outputs = generator.apply({'params': params, 'batch_stats': batch_stats}, x,
+                              None, False)
   return dict(outputs, images=x)
 
 
@@ -106,12 +116,12 @@ def to_uint8(images: Array) -> Array:
   return jnp.round((images + 1.0) * 127.5).clip(0, 255).astype(jnp.uint8)
 
 
-def make_eval_step(generator: cavga.CAVGAGenerator,
-                   settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
-                   fitted: dict[str, Any] | None = None,
-                   map_names: Sequence[str] | None = None,
-                   attention: bool = True
-                   ) -> Callable[..., dict[str, Any]]:
+def make_eval_step(
+    generator: cavga.CAVGAGenerator,
+    settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
+    fitted: dict[str, Any] | None = None,
+    map_names: Sequence[str] | None = None,
+    attention: bool = True) -> Callable[..., dict[str, Any]]:
   """Returns ``eval_step(params, batch_stats, images[, feature_variables])``.
 
   ``map_names`` restricts the batch maps to those (default: every batch map
@@ -149,12 +159,14 @@ def make_eval_step(generator: cavga.CAVGAGenerator,
     result = dict(
         reconstruction=to_uint8(reconstruction),
         score=jnp.mean(jnp.square(x - reconstruction), axis=(1, 2, 3)),
-        maps=maps, map_scores=registry.image_scores(maps))
-    result.update({k: outputs[k] for k in ('attention', 'class_attention')
-                   if k in outputs})
+        maps=maps,
+        map_scores=registry.image_scores(maps))
+    result.update({
+        k: outputs[k] for k in ('attention', 'class_attention') if k in outputs
+    })
     if generator.with_classifier:
-      result['p_anomalous'] = jax.nn.softmax(
-          outputs['logits'])[:, cavga.ANOMALOUS]
+      result['p_anomalous'] = jax.nn.softmax(outputs['logits'])[:,
+                                                                cavga.ANOMALOUS]
     if fitted:
       result[INPUTS] = inputs_fn(
           feature_variables or {'params': params, 'batch_stats': batch_stats},
@@ -164,10 +176,10 @@ def make_eval_step(generator: cavga.CAVGAGenerator,
   return eval_step
 
 
-def make_normal_step(generator: cavga.CAVGAGenerator,
-                     settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
-                     fitted: dict[str, Any] | None = None
-                     ) -> Callable[..., dict[str, Any]]:
+def make_normal_step(
+    generator: cavga.CAVGAGenerator,
+    settings: anomaly_maps.MapSettings = anomaly_maps.MapSettings(),
+    fitted: dict[str, Any] | None = None) -> Callable[..., dict[str, Any]]:
   """Returns ``normal_step(params, batch_stats, images[, feature_variables])``.
 
   What the fitted maps of ``fitted`` ({name: settings}) accumulate over the
@@ -177,8 +189,9 @@ def make_normal_step(generator: cavga.CAVGAGenerator,
   the encoder stages, as ``make_eval_step``.
   """
   fitted = fitted or {}
-  functions = {name: registry.spec(name).function
-               for name in registry.batch_maps(fitted)}
+  functions = {
+      name: registry.spec(name).function for name in registry.batch_maps(fitted)
+  }
   needs = registry.needs(functions)
   inputs_fn = fitted_inputs(generator, settings, fitted)
 
@@ -187,16 +200,17 @@ def make_normal_step(generator: cavga.CAVGAGenerator,
     outputs = forward(generator, params, batch_stats, x, needs)
     maps = anomaly_maps.compute_maps(outputs, functions, settings)
     return inputs_fn(
-        feature_variables or {'params': params, 'batch_stats': batch_stats},
-        x, maps)
+        feature_variables or {'params': params, 'batch_stats': batch_stats}, x,
+        maps)
 
   return normal_step
 
 
 def host_batches(step: Callable[[Array], Any],
-                 images: data.AnomalyDataset | np.ndarray, batch_size: int,
-                 mesh: jax.sharding.Mesh, what: str = 'images'
-                 ) -> Iterator[Any]:
+                 images: data.AnomalyDataset | np.ndarray,
+                 batch_size: int,
+                 mesh: jax.sharding.Mesh,
+                 what: str = 'images') -> Iterator[Any]:
   """Yields ``step(batch)`` of each batch on the host, the padding cut.
 
   Batches are sharded over ``mesh``; a progress bar named ``what`` counts
@@ -205,8 +219,9 @@ def host_batches(step: Callable[[Array], Any],
   """
   sharding.check_batch_size(batch_size, mesh, 'config.eval.batch_size')
   tic, done = time.perf_counter(), 0
-  total = (images.num_examples if isinstance(images, data.AnomalyDataset)
-           else len(images))
+  total = (
+      images.num_examples
+      if isinstance(images, data.AnomalyDataset) else len(images))
   with progress(total, what) as bar:
     for batch, num_valid in data.eval_batches(images, batch_size):
       out = sharding.to_host(step(sharding.shard_global_batch(batch, mesh)))
@@ -225,14 +240,21 @@ def progress(total: int, what: str, unit: str = 'img') -> tqdm.tqdm:
   written to a file or a pipe keep their lines: there the log line after
   each pass gives the count and the time.
   """
-  return tqdm.tqdm(total=total, desc=what, unit=unit, file=sys.stderr,
-                   leave=False, mininterval=1.0,
-                   disable=None if sharding.is_primary_process() else True)
+  return tqdm.tqdm(
+      total=total,
+      desc=what,
+      unit=unit,
+      file=sys.stderr,
+      leave=False,
+      mininterval=1.0,
+      disable=None if sharding.is_primary_process() else True)
 
 
 def predict(step: Callable[[Array], Any],
-            images: data.AnomalyDataset | np.ndarray, batch_size: int,
-            mesh: jax.sharding.Mesh, what: str = 'images') -> Any:
+            images: data.AnomalyDataset | np.ndarray,
+            batch_size: int,
+            mesh: jax.sharding.Mesh,
+            what: str = 'images') -> Any:
   """``host_batches`` concatenated: host arrays with N rows each, in the
   structure of ``step``'s outputs."""
   batches = list(host_batches(step, images, batch_size, mesh, what))

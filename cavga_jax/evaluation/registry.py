@@ -45,11 +45,11 @@ from cavga_jax.maps import fitted_map
 from cavga_jax.models import attention as attention_lib
 
 # What a map reads from the forward pass.
-ATTENTION = 'attention'            # Grad-CAM (second-order graph, slow)
-UNIT_MAPS = 'unit_maps'            # Liu et al.'s per-unit maps (with Grad-CAM)
-CLASSIFIER = 'classifier'          # CAVGA_w's class maps (with Grad-CAM)
+ATTENTION = 'attention'  # Grad-CAM (second-order graph, slow)
+UNIT_MAPS = 'unit_maps'  # Liu et al.'s per-unit maps (with Grad-CAM)
+CLASSIFIER = 'classifier'  # CAVGA_w's class maps (with Grad-CAM)
 RECONSTRUCTION = 'reconstruction'  # the decoder
-ENCODER = 'encoder'                # encoder stages (the feature maps)
+ENCODER = 'encoder'  # encoder stages (the feature maps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +74,14 @@ class MapSpec:
 
 def fitted_spec(unit: fitted_map.FittedMap) -> MapSpec:
   """The ``MapSpec`` of a fitted map."""
-  return MapSpec(unit.name, 'fitted', unit.bounded,
-                 frozenset({ENCODER}) if unit.stages else frozenset(),
-                 unit.parts, unit.image_score, fitted=unit)
+  return MapSpec(
+      unit.name,
+      'fitted',
+      unit.bounded,
+      frozenset({ENCODER}) if unit.stages else frozenset(),
+      unit.parts,
+      unit.image_score,
+      fitted=unit)
 
 
 def _builtin() -> list[MapSpec]:
@@ -85,8 +90,8 @@ def _builtin() -> list[MapSpec]:
       ('attention_liu', anomaly_maps.attention_liu_map, True,
        {ATTENTION, UNIT_MAPS}),
       ('residual', anomaly_maps.residual_map, False, {RECONSTRUCTION}),
-      ('residual_ssim', anomaly_maps.residual_ssim_map, False,
-       {RECONSTRUCTION}),
+      ('residual_ssim', anomaly_maps.residual_ssim_map, False, {RECONSTRUCTION
+                                                               }),
       ('residual_ssim_smooth', anomaly_maps.residual_ssim_smooth_map, False,
        {RECONSTRUCTION}),
       ('residual_x_ssim', anomaly_maps.residual_x_ssim_map, False,
@@ -94,19 +99,31 @@ def _builtin() -> list[MapSpec]:
       ('attention_x_residual', anomaly_maps.attention_x_residual_map, False,
        {ATTENTION, RECONSTRUCTION}),
   ]
-  specs = [MapSpec(name, 'batch', bounded, frozenset(needs), function=fn)
-           for name, fn, bounded, needs in batch]
+  specs = [
+      MapSpec(name, 'batch', bounded, frozenset(needs), function=fn)
+      for name, fn, bounded, needs in batch
+  ]
   # CAVGA_w's class maps, ``weak_<name>``; its 'latent' map is ``attention``.
-  specs += [MapSpec(f'weak_{name}', 'batch', True,
-                    frozenset({ATTENTION, CLASSIFIER}),
-                    function=anomaly_maps.weak_map(name))
-            for name in attention_lib.WEAK_MAPS if name != 'latent']
-  specs += [fitted_spec(unit) for unit in (
-      *calibration.MAPS, feature_gaussian.MAP, feature_gaussian.SHRUNK_MAP,
-      feature_knn.MAP, detector.MAP)]
-  specs += [MapSpec(name, 'combined', False, parts=parts,
-                    rule=combined_maps.RULES[name])
-            for name, parts in combined_maps.COMBINATIONS.items()]
+  specs += [
+      MapSpec(
+          f'weak_{name}',
+          'batch',
+          True,
+          frozenset({ATTENTION, CLASSIFIER}),
+          function=anomaly_maps.weak_map(name))
+      for name in attention_lib.WEAK_MAPS
+      if name != 'latent'
+  ]
+  specs += [
+      fitted_spec(unit)
+      for unit in (*calibration.MAPS, feature_gaussian.MAP,
+                   feature_gaussian.SHRUNK_MAP, feature_knn.MAP, detector.MAP)
+  ]
+  specs += [
+      MapSpec(
+          name, 'combined', False, parts=parts, rule=combined_maps.RULES[name])
+      for name, parts in combined_maps.COMBINATIONS.items()
+  ]
   specs += [MapSpec(name, 'prior', True) for name in anomaly_maps.PRIORS]
   return specs
 
@@ -148,8 +165,8 @@ def unregister(name: str) -> None:
 
 def names(*kinds: str) -> tuple[str, ...]:
   """The registered maps of ``kinds`` (all kinds when none), in order."""
-  return tuple(name for name, s in _MAPS.items()
-               if not kinds or s.kind in kinds)
+  return tuple(
+      name for name, s in _MAPS.items() if not kinds or s.kind in kinds)
 
 
 def headline_names() -> tuple[str, ...]:
@@ -194,9 +211,11 @@ def batch_maps(map_names) -> tuple[str, ...]:
 def batch_functions(with_classifier: bool) -> dict[str, anomaly_maps.MapFn]:
   """Every batch map a generator supports: name -> function (CAVGA_w's
   class maps only ``with_classifier``)."""
-  return {name: s.function for name, s in _MAPS.items()
-          if s.kind == 'batch'
-          and (with_classifier or CLASSIFIER not in s.needs)}
+  return {
+      name: s.function
+      for name, s in _MAPS.items()
+      if s.kind == 'batch' and (with_classifier or CLASSIFIER not in s.needs)
+  }
 
 
 def combinations() -> dict[str, tuple[str, ...]]:
@@ -206,5 +225,7 @@ def combinations() -> dict[str, tuple[str, ...]]:
 
 def image_scores(maps: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """name -> (B,) image score of each (B, S, S) map (``MapSpec.image_score``)."""
-  return {name: spec(name).image_score(jnp.asarray(values))
-          for name, values in maps.items()}
+  return {
+      name: spec(name).image_score(jnp.asarray(values))
+      for name, values in maps.items()
+  }

@@ -81,10 +81,14 @@ def map_rows(metrics: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
   maps = dict(metrics.get('maps') or {})
   headline = metrics.get('map')
   if headline is not None and headline not in maps:
-    maps[headline] = {k: v for k, v in metrics.items() if _real(v) is not None
-                      and k not in ('checkpoint_step', 'num_test_images')}
-  names = ([headline] if headline in maps else []) + [
-      name for name in maps if name != headline]
+    maps[headline] = {
+        k: v
+        for k, v in metrics.items()
+        if _real(v) is not None and k not in ('checkpoint_step',
+                                              'num_test_images')
+    }
+  names = ([headline] if headline in maps else
+           []) + [name for name in maps if name != headline]
   return [(name, dict(maps[name])) for name in names]
 
 
@@ -96,15 +100,17 @@ def _metrics_table(metrics: Mapping[str, Any]) -> str:
   head = ''.join(f'<th>{html.escape(c)}</th>' for c in columns)
   if compare:
     head += f'<th>pixel_auroc vs {BASELINE}</th>'
-  lines = [f'<table id="metrics"><thead><tr><th>map</th>{head}</tr></thead>',
-           '<tbody>']
+  lines = [
+      f'<table id="metrics"><thead><tr><th>map</th>{head}</tr></thead>',
+      '<tbody>'
+  ]
   for name, values in rows:
     cells = ''.join(f'<td>{_number(values.get(c))}</td>' for c in columns)
     if compare:
       auroc = _real(values.get('pixel_auroc'))
       diff = None if auroc is None else auroc - baseline
-      kind = ('' if not diff else ' class="better"' if diff > 0
-              else ' class="worse"')
+      kind = ('' if not diff else
+              ' class="better"' if diff > 0 else ' class="worse"')
       cells += f'<td{kind}>{_number(diff, signed=True)}</td>'
     headline = ' class="headline"' if name == metrics.get('map') else ''
     lines.append(f'<tr{headline}><td>{html.escape(name)}</td>{cells}</tr>')
@@ -122,8 +128,9 @@ def _summary(metrics: Mapping[str, Any]) -> str:
   for key, value in items:
     if value is None:
       continue
-    text = (_number(value) if isinstance(value, numbers.Real)
-            and not isinstance(value, numbers.Integral) else str(value))
+    text = (
+        _number(value) if isinstance(value, numbers.Real)
+        and not isinstance(value, numbers.Integral) else str(value))
     lines.append(f'<dt>{html.escape(key)}</dt><dd>{html.escape(text)}</dd>')
   return '<dl class="summary">' + ''.join(lines) + '</dl>' if lines else ''
 
@@ -143,15 +150,18 @@ def _label_text(label: Any) -> str:
 def _figure(rank: int, row: Mapping[str, Any]) -> str:
   """One test image: its picture and a caption (rank, score, truth, file)."""
   defect = str(row.get('defect_type', ''))
-  parts = [f'#{rank}', f'score {_number(row.get("score"))}',
-           f'defect type: {defect}', f'label: {_label_text(row.get("label"))}']
+  parts = [
+      f'#{rank}', f'score {_number(row.get("score"))}',
+      f'defect type: {defect}', f'label: {_label_text(row.get("label"))}'
+  ]
   decision = row.get('decision')
   if decision is not None:
     parts.append('decision: ' + ('anomalous' if decision else 'normal'))
   parts.append(str(row.get('path', '')))
   # A decision that disagrees with the label gets a red frame.
-  wrong = (decision is not None and row.get('label') is not None
-           and bool(decision) != bool(int(row['label'])))
+  wrong = (
+      decision is not None and row.get('label') is not None
+      and bool(decision) != bool(int(row['label'])))
   alt = html.escape(f'{row.get("path", "")} ({defect})')
   image = (f'<img src="{_src(row["image"])}" alt="{alt}" loading="lazy">'
            if row.get('image') else '')
@@ -164,19 +174,24 @@ def _figure(rank: int, row: Mapping[str, Any]) -> str:
 def _gallery(rows: Sequence[Mapping[str, Any]]) -> str:
   ordered = sorted(rows, key=_sort_key)  # stable: ties keep their order
   defects = sorted({str(r.get('defect_type', '')) for r in rows})
-  counts = {d: sum(str(r.get('defect_type', '')) == d for r in rows)
-            for d in defects}
+  counts = {
+      d: sum(str(r.get('defect_type', '')) == d for r in rows) for d in defects
+  }
   options = [f'<option value="">all ({len(rows)})</option>'] + [
       f'<option value="{html.escape(d)}">{html.escape(d)} ({counts[d]})'
-      '</option>' for d in defects]
-  return '\n'.join(
-      ['<label for="defect-filter">defect type</label> '
-       '<select id="defect-filter">', *options, '</select>',
-       '<div class="gallery">',
-       *(_figure(i + 1, r) for i, r in enumerate(ordered)), '</div>'])
+      '</option>' for d in defects
+  ]
+  return '\n'.join([
+      '<label for="defect-filter">defect type</label> '
+      '<select id="defect-filter">', *options, '</select>',
+      '<div class="gallery">',
+      *(_figure(i + 1, r) for i, r in enumerate(ordered)), '</div>'
+  ])
 
 
-def write_report(path: str, metrics: dict, rows: Sequence[Mapping[str, Any]],
+def write_report(path: str,
+                 metrics: dict,
+                 rows: Sequence[Mapping[str, Any]],
                  curve_image: str | None = None,
                  title: str = 'cavga_jax evaluation') -> None:
   """Writes the evaluation as one static HTML page at ``path``.
@@ -197,14 +212,20 @@ def write_report(path: str, metrics: dict, rows: Sequence[Mapping[str, Any]],
   parts = [
       '<!DOCTYPE html>', '<html lang="en"><head><meta charset="utf-8">',
       f'<title>{html.escape(title)}</title><style>{_CSS}</style></head>',
-      f'<body><h1>{html.escape(title)}</h1>', _summary(metrics),
-      '<h2>Metrics per map</h2>', _metrics_table(metrics)]
+      f'<body><h1>{html.escape(title)}</h1>',
+      _summary(metrics), '<h2>Metrics per map</h2>',
+      _metrics_table(metrics)
+  ]
   if curve_image:
-    parts += ['<h2>Learning curves</h2>',
-              f'<img id="curve" src="{_src(curve_image)}" '
-              'alt="learning curves" style="max-width: 100%">']
-  parts += [f'<h2>Test images by score ({len(rows)})</h2>', _gallery(rows),
-            f'<script>{_JS}</script>', '</body></html>']
+    parts += [
+        '<h2>Learning curves</h2>',
+        f'<img id="curve" src="{_src(curve_image)}" '
+        'alt="learning curves" style="max-width: 100%">'
+    ]
+  parts += [
+      f'<h2>Test images by score ({len(rows)})</h2>',
+      _gallery(rows), f'<script>{_JS}</script>', '</body></html>'
+  ]
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, 'w', encoding='utf-8') as f:
     f.write('\n'.join(parts) + '\n')

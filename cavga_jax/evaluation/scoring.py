@@ -28,8 +28,9 @@ from cavga_jax.metrics import image_metrics
 from cavga_jax.metrics import pixel_metrics
 
 
-def held_out_thresholds(held_out: dict[str, Any], quantile: float
-                        ) -> dict[str, tuple[float, float, float]]:
+def held_out_thresholds(
+    held_out: dict[str, Any],
+    quantile: float) -> dict[str, tuple[float, float, float]]:
   """Per map (pixel threshold, image threshold, median pixel) on held-out images.
 
   The thresholds are the ``quantile`` of the map's values over all pixels
@@ -38,10 +39,12 @@ def held_out_thresholds(held_out: dict[str, Any], quantile: float
   0.1 % of normal pixels), unlike the paper's IoU at 0.5 after min-max over
   the test set. The median is where pictures start the colour scale.
   """
-  return {name: (float(np.quantile(values, quantile)),
-                 float(np.quantile(held_out['map_scores'][name], quantile)),
-                 float(np.median(values)))
-          for name, values in held_out['maps'].items()}
+  return {
+      name: (float(np.quantile(values, quantile)),
+             float(np.quantile(held_out['map_scores'][name],
+                               quantile)), float(np.median(values))
+            ) for name, values in held_out['maps'].items()
+  }
 
 
 def prior_maps(maps: dict[str, np.ndarray], headline: str,
@@ -58,17 +61,23 @@ def prior_maps(maps: dict[str, np.ndarray], headline: str,
     name -> (N, S, S) float32 (a broadcast view).
   """
   values = maps[headline]
-  subsets = {anomaly_maps.PRIOR: values,
-             anomaly_maps.PRIOR_NORMAL: values[labels == 0]}
-  return {name: np.broadcast_to(
-      subset.mean(axis=0, dtype=np.float64).astype(np.float32), values.shape)
-          for name, subset in subsets.items() if len(subset)}
+  subsets = {
+      anomaly_maps.PRIOR: values, anomaly_maps.PRIOR_NORMAL: values[labels == 0]
+  }
+  return {
+      name:
+          np.broadcast_to(
+              subset.mean(axis=0, dtype=np.float64).astype(np.float32),
+              values.shape) for name, subset in subsets.items() if len(subset)
+  }
 
 
-def map_metrics(anomaly_map: np.ndarray, image_scores: np.ndarray,
-                dataset: data.AnomalyDataset, unbounded: bool,
-                thresholds: tuple[float, ...] | None = None
-                ) -> dict[str, float]:
+def map_metrics(
+    anomaly_map: np.ndarray,
+    image_scores: np.ndarray,
+    dataset: data.AnomalyDataset,
+    unbounded: bool,
+    thresholds: tuple[float, ...] | None = None) -> dict[str, float]:
   """Pixel metrics of one map and the detection metrics of its image score.
 
   ``unbounded`` maps are min-max normalised over the test set first (only
@@ -82,8 +91,9 @@ def map_metrics(anomaly_map: np.ndarray, image_scores: np.ndarray,
   if thresholds is not None:
     pixel_threshold, image_threshold = thresholds[:2]
     result = dict(
-        iou_held_out=pixel_metrics.iou_at_threshold(
-            anomaly_map, dataset.masks, dataset.labels, pixel_threshold),
+        iou_held_out=pixel_metrics.iou_at_threshold(anomaly_map, dataset.masks,
+                                                    dataset.labels,
+                                                    pixel_threshold),
         detection_accuracy_held_out=image_metrics.accuracy_at_threshold(
             image_scores, dataset.labels, image_threshold),
         threshold_held_out=pixel_threshold,
@@ -91,8 +101,9 @@ def map_metrics(anomaly_map: np.ndarray, image_scores: np.ndarray,
   if unbounded:
     low, high = float(anomaly_map.min()), float(anomaly_map.max())
     anomaly_map = (anomaly_map - low) / max(high - low, 1e-12)
-  result.update(pixel_metrics.localization_metrics(anomaly_map, dataset.masks,
-                                             dataset.labels))
+  result.update(
+      pixel_metrics.localization_metrics(anomaly_map, dataset.masks,
+                                         dataset.labels))
   result.update(image_metrics.detection_metrics(image_scores, dataset.labels))
   return result
 
@@ -102,11 +113,11 @@ def map_metrics(anomaly_map: np.ndarray, image_scores: np.ndarray,
 RECONSTRUCTION_SUFFIX = '_reconstruction'
 
 
-def compute_metrics(predictions: dict[str, Any],
-                    dataset: data.AnomalyDataset,
-                    headline: str = 'attention',
-                    thresholds: dict[str, tuple[float, ...]] | None = None
-                    ) -> dict[str, Any]:
+def compute_metrics(
+    predictions: dict[str, Any],
+    dataset: data.AnomalyDataset,
+    headline: str = 'attention',
+    thresholds: dict[str, tuple[float, ...]] | None = None) -> dict[str, Any]:
   """``metrics.json`` of one test set (module docstring).
 
   ``predictions`` has 'maps' and 'map_scores' (name -> (N, S, S) / (N,)),
@@ -127,23 +138,26 @@ def compute_metrics(predictions: dict[str, Any],
     scores[name] = np.zeros(len(values), np.float32)
   headline_bounded = registry.spec(headline).bounded
   per_map = {
-      name: map_metrics(
-          maps[name], scores[name], dataset,
-          not registry.spec(name).bounded
-          or (registry.spec(name).kind == 'prior' and not headline_bounded),
-          (thresholds or {}).get(name))
-      for name in maps}
-  result = dict(num_test_images=dataset.num_examples,
-                num_anomalous_images=int(dataset.labels.sum()), map=headline)
+      name:
+          map_metrics(
+              maps[name], scores[name], dataset, not registry.spec(name).bounded
+              or (registry.spec(name).kind == 'prior' and not headline_bounded),
+              (thresholds or {}).get(name)) for name in maps
+  }
+  result = dict(
+      num_test_images=dataset.num_examples,
+      num_anomalous_images=int(dataset.labels.sum()),
+      map=headline)
   result.update(per_map[headline])
-  result.update({k + RECONSTRUCTION_SUFFIX: v for k, v in
-                 image_metrics.detection_metrics(predictions['score'],
-                                                 dataset.labels).items()})
+  result.update({
+      k + RECONSTRUCTION_SUFFIX: v for k, v in image_metrics.detection_metrics(
+          predictions['score'], dataset.labels).items()
+  })
   result['maps'] = per_map
   if 'p_anomalous' in predictions:
     p_anomalous = predictions['p_anomalous']
     result['image_auroc_classifier'] = image_metrics.detection_metrics(
         p_anomalous, dataset.labels)['image_auroc']
-    result['classifier_accuracy_argmax'] = float(np.mean(
-        (p_anomalous > 0.5) == (dataset.labels == 1)))
+    result['classifier_accuracy_argmax'] = float(
+        np.mean((p_anomalous > 0.5) == (dataset.labels == 1)))
   return result

@@ -47,12 +47,15 @@ CONFIG_FILE = 'config.json'
 # size, panels and the headline, which only picks among fitted maps).
 FIT_FIELDS = ('calibrate', 'residual_sigma', 'ssim_window', 'feature_stages',
               'feature_dims', 'feature_grid_divisor', 'feature_shrinkage',
-              'feature_weights',
-              'knn_stages', 'knn_grid_divisor', 'knn_bank_size',
-              'threshold_holdout', 'threshold_quantile')
+              'feature_weights', 'knn_stages', 'knn_grid_divisor',
+              'knn_bank_size', 'threshold_holdout', 'threshold_quantile')
 # fit_key's fields and their JSON types (a fit.json without them is not one).
-_KEY_TYPES = dict(step=int, variables_sha256=str, image_size=int,
-                  num_normal_images=int, eval=dict)
+_KEY_TYPES = dict(
+    step=int,
+    variables_sha256=str,
+    image_size=int,
+    num_normal_images=int,
+    eval=dict)
 
 
 class FitError(CavgaError):
@@ -72,8 +75,9 @@ class FitError(CavgaError):
 def fitted_dir(workdir: str, step: int, untrained: bool = False) -> str:
   """Where the maps fitted for checkpoint ``step`` (or the untrained
   networks) live."""
-  return os.path.join(os.path.abspath(workdir), FITTED_DIR,
-                      'untrained' if untrained else f'step_{step}')
+  return os.path.join(
+      os.path.abspath(workdir), FITTED_DIR,
+      'untrained' if untrained else f'step_{step}')
 
 
 def tree_sha256(tree: Any) -> str:
@@ -96,8 +100,11 @@ def tree_sha256(tree: Any) -> str:
 DETECTOR_FIELDS = ('aggregate', 'hidden')
 
 
-def fit_key(eval_settings: Any, step: int, state: Any,
-            image_size: int, num_normal: int,
+def fit_key(eval_settings: Any,
+            step: int,
+            state: Any,
+            image_size: int,
+            num_normal: int,
             trained: dict[str, Any] | None = None,
             detector_settings: Any = None) -> dict[str, Any]:
   """The JSON-able identity of a fit (module docstring).
@@ -113,18 +120,23 @@ def fit_key(eval_settings: Any, step: int, state: Any,
   for name in FIT_FIELDS:
     value = getattr(eval_settings, name)
     fields[name] = list(value) if isinstance(value, tuple) else value
-  key = dict(step=int(step),
-             variables_sha256=tree_sha256(state.generator_variables()),
-             image_size=int(image_size), num_normal_images=int(num_normal),
-             eval=fields,
-             detector={name: int(getattr(detector_settings, name))
-                       for name in DETECTOR_FIELDS})
+  key = dict(
+      step=int(step),
+      variables_sha256=tree_sha256(state.generator_variables()),
+      image_size=int(image_size),
+      num_normal_images=int(num_normal),
+      eval=fields,
+      detector={
+          name: int(getattr(detector_settings, name)) for name in DETECTOR_FIELDS
+      })
   if trained:
     key['trained_sha256'] = tree_sha256(trained)
   return key
 
 
-def save(directory: str, fitted: FittedMaps, key: dict[str, Any],
+def save(directory: str,
+         fitted: FittedMaps,
+         key: dict[str, Any],
          config_json: str | None = None) -> None:
   """Writes ``fitted`` and its key under ``directory`` (replacing both).
 
@@ -153,13 +165,16 @@ def save(directory: str, fitted: FittedMaps, key: dict[str, Any],
       with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
         f.write(config_json)
     with open(key_path, 'w') as f:
-      json.dump(dict(key=key, state_sha256=tree_sha256(tree)), f, indent=2,
-                sort_keys=True)
+      json.dump(
+          dict(key=key, state_sha256=tree_sha256(tree)),
+          f,
+          indent=2,
+          sort_keys=True)
   logging.info('saved the fitted maps to %s', directory)
 
 
-def load(directory: str, key: dict[str, Any] | None = None
-         ) -> FittedMaps | None:
+def load(directory: str,
+         key: dict[str, Any] | None = None) -> FittedMaps | None:
   """The fitted maps under ``directory`` if their key equals ``key``.
 
   ``key`` None loads whatever is there (``predict.py``). Returns None when
@@ -174,8 +189,8 @@ def load(directory: str, key: dict[str, Any] | None = None
     return None
   changed = differing_fields(record['key'], key) if key is not None else []
   if changed:
-    logging.info('refitting the maps: %s changed since %s',
-                 ', '.join(changed), directory)
+    logging.info('refitting the maps: %s changed since %s', ', '.join(changed),
+                 directory)
     return None
   state_path = os.path.join(directory, 'state')
   try:
@@ -198,15 +213,14 @@ def load(directory: str, key: dict[str, Any] | None = None
   return fitted
 
 
-def differing_fields(saved: dict[str, Any], key: dict[str, Any]
-                     ) -> list[str]:
+def differing_fields(saved: dict[str, Any], key: dict[str, Any]) -> list[str]:
   """The fields (``eval.<name>``, ``detector.<name>`` for the config's)
   where two keys differ."""
   saved, key = json.loads(json.dumps(saved)), json.loads(json.dumps(key))
   sections = ('eval', 'detector')
-  flat = lambda k: {f'{s}.{n}': v for s in sections
-                    for n, v in k.get(s, {}).items()} | {
-                        n: v for n, v in k.items() if n not in sections}
+  flat = lambda k: {
+      f'{s}.{n}': v for s in sections for n, v in k.get(s, {}).items()
+  } | {n: v for n, v in k.items() if n not in sections}
   saved, key = flat(saved), flat(key)
   return sorted(n for n in set(saved) | set(key) if saved.get(n) != key.get(n))
 
@@ -231,8 +245,8 @@ def _record(directory: str) -> dict[str, Any] | None:
   except CavgaError as e:
     raise FitError(str(e)) from None
   key = record.get('key')
-  if (not isinstance(key, dict) or not isinstance(
-      record.get('state_sha256'), str) or any(
+  if (not isinstance(key, dict)
+      or not isinstance(record.get('state_sha256'), str) or any(
           type(key.get(name)) is not kind  # pylint: disable=unidiomatic-typecheck
           for name, kind in _KEY_TYPES.items())):
     raise FitError(f'{path}: not a fit.json of this version (it needs a key '

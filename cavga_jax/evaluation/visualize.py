@@ -93,8 +93,9 @@ def contour(mask: np.ndarray) -> np.ndarray:
   return mask & ~inside
 
 
-def resize(array: np.ndarray, shape: Sequence[int],
-            resample: int = Image.BILINEAR) -> np.ndarray:
+def resize(array: np.ndarray,
+           shape: Sequence[int],
+           resample: int = Image.BILINEAR) -> np.ndarray:
   """(h, w[, 3]) uint8, float or bool -> (H, W[, 3]); bool masks nearest."""
   if array.shape[:2] == tuple(shape[:2]):
     return array
@@ -104,7 +105,9 @@ def resize(array: np.ndarray, shape: Sequence[int],
   return np.asarray(Image.fromarray(array).resize(shape[1::-1], resample))
 
 
-def _blend(image: np.ndarray, unit: np.ndarray, alpha: float,
+def _blend(image: np.ndarray,
+           unit: np.ndarray,
+           alpha: float,
            rows: int = 256) -> np.ndarray:
   """(H, W, 3) uint8 and (H, W) values in [0, 1] -> (H, W, 3) uint8.
 
@@ -120,7 +123,9 @@ def _blend(image: np.ndarray, unit: np.ndarray, alpha: float,
   return out
 
 
-def colour_bar(height: int, low: float, high: float,
+def colour_bar(height: int,
+               low: float,
+               high: float,
                threshold: float | None = None,
                size: int | None = None) -> np.ndarray:
   """(height, W, 3) uint8: jet from ``low`` (bottom) to ``high`` (top), the
@@ -133,8 +138,10 @@ def colour_bar(height: int, low: float, high: float,
   marks = [(high, f'{high:.3g}'), (low, f'{low:.3g}')]
   if threshold is not None:
     marks.append((threshold, f'thr {threshold:.3g}'))
-  ys = [int(round(top + np.clip((high - v) / span, 0, 1) * (bottom - top)))
-        for v, _ in marks]
+  ys = [
+      int(round(top + np.clip((high - v) / span, 0, 1) * (bottom - top)))
+      for v, _ in marks
+  ]
   width = x0 + bar + 9 + max(_right(text, font) for _, text in marks)
   canvas = Image.new('RGB', (width, height), 'white')
   ramp = jet(np.linspace(1.0, 0.0, bottom - top + 1))[:, None, :]
@@ -146,13 +153,16 @@ def colour_bar(height: int, low: float, high: float,
       draw.line((x0, y, x0 + bar - 1, y), fill='white', width=2)
     draw.line((x0 + bar, y, x0 + bar + 3, y), fill='black')
     text_y = y if i < 2 else int(np.clip(y, top + line, bottom - line))
-    draw.text((x0 + bar + 5, text_y - line // 2), text, fill='black',
-              font=font)
+    draw.text((x0 + bar + 5, text_y - line // 2), text, fill='black', font=font)
   return np.asarray(canvas)
 
 
-def overlay(image: np.ndarray, values: np.ndarray, low: float, high: float,
-            threshold: float | None = None, alpha: float = 0.5,
+def overlay(image: np.ndarray,
+            values: np.ndarray,
+            low: float,
+            high: float,
+            threshold: float | None = None,
+            alpha: float = 0.5,
             min_size: int = 128) -> np.ndarray:
   """One map over its image, its threshold contour and a colour bar.
 
@@ -178,25 +188,28 @@ def overlay(image: np.ndarray, values: np.ndarray, low: float, high: float,
     mask = values > threshold
     thick = min(out.shape[:2]) >= 512  # the outer ring too: 2 px when big
     out[contour(mask) | (thick & contour(~mask))] = 255
-  return np.concatenate([out, colour_bar(out.shape[0], low, high, threshold)],
-                        axis=1)
+  return np.concatenate(
+      [out, colour_bar(out.shape[0], low, high, threshold)], axis=1)
 
 
-def _grid(tiles: Sequence[tuple[str, np.ndarray]], columns: int, title: str,
+def _grid(tiles: Sequence[tuple[str, np.ndarray]],
+          columns: int,
+          title: str,
           bar: np.ndarray | None = None) -> np.ndarray:
   """(name, (h, w, 3) uint8) tiles, names fitted above them -> (H, W, 3)."""
   columns = max(1, min(columns, len(tiles)))
   rows = [tiles[i:i + columns] for i in range(0, len(tiles), columns)]
   size = _font_size(max(t.shape[0] for _, t in tiles))
   label = _line_height(_font(size))
-  widths = [max(t.shape[1] for _, t in tiles[c::columns])
-            for c in range(columns)]
+  widths = [
+      max(t.shape[1] for _, t in tiles[c::columns]) for c in range(columns)
+  ]
   heights = [label + max(t.shape[0] for _, t in row) for row in rows]
   head = _line_height(_font(size + 2)) if title else 0
   lefts = np.cumsum([0] + [w + _GAP for w in widths])
   width = int(lefts[-1]) - _GAP + (bar.shape[1] if bar is not None else 0)
-  canvas = Image.new('RGB', (width, head + sum(heights)
-                             + _GAP * (len(rows) - 1)), 'white')
+  canvas = Image.new('RGB', (width, head + sum(heights) + _GAP *
+                             (len(rows) - 1)), 'white')
   draw = ImageDraw.Draw(canvas)
   if title:
     text, font = fit_label(title, width - 4, size + 2)
@@ -213,10 +226,15 @@ def _grid(tiles: Sequence[tuple[str, np.ndarray]], columns: int, title: str,
   return np.asarray(canvas)
 
 
-def headline_panel(image: np.ndarray, reconstruction: np.ndarray,
-                   values: np.ndarray, low: float, high: float,
-                   threshold: float, ground_truth: np.ndarray | None = None,
-                   title: str = '', map_name: str = 'anomaly map',
+def headline_panel(image: np.ndarray,
+                   reconstruction: np.ndarray,
+                   values: np.ndarray,
+                   low: float,
+                   high: float,
+                   threshold: float,
+                   ground_truth: np.ndarray | None = None,
+                   title: str = '',
+                   map_name: str = 'anomaly map',
                    min_tile: int = 128) -> np.ndarray:
   """One labelled row: image | reconstruction | map | prediction | truth.
 
@@ -241,10 +259,8 @@ def headline_panel(image: np.ndarray, reconstruction: np.ndarray,
   values = resize(np.asarray(values, np.float32), shape)
   scale = scale_to(shape, min_tile)
   image, values = enlarge(image, scale), enlarge(values, scale)
-  tiles = [('image', image),
-           ('reconstruction', enlarge(reconstruction, scale)),
-           (map_name, overlay(image, values, low, high, threshold,
-                              min_size=1)),
+  tiles = [('image', image), ('reconstruction', enlarge(reconstruction, scale)),
+           (map_name, overlay(image, values, low, high, threshold, min_size=1)),
            ('prediction', rgb((values > threshold).astype(np.uint8) * 255))]
   if ground_truth is not None:
     truth = enlarge(resize(np.asarray(ground_truth, bool), shape), scale)
@@ -252,8 +268,11 @@ def headline_panel(image: np.ndarray, reconstruction: np.ndarray,
   return _grid(tiles, len(tiles), title)
 
 
-def map_grid(image: np.ndarray, maps: Mapping[str, np.ndarray],
-             columns: int = 4, title: str = '', alpha: float = 0.5,
+def map_grid(image: np.ndarray,
+             maps: Mapping[str, np.ndarray],
+             columns: int = 4,
+             title: str = '',
+             alpha: float = 0.5,
              min_tile: int = 128) -> np.ndarray:
   """Every map over the image, its name above it, ``columns`` per row.
 
@@ -270,9 +289,12 @@ def map_grid(image: np.ndarray, maps: Mapping[str, np.ndarray],
   image = rgb(np.asarray(image))
   scale = scale_to(image.shape, min_tile)
   big = enlarge(image, scale)
-  tiles = [(name, _blend(big, enlarge(resize(
-      np.asarray(m, np.float32), image.shape), scale), alpha))
-           for name, m in maps.items()]
+  tiles = [
+      (name,
+       _blend(big,
+              enlarge(resize(np.asarray(m, np.float32), image.shape),
+                      scale), alpha)) for name, m in maps.items()
+  ]
   if not tiles:
     return big
   return _grid(tiles, columns, title, colour_bar(big.shape[0], 0.0, 1.0))

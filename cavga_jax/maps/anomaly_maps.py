@@ -86,7 +86,7 @@ def _image_size(outputs: dict[str, Array]) -> int:
 def _gaussian_taps(sigma: float, size: int) -> np.ndarray:
   """(size,) normalised 1-D Gaussian of ``sigma`` px centred in ``size`` taps."""
   offsets = np.arange(size, dtype=np.float64) - size // 2
-  taps = np.exp(-offsets ** 2 / (2.0 * sigma ** 2))
+  taps = np.exp(-offsets**2 / (2.0 * sigma**2))
   return (taps / taps.sum()).astype(np.float32)
 
 
@@ -99,8 +99,9 @@ def _filter_valid(z: Array, taps: np.ndarray, axis: int) -> Array:
   filters ran in every evaluation step.
   """
   size = z.shape[axis] - len(taps) + 1
-  return sum(float(w) * jax.lax.slice_in_dim(z, k, k + size, axis=axis)
-             for k, w in enumerate(taps))
+  return sum(
+      float(w) * jax.lax.slice_in_dim(z, k, k + size, axis=axis)
+      for k, w in enumerate(taps))
 
 
 def _blur_valid(z: Array, taps: np.ndarray, row_axis: int = 1) -> Array:
@@ -113,8 +114,8 @@ def gaussian_blur(maps: Array, sigma: float) -> Array:
   if sigma <= 0:
     return maps
   radius = max(1, math.ceil(3 * sigma))
-  padded = jnp.pad(maps, ((0, 0), (radius, radius), (radius, radius)),
-                   mode='reflect')
+  padded = jnp.pad(
+      maps, ((0, 0), (radius, radius), (radius, radius)), mode='reflect')
   return _blur_valid(padded, _gaussian_taps(sigma, 2 * radius + 1))
 
 
@@ -128,8 +129,7 @@ def upsample_and_blur(cells: Array, size: int, sigma: float) -> Array:
       jax.image.resize(cells, (cells.shape[0], size, size), 'bilinear'), sigma)
 
 
-def ssim_map(images: Array, reconstructions: Array, window: int = 11
-             ) -> Array:
+def ssim_map(images: Array, reconstructions: Array, window: int = 11) -> Array:
   """Local SSIM of (B, S, S, C) images in [-1, 1], mean over C: (B, S, S).
 
   Wang et al.'s SSIM with a Gaussian window (``window`` px, sigma 1.5) on
@@ -147,50 +147,49 @@ def ssim_map(images: Array, reconstructions: Array, window: int = 11
   taps = _gaussian_taps(SSIM_SIGMA, window)
   mu_a, mu_b, aa, bb, ab = jnp.moveaxis(
       _blur_valid(moments, taps, row_axis=2), 1, 0)
-  epsilon = jnp.finfo(jnp.float32).eps ** 2
+  epsilon = jnp.finfo(jnp.float32).eps**2
   var_a = jnp.maximum(epsilon, aa - mu_a * mu_a)
   var_b = jnp.maximum(epsilon, bb - mu_b * mu_b)
   cov = ab - mu_a * mu_b
   cov = jnp.sign(cov) * jnp.minimum(jnp.sqrt(var_a * var_b), jnp.abs(cov))
-  c1, c2 = 0.01 ** 2, 0.03 ** 2
-  local = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)
-           / ((mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2)))
+  c1, c2 = 0.01**2, 0.03**2
+  local = ((2 * mu_a * mu_b + c1) * (2 * cov + c2) /
+           ((mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2)))
   return jnp.mean(local, axis=-1)
 
 
 def attention_map(outputs: dict[str, Array], settings: MapSettings) -> Array:
   del settings
-  return attention.localization_map(outputs['attention'],
-                                    _image_size(outputs))
+  return attention.localization_map(outputs['attention'], _image_size(outputs))
 
 
-def attention_liu_map(outputs: dict[str, Array], settings: MapSettings
-                      ) -> Array:
+def attention_liu_map(outputs: dict[str, Array],
+                      settings: MapSettings) -> Array:
   del settings
   return attention.localization_map(outputs['attention_unit_mean'],
                                     _image_size(outputs))
 
 
 def residual_map(outputs: dict[str, Array], settings: MapSettings) -> Array:
-  error = jnp.mean(jnp.square(outputs['images'] - outputs['reconstruction']),
-                   axis=-1)
+  error = jnp.mean(
+      jnp.square(outputs['images'] - outputs['reconstruction']), axis=-1)
   return gaussian_blur(error, settings.residual_sigma)
 
 
-def residual_ssim_map(outputs: dict[str, Array], settings: MapSettings
-                      ) -> Array:
+def residual_ssim_map(outputs: dict[str, Array],
+                      settings: MapSettings) -> Array:
   return 1.0 - ssim_map(outputs['images'], outputs['reconstruction'],
                         settings.ssim_window)
 
 
 def residual_ssim_smooth_map(outputs: dict[str, Array],
                              settings: MapSettings) -> Array:
-  return gaussian_blur(residual_ssim_map(outputs, settings),
-                       settings.residual_sigma)
+  return gaussian_blur(
+      residual_ssim_map(outputs, settings), settings.residual_sigma)
 
 
-def residual_x_ssim_map(outputs: dict[str, Array], settings: MapSettings
-                       ) -> Array:
+def residual_x_ssim_map(outputs: dict[str, Array],
+                        settings: MapSettings) -> Array:
   return (residual_map(outputs, settings)
           * residual_ssim_smooth_map(outputs, settings))
 
@@ -202,10 +201,11 @@ def attention_x_residual_map(outputs: dict[str, Array],
 
 def weak_map(name: str) -> MapFn:
   """CAVGA_w's class map ``name`` of ``attention.WEAK_MAPS``."""
+
   def weak(outputs, settings):
     del settings
-    return attention.weak_localization_map(outputs, _image_size(outputs),
-                                           name)
+    return attention.weak_localization_map(outputs, _image_size(outputs), name)
+
   return weak
 
 
@@ -230,5 +230,7 @@ def max_score(anomaly_maps: Array) -> Array:
 def compute_maps(outputs: dict[str, Array], functions: dict[str, MapFn],
                  settings: MapSettings) -> dict[str, Array]:
   """Every map of ``functions``: name -> (B, S, S) float32."""
-  return {name: fn(outputs, settings).astype(jnp.float32)
-          for name, fn in functions.items()}
+  return {
+      name: fn(outputs, settings).astype(jnp.float32)
+      for name, fn in functions.items()
+  }

@@ -86,8 +86,8 @@ def calibrate(anomaly_maps: np.ndarray, mean: np.ndarray,
   return ((anomaly_maps - mean) / scale).astype(np.float32)
 
 
-def _finalize(moments: PixelMoments, settings, mesh, progress
-              ) -> dict[str, np.ndarray]:
+def _finalize(moments: PixelMoments, settings, mesh,
+              progress) -> dict[str, np.ndarray]:
   del settings, mesh, progress
   mean, scale = moments.statistics()
   return {'mean': mean, 'scale': scale}
@@ -103,8 +103,10 @@ def _calibrated(base: str) -> fitted_map.FittedMap:
   return fitted_map.FittedMap(
       name=base + SUFFIX,
       inputs=lambda context, settings, batch: batch['maps'][base],
-      init=lambda settings: PixelMoments(), finalize=_finalize,
-      apply=_apply, parts=(base,))
+      init=lambda settings: PixelMoments(),
+      finalize=_finalize,
+      apply=_apply,
+      parts=(base,))
 
 
 def _initial_ssim(context: fitted_map.Context, settings, batch):
@@ -115,7 +117,10 @@ def _initial_ssim(context: fitted_map.Context, settings, batch):
 
 
 INITIAL_SSIM = fitted_map.FittedMap(
-    name='initial_ssim_calibrated', inputs=_initial_ssim,
-    init=lambda settings: PixelMoments(), finalize=_finalize, apply=_apply,
+    name='initial_ssim_calibrated',
+    inputs=_initial_ssim,
+    init=lambda settings: PixelMoments(),
+    finalize=_finalize,
+    apply=_apply,
     decodes=True)
 MAPS = tuple(_calibrated(base) for base in BASES) + (INITIAL_SSIM,)

@@ -42,10 +42,10 @@ _FLOOR = 1e-12
 COMBINATIONS = {
     'combined_features': ('feature_gaussian', 'feature_knn'),
     'combined_knn_ssim': ('feature_knn', 'residual_ssim_smooth_calibrated'),
-    'combined_all': ('feature_gaussian', 'feature_knn',
-                     'residual_ssim_smooth_calibrated'),
-    'combined_robust': ('feature_gaussian_shrunk', 'feature_knn',
-                        'initial_ssim_calibrated'),
+    'combined_all':
+        ('feature_gaussian', 'feature_knn', 'residual_ssim_smooth_calibrated'),
+    'combined_robust':
+        ('feature_gaussian_shrunk', 'feature_knn', 'initial_ssim_calibrated'),
     # combined_robust and the trained detector (detector.py, issue 36
     # item 4), measured beside it.
     'combined_detector': ('feature_gaussian_shrunk', 'feature_knn',
@@ -62,8 +62,9 @@ RULES = {
 NAMES = tuple(COMBINATIONS)
 
 
-def normalisers(normal_maps: dict[str, np.ndarray]
-                ) -> dict[str, tuple[float, float, float, float]]:
+def normalisers(
+    normal_maps: dict[str, np.ndarray]
+) -> dict[str, tuple[float, float, float, float]]:
   """name -> (mean, std, median, tail) over all pixels of the normal images'
   maps (N, S, S); tail = the ``TAIL_QUANTILE`` quantile - median. The std
   and tail are floored above 0."""
@@ -97,12 +98,16 @@ def combine(maps: dict[str, np.ndarray],
   Returns:
     combination name -> (N, S, S) float32.
   """
-  return {name: combine_parts(maps, scales, parts, RULES[name])
-          for name, parts in COMBINATIONS.items()
-          if all(p in maps and p in scales for p in parts)}
+  return {
+      name: combine_parts(maps, scales, parts, RULES[name])
+      for name, parts in COMBINATIONS.items()
+      if all(p in maps and p in scales for p in parts)
+  }
 
 
-def combine_parts(maps, scales: dict[str, tuple[float, ...]], parts,
+def combine_parts(maps,
+                  scales: dict[str, tuple[float, ...]],
+                  parts,
                   rule: str = MEAN_Z) -> np.ndarray:
   """The mean of ``parts``' maps normalised by ``rule``, (N, S, S) float32.
 

@@ -63,7 +63,6 @@ NAME = 'feature_detector'
 # A standard deviation below this (a constant channel) divides by it.
 _STD_FLOOR = 1e-6
 
-
 # The training fields' defaults, written once (``config.detector``).
 _DEFAULTS = typed_config.DetectorSettings
 
@@ -124,15 +123,21 @@ class Discriminator(nn.Module):
   def __call__(self, adapted: Array, train: bool = False) -> Array:
     # No bias: BatchNorm removes it (its gradient is rounding noise, which
     # Adam would turn into steps of lr).
-    h = nn.Dense(self.hidden, use_bias=False,
-                 kernel_init=nn.initializers.xavier_normal(),
-                 name='hidden')(adapted)
-    h = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                     epsilon=1e-5, name='norm')(h)
+    h = nn.Dense(
+        self.hidden,
+        use_bias=False,
+        kernel_init=nn.initializers.xavier_normal(),
+        name='hidden')(
+            adapted)
+    h = nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, name='norm')(
+            h)
     h = nn.leaky_relu(h, 0.2)
-    return nn.Dense(1, use_bias=False,
-                    kernel_init=nn.initializers.xavier_normal(),
-                    name='tail')(h)[..., 0]
+    return nn.Dense(
+        1,
+        use_bias=False,
+        kernel_init=nn.initializers.xavier_normal(),
+        name='tail')(h)[..., 0]
 
 
 def init_variables(settings: DetectorSettings, dims: int) -> dict[str, Any]:
@@ -143,23 +148,25 @@ def init_variables(settings: DetectorSettings, dims: int) -> dict[str, Any]:
   # No bias: a shift of all cells is removed by the BatchNorm after the
   # first layer, so its gradient would be rounding noise (see there).
   adaptor = {'kernel': jnp.eye(dims, dtype=jnp.float32)}
-  return {'params': {'adaptor': adaptor,
-                     'discriminator': variables['params']},
-          'batch_stats': variables['batch_stats']}
+  return {
+      'params': {'adaptor': adaptor, 'discriminator': variables['params']},
+      'batch_stats': variables['batch_stats']
+  }
 
 
 def _adapt(params: Any, features: Array) -> Array:
   return features @ params['adaptor']['kernel']
 
 
-def _discriminate(params: Any, batch_stats: Any, adapted: Array,
-                  train: bool):
+def _discriminate(params: Any, batch_stats: Any, adapted: Array, train: bool):
   """The discriminator on adapted features; with ``train`` also the
   updated BatchNorm statistics."""
   hidden = params['discriminator']['hidden']['kernel'].shape[-1]
   return Discriminator(hidden).apply(
       {'params': params['discriminator'], 'batch_stats': batch_stats},
-      adapted, train, mutable=['batch_stats'] if train else False)
+      adapted,
+      train,
+      mutable=['batch_stats'] if train else False)
 
 
 def logits(variables: dict[str, Any], features: Array) -> Array:
@@ -182,8 +189,9 @@ def aggregate(features: Array, size: int) -> Array:
   window = (1, size, size, 1)
   total = jax.lax.reduce_window(features, 0.0, jax.lax.add, window,
                                 (1, 1, 1, 1), 'SAME')
-  count = jax.lax.reduce_window(jnp.ones_like(features[..., :1]), 0.0,
-                                jax.lax.add, window, (1, 1, 1, 1), 'SAME')
+  count = jax.lax.reduce_window(
+      jnp.ones_like(features[..., :1]), 0.0, jax.lax.add, window, (1, 1, 1, 1),
+      'SAME')
   return total / count
 
 
@@ -192,14 +200,18 @@ def aggregate(features: Array, size: int) -> Array:
 
 def make_optimizer(train: TrainSettings) -> optax.GradientTransformation:
   """SimpleNet's: AdamW for the adaptor, Adam with L2 for the rest."""
-  discriminator = optax.chain(optax.add_decayed_weights(train.weight_decay),
-                              optax.adam(train.learning_rate))
+  discriminator = optax.chain(
+      optax.add_decayed_weights(train.weight_decay),
+      optax.adam(train.learning_rate))
   adaptor = optax.adamw(train.adaptor_learning_rate, weight_decay=1e-2)
   return optax.multi_transform(
-      {'adaptor': adaptor, 'discriminator': discriminator},
-      lambda params: {k: jax.tree.map(
-          lambda _, k=k: 'adaptor' if k == 'adaptor' else 'discriminator', v)
-                      for k, v in params.items()})
+      {'adaptor': adaptor, 'discriminator': discriminator}, lambda params: {
+          k:
+              jax.tree.map(
+                  lambda _, k=k: 'adaptor'
+                  if k == 'adaptor' else 'discriminator',
+                  v) for k, v in params.items()
+      })
 
 
 @jax.tree_util.register_dataclass
@@ -219,8 +231,10 @@ class DetectorState:
 
   def map_state(self) -> dict[str, Any]:
     """The ``feature_detector`` map's state (what the fit saves)."""
-    return {'params': self.params, 'batch_stats': self.batch_stats,
-            'mean': self.mean, 'std': self.std}
+    return {
+        'params': self.params, 'batch_stats': self.batch_stats,
+        'mean': self.mean, 'std': self.std
+    }
 
 
 def create_state(settings: DetectorSettings, train: TrainSettings,
@@ -228,10 +242,12 @@ def create_state(settings: DetectorSettings, train: TrainSettings,
   variables = init_variables(settings, len(mean))
   params = variables['params']
   return DetectorState(
-      step=jnp.zeros((), jnp.int32), params=params,
+      step=jnp.zeros((), jnp.int32),
+      params=params,
       batch_stats=variables['batch_stats'],
       opt_state=make_optimizer(train).init(params),
-      mean=jnp.asarray(mean, jnp.float32), std=jnp.asarray(std, jnp.float32))
+      mean=jnp.asarray(mean, jnp.float32),
+      std=jnp.asarray(std, jnp.float32))
 
 
 def loss_fn(params: Any, batch_stats: Any, features: Array, noise: Array,
@@ -241,11 +257,13 @@ def loss_fn(params: Any, batch_stats: Any, features: Array, noise: Array,
   both = jnp.concatenate([adapted, adapted + noise])
   scores, updates = _discriminate(params, batch_stats, both, True)
   true, fake = jnp.split(scores, 2)
-  loss = (jnp.mean(jax.nn.relu(margin - true))
-          + jnp.mean(jax.nn.relu(fake + margin)))
-  metrics = dict(loss=loss,
-                 p_true=jnp.mean((true >= margin).astype(jnp.float32)),
-                 p_fake=jnp.mean((fake < -margin).astype(jnp.float32)))
+  loss = (
+      jnp.mean(jax.nn.relu(margin - true))
+      + jnp.mean(jax.nn.relu(fake + margin)))
+  metrics = dict(
+      loss=loss,
+      p_true=jnp.mean((true >= margin).astype(jnp.float32)),
+      p_fake=jnp.mean((fake < -margin).astype(jnp.float32)))
   return loss, (updates['batch_stats'], metrics)
 
 
@@ -261,15 +279,19 @@ def make_train_step(train: TrainSettings):
     x = standardise(features.astype(jnp.float32), state.mean, state.std)
     key = jax.random.fold_in(rng, state.step)
     noise = train.noise_std * jax.random.normal(key, x.shape, x.dtype)
-    grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, x, noise, train.margin)
+    grads, (batch_stats, metrics) = jax.grad(
+        loss_fn, has_aux=True)(state.params, state.batch_stats, x, noise,
+                               train.margin)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = nonfinite.tree_all_finite(grads)
     metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
-    return dataclasses.replace(state, step=state.step + 1, params=params,
-                               batch_stats=batch_stats,
-                               opt_state=opt_state), metrics
+    return dataclasses.replace(
+        state,
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state), metrics
 
   return step
 
@@ -298,8 +320,8 @@ class ChannelMoments:
       raise ValueError('no normal images were added for the detector')
     mean = self._sum / self._count
     var = np.maximum(self._squares / self._count - np.square(mean), 0.0)
-    return (mean.astype(np.float32),
-            np.maximum(np.sqrt(var), _STD_FLOOR).astype(np.float32))
+    return (mean.astype(np.float32), np.maximum(np.sqrt(var),
+                                                _STD_FLOOR).astype(np.float32))
 
 
 def _inputs(context: fitted_map.Context, settings: DetectorSettings,
@@ -319,12 +341,14 @@ def _finalize(moments: ChannelMoments, settings: DetectorSettings, mesh,
   trained a detector (``detector_training.trained_state``)."""
   del mesh, progress
   mean, std = moments.statistics()
-  logging.warning('%s: no trained detector, its map is the initial '
-                  'network (train it with config.detector.num_steps > 0)',
-                  NAME)
+  logging.warning(
+      '%s: no trained detector, its map is the initial '
+      'network (train it with config.detector.num_steps > 0)', NAME)
   variables = init_variables(settings, len(mean))
-  return {'params': variables['params'],
-          'batch_stats': variables['batch_stats'], 'mean': mean, 'std': std}
+  return {
+      'params': variables['params'], 'batch_stats': variables['batch_stats'],
+      'mean': mean, 'std': std
+  }
 
 
 def cell_scores(state: dict[str, Any], features: Array) -> Array:
@@ -344,7 +368,12 @@ def _apply(context: fitted_map.Context, settings, state: dict[str, Any],
 
 
 MAP = fitted_map.FittedMap(
-    name=NAME, inputs=_inputs, init=lambda settings: ChannelMoments(),
-    finalize=_finalize, apply=_apply,
-    stages=lambda settings: settings.stages, settings=DetectorSettings(),
-    image_score=anomaly_maps.max_score, trained=True)
+    name=NAME,
+    inputs=_inputs,
+    init=lambda settings: ChannelMoments(),
+    finalize=_finalize,
+    apply=_apply,
+    stages=lambda settings: settings.stages,
+    settings=DetectorSettings(),
+    image_score=anomaly_maps.max_score,
+    trained=True)

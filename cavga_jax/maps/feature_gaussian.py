@@ -114,9 +114,11 @@ def stack_features(stage_outputs: Sequence[Array], channels: np.ndarray,
   Each stage is resized (bilinear, antialiased when shrinking) to the grid
   before concatenation along channels and the fixed channel subset.
   """
-  resized = [jax.image.resize(f.astype(jnp.float32),
-                              (f.shape[0], grid, grid, f.shape[-1]), 'linear')
-             for f in stage_outputs]
+  resized = [
+      jax.image.resize(
+          f.astype(jnp.float32), (f.shape[0], grid, grid, f.shape[-1]),
+          'linear') for f in stage_outputs
+  ]
   return jnp.concatenate(resized, axis=-1)[..., channels]
 
 
@@ -145,8 +147,7 @@ class FeatureMoments:
       self._outer += np.einsum('nhwi,nhwj->hwij', f, f, optimize=True)
     self._count += len(f)
 
-  def statistics(self, shrinkage: float = 0.0
-                 ) -> tuple[np.ndarray, np.ndarray]:
+  def statistics(self, shrinkage: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(mean (g, g, d), precision (g, g, d, d)), float32.
 
     The covariance is the unbiased one (the ML estimate for one image) plus
@@ -170,9 +171,9 @@ class FeatureMoments:
     if shrinkage:
       # The global scale, before any regularisation is added.
       scale = float(diagonal.mean())
-      logging.info('feature Gaussian: mean variance %.4g, shrinkage %g adds '
-                   '%.4g to the diagonal', scale, shrinkage,
-                   shrinkage * scale)
+      logging.info(
+          'feature Gaussian: mean variance %.4g, shrinkage %g adds '
+          '%.4g to the diagonal', scale, shrinkage, shrinkage * scale)
       diagonal[...] += shrinkage * scale
     diagonal[...] += REGULARIZATION
     # One thread per small LAPACK call: OpenBLAS's threads on 4096 100 x 100
@@ -202,8 +203,7 @@ def _inputs(context: fitted_map.Context, settings: FeatureSettings,
   """The batch's stacked features (B, g, g, d) (``stack_features``)."""
   channels = select_channels(
       [context.encoder_widths[s - 1] for s in settings.stages], settings.dims)
-  return stack_features([batch['stages'][s] for s in settings.stages],
-                        channels,
+  return stack_features([batch['stages'][s] for s in settings.stages], channels,
                         grid_size(context.image_size, settings.grid_divisor))
 
 
@@ -220,8 +220,8 @@ def _apply(context: fitted_map.Context, settings, state: dict[str, Any],
   del settings
   distances = mahalanobis(features, jnp.asarray(state['mean']),
                           jnp.asarray(state['precision']))
-  return anomaly_maps.upsample_and_blur(
-      distances, context.image_size, context.map_settings.residual_sigma)
+  return anomaly_maps.upsample_and_blur(distances, context.image_size,
+                                        context.map_settings.residual_sigma)
 
 
 def _moments(settings: FeatureSettings) -> FeatureMoments:
@@ -238,9 +238,14 @@ def _unit(name: str, settings: FeatureSettings) -> fitted_map.FittedMap:
   # Both Gaussians share one ``FeatureMoments`` when their features agree:
   # the per-cell float64 outer products are the fit's largest host cost.
   return fitted_map.FittedMap(
-      name=name, inputs=_inputs, init=_moments, finalize=_finalize,
-      apply=_apply, stages=lambda settings: settings.stages,
-      settings=settings, shares=_gathered)
+      name=name,
+      inputs=_inputs,
+      init=_moments,
+      finalize=_finalize,
+      apply=_apply,
+      stages=lambda settings: settings.stages,
+      settings=settings,
+      shares=_gathered)
 
 
 MAP = _unit(NAME, FeatureSettings())

@@ -72,7 +72,8 @@ class KnnSettings:
   neighbourhood: int = 3
 
 
-def patch_features(stage_outputs: Sequence[Array], grid: int,
+def patch_features(stage_outputs: Sequence[Array],
+                   grid: int,
                    neighbourhood: int = 3) -> Array:
   """Stage outputs (B, h_s, w_s, k_s) -> (B, grid, grid, sum k_s) float32.
 
@@ -85,12 +86,13 @@ def patch_features(stage_outputs: Sequence[Array], grid: int,
     f = f.astype(jnp.float32)
     if neighbourhood > 1:
       pad = neighbourhood // 2
-      f = jax.lax.reduce_window(
-          f, 0.0, jax.lax.add, (1, neighbourhood, neighbourhood, 1),
-          (1, 1, 1, 1), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-      f = f / neighbourhood ** 2
-    pooled.append(jax.image.resize(f, (f.shape[0], grid, grid, f.shape[-1]),
-                                   'linear'))
+      f = jax.lax.reduce_window(f, 0.0, jax.lax.add,
+                                (1, neighbourhood, neighbourhood, 1),
+                                (1, 1, 1, 1),
+                                ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+      f = f / neighbourhood**2
+    pooled.append(
+        jax.image.resize(f, (f.shape[0], grid, grid, f.shape[-1]), 'linear'))
   return jnp.concatenate(pooled, axis=-1)
 
 
@@ -99,43 +101,46 @@ def patch_features(stage_outputs: Sequence[Array], grid: int,
 _CORESET_CHUNK = 256
 
 
-def _distances_to(projected: Array, squared_norms: Array, index: Array
-                  ) -> Array:
+def _distances_to(projected: Array, squared_norms: Array,
+                  index: Array) -> Array:
   """(N,) squared distances of the rows to row ``index``."""
   # ||x - c||^2 as one matrix-vector product (the (N, p) difference is never
   # formed); clipped because rounding can make it slightly negative. The
   # step is memory bound: it streams the (N, p) rows once per centre
   # (docs/benchmarks.md, "Fitting").
-  return jnp.maximum(squared_norms - 2.0 * projected @ projected[index]
-                     + squared_norms[index], 0.0)
+  return jnp.maximum(
+      squared_norms - 2.0 * projected @ projected[index] + squared_norms[index],
+      0.0)
 
 
 @jax.jit
-def _coreset_start(projected: Array, start: Array, selected: Array
-                   ) -> tuple[Array, Array, Array]:
+def _coreset_start(projected: Array, start: Array,
+                   selected: Array) -> tuple[Array, Array, Array]:
   """(squared norms (N,), nearest (N,), selected) after the first centre."""
   squared_norms = jnp.sum(projected * projected, axis=-1)
-  return (squared_norms, _distances_to(projected, squared_norms, start),
-          selected.at[0].set(start))
+  return (squared_norms, _distances_to(projected, squared_norms,
+                                       start), selected.at[0].set(start))
 
 
 @functools.partial(jax.jit, donate_argnums=(2, 3))
 def _coreset_steps(projected: Array, squared_norms: Array, selected: Array,
-                   nearest: Array, begin: Array, end: Array
-                   ) -> tuple[Array, Array]:
+                   nearest: Array, begin: Array,
+                   end: Array) -> tuple[Array, Array]:
   """Greedy k-center steps ``begin`` to ``end`` - 1: (selected, nearest)."""
 
   def body(i, carry):
     selected, nearest = carry
     index = jnp.argmax(nearest).astype(jnp.int32)
     return (selected.at[i].set(index),
-            jnp.minimum(nearest,
-                        _distances_to(projected, squared_norms, index)))
+            jnp.minimum(nearest, _distances_to(projected, squared_norms,
+                                               index)))
 
   return jax.lax.fori_loop(begin, end, body, (selected, nearest))
 
 
-def _greedy_coreset(projected: Array, start: Array, size: int,
+def _greedy_coreset(projected: Array,
+                    start: Array,
+                    size: int,
                     progress: Callable[[int], Any] | None = None) -> Array:
   """Indices (size,) of the greedy k-center selection on (N, p) features.
 
@@ -156,11 +161,12 @@ def _greedy_coreset(projected: Array, start: Array, size: int,
   return selected
 
 
-def greedy_coreset(features: np.ndarray, size: int, key: Array,
+def greedy_coreset(features: np.ndarray,
+                   size: int,
+                   key: Array,
                    projection_dims: int = 128,
                    mesh: jax.sharding.Mesh | None = None,
-                   progress: Callable[[int], Any] | None = None
-                   ) -> np.ndarray:
+                   progress: Callable[[int], Any] | None = None) -> np.ndarray:
   """Sorted indices of ``min(size, N)`` coreset rows of (N, D) features.
 
   The selection runs on ``features @ P``, P a (D, ``projection_dims``)
@@ -189,8 +195,8 @@ def greedy_coreset(features: np.ndarray, size: int, key: Array,
   return np.sort(np.asarray(_greedy_coreset(x, start, size, progress)))
 
 
-def _local_sharding(mesh: jax.sharding.Mesh | None, rows: int
-                    ) -> jax.sharding.Sharding | None:
+def _local_sharding(mesh: jax.sharding.Mesh | None,
+                    rows: int) -> jax.sharding.Sharding | None:
   """Rows over this process's devices of ``mesh``, or None (one device, or
   rows that do not split). Every process holds the same host arrays and
   computes the whole result, so only process-local devices are used."""
@@ -213,19 +219,20 @@ def bank_distances(queries: Array, bank: Array, chunk: int) -> Array:
   bank_norms = jnp.sum(bank * bank, axis=-1)
   q = queries.shape[0]
   padded = -(-q // chunk) * chunk
-  blocks = jnp.pad(queries, ((0, padded - q), (0, 0))).reshape(
-      -1, chunk, queries.shape[-1])
+  blocks = jnp.pad(queries,
+                   ((0, padded - q), (0, 0))).reshape(-1, chunk,
+                                                      queries.shape[-1])
 
   def block_distances(block):
-    squared = (jnp.sum(block * block, axis=-1, keepdims=True)
-               - 2.0 * block @ bank.T + bank_norms)
+    squared = (
+        jnp.sum(block * block, axis=-1, keepdims=True) - 2.0 * block @ bank.T
+        + bank_norms)
     return jnp.sqrt(jnp.maximum(jnp.min(squared, axis=-1), 0.0))
 
   return jax.lax.map(block_distances, blocks).reshape(-1)[:q]
 
 
-def nearest_distances(features: Array, bank: Array, chunk: int = 4096
-                      ) -> Array:
+def nearest_distances(features: Array, bank: Array, chunk: int = 4096) -> Array:
   """(B, g, g, D) patch features -> (B, g, g) distance to the nearest bank row.
 
   One image at a time, ``chunk`` of its patches per block (memory
@@ -235,8 +242,9 @@ def nearest_distances(features: Array, bank: Array, chunk: int = 4096
   batch inside its jitted fitted-map step.
   """
   shape = features.shape
-  queries = jnp.asarray(features, jnp.float32).reshape(
-      shape[0], shape[1] * shape[2], shape[3])
+  queries = jnp.asarray(features,
+                        jnp.float32).reshape(shape[0], shape[1] * shape[2],
+                                             shape[3])
   chunk = max(1, min(chunk, shape[1] * shape[2]))
   bank = jnp.asarray(bank, jnp.float32)
   distances = jax.lax.map(lambda q: bank_distances(q, bank, chunk), queries)
@@ -251,13 +259,14 @@ class PatchPool:
 
   def add(self, features: np.ndarray) -> None:
     """(B, g, g, D) features of normal images."""
-    self._batches.append(np.asarray(features, np.float32).reshape(
-        -1, features.shape[-1]))
+    self._batches.append(
+        np.asarray(features, np.float32).reshape(-1, features.shape[-1]))
 
-  def memory_bank(self, settings: KnnSettings, key: Array,
+  def memory_bank(self,
+                  settings: KnnSettings,
+                  key: Array,
                   mesh: jax.sharding.Mesh | None = None,
-                  progress: Callable[[int], Any] | None = None
-                  ) -> np.ndarray:
+                  progress: Callable[[int], Any] | None = None) -> np.ndarray:
     """(min(bank_size, patches), D) float32: the greedy coreset of the pool.
 
     ``progress``: ``greedy_coreset``'s.
@@ -286,15 +295,15 @@ def coreset_key() -> Array:
 def _inputs(context: fitted_map.Context, settings: KnnSettings,
             batch: dict[str, Any]) -> Array:
   """The batch's patch features (B, g, g, D) (``patch_features``)."""
-  return patch_features(
-      [batch['stages'][s] for s in settings.stages],
-      feature_gaussian.grid_size(context.image_size, settings.grid_divisor),
-      settings.neighbourhood)
+  return patch_features([batch['stages'][s] for s in settings.stages],
+                        feature_gaussian.grid_size(context.image_size,
+                                                   settings.grid_divisor),
+                        settings.neighbourhood)
 
 
 def _finalize(pool: PatchPool, settings: KnnSettings,
-              mesh: jax.sharding.Mesh | None, progress: fitted_map.Progress
-              ) -> dict[str, np.ndarray]:
+              mesh: jax.sharding.Mesh | None,
+              progress: fitted_map.Progress) -> dict[str, np.ndarray]:
   """{'bank': the coreset}, chosen with a progress bar."""
   tic = time.perf_counter()
   with progress(settings.bank_size, 'feature_knn coreset', 'patch') as bar:
@@ -308,11 +317,16 @@ def _apply(context: fitted_map.Context, settings: KnnSettings,
            state: dict[str, Any], features: Array) -> Array:
   """(B, g, g, D) features -> (B, S, S): distances, upsampled and blurred."""
   distances = nearest_distances(features, state['bank'], settings.chunk)
-  return anomaly_maps.upsample_and_blur(
-      distances, context.image_size, context.map_settings.residual_sigma)
+  return anomaly_maps.upsample_and_blur(distances, context.image_size,
+                                        context.map_settings.residual_sigma)
 
 
 MAP = fitted_map.FittedMap(
-    name=NAME, inputs=_inputs, init=lambda settings: PatchPool(),
-    finalize=_finalize, apply=_apply, stages=lambda settings: settings.stages,
-    settings=KnnSettings(), image_score=anomaly_maps.max_score)
+    name=NAME,
+    inputs=_inputs,
+    init=lambda settings: PatchPool(),
+    finalize=_finalize,
+    apply=_apply,
+    stages=lambda settings: settings.stages,
+    settings=KnnSettings(),
+    image_score=anomaly_maps.max_score)

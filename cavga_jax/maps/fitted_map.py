@@ -105,8 +105,8 @@ class FittedMap:
   name: str
   inputs: Callable[[Context, Any, dict[str, Any]], Array]
   init: Callable[[Any], Accumulator]
-  finalize: Callable[[Any, Any, jax.sharding.Mesh | None, Progress],
-                     dict[str, Any]]
+  finalize: Callable[[Any, Any, jax.sharding.Mesh | None, Progress], dict[str,
+                                                                          Any]]
   apply: Callable[[Context, Any, dict[str, Any], Array], Array]
   parts: tuple[str, ...] = ()
   stages: Callable[[Any], tuple[int, ...]] | None = None

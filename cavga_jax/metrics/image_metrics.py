@@ -32,7 +32,8 @@ def image_auroc(scores: Any, labels: Any) -> float:
   return float(sk_metrics.roc_auc_score(labels, scores))
 
 
-def detection_accuracy(scores: Any, labels: Any,
+def detection_accuracy(scores: Any,
+                       labels: Any,
                        threshold: float = 0.5) -> float:
   """The CAVGA paper's detection accuracy.
 
@@ -80,7 +81,6 @@ def accuracy_at_threshold(scores: Any, labels: Any, threshold: float) -> float:
   return float(np.mean((scores > threshold) == labels))
 
 
-
 def detection_metrics(scores: Any, labels: Any) -> dict[str, float]:
   """All image-level detection metrics in one flat dict.
 
@@ -101,7 +101,8 @@ def detection_metrics(scores: Any, labels: Any) -> dict[str, float]:
   """
   scores, labels = metric_checks.scores_and_labels(scores, labels)
   return {
-      'image_auroc': metric_checks.or_nan('image_auroc', image_auroc, scores,
-                                          labels),
-      'detection_accuracy_minmax': detection_accuracy(scores, labels),
+      'image_auroc':
+          metric_checks.or_nan('image_auroc', image_auroc, scores, labels),
+      'detection_accuracy_minmax':
+          detection_accuracy(scores, labels),
   }

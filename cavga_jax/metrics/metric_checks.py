@@ -62,8 +62,9 @@ def maps_and_masks(anomaly_maps: Any,
   return maps, gt > 0
 
 
-def binary_labels(labels: Any, num_items: int, name: str = 'labels'
-                 ) -> np.ndarray:
+def binary_labels(labels: Any,
+                  num_items: int,
+                  name: str = 'labels') -> np.ndarray:
   """Validates (N,) labels in {0, 1} and returns them as an (N,) bool array."""
   labels = np.asarray(labels)
   if labels.shape != (num_items,):
@@ -115,7 +116,6 @@ def require_both_counts(num_positive: int, total: int, what: str) -> None:
         'metric needs both normal and anomalous ones.')
 
 
-
 def or_nan(name: str, metric_fn: Callable[..., Any], *args: Any) -> Any:
   """Calls metric_fn(*args); on UndefinedMetricError logs and returns nan."""
   try:
@@ -123,4 +123,3 @@ def or_nan(name: str, metric_fn: Callable[..., Any], *args: Any) -> Any:
   except UndefinedMetricError as e:
     logging.warning('Metric %s is undefined, reporting nan: %s', name, e)
     return float('nan')
-

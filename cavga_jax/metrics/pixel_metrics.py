@@ -55,9 +55,9 @@ def _auroc(ranked: _RankedPixels) -> float:
   It equals the trapezoid area under the ROC curve over every distinct
   threshold (scikit-learn's `roc_auc_score`); integer counts keep it exact.
   """
-  metric_checks.require_both_counts(
-      ranked.anomalous.size, ranked.anomalous.size + ranked.normal.size,
-      'masks (pixels)')
+  metric_checks.require_both_counts(ranked.anomalous.size,
+                                    ranked.anomalous.size + ranked.normal.size,
+                                    'masks (pixels)')
   below = np.searchsorted(ranked.normal, ranked.anomalous, side='left')
   not_above = np.searchsorted(ranked.normal, ranked.anomalous, side='right')
   pairs = 2 * ranked.anomalous.size * ranked.normal.size
@@ -79,8 +79,8 @@ def pixel_auroc(anomaly_maps: Any, masks: Any) -> float:
     metric_checks.UndefinedMetricError: if the masks contain only one class.
     ValueError: on malformed inputs.
   """
-  return _auroc(_rank_pixels(*metric_checks.maps_and_masks(anomaly_maps,
-                                                           masks)))
+  return _auroc(
+      _rank_pixels(*metric_checks.maps_and_masks(anomaly_maps, masks)))
 
 
 def iou_at_threshold(anomaly_maps: Any,
@@ -147,21 +147,22 @@ def _mean_iou_curve(maps: np.ndarray, gt: np.ndarray, anomalous: np.ndarray,
     all_sorted = np.sort(scores)
     gt_sorted = np.sort(scores[in_gt])
     # side='right' counts scores <= t, so the rest are the scores > t.
-    num_pred = all_sorted.size - np.searchsorted(all_sorted, thresholds,
-                                                 side='right')
-    intersection = gt_sorted.size - np.searchsorted(gt_sorted, thresholds,
-                                                    side='right')
+    num_pred = all_sorted.size - np.searchsorted(
+        all_sorted, thresholds, side='right')
+    intersection = gt_sorted.size - np.searchsorted(
+        gt_sorted, thresholds, side='right')
     union = num_pred + gt_sorted.size - intersection
     ious[row] = np.where(union > 0, intersection / np.maximum(union, 1), 0.0)
   return np.mean(ious, axis=0)
 
 
-def best_iou(anomaly_maps: Any,
-             masks: Any,
-             labels: Any,
-             num_thresholds: int = 200,
-             extra_thresholds: Sequence[float] = (0.5,)
-             ) -> tuple[float, float]:
+def best_iou(
+    anomaly_maps: Any,
+    masks: Any,
+    labels: Any,
+    num_thresholds: int = 200,
+    extra_thresholds: Sequence[float] = (0.5,)
+) -> tuple[float, float]:
   """The best mean IoU (see `iou_at_threshold`) over a grid of thresholds.
 
   This is an oracle number: the threshold is tuned on the test set itself, so
@@ -189,7 +190,8 @@ def best_iou(anomaly_maps: Any,
     ValueError: on malformed inputs.
   """
   if num_thresholds < 2:
-    raise ValueError(f'num_thresholds must be at least 2, got {num_thresholds}.')
+    raise ValueError(
+        f'num_thresholds must be at least 2, got {num_thresholds}.')
   maps, gt = metric_checks.maps_and_masks(anomaly_maps, masks)
   anomalous = metric_checks.binary_labels(labels, maps.shape[0])
   if not anomalous.any():
@@ -216,10 +218,10 @@ def _f1_max(ranked: _RankedPixels) -> float:
     raise metric_checks.UndefinedMetricError(
         'masks contain no anomalous pixel, so the pixel F1 score is undefined.')
   thresholds = ranked.anomalous
-  true_pos = num_anomalous - np.searchsorted(ranked.anomalous, thresholds,
-                                             side='left')
-  false_pos = ranked.normal.size - np.searchsorted(ranked.normal, thresholds,
-                                                   side='left')
+  true_pos = num_anomalous - np.searchsorted(
+      ranked.anomalous, thresholds, side='left')
+  false_pos = ranked.normal.size - np.searchsorted(
+      ranked.normal, thresholds, side='left')
   return float(np.max(2.0 * true_pos / (true_pos + false_pos + num_anomalous)))
 
 
@@ -239,8 +241,8 @@ def pixel_f1_max(anomaly_maps: Any, masks: Any) -> float:
       undefined).
     ValueError: on malformed inputs.
   """
-  return _f1_max(_rank_pixels(*metric_checks.maps_and_masks(anomaly_maps,
-                                                            masks)))
+  return _f1_max(
+      _rank_pixels(*metric_checks.maps_and_masks(anomaly_maps, masks)))
 
 
 def _region_weights(gt: np.ndarray) -> np.ndarray:
@@ -274,7 +276,8 @@ def _region_weights(gt: np.ndarray) -> np.ndarray:
   return 1.0 / (num_regions * region_sizes[region_pixels])
 
 
-def _pro_curve(ranked: _RankedPixels, weights: np.ndarray,
+def _pro_curve(ranked: _RankedPixels,
+               weights: np.ndarray,
                max_fpr: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
   """The per-region-overlap curve as in MVTec AD's evaluation code.
 
@@ -299,16 +302,17 @@ def _pro_curve(ranked: _RankedPixels, weights: np.ndarray,
     lowest = ranked.normal[ranked.normal.size - allowed - 1]
     candidates = candidates[candidates >= lowest]
   thresholds = np.unique(candidates)[::-1]
-  false_pos = ranked.normal.size - np.searchsorted(ranked.normal, thresholds,
-                                                   side='left')
+  false_pos = ranked.normal.size - np.searchsorted(
+      ranked.normal, thresholds, side='left')
   # PRO(t) = the summed weight of the anomalous pixels >= t: a suffix sum.
-  suffix = np.append(np.cumsum(weights[ranked.anomalous_order][::-1])[::-1],
-                     0.0)
+  suffix = np.append(
+      np.cumsum(weights[ranked.anomalous_order][::-1])[::-1], 0.0)
   pro = suffix[np.searchsorted(ranked.anomalous, thresholds, side='left')]
   # Integer counts keep the FPR exact.
   fpr = np.minimum(false_pos / ranked.normal.size, 1.0)
-  return (np.concatenate([[0.0], fpr]),
-          np.concatenate([[0.0], np.minimum(pro, 1.0)]))
+  return (np.concatenate([[0.0],
+                          fpr]), np.concatenate([[0.0],
+                                                 np.minimum(pro, 1.0)]))
 
 
 def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
@@ -378,7 +382,6 @@ def _aupro(ranked: _RankedPixels, gt: np.ndarray, max_fpr: float) -> float:
   return float(_area_up_to(fpr, pro, max_fpr) / max_fpr)
 
 
-
 def localization_metrics(anomaly_maps: Any, masks: Any,
                          labels: Any) -> dict[str, float]:
   """All localization metrics in one flat dict.
@@ -417,4 +420,3 @@ def localization_metrics(anomaly_maps: Any, masks: Any,
       'pixel_f1_max': metric_checks.or_nan('pixel_f1_max', _f1_max, ranked),
       'aupro': metric_checks.or_nan('aupro', _aupro, ranked, gt, 0.3),
   }
-

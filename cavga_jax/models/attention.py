@@ -37,8 +37,10 @@ Array = jax.Array
 EPS = 1e-8
 
 
-def grad_cam(score_fn: Callable[[Array], Any], features: Array,
-             has_aux: bool = False, norm: str = 'max'):
+def grad_cam(score_fn: Callable[[Array], Any],
+             features: Array,
+             has_aux: bool = False,
+             norm: str = 'max'):
   """Batched Grad-CAM of per-image scores with respect to ``features``.
 
   Args:
@@ -60,8 +62,10 @@ def grad_cam(score_fn: Callable[[Array], Any], features: Array,
   return (attention, out[2]) if has_aux else attention
 
 
-def class_grad_cam(score_fn: Callable[[Array], Any], features: Array,
-                   has_aux: bool = False, norm: str = 'max'):
+def class_grad_cam(score_fn: Callable[[Array], Any],
+                   features: Array,
+                   has_aux: bool = False,
+                   norm: str = 'max'):
   """Grad-CAM maps of several per-image scores at once (e.g. class logits).
 
   One forward pass and one VJP whose pullback is ``jax.vmap``-ed over the K
@@ -89,13 +93,14 @@ def class_grad_cam(score_fn: Callable[[Array], Any], features: Array,
       jnp.eye(num_scores, dtype=scores.dtype)[:, None, :],
       (num_scores,) + scores.shape)
   (grads,) = jax.vmap(vjp_fn)(cotangents)  # (K, B, h, w, k)
-  maps = jax.vmap(cam_from_gradients, in_axes=(None, 0, None))(
-      features, grads, norm)
+  maps = jax.vmap(
+      cam_from_gradients, in_axes=(None, 0, None))(features, grads, norm)
   attention = jnp.moveaxis(maps, 0, 1)
   return (attention, scores, out[2]) if has_aux else (attention, scores)
 
 
-def cam_from_gradients(features: Array, grads: Array,
+def cam_from_gradients(features: Array,
+                       grads: Array,
                        norm: str = 'max') -> Array:
   """F (B, h, w, k) and dS/dF (B, h, w, k) -> normalised map A (B, h, w)."""
   # Low-precision (bf16) features are upcast; float64 stays float64.
@@ -124,8 +129,7 @@ def normalize(cam: Array, norm: str = 'max') -> Array:
     return cam / (jnp.max(cam, axis=spatial, keepdims=True) + EPS)
   if norm == 'minmax':
     low = jnp.min(cam, axis=spatial, keepdims=True)
-    return (cam - low) / (jnp.max(cam, axis=spatial, keepdims=True) - low
-                          + EPS)
+    return (cam - low) / (jnp.max(cam, axis=spatial, keepdims=True) - low + EPS)
   if norm == 'none':
     return cam
   raise ValueError(f"attention norm must be 'max', 'minmax' or 'none', got "
@@ -167,7 +171,8 @@ def localization_map(attention: Array, image_size: int) -> Array:
 WEAK_MAPS = ('anomalous', 'not_normal', 'complementary', 'latent')
 
 
-def weak_localization_map(outputs: dict[str, Array], image_size: int,
+def weak_localization_map(outputs: dict[str, Array],
+                          image_size: int,
                           weak_map: str = 'anomalous') -> Array:
   """CAVGA_w anomaly map at image size, (B, S, S) in [0, 1].
 
@@ -196,11 +201,14 @@ def weak_localization_map(outputs: dict[str, Array], image_size: int,
   return resize_map(anomaly_map, image_size)
 
 
-def forward_with_attention(generator: cavga.CAVGAGenerator, params: Any,
-                           batch_stats: Any, images: Array,
-                           rng: Array | None, train: bool,
-                           unit_maps: bool = False
-                           ) -> tuple[dict[str, Array], Any]:
+def forward_with_attention(
+    generator: cavga.CAVGAGenerator,
+    params: Any,
+    batch_stats: Any,
+    images: Array,
+    rng: Array | None,
+    train: bool,
+    unit_maps: bool = False) -> tuple[dict[str, Array], Any]:
   """Generator pass with Grad-CAM attention.
 
   The attention is formed as the generator's ``attention_score``,
@@ -240,7 +248,11 @@ def forward_with_attention(generator: cavga.CAVGAGenerator, params: Any,
   stage = generator.attention_stage
   at_last = stage >= cavga.NUM_ENCODER_STAGES
   stage_features = generator.apply(
-      variables, images, train, None if at_last else stage, method='encode',
+      variables,
+      images,
+      train,
+      None if at_last else stage,
+      method='encode',
       mutable=mutable)
   if train:
     stage_features, updates = stage_features
@@ -253,12 +265,13 @@ def forward_with_attention(generator: cavga.CAVGAGenerator, params: Any,
     if at_last:
       features = f
     else:
-      features = generator.apply(variables, f, stage, train,
-                                 method='encode_from', mutable=mutable)
+      features = generator.apply(
+          variables, f, stage, train, method='encode_from', mutable=mutable)
       if train:
         features, updates = features
         new_stats = updates['batch_stats']
-    mu, logvar = generator.apply({'params': params}, features,
+    mu, logvar = generator.apply({'params': params},
+                                 features,
                                  method='latent_params')
     # The same rng as the decoder's below gives the same eps, so the
     # classifier, the class maps and the decoder all see one z.
@@ -268,10 +281,9 @@ def forward_with_attention(generator: cavga.CAVGAGenerator, params: Any,
     if with_units:
       columns.append(units)
     if weak:
-      columns.append(generator.apply({'params': params}, z,
-                                     method='classify'))
-    return (jnp.concatenate(columns, axis=1) if len(columns) > 1
-            else columns[0][:, 0]), (features, mu, logvar, z, new_stats)
+      columns.append(generator.apply({'params': params}, z, method='classify'))
+    return (jnp.concatenate(columns, axis=1) if len(columns) > 1 else
+            columns[0][:, 0]), (features, mu, logvar, z, new_stats)
 
   norm = generator.attention_norm
   outputs = {}
@@ -280,8 +292,8 @@ def forward_with_attention(generator: cavga.CAVGAGenerator, params: Any,
         scores_fn, stage_features, has_aux=True, norm=norm)
     if with_units:
       units = maps[:, 1:1 + mu.shape[-1]]
-      outputs.update(unit_attention=units,
-                     attention_unit_mean=unit_mean(units, norm))
+      outputs.update(
+          unit_attention=units, attention_unit_mean=unit_mean(units, norm))
     if weak:
       outputs.update(logits=scores[:, -2:], class_attention=maps[:, -2:])
     attention_sum = maps[:, 0]
@@ -289,14 +301,21 @@ def forward_with_attention(generator: cavga.CAVGAGenerator, params: Any,
     attention_sum, (features, mu, logvar, z, new_stats) = grad_cam(
         scores_fn, stage_features, has_aux=True, norm=norm)
   variables = {'params': params, 'batch_stats': new_stats}
-  reconstruction = generator.apply(variables, z, train, method='decode',
-                                   mutable=mutable)
+  reconstruction = generator.apply(
+      variables, z, train, method='decode', mutable=mutable)
   if train:
     reconstruction, updates = reconstruction
     variables = {'params': params, 'batch_stats': updates['batch_stats']}
-  attention = (outputs['attention_unit_mean']
-               if generator.attention_score == 'unit_mean' else attention_sum)
-  outputs.update(features=features, attention_features=stage_features,
-                 mu=mu, logvar=logvar, z=z, reconstruction=reconstruction,
-                 attention=attention, attention_sum=attention_sum)
+  attention = (
+      outputs['attention_unit_mean']
+      if generator.attention_score == 'unit_mean' else attention_sum)
+  outputs.update(
+      features=features,
+      attention_features=stage_features,
+      mu=mu,
+      logvar=logvar,
+      z=z,
+      reconstruction=reconstruction,
+      attention=attention,
+      attention_sum=attention_sum)
   return outputs, variables['batch_stats']

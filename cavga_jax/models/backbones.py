@@ -48,10 +48,14 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    conv = functools.partial(layers.Conv, self.features, use_bias=False,
-                             dtype=self.dtype, impl=self.conv_impl)
-    norm = functools.partial(layers.BatchNorm, use_running_average=not train,
-                             dtype=self.dtype)
+    conv = functools.partial(
+        layers.Conv,
+        self.features,
+        use_bias=False,
+        dtype=self.dtype,
+        impl=self.conv_impl)
+    norm = functools.partial(
+        layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
     y = conv(3, self.strides, 1, name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
     y = conv(3, 1, 1, name='conv2')(y)
@@ -73,7 +77,10 @@ class ResNet18Encoder(nn.Module):
   conv_impl: str = 'phase'  # layers.resolve_conv_impl
 
   @nn.compact
-  def __call__(self, x: Array, train: bool, start: int = 0,
+  def __call__(self,
+               x: Array,
+               train: bool,
+               start: int = 0,
                stop: int | None = None) -> Array:
     """Runs stages ``start`` .. ``stop - 1`` (stage 0 includes the stem).
 
@@ -82,10 +89,19 @@ class ResNet18Encoder(nn.Module):
     """
     stop = len(self.widths) if stop is None else stop
     if start == 0:
-      x = layers.Conv(self.widths[0], 7, 2, 3, use_bias=False,
-                      dtype=self.dtype, impl=self.conv_impl, name='conv1')(x)
-      x = layers.BatchNorm(use_running_average=not train, dtype=self.dtype,
-                     name='bn1')(x)
+      x = layers.Conv(
+          self.widths[0],
+          7,
+          2,
+          3,
+          use_bias=False,
+          dtype=self.dtype,
+          impl=self.conv_impl,
+          name='conv1')(
+              x)
+      x = layers.BatchNorm(
+          use_running_average=not train, dtype=self.dtype, name='bn1')(
+              x)
       x = nn.relu(x)
       x = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     for stage, width in enumerate(self.widths):
@@ -93,8 +109,12 @@ class ResNet18Encoder(nn.Module):
         continue
       for block in range(2):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(width, strides, self.dtype, self.conv_impl,
-                       name=f'layer{stage + 1}_{block}')(x, train)
+        x = BasicBlock(
+            width,
+            strides,
+            self.dtype,
+            self.conv_impl,
+            name=f'layer{stage + 1}_{block}')(x, train)
     return x
 
 
@@ -109,18 +129,30 @@ class DCGANEncoder(nn.Module):
   conv_impl: str = 'phase'  # layers.resolve_conv_impl
 
   @nn.compact
-  def __call__(self, x: Array, train: bool, start: int = 0,
+  def __call__(self,
+               x: Array,
+               train: bool,
+               start: int = 0,
                stop: int | None = None) -> Array:
     """Runs stages ``start`` .. ``stop - 1``; stage i is ``conv<i>`` (H/2^(i+1))."""
     stop = len(self.widths) if stop is None else stop
     for i, width in enumerate(self.widths):
       if not start <= i < stop:
         continue
-      x = layers.Conv(width, 4, 2, 1, use_bias=False, dtype=self.dtype,
-                      impl=self.conv_impl, name=f'conv{i}')(x)
+      x = layers.Conv(
+          width,
+          4,
+          2,
+          1,
+          use_bias=False,
+          dtype=self.dtype,
+          impl=self.conv_impl,
+          name=f'conv{i}')(
+              x)
       if i > 0:
-        x = layers.BatchNorm(use_running_average=not train, dtype=self.dtype,
-                       name=f'bn{i}')(x)
+        x = layers.BatchNorm(
+            use_running_average=not train, dtype=self.dtype, name=f'bn{i}')(
+                x)
       x = nn.leaky_relu(x, 0.2)
     return x
 
@@ -137,16 +169,16 @@ class UpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    norm = functools.partial(layers.BatchNorm, use_running_average=not train,
-                             dtype=self.dtype)
-    conv = functools.partial(layers.Conv, self.features, dtype=self.dtype,
-                             impl=self.conv_impl)
+    norm = functools.partial(
+        layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
+    conv = functools.partial(
+        layers.Conv, self.features, dtype=self.dtype, impl=self.conv_impl)
     up = lambda t: jnp.repeat(jnp.repeat(t, 2, axis=1), 2, axis=2)  # nearest
     # conv3x3(up(.)) and conv1x1(up(.)) run at the input resolution (same
     # parameters and values, 2.25x and 4x fewer FLOPs; layers.py).
-    y = layers.UpsampleConv3x3(self.features, self.dtype, self.conv_impl,
-                               name='conv1')(
-        nn.relu(norm(name='bn1')(x)))
+    y = layers.UpsampleConv3x3(
+        self.features, self.dtype, self.conv_impl, name='conv1')(
+            nn.relu(norm(name='bn1')(x)))
     y = nn.relu(norm(name='bn2')(y))
     y = conv(3, padding=1, name='conv2')(y)
     return y + up(conv(1, name='shortcut')(x))
@@ -163,12 +195,18 @@ class ResidualDecoder(nn.Module):
   def __call__(self, z: Array, train: bool) -> Array:
     x = z
     for i, width in enumerate(self.widths):
-      x = UpBlock(width, self.dtype, self.conv_impl, name=f'block{i}')(
-          x, train)
-    x = layers.BatchNorm(use_running_average=not train, dtype=self.dtype,
-                   name='bn_out')(x)
-    x = layers.Conv(self.out_channels, 3, padding=1, dtype=self.dtype,
-                    impl=self.conv_impl, name='conv_out')(nn.relu(x))
+      x = UpBlock(width, self.dtype, self.conv_impl, name=f'block{i}')(x, train)
+    x = layers.BatchNorm(
+        use_running_average=not train, dtype=self.dtype, name='bn_out')(
+            x)
+    x = layers.Conv(
+        self.out_channels,
+        3,
+        padding=1,
+        dtype=self.dtype,
+        impl=self.conv_impl,
+        name='conv_out')(
+            nn.relu(x))
     return jnp.tanh(x)
 
 
@@ -188,16 +226,28 @@ class DCGANDecoder(nn.Module):
   def __call__(self, z: Array, train: bool) -> Array:
     # A stride-1 transposed conv with padding 1 is a 3x3 conv (flipped
     # kernel, which only matters when loading PyTorch weights).
-    x = layers.Conv(self.widths[0], 3, padding=1, use_bias=False,
-                    dtype=self.dtype, impl=self.conv_impl, name='convt0')(z)
-    x = nn.relu(layers.BatchNorm(use_running_average=not train, dtype=self.dtype,
-                           name='bn0')(x))
+    x = layers.Conv(
+        self.widths[0],
+        3,
+        padding=1,
+        use_bias=False,
+        dtype=self.dtype,
+        impl=self.conv_impl,
+        name='convt0')(
+            z)
+    x = nn.relu(
+        layers.BatchNorm(
+            use_running_average=not train, dtype=self.dtype, name='bn0')(x))
     for i, width in enumerate(list(self.widths[1:]) + [self.out_channels]):
-      x = layers.ConvTranspose4x4(width, self.dtype, self.conv_impl,
-                                  name=f'convt{i + 1}')(x)
+      x = layers.ConvTranspose4x4(
+          width, self.dtype, self.conv_impl, name=f'convt{i + 1}')(
+              x)
       if i < len(self.widths) - 1:
-        x = nn.relu(layers.BatchNorm(use_running_average=not train,
-                               dtype=self.dtype, name=f'bn{i + 1}')(x))
+        x = nn.relu(
+            layers.BatchNorm(
+                use_running_average=not train,
+                dtype=self.dtype,
+                name=f'bn{i + 1}')(x))
     return jnp.tanh(x)
 
 
@@ -213,10 +263,15 @@ class Discriminator(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    f = DCGANEncoder(self.widths, self.dtype, self.conv_impl,
-                     name='trunk')(x, train)
+    f = DCGANEncoder(
+        self.widths, self.dtype, self.conv_impl, name='trunk')(x, train)
     k = min(4, f.shape[1], f.shape[2])
-    logits = layers.Conv(1, k, use_bias=False, dtype=self.dtype,
-                         impl=self.conv_impl, name='head')(f)
+    logits = layers.Conv(
+        1,
+        k,
+        use_bias=False,
+        dtype=self.dtype,
+        impl=self.conv_impl,
+        name='head')(
+            f)
     return logits[..., 0].astype(jnp.float32)
-

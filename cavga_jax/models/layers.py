@@ -33,8 +33,8 @@ CONV_IMPLS = ('auto', 'phase', 'lax')
 # YNNPACK for dots and reductions only.
 _EIGEN_CONVOLUTIONS = {
     'xla_cpu_experimental_ynn_fusion_type':
-        'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
-
+        'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'
+}
 
 # PyTorch's BatchNorm2d defaults (momentum 0.1, i.e. Flax momentum=0.9,
 # epsilon 1e-5), so converted torchvision and timm weights behave identically.
@@ -55,8 +55,8 @@ def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
 
 
 @functools.cache
-def compiler_options(impl: str, backend: str | None = None
-                     ) -> dict[str, str] | None:
+def compiler_options(impl: str,
+                     backend: str | None = None) -> dict[str, str] | None:
   """``jax.jit``'s ``compiler_options`` for programs built with ``impl``.
 
   For 'phase' on the CPU: XLA's own (Eigen) convolutions instead of
@@ -83,7 +83,8 @@ def compiler_options(impl: str, backend: str | None = None
 def _conv(x: Array, kernel: Array, strides: int, padding: int) -> Array:
   """XLA's ``conv2d(x, kernel, stride, padding)`` in NHWC/HWIO."""
   return jax.lax.conv_general_dilated(
-      x, kernel, (strides, strides), ((padding, padding),) * 2,
+      x,
+      kernel, (strides, strides), ((padding, padding),) * 2,
       dimension_numbers=_DIMS)
 
 
@@ -95,8 +96,9 @@ def lax_conv_transpose(y: Array, kernel: Array, strides: int, padding: int,
   conv); any ``strides``.
   """
   x = jnp.zeros((y.shape[0], *out_size, kernel.shape[2]), y.dtype)
-  (result,) = jax.linear_transpose(
-      lambda t: _conv(t, kernel, strides, padding), x)(y)
+  (result,) = jax.linear_transpose(lambda t: _conv(t, kernel, strides, padding),
+                                   x)(
+                                       y)
   return result
 
 
@@ -124,8 +126,8 @@ def _phase_kernels(kernel: Array) -> Array:
       sub = jnp.pad(sub, ((0, taps - sub.shape[0]), (0, taps - sub.shape[1]),
                           (0, 0), (0, 0)))
       phases.append(sub[::-1, ::-1])
-  return jnp.stack(phases, axis=-2).reshape(
-      taps, taps, kernel.shape[2], 4 * kernel.shape[3])
+  return jnp.stack(
+      phases, axis=-2).reshape(taps, taps, kernel.shape[2], 4 * kernel.shape[3])
 
 
 def conv_transpose_stride2(y: Array, kernel: Array, padding: int,
@@ -227,11 +229,14 @@ class ConvTranspose4x4(nn.Module):
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (4, 4, x.shape[-1], self.features), jnp.float32)
     h, w = x.shape[1:3]
-    adjoint = (conv_transpose_stride2 if self.impl == 'phase' else
-               functools.partial(lax_conv_transpose, strides=2))
+    adjoint = (
+        conv_transpose_stride2 if self.impl == 'phase' else functools.partial(
+            lax_conv_transpose, strides=2))
     return adjoint(
-        x.astype(self.dtype), jnp.swapaxes(kernel, 2, 3).astype(self.dtype),
-        padding=1, out_size=(2 * h, 2 * w))
+        x.astype(self.dtype),
+        jnp.swapaxes(kernel, 2, 3).astype(self.dtype),
+        padding=1,
+        out_size=(2 * h, 2 * w))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -259,8 +264,8 @@ def _conv2x2_bwd(padding, residuals, g):
   # conv of xp with g as the kernel, x's channels as its batch and the
   # images as its input features, in the NHWC/HWIO form XLA:CPU's Eigen
   # convolution takes as is.
-  dk = _conv(jnp.transpose(xp, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)),
-             1, 0)
+  dk = _conv(
+      jnp.transpose(xp, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)), 1, 0)
   return dx, jnp.transpose(dk, (1, 2, 0, 3)).astype(kernel.dtype)
 
 
@@ -291,17 +296,21 @@ def upsample_conv3x3(x: Array, kernel: Array) -> Array:
   Returns:
     (B, 2H, 2W, F).
   """
-  phases = [_merge_taps(_merge_taps(kernel, a, 0), b, 1)
-            for a in range(2) for b in range(2)]
+  phases = [
+      _merge_taps(_merge_taps(kernel, a, 0), b, 1)
+      for a in range(2)
+      for b in range(2)
+  ]
   features = kernel.shape[-1]
-  stacked = jnp.stack(phases, axis=-2).reshape(2, 2, kernel.shape[2],
-                                               4 * features)
+  stacked = jnp.stack(
+      phases, axis=-2).reshape(2, 2, kernel.shape[2], 4 * features)
   y = _conv2x2(x, stacked, 1)
   h, w = x.shape[1:3]
   # Phase (a, b) reads the window starting at (a, b) of the (H+1, W+1) output.
   y = y.reshape(*y.shape[:3], 4, features)
-  y = jnp.concatenate([y[:, a:a + h, b:b + w, 2 * a + b]
-                       for a in range(2) for b in range(2)], axis=-1)
+  y = jnp.concatenate(
+      [y[:, a:a + h, b:b + w, 2 * a + b] for a in range(2) for b in range(2)],
+      axis=-1)
   return _depth_to_space(y, features)
 
 

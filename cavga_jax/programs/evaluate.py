@@ -78,12 +78,15 @@ def summary(result: dict[str, Any], out_dir: str) -> str:
       f'  pixel AUROC {number("pixel_auroc")}  AU-PRO {number("aupro")}  '
       f'image AUROC {number("image_auroc")}  accuracy at the held-out '
       f'threshold {number("detection_accuracy_held_out")}',
-      f'report: {os.path.abspath(os.path.join(out_dir, "report.html"))}'])
+      f'report: {os.path.abspath(os.path.join(out_dir, "report.html"))}'
+  ])
 
 
-def evaluation_setup(config: ml_collections.ConfigDict, workdir: str,
-                     untrained: bool = False, restore: bool = True
-                     ) -> tuple[run_setup.RunSetup, evaluator_lib.Evaluator]:
+def evaluation_setup(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    untrained: bool = False,
+    restore: bool = True) -> tuple[run_setup.RunSetup, evaluator_lib.Evaluator]:
   """(setup, evaluator) of a run's config: the one read of the config.
 
   ``setup`` (``run_setup.setup``) holds the typed settings, the datasets,
@@ -100,12 +103,19 @@ def evaluation_setup(config: ml_collections.ConfigDict, workdir: str,
   run = config_checks.check_config(config)
   if not untrained:
     workdirs.check_rerun(config, workdir, 'evaluate.py')
-  made = run_setup.setup(run, workdir, restore=restore, untrained=untrained,
-                         check_test_set=check_test_set)
+  made = run_setup.setup(
+      run,
+      workdir,
+      restore=restore,
+      untrained=untrained,
+      check_test_set=check_test_set)
   # The detector train.py trained (none with ``untrained``: the map is
   # then the initial network, the control).
   evaluator = evaluator_lib.Evaluator(
-      made.generator, made.test_ds, run.eval, made.mesh,
+      made.generator,
+      made.test_ds,
+      run.eval,
+      made.mesh,
       evaluator_lib.normal_training_images(made.train_ds),
       made.feature_variables,
       {} if untrained else detector_training.trained_maps(workdir),
@@ -147,8 +157,8 @@ def check_test_set(test_ds: data.AnomalyDataset) -> None:
 
 def _no_defects(test_ds: data.AnomalyDataset, consequence: str) -> str:
   """'<test folder>: the test set has no defect images ...; <consequence>'."""
-  folder = os.path.commonpath([os.path.dirname(os.path.abspath(p))
-                               for p in test_ds.paths])
+  folder = os.path.commonpath(
+      [os.path.dirname(os.path.abspath(p)) for p in test_ds.paths])
   return (f'{folder}: the test set has no defect images (all '
           f'{test_ds.num_examples} are normal); {consequence}')
 
@@ -160,8 +170,8 @@ def _nan_to_none(value: Any) -> Any:
   return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str
-                         ) -> list[dict[str, Any]]:
+def evaluate_checkpoints(config: ml_collections.ConfigDict,
+                         workdir: str) -> list[dict[str, Any]]:
   """The learning curve after the fact: every retained checkpoint, all maps.
 
   For runs trained without ``config.train.eval_every`` (keep checkpoints
@@ -174,16 +184,17 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str
   """
   made, evaluator = evaluation_setup(config, workdir, restore=False)
   if not made.test_ds.labels.any():
-    raise DataError(_no_defects(made.test_ds, 'a learning curve of the '
-                                'pixel metrics needs defect images'))
+    raise DataError(
+        _no_defects(
+            made.test_ds, 'a learning curve of the '
+            'pixel metrics needs defect images'))
   with workdirs.lock(workdir, 'evaluate.py', workdirs.EVALUATE_LOCK_FILE):
-    return _curve(config, made.run, workdir, evaluator,
-                  made.abstract_state())
+    return _curve(config, made.run, workdir, evaluator, made.abstract_state())
 
 
 def _curve(config: ml_collections.ConfigDict, run: typed_config.RunSettings,
-           workdir: str, evaluator: evaluator_lib.Evaluator, target: Any
-           ) -> list[dict[str, Any]]:
+           workdir: str, evaluator: evaluator_lib.Evaluator,
+           target: Any) -> list[dict[str, Any]]:
   """``evaluate_checkpoints`` with the evaluation lock held."""
   manager = checkpointing.make_manager(workdir)
   steps = sorted(manager.all_steps())
@@ -204,9 +215,13 @@ def _curve(config: ml_collections.ConfigDict, run: typed_config.RunSettings,
 
 
 def fitted_maps(config: ml_collections.ConfigDict,
-                eval_settings: typed_config.EvalSettings, workdir: str,
-                evaluator: evaluator_lib.Evaluator, state: Any, step: int,
-                untrained: bool = False, refit: bool = False):
+                eval_settings: typed_config.EvalSettings,
+                workdir: str,
+                evaluator: evaluator_lib.Evaluator,
+                state: Any,
+                step: int,
+                untrained: bool = False,
+                refit: bool = False):
   """The maps fitted for ``state``: loaded from ``store`` when saved there
   under the same key (and not ``refit``), else fitted and saved (with
   ``config`` as their ``config.json``). A saved fit that is unreadable or
@@ -233,8 +248,10 @@ def fitted_maps(config: ml_collections.ConfigDict,
   return fitted
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str,
-             untrained: bool = False, refit: bool = False) -> dict[str, Any]:
+def evaluate(config: ml_collections.ConfigDict,
+             workdir: str,
+             untrained: bool = False,
+             refit: bool = False) -> dict[str, Any]:
   """Restores the latest checkpoint of ``workdir`` and evaluates it.
 
   Writes ``<workdir>/eval/metrics.json``, ``scores.csv``, ``panels/`` and
@@ -261,14 +278,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     return _evaluate(config, workdir, untrained, refit, made, evaluator)
 
 
-def _evaluate(config: ml_collections.ConfigDict, workdir: str,
-              untrained: bool, refit: bool, made: run_setup.RunSetup,
+def _evaluate(config: ml_collections.ConfigDict, workdir: str, untrained: bool,
+              refit: bool, made: run_setup.RunSetup,
               evaluator: evaluator_lib.Evaluator) -> dict[str, Any]:
   """``evaluate`` after its setup, with the evaluation lock held."""
   state, step, test_ds = made.state, made.step, made.test_ds
   if untrained:
-    logging.info('evaluating the untrained networks (seed %d) on %d test '
-                 'images', made.run.seed, test_ds.num_examples)
+    logging.info(
+        'evaluating the untrained networks (seed %d) on %d test '
+        'images', made.run.seed, test_ds.num_examples)
   else:
     logging.info('evaluating checkpoint %d on %d test images', step,
                  test_ds.num_examples)
@@ -280,8 +298,8 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str,
   if not test_ds.labels.any():
     result = _nan_to_none(result)
     result[NO_DEFECTS_FIELD] = _no_defects(test_ds, _NULL_METRICS)
-  curve = os.path.join(workdir, os.path.splitext(artifacts.CURVE_FILE)[0]
-                       + '.png')
+  curve = os.path.join(workdir,
+                       os.path.splitext(artifacts.CURVE_FILE)[0] + '.png')
   out_dir = output_dir(workdir, untrained)
   artifacts.write_outputs(
       out_dir, result, predictions, test_ds, made.run.eval.num_panels,

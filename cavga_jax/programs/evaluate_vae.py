@@ -49,8 +49,9 @@ Array = jax.Array
 PyTree = Any
 
 
-def make_explain_step(model: conv_vae.ConvVAE, attention_map: str = 'mean'
-                      ) -> Callable[[PyTree, Array], dict[str, Array]]:
+def make_explain_step(
+    model: conv_vae.ConvVAE,
+    attention_map: str = 'mean') -> Callable[[PyTree, Array], dict[str, Array]]:
   """``explain_step(params, images) -> outputs`` for evaluation.
 
   ``images`` uint8 (B, S, S, C). Outputs: 'reconstruction' uint8
@@ -71,12 +72,13 @@ def make_explain_step(model: conv_vae.ConvVAE, attention_map: str = 'mean'
     return dict(
         reconstruction=jnp.round(jax.nn.sigmoid(logits) * 255).astype(
             jnp.uint8),
-        mu=outputs['mu'], units=maps.units,
-        anomaly_map=attention.resize_map(getattr(maps, attention_map),
-                                         images.shape[1]),
-        score=(losses.bernoulli_reconstruction_per_image(x, logits)
-               + losses.kl_divergence_per_image(outputs['mu'],
-                                                outputs['logvar'])),
+        mu=outputs['mu'],
+        units=maps.units,
+        anomaly_map=attention.resize_map(
+            getattr(maps, attention_map), images.shape[1]),
+        score=(
+            losses.bernoulli_reconstruction_per_image(x, logits)
+            + losses.kl_divergence_per_image(outputs['mu'], outputs['logvar'])),
         ad=losses.attention_disentanglement_per_image(maps.units),
         ad_distribution=losses.attention_overlap_per_image(maps.unit_cams))
 
@@ -87,11 +89,12 @@ def _disentanglement_metrics(eval_settings: typed_config.VaeEvalSettings, model,
                              explain_step, params, factors, mesh,
                              out_dir: str) -> dict[str, float]:
 
-  @functools.partial(jax.jit, compiler_options=layers.compiler_options(
-      model.conv_impl))
+  @functools.partial(
+      jax.jit, compiler_options=layers.compiler_options(model.conv_impl))
   def encode_mu(images):
     variables = {'params': params}
-    features = model.apply(variables, vae_lib.images_to_unit(images), method='encode')
+    features = model.apply(
+        variables, vae_lib.images_to_unit(images), method='encode')
     return model.apply(variables, features, method='latent_params')[0]
 
   def representation_fn(images: np.ndarray) -> np.ndarray:
@@ -100,17 +103,21 @@ def _disentanglement_metrics(eval_settings: typed_config.VaeEvalSettings, model,
   seed = eval_settings.metric_seed
   result = {}
   factor_vae = disentanglement.factor_vae_score(
-      representation_fn, factors, np.random.default_rng(seed),
+      representation_fn,
+      factors,
+      np.random.default_rng(seed),
       num_train=eval_settings.factor_vae_num_train,
       num_eval=eval_settings.factor_vae_num_eval,
       num_variance_estimate=eval_settings.factor_vae_num_variance)
   result.update({f'factor_vae_{k}': v for k, v in factor_vae.items()})
   mig = disentanglement.mig_score(
-      representation_fn, factors, np.random.default_rng(seed + 1),
+      representation_fn,
+      factors,
+      np.random.default_rng(seed + 1),
       num_samples=eval_settings.mig_num_samples)
   result['mig'] = mig['mig']
-  result.update({f'mig_{name}': gap
-                 for name, gap in mig['mig_per_factor'].items()})
+  result.update(
+      {f'mig_{name}': gap for name, gap in mig['mig_per_factor'].items()})
   result['mig_skipped_factors'] = mig['skipped_factors']
   # (latent unit, factor) mutual information in nats: which unit codes what.
   result['mutual_info'] = np.round(mig['mutual_info'], 4).tolist()
@@ -133,8 +140,8 @@ def _disentanglement_metrics(eval_settings: typed_config.VaeEvalSettings, model,
 
 
 def _write_unit_panels(out_dir: str, images: np.ndarray,
-                       predictions: dict[str, np.ndarray],
-                       num_panels: int) -> None:
+                       predictions: dict[str,
+                                         np.ndarray], num_panels: int) -> None:
   if not sharding.is_primary_process():
     return
   panel_dir = os.path.join(out_dir, 'panels')
@@ -159,10 +166,9 @@ def pseudo_masks(images: np.ndarray, normal_mean: np.ndarray,
   return strokes & (normal_mean < support)[None]
 
 
-def _explain_class_split(run: typed_config.VaeRunSettings,
-                         test: data.AnomalyDataset,
-                         normal_mean: np.ndarray
-                         ) -> tuple[data.AnomalyDataset, dict[str, Any]]:
+def _explain_class_split(
+    run: typed_config.VaeRunSettings, test: data.AnomalyDataset,
+    normal_mean: np.ndarray) -> tuple[data.AnomalyDataset, dict[str, Any]]:
   """The normal test images and those of ``config.eval.explain_class``.
 
   Their masks are the ``pseudo_masks`` (all False for normal images).
@@ -176,8 +182,8 @@ def _explain_class_split(run: typed_config.VaeRunSettings,
                      f'class in [0, {len(names)}) other than '
                      f'config.data.normal_class={run.data.normal_class}')
   target = names[explain_class]
-  keep = np.flatnonzero([d in (data.folder.NORMAL_DEFECT, target)
-                         for d in test.defect_types])
+  keep = np.flatnonzero(
+      [d in (data.folder.NORMAL_DEFECT, target) for d in test.defect_types])
   if not test.labels[keep].any():
     raise CavgaError(f'config.eval.explain_class={explain_class}: no test '
                      f'image of class {target!r}')
@@ -185,7 +191,9 @@ def _explain_class_split(run: typed_config.VaeRunSettings,
   masks = pseudo_masks(images, normal_mean, run.eval.pseudo_mask_support)
   masks[labels == 0] = False
   subset = data.AnomalyDataset(
-      images=images, masks=masks, labels=labels,
+      images=images,
+      masks=masks,
+      labels=labels,
       defect_types=tuple(test.defect_types[i] for i in keep),
       paths=tuple(test.paths[i] for i in keep))
   return subset, dict(explain_class=explain_class, explain_class_name=target)
@@ -208,18 +216,20 @@ def _localization_metrics(
     result.update(info)
   predictions = inference.predict(lambda batch: explain_step(params, batch),
                                   test.images, run.eval.batch_size, mesh)
-  result.update(num_test_images=test.num_examples,
-                num_anomalous_images=int(test.labels.sum()))
-  result.update(pixel_metrics.localization_metrics(predictions['anomaly_map'],
-                                             test.masks, test.labels))
-  result.update(image_metrics.detection_metrics(predictions['score'], test.labels))
+  result.update(
+      num_test_images=test.num_examples,
+      num_anomalous_images=int(test.labels.sum()))
+  result.update(
+      pixel_metrics.localization_metrics(predictions['anomaly_map'], test.masks,
+                                         test.labels))
+  result.update(
+      image_metrics.detection_metrics(predictions['score'], test.labels))
   artifacts.write_outputs(out_dir, result, predictions, test,
-                         run.eval.num_panels)
+                          run.eval.num_panels)
   return result
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str
-             ) -> dict[str, Any]:
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Restores the newest checkpoint and writes ``<workdir>/eval/metrics.json``.
 
   Raises:
@@ -233,16 +243,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   model, init_fn, _ = vae_lib.setup(run, mesh)
   state, step = checkpointing.restore_for_eval(
       workdir, train_state.abstract_state(init_fn, mesh))
-  explain_step = jax.jit(make_explain_step(model, run.eval.map),
-                         compiler_options=layers.compiler_options(
-                             model.conv_impl))
+  explain_step = jax.jit(
+      make_explain_step(model, run.eval.map),
+      compiler_options=layers.compiler_options(model.conv_impl))
   out_dir = os.path.join(workdir, 'eval')
   os.makedirs(out_dir, exist_ok=True)
   start = time.perf_counter()
   if training_data.factors is not None:
     result = _disentanglement_metrics(run.eval, model, explain_step,
-                                      state.params, training_data.factors,
-                                      mesh, out_dir)
+                                      state.params, training_data.factors, mesh,
+                                      out_dir)
     result['checkpoint_step'] = step
     if sharding.is_primary_process():
       with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:

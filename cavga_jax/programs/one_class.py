@@ -36,9 +36,11 @@ def _mean(values: Sequence[float]) -> float:
 
 def format_table(result: dict[str, Any]) -> str:
   """The Markdown table of a `run_one_class` result."""
-  lines = [f'# One-class detection: {result["dataset"]}', '',
-           '| normal class | name | image AUROC | detection accuracy | '
-           'test images |', '|---|---|---|---|---|']
+  lines = [
+      f'# One-class detection: {result["dataset"]}', '',
+      '| normal class | name | image AUROC | detection accuracy | '
+      'test images |', '|---|---|---|---|---|'
+  ]
   for row in result['classes']:
     lines.append(f'| {row["class"]} | {row["name"]} | '
                  f'{row["image_auroc"]:.4f} | '
@@ -58,7 +60,8 @@ def _write(workdir: str, result: dict[str, Any]) -> None:
     f.write(format_table(result))
 
 
-def run_one_class(config: ml_collections.ConfigDict, workdir: str,
+def run_one_class(config: ml_collections.ConfigDict,
+                  workdir: str,
                   classes: Sequence[int] | None = None) -> dict[str, Any]:
   """Trains and evaluates one model per normal class; writes the table.
 
@@ -77,9 +80,8 @@ def run_one_class(config: ml_collections.ConfigDict, workdir: str,
   data = typed_config.from_config(config).data
   name = data.name
   if name not in tfds_data.ONE_CLASS_DATASETS:
-    raise DataError(
-        f'config.data.name: one-class runs need one of '
-        f'{", ".join(tfds_data.ONE_CLASS_DATASETS)}, got {name!r}')
+    raise DataError(f'config.data.name: one-class runs need one of '
+                    f'{", ".join(tfds_data.ONE_CLASS_DATASETS)}, got {name!r}')
   classes = list(range(tfds_data.NUM_CLASSES) if classes is None else classes)
   names = tfds_data.class_names(name, data.root or None, bool(data.download))
   os.makedirs(workdir, exist_ok=True)
@@ -88,22 +90,30 @@ def run_one_class(config: ml_collections.ConfigDict, workdir: str,
     run_config = config.copy_and_resolve_references()
     run_config.data.normal_class = c
     run_dir = os.path.join(workdir, f'class_{c}')
-    logging.info('one-class %s: normal class %d (%s) in %s', name, c,
-                 names[c], run_dir)
+    logging.info('one-class %s: normal class %d (%s) in %s', name, c, names[c],
+                 run_dir)
     train_lib.train(run_config, run_dir)
     metrics = eval_lib.evaluate(run_config, run_dir)
-    rows.append({'class': c, 'name': names[c],
-                 'image_auroc': float(metrics['image_auroc_reconstruction']),
-                 'detection_accuracy_minmax': float(
-                     metrics['detection_accuracy_minmax_reconstruction']),
-                 'num_test_images': int(metrics['num_test_images']),
-                 'workdir': run_dir})
+    rows.append({
+        'class':
+            c, 'name':
+                names[c], 'image_auroc':
+                    float(metrics['image_auroc_reconstruction']),
+        'detection_accuracy_minmax':
+            float(metrics['detection_accuracy_minmax_reconstruction']),
+        'num_test_images':
+            int(metrics['num_test_images']), 'workdir':
+                run_dir
+    })
     result = {
-        'dataset': name,
-        'classes': rows,
-        'mean_image_auroc': _mean([r['image_auroc'] for r in rows]),
-        'mean_detection_accuracy_minmax': _mean(
-            [r['detection_accuracy_minmax'] for r in rows]),
+        'dataset':
+            name,
+        'classes':
+            rows,
+        'mean_image_auroc':
+            _mean([r['image_auroc'] for r in rows]),
+        'mean_detection_accuracy_minmax':
+            _mean([r['detection_accuracy_minmax'] for r in rows]),
     }
     _write(workdir, result)
   return result

@@ -88,17 +88,20 @@ def list_inputs(pattern: str) -> tuple[list[pathlib.Path], pathlib.Path]:
   """
   path = pathlib.Path(pattern)
   if path.is_dir():
-    files = sorted(p for p in path.rglob('*') if p.is_file()
-                   and not p.name.startswith('.')
-                   and p.suffix.lower() in folder.IMAGE_EXTENSIONS)
+    files = sorted(
+        p for p in path.rglob('*') if p.is_file() and not p.name.startswith('.')
+        and p.suffix.lower() in folder.IMAGE_EXTENSIONS)
     root = path
   elif path.is_file():
     files, root = [path], path.parent
   else:
-    files = sorted(pathlib.Path(p) for p in glob.glob(pattern, recursive=True)
-                   if os.path.isfile(p))
-    root = pathlib.Path(os.path.commonpath(
-        [os.path.abspath(p.parent) for p in files])) if files else path
+    files = sorted(
+        pathlib.Path(p)
+        for p in glob.glob(pattern, recursive=True)
+        if os.path.isfile(p))
+    root = pathlib.Path(
+        os.path.commonpath([os.path.abspath(p.parent) for p in files
+                           ])) if files else path
   if not files:
     raise CavgaError(f'{pattern}: no image files found (a file, a folder, or '
                      'a glob such as "dir/*.png"; extensions '
@@ -106,8 +109,8 @@ def list_inputs(pattern: str) -> tuple[list[pathlib.Path], pathlib.Path]:
   return files, root
 
 
-def output_names(files: Sequence[pathlib.Path], root: pathlib.Path
-                 ) -> list[str]:
+def output_names(files: Sequence[pathlib.Path],
+                 root: pathlib.Path) -> list[str]:
   """Per file the name of its overlay and mask (``+ '.png'``), all distinct.
 
   The file's path relative to ``root`` as given ('/'-separated; symlinks
@@ -134,16 +137,22 @@ def output_names(files: Sequence[pathlib.Path], root: pathlib.Path
 def planned_files(names: Sequence[str], export: bool) -> list[str]:
   """Every file predict.py may write for ``names``, relative to the output."""
   files = [SCORES_FILE, SUMMARY_FILE]
-  files += [f'{folder_name}/{name}.png' for name in names
-            for folder_name in ('overlays', 'masks')]
+  files += [
+      f'{folder_name}/{name}.png' for name in names
+      for folder_name in ('overlays', 'masks')
+  ]
   if export:
-    files += [f'{SCORER_DIR}/{export_lib.PROGRAM_FILE}',
-              f'{SCORER_DIR}/{export_lib.METADATA_FILE}']
+    files += [
+        f'{SCORER_DIR}/{export_lib.PROGRAM_FILE}',
+        f'{SCORER_DIR}/{export_lib.METADATA_FILE}'
+    ]
   return files
 
 
-def prepare_output(output: str, inputs: Sequence[pathlib.Path],
-                   input_root: pathlib.Path, overwrite: bool,
+def prepare_output(output: str,
+                   inputs: Sequence[pathlib.Path],
+                   input_root: pathlib.Path,
+                   overwrite: bool,
                    workdir: str | None = None,
                    planned: Sequence[str] | None = None) -> None:
   """Checks ``output`` and makes it ready (``predict_output``).
@@ -162,10 +171,14 @@ def prepare_output(output: str, inputs: Sequence[pathlib.Path],
   predict_output.prepare(output, planned, overwrite)
 
 
-def score_files(scorer: scorer_lib.Scorer, files: Sequence[pathlib.Path],
-                root: pathlib.Path, output: str, batch_size: int = 8,
-                names: Sequence[str] | None = None
-                ) -> tuple[list[dict], list[tuple[str, str]]]:
+def score_files(
+    scorer: scorer_lib.Scorer,
+    files: Sequence[pathlib.Path],
+    root: pathlib.Path,
+    output: str,
+    batch_size: int = 8,
+    names: Sequence[str] | None = None
+) -> tuple[list[dict], list[tuple[str, str]]]:
   """Scores ``files`` into ``output``'s overlays/ and masks/.
 
   ``names``: ``output_names(files, root)`` unless given.
@@ -178,8 +191,8 @@ def score_files(scorer: scorer_lib.Scorer, files: Sequence[pathlib.Path],
   pixel_threshold, _, _ = scorer.thresholds
   low, high = artifacts.threshold_display_range(scorer.thresholds)
   rows, skipped, batch = [], [], []
-  progress = tqdm.tqdm(total=len(files), unit='img', file=sys.stderr,
-                       desc='predict')
+  progress = tqdm.tqdm(
+      total=len(files), unit='img', file=sys.stderr, desc='predict')
 
   def skip(path, reason):
     skipped.append((str(path), reason))
@@ -189,28 +202,34 @@ def score_files(scorer: scorer_lib.Scorer, files: Sequence[pathlib.Path],
   def flush():
     images = np.stack([resized for _, _, _, resized in batch])
     # Full batches only, so the scorer compiles once.
-    padded = np.concatenate([images] + [images[-1:]] * (batch_size
-                                                        - len(images)))
+    padded = np.concatenate([images]
+                            + [images[-1:]] * (batch_size - len(images)))
     maps, scores = scorer.score(padded)
     anomalous, finite = scorer.decide(maps, scores)
     for i, (path, name, image, _) in enumerate(batch):
       if not finite[i]:
-        skip(path, f'{path}: the map or score is not finite (score '
-                   f'{float(scores[i])}): the checkpoint or the fitted maps '
-                   'are corrupted; not scored')
+        skip(
+            path, f'{path}: the map or score is not finite (score '
+            f'{float(scores[i])}): the checkpoint or the fitted maps '
+            'are corrupted; not scored')
         continue
       # The map back at the (decoded) file's size (PIL sizes are (W, H)).
       full = visualize.resize(maps[i], image.size[::-1])
-      visualize.save_png(os.path.join(output, 'overlays', name + '.png'),
-                         visualize.overlay(np.asarray(image), full, low, high,
-                                           pixel_threshold))
-      visualize.save_png(os.path.join(output, 'masks', name + '.png'),
-                         (full > pixel_threshold).astype(np.uint8) * 255)
-      rows.append(dict(path=str(path), score=float(scores[i]),
-                       anomalous=int(anomalous[i]),
-                       map_max=float(maps[i].max()),
-                       overlay=f'overlays/{name}.png',
-                       mask=f'masks/{name}.png'))
+      visualize.save_png(
+          os.path.join(output, 'overlays', name + '.png'),
+          visualize.overlay(
+              np.asarray(image), full, low, high, pixel_threshold))
+      visualize.save_png(
+          os.path.join(output, 'masks', name + '.png'),
+          (full > pixel_threshold).astype(np.uint8) * 255)
+      rows.append(
+          dict(
+              path=str(path),
+              score=float(scores[i]),
+              anomalous=int(anomalous[i]),
+              map_max=float(maps[i].max()),
+              overlay=f'overlays/{name}.png',
+              mask=f'masks/{name}.png'))
       progress.update()
     batch.clear()
 
@@ -221,8 +240,9 @@ def score_files(scorer: scorer_lib.Scorer, files: Sequence[pathlib.Path],
     except CavgaError as e:
       skip(path, str(e))
       continue
-    batch.append((path, name, image, images_lib.model_input(
-        image, scorer.image_size, scorer.channels)))
+    batch.append((path, name, image,
+                  images_lib.model_input(image, scorer.image_size,
+                                         scorer.channels)))
     held += image.width * image.height
     if len(batch) == batch_size or held >= _BATCH_PIXELS:
       flush()
@@ -233,8 +253,11 @@ def score_files(scorer: scorer_lib.Scorer, files: Sequence[pathlib.Path],
   return rows, skipped
 
 
-def predict(workdir: str, input_pattern: str, output: str | None = None,
-            overwrite: bool = False, batch_size: int = 8,
+def predict(workdir: str,
+            input_pattern: str,
+            output: str | None = None,
+            overwrite: bool = False,
+            batch_size: int = 8,
             export_platforms: Sequence[str] = (),
             untrained: bool = False) -> PredictSummary:
   """Scores the images of ``input_pattern`` with ``workdir``'s run.
@@ -259,8 +282,8 @@ def predict(workdir: str, input_pattern: str, output: str | None = None,
       inputs, an output predict.py may not write, or a run that cannot be
       loaded.
   """
-  platforms = (export_lib.check_platforms(export_platforms)
-               if export_platforms else ())
+  platforms = (
+      export_lib.check_platforms(export_platforms) if export_platforms else ())
   if batch_size < 1:
     raise CavgaError(f'--batch_size={batch_size} must be at least 1')
   files, root = list_inputs(input_pattern)
@@ -276,8 +299,7 @@ def predict(workdir: str, input_pattern: str, output: str | None = None,
   rows, skipped = score_files(scorer, files, root, output, batch_size, names)
   _write(output, rows, skipped, scorer, input_pattern)
   if platforms:
-    path = export_lib.save(os.path.join(output, SCORER_DIR), scorer,
-                           platforms)
+    path = export_lib.save(os.path.join(output, SCORER_DIR), scorer, platforms)
     logging.info('serialized the scorer to %s', path)
   predict_output.finish(output)
   logging.info('scored %d images, skipped %d; wrote %s', len(rows),
@@ -288,16 +310,22 @@ def predict(workdir: str, input_pattern: str, output: str | None = None,
 def _write(output: str, rows: list[dict], skipped: list[tuple[str, str]],
            scorer: scorer_lib.Scorer, input_pattern: str) -> None:
   with open(os.path.join(output, SCORES_FILE), 'w', newline='') as f:
-    writer = csv.DictWriter(f, ['path', 'score', 'anomalous', 'map_max',
-                                'overlay', 'mask'])
+    writer = csv.DictWriter(
+        f, ['path', 'score', 'anomalous', 'map_max', 'overlay', 'mask'])
     writer.writeheader()
     writer.writerows(rows)
   pixel, image, _ = scorer.thresholds
   with open(os.path.join(output, SUMMARY_FILE), 'w') as f:
-    json.dump(dict(input=input_pattern, map=scorer.headline,
-                   checkpoint_step=scorer.step, pixel_threshold=pixel,
-                   image_threshold=image, scored=len(rows),
-                   anomalous=sum(r['anomalous'] for r in rows),
-                   max_output_pixels=MAX_OUTPUT_PIXELS,
-                   skipped=[dict(path=p, reason=r) for p, r in skipped]),
-              f, indent=2)
+    json.dump(
+        dict(
+            input=input_pattern,
+            map=scorer.headline,
+            checkpoint_step=scorer.step,
+            pixel_threshold=pixel,
+            image_threshold=image,
+            scored=len(rows),
+            anomalous=sum(r['anomalous'] for r in rows),
+            max_output_pixels=MAX_OUTPUT_PIXELS,
+            skipped=[dict(path=p, reason=r) for p, r in skipped]),
+        f,
+        indent=2)

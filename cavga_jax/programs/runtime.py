@@ -23,8 +23,7 @@ DEFAULT_CACHE_DIR = os.path.join('~', '.cache', 'cavga_jax', 'xla')
 
 def define_config_flag(help_string: str,
                        flag_values: flags.FlagValues = flags.FLAGS,
-                       sys_argv: list[str] | None = None
-                       ) -> flags.FlagHolder:
+                       sys_argv: list[str] | None = None) -> flags.FlagHolder:
   """The locked ``--config`` file flag, with one-line errors for bad fields.
 
   ``ml_collections`` rejects an override of an unknown field
@@ -38,8 +37,12 @@ def define_config_flag(help_string: str,
     sys_argv: the command line to read overrides from (default sys.argv).
   """
   holder = config_flags.DEFINE_config_file(
-      'config', None, help_string, flag_values=flag_values,
-      lock_config=True, sys_argv=sys_argv)
+      'config',
+      None,
+      help_string,
+      flag_values=flag_values,
+      lock_config=True,
+      sys_argv=sys_argv)
   flag = flag_values[holder.name]
   parse = flag._parse  # pylint: disable=protected-access
 
@@ -94,8 +97,9 @@ def quiet_dependency_logs() -> None:
   absl_logging.get_absl_logger().addFilter(_DropInfoFrom('orbax'))
 
 
-def task_program(programs: Mapping[str, Callable[[Any, str], Any]]
-                 ) -> Callable[[Any, str], Any]:
+def task_program(
+    programs: Mapping[str, Callable[[Any, str],
+                                    Any]]) -> Callable[[Any, str], Any]:
   """``(config, workdir) -> programs[config.task](config, workdir)``.
 
   ``config.task`` defaults to 'cavga' (``settings``); the program then
@@ -104,6 +108,7 @@ def task_program(programs: Mapping[str, Callable[[Any, str], Any]]
   Raises:
     CavgaError: a task without a program (one line, as ``config_checks``).
   """
+
   def program(config, workdir):
     task = config.get('task', typed_config.default('task'))
     if task not in programs:
@@ -135,8 +140,9 @@ def run_program(program: Callable[[Any, str], Any], config: Any, workdir: str,
     sys.exit(f'error: {e}')
 
 
-def prepare_run(config: Any, workdir: str, overwrite: bool = False
-                ) -> jax.sharding.Mesh:
+def prepare_run(config: Any,
+                workdir: str,
+                overwrite: bool = False) -> jax.sharding.Mesh:
   """Checks the workdir, writes ``<workdir>/config.json``.
 
   The first thing every training program does (CAVGA and the VAEs) once it

@@ -43,7 +43,9 @@ from cavga_jax.training import training_pictures
 
 Array = jax.Array
 
-def train(config: ml_collections.ConfigDict, workdir: str,
+
+def train(config: ml_collections.ConfigDict,
+          workdir: str,
           overwrite: bool = False) -> train_state.TrainState:
   """Trains CAVGA as configured, resuming from ``<workdir>/checkpoints``.
 
@@ -80,16 +82,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     return _train(run, workdir, mesh)
 
 
-def build_models(config: ml_collections.ConfigDict
-                 ) -> tuple[cavga.CAVGAGenerator, backbones.Discriminator]:
+def build_models(
+    config: ml_collections.ConfigDict
+) -> tuple[cavga.CAVGAGenerator, backbones.Discriminator]:
   """Generator and discriminator of a run config (``cavga_jax.build_models``).
 
   Reads its model and data sections into typed settings
   (``typed_config.section``) and builds ``cavga.build_models`` of them.
   """
   data_settings = typed_config.section(config, 'data')
-  return cavga.build_models(typed_config.section(config, 'model'),
-                             data_settings.image_size, data_settings.channels)
+  return cavga.build_models(
+      typed_config.section(config, 'model'), data_settings.image_size,
+      data_settings.channels)
 
 
 def _train(run: typed_config.RunSettings, workdir: str,
@@ -126,8 +130,8 @@ def _train(run: typed_config.RunSettings, workdir: str,
   if quota:
     # CAVGA_w: uniform batches would almost never hold one of the few
     # labelled anomalies, leaving the classifier nothing to learn from.
-    index_fn = functools.partial(data.quota_batch_indices, labels, batch_size,
-                                 quota, seed=run.seed)
+    index_fn = functools.partial(
+        data.quota_batch_indices, labels, batch_size, quota, seed=run.seed)
     description += f', {quota} anomalous per batch'
   if synthetic is not None:
     description += (f', {synthetic.num_synthetic(batch_size)} synthetic '
@@ -145,10 +149,16 @@ def _train(run: typed_config.RunSettings, workdir: str,
     if run.model.pretrained:
       logging.info('encoder initialised from %s', run.model.pretrained)
   state = training_loop.training_loop(
-      loop_settings, workdir, state, train_step, train_ds.num_examples,
+      loop_settings,
+      workdir,
+      state,
+      train_step,
+      train_ds.num_examples,
       lambda idx: (sharding.shard_batch(images[idx[host_slice]], mesh),
                    sharding.shard_batch(labels[idx[host_slice]], mesh)),
-      step_rng, ('g_loss', 'd_loss'), description, index_fn=index_fn,
+      step_rng, ('g_loss', 'd_loss'),
+      description,
+      index_fn=index_fn,
       eval_fn=_curve_fn(run.eval, run.train.eval_every, generator, test_ds,
                         evaluator_lib.normal_training_images(train_ds), mesh))
   # The trained detector (config.detector.num_steps > 0) on the features the
@@ -172,34 +182,38 @@ def _train(run: typed_config.RunSettings, workdir: str,
 SYNTHETIC_EXAMPLES_FILE = 'synthetic_examples.png'
 
 
-def _write_synthetic_examples(path: str, images: np.ndarray,
+def _write_synthetic_examples(path: str,
+                              images: np.ndarray,
                               synthetic: synthesis.SynthesisSettings,
-                              rng: Array, num: int = 8) -> None:
+                              rng: Array,
+                              num: int = 8) -> None:
   """A panel of synthetic training examples: clean | synthetic | mask rows.
 
   Drawn from the first ``num`` training images with the run's synthesis
   settings (the same generator as the train step, another key).
   """
   clean = train_state.images_to_float(jnp.asarray(images[:num]))
-  altered, masks, _ = jax.jit(synthesis.synthesize, static_argnums=2)(
-      rng, clean, dataclasses.replace(synthetic, fraction=1.0))
+  altered, masks, _ = jax.jit(
+      synthesis.synthesize,
+      static_argnums=2)(rng, clean,
+                        dataclasses.replace(synthetic, fraction=1.0))
   training_pictures.save_synthetic_panel(
       path, np.asarray(images[:num]),
-      np.asarray((altered + 1.0) * 127.5).round().clip(0, 255).astype(
-          np.uint8), np.asarray(masks) > 0)
+      np.asarray((altered + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8),
+      np.asarray(masks) > 0)
   logging.info('wrote synthetic training examples to %s', path)
 
 
-def _curve_fn(eval_settings: typed_config.EvalSettings, eval_every: int,
-              generator: cavga.CAVGAGenerator,
-              test_ds: data.AnomalyDataset, normal_images: np.ndarray,
-              mesh: jax.sharding.Mesh
-              ) -> Callable[[Any, int], dict[str, Any]] | None:
+def _curve_fn(
+    eval_settings: typed_config.EvalSettings, eval_every: int,
+    generator: cavga.CAVGAGenerator, test_ds: data.AnomalyDataset,
+    normal_images: np.ndarray,
+    mesh: jax.sharding.Mesh) -> Callable[[Any, int], dict[str, Any]] | None:
   """The learning-curve evaluation of ``config.train.eval_every`` (or None)."""
   if not eval_every:
     return None
   evaluator = evaluator_lib.Evaluator(generator, test_ds, eval_settings, mesh,
-                                     normal_images)
+                                      normal_images)
 
   def eval_fn(state, step):
     result, _ = evaluator(state.gen_params, state.gen_batch_stats)

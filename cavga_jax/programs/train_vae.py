@@ -78,8 +78,11 @@ def create_state(run: typed_config.VaeRunSettings, model: conv_vae.ConvVAE,
   size, channels = run.data.image_size, run.data.channels
   params = model.init(rng, jnp.zeros((1, size, size, channels)))['params']
   tx = train_state.make_optimizer(run.optimizer, run.train.num_steps)
-  return VAEState(step=jnp.zeros((), jnp.int32), params=params,
-                  opt_state=tx.init(params), tx=tx)
+  return VAEState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      tx=tx)
 
 
 def images_to_unit(images: Array) -> Array:
@@ -87,9 +90,12 @@ def images_to_unit(images: Array) -> Array:
   return images.astype(jnp.float32) / 255.0
 
 
-def loss_terms(model: conv_vae.ConvVAE, params: PyTree, x: Array, rng: Array,
-               with_attention_grad: bool, ad_variant: str = 'paper'
-               ) -> dict[str, Array]:
+def loss_terms(model: conv_vae.ConvVAE,
+               params: PyTree,
+               x: Array,
+               rng: Array,
+               with_attention_grad: bool,
+               ad_variant: str = 'paper') -> dict[str, Array]:
   """rec, kl and ad (L_AD) of one batch, per-batch scalars.
 
   Also 'nonzero_unit_maps', the batch's share of live (not all-zero) unit
@@ -111,18 +117,22 @@ def loss_terms(model: conv_vae.ConvVAE, params: PyTree, x: Array, rng: Array,
   if not with_attention_grad:
     maps = jax.lax.stop_gradient(maps)
   mu, logvar = outputs['mu'], outputs['logvar']
-  logits = model.apply(variables, cavga.reparameterize(rng, mu, logvar),
-                       method='decode')
-  return dict(rec=losses.bernoulli_reconstruction_loss(x, logits),
-              kl=losses.kl_divergence(mu, logvar),
-              ad=losses.attention_disentanglement_variant(maps, ad_variant),
-              nonzero_unit_maps=losses.live_unit_share(maps.units))
+  logits = model.apply(
+      variables, cavga.reparameterize(rng, mu, logvar), method='decode')
+  return dict(
+      rec=losses.bernoulli_reconstruction_loss(x, logits),
+      kl=losses.kl_divergence(mu, logvar),
+      ad=losses.attention_disentanglement_variant(maps, ad_variant),
+      nonzero_unit_maps=losses.live_unit_share(maps.units))
 
 
-def make_train_step(model: conv_vae.ConvVAE, beta: float, ad_weight: float,
-                    nonfinite_mode: str = 'stop', ad_variant: str = 'paper'
-                    ) -> Callable[[VAEState, Array, Array],
-                                  tuple[VAEState, dict[str, Array]]]:
+def make_train_step(
+    model: conv_vae.ConvVAE,
+    beta: float,
+    ad_weight: float,
+    nonfinite_mode: str = 'stop',
+    ad_variant: str = 'paper'
+) -> Callable[[VAEState, Array, Array], tuple[VAEState, dict[str, Array]]]:
   """``train_step(state, images, rng) -> (state, metrics)``.
 
   ``images`` uint8 (B, S, S, C); ``rng`` is the run's key, folded with the
@@ -144,17 +154,19 @@ def make_train_step(model: conv_vae.ConvVAE, beta: float, ad_weight: float,
       total = terms['rec'] + beta * terms['kl'] + ad_weight * terms['ad']
       return total, terms
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (loss, terms), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(
+            state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1,
-                              params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state)
     finite = nonfinite.tree_all_finite((loss, grads))
     if nonfinite_mode == 'skip':
       new_state = nonfinite.keep_state_unless_finite(finite, new_state, state)
-    return new_state, dict(terms, loss=loss,
-                           nonfinite=1.0 - finite.astype(jnp.float32))
+    return new_state, dict(
+        terms, loss=loss, nonfinite=1.0 - finite.astype(jnp.float32))
 
   return train_step
 
@@ -173,7 +185,9 @@ class TrainingData:
                          f'{sprite_renderer.IMAGE_SIZE} for {name}, got '
                          f'{data_settings.image_size}')
       self.factors = sprites.load_sprites(
-          name, data_settings.root or None, data_settings.download,
+          name,
+          data_settings.root or None,
+          data_settings.download,
           scales=data_settings.scales,
           orientations=data_settings.orientations,
           positions=data_settings.positions)
@@ -194,12 +208,13 @@ def setup(run: typed_config.VaeRunSettings, mesh: jax.sharding.Mesh):
   """The VAE, the jitted state initialiser and the replicated sharding."""
   model = conv_vae.build_vae(run.model, run.data.image_size, run.data.channels)
   state_sharding = sharding.replicated(mesh)
-  init_fn = jax.jit(functools.partial(create_state, run, model),
-                    out_shardings=state_sharding)
+  init_fn = jax.jit(
+      functools.partial(create_state, run, model), out_shardings=state_sharding)
   return model, init_fn, state_sharding
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
+def train(config: ml_collections.ConfigDict,
+          workdir: str,
           overwrite: bool = False) -> VAEState:
   """Trains the VAE as configured, resuming from ``<workdir>/checkpoints``.
 
@@ -239,7 +254,6 @@ def _train(run: typed_config.VaeRunSettings, workdir: str,
                  f'{run.data.name} ({training_data.num_examples} images)')
   return training_loop.training_loop(
       loop_settings, workdir, init_fn(init_rng), train_step,
-      training_data.num_examples,
-      lambda idx: sharding.shard_batch(training_data.images(idx[host_slice]),
-                                       mesh),
-      step_rng, ('loss',), description)
+      training_data.num_examples, lambda idx: sharding.shard_batch(
+          training_data.images(idx[host_slice]), mesh), step_rng, ('loss',),
+      description)

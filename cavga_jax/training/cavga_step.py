@@ -46,9 +46,10 @@ Array = jax.Array
 SYNTHESIS_STREAM = 1
 
 
-def _vae_gan_terms(outputs: dict[str, Array], images: Array,
-                   fake_logits: Array, weights: Array | None = None
-                   ) -> dict[str, Array]:
+def _vae_gan_terms(outputs: dict[str, Array],
+                   images: Array,
+                   fake_logits: Array,
+                   weights: Array | None = None) -> dict[str, Array]:
   """rec, kl and adv: the terms CAVGA_u and CAVGA_w share.
 
   ``weights`` (B,) weighs each image (None: all count equally).
@@ -63,16 +64,19 @@ def _vae_gan_terms(outputs: dict[str, Array], images: Array,
 def generator_loss_terms(outputs: dict[str, Array], images: Array,
                          fake_logits: Array) -> dict[str, Array]:
   """CAVGA_u loss terms: rec, kl, adv, ae (weights in ``config.loss_weights``)."""
-  return dict(_vae_gan_terms(outputs, images, fake_logits),
-              ae=losses.attention_expansion_loss(outputs['attention']))
+  return dict(
+      _vae_gan_terms(outputs, images, fake_logits),
+      ae=losses.attention_expansion_loss(outputs['attention']))
 
 
-def weak_generator_loss_terms(outputs: dict[str, Array], images: Array,
-                              fake_logits: Array, labels: Array,
-                              include_ae: bool = False,
-                              masks: Array | None = None,
-                              vae_weights: Array | None = None
-                              ) -> dict[str, Array]:
+def weak_generator_loss_terms(
+    outputs: dict[str, Array],
+    images: Array,
+    fake_logits: Array,
+    labels: Array,
+    include_ae: bool = False,
+    masks: Array | None = None,
+    vae_weights: Array | None = None) -> dict[str, Array]:
   """CAVGA_w loss terms: rec, kl, adv, bce, cga (and ae when ``include_ae``).
 
   The paper's CAVGA_w objective has no L_ae; ``include_ae`` adds it as an
@@ -96,25 +100,25 @@ def weak_generator_loss_terms(outputs: dict[str, Array], images: Array,
       _vae_gan_terms(outputs, images, fake_logits, vae_weights),
       bce=losses.binary_cross_entropy_loss(outputs['logits'], labels),
       cga=losses.complementary_guided_attention_loss(
-          class_attention[:, cavga.NORMAL],
-          class_attention[:, cavga.ANOMALOUS], outputs['logits'], labels))
+          class_attention[:, cavga.NORMAL], class_attention[:, cavga.ANOMALOUS],
+          outputs['logits'], labels))
   if include_ae:
     terms['ae'] = losses.attention_expansion_loss(outputs['attention'])
   if masks is not None:
-    anomalous_map = attention.resize_map(
-        class_attention[:, cavga.ANOMALOUS], images.shape[1])
-    terms['mask'] = losses.mask_dice_loss(
-        anomalous_map, masks, jnp.any(masks > 0, axis=(1, 2)))
+    anomalous_map = attention.resize_map(class_attention[:, cavga.ANOMALOUS],
+                                         images.shape[1])
+    terms['mask'] = losses.mask_dice_loss(anomalous_map, masks,
+                                          jnp.any(masks > 0, axis=(1, 2)))
   return terms
 
 
-def make_train_step(generator: cavga.CAVGAGenerator,
-                    discriminator: backbones.Discriminator,
-                    loss_weights: dict[str, float],
-                    nonfinite_mode: str = 'stop',
-                    synthetic: synthesis.SynthesisSettings | None = None,
-                    ) -> Callable[..., tuple[train_state.TrainState,
-                                             dict[str, Array]]]:
+def make_train_step(
+    generator: cavga.CAVGAGenerator,
+    discriminator: backbones.Discriminator,
+    loss_weights: dict[str, float],
+    nonfinite_mode: str = 'stop',
+    synthetic: synthesis.SynthesisSettings | None = None,
+) -> Callable[..., tuple[train_state.TrainState, dict[str, Array]]]:
   """Returns the pure, jittable CAVGA train step.
 
   ``train_step(state, images, rng, labels=None) -> (state, metrics)``:
@@ -148,7 +152,9 @@ def make_train_step(generator: cavga.CAVGAGenerator,
                      "(model.supervision='weak')")
   include_ae = bool(loss_weights.get('ae', 0.0))
 
-  def train_step(state: train_state.TrainState, images: Array, rng: Array,
+  def train_step(state: train_state.TrainState,
+                 images: Array,
+                 rng: Array,
                  labels: Array | None = None):
     if weak and labels is None:
       raise ValueError('CAVGA_w train step needs the batch labels')
@@ -171,7 +177,9 @@ def make_train_step(generator: cavga.CAVGAGenerator,
 
     def disc_apply(params, batch_stats, inputs):
       logits, updates = discriminator.apply(
-          {'params': params, 'batch_stats': batch_stats}, inputs, True,
+          {'params': params, 'batch_stats': batch_stats},
+          inputs,
+          True,
           mutable=['batch_stats'])
       return logits, updates['batch_stats']
 
@@ -185,9 +193,11 @@ def make_train_step(generator: cavga.CAVGAGenerator,
                                        vae_weights), batch_stats
 
     (d_loss, disc_batch_stats), d_grads = jax.value_and_grad(
-        disc_loss_fn, has_aux=True)(state.disc_params)
-    d_updates, disc_opt_state = state.disc_tx.update(
-        d_grads, state.disc_opt_state, state.disc_params)
+        disc_loss_fn, has_aux=True)(
+            state.disc_params)
+    d_updates, disc_opt_state = state.disc_tx.update(d_grads,
+                                                     state.disc_opt_state,
+                                                     state.disc_params)
     disc_params = optax.apply_updates(state.disc_params, d_updates)
 
     def gen_loss_fn(outs):
@@ -201,10 +211,11 @@ def make_train_step(generator: cavga.CAVGAGenerator,
       return losses.weighted_total(terms, loss_weights), terms
 
     (g_loss, terms), output_grads = jax.value_and_grad(
-        gen_loss_fn, has_aux=True)(outputs)
+        gen_loss_fn, has_aux=True)(
+            outputs)
     (g_grads,) = gen_vjp(output_grads)
-    g_updates, gen_opt_state = state.gen_tx.update(
-        g_grads, state.gen_opt_state, state.gen_params)
+    g_updates, gen_opt_state = state.gen_tx.update(g_grads, state.gen_opt_state,
+                                                   state.gen_params)
     new_state = state.replace(
         step=state.step + 1,
         gen_params=optax.apply_updates(state.gen_params, g_updates),
@@ -216,8 +227,11 @@ def make_train_step(generator: cavga.CAVGAGenerator,
     finite = nonfinite.tree_all_finite((g_loss, d_loss, g_grads, d_grads))
     if nonfinite_mode == 'skip':
       new_state = nonfinite.keep_state_unless_finite(finite, new_state, state)
-    metrics = dict(terms, g_loss=g_loss, d_loss=d_loss,
-                   nonfinite=1.0 - finite.astype(jnp.float32))
+    metrics = dict(
+        terms,
+        g_loss=g_loss,
+        d_loss=d_loss,
+        nonfinite=1.0 - finite.astype(jnp.float32))
     if weak:
       predictions = jnp.argmax(outputs['logits'], axis=-1)
       metrics['cls_accuracy'] = jnp.mean(

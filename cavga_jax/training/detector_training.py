@@ -83,7 +83,8 @@ def settings_from_run(run: typed_config.RunSettings) -> Settings:
       **{name: getattr(run.detector, name) for name in fields})
   return Settings(
       map=evaluator_lib.detector_settings(run.eval, run.detector),
-      train=train, seed=int(run.seed),
+      train=train,
+      seed=int(run.seed),
       eval_batch_size=int(run.eval.batch_size),
       threshold_holdout=float(run.eval.threshold_holdout))
 
@@ -97,26 +98,28 @@ def compute_features(generator, variables: dict[str, Any], images: np.ndarray,
                      batch_size: int, mesh, what: str) -> np.ndarray:
   """(N, g, g, D) float32 features of uint8 or [-1, 1] images (the map's
   ``inputs``), in sharded batches."""
-  step = jax.jit(inference.make_normal_step(
-      generator, map_settings_, {detector.NAME: settings}))
+  step = jax.jit(
+      inference.make_normal_step(generator, map_settings_,
+                                 {detector.NAME: settings}))
   out = inference.predict(
-      lambda batch: step(variables['params'], variables['batch_stats'],
-                         batch), images, batch_size, mesh, what)
+      lambda batch: step(variables['params'], variables['batch_stats'], batch),
+      images, batch_size, mesh, what)
   return out[detector.NAME]
 
 
 def _synthetic(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 images with one synthetic anomaly each, (N, S, S) masks)."""
   x = train_state.images_to_float(jnp.asarray(images))
-  altered, masks, _ = jax.jit(synthesis.synthesize, static_argnums=2)(
-      jax.random.key(VALIDATION_SEED), x,
-      synthesis.SynthesisSettings(fraction=1.0))
+  altered, masks, _ = jax.jit(
+      synthesis.synthesize,
+      static_argnums=2)(jax.random.key(VALIDATION_SEED), x,
+                        synthesis.SynthesisSettings(fraction=1.0))
   altered = np.asarray(inference.to_uint8(altered))
   return altered, np.asarray(masks) > 0
 
 
-def validation_fn(clean: np.ndarray, synthetic: np.ndarray,
-                  masks: np.ndarray, context):
+def validation_fn(clean: np.ndarray, synthetic: np.ndarray, masks: np.ndarray,
+                  context):
   """``(state) -> {'pixel_auroc', 'aupro', 'image_auroc'}`` of the detector
   map on the synthetic validation images (clean ones as the normals)."""
   apply = jax.jit(lambda state, f: detector.MAP.apply(context, None, state, f))
@@ -126,8 +129,9 @@ def validation_fn(clean: np.ndarray, synthetic: np.ndarray,
     clean_maps = np.asarray(apply(map_state, clean))
     maps = np.asarray(apply(map_state, synthetic))
     score = detector.MAP.image_score
-    scores = np.concatenate([np.asarray(score(clean_maps)),
-                             np.asarray(score(maps))])
+    scores = np.concatenate(
+        [np.asarray(score(clean_maps)),
+         np.asarray(score(maps))])
     labels = np.r_[np.zeros(len(clean)), np.ones(len(synthetic))]
     return dict(
         pixel_auroc=pixel_metrics.pixel_auroc(maps, masks),
@@ -151,8 +155,8 @@ def train(run: typed_config.RunSettings, workdir: str, generator,
     return None
   image_size = normal_images.shape[1]
   maps = evaluator_lib.map_settings(run.eval, image_size)
-  fit_images, held_out = fitting.split_held_out(
-      normal_images, settings.threshold_holdout)
+  fit_images, held_out = fitting.split_held_out(normal_images,
+                                                settings.threshold_holdout)
   features = compute_features(generator, variables, fit_images, settings.map,
                               maps, settings.eval_batch_size, mesh,
                               'detector training images')
@@ -172,12 +176,10 @@ def train(run: typed_config.RunSettings, workdir: str, generator,
                                maps, settings.eval_batch_size, mesh,
                                'held-out images')
     synthetic_f = compute_features(generator, variables, synthetic,
-                                   settings.map, maps,
-                                   settings.eval_batch_size, mesh,
-                                   'synthetic validation images')
-    validate = validation_fn(
-        clean_f, synthetic_f, masks,
-        inference.map_context(generator, maps, image_size))
+                                   settings.map, maps, settings.eval_batch_size,
+                                   mesh, 'synthetic validation images')
+    validate = validation_fn(clean_f, synthetic_f, masks,
+                             inference.map_context(generator, maps, image_size))
 
     def eval_fn(state, step):
       return dict(step=step, maps={VALIDATION: validate(state)})
@@ -186,10 +188,14 @@ def train(run: typed_config.RunSettings, workdir: str, generator,
                         f'on {len(fit_images)} images')
 
 
-def train_on_cells(settings: Settings, workdir: str, cells: np.ndarray,
-                   mean: np.ndarray, std: np.ndarray, mesh: jax.sharding.Mesh,
-                   eval_fn=None, what: str = ''
-                   ) -> detector.DetectorState:
+def train_on_cells(settings: Settings,
+                   workdir: str,
+                   cells: np.ndarray,
+                   mean: np.ndarray,
+                   std: np.ndarray,
+                   mesh: jax.sharding.Mesh,
+                   eval_fn=None,
+                   what: str = '') -> detector.DetectorState:
   """The training loop on (M, D) feature cells (``train``'s step 3).
 
   Each step's ``detector.batch_size`` cells are drawn with replacement as a
@@ -203,11 +209,14 @@ def train_on_cells(settings: Settings, workdir: str, cells: np.ndarray,
   state = jax.device_put(
       detector.create_state(settings.map, train_settings, mean, std),
       replicated)
-  jitted = jax.jit(detector.make_train_step(train_settings),
-                   donate_argnums=0, out_shardings=(replicated, replicated))
+  jitted = jax.jit(
+      detector.make_train_step(train_settings),
+      donate_argnums=0,
+      out_shardings=(replicated, replicated))
   loop = training_loop.LoopSettings(
       num_steps=train_settings.num_steps,
-      batch_size=train_settings.batch_size, seed=settings.seed,
+      batch_size=train_settings.batch_size,
+      seed=settings.seed,
       log_every=train_settings.log_every,
       checkpoint_every=train_settings.checkpoint_every,
       eval_every=train_settings.validate_every or train_settings.num_steps)
@@ -217,20 +226,23 @@ def train_on_cells(settings: Settings, workdir: str, cells: np.ndarray,
     rng = np.random.default_rng([settings.seed, step])
     return rng.integers(0, len(cells), train_settings.batch_size)
 
-  step_rng = jax.random.fold_in(train_state.run_keys(settings.seed)[1],
-                                _STEP_STREAM)
+  step_rng = jax.random.fold_in(
+      train_state.run_keys(settings.seed)[1], _STEP_STREAM)
   return training_loop.training_loop(
-      loop, detector_dir(workdir), state,
-      lambda s, batch, rng: jitted(s, batch, rng), len(cells),
+      loop,
+      detector_dir(workdir),
+      state,
+      lambda s, batch, rng: jitted(s, batch, rng),
+      len(cells),
       lambda idx: sharding.shard_batch(cells[idx[host_slice]], mesh),
-      step_rng, ('loss',),
-      f'the detector ({cells.shape[-1]} channels, hidden '
+      step_rng, ('loss',), f'the detector ({cells.shape[-1]} channels, hidden '
       f'{settings.map.hidden}, noise {train_settings.noise_std}) {what}',
-      index_fn=index_fn, eval_fn=eval_fn)
+      index_fn=index_fn,
+      eval_fn=eval_fn)
 
 
-def trained_state(workdir: str, step: int | None = None
-                  ) -> tuple[dict[str, Any], int] | None:
+def trained_state(workdir: str,
+                  step: int | None = None) -> tuple[dict[str, Any], int] | None:
   """(a detector checkpoint's map state, its step), or None when the run
   trained no detector. ``step`` None: ``selected_step``'s. The checkpoint
   holds everything the map needs."""
@@ -244,8 +256,10 @@ def trained_state(workdir: str, step: int | None = None
   finally:
     manager.close()
   tree = restored if isinstance(restored, dict) else restored.__dict__
-  state = {k: jax.tree.map(np.asarray, tree[k])
-           for k in ('params', 'batch_stats', 'mean', 'std')}
+  state = {
+      k: jax.tree.map(np.asarray, tree[k])
+      for k in ('params', 'batch_stats', 'mean', 'std')
+  }
   return state, int(step)
 
 

@@ -23,22 +23,23 @@ def _mean_over_examples(per_element: Array, weights: Array | None) -> Array:
   per-example means (0 when every weight is 0)."""
   if weights is None:
     return jnp.mean(per_element)
-  per_example = jnp.mean(per_element.reshape(per_element.shape[0], -1),
-                         axis=1)
+  per_example = jnp.mean(per_element.reshape(per_element.shape[0], -1), axis=1)
   weights = weights.astype(per_example.dtype)
   return jnp.sum(weights * per_example) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def reconstruction_loss(images: Array, reconstructions: Array,
+def reconstruction_loss(images: Array,
+                        reconstructions: Array,
                         weights: Array | None = None) -> Array:
   """Mean squared error over all pixels: (B, H, W, C) x2 -> ().
 
   ``weights`` (B,) weighs each image's mean (synthetic anomalies get 0 under
   ``reconstruction='normal_only'``); None is the plain mean.
   """
-  return _mean_over_examples(jnp.square(
-      images.astype(jnp.float32) - reconstructions.astype(jnp.float32)),
-                             weights)
+  return _mean_over_examples(
+      jnp.square(
+          images.astype(jnp.float32) - reconstructions.astype(jnp.float32)),
+      weights)
 
 
 def kl_loss(mu: Array, logvar: Array, weights: Array | None = None) -> Array:
@@ -47,7 +48,8 @@ def kl_loss(mu: Array, logvar: Array, weights: Array | None = None) -> Array:
       -0.5 * (1.0 + logvar - jnp.square(mu) - jnp.exp(logvar)), weights)
 
 
-def discriminator_loss(real_logits: Array, fake_logits: Array,
+def discriminator_loss(real_logits: Array,
+                       fake_logits: Array,
                        fake_weights: Array | None = None) -> Array:
   """Non-saturating GAN loss of D: mean softplus(-D(x)) + mean softplus(D(x_hat))."""
   return (jnp.mean(jax.nn.softplus(-real_logits))
@@ -60,7 +62,9 @@ def generator_adversarial_loss(fake_logits: Array,
   return _mean_over_examples(jax.nn.softplus(-fake_logits), weights)
 
 
-def mask_dice_loss(anomaly_maps: Array, masks: Array, weights: Array,
+def mask_dice_loss(anomaly_maps: Array,
+                   masks: Array,
+                   weights: Array,
                    smooth: float = 1.0) -> Array:
   """Dice loss of maps against exact masks, mean over weighted images.
 
@@ -98,14 +102,14 @@ def binary_cross_entropy_loss(logits: Array, labels: Array) -> Array:
     logits: (B, 2) logits, column 0 normal, 1 anomalous.
     labels: (B,) int, 0 normal, 1 anomalous.
   """
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels.astype(jnp.int32)))
+  return jnp.mean(
+      optax.softmax_cross_entropy_with_integer_labels(
+          logits.astype(jnp.float32), labels.astype(jnp.int32)))
 
 
 def complementary_guided_attention_loss(attention_normal: Array,
                                         attention_anomalous: Array,
-                                        logits: Array,
-                                        labels: Array) -> Array:
+                                        logits: Array, labels: Array) -> Array:
   """L_cga: ``mean_b 1(p_b = y_b = normal) * mean_ij(1 - A^cn + A^ca)``.
 
   Only normal images the classifier calls normal contribute; the sum is
@@ -125,8 +129,9 @@ def complementary_guided_attention_loss(attention_normal: Array,
   qualifies = (predictions == _NORMAL) & (labels == _NORMAL)
   # Low-precision maps are upcast; float64 stays float64.
   dtype = jnp.promote_types(attention_normal.dtype, jnp.float32)
-  per_image = jnp.mean(1.0 - attention_normal.astype(dtype)
-                       + attention_anomalous.astype(dtype), axis=(1, 2))
+  per_image = jnp.mean(
+      1.0 - attention_normal.astype(dtype) + attention_anomalous.astype(dtype),
+      axis=(1, 2))
   return jnp.sum(jnp.where(qualifies, per_image, 0.0)) / labels.shape[0]
 
 
@@ -143,15 +148,15 @@ def weighted_total(losses: Mapping[str, Array],
   return sum(weights[name] * value for name, value in losses.items())
 
 
-def objective_terms(supervision: str, synthetic: bool = False
-                    ) -> tuple[str, ...]:
+def objective_terms(supervision: str,
+                    synthetic: bool = False) -> tuple[str, ...]:
   """The loss terms of a CAVGA objective, each needing a weight.
 
   CAVGA_u: rec, kl, adv, ae. CAVGA_w: rec, kl, adv, bce, cga (its L_ae is an
   optional ablation), plus the Dice term ``mask`` with synthetic anomalies.
   """
-  terms = (('rec', 'kl', 'adv', 'bce', 'cga') if supervision == 'weak'
-           else ('rec', 'kl', 'adv', 'ae'))
+  terms = (('rec', 'kl', 'adv', 'bce', 'cga') if supervision == 'weak' else
+           ('rec', 'kl', 'adv', 'ae'))
   return terms + ('mask',) if synthetic else terms
 
 
@@ -190,8 +195,8 @@ def kl_divergence(mu: Array, logvar: Array) -> Array:
   return jnp.mean(kl_divergence_per_image(mu, logvar))
 
 
-def attention_disentanglement_per_image(unit_maps: Array, eps: float = 1e-8
-                                        ) -> Array:
+def attention_disentanglement_per_image(unit_maps: Array,
+                                        eps: float = 1e-8) -> Array:
   """Liu et al.'s L_AD of each image: (B, U, h, w) -> (B,).
 
   Per image (docs/protocol.md section 3): ``sum_{i<j} 2 * sum(min(A_i, A_j)) / sum(A_i + A_j)``, a soft
@@ -207,8 +212,8 @@ def attention_disentanglement_per_image(unit_maps: Array, eps: float = 1e-8
       jnp.promote_types(unit_maps.dtype, jnp.float32))
   overlap = jnp.sum(jnp.minimum(maps[:, :, None], maps[:, None]), axis=-1)
   mass = jnp.sum(maps, axis=-1)
-  return _sum_over_pairs(
-      2.0 * overlap / (mass[:, :, None] + mass[:, None] + eps))
+  return _sum_over_pairs(2.0 * overlap /
+                         (mass[:, :, None] + mass[:, None] + eps))
 
 
 def _sum_over_pairs(pair_values: Array) -> Array:
@@ -218,14 +223,13 @@ def _sum_over_pairs(pair_values: Array) -> Array:
   return jnp.sum(jnp.where(upper, pair_values, 0.0), axis=(1, 2))
 
 
-def attention_disentanglement_loss(unit_maps: Array, eps: float = 1e-8
-                                   ) -> Array:
+def attention_disentanglement_loss(unit_maps: Array,
+                                   eps: float = 1e-8) -> Array:
   """``attention_disentanglement_per_image`` averaged over the batch: L_AD."""
   return jnp.mean(attention_disentanglement_per_image(unit_maps, eps))
 
 
-def attention_overlap_per_image(unit_cams: Array, eps: float = 1e-6
-                                ) -> Array:
+def attention_overlap_per_image(unit_cams: Array, eps: float = 1e-6) -> Array:
   """L_AD variant 'distribution' of each image: (B, U, h, w) -> (B,).
 
   The paper's L_AD is a soft IoU of ReLU'd maps, and an all-zero map (the

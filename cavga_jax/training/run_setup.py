@@ -73,20 +73,25 @@ class RunSetup:
                                      self.init_fn, self.state_sharding)
 
 
-def load_datasets(run: typed_config.RunSettings, workdir: str
-                  ) -> tuple[data.AnomalyDataset, data.AnomalyDataset]:
+def load_datasets(
+    run: typed_config.RunSettings,
+    workdir: str) -> tuple[data.AnomalyDataset, data.AnomalyDataset]:
   """(train, test) of ``run`` (``data.get_datasets`` of its data section,
   seed and supervision)."""
   return data.get_datasets(run.data, workdir, run.seed, run.model.supervision)
 
 
-def setup(run: typed_config.RunSettings, workdir: str, *,
-          datasets: bool = True, restore: bool = False,
-          untrained: bool = False,
-          feature_variables: bool = True,
-          mesh: jax.sharding.Mesh | None = None,
-          check_test_set: Callable[[data.AnomalyDataset], None] | None = None
-          ) -> RunSetup:
+def setup(
+    run: typed_config.RunSettings,
+    workdir: str,
+    *,
+    datasets: bool = True,
+    restore: bool = False,
+    untrained: bool = False,
+    feature_variables: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    check_test_set: Callable[[data.AnomalyDataset], None] | None = None
+) -> RunSetup:
   """The mesh, datasets, networks and states of ``run``.
 
   Args:
@@ -116,11 +121,17 @@ def setup(run: typed_config.RunSettings, workdir: str, *,
       check_test_set(test_ds)
   generator, discriminator, init_fn, state_sharding = train_state.setup(
       run, mesh)
-  made = RunSetup(run=run, mesh=mesh, train_ds=train_ds, test_ds=test_ds,
-                  generator=generator, discriminator=discriminator,
-                  init_fn=init_fn, state_sharding=state_sharding)
-  initial_features = (feature_variables
-                      and run.eval.feature_weights == 'initial')
+  made = RunSetup(
+      run=run,
+      mesh=mesh,
+      train_ds=train_ds,
+      test_ds=test_ds,
+      generator=generator,
+      discriminator=discriminator,
+      init_fn=init_fn,
+      state_sharding=state_sharding)
+  initial_features = (
+      feature_variables and run.eval.feature_weights == 'initial')
   initial = None
   if untrained or initial_features:
     initial = made.initial_state()
@@ -128,9 +139,11 @@ def setup(run: typed_config.RunSettings, workdir: str, *,
   if restore and untrained:
     state, step = initial, 0
   elif restore:
-    state, step = checkpointing.restore_for_eval(workdir,
-                                                 made.abstract_state())
+    state, step = checkpointing.restore_for_eval(workdir, made.abstract_state())
   return dataclasses.replace(
-      made, initial=initial, state=state, step=step,
-      feature_variables=(initial.generator_variables() if initial_features
-                         else None))
+      made,
+      initial=initial,
+      state=state,
+      step=step,
+      feature_variables=(initial.generator_variables()
+                         if initial_features else None))

@@ -116,18 +116,18 @@ def perlin_noise(key: Array, size: int, resolution: int) -> Array:
   Random unit gradients at the lattice corners, quintic fade (Perlin 2002).
   Values lie in about [-1, 1].
   """
-  angles = jax.random.uniform(key, (resolution + 1, resolution + 1),
-                              maxval=2 * jnp.pi)
+  angles = jax.random.uniform(
+      key, (resolution + 1, resolution + 1), maxval=2 * jnp.pi)
   gx, gy = jnp.cos(angles), jnp.sin(angles)
   t = _pixel_centres(size) * resolution / size
   cell = jnp.floor(t).astype(jnp.int32)
   frac = t - cell
-  fade = frac ** 3 * (frac * (frac * 6 - 15) + 10)
+  fade = frac**3 * (frac * (frac * 6 - 15) + 10)
 
   def corner(dy, dx):
     iy, ix = cell[:, None] + dy, cell[None, :] + dx
-    return (gx[iy, ix] * (frac[None, :] - dx)
-            + gy[iy, ix] * (frac[:, None] - dy))
+    return (gx[iy, ix] * (frac[None, :] - dx) + gy[iy, ix] *
+            (frac[:, None] - dy))
 
   u, v = fade[None, :], fade[:, None]
   top = corner(0, 0) + u * (corner(0, 1) - corner(0, 0))
@@ -138,8 +138,9 @@ def perlin_noise(key: Array, size: int, resolution: int) -> Array:
 def perlin_mask(key: Array, size: int, area: Array) -> Array:
   """The top ``area`` share of Perlin noise at a random lattice: (S, S) bool."""
   select_key, *noise_keys = jax.random.split(key, len(PERLIN_RESOLUTIONS) + 1)
-  noises = jnp.stack([perlin_noise(k, size, r) for k, r in
-                      zip(noise_keys, PERLIN_RESOLUTIONS)])
+  noises = jnp.stack([
+      perlin_noise(k, size, r) for k, r in zip(noise_keys, PERLIN_RESOLUTIONS)
+  ])
   noise = noises[jax.random.randint(select_key, (), 0, len(noises))]
   return noise > jnp.quantile(noise, 1.0 - area)
 
@@ -159,8 +160,8 @@ def polygon_mask(key: Array, size: int, area: Array) -> Array:
   n = _POLYGON_VERTICES
   radius = jnp.sqrt(area * size * size / jnp.pi)
   margin = jnp.minimum(radius, size / 2)
-  cx, cy = jax.random.uniform(k_centre, (2,), minval=margin,
-                              maxval=size - margin)
+  cx, cy = jax.random.uniform(
+      k_centre, (2,), minval=margin, maxval=size - margin)
   jitter = jax.random.uniform(k_jitter, (n,), maxval=0.8)
   angles = (2 * jnp.pi * (jnp.arange(n) + jitter) / n
             + jax.random.uniform(k_phase, (), maxval=2 * jnp.pi))
@@ -182,34 +183,36 @@ def scratch_mask(key: Array, size: int, area: Array) -> Array:
   most 1.5 image sides); each segment turns by up to 1 rad.
   """
   k_width, k_start, k_heading, k_turns = jax.random.split(key, 4)
-  width = jax.random.uniform(k_width, (), minval=1.0, maxval=4.0) * max(
-      size / 128, 0.5)
+  width = jax.random.uniform(
+      k_width, (), minval=1.0, maxval=4.0) * max(size / 128, 0.5)
   length = jnp.minimum(area * size * size / width, 1.5 * size)
   step = length / _SCRATCH_SEGMENTS
-  start = jax.random.uniform(k_start, (2,), minval=0.1 * size,
-                             maxval=0.9 * size)
-  headings = (jax.random.uniform(k_heading, (), maxval=2 * jnp.pi)
-              + jnp.cumsum(jax.random.uniform(
-                  k_turns, (_SCRATCH_SEGMENTS,), minval=-1.0, maxval=1.0)))
+  start = jax.random.uniform(
+      k_start, (2,), minval=0.1 * size, maxval=0.9 * size)
+  headings = (
+      jax.random.uniform(k_heading, (), maxval=2 * jnp.pi) + jnp.cumsum(
+          jax.random.uniform(
+              k_turns, (_SCRATCH_SEGMENTS,), minval=-1.0, maxval=1.0)))
   steps = step * jnp.stack([jnp.cos(headings), jnp.sin(headings)], axis=-1)
-  points = jnp.clip(start + jnp.concatenate(
-      [jnp.zeros((1, 2)), jnp.cumsum(steps, axis=0)]), 0.0, size)
+  points = jnp.clip(
+      start + jnp.concatenate([jnp.zeros(
+          (1, 2)), jnp.cumsum(steps, axis=0)]), 0.0, size)
   p0, p1 = points[:-1], points[1:]  # (n, 2) segment ends, (x, y)
   centres = _pixel_centres(size)
   x = centres[None, :, None]
   y = centres[:, None, None]
   d = p1 - p0
   length2 = jnp.maximum(jnp.sum(d * d, axis=-1), 1e-12)
-  t = jnp.clip(((x - p0[:, 0]) * d[:, 0] + (y - p0[:, 1]) * d[:, 1])
-               / length2, 0.0, 1.0)
+  t = jnp.clip(((x - p0[:, 0]) * d[:, 0] + (y - p0[:, 1]) * d[:, 1]) / length2,
+               0.0, 1.0)
   dx = x - (p0[:, 0] + t * d[:, 0])
   dy = y - (p0[:, 1] + t * d[:, 1])
-  return jnp.any(dx * dx + dy * dy <= jnp.maximum(width / 2, 0.5) ** 2,
-                 axis=-1)
+  return jnp.any(dx * dx + dy * dy <= jnp.maximum(width / 2, 0.5)**2, axis=-1)
 
 
-_MASKS = {'perlin': perlin_mask, 'polygon': polygon_mask,
-          'scratch': scratch_mask}
+_MASKS = {
+    'perlin': perlin_mask, 'polygon': polygon_mask, 'scratch': scratch_mask
+}
 
 
 def _translate(key: Array, image: Array) -> Array:
@@ -223,8 +226,8 @@ def _texture(key: Array, image: Array) -> Array:
   k_colour, k_noise, k_amplitude = jax.random.split(key, 3)
   channels = image.shape[-1]
   colour = jax.random.uniform(k_colour, (channels,), minval=-1.0, maxval=1.0)
-  amplitude = jax.random.uniform(k_amplitude, (channels,), minval=0.2,
-                                 maxval=0.6)
+  amplitude = jax.random.uniform(
+      k_amplitude, (channels,), minval=0.2, maxval=0.6)
   noise = perlin_noise(k_noise, image.shape[0], _TEXTURE_RESOLUTION)
   return jnp.clip(colour + amplitude * noise[..., None], -1.0, 1.0)
 
@@ -233,8 +236,8 @@ def _shift(key: Array, image: Array) -> Array:
   k_sign, k_size = jax.random.split(key)
   channels = image.shape[-1]
   sign = jnp.where(jax.random.bernoulli(k_sign, 0.5, (channels,)), 1.0, -1.0)
-  offset = sign * jax.random.uniform(k_size, (channels,), minval=0.2,
-                                     maxval=0.6)
+  offset = sign * jax.random.uniform(
+      k_size, (channels,), minval=0.2, maxval=0.6)
   return jnp.clip(image + offset, -1.0, 1.0)
 
 
@@ -254,26 +257,29 @@ def _synthesize_one(key: Array, image: Array, other: Array,
   (k_area, k_mask_kind, k_fill_kind, k_opacity, k_mask,
    k_fill) = jax.random.split(key, 6)
   size = image.shape[0]
-  log_area = jax.random.uniform(k_area, (), minval=math.log(settings.min_area),
-                                maxval=math.log(settings.max_area))
+  log_area = jax.random.uniform(
+      k_area, (),
+      minval=math.log(settings.min_area),
+      maxval=math.log(settings.max_area))
   area = jnp.exp(log_area)
-  masks = jnp.stack([_MASKS[kind](k_mask, size, area)
-                     for kind in settings.masks])
+  masks = jnp.stack(
+      [_MASKS[kind](k_mask, size, area) for kind in settings.masks])
   mask = masks[jax.random.randint(k_mask_kind, (), 0, len(masks))]
-  fills = jnp.stack([_fill(kind, k_fill, image, other)
-                     for kind in settings.fills])
+  fills = jnp.stack(
+      [_fill(kind, k_fill, image, other) for kind in settings.fills])
   fill = fills[jax.random.randint(k_fill_kind, (), 0, len(fills))]
   gray = jnp.all(jnp.abs(image - jnp.mean(image, -1, keepdims=True)) < 1e-6)
-  fill = jnp.where(gray, jnp.broadcast_to(jnp.mean(fill, -1, keepdims=True),
-                                          fill.shape), fill)
-  opacity = jax.random.uniform(k_opacity, (), minval=settings.min_opacity,
-                               maxval=settings.max_opacity)
+  fill = jnp.where(
+      gray, jnp.broadcast_to(jnp.mean(fill, -1, keepdims=True), fill.shape),
+      fill)
+  opacity = jax.random.uniform(
+      k_opacity, (), minval=settings.min_opacity, maxval=settings.max_opacity)
   mask = mask.astype(image.dtype)
   return image + opacity * mask[..., None] * (fill - image), mask
 
 
-def synthesize(key: Array, images: Array, settings: SynthesisSettings
-               ) -> tuple[Array, Array, Array]:
+def synthesize(key: Array, images: Array,
+               settings: SynthesisSettings) -> tuple[Array, Array, Array]:
   """Makes the first ``settings.num_synthetic(B)`` images of a batch anomalous.
 
   Args:
@@ -291,9 +297,8 @@ def synthesize(key: Array, images: Array, settings: SynthesisSettings
   # 'other_image' pastes from the next image of the batch (a normal one when
   # the batch has more than one image).
   others = jnp.roll(images, -1, axis=0)[:num]
-  altered, masks = jax.vmap(
-      lambda k, x, o: _synthesize_one(k, x, o, settings))(
-          jax.random.split(key, num), images[:num], others)
+  altered, masks = jax.vmap(lambda k, x, o: _synthesize_one(k, x, o, settings))(
+      jax.random.split(key, num), images[:num], others)
   out = jnp.concatenate([altered, images[num:]])
   masks = jnp.concatenate(
       [masks, jnp.zeros((batch - num,) + masks.shape[1:], masks.dtype)])
@@ -312,6 +317,8 @@ def settings_from_fields(fields) -> SynthesisSettings | None:
   unknown = sorted(set(fields) - known)
   if unknown:
     raise ValueError(f'unknown fields {unknown} (known: {sorted(known)})')
-  return SynthesisSettings(**{
-      name: tuple(value) if isinstance(value, (list, tuple)) else value
-      for name, value in fields.items()})
+  return SynthesisSettings(
+      **{
+          name: tuple(value) if isinstance(value, (list, tuple)) else value
+          for name, value in fields.items()
+      })

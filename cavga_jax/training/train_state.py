@@ -50,12 +50,12 @@ def make_optimizer(optimizer: typed_config.OptimizerSettings,
   lr = optimizer.learning_rate
   warmup = optimizer.warmup_steps
   if optimizer.schedule == 'cosine':
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup, max(num_steps, warmup + 1))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup,
+                                                  max(num_steps, warmup + 1))
   elif warmup:
     schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
-        [warmup])
+        [optax.linear_schedule(0.0, lr, warmup),
+         optax.constant_schedule(lr)], [warmup])
   else:
     schedule = lr
   adam = optax.adam(schedule, b1=optimizer.b1, b2=optimizer.b2)
@@ -63,12 +63,14 @@ def make_optimizer(optimizer: typed_config.OptimizerSettings,
   return optax.chain(optax.clip_by_global_norm(clip), adam) if clip else adam
 
 
-def create_train_state(generator: cavga.CAVGAGenerator,
-                       discriminator: backbones.Discriminator,
-                       rng: Array, image_size: int, channels: int = 3,
-                       gen_tx: optax.GradientTransformation | None = None,
-                       disc_tx: optax.GradientTransformation | None = None
-                       ) -> TrainState:
+def create_train_state(
+    generator: cavga.CAVGAGenerator,
+    discriminator: backbones.Discriminator,
+    rng: Array,
+    image_size: int,
+    channels: int = 3,
+    gen_tx: optax.GradientTransformation | None = None,
+    disc_tx: optax.GradientTransformation | None = None) -> TrainState:
   """Initial state: fresh random parameters, from plain arguments.
 
   Pure, so it runs under ``jax.jit`` and ``jax.eval_shape`` (``setup``,
@@ -97,7 +99,8 @@ def create_train_state(generator: cavga.CAVGAGenerator,
       disc_params=disc_vars['params'],
       disc_batch_stats=disc_vars['batch_stats'],
       disc_opt_state=disc_tx.init(disc_vars['params']),
-      gen_tx=gen_tx, disc_tx=disc_tx)
+      gen_tx=gen_tx,
+      disc_tx=disc_tx)
 
 
 def run_keys(seed: int) -> tuple[Array, Array]:
@@ -106,8 +109,8 @@ def run_keys(seed: int) -> tuple[Array, Array]:
   return init_key, step_key
 
 
-def initial_state(seed: int, pretrained: str,
-                  init_fn: Callable[[Array], TrainState],
+def initial_state(seed: int, pretrained: str, init_fn: Callable[[Array],
+                                                                TrainState],
                   state_sharding: jax.sharding.Sharding) -> TrainState:
   """The state a fresh training run starts from.
 
@@ -123,9 +126,9 @@ def initial_state(seed: int, pretrained: str,
   return state
 
 
-def with_pretrained_encoder(state: TrainState, path: str,
-                            state_sharding: jax.sharding.Sharding
-                            ) -> TrainState:
+def with_pretrained_encoder(
+    state: TrainState, path: str,
+    state_sharding: jax.sharding.Sharding) -> TrainState:
   """``state`` with the generator's encoder from a converted ImageNet .npz.
 
   Runs eagerly on an initialised state (it reads a file, so it cannot run
@@ -148,15 +151,17 @@ def with_pretrained_encoder(state: TrainState, path: str,
       generator (``pretrained.load_pretrained_encoder``).
   """
   from cavga_jax.weights import pretrained  # pylint: disable=g-import-not-at-top
-  gen_vars = pretrained.load_pretrained_encoder(
-      state.generator_variables(), path)
+  gen_vars = pretrained.load_pretrained_encoder(state.generator_variables(),
+                                                path)
   # Adam's zeros do not depend on the parameter values, but an optimizer whose
   # state does (or a later change of make_optimizer) must see the new ones.
-  gen_opt_state = jax.jit(state.gen_tx.init, out_shardings=state_sharding)(
-      gen_vars['params'])
-  return state.replace(gen_params=gen_vars['params'],
-                       gen_batch_stats=gen_vars['batch_stats'],
-                       gen_opt_state=gen_opt_state)
+  gen_opt_state = jax.jit(
+      state.gen_tx.init, out_shardings=state_sharding)(
+          gen_vars['params'])
+  return state.replace(
+      gen_params=gen_vars['params'],
+      gen_batch_stats=gen_vars['batch_stats'],
+      gen_opt_state=gen_opt_state)
 
 
 def images_to_float(images: Array) -> Array:
@@ -181,11 +186,13 @@ def images_to_float(images: Array) -> Array:
 
 def setup(run: typed_config.RunSettings, mesh: jax.sharding.Mesh):
   """Models, the jitted state initialiser, and the replicated state sharding."""
-  generator, discriminator = cavga.build_models(
-      run.model, run.data.image_size, run.data.channels)
+  generator, discriminator = cavga.build_models(run.model, run.data.image_size,
+                                                run.data.channels)
   num_steps = run.train.num_steps
   init_fn = functools.partial(
-      create_train_state, generator, discriminator,
+      create_train_state,
+      generator,
+      discriminator,
       image_size=run.data.image_size,
       channels=run.data.channels,
       gen_tx=make_optimizer(run.optimizer, num_steps),

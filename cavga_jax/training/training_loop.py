@@ -52,16 +52,19 @@ class LoopSettings:
   prefetch: int = typed_config.default('train.prefetch')
   nonfinite: str = typed_config.default('train.nonfinite')
   max_consecutive_skips: int = typed_config.default(
-      'train.max_consecutive_skips'
-  )
+      'train.max_consecutive_skips')
   eval_every: int = typed_config.default('train.eval_every')
 
   @classmethod
-  def from_settings(cls, seed: int, train: typed_config.TrainSettings
-                    ) -> LoopSettings:
+  def from_settings(cls, seed: int,
+                    train: typed_config.TrainSettings) -> LoopSettings:
     """``config.seed`` and the typed ``config.train`` fields."""
-    return cls(seed=seed, **{field.name: getattr(train, field.name)
-                             for field in dataclasses.fields(train)})
+    return cls(
+        seed=seed,
+        **{
+            field.name: getattr(train, field.name)
+            for field in dataclasses.fields(train)
+        })
 
 
 def _log_line(step: int, num_steps: int, metrics: dict[str, float],
@@ -99,14 +102,18 @@ def truncate_metrics_log(path: str, last_step: int) -> None:
   os.replace(tmp, path)
 
 
-def training_loop(settings: LoopSettings, workdir: str,
-                  state: Any, train_step: Callable[[Any, Any, Array], Any],
-                  num_examples: int, put_fn: Callable[[np.ndarray], Any],
-                  step_rng: Array, loss_keys: tuple[str, ...],
-                  description: str,
-                  index_fn: Callable[[int], np.ndarray] | None = None,
-                  eval_fn: Callable[[Any, int], dict[str, Any]] | None = None
-                  ) -> Any:
+def training_loop(
+    settings: LoopSettings,
+    workdir: str,
+    state: Any,
+    train_step: Callable[[Any, Any, Array], Any],
+    num_examples: int,
+    put_fn: Callable[[np.ndarray], Any],
+    step_rng: Array,
+    loss_keys: tuple[str, ...],
+    description: str,
+    index_fn: Callable[[int], np.ndarray] | None = None,
+    eval_fn: Callable[[Any, int], dict[str, Any]] | None = None) -> Any:
   """Resumes, runs, logs and checkpoints a training run (CAVGA and the VAEs).
 
   Args:
@@ -145,8 +152,8 @@ def training_loop(settings: LoopSettings, workdir: str,
   """
   # Only training removes the temporary folders of saves that a killed run
   # left behind (evaluate.py may run beside a training run).
-  manager = checkpointing.make_manager(workdir, settings.keep_checkpoints,
-                                       cleanup_tmp=True)
+  manager = checkpointing.make_manager(
+      workdir, settings.keep_checkpoints, cleanup_tmp=True)
   restored = checkpointing.restore_latest(manager, state)
   if restored is not None:
     state = restored
@@ -170,18 +177,21 @@ def training_loop(settings: LoopSettings, workdir: str,
 
   batch_size = settings.batch_size
   batches = data.TrainBatches(
-      np.arange(num_examples), batch_size, seed=settings.seed,
-      start_step=start_step, prefetch=settings.prefetch,
-      put_fn=put_fn, index_fn=index_fn)
+      np.arange(num_examples),
+      batch_size,
+      seed=settings.seed,
+      start_step=start_step,
+      prefetch=settings.prefetch,
+      put_fn=put_fn,
+      index_fn=index_fn)
   guard = nonfinite.NonFiniteGuard(
-      settings.nonfinite, settings.max_consecutive_skips,
-      lambda: (f'the last good checkpoint (step {manager.latest_step()}) in '
-               f'{checkpointing.checkpoint_dir(workdir)} is kept'),
-      loss_keys)
+      settings.nonfinite, settings.max_consecutive_skips, lambda:
+      (f'the last good checkpoint (step {manager.latest_step()}) in '
+       f'{checkpointing.checkpoint_dir(workdir)} is kept'), loss_keys)
   logging.info('training %s for %d steps, batch %d on %d device(s)',
                description, num_steps, batch_size, jax.device_count())
-  with batches, (open(metrics_path, 'a') if primary
-                 else contextlib.nullcontext()) as metrics_file:
+  with batches, (open(metrics_path, 'a')
+                 if primary else contextlib.nullcontext()) as metrics_file:
     tic, tic_step = time.perf_counter(), start_step
     for step in range(start_step, num_steps):
       state, metrics = train_step(state, next(batches), step_rng)
@@ -194,8 +204,11 @@ def training_loop(settings: LoopSettings, workdir: str,
         tic, tic_step = time.perf_counter(), done
       if done % settings.log_every == 0 or done == num_steps:
         guard.drain()
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()
-                   if k != 'nonfinite'}
+        metrics = {
+            k: float(v)
+            for k, v in jax.device_get(metrics).items()
+            if k != 'nonfinite'
+        }
         if settings.nonfinite == 'skip':
           metrics['skipped'] = guard.take_skipped()
         elapsed = time.perf_counter() - tic
@@ -203,8 +216,8 @@ def training_loop(settings: LoopSettings, workdir: str,
         tic, tic_step = time.perf_counter(), done
         logging.info(_log_line(done, num_steps, metrics, speed, batch_size))
         if primary:
-          metrics_file.write(json.dumps(
-              dict(step=done, images_per_s=speed, **metrics)) + '\n')
+          metrics_file.write(
+              json.dumps(dict(step=done, images_per_s=speed, **metrics)) + '\n')
           metrics_file.flush()
       if done % settings.checkpoint_every == 0 or done == num_steps:
         guard.drain()
@@ -220,6 +233,7 @@ def training_loop(settings: LoopSettings, workdir: str,
         if primary:
           artifacts.append_curve_point(curve_path, record)
   if guard.skipped_total:
-    logging.warning('%d of %d steps were skipped for non-finite losses or '
-                    'gradients', guard.skipped_total, num_steps - start_step)
+    logging.warning(
+        '%d of %d steps were skipped for non-finite losses or '
+        'gradients', guard.skipped_total, num_steps - start_step)
   return state

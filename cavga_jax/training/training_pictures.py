@@ -14,8 +14,10 @@ from PIL import Image
 from cavga_jax.evaluation import visualize
 
 
-def synthetic_panel(images: np.ndarray, synthetic: np.ndarray,
-                    masks: np.ndarray, min_tile: int = 96) -> np.ndarray:
+def synthetic_panel(images: np.ndarray,
+                    synthetic: np.ndarray,
+                    masks: np.ndarray,
+                    min_tile: int = 96) -> np.ndarray:
   """Rows of clean image | synthetic anomaly | its mask.
 
   Args:
@@ -26,11 +28,17 @@ def synthetic_panel(images: np.ndarray, synthetic: np.ndarray,
   Returns:
     (N * S', 3 * S', 3) uint8.
   """
-  rows = [np.concatenate([visualize.rgb(x), visualize.rgb(y),
-                          visualize.rgb(m.astype(np.uint8) * 255)], axis=1)
-          for x, y, m in zip(images, synthetic, masks)]
-  return visualize.enlarge(np.concatenate(rows, axis=0),
-                           visualize.scale_to(images.shape[1:], min_tile))
+  rows = [
+      np.concatenate([
+          visualize.rgb(x),
+          visualize.rgb(y),
+          visualize.rgb(m.astype(np.uint8) * 255)
+      ],
+                     axis=1) for x, y, m in zip(images, synthetic, masks)
+  ]
+  return visualize.enlarge(
+      np.concatenate(rows, axis=0),
+      visualize.scale_to(images.shape[1:], min_tile))
 
 
 def save_synthetic_panel(path: str, *args, **kwargs) -> None:
@@ -38,8 +46,10 @@ def save_synthetic_panel(path: str, *args, **kwargs) -> None:
   Image.fromarray(synthetic_panel(*args, **kwargs)).save(path)
 
 
-def unit_panel(image: np.ndarray, reconstruction: np.ndarray,
-               unit_maps: np.ndarray, min_tile: int = 64) -> np.ndarray:
+def unit_panel(image: np.ndarray,
+               reconstruction: np.ndarray,
+               unit_maps: np.ndarray,
+               min_tile: int = 64) -> np.ndarray:
   """Image, reconstruction and one heatmap per latent unit in a row.
 
   Args:
@@ -54,10 +64,10 @@ def unit_panel(image: np.ndarray, reconstruction: np.ndarray,
   size = image.shape[0]
   scale_map = size // unit_maps.shape[1]
   maps = np.repeat(np.repeat(unit_maps, scale_map, axis=1), scale_map, axis=2)
-  tiles = ([visualize.rgb(image), visualize.rgb(reconstruction)]
-           + [visualize.jet(m) for m in maps])
-  return visualize.enlarge(np.concatenate(tiles, axis=1),
-                           visualize.scale_to((size, size), min_tile))
+  tiles = ([visualize.rgb(image),
+            visualize.rgb(reconstruction)] + [visualize.jet(m) for m in maps])
+  return visualize.enlarge(
+      np.concatenate(tiles, axis=1), visualize.scale_to((size, size), min_tile))
 
 
 def save_unit_panel(path: str, *args, **kwargs) -> None:
@@ -68,7 +78,8 @@ def save_unit_panel(path: str, *args, **kwargs) -> None:
 CURVE_METRICS = ('pixel_auroc', 'aupro', 'iou', 'image_auroc')
 
 
-def plot_curves(path: str, records: Sequence[Mapping[str, Any]],
+def plot_curves(path: str,
+                records: Sequence[Mapping[str, Any]],
                 metric_names: Sequence[str] = CURVE_METRICS) -> None:
   """Writes the learning curves of every map as a PNG (one panel per metric).
 
@@ -88,12 +99,18 @@ def plot_curves(path: str, records: Sequence[Mapping[str, Any]],
   colours = matplotlib.colormaps['tab20'].colors
   for ax, metric in zip(axes[0], metric_names):
     for i, name in enumerate(names):
-      values = [r['maps'].get(name, {}).get(metric, float('nan'))
-                for r in records]
-      style = ('--' if name == 'prior'
-               else ':' if name.endswith('_calibrated') else '-')
-      ax.plot(steps, values, marker='.', label=name, linestyle=style,
-              color=colours[i % len(colours)])
+      values = [
+          r['maps'].get(name, {}).get(metric, float('nan')) for r in records
+      ]
+      style = ('--' if name == 'prior' else
+               ':' if name.endswith('_calibrated') else '-')
+      ax.plot(
+          steps,
+          values,
+          marker='.',
+          label=name,
+          linestyle=style,
+          color=colours[i % len(colours)])
     ax.set_title(metric)
     ax.set_xlabel('training step')
     ax.grid(alpha=0.3)

@@ -65,23 +65,25 @@ class ConvVAE(nn.Module):
   conv_impl: str = 'phase'
 
   def setup(self):
-    self.convs = [layers.Conv(width, 4, 2, 1, impl=self.conv_impl,
-                              name=f'conv{i}')
-                  for i, width in enumerate(self.encoder_widths)]
+    self.convs = [
+        layers.Conv(width, 4, 2, 1, impl=self.conv_impl, name=f'conv{i}')
+        for i, width in enumerate(self.encoder_widths)
+    ]
     self.encoder_hidden = nn.Dense(self.hidden, name='encoder_hidden')
     self.mu_head = nn.Dense(self.latent_dim, name='mu')
     self.logvar_head = nn.Dense(self.latent_dim, name='logvar')
     self.decoder_hidden = nn.Dense(self.hidden, name='decoder_hidden')
     self.to_map = nn.Dense(math.prod(self.feature_shape), name='to_map')
     widths = list(self.encoder_widths[::-1][1:]) + [self.image_channels]
-    self.deconvs = [layers.ConvTranspose4x4(width, impl=self.conv_impl,
-                                            name=f'deconv{i}')
-                    for i, width in enumerate(widths)]
+    self.deconvs = [
+        layers.ConvTranspose4x4(width, impl=self.conv_impl, name=f'deconv{i}')
+        for i, width in enumerate(widths)
+    ]
 
   @property
   def feature_shape(self) -> tuple[int, int, int]:
     """(h, w, k) of F."""
-    h = self.image_size // 2 ** len(self.encoder_widths)
+    h = self.image_size // 2**len(self.encoder_widths)
     return (h, h, self.encoder_widths[-1])
 
   def encode(self, x: Array, train: bool = False) -> Array:
@@ -107,7 +109,9 @@ class ConvVAE(nn.Module):
         x = nn.relu(x)
     return x
 
-  def __call__(self, x: Array, rng: Array | None = None,
+  def __call__(self,
+               x: Array,
+               rng: Array | None = None,
                train: bool = False) -> dict[str, Array]:
     """Full pass; samples z when ``rng`` is given, else decodes ``mu``.
 
@@ -116,20 +120,25 @@ class ConvVAE(nn.Module):
     features = self.encode(x, train)
     mu, logvar = self.latent_params(features)
     z = mu if rng is None else cavga.reparameterize(rng, mu, logvar)
-    return dict(features=features, mu=mu, logvar=logvar, z=z,
-                logits=self.decode(z, train))
+    return dict(
+        features=features,
+        mu=mu,
+        logvar=logvar,
+        z=z,
+        logits=self.decode(z, train))
 
 
 def check_image_size(encoder_widths: Any, image_size: int) -> None:
   """Raises CavgaError if the encoder cannot halve ``image_size`` that often."""
   widths = tuple(encoder_widths)
-  if not widths or image_size % 2 ** len(widths):
+  if not widths or image_size % 2**len(widths):
     raise CavgaError(
         f'config.data.image_size={image_size} must be a multiple of '
         f'{2 ** len(widths)} for config.model.encoder_widths={widths}')
 
 
-def build_vae(model: typed_config.VaeModelSettings, image_size: int,
+def build_vae(model: typed_config.VaeModelSettings,
+              image_size: int,
               channels: int = 1) -> ConvVAE:
   """The ConvVAE of ``model`` (``config.model``) for (S, S, C) images.
 
@@ -138,7 +147,10 @@ def build_vae(model: typed_config.VaeModelSettings, image_size: int,
   """
   widths = tuple(model.encoder_widths)
   check_image_size(widths, image_size)
-  return ConvVAE(image_size=image_size, image_channels=channels,
-                 encoder_widths=widths, hidden=model.hidden,
-                 latent_dim=model.latent_dim,
-                 conv_impl=layers.resolve_conv_impl(model.conv_impl))
+  return ConvVAE(
+      image_size=image_size,
+      image_channels=channels,
+      encoder_widths=widths,
+      hidden=model.hidden,
+      latent_dim=model.latent_dim,
+      conv_impl=layers.resolve_conv_impl(model.conv_impl))

@@ -29,7 +29,8 @@ _log = logging.getLogger(__name__)
 
 
 def representations(representation_fn: RepresentationFn,
-                    dataset: FactorDataset, indices: np.ndarray,
+                    dataset: FactorDataset,
+                    indices: np.ndarray,
                     chunk_size: int = 256) -> np.ndarray:
   """The codes of the examples `indices`, computed `chunk_size` at a time.
 
@@ -70,11 +71,14 @@ def representations(representation_fn: RepresentationFn,
 
 
 def factor_vae_score(representation_fn: RepresentationFn,
-                     dataset: FactorDataset, rng: np.random.Generator,
-                     batch_size: int = 64, num_train: int = 10000,
-                     num_eval: int = 5000, num_variance_estimate: int = 10000,
-                     prune_threshold: float = 0.05, chunk_size: int = 256
-                     ) -> dict[str, float | int]:
+                     dataset: FactorDataset,
+                     rng: np.random.Generator,
+                     batch_size: int = 64,
+                     num_train: int = 10000,
+                     num_eval: int = 5000,
+                     num_variance_estimate: int = 10000,
+                     prune_threshold: float = 0.05,
+                     chunk_size: int = 256) -> dict[str, float | int]:
   """The FactorVAE disentanglement score (Kim & Mnih, ICML 2018).
 
   1. Global scale: the variance (ddof=1) of each code dim over
@@ -135,20 +139,20 @@ def factor_vae_score(representation_fn: RepresentationFn,
   active = (std > 0) & (std > prune_threshold)
   if not active.any():
     _log.warning('factor_vae_score: every code dim is constant; score 0')
-    return {'train_accuracy': 0.0, 'eval_accuracy': 0.0,
-            'num_active_dims': 0}
-  train_votes = _votes(representation_fn, dataset, rng, batch_size,
-                       num_train, global_variances, active, chunk_size)
+    return {'train_accuracy': 0.0, 'eval_accuracy': 0.0, 'num_active_dims': 0}
+  train_votes = _votes(representation_fn, dataset, rng, batch_size, num_train,
+                       global_variances, active, chunk_size)
   classifier = np.argmax(train_votes, axis=0)  # (d,): dim -> factor
-  eval_votes = _votes(representation_fn, dataset, rng, batch_size,
-                      num_eval, global_variances, active, chunk_size)
+  eval_votes = _votes(representation_fn, dataset, rng, batch_size, num_eval,
+                      global_variances, active, chunk_size)
   dims = np.arange(train_votes.shape[1])
   return {
-      'train_accuracy': float(train_votes[classifier, dims].sum()
-                              / train_votes.sum()),
-      'eval_accuracy': float(eval_votes[classifier, dims].sum()
-                             / eval_votes.sum()),
-      'num_active_dims': int(active.sum()),
+      'train_accuracy':
+          float(train_votes[classifier, dims].sum() / train_votes.sum()),
+      'eval_accuracy':
+          float(eval_votes[classifier, dims].sum() / eval_votes.sum()),
+      'num_active_dims':
+          int(active.sum()),
   }
 
 
@@ -166,7 +170,8 @@ def _votes(representation_fn: RepresentationFn, dataset: FactorDataset,
     factors = rng.integers(0, dataset.num_factors, size=count)
     indices = np.concatenate([
         dataset.sample_indices_with_fixed_factor(int(k), batch_size, rng)[1]
-        for k in factors])
+        for k in factors
+    ])
     codes = representations(representation_fn, dataset, indices, chunk_size)
     codes = codes.reshape(count, batch_size, -1)[:, :, active_dims]
     ratio = np.var(codes, axis=1, ddof=1) / global_variances[active_dims]
@@ -224,9 +229,12 @@ def entropy(a: np.ndarray) -> float:
   return float(-np.sum(p * np.log(p)))
 
 
-def mig_score(representation_fn: RepresentationFn, dataset: FactorDataset,
-              rng: np.random.Generator, num_samples: int = 10000,
-              num_bins: int = 20, chunk_size: int = 256) -> dict:
+def mig_score(representation_fn: RepresentationFn,
+              dataset: FactorDataset,
+              rng: np.random.Generator,
+              num_samples: int = 10000,
+              num_bins: int = 20,
+              chunk_size: int = 256) -> dict:
   """The Mutual Information Gap (Chen et al., NeurIPS 2018).
 
   As disentanglement_lib's discrete MIG: the codes of `num_samples` random
@@ -265,8 +273,9 @@ def mig_score(representation_fn: RepresentationFn, dataset: FactorDataset,
       num_bins)
   factors = dataset.factors_of(indices)
   num_dims, num_factors = codes.shape[1], factors.shape[1]
-  mi = np.array([[mutual_information(codes[:, j], factors[:, k])
-                  for k in range(num_factors)] for j in range(num_dims)])
+  mi = np.array([[
+      mutual_information(codes[:, j], factors[:, k]) for k in range(num_factors)
+  ] for j in range(num_dims)])
   h = np.array([entropy(factors[:, k]) for k in range(num_factors)])
   top = -np.sort(-mi, axis=0)
   second = top[1] if num_dims > 1 else np.zeros(num_factors)
@@ -284,5 +293,7 @@ def mig_score(representation_fn: RepresentationFn, dataset: FactorDataset,
   else:
     _log.warning('mig_score: every factor takes a single value; MIG is NaN')
     mig = float('nan')
-  return {'mig': mig, 'mig_per_factor': per_factor,
-          'skipped_factors': skipped, 'mutual_info': mi, 'factor_entropy': h}
+  return {
+      'mig': mig, 'mig_per_factor': per_factor, 'skipped_factors': skipped,
+      'mutual_info': mi, 'factor_entropy': h
+  }

@@ -53,7 +53,8 @@ class UnitAttention(NamedTuple):
   unit_cams: Array
 
 
-def unit_attention(latent_fn: Callable[[Array], Any], features: Array,
+def unit_attention(latent_fn: Callable[[Array], Any],
+                   features: Array,
                    has_aux: bool = False):
   """Grad-CAM maps of every latent unit, their sum and their mean.
 
@@ -78,18 +79,20 @@ def unit_attention(latent_fn: Callable[[Array], Any], features: Array,
     return jnp.concatenate([scores, jnp.sum(scores, 1, keepdims=True)],
                            axis=1), (mu, aux)
 
-  cams, _, (mu, aux) = attention.class_grad_cam(scores_fn, features,
-                                                has_aux=True, norm='none')
+  cams, _, (mu, aux) = attention.class_grad_cam(
+      scores_fn, features, has_aux=True, norm='none')
   maps = attention.normalize(cams)
   units = maps[:, :-1]
-  result = UnitAttention(units=units, sum=maps[:, -1],
-                         mean=attention.unit_mean(units),
-                         unit_cams=cams[:, :-1])
+  result = UnitAttention(
+      units=units,
+      sum=maps[:, -1],
+      mean=attention.unit_mean(units),
+      unit_cams=cams[:, :-1])
   return (result, mu, aux) if has_aux else (result, mu)
 
 
-def explain(model: Any, variables: dict[str, Any], images: Array
-            ) -> tuple[UnitAttention, dict[str, Array]]:
+def explain(model: Any, variables: dict[str, Any],
+            images: Array) -> tuple[UnitAttention, dict[str, Array]]:
   """Explains a batch with any model that has ``encode`` and ``latent_params``.
 
   Works for ``cavga.CAVGAGenerator`` and ``conv_vae.ConvVAE`` (evaluation mode:
@@ -106,6 +109,7 @@ def explain(model: Any, variables: dict[str, Any], images: Array
   """
   features = model.apply(variables, images, False, method='encode')
   maps, mu, logvar = unit_attention(
-      lambda f: model.apply(variables, f, method='latent_params'), features,
+      lambda f: model.apply(variables, f, method='latent_params'),
+      features,
       has_aux=True)
   return maps, dict(features=features, mu=mu, logvar=logvar)

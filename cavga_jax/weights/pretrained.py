@@ -79,8 +79,9 @@ _NPZ_ERRORS = torch_pickle.PARSE_ERRORS + (SyntaxError, tokenize.TokenError)
 
 def _to_dict(tree: Mapping[str, Any]) -> dict[str, Any]:
   """Nested Mappings (dicts, FrozenDicts) -> nested dicts, leaves shared."""
-  return {k: _to_dict(v) if isinstance(v, Mapping) else v
-          for k, v in tree.items()}
+  return {
+      k: _to_dict(v) if isinstance(v, Mapping) else v for k, v in tree.items()
+  }
 
 
 def _npz_array(npz: np.lib.npyio.NpzFile, key: str, path: str) -> np.ndarray:
@@ -133,8 +134,8 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     raise
   except _NPZ_ERRORS as e:
     raise errors.DataError(
-        f'{path}: cannot read .npz: {type(e).__name__}: {e}'.splitlines()[0]
-    ) from None
+        f'{path}: cannot read .npz: {type(e).__name__}: {e}'.splitlines()
+        [0]) from None
 
 
 def _fit_to_model(key: str, value: np.ndarray,
@@ -231,8 +232,8 @@ def load_pretrained_encoder(variables: Mapping[str, Any], path: str) -> Any:
   variant = 'E' if _FIRST_KERNELS[1] in arrays else 'R'
   frozen = isinstance(variables, frozen_dict.FrozenDict)
   # Empty collections are kept so the tree structure survives the round trip.
-  flat = traverse_util.flatten_dict(_to_dict(variables), keep_empty_nodes=True,
-                                    sep='/')
+  flat = traverse_util.flatten_dict(
+      _to_dict(variables), keep_empty_nodes=True, sep='/')
   model_keys = [k for k in flat if k.split('/')[1:2] == ['encoder']]
   if not model_keys:
     raise errors.DataError(

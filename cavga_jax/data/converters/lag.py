@@ -57,8 +57,8 @@ def _images(folder: pathlib.Path) -> dict[str, pathlib.Path]:
   try:
     entries = sorted(folder.iterdir(), key=lambda p: p.name)
   except OSError as e:
-    raise DataError(f'{folder}: cannot list folder ({common.one_line(e)})'
-                    ) from None
+    raise DataError(
+        f'{folder}: cannot list folder ({common.one_line(e)})') from None
   found: dict[str, pathlib.Path] = {}
   for path in entries:
     if (not path.is_file() or path.name.startswith('.')
@@ -100,10 +100,13 @@ def _copy_checked(path: pathlib.Path, out: pathlib.Path) -> Image.Image:
   return image
 
 
-def convert_lag(source: str | os.PathLike, output: str | os.PathLike, *,
+def convert_lag(source: str | os.PathLike,
+                output: str | os.PathLike,
+                *,
                 category: str = DEFAULT_CATEGORY,
                 num_test_normal: int = DEFAULT_NUM_TEST_NORMAL,
-                seed: int = 0, threshold: float = DEFAULT_THRESHOLD,
+                seed: int = 0,
+                threshold: float = DEFAULT_THRESHOLD,
                 overwrite: bool = False,
                 num_workers: int = 4) -> dict[str, Any]:
   """Converts an unpacked LAG download (see the module docstring).
@@ -175,8 +178,8 @@ def convert_lag(source: str | os.PathLike, output: str | os.PathLike, *,
     def convert_glaucoma(stem: str) -> bool:
       path = glaucoma[stem]
       image = _copy_checked(path, defect_dir / f'{stem}{path.suffix.lower()}')
-      mask = attention_mask(common.open_image(maps[stem], 'attention map'),
-                            image.size, threshold)
+      mask = attention_mask(
+          common.open_image(maps[stem], 'attention map'), image.size, threshold)
       common.save_mask(mask, truth_dir / f'{stem}{MASK_SUFFIX}.png', 0)
       return bool(mask.any())
 
@@ -184,10 +187,15 @@ def convert_lag(source: str | os.PathLike, output: str | os.PathLike, *,
     nonempty = common.parallel_map(convert_glaucoma, sorted(glaucoma),
                                    num_workers)
     summary = dict(
-        source=os.fspath(source.absolute()), category=category, seed=seed,
-        threshold=threshold, num_test_normal=num_test_normal,
-        train=len(stems) - len(test_stems), test_good=len(test_stems),
-        test_glaucoma=len(glaucoma), empty_masks=len(nonempty) - sum(nonempty),
+        source=os.fspath(source.absolute()),
+        category=category,
+        seed=seed,
+        threshold=threshold,
+        num_test_normal=num_test_normal,
+        train=len(stems) - len(test_stems),
+        test_good=len(test_stems),
+        test_glaucoma=len(glaucoma),
+        empty_masks=len(nonempty) - sum(nonempty),
         test_good_stems=sorted(test_stems))
     with open(tmp / 'lag_conversion.json', 'w') as f:
       json.dump(summary, f, indent=2, sort_keys=True)

@@ -76,24 +76,26 @@ def _frame_key(path: pathlib.Path) -> tuple[int, str]:
   return (int(path.stem) if path.stem.isdigit() else 1 << 62, path.name)
 
 
-def _list(folder: pathlib.Path, extensions: Sequence[str],
+def _list(folder: pathlib.Path,
+          extensions: Sequence[str],
           dirs: bool = False) -> list[pathlib.Path]:
   try:
     entries = list(folder.iterdir())
   except OSError as e:
-    raise DataError(f'{folder}: cannot list folder ({common.one_line(e)})'
-                    ) from None
+    raise DataError(
+        f'{folder}: cannot list folder ({common.one_line(e)})') from None
   if dirs:
     found = [p for p in entries if p.is_dir() and not p.name.startswith('.')]
   else:
-    found = [p for p in entries if p.is_file() and not p.name.startswith('.')
-             and p.suffix.lower() in extensions]
+    found = [
+        p for p in entries if p.is_file() and not p.name.startswith('.')
+        and p.suffix.lower() in extensions
+    ]
   return sorted(found, key=lambda p: p.name)
 
 
 def _find_videos(source: pathlib.Path) -> dict[str, list[pathlib.Path]]:
-  folder = common.require_dir(source / 'training' / 'videos',
-                              'training videos')
+  folder = common.require_dir(source / 'training' / 'videos', 'training videos')
   videos: dict[str, list[pathlib.Path]] = {}
   for path in _list(folder, VIDEO_EXTENSIONS):
     videos.setdefault(_scene_of(path), []).append(path)
@@ -117,8 +119,8 @@ def _find_test_clips(source: pathlib.Path) -> dict[str, list[_TestClip]]:
       raise DataError(f'{clip_dir}: test clip folder has no frames')
     frame_mask = frame_masks / f'{clip_dir.name}.npy'
     pixel_mask = pixel_masks / f'{clip_dir.name}.npy'
-    for path, what in ((frame_mask, 'frame labels'),
-                       (pixel_mask, 'pixel masks')):
+    for path, what in ((frame_mask, 'frame labels'), (pixel_mask,
+                                                      'pixel masks')):
       if not path.is_file():
         raise DataError(f'{path}: {what} are missing for the frames in '
                         f'{clip_dir}')
@@ -135,9 +137,8 @@ def _video_frames(path: pathlib.Path, frame_step: int):
   try:
     import av  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise DataError(
-        f'{path}: decoding videos needs PyAV: pip install '
-        f'"cavga_jax[converters]" (or pip install av)') from None
+    raise DataError(f'{path}: decoding videos needs PyAV: pip install '
+                    f'"cavga_jax[converters]" (or pip install av)') from None
   count = 0
   try:
     with av.open(os.fspath(path)) as container:
@@ -151,9 +152,9 @@ def _video_frames(path: pathlib.Path, frame_step: int):
     raise
   except Exception as e:  # pylint: disable=broad-except
     # PyAV raises av.error.* (InvalidDataError etc.) for broken files.
-    raise DataError(f'{path}: cannot decode video after {count} frames, the '
-                    f'file is truncated or not a video ({common.one_line(e)})'
-                    ) from None
+    raise DataError(
+        f'{path}: cannot decode video after {count} frames, the '
+        f'file is truncated or not a video ({common.one_line(e)})') from None
   if count == 0:
     raise DataError(f'{path}: video has no frames')
 
@@ -162,7 +163,8 @@ def _convert_video(path: pathlib.Path, out_dir: pathlib.Path, frame_step: int,
                    image_format: str, resize: int) -> int:
   written = 0
   for index, image in _video_frames(path, frame_step):
-    common.save_image(image, out_dir / f'{path.stem}_{index:04d}.{image_format}',
+    common.save_image(image,
+                      out_dir / f'{path.stem}_{index:04d}.{image_format}',
                       image_format, resize)
     written += 1
   return written
@@ -175,8 +177,8 @@ def _load_masks(clip: _TestClip) -> tuple[np.ndarray, np.ndarray]:
     try:
       arrays.append(np.load(path, mmap_mode='r', allow_pickle=False))
     except Exception as e:  # pylint: disable=broad-except
-      raise DataError(f'{path}: cannot read .npy file ({common.one_line(e)})'
-                      ) from None
+      raise DataError(
+          f'{path}: cannot read .npy file ({common.one_line(e)})') from None
   labels, pixels = arrays
   n = len(clip.frames)
   if labels.ndim != 1 or labels.shape[0] != n:
@@ -222,10 +224,13 @@ def _convert_clip(clip: _TestClip, category: pathlib.Path, frame_step: int,
   return counts
 
 
-def convert_mstc(source: str | os.PathLike, output: str | os.PathLike, *,
+def convert_mstc(source: str | os.PathLike,
+                 output: str | os.PathLike,
+                 *,
                  frame_step: int = DEFAULT_FRAME_STEP,
                  scenes: Sequence[str] | None = None,
-                 image_format: str = 'jpg', resize: int = 0,
+                 image_format: str = 'jpg',
+                 resize: int = 0,
                  overwrite: bool = False,
                  num_workers: int = 4) -> dict[str, Any]:
   """Converts an unpacked STC download to mSTC (see the module docstring).
@@ -258,8 +263,8 @@ def convert_mstc(source: str | os.PathLike, output: str | os.PathLike, *,
       existing output without `overwrite`.
   """
   common.check_common_args(image_format, resize, num_workers)
-  if isinstance(frame_step, bool) or int(frame_step) != frame_step or (
-      frame_step < 1):
+  if isinstance(frame_step,
+                bool) or int(frame_step) != frame_step or (frame_step < 1):
     raise DataError(f'frame_step must be an integer >= 1, got {frame_step!r}')
   source = pathlib.Path(source)
   common.require_dir(source, 'STC source')
@@ -299,12 +304,15 @@ def convert_mstc(source: str | os.PathLike, output: str | os.PathLike, *,
       if kind == 'video':
         return _convert_video(item, tmp / scene / 'train' / NORMAL_DEFECT,
                               frame_step, image_format, resize)
-      return _convert_clip(item, tmp / scene, frame_step, image_format,
-                           resize)
+      return _convert_clip(item, tmp / scene, frame_step, image_format, resize)
 
     results = common.parallel_map(run, tasks, num_workers)
-    counts = {scene: dict(train=0, test_good=0, test_anomaly=0,
-                          anomaly_without_pixels=0) for scene in selected}
+    counts = {
+        scene:
+            dict(
+                train=0, test_good=0, test_anomaly=0, anomaly_without_pixels=0)
+        for scene in selected
+    }
     for (kind, scene, _), result in zip(tasks, results):
       if kind == 'video':
         counts[scene]['train'] += result
@@ -315,11 +323,16 @@ def convert_mstc(source: str | os.PathLike, output: str | os.PathLike, *,
             'anomaly_without_pixels']
     for scene, c in counts.items():
       if c['test_anomaly'] == 0:
-        _log.warning('mSTC scene %s: no anomalous test frame kept with '
-                     'frame_step %d', scene, frame_step)
-    summary = dict(source=os.fspath(source.absolute()), frame_step=frame_step,
-                   image_format=image_format, resize=resize, scenes=counts,
-                   skipped_scenes=skipped)
+        _log.warning(
+            'mSTC scene %s: no anomalous test frame kept with '
+            'frame_step %d', scene, frame_step)
+    summary = dict(
+        source=os.fspath(source.absolute()),
+        frame_step=frame_step,
+        image_format=image_format,
+        resize=resize,
+        scenes=counts,
+        skipped_scenes=skipped)
     with open(tmp / 'mstc_conversion.json', 'w') as f:
       json.dump(summary, f, indent=2, sort_keys=True)
   return summary
