@@ -67,6 +67,15 @@ def _check_int(config, field: str, minimum: int) -> None:
                      f'{minimum}')
 
 
+def _check_odd_int(config, field: str, minimum: int, why: str = '') -> None:
+  """An integer >= ``minimum`` that is odd (a window centred on a pixel or
+  cell); ``why`` ends the message."""
+  _check_int(config, field, minimum)
+  value = _get(config, field)
+  if value % 2 == 0:
+    raise CavgaError(f'config.{field}={value!r} must be odd{why}')
+
+
 def _check_number(config,
                   field: str,
                   minimum: float = 0.0,
@@ -225,14 +234,10 @@ def _check_detector(config: typed_config.RunSettings) -> None:
   for field in ('noise_std', 'margin', 'learning_rate', 'adaptor_learning_rate',
                 'weight_decay'):
     _check_number(config, f'detector.{field}', 0.0)
-  # The neighbourhood each cell's features are averaged over is centred on
-  # the cell, so its side is odd.
-  aggregate = _get(config, 'detector.aggregate')
-  if (isinstance(aggregate, bool) or not isinstance(aggregate, numbers.Integral)
-      or aggregate < 1 or aggregate % 2 == 0):
-    raise CavgaError(f'config.detector.aggregate={aggregate!r} must be an odd '
-                     'integer >= 1 (the side of the neighbourhood each cell is '
-                     'averaged over, centred on it; 1: none)')
+  _check_odd_int(
+      config, 'detector.aggregate', 1,
+      ' (the side of the neighbourhood each cell is averaged over, centred on '
+      'it; 1: none)')
 
 
 def _check_eval_maps(config: typed_config.RunSettings) -> None:
@@ -257,10 +262,7 @@ def _check_eval_maps(config: typed_config.RunSettings) -> None:
                      f'CAVGA_w classifier), got {supervision!r}')
   if _get(config, 'eval.residual_sigma') is not None:
     _check_number(config, 'eval.residual_sigma', 0.0)
-  _check_int(config, 'eval.ssim_window', 3)
-  window = _get(config, 'eval.ssim_window')
-  if window % 2 == 0:
-    raise CavgaError(f'config.eval.ssim_window={window!r} must be odd')
+  _check_odd_int(config, 'eval.ssim_window', 3)
   _check_stages(config, 'eval.feature_stages')
   _check_int(config, 'eval.feature_dims', 1)
   _check_int(config, 'eval.feature_grid_divisor', 1)
