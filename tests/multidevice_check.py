@@ -4,7 +4,8 @@ Trains the tiny config (or ``configs/<argv[2]>.py``, for ``argv[3]`` steps) on a
 mesh of 1 device and on a mesh of 8 devices (same global batches), evaluates
 the 1-device parameters on both meshes with the full evaluator (every map:
 the headline, the calibrated and feature maps, thresholds from held-out
-normal images), and prints the largest differences as JSON, with the error
+normal images; with ``argv[4]``, that map as the headline and its parts
+only), and prints the largest differences as JSON, with the error
 of a global batch that 8 devices cannot split.
 """
 
@@ -106,9 +107,12 @@ def max_abs_diff(a, b):
       for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def main(workdir, config_name='tiny', num_steps='3'):
+def main(workdir, config_name='tiny', num_steps='3', headline=''):
   assert jax.device_count() == 8, jax.devices()
   config = importlib.import_module(f'configs.{config_name}').get_config()
+  if headline:  # that map and its parts only (``eval.maps='headline'``)
+    config.eval.map = headline
+    config.eval.maps = 'headline'
   one = run(config, workdir, jax.devices()[:1], int(num_steps))
   eight = run(config, workdir, jax.devices(), int(num_steps))
   # Evaluation of the same parameters on 1 and on 8 devices.
@@ -118,10 +122,11 @@ def main(workdir, config_name='tiny', num_steps='3'):
   # run's config, so it runs once, in the tiny run (test_sharding).
   detector_one = detector_eight = None
   if config_name == 'tiny':
-    detector_one = train_detector(os.path.join(workdir, 'det1'),
-                                  jax.devices()[:1])
-    detector_eight = train_detector(os.path.join(workdir, 'det8'),
-                                    jax.devices())
+    detector_one = train_detector(
+        os.path.join(workdir, 'det1'),
+        jax.devices()[:1])
+    detector_eight = train_detector(
+        os.path.join(workdir, 'det8'), jax.devices())
   print(
       json.dumps(
           dict(

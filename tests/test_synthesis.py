@@ -15,7 +15,7 @@ from cavga_jax.training import cavga_step
 from cavga_jax.training import losses
 from cavga_jax.training import synthesis
 from configs import tiny_synthetic
-from conftest import train_with_interruption
+from conftest import resume_copy_of_run
 from conftest import tree_equal
 
 SIZE = 32
@@ -166,7 +166,8 @@ def test_normal_only_losses_ignore_the_synthetic_images():
 def test_tiny_synthetic_train_resume_and_evaluate(tmp_path):
   config = tiny_synthetic.get_config()
   full = train_lib.train(config, str(tmp_path / 'full'))
-  resumed = train_with_interruption(config, str(tmp_path / 'resumed'))
+  resumed = resume_copy_of_run(config, str(tmp_path / 'full'),
+                               str(tmp_path / 'resumed'))
   assert tree_equal(full, resumed)  # The whole state.
   workdir = tmp_path / 'full'
   with open(workdir / 'train_metrics.jsonl') as f:

@@ -23,7 +23,7 @@ from cavga_jax.programs import train as train_lib
 from cavga_jax.training import losses
 from cavga_jax.training import train_state
 from configs import tiny_weak
-from conftest import train_with_interruption
+from conftest import resume_copy_of_run
 from conftest import tree_equal
 
 NORMAL_LOGITS, ANOMALOUS_LOGITS = [2.0, 0.0], [0.0, 2.0]
@@ -349,9 +349,11 @@ def test_weak_config_without_weak_loss_weights_is_a_clear_error(tmp_path):
 def test_tiny_weak_train_resume_and_evaluate(tmp_path):
   config = tiny_weak.get_config()
   full = train_lib.train(config, str(tmp_path / 'full'))
-  # Resume determinism: killed after step 3 (checkpoint 2), resumed to 4,
-  # equals 4 steps in one go: the whole state, both optimizers included.
-  resumed = train_with_interruption(config, str(tmp_path / 'resumed'))
+  # Resume determinism: killed before checkpoint 4 (checkpoint 2 kept),
+  # resumed to 4, equals 4 steps in one go: the whole state, both
+  # optimizers included.
+  resumed = resume_copy_of_run(config, str(tmp_path / 'full'),
+                               str(tmp_path / 'resumed'))
   assert tree_equal(full, resumed)
   assert 'classifier' in full.gen_params
 
