@@ -20,11 +20,16 @@ Adding a config field:
      rerun of a workdir may change it (otherwise a change stops the rerun).
 ``tests/test_settings.py`` fails until steps 1 and 2 agree.
 
-The fields of ``data.synthetic`` are ``synthesis.SynthesisSettings``'s
+The fields of ``data.synthetic`` are ``SynthesisSettings``'s
 (``DataSettings.synthetic`` is None when its ``fraction`` is 0).
 
 The VAE experiments (``task='vae'``, ``vae_lib``, ``vae_eval_lib``) have
 their own sections (``VaeRunSettings``).
+
+Over 400 lines: every config section's dataclass is here, the synthetic
+anomalies' included, so that one module holds the one default of each field
+and the foundation imports no floor above it (``training.synthesis`` reads
+``SynthesisSettings`` from here).
 """
 
 from __future__ import annotations
@@ -33,9 +38,87 @@ import dataclasses
 from typing import Any, Mapping
 
 from cavga_jax.errors import CavgaError
-from cavga_jax.training import synthesis
 
 _frozen = dataclasses.dataclass(frozen=True, kw_only=True)
+
+# The synthetic anomalies of ``config.data.synthetic``
+# (``training.synthesis`` makes them).
+MASK_KINDS = ('perlin', 'polygon', 'scratch')
+FILL_KINDS = ('other_image', 'cutpaste', 'texture', 'shift')
+# How the VAE's reconstruction, KL and adversarial losses treat synthetic
+# images (see ``SynthesisSettings.reconstruction``).
+RECONSTRUCTION_TARGETS = ('clean', 'normal_only')
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisSettings:
+  """What ``synthesize`` makes (``config.data.synthetic``; hashable).
+
+  Attributes:
+    fraction: share of each batch made synthetic, in (0, 1]; the first
+      ``num_synthetic(B)`` images of a batch (batches are shuffled).
+    masks: mask kinds (``MASK_KINDS``) drawn uniformly.
+    fills: fill kinds (``FILL_KINDS``) drawn uniformly.
+    min_area, max_area: the mask's share of the image, log-uniform.
+    min_opacity, max_opacity: blending opacity, uniform, min > 0.
+    reconstruction: 'clean' (the VAE reconstructs the *clean* image from the
+      synthetic one, DRAEM's reconstructive objective: it learns to remove
+      what does not belong; the discriminator's real images are the clean
+      ones) or 'normal_only' (reconstruction, KL and adversarial losses skip
+      the synthetic images, the VAE never sees them as targets).
+  """
+  fraction: float = 0.5
+  masks: tuple[str, ...] = MASK_KINDS
+  fills: tuple[str, ...] = FILL_KINDS
+  min_area: float = 0.005
+  max_area: float = 0.1
+  min_opacity: float = 0.5
+  max_opacity: float = 1.0
+  reconstruction: str = 'clean'
+
+  def __post_init__(self):
+    problems = []
+    if not 0.0 < self.fraction <= 1.0:
+      problems.append(f'fraction={self.fraction!r} must be in (0, 1]')
+    for field, kinds, known in (('masks', self.masks, MASK_KINDS),
+                                ('fills', self.fills, FILL_KINDS)):
+      if not kinds or any(k not in known for k in kinds):
+        problems.append(f'{field}={tuple(kinds)!r} must be a non-empty '
+                        f'tuple of {", ".join(map(repr, known))}')
+    if not 0.0 < self.min_area <= self.max_area < 1.0:
+      problems.append(f'min_area={self.min_area!r}, max_area='
+                      f'{self.max_area!r} need 0 < min_area <= max_area < 1')
+    if not 0.0 < self.min_opacity <= self.max_opacity <= 1.0:
+      problems.append(f'min_opacity={self.min_opacity!r}, max_opacity='
+                      f'{self.max_opacity!r} need 0 < min <= max <= 1')
+    if self.reconstruction not in RECONSTRUCTION_TARGETS:
+      problems.append(f'reconstruction={self.reconstruction!r} must be one '
+                      f'of {", ".join(map(repr, RECONSTRUCTION_TARGETS))}')
+    if problems:
+      raise ValueError('; '.join(problems))
+
+  def num_synthetic(self, batch_size: int) -> int:
+    """Synthetic images in a batch of ``batch_size`` (at least 1)."""
+    return min(batch_size, max(1, round(self.fraction * batch_size)))
+
+
+def synthesis_settings_from_fields(fields) -> SynthesisSettings | None:
+  """``SynthesisSettings`` from a mapping (``config.data.synthetic``).
+
+  Returns None when the mapping is empty or its ``fraction`` is 0 (no
+  synthesis). Raises ValueError for an unknown field or a bad value.
+  """
+  if not fields or not fields.get('fraction', 0.0):
+    return None
+  known = {f.name for f in dataclasses.fields(SynthesisSettings)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f'unknown fields {unknown} (known: {sorted(known)})')
+  return SynthesisSettings(
+      **{
+          name: tuple(value) if isinstance(value, (list, tuple)) else value
+          for name, value in fields.items()
+      })
 
 
 @_frozen
@@ -51,7 +134,7 @@ class DataSettings:
   num_test_good: int = 30
   num_test_per_defect: int = 20
   # None: no synthetic anomalies (config.data.synthetic.fraction 0).
-  synthetic: synthesis.SynthesisSettings | None = None
+  synthetic: SynthesisSettings | None = None
   # Not in configs/default.py: configs/mvtec_weak.py, the one-class and
   # TFDS configs, or a fixed generated dataset.
   weak_anomalies_per_batch: int = 0
@@ -325,14 +408,14 @@ def _plain(value: Any) -> Any:
   return tuple(value) if isinstance(value, list) else value
 
 
-def _synthetic(fields: Any) -> synthesis.SynthesisSettings | None:
+def _synthetic(fields: Any) -> SynthesisSettings | None:
   """``config.data.synthetic`` as ``SynthesisSettings`` (None: off)."""
   if fields is _ABSENT or fields is None:
     return None
   if not hasattr(fields, 'items'):
     raise CavgaError(f'config.data.synthetic={fields!r} must be a ConfigDict')
   try:
-    return synthesis.settings_from_fields(dict(fields.items()))
+    return synthesis_settings_from_fields(dict(fields.items()))
   except (ValueError, TypeError) as e:
     raise CavgaError(f'config.data.synthetic: {e}') from None
 

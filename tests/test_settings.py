@@ -14,7 +14,6 @@ from cavga_jax.maps import feature_knn
 from cavga_jax.models import cavga
 from cavga_jax.programs import runtime
 from cavga_jax.programs import train as train_lib
-from cavga_jax.training import synthesis
 from cavga_jax.training import training_loop
 from configs import default
 from configs import dsprites
@@ -46,7 +45,7 @@ def test_every_field_of_default_py_is_the_library_default():
       value = dict(value)
       assert value.pop('fraction') == typed_config.default(
           'data.synthetic.fraction')
-      expected = synthesis.SynthesisSettings()
+      expected = typed_config.SynthesisSettings()
       for name, v in value.items():
         v = tuple(v) if isinstance(v, (list, tuple)) else v
         assert v == getattr(expected, name), f'data.synthetic.{name}'

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cavga_jax import config_checks
+from cavga_jax import typed_config
 from cavga_jax.errors import CavgaError
 from cavga_jax.programs import evaluate as eval_lib
 from cavga_jax.programs import train as train_lib
@@ -29,7 +30,7 @@ def _images(batch=6, seed=0, channels=3):
 
 
 def _synthesize(key, images, **fields):
-  settings = synthesis.SynthesisSettings(**fields)
+  settings = typed_config.SynthesisSettings(**fields)
   return jax.jit(synthesis.synthesize, static_argnums=2)(key, images, settings)
 
 
@@ -43,8 +44,8 @@ def test_synthesis_is_a_function_of_the_key():
   assert not np.array_equal(np.asarray(a[1]), np.asarray(c[1]))
 
 
-@pytest.mark.parametrize('mask_kind', synthesis.MASK_KINDS)
-@pytest.mark.parametrize('fill_kind', synthesis.FILL_KINDS)
+@pytest.mark.parametrize('mask_kind', typed_config.MASK_KINDS)
+@pytest.mark.parametrize('fill_kind', typed_config.FILL_KINDS)
 def test_masks_are_binary_and_bound_the_change(mask_kind, fill_kind):
   images = _images()
   out, masks, is_synthetic = _synthesize(
@@ -91,19 +92,19 @@ def test_perlin_mask_covers_the_requested_area():
 
 
 def test_settings_errors_and_fields():
-  assert synthesis.settings_from_fields({'fraction': 0.0}) is None
-  assert synthesis.settings_from_fields(None) is None
-  settings = synthesis.settings_from_fields(
+  assert typed_config.synthesis_settings_from_fields({'fraction': 0.0}) is None
+  assert typed_config.synthesis_settings_from_fields(None) is None
+  settings = typed_config.synthesis_settings_from_fields(
       {'fraction': 0.25, 'masks': ['scratch']})
   assert settings.masks == ('scratch',) and settings.num_synthetic(8) == 2
   with pytest.raises(ValueError, match='unknown fields'):
-    synthesis.settings_from_fields({'fraction': 0.5, 'colour': 1})
+    typed_config.synthesis_settings_from_fields({'fraction': 0.5, 'colour': 1})
   with pytest.raises(ValueError, match='masks'):
-    synthesis.SynthesisSettings(masks=('square',))
+    typed_config.SynthesisSettings(masks=('square',))
   with pytest.raises(ValueError, match='opacity'):
-    synthesis.SynthesisSettings(min_opacity=0.0)
+    typed_config.SynthesisSettings(min_opacity=0.0)
   with pytest.raises(ValueError, match='reconstruction'):
-    synthesis.SynthesisSettings(reconstruction='all')
+    typed_config.SynthesisSettings(reconstruction='all')
 
 
 @pytest.mark.parametrize('field,value,supervision,match', [

@@ -184,7 +184,7 @@ SYNTHETIC_EXAMPLES_FILE = 'synthetic_examples.png'
 
 def _write_synthetic_examples(path: str,
                               images: np.ndarray,
-                              synthetic: synthesis.SynthesisSettings,
+                              synthetic: typed_config.SynthesisSettings,
                               rng: Array,
                               num: int = 8) -> None:
   """A panel of synthetic training examples: clean | synthetic | mask rows.

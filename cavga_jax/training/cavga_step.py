@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from cavga_jax import nonfinite
+from cavga_jax import typed_config
 from cavga_jax.models import attention
 from cavga_jax.models import backbones
 from cavga_jax.models import cavga
@@ -117,7 +118,7 @@ def make_train_step(
     discriminator: backbones.Discriminator,
     loss_weights: dict[str, float],
     nonfinite_mode: str = 'stop',
-    synthetic: synthesis.SynthesisSettings | None = None,
+    synthetic: typed_config.SynthesisSettings | None = None,
 ) -> Callable[..., tuple[train_state.TrainState, dict[str, Array]]]:
   """Returns the pure, jittable CAVGA train step.
 

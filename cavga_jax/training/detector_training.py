@@ -113,7 +113,7 @@ def _synthetic(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   altered, masks, _ = jax.jit(
       synthesis.synthesize,
       static_argnums=2)(jax.random.key(VALIDATION_SEED), x,
-                        synthesis.SynthesisSettings(fraction=1.0))
+                        typed_config.SynthesisSettings(fraction=1.0))
   altered = np.asarray(inference.to_uint8(altered))
   return altered, np.asarray(masks) > 0
 

@@ -12,13 +12,13 @@ so ``out`` equals ``x`` exactly outside ``mask`` and the mask is the exact
 extent of the change. Each image draws one mask kind and one fill kind
 uniformly from the configured ones:
 
-masks (``MASK_KINDS``), covering a log-uniform fraction of the image in
+masks (``typed_config.MASK_KINDS``), covering a log-uniform fraction of the image in
 ``[min_area, max_area]``:
   'perlin'   the highest-valued pixels of 2-D Perlin noise on a random
              lattice (2..16 cells a side): irregular blobs, DRAEM's masks;
   'polygon'  a random star-shaped polygon (stains, dents, missing pieces);
   'scratch'  a thick three-segment polyline (cracks, scratches).
-fills (``FILL_KINDS``):
+fills (``typed_config.FILL_KINDS``):
   'other_image'  another image of the batch, translated;
   'cutpaste'     the same image translated (CutPaste: texture from elsewhere
                  on the same part);
@@ -34,76 +34,20 @@ resumed run is bit-identical.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
+from cavga_jax import typed_config
+
 Array = jax.Array
 
-MASK_KINDS = ('perlin', 'polygon', 'scratch')
-FILL_KINDS = ('other_image', 'cutpaste', 'texture', 'shift')
-# How the VAE's reconstruction, KL and adversarial losses treat synthetic
-# images (see ``SynthesisSettings.reconstruction``).
-RECONSTRUCTION_TARGETS = ('clean', 'normal_only')
 # Perlin lattice sizes (cells per side) a 'perlin' mask draws from.
 PERLIN_RESOLUTIONS = (2, 4, 8, 16)
 _TEXTURE_RESOLUTION = 16
 _POLYGON_VERTICES = 7
 _SCRATCH_SEGMENTS = 3
-
-
-@dataclasses.dataclass(frozen=True)
-class SynthesisSettings:
-  """What ``synthesize`` makes (``config.data.synthetic``; hashable).
-
-  Attributes:
-    fraction: share of each batch made synthetic, in (0, 1]; the first
-      ``num_synthetic(B)`` images of a batch (batches are shuffled).
-    masks: mask kinds (``MASK_KINDS``) drawn uniformly.
-    fills: fill kinds (``FILL_KINDS``) drawn uniformly.
-    min_area, max_area: the mask's share of the image, log-uniform.
-    min_opacity, max_opacity: blending opacity, uniform, min > 0.
-    reconstruction: 'clean' (the VAE reconstructs the *clean* image from the
-      synthetic one, DRAEM's reconstructive objective: it learns to remove
-      what does not belong; the discriminator's real images are the clean
-      ones) or 'normal_only' (reconstruction, KL and adversarial losses skip
-      the synthetic images, the VAE never sees them as targets).
-  """
-  fraction: float = 0.5
-  masks: tuple[str, ...] = MASK_KINDS
-  fills: tuple[str, ...] = FILL_KINDS
-  min_area: float = 0.005
-  max_area: float = 0.1
-  min_opacity: float = 0.5
-  max_opacity: float = 1.0
-  reconstruction: str = 'clean'
-
-  def __post_init__(self):
-    problems = []
-    if not 0.0 < self.fraction <= 1.0:
-      problems.append(f'fraction={self.fraction!r} must be in (0, 1]')
-    for field, kinds, known in (('masks', self.masks, MASK_KINDS),
-                                ('fills', self.fills, FILL_KINDS)):
-      if not kinds or any(k not in known for k in kinds):
-        problems.append(f'{field}={tuple(kinds)!r} must be a non-empty '
-                        f'tuple of {", ".join(map(repr, known))}')
-    if not 0.0 < self.min_area <= self.max_area < 1.0:
-      problems.append(f'min_area={self.min_area!r}, max_area='
-                      f'{self.max_area!r} need 0 < min_area <= max_area < 1')
-    if not 0.0 < self.min_opacity <= self.max_opacity <= 1.0:
-      problems.append(f'min_opacity={self.min_opacity!r}, max_opacity='
-                      f'{self.max_opacity!r} need 0 < min <= max <= 1')
-    if self.reconstruction not in RECONSTRUCTION_TARGETS:
-      problems.append(f'reconstruction={self.reconstruction!r} must be one '
-                      f'of {", ".join(map(repr, RECONSTRUCTION_TARGETS))}')
-    if problems:
-      raise ValueError('; '.join(problems))
-
-  def num_synthetic(self, batch_size: int) -> int:
-    """Synthetic images in a batch of ``batch_size`` (at least 1)."""
-    return min(batch_size, max(1, round(self.fraction * batch_size)))
 
 
 def _pixel_centres(size: int) -> Array:
@@ -251,8 +195,9 @@ def _fill(kind: str, key: Array, image: Array, other: Array) -> Array:
   return _shift(key, image)
 
 
-def _synthesize_one(key: Array, image: Array, other: Array,
-                    settings: SynthesisSettings) -> tuple[Array, Array]:
+def _synthesize_one(
+    key: Array, image: Array, other: Array,
+    settings: typed_config.SynthesisSettings) -> tuple[Array, Array]:
   """One synthetic image (S, S, C) and its mask (S, S) float32 in {0, 1}."""
   (k_area, k_mask_kind, k_fill_kind, k_opacity, k_mask,
    k_fill) = jax.random.split(key, 6)
@@ -278,8 +223,9 @@ def _synthesize_one(key: Array, image: Array, other: Array,
   return image + opacity * mask[..., None] * (fill - image), mask
 
 
-def synthesize(key: Array, images: Array,
-               settings: SynthesisSettings) -> tuple[Array, Array, Array]:
+def synthesize(
+    key: Array, images: Array,
+    settings: typed_config.SynthesisSettings) -> tuple[Array, Array, Array]:
   """Makes the first ``settings.num_synthetic(B)`` images of a batch anomalous.
 
   Args:
@@ -303,22 +249,3 @@ def synthesize(key: Array, images: Array,
   masks = jnp.concatenate(
       [masks, jnp.zeros((batch - num,) + masks.shape[1:], masks.dtype)])
   return out, masks.astype(jnp.float32), jnp.arange(batch) < num
-
-
-def settings_from_fields(fields) -> SynthesisSettings | None:
-  """``SynthesisSettings`` from a mapping (``config.data.synthetic``).
-
-  Returns None when the mapping is empty or its ``fraction`` is 0 (no
-  synthesis). Raises ValueError for an unknown field or a bad value.
-  """
-  if not fields or not fields.get('fraction', 0.0):
-    return None
-  known = {f.name for f in dataclasses.fields(SynthesisSettings)}
-  unknown = sorted(set(fields) - known)
-  if unknown:
-    raise ValueError(f'unknown fields {unknown} (known: {sorted(known)})')
-  return SynthesisSettings(
-      **{
-          name: tuple(value) if isinstance(value, (list, tuple)) else value
-          for name, value in fields.items()
-      })
