@@ -12,8 +12,8 @@ so ``out`` equals ``x`` exactly outside ``mask`` and the mask is the exact
 extent of the change. Each image draws one mask kind and one fill kind
 uniformly from the configured ones:
 
-masks (``typed_config.MASK_KINDS``), covering a log-uniform fraction of the image in
-``[min_area, max_area]``:
+masks (``typed_config.MASK_KINDS``), covering a log-uniform fraction of the
+image in ``[min_area, max_area]``:
   'perlin'   the highest-valued pixels of 2-D Perlin noise on a random
              lattice (2..16 cells a side): irregular blobs, DRAEM's masks;
   'polygon'  a random star-shaped polygon (stains, dents, missing pieces);
