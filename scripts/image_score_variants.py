@@ -8,8 +8,9 @@ documented image scores of each (B, S, S) map:
   * ``top1``: the mean of the top 1 % of the map (the library's default);
   * ``top01``: the mean of the top 0.1 %;
   * ``max``: the maximum (PatchCore's score);
-  * ``blur_max``: the maximum after a Gaussian blur of sigma 4 pixels
-    (anomalib's post-processing before its maximum);
+  * ``blur_max``: the maximum after a further Gaussian blur of sigma 4
+    pixels (the maps are already blurred at sigma 4 px, anomalib's; this
+    widens the blur before the maximum);
 
 and two image-level fusions of the parts' own image scores (the library's
 ``MapSpec.image_score`` of each part), each normalised on the held-out
