@@ -11,6 +11,8 @@ documented image scores of each (B, S, S) map:
   * ``blur_max``: the maximum after a further Gaussian blur of sigma 4
     pixels (the maps are already blurred at sigma 4 px, anomalib's; this
     widens the blur before the maximum);
+  * ``top1_minus_median``: ``top1`` less the map's median, a peak over the
+    image's own level (added after the first run, from the cached maps);
 
 and two image-level fusions of the parts' own image scores (the library's
 ``MapSpec.image_score`` of each part), each normalised on the held-out
@@ -93,6 +95,8 @@ SCORES = {
         lambda m: _top(m, 0.001),
     'max':
         lambda m: m.reshape(len(m), -1).max(axis=1),
+    'top1_minus_median':
+        lambda m: _top(m, 0.01) - np.median(m.reshape(len(m), -1), axis=1),
     'blur_max':
         lambda m: np.stack([ndimage.gaussian_filter(x, 4.0)
                             for x in m]).reshape(len(m), -1).max(axis=1),
