@@ -263,6 +263,9 @@ def _check_eval_maps(config: typed_config.RunSettings) -> None:
   if _get(config, 'eval.residual_sigma') is not None:
     _check_number(config, 'eval.residual_sigma', 0.0)
   _check_odd_int(config, 'eval.ssim_window', 3)
+  # Below 1/4 a 256 px image shrinks to a few SSIM windows; from 8 on the
+  # resized batch outgrows memory at 256 px.
+  _check_number(config, 'eval.ssim_scale', 0.25, below=8.0)
   _check_stages(config, 'eval.feature_stages')
   _check_int(config, 'eval.feature_dims', 1)
   _check_int(config, 'eval.feature_grid_divisor', 1)

@@ -200,6 +200,7 @@ class EvalSettings:
   maps: str = 'all'
   residual_sigma: float | None = None  # anomaly_maps.RELATIVE_SIGMA * size
   ssim_window: int = 11
+  ssim_scale: float = 1.0
   calibrate: bool = True
   feature_stages: tuple[int, ...] = (1, 2)
   feature_dims: int = 100

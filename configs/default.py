@@ -137,6 +137,11 @@ def get_config() -> ml_collections.ConfigDict:
   # the same share of the image at any --config.data.image_size.
   config.eval.residual_sigma = ml_collections.config_dict.placeholder(float)
   config.eval.ssim_window = 11  # SSIM window (px) of the residual_ssim map
+  # The SSIM maps compare the images resized by this factor (bilinear) and
+  # are resized back: 2 measures local contrast at half the window's scale
+  # (cavga_jax.maps.anomaly_maps.MapSettings; docs/results.md, "The initial
+  # decoder's SSIM at another scale").
+  config.eval.ssim_scale = 1.0
   # One pass over the normal training images adds the maps measured against
   # them: '<map>_calibrated' z-scores of the residual maps
   # (cavga_jax.maps.calibration) and 'feature_gaussian', the per-cell

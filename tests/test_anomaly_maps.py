@@ -84,6 +84,38 @@ def test_ssim_map_equals_dm_pix(window):
       anomaly_maps.ssim_map(images, other, window), expected, atol=2e-5)
 
 
+def test_ssim_scale_compares_the_resized_images(tiny_config):
+  # eval.ssim_scale=2: dm-pix's SSIM of the images upsampled 2x, resized
+  # back; scale 1 is the plain SSIM residual.
+  dm_pix = pytest.importorskip('dm_pix')
+  images = _images((2, 24, 24, 3))
+  other = jnp.clip(images + 0.3 * _images((2, 24, 24, 3), seed=1), -1, 1)
+  outputs = dict(images=images, reconstruction=other)
+  plain = anomaly_maps.MapSettings(ssim_window=7)
+  np.testing.assert_array_equal(
+      anomaly_maps.residual_ssim_map(outputs, plain),
+      1.0 - anomaly_maps.ssim_map(images, other, 7))
+  up = lambda x: jax.image.resize(x, (2, 48, 48, 3), 'linear')
+  pad = lambda x: (jnp.pad(x, ((0, 0), (3, 3), (3, 3),
+                               (0, 0)), mode='reflect') + 1.0) / 2.0
+  ssim = jnp.mean(
+      dm_pix.ssim(
+          pad(up(images)),
+          pad(up(other)),
+          max_val=1.0,
+          filter_size=7,
+          return_map=True), -1)
+  expected = jax.image.resize(1.0 - ssim, (2, 24, 24), 'linear')
+  scaled = anomaly_maps.MapSettings(ssim_window=7, ssim_scale=2.0)
+  np.testing.assert_allclose(
+      anomaly_maps.residual_ssim_map(outputs, scaled), expected, atol=2e-5)
+  # The setting reaches the maps from the config.
+  tiny_config.eval.ssim_scale = 2.0
+  settings = evaluator_lib.map_settings(
+      typed_config.from_config(tiny_config).eval, 24)
+  assert settings.ssim_scale == 2.0
+
+
 def test_gaussian_blur_equals_scipy_with_mirror_padding():
   maps = np.asarray(_images((2, 30, 26, 1))[..., 0])
   expected = np.stack([
@@ -380,6 +412,7 @@ def test_conv_latent_attention_is_a_fixed_linear_read_out_of_the_features():
     ('eval.maps', 'some', "config.eval.maps='some' must be one of 'all', "
      "'headline'"),
     ('eval.ssim_window', 10, 'config.eval.ssim_window=10 must be odd'),
+    ('eval.ssim_scale', 0.0, r'config.eval.ssim_scale=0.0 must be a finite'),
     ('eval.residual_sigma', -1.0, 'config.eval.residual_sigma=-1.0 must be'),
     ('model.attention_stage', 5, 'must be an encoder stage in 1..4'),
     ('model.attention_stage', 0, 'config.model.attention_stage=0 must be an'),

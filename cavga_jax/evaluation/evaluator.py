@@ -55,7 +55,9 @@ def map_settings(eval_settings: typed_config.EvalSettings,
   if sigma is None:
     sigma = anomaly_maps.RELATIVE_SIGMA * image_size
   return anomaly_maps.MapSettings(
-      residual_sigma=float(sigma), ssim_window=int(eval_settings.ssim_window))
+      residual_sigma=float(sigma),
+      ssim_window=int(eval_settings.ssim_window),
+      ssim_scale=float(eval_settings.ssim_scale))
 
 
 def feature_settings(

@@ -45,10 +45,11 @@ KEY_FILE = 'fit.json'
 CONFIG_FILE = 'config.json'
 # The config.eval fields that change what is fitted (the others: batch
 # size, panels and the headline, which only picks among fitted maps).
-FIT_FIELDS = ('calibrate', 'residual_sigma', 'ssim_window', 'feature_stages',
-              'feature_dims', 'feature_grid_divisor', 'feature_shrinkage',
-              'feature_weights', 'knn_stages', 'knn_grid_divisor',
-              'knn_bank_size', 'threshold_holdout', 'threshold_quantile')
+FIT_FIELDS = ('calibrate', 'residual_sigma', 'ssim_window', 'ssim_scale',
+              'feature_stages', 'feature_dims', 'feature_grid_divisor',
+              'feature_shrinkage', 'feature_weights', 'knn_stages',
+              'knn_grid_divisor', 'knn_bank_size', 'threshold_holdout',
+              'threshold_quantile')
 # fit_key's fields and their JSON types (a fit.json without them is not one).
 _KEY_TYPES = dict(
     step=int,

@@ -71,9 +71,13 @@ class MapSettings:
       ``config.eval.residual_sigma=None`` means ``RELATIVE_SIGMA`` times the
       image size).
     ssim_window: SSIM window size in pixels (odd).
+    ssim_scale: the SSIM maps compare the images resized by this factor
+      (bilinear; 2: at half the window's scale, finer local contrast) and
+      are resized back to the image size (``residual_ssim_map``).
   """
   residual_sigma: float = 4.0
   ssim_window: int = typed_config.default('eval.ssim_window')
+  ssim_scale: float = typed_config.default('eval.ssim_scale')
 
 
 MapFn = Callable[[dict[str, Array], MapSettings], Array]
@@ -178,8 +182,20 @@ def residual_map(outputs: dict[str, Array], settings: MapSettings) -> Array:
 
 def residual_ssim_map(outputs: dict[str, Array],
                       settings: MapSettings) -> Array:
-  return 1.0 - ssim_map(outputs['images'], outputs['reconstruction'],
-                        settings.ssim_window)
+  """1 - SSIM of the images and reconstructions, (B, S, S); with
+  ``settings.ssim_scale`` != 1 of both resized by that factor, the map
+  resized back to S x S (bilinear both ways)."""
+  images, reconstructions = outputs['images'], outputs['reconstruction']
+  if settings.ssim_scale == 1.0:
+    return 1.0 - ssim_map(images, reconstructions, settings.ssim_window)
+  batch, size, _, channels = images.shape
+  side = int(round(size * settings.ssim_scale))
+  resized = [
+      jax.image.resize(x, (batch, side, side, channels), 'linear')
+      for x in (images, reconstructions)
+  ]
+  residual = 1.0 - ssim_map(*resized, settings.ssim_window)
+  return jax.image.resize(residual, (batch, size, size), 'linear')
 
 
 def residual_ssim_smooth_map(outputs: dict[str, Array],
