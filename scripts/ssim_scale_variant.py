@@ -15,15 +15,18 @@ way, and scores, against the headline:
 each under the headline's rule (``mean_tail``, normalisers of the held-out
 normal images, ``combined_maps``). The three parts' maps come from
 ``scripts/image_score_variants.py``'s cache in the same workdir (run it
-first); the headline is recomputed from them as a check.
+first, both with ``--config.eval.ssim_scale=1``, the scale of those
+parts before ``configs/mvtec.py`` chose 2); the headline is recomputed from
+them as a check.
 
   PYTHONPATH=. python scripts/ssim_scale_variant.py --config=configs/mvtec.py \
       --config.data.root=../shared/data/bsdata_256 --config.data.category=bsdata \
-      --workdir=/tmp/isv/bsdata --scale=0.5 --out=docs/raw/ssim_scale_0.5_bsdata.json
+      --config.eval.ssim_scale=1 --workdir=/tmp/isv/bsdata --scale=0.5 --out=docs/raw/ssim_scale_0.5_bsdata.json
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -64,17 +67,11 @@ def main(argv):
   settings = evaluator_lib.map_settings(run.eval, size)
 
   def scaled(images):
+    # The library's map at this scale (``eval.ssim_scale``), uncalibrated.
     x = train_state.images_to_float(images)
-    outputs = generator.apply(variables, x, None, False)
-    side = int(round(size * _SCALE.value))
-    shape = (x.shape[0], side, side, x.shape[-1])
-    resized = [
-        jax.image.resize(v, shape, 'linear')
-        for v in (x, outputs['reconstruction'])
-    ]
-    residual = 1.0 - anomaly_maps.ssim_map(*resized, settings.ssim_window)
-    residual = jax.image.resize(residual, (x.shape[0], size, size), 'linear')
-    return anomaly_maps.gaussian_blur(residual, settings.residual_sigma)
+    outputs = dict(generator.apply(variables, x, None, False), images=x)
+    return anomaly_maps.residual_ssim_smooth_map(
+        outputs, dataclasses.replace(settings, ssim_scale=_SCALE.value))
 
   scaled = jax.jit(
       scaled, compiler_options=layers.compiler_options(generator.conv_impl))
