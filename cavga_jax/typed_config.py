@@ -115,10 +115,7 @@ def synthesis_settings_from_fields(fields) -> SynthesisSettings | None:
   if unknown:
     raise ValueError(f'unknown fields {unknown} (known: {sorted(known)})')
   return SynthesisSettings(
-      **{
-          name: tuple(value) if isinstance(value, (list, tuple)) else value
-          for name, value in fields.items()
-      })
+      **{name: _plain(value) for name, value in fields.items()})
 
 
 @_frozen
