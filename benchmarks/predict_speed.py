@@ -2,6 +2,7 @@
 
   python benchmarks/predict_speed.py --config=mvtec \\
       --root=../shared/data/mvtec_bottle_256 --category=bottle --rounds=5
+  # another headline or setting: --set eval.map=combined_features --set eval.ssim_scale=1
 
 For one config at its image size, on the networks training starts from
 (``evaluate.py --untrained``: for configs/mvtec.py CAVGA-E's ImageNet
@@ -26,6 +27,7 @@ Prints one JSON line. anomalib's PaDiM on the same images:
 """
 
 import argparse
+import ast
 import importlib
 import json
 import os
@@ -56,6 +58,18 @@ def _median_seconds(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
+def _setting(text: str) -> tuple[str, object]:
+  """'eval.ssim_scale=1' -> ('eval.ssim_scale', 1.0 or 1); a value that is
+  not a Python literal stays a string."""
+  key, sep, value = text.partition('=')
+  if not sep:
+    raise SystemExit(f'--set {text}: expected KEY=VALUE')
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='mvtec', help='a module of configs/')
@@ -70,9 +84,17 @@ def main():
       type=int,
       default=2,
       help='calls of each step per round (median)')
+  parser.add_argument(
+      '--set',
+      action='append',
+      default=[],
+      metavar='KEY=VALUE',
+      help="a config field, e.g. eval.map=combined_features (repeatable; the "
+      'value is a Python literal, or else a string)')
   args = parser.parse_args()
 
   config = importlib.import_module(f'configs.{args.config}').get_config()
+  config.update_from_flattened_dict(dict(_setting(s) for s in args.set))
   config.data.root, config.data.category = args.root, args.category
   config.eval.batch_size = args.batch
   if args.image_size:
@@ -141,6 +163,7 @@ def main():
               config=args.config,
               category=args.category,
               map=scorer.headline,
+              settings=args.set,
               image_size=scorer.image_size,
               batch=args.batch,
               num_normal_images=evaluator.num_normal_images,

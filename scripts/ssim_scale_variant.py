@@ -1,8 +1,8 @@
 """Issue 36's local-contrast probe: the initial decoder's SSIM at another scale.
 
 The headline's local-contrast part ``initial_ssim_calibrated`` is the SSIM
-residual of the *initial* decoder (its output is nearly flat, so the map is
-essentially local contrast) with SSIM's Gaussian window (sigma 1.5 px),
+residual of the *initial* decoder (a random texture, not a reconstruction,
+so the map measures local structure) with SSIM's Gaussian window (sigma 1.5 px),
 blurred like the other maps and calibrated per pixel on the normal training
 images. This adds ``ssim_scaled``: the same on the image and reconstruction
 resized by ``--scale`` (0.5: the same window at half resolution, twice the

@@ -169,6 +169,11 @@ def test_mean_tail_and_mean_z_match_numpy_and_a_constant_part_stays_finite():
   assert registry.spec('combined_robust').parts == parts
   assert registry.spec('combined_robust').rule == combined_maps.MEAN_TAIL
   assert registry.spec('combined_features').rule == combined_maps.MEAN_Z
+  # combined_robust_trained: the same with the evaluated decoder's SSIM.
+  assert registry.spec('combined_robust_trained').parts == (
+      parts[:2] + ('residual_ssim_smooth_calibrated',))
+  assert registry.spec('combined_robust_trained').rule == (
+      combined_maps.MEAN_TAIL)
   robust = combined_maps.combine(test, scales)['combined_robust']
   np.testing.assert_array_equal(robust, tail)
   with pytest.raises(ValueError, match='unknown combination rule'):
@@ -241,6 +246,8 @@ def test_combined_robust_untrained_is_evaluated_predicted_and_exported(
   # Untrained, the initial decoder is the evaluated one.
   assert (metrics['maps']['initial_ssim_calibrated'] == metrics['maps']
           ['residual_ssim_smooth_calibrated'])
+  assert (metrics['maps']['combined_robust_trained'] == metrics['maps']
+          ['combined_robust'])
   assert (metrics['maps']['feature_gaussian_shrunk']
           != metrics['maps']['feature_gaussian'])
   fitted = store.load(store.fitted_dir(workdir, 0, untrained=True))

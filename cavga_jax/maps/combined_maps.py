@@ -36,7 +36,7 @@ _FLOOR = 1e-12
 # Combination name -> the maps it averages (all must exist).
 # residual_ssim_smooth_calibrated is the reconstruction map that did best at
 # CAVGA-E's ImageNet initialisation on KolektorSDD and BSData (where the
-# untrained decoder's near-constant output makes it a local-contrast map);
+# untrained decoder's random-texture output makes it a local-structure map);
 # initial_ssim_calibrated is that map from the initial decoder, which
 # training does not change.
 COMBINATIONS = {
@@ -50,6 +50,10 @@ COMBINATIONS = {
     # item 4), measured beside it.
     'combined_detector': ('feature_gaussian_shrunk', 'feature_knn',
                           'initial_ssim_calibrated', 'feature_detector'),
+    # combined_robust with the *trained* decoder's SSIM residual (issue 36:
+    # does CAVGA's training earn a place through its decoder?).
+    'combined_robust_trained': ('feature_gaussian_shrunk', 'feature_knn',
+                                'residual_ssim_smooth_calibrated'),
 }
 # Combination name -> its rule (module docstring).
 RULES = {
@@ -58,6 +62,7 @@ RULES = {
     'combined_all': MEAN_Z,
     'combined_robust': MEAN_TAIL,
     'combined_detector': MEAN_TAIL,
+    'combined_robust_trained': MEAN_TAIL,
 }
 NAMES = tuple(COMBINATIONS)
 

@@ -107,7 +107,8 @@ def compute_features(generator, variables: dict[str, Any], images: np.ndarray,
   return out[detector.NAME]
 
 
-def _synthetic(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_validation_images(
+    images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 images with one synthetic anomaly each, (N, S, S) masks)."""
   x = train_state.images_to_float(jnp.asarray(images))
   altered, masks, _ = jax.jit(
@@ -171,7 +172,7 @@ def train(run: typed_config.RunSettings, workdir: str, generator,
 
   eval_fn = None
   if held_out is not None:
-    synthetic, masks = _synthetic(held_out)
+    synthetic, masks = synthetic_validation_images(held_out)
     clean_f = compute_features(generator, variables, held_out, settings.map,
                                maps, settings.eval_batch_size, mesh,
                                'held-out images')
