@@ -20,7 +20,7 @@ evaluation adds ``<name>_calibrated``: the fitted maps ``MAPS``
 ``initial_ssim_calibrated`` (``INITIAL_SSIM``, also in ``MAPS``) is
 ``residual_ssim_smooth_calibrated`` of the networks the feature maps read
 (``eval.feature_weights``): with 'initial' (configs/mvtec.py) the decoder
-the run started from, so a local-contrast map that training cannot change
+the run started from, so a local-structure map that training cannot change
 (at CAVGA-E's ImageNet initialisation the random decoder does not
 reconstruct: its output is a random texture of the encoder's features,
 per-image pixel std 0.43-0.56 on [-1, 1] on bottle, KolektorSDD and BSData,
