@@ -23,7 +23,7 @@ images). The other two parts and the decoder's own part come from the fit
 ``evaluate.py --untrained --maps=headline`` saves in the workdir (fitted
 and saved first if missing); ``decoder`` recomputes the headline from them
 as a check. Per variant, the part alone and the combination: pixel AUROC,
-AU-PRO and image AUROC (``scoring.map_metrics``; top-1 % mean image score)
+AU-PRO and image AUROC (top-1 % mean image score)
 and ``prior_normal``'s pixel AUROC. A measurement: nothing here changes a
 map.
 """
@@ -101,25 +101,25 @@ def main(argv):
       'self_blur': lambda x: _blur_channels(x, BLUR_SIGMA),
   }
 
-  def raw_maps(reference, images):
-    fn = jax.jit(lambda batch: anomaly_maps.residual_ssim_smooth_map(
+  def raw_maps(reference):
+    """(images, what) -> (N, S, S) uncalibrated maps, one compiled step."""
+    step = jax.jit(lambda batch: anomaly_maps.residual_ssim_smooth_map(
         dict(
             images=train_state.images_to_float(batch),
             reconstruction=reference(train_state.images_to_float(batch))),
         settings))
-    return np.concatenate([
-        np.asarray(fn(images[i:i + evaluator.batch_size]))
-        for i in range(0, len(images), evaluator.batch_size)
-    ])
+    return lambda images, what: inference.predict(
+        step, images, evaluator.batch_size, evaluator.mesh, what)
 
   for name, reference in references.items():
+    maps_of = raw_maps(reference)
     moments = calibration.PixelMoments()
-    moments.add(raw_maps(reference, evaluator.fit_images))
+    moments.add(maps_of(evaluator.fit_images, f'{name}: fit images'))
     mean, scale = moments.statistics()
     held[name] = calibration.calibrate(
-        raw_maps(reference, evaluator.held_out), mean, scale)
+        maps_of(evaluator.held_out, f'{name}: held-out images'), mean, scale)
     tests[name] = calibration.calibrate(
-        raw_maps(reference, test.images), mean, scale)
+        maps_of(test.images, f'{name}: test images'), mean, scale)
     print(
         f'{name}: calibrated on {len(evaluator.fit_images)} images', flush=True)
 
@@ -127,11 +127,10 @@ def main(argv):
 
   def metrics(values):
     scores = np.asarray(anomaly_maps.image_score(jnp.asarray(values)))
-    result = scoring.map_metrics(values, scores, test, True)
     prior = scoring.prior_maps({'m': values}, 'm', test.labels)
     return dict(
-        pixel_auroc=result['pixel_auroc'],
-        aupro=result['aupro'],
+        pixel_auroc=pixel_metrics.pixel_auroc(values, test.masks),
+        aupro=pixel_metrics.aupro(values, test.masks),
         image_auroc=image_metrics.image_auroc(scores, test.labels),
         prior_normal_pixel_auroc=pixel_metrics.pixel_auroc(
             prior[anomaly_maps.PRIOR_NORMAL], test.masks))
